@@ -1,0 +1,751 @@
+"""
+Sans-IO HTTP/1.x proxy machines: bytes in, events out.
+
+L{RequestParser} reads what a client sends to the HTTP proxy listener and
+L{ResponseParser} what an upstream server answers through the tunnel.  Neither
+knows about sockets or Twisted: the adapter feeds bytes and acts on events
+(open a tunnel for a L{RequestHead}, write L{RequestBody} bytes upstream, ...).
+Keeping the protocol pure makes every byte-level edge case testable.
+
+The gateway does not re-encode messages.  Bodies pass through with their
+framing (Content-Length or chunked) unchanged, so the parsers only I{check}
+framing to know where a message ends; only heads are rewritten, to drop
+hop-by-hop headers and turn an absolute-form request into origin-form.  Because
+of that, the HTTP version is passed on as received: an HTTP/1.0 client must
+get the HTTP/1.0-shaped response (no chunked coding) its request asked for.
+
+Both parsers share one engine, L{_Parser}: a head (start line and fields up to
+an empty line), then a body reader, then an end event.  Decisions depend only on
+the bytes seen so far and every partial-line check predicts exactly what the
+complete line will give, so any split of the input yields the same events
+(after joining adjacent body events).  Limits: a start line of 8 KiB, a header
+or trailer section of 64 KiB and 100 fields, all counting line endings.
+
+Choices the RFCs leave open:
+
+  - Transfer-Encoding together with Content-Length is refused (400 / upstream
+    error) rather than "chunked wins": the RFC would then force closing the
+    connection anyway, and refusing cannot be turned into request smuggling.
+    Transfer-Encoding in an HTTP/1.0 request is refused too (RFC 9112 6.1).
+  - Bare LF ends lines of heads (RFC 9112 2.2 allows it) but not of chunked
+    framing: chunk lines are forwarded raw, and an upstream stricter than us
+    must never see a different message boundary.
+  - Obsolete line folding is refused (RFC 9112 5.2 allows rejecting it).
+  - A Connection header cannot make us drop Host, Content-Length or
+    Transfer-Encoding: that would desynchronise framing with the upstream.
+  - C{Proxy-Connection: keep-alive / close} counts like Connection for a
+    request's C{keep_alive}; old clients send it to proxies.
+  - Host names keep their case; IP literals become their canonical text, as in
+    L{gateway.socks}.  Basic credentials must be UTF-8.
+"""
+
+from __future__ import annotations
+
+import base64
+import enum
+import ipaddress
+import re
+from dataclasses import dataclass
+from http import HTTPStatus
+from typing import NamedTuple
+
+from gateway.errors import Reason, StreamError
+
+#: The status an HTTP client sees for each failure.
+HTTP_STATUS: dict[Reason, int] = {
+    Reason.BAD_REQUEST: 400,
+    Reason.AUTH_REQUIRED: 407,
+    Reason.AUTH_FAILED: 407,
+    Reason.NO_ROUTE: 403,
+    Reason.AMBIGUOUS: 403,
+    Reason.NOT_ALLOWED: 403,
+    Reason.PROHIBITED: 502,
+    Reason.REFUSED: 502,
+    Reason.HOST_UNREACHABLE: 502,
+    Reason.NETWORK_UNREACHABLE: 502,
+    Reason.GENERAL: 502,
+    Reason.TIMEOUT: 504,
+    Reason.UNAVAILABLE: 504,
+    Reason.OVERLOADED: 503,
+    Reason.UNSUPPORTED_COMMAND: 501,
+    Reason.UNSUPPORTED_ADDRESS: 400,
+}
+
+MAX_START_LINE = 8 * 1024
+MAX_HEADER_SECTION = 64 * 1024
+MAX_FIELDS = 100
+
+#: Headers that describe one connection, never forwarded (RFC 9110 7.6.1).
+_HOP_BY_HOP = frozenset(
+    {"connection", "proxy-connection", "keep-alive", "proxy-authorization", "proxy-authenticate"}
+    | {"te", "trailer", "upgrade"}
+)
+#: Headers that a Connection option must not remove: framing depends on them.
+_PROTECTED = frozenset({"host", "content-length", "transfer-encoding"})
+
+_TOKEN = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
+_FIELD_VALUE = re.compile(rb"[^\x00-\x08\x0a-\x1f\x7f]*")
+_FIELD_NAME = re.compile(_TOKEN)
+_REQUEST_LINE = re.compile(rb"(" + _TOKEN + rb") ([^\x00-\x20\x7f]+) (HTTP/[0-9]\.[0-9])")
+_STATUS_LINE = re.compile(rb"(HTTP/[0-9]\.[0-9]) ([1-5][0-9][0-9])(?: ([^\x00-\x08\x0a-\x1f\x7f]*))?")
+_CHUNK_LINE = re.compile(rb"([0-9A-Fa-f]{1,16})[ \t]*(?:;[^\x00-\x08\x0a-\x1f\x7f]*)?")
+_ABSOLUTE_URL = re.compile(r"([A-Za-z][A-Za-z0-9+.\-]*)://([^/?#]*)(.*)")
+_REG_NAME = re.compile(r"[A-Za-z0-9\-._~!$&'()*+,;=%]+")
+_PORT = re.compile(r"[0-9]{1,5}")
+_LENGTH = re.compile(r"[0-9]{1,18}")
+_VERSIONS = ("HTTP/1.0", "HTTP/1.1")
+
+Headers = tuple[tuple[str, str], ...]
+
+
+class _Malformed(Exception):
+    """Internal: the input breaks the protocol; becomes an error event."""
+
+    def __init__(self, status: int, detail: str) -> None:
+        super().__init__(status, detail)
+        self.status = status
+        self.detail = detail
+
+
+# -- events -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RequestHead:
+    """A request head, checked; for CONNECT the tunnel request itself."""
+
+    method: str
+    target: str
+    version: str
+    headers: Headers
+    host: str
+    port: int
+    is_connect: bool
+    credentials: tuple[str, str] | None
+    keep_alive: bool
+
+    def upstream_head(self) -> bytes:
+        """
+        The head to send through the tunnel: origin-form, end-to-end headers,
+        C{Host} from the URL first (RFC 9112 3.2, 3.2.2) and C{Connection:
+        keep-alive} so the upstream keeps the tunnel for the next request.
+        """
+        if self.is_connect:
+            raise ValueError("a CONNECT request is tunnelled, not forwarded")
+        url = _parse_absolute(self.target)
+        path = url.rest or ("*" if self.method == "OPTIONS" else "/")
+        if path.startswith("?"):
+            path = "/" + path
+        lines = [f"{self.method} {path} {self.version}", f"Host: {url.authority}"]
+        lines += [f"{name}: {value}" for name, value in _end_to_end(self.headers) if name.lower() != "host"]
+        lines.append("Connection: keep-alive")
+        return _head_bytes(lines)
+
+
+@dataclass(frozen=True)
+class RequestBody:
+    """Body bytes exactly as they must be forwarded upstream."""
+
+    data: bytes
+
+
+@dataclass(frozen=True)
+class RequestEnd:
+    """The request is complete; input is held until L{RequestParser.next_request}."""
+
+
+@dataclass(frozen=True)
+class RequestError:
+    """The client broke the protocol; answer C{status} and close."""
+
+    status: int
+    detail: str
+
+
+@dataclass(frozen=True)
+class ResponseHead:
+    """A response head; C{interim} for 1xx (except 101), which a final one follows."""
+
+    status: int
+    reason: str
+    version: str
+    headers: Headers
+    interim: bool = False
+
+    def client_head(self, keep_alive: bool) -> bytes:
+        """
+        The head to send to the client, with end-to-end headers only.  Whether
+        the client connection persists is ours to say, not the upstream's;
+        interim heads say nothing since the final response decides.
+        """
+        lines = [f"{self.version} {self.status} {self.reason}"]
+        lines += [f"{name}: {value}" for name, value in _end_to_end(self.headers)]
+        if not self.interim:
+            lines.append("Connection: keep-alive" if keep_alive else "Connection: close")
+        return _head_bytes(lines)
+
+
+@dataclass(frozen=True)
+class ResponseBody:
+    """Body bytes exactly as received, framing unchanged."""
+
+    data: bytes
+
+
+@dataclass(frozen=True)
+class ResponseEnd:
+    """The response is complete; C{reusable} if the tunnel may carry another request."""
+
+    reusable: bool
+
+
+@dataclass(frozen=True)
+class ResponseError:
+    """The upstream broke the protocol: answer 502 if no head was sent yet, else close."""
+
+    detail: str
+
+
+RequestEvent = RequestHead | RequestBody | RequestEnd | RequestError
+ResponseEvent = ResponseHead | ResponseBody | ResponseEnd | ResponseError
+
+
+# -- lines, fields and heads -------------------------------------------------
+
+
+def _take_line(buffer: bytearray, limit: int, *, strict: bool, too_long: tuple[int, str]) -> bytes | None:
+    """
+    Remove one line from the front of C{buffer} and return it without its
+    ending, or C{None} if it is incomplete.  C{limit} counts the ending too, so
+    an incomplete line that already reaches it is an error right away.
+    """
+    end = buffer.find(b"\n", 0, limit)
+    if end < 0:
+        if len(buffer) >= limit:
+            raise _Malformed(*too_long)
+        return None
+    line = bytes(buffer[:end])
+    del buffer[: end + 1]
+    if line.endswith(b"\r"):
+        return line[:-1]
+    if strict:
+        raise _Malformed(400, "chunked framing line not ended by CRLF")
+    return line
+
+
+def _parse_field(line: bytes) -> tuple[str, str]:
+    if line[:1] in (b" ", b"\t"):
+        raise _Malformed(400, "obsolete line folding in header section")
+    name, colon, value = line.partition(b":")
+    value = value.strip(b" \t")
+    if not colon or not _FIELD_NAME.fullmatch(name):
+        raise _Malformed(400, f"malformed header line {line[:64]!r}")
+    if not _FIELD_VALUE.fullmatch(value):
+        raise _Malformed(400, f"control character in header {name.decode('ascii')}")
+    return name.decode("ascii"), value.decode("latin-1")
+
+
+class _FieldSection:
+    """Field lines up to an empty line (headers or trailers), within the limits."""
+
+    def __init__(self, *, strict: bool) -> None:
+        self.fields: list[tuple[str, str]] = []
+        self._strict = strict
+        self._size = 0
+
+    def read(self, buffer: bytearray, out: bytearray | None = None) -> bool:
+        """
+        Consume complete lines; C{True} once the empty line was read.  Trailers
+        pass C{out}: their lines are strict, so each is forwarded as line+CRLF.
+        """
+        while True:
+            before = len(buffer)
+            line = _take_line(
+                buffer,
+                MAX_HEADER_SECTION - self._size,
+                strict=self._strict,
+                too_long=(431, f"header section longer than {MAX_HEADER_SECTION} bytes"),
+            )
+            if line is None:
+                return False
+            self._size += before - len(buffer)
+            if line:
+                if len(self.fields) == MAX_FIELDS:
+                    raise _Malformed(431, f"more than {MAX_FIELDS} header fields")
+                self.fields.append(_parse_field(line))
+            if out is not None:
+                out += line + b"\r\n"
+            if not line:
+                return True
+
+
+class _HeadReader:
+    """A start line (after any stray empty lines, RFC 9112 2.2) and its header section."""
+
+    def __init__(self) -> None:
+        self._start_line: bytes | None = None
+        self._fields = _FieldSection(strict=False)
+
+    def read(self, buffer: bytearray) -> tuple[bytes, Headers] | None:
+        while self._start_line is None:
+            line = _take_line(
+                buffer,
+                MAX_START_LINE,
+                strict=False,
+                too_long=(414, f"start line longer than {MAX_START_LINE} bytes"),
+            )
+            if line is None:
+                return None
+            if line:
+                self._start_line = line
+        if not self._fields.read(buffer):
+            return None
+        return self._start_line, tuple(self._fields.fields)
+
+
+def _values(headers: Headers, name: str) -> list[str]:
+    return [value for field, value in headers if field.lower() == name]
+
+
+def _single(headers: Headers, name: str) -> str | None:
+    """The value of a header that must not be repeated (ambiguity invites smuggling)."""
+    values = _values(headers, name)
+    if len(values) > 1:
+        raise _Malformed(400, f"repeated {name} header")
+    return values[0] if values else None
+
+
+def _tokens(headers: Headers, name: str) -> list[str]:
+    """The lower-cased elements of a comma-separated list header, in order."""
+    return [item.strip().lower() for value in _values(headers, name) for item in value.split(",") if item.strip()]
+
+
+def _end_to_end(headers: Headers) -> list[tuple[str, str]]:
+    dropped = _HOP_BY_HOP | (set(_tokens(headers, "connection")) - _PROTECTED)
+    return [(name, value) for name, value in headers if name.lower() not in dropped]
+
+
+def _persistent(version: str, options: set[str]) -> bool:
+    """RFC 9112 9.3: HTTP/1.1 persists unless "close"; HTTP/1.0 only with "keep-alive"."""
+    return "close" not in options and (version == "HTTP/1.1" or "keep-alive" in options)
+
+
+def _head_bytes(lines: list[str]) -> bytes:
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+
+
+# -- bodies -------------------------------------------------------------------
+
+
+class _Fixed:
+    """A Content-Length body (length 0 for messages without a body)."""
+
+    def __init__(self, length: int) -> None:
+        self._remaining = length
+
+    @property
+    def done(self) -> bool:
+        return self._remaining == 0
+
+    def read(self, buffer: bytearray, out: bytearray) -> None:
+        size = min(self._remaining, len(buffer))
+        out += buffer[:size]
+        del buffer[:size]
+        self._remaining -= size
+
+
+class _UntilClose:
+    """A body that runs until the upstream closes (RFC 9112 6.3, rule 8)."""
+
+    done = False
+
+    def read(self, buffer: bytearray, out: bytearray) -> None:
+        out += buffer
+        buffer.clear()
+
+
+class _ChunkState(enum.Enum):
+    SIZE = "size"  # expecting a chunk-size line
+    DATA = "data"  # inside chunk data
+    DATA_END = "data-end"  # expecting the CRLF after chunk data
+    TRAILERS = "trailers"  # after the last chunk: trailer fields up to an empty line
+
+
+class _Chunked:
+    """Chunked framing (RFC 9112 7.1), checked as it passes and forwarded unchanged."""
+
+    def __init__(self) -> None:
+        self._state = _ChunkState.SIZE
+        self._remaining = 0
+        self._trailers = _FieldSection(strict=True)
+        self.done = False
+
+    def read(self, buffer: bytearray, out: bytearray) -> None:
+        """Consume framing and data; only bytes found valid go to C{out}."""
+        while not self.done:
+            if self._state is _ChunkState.SIZE:
+                line = _take_line(buffer, MAX_START_LINE, strict=True, too_long=(400, "chunk size line too long"))
+                if line is None:
+                    return
+                match = _CHUNK_LINE.fullmatch(line)
+                if not match:
+                    raise _Malformed(400, f"malformed chunk size line {line[:64]!r}")
+                out += line + b"\r\n"
+                self._remaining = int(match[1], 16)
+                self._state = _ChunkState.DATA if self._remaining else _ChunkState.TRAILERS
+            elif self._state is _ChunkState.DATA:
+                if not buffer:
+                    return
+                size = min(self._remaining, len(buffer))
+                out += buffer[:size]
+                del buffer[:size]
+                self._remaining -= size
+                if not self._remaining:
+                    self._state = _ChunkState.DATA_END
+            elif self._state is _ChunkState.DATA_END:
+                if len(buffer) < 2:
+                    return
+                if buffer[:2] != b"\r\n":
+                    raise _Malformed(400, "chunk data not followed by CRLF")
+                out += b"\r\n"
+                del buffer[:2]
+                self._state = _ChunkState.SIZE
+            else:
+                self.done = self._trailers.read(buffer, out)
+
+
+def _content_length(headers: Headers) -> int | None:
+    """RFC 9112 6.3: a list of identical lengths is one length; anything else is fatal."""
+    items = [item.strip() for value in _values(headers, "content-length") for item in value.split(",")]
+    if not items:
+        return None
+    if not all(_LENGTH.fullmatch(item) for item in items) or len({int(item) for item in items}) > 1:
+        raise _Malformed(400, f"invalid Content-Length {', '.join(items)[:64]!r}")
+    return int(items[0])
+
+
+def _message_body(headers: Headers, version: str, *, request: bool) -> _Fixed | _Chunked | _UntilClose:
+    """How the body is delimited (RFC 9112 6.3), for messages that may have one."""
+    length = _content_length(headers)
+    if not _values(headers, "transfer-encoding"):
+        if length is not None:
+            return _Fixed(length)
+        return _Fixed(0) if request else _UntilClose()
+    if length is not None:
+        raise _Malformed(400, "both Transfer-Encoding and Content-Length: ambiguous framing")
+    codings = _tokens(headers, "transfer-encoding")
+    if version == "HTTP/1.1" and codings[-1:] == ["chunked"]:
+        return _Chunked()
+    if request:
+        raise _Malformed(400, "a request body needs HTTP/1.1 and chunked as the final transfer coding")
+    return _UntilClose()
+
+
+# -- request targets and credentials -------------------------------------------
+
+
+class _AbsoluteURL(NamedTuple):
+    authority: str
+    host: str
+    port: int
+    rest: str  # path and query as sent: "", "/..." or "?..."
+
+
+def _parse_authority(authority: str, default_port: int | None) -> tuple[str, int]:
+    """C{host[:port]} or C{[v6]:port}; C{default_port} None means the port is required."""
+    if "@" in authority:
+        raise _Malformed(400, "user information in the request target is not accepted")
+    if authority.startswith("["):
+        host, bracket, rest = authority[1:].partition("]")
+        try:
+            host = str(ipaddress.IPv6Address(host))
+        except ValueError:
+            raise _Malformed(400, f"malformed IPv6 address in {authority[:64]!r}") from None
+        if not bracket or rest[:1] not in ("", ":"):
+            raise _Malformed(400, f"malformed authority {authority[:64]!r}")
+        port = rest[1:]
+    else:
+        host, _, port = authority.partition(":")
+        if not _REG_NAME.fullmatch(host):
+            raise _Malformed(400, f"malformed host in {authority[:64]!r}")
+        try:
+            host = str(ipaddress.ip_address(host))
+        except ValueError:
+            pass  # a name, not an IP literal
+    if not port and default_port is not None:
+        return host, default_port
+    if not _PORT.fullmatch(port) or not 1 <= int(port) <= 65535:
+        raise _Malformed(400, f"missing or invalid port in {authority[:64]!r}")
+    return host, int(port)
+
+
+def _parse_absolute(target: str) -> _AbsoluteURL:
+    """An absolute-form target (RFC 9112 3.2.2); only http:// is proxied this way."""
+    if target.startswith("/") or target == "*":
+        raise _Malformed(400, "this is a proxy: use an absolute URL or CONNECT")
+    match = _ABSOLUTE_URL.fullmatch(target)
+    if not match:
+        raise _Malformed(400, f"malformed request target {target[:64]!r}")
+    scheme, authority, rest = match.groups()
+    if scheme.lower() == "https":
+        raise _Malformed(400, "https:// URLs are not proxied this way: use CONNECT")
+    if scheme.lower() != "http":
+        raise _Malformed(400, f"unsupported URL scheme {scheme[:16]!r}")
+    if "#" in rest:
+        raise _Malformed(400, "a request target must not contain a fragment")
+    host, port = _parse_authority(authority, 80)
+    return _AbsoluteURL(authority, host, port, rest)
+
+
+def _credentials(headers: Headers) -> tuple[str, str] | None:
+    """Basic credentials (RFC 7617) from Proxy-Authorization; other schemes are ignored."""
+    value = _single(headers, "proxy-authorization")
+    if value is None:
+        return None
+    scheme, _, token = value.partition(" ")
+    if scheme.lower() != "basic":
+        return None
+    try:
+        user, colon, password = base64.b64decode(token.strip(), validate=True).decode("utf-8").partition(":")
+    except ValueError:  # bad base64 (binascii.Error), a non-ASCII token, or not UTF-8
+        raise _Malformed(400, "malformed Basic credentials in Proxy-Authorization") from None
+    if not colon:
+        raise _Malformed(400, "Basic credentials without a colon in Proxy-Authorization")
+    return user, password
+
+
+# -- parsers ------------------------------------------------------------------
+
+
+class _State(enum.Enum):
+    HEAD = "head"  # reading a message head
+    BODY = "body"  # passing a body through
+    DONE = "done"  # the message ended; nothing is parsed until the owner says so
+    TUNNEL = "tunnel"  # after a CONNECT head: the rest is the client's payload
+    CLOSED = "closed"  # after an error, EOF or take_leftover(): input is ignored
+
+
+class _Parser:
+    """The engine both parsers share: head, body, end; or one error, then nothing."""
+
+    def __init__(self) -> None:
+        self._buffer = bytearray()
+        self._state = _State.HEAD
+        self._head = _HeadReader()
+        self._body: _Fixed | _Chunked | _UntilClose = _Fixed(0)
+
+    def _on_head(self, start_line: bytes, headers: Headers, events: list) -> None:
+        """Append the head event and set C{_state} (and C{_body} for BODY)."""
+        raise NotImplementedError
+
+    def _on_end(self, events: list) -> None:
+        """Append the end event and set C{_state}."""
+        raise NotImplementedError
+
+    def _body_event(self, data: bytes) -> RequestBody | ResponseBody:
+        raise NotImplementedError
+
+    def _error_event(self, error: _Malformed) -> RequestError | ResponseError:
+        raise NotImplementedError
+
+    def _fail(self, error: _Malformed) -> RequestError | ResponseError:
+        self._state = _State.CLOSED
+        self._buffer.clear()
+        return self._error_event(error)
+
+    def _parse(self) -> list:
+        events: list = []
+        body = bytearray()
+        try:
+            while self._state in (_State.HEAD, _State.BODY):
+                if self._state is _State.HEAD:
+                    head = self._head.read(self._buffer)
+                    if head is None:
+                        break
+                    self._head = _HeadReader()
+                    self._on_head(*head, events)
+                else:
+                    self._body.read(self._buffer, body)
+                    if not self._body.done:
+                        break
+                    self._flush(body, events)
+                    self._on_end(events)
+        except _Malformed as error:
+            self._flush(body, events)
+            events.append(self._fail(error))
+        self._flush(body, events)
+        return events
+
+    def _flush(self, body: bytearray, events: list) -> None:
+        if body:
+            events.append(self._body_event(bytes(body)))
+            body.clear()
+
+    @property
+    def buffered(self) -> int:
+        """Bytes held unparsed, so the adapter can pause a reader that sends too much."""
+        return len(self._buffer)
+
+
+class RequestParser(_Parser):
+    """
+    Requests from a proxy client.  After L{RequestEnd} the parser holds further
+    input (pipelined requests) until L{next_request}: the adapter finishes one
+    exchange before it looks at the next.  After a CONNECT L{RequestHead} the
+    rest is tunnel payload, collected by L{take_leftover}.
+    """
+
+    def receive_data(self, data: bytes) -> list[RequestEvent]:
+        if self._state is _State.CLOSED:
+            return []
+        self._buffer += data
+        return self._parse()
+
+    def next_request(self) -> list[RequestEvent]:
+        """The previous exchange is over: parse what was held back."""
+        if self._state is not _State.DONE:
+            raise RuntimeError(f"next_request() in state {self._state.value}, not after RequestEnd")
+        self._state = _State.HEAD
+        return self._parse()
+
+    def take_leftover(self) -> bytes:
+        """After a CONNECT head: the client payload received so far; the parser is finished."""
+        if self._state is not _State.TUNNEL:
+            raise RuntimeError(f"take_leftover() in state {self._state.value}, not after CONNECT")
+        leftover = bytes(self._buffer)
+        self._buffer.clear()
+        self._state = _State.CLOSED
+        return leftover
+
+    def _on_head(self, start_line: bytes, headers: Headers, events: list) -> None:
+        match = _REQUEST_LINE.fullmatch(start_line)
+        if not match:
+            raise _Malformed(400, f"malformed request line {start_line[:64]!r}")
+        method, target, version = (group.decode("latin-1") for group in match.groups())
+        if version not in _VERSIONS:
+            raise _Malformed(505, f"unsupported HTTP version {version}")
+        is_connect = method == "CONNECT"
+        if is_connect:
+            host, port = _parse_authority(target, None)
+        else:
+            url = _parse_absolute(target)
+            host, port = url.host, url.port
+            _single(headers, "host")  # RFC 9112 3.2: several Host lines are an error
+            self._body = _message_body(headers, version, request=True)
+        options = set(_tokens(headers, "connection")) | set(_tokens(headers, "proxy-connection"))
+        events.append(
+            RequestHead(
+                method=method,
+                target=target,
+                version=version,
+                headers=headers,
+                host=host,
+                port=port,
+                is_connect=is_connect,
+                credentials=_credentials(headers),
+                keep_alive=_persistent(version, options),
+            )
+        )
+        self._state = _State.TUNNEL if is_connect else _State.BODY
+
+    def _on_end(self, events: list) -> None:
+        events.append(RequestEnd())
+        self._state = _State.DONE
+
+    def _body_event(self, data: bytes) -> RequestBody:
+        return RequestBody(data)
+
+    def _error_event(self, error: _Malformed) -> RequestError:
+        return RequestError(error.status, error.detail)
+
+
+class ResponseParser(_Parser):
+    """
+    One upstream response (and any interim 1xx before it) to a request made
+    with C{request_method}.  Data after the response is an error: the gateway
+    never pipelines upstream, so the tunnel must not be reused.
+    """
+
+    def __init__(self, request_method: str) -> None:
+        super().__init__()
+        self._request_method = request_method
+        self._reusable = False
+        self.close_delimited = False
+
+    def receive_data(self, data: bytes) -> list[ResponseEvent]:
+        if self._state is _State.CLOSED:
+            return []
+        self._buffer += data
+        events = self._parse()
+        if self._state is _State.DONE and self._buffer:
+            events.append(self._fail(_Malformed(502, "upstream sent data after the response")))
+        return events
+
+    def eof_received(self) -> list[ResponseEvent]:
+        """The upstream closed: the end of a close-delimited body, or of nothing."""
+        state, self._state = self._state, _State.CLOSED
+        if state is _State.BODY and self.close_delimited:
+            return [ResponseEnd(reusable=False)]
+        if state in (_State.HEAD, _State.BODY):
+            return [ResponseError("upstream closed the connection before the response was complete")]
+        return []
+
+    def _on_head(self, start_line: bytes, headers: Headers, events: list) -> None:
+        match = _STATUS_LINE.fullmatch(start_line)
+        if not match:
+            raise _Malformed(502, f"malformed status line {start_line[:64]!r}")
+        version = match[1].decode("ascii")
+        status = int(match[2])
+        if version not in _VERSIONS:
+            raise _Malformed(502, f"unsupported HTTP version {version}")
+        interim = 100 <= status < 200 and status != 101
+        events.append(ResponseHead(status, (match[3] or b"").decode("latin-1"), version, headers, interim))
+        if interim:
+            return  # the final response follows: stay in HEAD
+        if status == 101:  # whatever follows is another protocol, raw until EOF
+            self._body = _UntilClose()
+        elif self._request_method == "HEAD" or status in (204, 304):
+            self._body = _Fixed(0)
+        else:
+            self._body = _message_body(headers, version, request=False)
+        self.close_delimited = isinstance(self._body, _UntilClose)
+        options = set(_tokens(headers, "connection"))
+        self._reusable = not self.close_delimited and _persistent(version, options)
+        self._state = _State.BODY
+
+    def _on_end(self, events: list) -> None:
+        events.append(ResponseEnd(self._reusable))
+        self._state = _State.DONE
+
+    def _body_event(self, data: bytes) -> ResponseBody:
+        return ResponseBody(data)
+
+    def _error_event(self, error: _Malformed) -> ResponseError:
+        return ResponseError(f"upstream: {error.detail}")
+
+
+# -- error replies ------------------------------------------------------------
+
+
+def status_for(error: StreamError) -> int:
+    """The HTTP status that tells a client about C{error}."""
+    return HTTP_STATUS[error.reason]
+
+
+def error_response(status: int, detail: str, *, version: str = "HTTP/1.1", realm: str = "gateway") -> bytes:
+    """
+    A complete response the gateway answers itself: short text body, explicit
+    length, and C{Connection: close}, since after an error the client's
+    connection state (half-read body, pipelined requests) is not worth saving.
+    """
+    body = f"{detail}\n".encode()
+    lines = [
+        f"{version} {status} {HTTPStatus(status).phrase}",
+        "Content-Type: text/plain; charset=utf-8",
+        f"Content-Length: {len(body)}",
+        "Connection: close",
+    ]
+    if status == HTTPStatus.PROXY_AUTHENTICATION_REQUIRED:
+        quoted = realm.replace("\\", "\\\\").replace('"', '\\"')
+        lines.append(f'Proxy-Authenticate: Basic realm="{quoted}"')
+    return _head_bytes(lines) + body

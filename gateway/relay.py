@@ -1,0 +1,85 @@
+"""
+Pumping bytes between a client connection and a tunnel, once the proxy
+handshake is over.
+
+The channel is registered as the client transport's streaming producer, so a
+client that reads slowly pauses the channel (which then stops granting SSH
+window); a full SSH window pauses the client transport in turn.  EOF travels
+both ways on its own (half-close), and the client connection ends when the
+channel does.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from twisted.internet.interfaces import ITransport
+
+from gateway.ssh.channel import TunnelChannel
+
+
+def half_close(transport: ITransport) -> None:
+    """Shut the write side of C{transport} if it can; otherwise leave it open."""
+    lose_write = getattr(transport, "loseWriteConnection", None)
+    if lose_write is not None:
+        lose_write()
+
+
+class Splice:
+    """Joins a client transport and a L{TunnelChannel} in both directions."""
+
+    def __init__(
+        self,
+        transport: ITransport,
+        channel: TunnelChannel,
+        on_end: Callable[[], None] = lambda: None,
+    ) -> None:
+        self._transport = transport
+        self.channel = channel
+        self._on_end = on_end
+        self._client_done = False
+        self._tunnel_done = False
+        channel.attach(self)
+        transport.registerProducer(channel, True)
+
+    # client -> destination
+
+    def client_data(self, data: bytes) -> None:
+        self.channel.send(data)
+
+    def client_eof(self) -> None:
+        self._client_done = True
+        self.channel.send_eof()
+        self._maybe_finish()
+
+    def _maybe_finish(self) -> None:
+        # Both directions have ended: nothing more can flow, so close now
+        # rather than wait for the peer to notice (TCP keeps a half-closed
+        # socket open until someone closes it).
+        if self._client_done and self._tunnel_done:
+            self.channel.close()
+            self._transport.loseConnection()
+
+    def client_lost(self) -> None:
+        self.channel.close()
+
+    # destination -> client (TunnelPeer)
+
+    def tunnel_data(self, data: bytes) -> None:
+        self._transport.write(data)
+
+    def tunnel_eof(self) -> None:
+        self._tunnel_done = True
+        half_close(self._transport)
+        self._maybe_finish()
+
+    def tunnel_closed(self) -> None:
+        self._transport.unregisterProducer()
+        self._transport.loseConnection()
+        self._on_end()
+
+    def tunnel_pause_writing(self) -> None:
+        self._transport.pauseProducing()
+
+    def tunnel_resume_writing(self) -> None:
+        self._transport.resumeProducing()

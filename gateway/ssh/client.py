@@ -1,0 +1,210 @@
+"""
+The SSH client side of one cluster connection: transport, connection service
+and the factory that builds them.
+
+The transport verifies the proxy node's host key (L{HostKeyPolicy}), then
+authenticates with the cluster's key (L{KeyAuthClient}) and starts a
+L{TunnelConnection}.  C{GatewayClientTransport.ready} fires with that
+connection once it can open channels, or fails with L{SSHConnectError} saying
+why it never got there (host key, authentication, network) -- which is what
+a reconnecting service needs to log and what a waiting client is told.
+"""
+
+from __future__ import annotations
+
+import struct
+
+from twisted.conch.ssh import common, connection, transport
+from twisted.conch.ssh.keys import Key
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.protocol import Factory
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from gateway.ssh.auth import KeyAuthClient
+from gateway.ssh.channel import DEFAULT_WINDOW, TunnelChannel
+from gateway.ssh.hostkeys import HostKeyError, HostKeyPolicy
+
+log = Logger()
+
+
+class SSHConnectError(Exception):
+    """The SSH connection to a proxy node could not be established."""
+
+
+class TunnelConnection(connection.SSHConnection):
+    """
+    The C{ssh-connection} service, opening C{direct-tcpip} tunnels.
+
+    Data delivery is overridden so the channel, not Conch, decides when to
+    re-open the receive window (see L{TunnelChannel}).
+    """
+
+    def __init__(self, ready: Deferred[TunnelConnection], clock: IReactorTime) -> None:
+        super().__init__()
+        self._ready = ready
+        self._clock = clock
+
+    def serviceStarted(self) -> None:
+        super().serviceStarted()
+        self._ready.callback(self)
+
+    def ssh_CHANNEL_DATA(self, packet: bytes) -> None:
+        local_id, length = struct.unpack(">2L", packet[:8])
+        channel = self.channels.get(local_id)
+        if channel is None:
+            return
+        if length > channel.localWindowLeft or length > channel.localMaxPacket:
+            log.warn(
+                "proxy node overran the window of channel {id}; closing it",
+                id=local_id,
+            )
+            self.sendClose(channel)
+            return
+        channel.localWindowLeft -= length
+        channel.dataReceived(packet[8 : 8 + length])
+
+    def openChannel(self, channel, extra: bytes = b"") -> None:
+        # Conch's version logs every open at info level; at thousands of
+        # streams that is noise, and the gateway logs each stream itself.
+        self.transport.sendPacket(
+            connection.MSG_CHANNEL_OPEN,
+            common.NS(channel.name)
+            + struct.pack(
+                ">3L",
+                self.localChannelID,
+                channel.localWindowSize,
+                channel.localMaxPacket,
+            )
+            + extra,
+        )
+        channel.id = self.localChannelID
+        self.channels[self.localChannelID] = channel
+        self.localChannelID += 1
+
+    def open_tunnel(
+        self,
+        host: str,
+        port: int,
+        origin: tuple[str, int],
+        window_size: int = DEFAULT_WINDOW,
+    ) -> Deferred[TunnelChannel]:
+        """Open a C{direct-tcpip} channel to C{host:port}."""
+        channel = TunnelChannel(host, port, origin, window_size, clock=self._clock)
+        self.openChannel(channel, channel.open_request_data())
+        return channel.opened
+
+    @property
+    def open_channels(self) -> int:
+        return len(self.channels)
+
+
+class GatewayClientTransport(transport.SSHClientTransport):
+    """An SSH client transport for one proxy node."""
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        user: str,
+        private_key: Key,
+        host_keys: HostKeyPolicy,
+        clock: IReactorTime,
+    ) -> None:
+        self.host = host
+        self.port = port
+        self._user = user
+        self._private_key = private_key
+        self._host_keys = host_keys
+        self._clock = clock
+        self._failure: str | None = None
+        self.ready: Deferred[TunnelConnection] = Deferred()
+        self.lost: Deferred[None] = Deferred()
+
+    @property
+    def address(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+    def connectionMade(self) -> None:
+        self.supportedPublicKeys = self._host_keys.preferred_algorithms(
+            self.host, self.port, self.supportedPublicKeys
+        )
+        super().connectionMade()
+
+    def verifyHostKey(self, hostKey: bytes, fingerprint: bytes) -> Deferred[bool]:
+        offered = Key.fromString(hostKey)
+        try:
+            self._host_keys.verify(self.host, self.port, offered)
+        except HostKeyError as e:
+            self._failure = str(e)
+            log.error(
+                "refusing proxy node {address}: {why}", address=self.address, why=e
+            )
+            return fail(e)
+        if self._host_keys.accept_any:
+            log.warn(
+                "accepting unverified host key of {address} "
+                "(insecure_accept_any_host_key)",
+                address=self.address,
+            )
+        return succeed(True)
+
+    def connectionSecure(self) -> None:
+        self.requestService(
+            KeyAuthClient(
+                self._user,
+                self._private_key,
+                TunnelConnection(self.ready, self._clock),
+            )
+        )
+
+    def sendDisconnect(self, reason: int, desc: bytes) -> None:
+        if self._failure is None:
+            if reason == transport.DISCONNECT_NO_MORE_AUTH_METHODS_AVAILABLE:
+                self._failure = (
+                    f"authentication as {self._user!r} failed: "
+                    "the proxy node refused the key"
+                )
+            else:
+                self._failure = desc.decode("utf-8", "replace")
+        super().sendDisconnect(reason, desc)
+
+    def receiveError(self, reasonCode: int, description: bytes) -> None:
+        if self._failure is None:
+            self._failure = "proxy node disconnected: " + description.decode(
+                "utf-8", "replace"
+            )
+        super().receiveError(reasonCode, description)
+
+    def connectionLost(self, reason: Failure) -> None:
+        super().connectionLost(reason)
+        if not self.ready.called:
+            why = self._failure or (
+                f"connection closed before authentication: {reason.getErrorMessage()}"
+            )
+            self.ready.errback(SSHConnectError(why))
+        self.lost.callback(None)
+
+
+class GatewayClientFactory(Factory):
+    """Builds L{GatewayClientTransport}s for one proxy node address."""
+
+    noisy = False
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        user: str,
+        private_key: Key,
+        host_keys: HostKeyPolicy,
+        clock: IReactorTime,
+    ) -> None:
+        self._args = (host, port, user, private_key, host_keys, clock)
+
+    def buildProtocol(self, addr: object) -> GatewayClientTransport:
+        protocol = GatewayClientTransport(*self._args)
+        protocol.factory = self
+        return protocol

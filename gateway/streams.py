@@ -1,0 +1,155 @@
+"""
+From a parsed proxy request to an open tunnel: routing, the cluster's
+connection, and one log event per stream.
+
+Both front ends (SOCKS and HTTP) hand a L{StreamRequest} to
+L{Gateway.open_stream} and get back an open L{TunnelChannel} or a
+L{StreamError}; neither knows about clusters or SSH.  Every stream ends in
+exactly one structured log event -- C{refused} with the reason, or C{closed}
+with bytes each way and the duration -- so an operator can follow any
+client's traffic by cluster and destination.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Mapping
+
+from twisted.internet.defer import Deferred, fail
+from twisted.internet.interfaces import IAddress
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from gateway.cluster import ClusterConnection
+from gateway.errors import Reason, StreamError
+from gateway.routing import Router
+from gateway.ssh.channel import TunnelChannel
+
+log = Logger()
+
+#: How long a client may take to finish its SOCKS/HTTP handshake.
+HANDSHAKE_TIMEOUT = 10.0
+
+
+@dataclass(frozen=True)
+class StreamRequest:
+    """A client's request for a tunnel, as the front end parsed it."""
+
+    host: str
+    port: int
+    frontend: str  # "socks5", "socks4", "http-connect", "http"
+    client: str  # the client's address, for logs
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+    origin: tuple[str, int] = ("127.0.0.1", 0)
+
+
+def peer_origin(address: IAddress) -> tuple[str, tuple[str, int]]:
+    """A client address as log text and as the direct-tcpip originator."""
+    host = getattr(address, "host", None)
+    port = getattr(address, "port", None)
+    if isinstance(host, str) and isinstance(port, int):
+        return f"{host}:{port}", (host, port)
+    name = getattr(address, "name", None)
+    text = f"unix:{name.decode() if isinstance(name, bytes) else name or '?'}"
+    return text, ("127.0.0.1", 0)
+
+
+def format_destination(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+class Gateway:
+    """Routes stream requests to cluster connections."""
+
+    def __init__(
+        self,
+        router: Router,
+        clusters: Mapping[str, ClusterConnection],
+        handshake_timeout: float = HANDSHAKE_TIMEOUT,
+    ) -> None:
+        self.router = router
+        self.clusters = clusters
+        self.handshake_timeout = handshake_timeout
+
+    def authenticate(self, username: str, password: str) -> bool:
+        """Check SOCKS5 username/password: a cluster name and its token."""
+        return self.router.authenticate(username, password)
+
+    def open_stream(self, request: StreamRequest) -> Deferred[TunnelChannel]:
+        """Open a tunnel for C{request}, or fail with L{StreamError}."""
+        destination = format_destination(request.host, request.port)
+        try:
+            route = self.router.route(
+                request.host, request.port, request.username, request.password
+            )
+            cluster = self.clusters.get(route.cluster.name)
+            if cluster is None:
+                raise StreamError(
+                    Reason.UNAVAILABLE, f"cluster {route.cluster.name!r} is not running"
+                )
+        except StreamError as e:
+            self._refused(request, None, destination, e)
+            return fail(e)
+
+        def opened(channel: TunnelChannel) -> TunnelChannel:
+            channel.closed_hooks.append(
+                lambda: self._closed(request, cluster.name, destination, channel)
+            )
+            return channel
+
+        def failed(failure: Failure) -> Failure:
+            if not failure.check(StreamError):
+                log.failure(
+                    "unexpected error opening {destination}",
+                    failure,
+                    destination=destination,
+                )
+                failure = Failure(StreamError(Reason.GENERAL, "internal error"))
+            self._refused(request, cluster.name, destination, failure.value)
+            return failure
+
+        return (
+            cluster.open_stream(route.host, route.port, request.origin)
+            .addCallback(opened)
+            .addErrback(failed)
+        )
+
+    def _refused(
+        self,
+        request: StreamRequest,
+        cluster: str | None,
+        destination: str,
+        error: StreamError,
+    ) -> None:
+        log.info(
+            "stream to {destination} via {cluster} refused: {reason}",
+            cluster=cluster,
+            destination=destination,
+            client=request.client,
+            frontend=request.frontend,
+            outcome="refused",
+            reason=error.reason.value,
+            detail=error.detail,
+        )
+
+    def _closed(
+        self,
+        request: StreamRequest,
+        cluster: str,
+        destination: str,
+        channel: TunnelChannel,
+    ) -> None:
+        log.info(
+            "stream to {destination} via {cluster} closed: "
+            "{bytes_up} bytes up, {bytes_down} down, {duration:.3f} s",
+            cluster=cluster,
+            destination=destination,
+            client=request.client,
+            frontend=request.frontend,
+            outcome="closed",
+            bytes_up=channel.bytes_up,
+            bytes_down=channel.bytes_down,
+            duration=time.monotonic() - channel.started,
+        )

@@ -1,0 +1,36 @@
+"""Packaging for the cluster tunnel gateway."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="cluster-tunnel-gateway",
+    version="0.1.0",
+    description=(
+        "SSH tunnel gateway on Twisted: SOCKS5 and HTTP proxy listeners in front "
+        "of one SSH connection per cluster"
+    ),
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.11",
+    packages=find_packages(include=["gateway", "gateway.*"]) + ["twisted.plugins"],
+    package_data={"twisted.plugins": ["gateway_plugin.py"]},
+    install_requires=[
+        "twisted[conch,tls]>=24.7",
+        "treq",
+        "pyopenssl",
+        "service-identity",
+    ],
+    extras_require={
+        "test": ["hypothesis", "requests[socks]", "paramiko", "ruff"],
+    },
+    entry_points={
+        "console_scripts": [
+            "gateway-connect = gateway.scripts.connect:main",
+        ],
+    },
+    classifiers=[
+        "Framework :: Twisted",
+        "Programming Language :: Python :: 3",
+        "Topic :: System :: Networking",
+    ],
+)

@@ -1,0 +1,849 @@
+"""Network-namespace test lab for the SSH tunnel gateway.
+
+Topology built by :class:`Lab` (all names carry a unique per-run suffix)::
+
+    ctl (gateway + clients run here; lo up; NO default route)
+     |- veth to-pa 10.250.1.1/24 <-> proxy-a to-ctl 10.250.1.2/24   sshd :22
+     `- veth to-pb 10.250.2.1/24 <-> proxy-b to-ctl 10.250.2.2/24   sshd :22
+    proxy-a to-int 10.251.0.1/24 <-> internal-a to-px 10.251.0.10/24
+    proxy-b to-int 10.251.0.1/24 <-> internal-b to-px 10.251.0.10/24
+                                     (same address: overlapping tenant networks)
+
+Each internal namespace runs an sshd on 10.251.0.10:22 and an HTTP/1.1
+server on 10.251.0.10:8080 (``/`` names the namespace, ``/big`` is a
+deterministic 20 MiB body, ``/echo`` echoes a POSTed body).  The internal
+networks are reachable only from their own proxy namespace: no default
+routes anywhere and IPv4 forwarding is off in every namespace.
+
+Safety: veth pairs are created *inside* the lab namespaces (``ip -n NS link
+add ... peer ... netns NS2``), so nothing is ever added to, or removed from,
+the root namespace.  Cleanup kills only processes this lab started (by pid)
+or processes that live inside this lab's namespaces, then deletes exactly
+this lab's namespaces.
+"""
+
+from __future__ import annotations
+
+import atexit
+import functools
+import hashlib
+import itertools
+import logging
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from typing import Self
+
+log = logging.getLogger(__name__)
+
+NS_PREFIX = "gwlab-"
+SSHD = "/usr/sbin/sshd"
+
+BIG_SEED = b"gwlab-big-v1"
+BIG_SIZE = 20 * 1024 * 1024
+BIG_SHA256 = "682ae520c78c53c0812d98ba24e1e68d8c36c819180790e57e8fd6ede723733e"
+
+SSHD_NAMES = ("proxy-a", "proxy-b", "internal-a", "internal-b")
+
+_counter = itertools.count(1)
+_HOST_KEY_TYPES = (("ed25519", []), ("ecdsa", ["-b", "256"]), ("rsa", ["-b", "2048"]))
+
+
+class LabError(RuntimeError):
+    pass
+
+
+@functools.lru_cache(maxsize=1)
+def big_body() -> bytes:
+    """The exact bytes served at ``/big`` (SHAKE-256 stream, not periodic)."""
+    return hashlib.shake_256(BIG_SEED).digest(BIG_SIZE)
+
+
+# --------------------------------------------------------------------------
+# HTTP server run inside the internal namespaces (written to the workdir).
+# argv: NAME HOST PORT SEED_HEX SIZE
+# --------------------------------------------------------------------------
+HTTP_SERVER_SCRIPT = r"""
+import hashlib
+import sys
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+NAME, HOST, PORT = sys.argv[1], sys.argv[2], int(sys.argv[3])
+BIG = hashlib.shake_256(bytes.fromhex(sys.argv[4])).digest(int(sys.argv[5]))
+
+
+class BadRequest(Exception):
+    pass
+
+
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server_version = "gwlab-http/1"
+
+    def log_message(self, fmt, *args):
+        sys.stderr.write("%s %s\n" % (self.address_string(), fmt % args))
+        sys.stderr.flush()
+
+    def _send(self, code, body, ctype="text/plain"):
+        self.send_response(code)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("X-Served-By", NAME)
+        self.end_headers()
+        if self.command != "HEAD" and body:
+            self.wfile.write(memoryview(body))
+
+    def _path(self):
+        return self.path.split("?", 1)[0]
+
+    def do_GET(self):
+        path = self._path()
+        if path == "/":
+            self._send(200, (NAME + "\n").encode())
+        elif path == "/big":
+            self._send(200, BIG, "application/octet-stream")
+        else:
+            self._send(404, b"not found\n")
+
+    do_HEAD = do_GET
+
+    def _line(self):
+        line = self.rfile.readline(65537)
+        if not line.endswith(b"\n"):
+            raise BadRequest("truncated chunked body")
+        return line
+
+    def _read_body(self):
+        te = self.headers.get("Transfer-Encoding", "")
+        if "chunked" in te.lower():
+            parts = []
+            while True:
+                try:
+                    size = int(self._line().split(b";", 1)[0].strip(), 16)
+                except ValueError:
+                    raise BadRequest("bad chunk size")
+                if size == 0:
+                    while self._line() not in (b"\r\n", b"\n"):
+                        pass  # trailers
+                    return b"".join(parts)
+                data = self.rfile.read(size)
+                if len(data) != size:
+                    raise BadRequest("truncated chunk")
+                parts.append(data)
+                self._line()
+        try:
+            n = int(self.headers.get("Content-Length") or 0)
+        except ValueError:
+            raise BadRequest("bad content-length")
+        data = self.rfile.read(n)
+        if len(data) != n:
+            raise BadRequest("truncated body")
+        return data
+
+    def do_POST(self):
+        try:
+            body = self._read_body()
+        except BadRequest as e:
+            self.close_connection = True
+            self._send(400, (str(e) + "\n").encode())
+            return
+        if self._path() == "/echo":
+            ctype = self.headers.get("Content-Type", "application/octet-stream")
+            self._send(200, body, ctype)
+        else:
+            self._send(404, b"not found\n")
+
+    do_PUT = do_POST
+
+
+class Server(ThreadingHTTPServer):
+    request_queue_size = 128
+    daemon_threads = True
+
+
+srv = Server((HOST, PORT), Handler)
+sys.stderr.write("%s: listening on %s:%d\n" % (NAME, HOST, PORT))
+sys.stderr.flush()
+srv.serve_forever()
+"""
+
+
+# --------------------------------------------------------------------------
+# helpers
+# --------------------------------------------------------------------------
+def _sh(argv: Sequence[str], timeout: float = 30, input: bytes | None = None) -> str:
+    """Run a host command (bounded); raise LabError with its stderr on failure."""
+    try:
+        cp = subprocess.run(
+            list(argv),
+            check=False,
+            input=input,
+            stdin=None if input is not None else subprocess.DEVNULL,
+            capture_output=True,
+            timeout=timeout,
+        )
+    except subprocess.TimeoutExpired as e:
+        raise LabError(f"timed out after {timeout}s: {' '.join(argv)}") from e
+    if cp.returncode != 0:
+        raise LabError(
+            f"command failed ({cp.returncode}): {' '.join(argv)}\n"
+            f"{cp.stderr.decode(errors='replace').strip()}"
+        )
+    return cp.stdout.decode(errors="replace")
+
+
+def _ns_key(ns: str) -> tuple[int, int] | None:
+    try:
+        st = os.stat(f"/run/netns/{ns}")
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino)
+
+
+def _proc_ns_key(pid: int) -> tuple[int, int] | None:
+    try:
+        st = os.stat(f"/proc/{pid}/ns/net")
+    except OSError:  # gone, zombie, or kernel thread
+        return None
+    return (st.st_dev, st.st_ino)
+
+
+def _pids_in(keys: set[tuple[int, int]]) -> list[int]:
+    me = os.getpid()
+    out = []
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return out
+    for e in entries:
+        if e.isdigit():
+            pid = int(e)
+            if pid != me and _proc_ns_key(pid) in keys:
+                out.append(pid)
+    return out
+
+
+def _kill_in_ns(pid: int, keys: set[tuple[int, int]], sig: int) -> None:
+    """Signal pid only if it still lives in one of ``keys`` (race-free via pidfd)."""
+    try:
+        fd = os.pidfd_open(pid)
+    except (OSError, AttributeError):
+        fd = None
+    try:
+        if _proc_ns_key(pid) not in keys:
+            return
+        if fd is not None:
+            signal.pidfd_send_signal(fd, sig)
+        else:
+            os.kill(pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+    finally:
+        if fd is not None:
+            os.close(fd)
+
+
+def pid_alive(pid: int) -> bool:
+    """True if pid exists and is not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return False
+    state = stat.rsplit(b")", 1)[-1].split()[0:1]
+    return state not in ([b"Z"], [b"X"])
+
+
+def _tail(path: str, lines: int = 25) -> str:
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - 16384))
+            data = f.read().decode(errors="replace")
+    except OSError as e:
+        return f"<{e}>"
+    return "\n".join(data.splitlines()[-lines:])
+
+
+@functools.lru_cache(maxsize=1)
+def lab_skip_reason() -> str | None:
+    """None if a Lab can run here, else a human readable reason (for SkipTest)."""
+    if os.geteuid() != 0:
+        return "netlab needs root (network namespaces)"
+    for tool in ("ip", "curl", "nc", "ssh", "ssh-keygen"):
+        if shutil.which(tool) is None:
+            return f"netlab needs {tool!r} on PATH"
+    if not os.access(SSHD, os.X_OK):
+        return f"netlab needs {SSHD}"
+    try:
+        _sh(["ip", "netns", "list"], timeout=10)
+        probe = f"{NS_PREFIX}{os.getpid()}-probe{next(_counter)}-{secrets.token_hex(2)}"
+        _sh(["ip", "netns", "add", probe], timeout=10)
+        try:
+            _sh(
+                ["ip", "netns", "exec", probe, "ip", "link", "set", "lo", "up"],
+                timeout=10,
+            )
+        finally:
+            _sh(["ip", "netns", "del", probe], timeout=10)
+    except (LabError, OSError) as e:
+        return f"network namespaces unusable here: {e}"
+    return None
+
+
+def wait_for_port(lab: Lab, ns: str, host: str, port: int, timeout: float = 10) -> None:
+    """Poll ``nc -z`` from inside ``ns`` until host:port accepts; bounded."""
+    lab._wait_port(ns, host, port, timeout)
+
+
+def cleanup_stale_labs() -> list[str]:
+    """Opt-in: delete gwlab-<pid>-... namespaces whose creating pid is dead.
+
+    For use after a hard-killed test run (atexit never ran).  Namespaces of
+    live processes (parallel runs) are left alone.  Returns removed names.
+    """
+    removed: list[str] = []
+    try:
+        names = sorted(os.listdir("/run/netns"))
+    except OSError:
+        return removed
+    for name in names:
+        if not name.startswith(NS_PREFIX):
+            continue
+        owner = name[len(NS_PREFIX) :].split("-", 1)[0]
+        if not owner.isdigit() or pid_alive(int(owner)):
+            continue
+        key = _ns_key(name)
+        if key is not None:
+            keys = {key}
+            deadline = time.monotonic() + 3
+            while time.monotonic() < deadline:
+                pids = _pids_in(keys)
+                if not pids:
+                    break
+                for pid in pids:
+                    _kill_in_ns(pid, keys, signal.SIGKILL)
+                time.sleep(0.05)
+        try:
+            _sh(["ip", "netns", "del", name], timeout=10)
+            removed.append(name)
+        except LabError as e:
+            log.warning("could not delete stale namespace %s: %s", name, e)
+    return removed
+
+
+# --------------------------------------------------------------------------
+# the lab
+# --------------------------------------------------------------------------
+class Lab:
+    internal_addr: str = "10.251.0.10"
+    internal_gw: str = "10.251.0.1"
+    http_port: int = 8080
+    ssh_port: int = 22
+
+    def __init__(self, workdir: str):
+        self.workdir = os.path.abspath(workdir)
+        self.suffix = f"{os.getpid()}-{next(_counter)}-{secrets.token_hex(2)}"
+        base = f"{NS_PREFIX}{self.suffix}"
+        self.ctl_ns = f"{base}-ctl"
+        self.proxy_ns = {"a": f"{base}-pa", "b": f"{base}-pb"}
+        self.internal_ns = {"a": f"{base}-ia", "b": f"{base}-ib"}
+        self.proxy_addr = {"a": "10.250.1.2", "b": "10.250.2.2"}
+        self.ctl_addr = {"a": "10.250.1.1", "b": "10.250.2.1"}
+        w = self.workdir
+        self.client_key_ed25519 = os.path.join(w, "client_ed25519")
+        self.client_key_rsa = os.path.join(w, "client_rsa")
+        self.authorized_keys = os.path.join(w, "authorized_keys")
+        self.known_hosts = os.path.join(w, "known_hosts")
+        self.known_hosts_hashed = os.path.join(w, "known_hosts_hashed")
+        self.http_script = os.path.join(w, "http_server.py")
+        self.host_key_lines: dict[str, list[str]] = {}
+        self.big_sha256 = BIG_SHA256
+        self.big_size = BIG_SIZE
+        self.stop_errors: list[str] = []
+        self._namespaces: list[str] = []  # created by us, in creation order
+        self._procs: list[subprocess.Popen] = []
+        self._daemons: dict[str, subprocess.Popen] = {}
+        self._lock = threading.Lock()
+        self._started = False
+        self._stopped = False
+
+    # -- public helpers --------------------------------------------------
+    @property
+    def namespaces(self) -> list[str]:
+        return [self.ctl_ns, *self.proxy_ns.values(), *self.internal_ns.values()]
+
+    def ns_cmd(self, ns: str, argv: Sequence[str]) -> list[str]:
+        return ["ip", "netns", "exec", ns, *argv]
+
+    def run(
+        self, ns: str, argv: Sequence[str], timeout: float = 60, **kw
+    ) -> subprocess.CompletedProcess:
+        """subprocess.run inside ns; captures output unless told otherwise."""
+        if not {"stdout", "stderr", "capture_output"} & kw.keys():
+            kw["capture_output"] = True
+        if "input" not in kw:
+            kw.setdefault("stdin", subprocess.DEVNULL)
+        check = kw.pop("check", False)
+        return subprocess.run(self.ns_cmd(ns, argv), check=check, timeout=timeout, **kw)
+
+    def spawn(
+        self, ns: str, argv: Sequence[str], *, pdeathsig: bool = True, **kw
+    ) -> subprocess.Popen:
+        """Popen inside ns, tracked so stop() kills it by pid.
+
+        The child is the command itself (``ip netns exec`` execs), so
+        ``proc.pid`` is the command's pid.  With ``pdeathsig`` (default) the
+        child gets SIGTERM if the *thread* that spawned it dies (covers a
+        hard-killed test run); pass ``pdeathsig=False`` when spawning from a
+        short-lived thread.
+        """
+        if self._stopped:
+            raise LabError("lab is stopped")
+        argv = list(argv)
+        if pdeathsig and shutil.which("setpriv"):
+            argv = ["setpriv", "--pdeathsig", "TERM", "--", *argv]
+        if "stdin" not in kw:
+            kw["stdin"] = subprocess.DEVNULL
+        kw.setdefault("start_new_session", True)
+        proc = subprocess.Popen(self.ns_cmd(ns, argv), **kw)
+        self._procs.append(proc)
+        return proc
+
+    def pids(self) -> list[int]:
+        """pids of tracked processes still running plus any pid inside our namespaces."""
+        out = [p.pid for p in self._procs if p.poll() is None]
+        keys = {k for k in map(_ns_key, self._namespaces) if k is not None}
+        for pid in _pids_in(keys):
+            if pid not in out:
+                out.append(pid)
+        return out
+
+    def sshd_log(self, name: str) -> str:
+        return self._read_log(f"sshd-{name}.log")
+
+    def http_log(self, name: str) -> str:
+        """name: "internal-a" / "internal-b"."""
+        return self._read_log(f"http-{name}.log")
+
+    def _read_log(self, fname: str) -> str:
+        try:
+            with open(os.path.join(self.workdir, fname), "rb") as f:
+                return f.read().decode(errors="replace")
+        except OSError:
+            return ""
+
+    # -- start -----------------------------------------------------------
+    def start(self) -> None:
+        if self._started:
+            raise LabError("Lab.start() may only be called once")
+        self._started = True
+        atexit.register(self.stop)
+        try:
+            self._start()
+        except Exception as e:
+            self.stop()  # first, so the log tails include the daemons' last words
+            msg = f"netlab start failed: {e}\n{self._log_tails()}"
+            raise LabError(msg) from e
+        except BaseException:
+            self.stop()
+            raise
+
+    def _log_tails(self) -> str:
+        parts = []
+        for name in SSHD_NAMES:
+            parts.append(
+                f"--- sshd {name} log tail ---\n{_tail(os.path.join(self.workdir, f'sshd-{name}.log'))}"
+            )
+        for name in ("internal-a", "internal-b"):
+            parts.append(
+                f"--- http {name} log tail ---\n{_tail(os.path.join(self.workdir, f'http-{name}.log'))}"
+            )
+        return "\n".join(parts)
+
+    def _start(self) -> None:
+        os.makedirs(self.workdir, exist_ok=True)
+        os.makedirs("/run/sshd", mode=0o755, exist_ok=True)  # sshd privsep dir
+
+        keygen = self._start_keygen()  # runs while namespaces are built
+        try:
+            self._build_network()
+        finally:
+            self._finish_keygen(keygen)
+        self._write_key_files()
+        self._start_daemons()
+        self._check_invariants()
+
+    def _start_keygen(self) -> list[tuple[list[str], subprocess.Popen]]:
+        jobs = []
+        for path in (self.client_key_ed25519, self.client_key_rsa):
+            for p in (path, path + ".pub"):
+                if os.path.exists(p):
+                    os.unlink(p)
+        cmds = [
+            [
+                "ssh-keygen",
+                "-q",
+                "-N",
+                "",
+                "-t",
+                "ed25519",
+                "-C",
+                "gwlab-client-ed25519",
+                "-f",
+                self.client_key_ed25519,
+            ],
+            [
+                "ssh-keygen",
+                "-q",
+                "-N",
+                "",
+                "-t",
+                "rsa",
+                "-b",
+                "3072",
+                "-m",
+                "PEM",
+                "-C",
+                "gwlab-client-rsa",
+                "-f",
+                self.client_key_rsa,
+            ],
+        ]
+        for name in SSHD_NAMES:
+            for ktype, extra in _HOST_KEY_TYPES:
+                path = self._host_key(name, ktype)
+                for p in (path, path + ".pub"):
+                    if os.path.exists(p):
+                        os.unlink(p)
+                cmds.append(
+                    [
+                        "ssh-keygen",
+                        "-q",
+                        "-N",
+                        "",
+                        "-t",
+                        ktype,
+                        *extra,
+                        "-C",
+                        f"gwlab-{name}",
+                        "-f",
+                        path,
+                    ]
+                )
+        for cmd in cmds:
+            jobs.append(
+                (
+                    cmd,
+                    subprocess.Popen(
+                        cmd,
+                        stdin=subprocess.DEVNULL,
+                        stdout=subprocess.PIPE,
+                        stderr=subprocess.STDOUT,
+                    ),
+                )
+            )
+        return jobs
+
+    def _finish_keygen(self, jobs) -> None:
+        deadline = time.monotonic() + 60
+        failed = []
+        for cmd, p in jobs:
+            try:
+                out, _ = p.communicate(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.communicate()
+                failed.append(f"timeout: {' '.join(cmd)}")
+                continue
+            if p.returncode != 0:
+                failed.append(
+                    f"{' '.join(cmd)}: {out.decode(errors='replace').strip()}"
+                )
+        if failed:
+            raise LabError("ssh-keygen failed:\n" + "\n".join(failed))
+
+    def _host_key(self, name: str, ktype: str) -> str:
+        return os.path.join(self.workdir, f"hostkey-{name}-{ktype}")
+
+    def _ip(self, ns: str, *args: str) -> str:
+        return _sh(["ip", "-n", ns, *args], timeout=15)
+
+    def _build_network(self) -> None:
+        for ns in self.namespaces:
+            if _ns_key(ns) is not None:
+                raise LabError(f"namespace {ns} already exists (not ours; refusing)")
+            _sh(["ip", "netns", "add", ns], timeout=15)
+            self._namespaces.append(ns)
+            self._ip(ns, "link", "set", "lo", "up")
+
+        ctl = self.ctl_ns
+        for t in ("a", "b"):
+            px, inn = self.proxy_ns[t], self.internal_ns[t]
+            # veth pairs are created directly inside the lab namespaces
+            self._ip(
+                ctl,
+                "link",
+                "add",
+                f"to-p{t}",
+                "type",
+                "veth",
+                "peer",
+                "name",
+                "to-ctl",
+                "netns",
+                px,
+            )
+            self._ip(
+                px,
+                "link",
+                "add",
+                "to-int",
+                "type",
+                "veth",
+                "peer",
+                "name",
+                "to-px",
+                "netns",
+                inn,
+            )
+            self._ip(ctl, "addr", "add", f"{self.ctl_addr[t]}/24", "dev", f"to-p{t}")
+            self._ip(px, "addr", "add", f"{self.proxy_addr[t]}/24", "dev", "to-ctl")
+            self._ip(px, "addr", "add", f"{self.internal_gw}/24", "dev", "to-int")
+            self._ip(inn, "addr", "add", f"{self.internal_addr}/24", "dev", "to-px")
+            self._ip(ctl, "link", "set", f"to-p{t}", "up")
+            self._ip(px, "link", "set", "to-ctl", "up")
+            self._ip(px, "link", "set", "to-int", "up")
+            self._ip(inn, "link", "set", "to-px", "up")
+
+        # no routing between the tenant nets and ctl (new netns default is 0;
+        # enforce it anyway -- this only touches the lab's own namespaces)
+        for ns in self.namespaces:
+            fwd = _sh(self.ns_cmd(ns, ["cat", "/proc/sys/net/ipv4/ip_forward"])).strip()
+            if fwd != "0":
+                _sh(
+                    self.ns_cmd(
+                        ns, ["sh", "-c", "echo 0 > /proc/sys/net/ipv4/ip_forward"]
+                    )
+                )
+
+    def _write_key_files(self) -> None:
+        def read(p: str) -> str:
+            with open(p) as f:
+                return f.read().strip()
+
+        pubs = [
+            read(self.client_key_ed25519 + ".pub"),
+            read(self.client_key_rsa + ".pub"),
+        ]
+        with open(self.authorized_keys, "w") as f:
+            f.write("\n".join(pubs) + "\n")
+
+        addr = {
+            "proxy-a": self.proxy_addr["a"],
+            "proxy-b": self.proxy_addr["b"],
+            "internal-a": self.internal_addr,
+            "internal-b": self.internal_addr,
+        }
+        lines_all = []
+        for name in SSHD_NAMES:
+            lines = []
+            for ktype, _ in _HOST_KEY_TYPES:
+                keytype, b64 = read(self._host_key(name, ktype) + ".pub").split()[:2]
+                lines.append(f"{addr[name]} {keytype} {b64}")
+            self.host_key_lines[name] = lines
+            lines_all += lines
+        with open(self.known_hosts, "w") as f:
+            f.write("\n".join(lines_all) + "\n")
+        shutil.copyfile(self.known_hosts, self.known_hosts_hashed)
+        _sh(["ssh-keygen", "-q", "-H", "-f", self.known_hosts_hashed])
+        try:
+            os.unlink(self.known_hosts_hashed + ".old")
+        except FileNotFoundError:
+            pass
+
+    def _sshd_config(self, name: str, listen: str) -> str:
+        w = self.workdir
+        hostkeys = "".join(
+            f'HostKey "{self._host_key(name, t)}"\n' for t, _ in _HOST_KEY_TYPES
+        )
+        conf = (
+            f"ListenAddress {listen}:{self.ssh_port}\n"
+            f"{hostkeys}"
+            f'PidFile "{os.path.join(w, f"sshd-{name}.pid")}"\n'
+            f'AuthorizedKeysFile "{self.authorized_keys}"\n'
+            "StrictModes no\n"
+            "UsePAM no\n"
+            "PubkeyAuthentication yes\n"
+            "PasswordAuthentication no\n"
+            "KbdInteractiveAuthentication no\n"
+            "PermitRootLogin yes\n"
+            "AllowTcpForwarding yes\n"
+            "PermitOpen any\n"
+            "X11Forwarding no\n"
+            "PrintMotd no\n"
+            "PrintLastLog no\n"
+            "UseDNS no\n"
+            "LoginGraceTime 30\n"
+            "MaxStartups 200:30:400\n"
+            "MaxSessions 100\n"
+            "LogLevel VERBOSE\n"
+            "Subsystem sftp internal-sftp\n"
+        )
+        path = os.path.join(w, f"sshd-{name}.conf")
+        with open(path, "w") as f:
+            f.write(conf)
+        return path
+
+    def _spawn_daemon(self, name: str, ns: str, argv: list[str], logname: str) -> None:
+        with open(os.path.join(self.workdir, logname), "ab") as logf:
+            self._daemons[name] = self.spawn(ns, argv, stdout=logf, stderr=logf)
+
+    def _start_daemons(self) -> None:
+        for t in ("a", "b"):
+            conf = self._sshd_config(f"proxy-{t}", self.proxy_addr[t])
+            self._spawn_daemon(
+                f"sshd proxy-{t}",
+                self.proxy_ns[t],
+                [SSHD, "-D", "-e", "-f", conf],
+                f"sshd-proxy-{t}.log",
+            )
+            conf = self._sshd_config(f"internal-{t}", self.internal_addr)
+            self._spawn_daemon(
+                f"sshd internal-{t}",
+                self.internal_ns[t],
+                [SSHD, "-D", "-e", "-f", conf],
+                f"sshd-internal-{t}.log",
+            )
+        with open(self.http_script, "w") as f:
+            f.write(HTTP_SERVER_SCRIPT)
+        for t in ("a", "b"):
+            self._spawn_daemon(
+                f"http internal-{t}",
+                self.internal_ns[t],
+                [
+                    sys.executable,
+                    "-I",
+                    "-u",
+                    self.http_script,
+                    f"internal-{t}",
+                    self.internal_addr,
+                    str(self.http_port),
+                    BIG_SEED.hex(),
+                    str(BIG_SIZE),
+                ],
+                f"http-internal-{t}.log",
+            )
+
+        # readiness, probed over the links the tests will use
+        for t in ("a", "b"):
+            self._wait_port(self.ctl_ns, self.proxy_addr[t], self.ssh_port, 15)
+            self._wait_port(self.proxy_ns[t], self.internal_addr, self.ssh_port, 15)
+            self._wait_port(self.proxy_ns[t], self.internal_addr, self.http_port, 15)
+
+    def _wait_port(self, ns: str, host: str, port: int, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            for name, p in self._daemons.items():
+                if p.poll() is not None:
+                    raise LabError(f"{name} exited with status {p.returncode}")
+            try:
+                cp = self.run(ns, ["nc", "-z", "-w1", host, str(port)], timeout=5)
+                if cp.returncode == 0:
+                    return
+            except subprocess.TimeoutExpired:
+                pass
+            if time.monotonic() >= deadline:
+                raise LabError(
+                    f"{host}:{port} not reachable from {ns} within {timeout}s"
+                )
+            time.sleep(0.05)
+
+    def _check_invariants(self) -> None:
+        for ns in self.namespaces:
+            if self._ip(ns, "route", "show", "default").strip():
+                raise LabError(f"unexpected default route in {ns}")
+            if self._ip(ns, "-6", "route", "show", "default").strip():
+                raise LabError(f"unexpected IPv6 default route in {ns}")
+
+    # -- stop --------------------------------------------------------------
+    def stop(self) -> None:
+        """Idempotent, bounded, never raises.  Problems go to self.stop_errors."""
+        try:
+            with self._lock:
+                if self._stopped:
+                    return
+                self._stopped = True
+                atexit.unregister(self.stop)
+                self._stop_procs()
+                self._sweep_namespaces()
+                self._delete_namespaces()
+        except BaseException as e:  # never raise from cleanup
+            self.stop_errors.append(f"stop: {e!r}")
+            log.exception("netlab: stop failed")
+        for err in self.stop_errors:
+            log.warning("netlab: %s", err)
+
+    def _stop_procs(self) -> None:
+        live = [p for p in self._procs if p.poll() is None]
+        for p in live:
+            try:
+                p.send_signal(signal.SIGTERM)
+            except OSError:
+                pass
+        deadline = time.monotonic() + 3
+        for p in live:
+            try:
+                p.wait(timeout=max(0.01, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass
+        for p in live:
+            if p.poll() is None:
+                try:
+                    p.kill()
+                    p.wait(timeout=3)
+                except (OSError, subprocess.TimeoutExpired) as e:
+                    self.stop_errors.append(f"pid {p.pid} survived SIGKILL: {e!r}")
+
+    def _sweep_namespaces(self) -> None:
+        """Kill leftovers (sshd session children, orphans) living in our namespaces."""
+        keys = {k for k in map(_ns_key, self._namespaces) if k is not None}
+        if not keys:
+            return
+        start = time.monotonic()
+        sig = signal.SIGTERM
+        while True:
+            pids = _pids_in(keys)
+            if not pids:
+                return
+            elapsed = time.monotonic() - start
+            if elapsed > 4:
+                self.stop_errors.append(f"processes left in lab namespaces: {pids}")
+                return
+            if elapsed > 1.5:
+                sig = signal.SIGKILL
+            for pid in pids:
+                _kill_in_ns(pid, keys, sig)
+            time.sleep(0.05)
+
+    def _delete_namespaces(self) -> None:
+        for ns in reversed(self._namespaces):
+            try:
+                _sh(["ip", "netns", "del", ns], timeout=15)
+            except (LabError, OSError) as e:
+                if _ns_key(ns) is not None:
+                    self.stop_errors.append(f"could not delete {ns}: {e}")
+        self._namespaces = [ns for ns in self._namespaces if _ns_key(ns) is not None]
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

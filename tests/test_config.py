@@ -1,0 +1,748 @@
+"""
+Tests for L{gateway.config}.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import ipaddress
+import os
+import traceback
+import types
+from collections.abc import Iterator
+
+from cryptography.hazmat.primitives import serialization as ser
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from twisted.trial.unittest import SynchronousTestCase
+
+from gateway.config import (
+    DEFAULT_CONNECT_TIMEOUT,
+    DEFAULT_WINDOW_SIZE,
+    ClusterConfig,
+    ConfigError,
+    GatewayConfig,
+    ListenConfig,
+    ProxyAddress,
+    load_config,
+    parse_cluster,
+    parse_config,
+    parse_proxy_address,
+)
+
+PASSPHRASE = "correct horse battery staple"
+TOKEN = "tok-7a1b9c3d5e"
+OTHER_TOKEN = "tok-from-file-0042"
+
+
+@dataclasses.dataclass(frozen=True)
+class Material:
+    """Key files generated once for the whole module."""
+
+    files: dict[str, bytes]
+    ed25519_public: str
+    ecdsa_public: str
+    rsa_public_blob: str
+
+    def secrets(self) -> Iterator[str]:
+        """Strings that must never show in errors or reprs."""
+        yield PASSPHRASE
+        yield TOKEN
+        yield OTHER_TOKEN
+        for name, data in self.files.items():
+            if not name.startswith("id_") or name.endswith(".pub"):
+                continue
+            for line in data.decode("ascii").splitlines():
+                if line and not line.startswith("-----") and ":" not in line:
+                    yield line
+
+
+@functools.cache
+def material() -> Material:
+    r = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    e = ed25519.Ed25519PrivateKey.generate()
+    c = ec.generate_private_key(ec.SECP256R1())
+    pw = ser.BestAvailableEncryption(PASSPHRASE.encode())
+    files = {
+        "id_rsa": r.private_bytes(
+            ser.Encoding.PEM, ser.PrivateFormat.TraditionalOpenSSL, ser.NoEncryption()
+        ),
+        "id_rsa_enc": r.private_bytes(
+            ser.Encoding.PEM, ser.PrivateFormat.TraditionalOpenSSL, pw
+        ),
+        "id_rsa_pkcs8_enc": r.private_bytes(ser.Encoding.PEM, ser.PrivateFormat.PKCS8, pw),
+        "id_ed25519": e.private_bytes(
+            ser.Encoding.PEM, ser.PrivateFormat.OpenSSH, ser.NoEncryption()
+        ),
+        "id_ed25519_pkcs8": e.private_bytes(
+            ser.Encoding.PEM, ser.PrivateFormat.PKCS8, ser.NoEncryption()
+        ),
+        "id_ecdsa": c.private_bytes(
+            ser.Encoding.PEM, ser.PrivateFormat.TraditionalOpenSSL, ser.NoEncryption()
+        ),
+        "id_ed25519.pub": e.public_key().public_bytes(
+            ser.Encoding.OpenSSH, ser.PublicFormat.OpenSSH
+        )
+        + b" me@host\n",
+    }
+    ed_pub = files["id_ed25519.pub"].decode().strip()
+    ec_pub = c.public_key().public_bytes(ser.Encoding.OpenSSH, ser.PublicFormat.OpenSSH)
+    rsa_pub = r.public_key().public_bytes(ser.Encoding.OpenSSH, ser.PublicFormat.OpenSSH)
+    files["known_hosts"] = f"10.250.1.2 {ed_pub}\n".encode()
+    files["token"] = f"\n  {OTHER_TOKEN}  \n".encode()
+    files["passphrase"] = f"{PASSPHRASE}\n".encode()
+    files["empty"] = b""
+    files["garbage"] = b"this is not a key at all\n"
+    return Material(files, ed_pub, ec_pub.decode(), rsa_pub.decode().split()[1])
+
+
+EXAMPLE = """\
+[listen]
+socks = "tcp:1080:interface=127.0.0.1"     # Twisted endpoint strings: unix: and ssl: work too
+http  = "tcp:3128:interface=127.0.0.1"
+
+[clusters.cluster-a]
+aliases = ["net-aaaa"]                     # e.g. the cluster's neutron network id
+proxies = ["10.250.1.2:22", "10.250.1.3:22"]   # the proxy node, in failover order
+user = "root"
+key_file = "/path/to/id_rsa"               # or: key = \"\"\"-----BEGIN ... (PEM text, kept in memory)\"\"\"
+known_hosts = "/path/to/known_hosts"       # or: host_keys = ["ssh-ed25519 AAAA..."]
+networks = ["10.251.0.0/24"]               # destinations this cluster may reach / routes by
+token = "secret"                           # optional: required as SOCKS/HTTP proxy password when set
+"""
+
+
+class ConfigTestCase(SynchronousTestCase):
+    """Writes the key material and config files into a temporary directory."""
+
+    def setUp(self) -> None:
+        self.dir = os.path.abspath(self.mktemp())
+        os.makedirs(self.dir)
+        self.m = material()
+        for name, data in self.m.files.items():
+            with open(os.path.join(self.dir, name), "wb") as f:
+                f.write(data)
+
+    def path(self, name: str) -> str:
+        return os.path.join(self.dir, name)
+
+    def write(self, text: str, name: str = "gateway.toml") -> str:
+        path = self.path(name)
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(text)
+        return path
+
+    def cluster_toml(self, name: str = "a", **overrides: str | None) -> str:
+        """A valid cluster table; overrides replace (None removes) lines."""
+        lines = {
+            "proxies": '["10.250.1.2"]',
+            "user": '"root"',
+            "key_file": f"'{self.path('id_ed25519')}'",
+            "known_hosts": f"'{self.path('known_hosts')}'",
+            "networks": '["10.251.0.0/24"]',
+        }
+        lines.update(overrides)
+        body = "".join(f"{k} = {v}\n" for k, v in lines.items() if v is not None)
+        return f"[clusters.{name}]\n{body}"
+
+    def load(self, text: str) -> GatewayConfig:
+        return load_config(self.write(text))
+
+    def assertNoSecrets(self, text: str) -> None:
+        for secret in self.m.secrets():
+            self.assertNotIn(secret, text)
+        self.assertNotIn("PRIVATE KEY", text)
+        self.assertNotIn("Private Key", text)
+
+    def assertError(self, text: str, key: str, reason: str) -> ConfigError:
+        """
+        Loading C{text} fails with C{key}, a reason containing C{reason}, and
+        the file name, and no secret shows anywhere in the error.
+        """
+        path = self.write(text)
+        e = self.assertRaises(ConfigError, load_config, path)
+        self.assertEqual(e.source, path)
+        self.assertEqual(e.key, key)
+        self.assertIn(reason, e.reason)
+        self.assertEqual(str(e), f"{path}: {key}: {e.reason}")
+        self.assertNoSecrets(str(e))
+        self.assertNoSecrets(repr(e))
+        self.assertNoSecrets("".join(traceback.format_exception(e)))
+        return e
+
+
+class ExampleTests(ConfigTestCase):
+    def example(self) -> str:
+        return EXAMPLE.replace("/path/to/id_rsa", self.path("id_rsa")).replace(
+            "/path/to/known_hosts", self.path("known_hosts")
+        )
+
+    def test_example(self) -> None:
+        """The documented example loads with every field as expected."""
+        path = self.write(self.example())
+        config = load_config(path)
+        self.assertEqual(config.source, path)
+        self.assertEqual(
+            config.listen,
+            ListenConfig(
+                socks=("tcp:1080:interface=127.0.0.1",), http=("tcp:3128:interface=127.0.0.1",)
+            ),
+        )
+        self.assertEqual(list(config.clusters), ["cluster-a"])
+        c = config.clusters["cluster-a"]
+        self.assertEqual(c.name, "cluster-a")
+        self.assertEqual(c.aliases, ("net-aaaa",))
+        self.assertEqual(c.names(), ("cluster-a", "net-aaaa"))
+        self.assertEqual(
+            c.proxies, (ProxyAddress("10.250.1.2", 22), ProxyAddress("10.250.1.3", 22))
+        )
+        self.assertEqual(c.user, "root")
+        self.assertEqual(c.private_key.type(), "RSA")
+        self.assertFalse(c.private_key.isPublic())
+        self.assertEqual(c.known_hosts, self.path("known_hosts"))
+        self.assertEqual(c.host_keys, ())
+        self.assertFalse(c.insecure_accept_any_host_key)
+        self.assertEqual(c.networks, (ipaddress.ip_network("10.251.0.0/24"),))
+        self.assertEqual(c.hostnames, ())
+        self.assertEqual(c.token, "secret")
+        self.assertEqual(c.connect_timeout, DEFAULT_CONNECT_TIMEOUT)
+        self.assertEqual(c.window_size, DEFAULT_WINDOW_SIZE)
+        self.assertEqual(DEFAULT_WINDOW_SIZE, 2 * 1024 * 1024)
+
+    def test_immutable(self) -> None:
+        config = self.load(self.example())
+        self.assertIsInstance(config.clusters, types.MappingProxyType)
+        with self.assertRaises(TypeError):
+            config.clusters["x"] = config.clusters["cluster-a"]  # type: ignore[index]
+        with self.assertRaises(dataclasses.FrozenInstanceError):
+            config.clusters["cluster-a"].user = "x"  # type: ignore[misc]
+        # hashable despite holding keys.Key objects, and equal to itself
+        c = config.clusters["cluster-a"]
+        self.assertEqual({c: 1}[c], 1)
+        self.assertEqual(c, dataclasses.replace(c))
+
+    def test_relative_paths(self) -> None:
+        """Relative file paths resolve against the config file's directory."""
+        text = self.example().replace(self.path("id_rsa"), "id_rsa")
+        text = text.replace(self.path("known_hosts"), "./known_hosts")
+        old = os.getcwd()
+        os.chdir("/")
+        self.addCleanup(os.chdir, old)
+        c = load_config(self.write(text)).clusters["cluster-a"]
+        self.assertEqual(c.known_hosts, self.path("known_hosts"))
+        self.assertEqual(c.private_key.type(), "RSA")
+
+    def test_parse_config_base_dir(self) -> None:
+        data = {
+            "clusters": {
+                "a": {
+                    "proxies": ["p"],
+                    "user": "u",
+                    "key_file": "id_ecdsa",
+                    "known_hosts": "known_hosts",
+                    "networks": ["10.0.0.0/8"],
+                }
+            }
+        }
+        config = parse_config(data, "mem", base_dir=self.dir)
+        self.assertEqual(config.source, "mem")
+        self.assertEqual(config.clusters["a"].private_key.type(), "EC")
+        e = self.assertRaises(ConfigError, parse_config, data, "mem", os.path.dirname(self.dir))
+        self.assertEqual(e.key, "clusters.a.key_file")
+
+    def test_no_secrets_in_repr(self) -> None:
+        text = (
+            self.cluster_toml("a", key_file=f"'{self.path('id_rsa_enc')}'", token=f'"{TOKEN}"')
+            + f'passphrase = "{PASSPHRASE}"\n'
+            + self.cluster_toml("b", key_file=None, key=f"'''{self.m.files['id_ecdsa'].decode()}'''")
+            + f"token_file = '{self.path('token')}'\n"
+        )
+        config = self.load(text)
+        self.assertEqual(config.clusters["a"].token, TOKEN)
+        self.assertEqual(config.clusters["b"].token, OTHER_TOKEN)
+        for c in config.clusters.values():
+            self.assertNoSecrets(repr(c))
+            self.assertNoSecrets(str(c))
+            self.assertNotIn("private_key", repr(c))
+            self.assertNotIn("token", repr(c))
+        self.assertNoSecrets(repr(config))
+
+
+class KeyTests(ConfigTestCase):
+    def cluster(self, **overrides: str | None) -> ClusterConfig:
+        return self.load(self.cluster_toml("a", **overrides)).clusters["a"]
+
+    def test_key_types(self) -> None:
+        for name, kind in [
+            ("id_rsa", "RSA"),
+            ("id_ed25519", "Ed25519"),
+            ("id_ecdsa", "EC"),
+            ("id_ed25519_pkcs8", "Ed25519"),
+        ]:
+            c = self.cluster(key_file=f"'{self.path(name)}'")
+            self.assertEqual(c.private_key.type(), kind)
+            self.assertFalse(c.private_key.isPublic())
+
+    def test_encrypted_with_passphrase(self) -> None:
+        for name in ("id_rsa_enc", "id_rsa_pkcs8_enc"):
+            c = self.cluster(key_file=f"'{self.path(name)}'", passphrase=f'"{PASSPHRASE}"')
+            self.assertEqual(c.private_key.type(), "RSA")
+            self.assertFalse(c.private_key.isPublic())
+
+    def test_passphrase_file(self) -> None:
+        c = self.cluster(
+            key_file=f"'{self.path('id_rsa_enc')}'", passphrase_file="'passphrase'"
+        )
+        self.assertEqual(c.private_key.type(), "RSA")
+
+    def test_passphrase_on_plain_key(self) -> None:
+        """A passphrase for an unencrypted key is harmless."""
+        c = self.cluster(key_file=f"'{self.path('id_rsa')}'", passphrase='"unused"')
+        self.assertEqual(c.private_key.type(), "RSA")
+
+    def test_inline_key(self) -> None:
+        for name, kind in [("id_rsa", "RSA"), ("id_ed25519", "Ed25519")]:
+            pem = self.m.files[name].decode()
+            c = self.cluster(key_file=None, key=f'"""\n{pem}"""')
+            self.assertEqual(c.private_key.type(), kind)
+            self.assertNoSecrets(repr(c))
+
+    def test_inline_encrypted_key(self) -> None:
+        pem = self.m.files["id_rsa_enc"].decode()
+        c = self.cluster(key_file=None, key=f"'''{pem}'''", passphrase=f"'{PASSPHRASE}'")
+        self.assertEqual(c.private_key.type(), "RSA")
+
+    def test_host_keys(self) -> None:
+        c = self.cluster(
+            known_hosts=None,
+            host_keys=f'["{self.m.ed25519_public}", "{self.m.ecdsa_public}"]',
+        )
+        self.assertIsNone(c.known_hosts)
+        self.assertEqual([k.sshType() for k in c.host_keys], [b"ssh-ed25519", b"ecdsa-sha2-nistp256"])
+        self.assertTrue(all(k.isPublic() for k in c.host_keys))
+
+    def test_insecure(self) -> None:
+        c = self.cluster(known_hosts=None, insecure_accept_any_host_key="true")
+        self.assertTrue(c.insecure_accept_any_host_key)
+        self.assertIsNone(c.known_hosts)
+        self.assertEqual(c.host_keys, ())
+
+
+class OtherValuesTests(ConfigTestCase):
+    def test_all_optional_values(self) -> None:
+        c = self.load(
+            self.cluster_toml(
+                '"a.b_c-1"',  # a dot needs quoting in TOML
+                aliases='["x", "Y.2"]',
+                proxies='["gw.example.com", "[fd00::1]:2222", "fd00::2", "10.0.0.1:2200"]',
+                networks='["10.0.0.0/8", "fd00::/64", "192.168.1.7"]',
+                hostnames='["*.Svc.Cluster.Local.", "db"]',
+                connect_timeout="5",
+                window_size=str(64 * 1024),
+                token_file="'token'",
+            )
+        ).clusters["a.b_c-1"]
+        self.assertEqual(c.aliases, ("x", "Y.2"))
+        self.assertEqual(
+            [str(p) for p in c.proxies],
+            ["gw.example.com:22", "[fd00::1]:2222", "[fd00::2]:22", "10.0.0.1:2200"],
+        )
+        self.assertEqual(
+            [str(n) for n in c.networks], ["10.0.0.0/8", "fd00::/64", "192.168.1.7/32"]
+        )
+        self.assertEqual(c.hostnames, ("*.svc.cluster.local", "db"))
+        self.assertEqual(c.connect_timeout, 5.0)
+        self.assertIsInstance(c.connect_timeout, float)
+        self.assertEqual(c.window_size, 65536)
+        self.assertEqual(c.token, OTHER_TOKEN)
+
+    def test_hostnames_without_networks(self) -> None:
+        c = self.load(self.cluster_toml(networks=None, hostnames='["*.internal"]')).clusters["a"]
+        self.assertEqual(c.networks, ())
+        self.assertEqual(c.hostnames, ("*.internal",))
+
+    def test_no_token(self) -> None:
+        self.assertIsNone(self.load(self.cluster_toml()).clusters["a"].token)
+
+    def test_zero_clusters(self) -> None:
+        for text in ("", "[listen]\n", "[clusters]\n"):
+            config = self.load(text)
+            self.assertEqual(dict(config.clusters), {})
+            self.assertEqual(config.listen, ListenConfig())
+        self.assertEqual(
+            ListenConfig(),
+            ListenConfig(("tcp:1080:interface=127.0.0.1",), ("tcp:3128:interface=127.0.0.1",)),
+        )
+
+    def test_listen_forms(self) -> None:
+        sock = self.path("gw.sock")
+        config = self.load(f'[listen]\nsocks = ["tcp:1081", "unix:{sock}"]\nhttp = ""\n')
+        self.assertEqual(config.listen, ListenConfig(("tcp:1081", f"unix:{sock}"), ()))
+        config = self.load("[listen]\nsocks = []\n")
+        self.assertEqual(config.listen, ListenConfig((), ("tcp:3128:interface=127.0.0.1",)))
+
+    def test_proxy_addresses(self) -> None:
+        cases = {
+            "h": ProxyAddress("h", 22),
+            "h.example:2222": ProxyAddress("h.example", 2222),
+            "10.0.0.1": ProxyAddress("10.0.0.1", 22),
+            "[::1]:23": ProxyAddress("::1", 23),
+            "[::1]": ProxyAddress("::1", 22),
+            "fe80::1": ProxyAddress("fe80::1", 22),
+        }
+        for text, expected in cases.items():
+            self.assertEqual(parse_proxy_address(text), expected)
+        self.assertEqual(str(ProxyAddress("::1", 23)), "[::1]:23")
+        self.assertEqual(str(ProxyAddress("h", 22)), "h:22")
+
+    def test_parse_cluster_directly(self) -> None:
+        """The REST API validates one cluster body with parse_cluster."""
+        body = {"proxies": ["p:22"], "networks": ["10.0.0.0/24"], "host_keys": [self.m.ed25519_public]}
+        defaults = {"user": "root", "key_file": "id_ed25519", "known_hosts": "known_hosts"}
+        c = parse_cluster("api-1", body, "API", "body", self.dir, defaults)
+        self.assertEqual(c.user, "root")
+        self.assertIsNone(c.known_hosts)  # host_keys overrides the defaults' known_hosts
+        self.assertEqual(len(c.host_keys), 1)
+        e = self.assertRaises(
+            ConfigError, parse_cluster, "api-1", {**body, "user": 5}, "API", "body", self.dir, defaults
+        )
+        self.assertEqual(str(e), "API: body.user: expected a string, got integer")
+        e = self.assertRaises(ConfigError, parse_cluster, "bad name", body, "API", "body")
+        self.assertEqual(e.key, "body")
+
+
+class DefaultsTests(ConfigTestCase):
+    def test_shared(self) -> None:
+        text = (
+            "[defaults]\n"
+            'user = "ops"\n'
+            f"key_file = '{self.path('id_rsa_enc')}'\n"
+            f"passphrase = '{PASSPHRASE}'\n"
+            "known_hosts = 'known_hosts'\n"
+            "connect_timeout = 3.5\n"
+            f"window_size = {1024 * 1024}\n"
+            "[clusters.a]\n"
+            'proxies = ["p1"]\n'
+            'networks = ["10.1.0.0/16"]\n'
+            "[clusters.b]\n"
+            'proxies = ["p2"]\n'
+            'networks = ["10.2.0.0/16"]\n'
+            'user = "root"\n'
+            f"key = '''{self.m.files['id_ed25519'].decode()}'''\n"
+            f'host_keys = ["{self.m.ed25519_public}"]\n'
+            "connect_timeout = 1\n"
+        )
+        config = self.load(text)
+        a, b = config.clusters["a"], config.clusters["b"]
+        self.assertEqual((a.user, b.user), ("ops", "root"))
+        self.assertEqual((a.private_key.type(), b.private_key.type()), ("RSA", "Ed25519"))
+        self.assertEqual((a.known_hosts, b.known_hosts), (self.path("known_hosts"), None))
+        self.assertEqual((len(a.host_keys), len(b.host_keys)), (0, 1))
+        self.assertEqual((a.connect_timeout, b.connect_timeout), (3.5, 1.0))
+        self.assertEqual(a.window_size, b.window_size)
+
+    def test_insecure_overrides_known_hosts(self) -> None:
+        text = (
+            "[defaults]\nknown_hosts = 'known_hosts'\n"
+            + self.cluster_toml(known_hosts=None, insecure_accept_any_host_key="true")
+        )
+        c = self.load(text).clusters["a"]
+        self.assertTrue(c.insecure_accept_any_host_key)
+        self.assertIsNone(c.known_hosts)
+
+    def test_errors_name_defaults(self) -> None:
+        self.assertError("[defaults]\nuser = 1\n", "defaults.user", "expected a string, got integer")
+        self.assertError(
+            "[defaults]\nkey_file = 'missing'\n",
+            "defaults.key_file",
+            f"cannot read key file {self.path('missing')!r}: No such file or directory",
+        )
+        self.assertError(
+            "[defaults]\nknown_hosts = 'missing'\n", "defaults.known_hosts", "cannot read known_hosts file"
+        )
+        self.assertError(
+            "[defaults]\nkey_file = 'id_rsa_enc'\n",
+            "defaults.key_file",
+            "key is encrypted: set passphrase",
+        )
+        self.assertError(
+            "[defaults]\nkey_file = 'id_rsa_enc'\npassphrase = 'nope'\n",
+            "defaults.passphrase",
+            "wrong passphrase",
+        )
+        self.assertError("[defaults]\nconnect_timeout = 0\n", "defaults.connect_timeout", "positive")
+        self.assertError("[defaults]\nbogus = 1\n", "defaults.bogus", "unknown key")
+        for key in ("token", "token_file", "aliases", "proxies", "networks", "hostnames", "host_keys"):
+            self.assertError(
+                f"[defaults]\n{key} = 1\n", f"defaults.{key}", "cannot be set in [defaults]"
+            )
+        self.assertError("defaults = 1\n", "defaults", "expected a table, got integer")
+
+    def test_missing_from_cluster_and_defaults(self) -> None:
+        self.assertError(
+            self.cluster_toml(user=None), "clusters.a.user", "missing: set user here or in [defaults]"
+        )
+        # a cluster's passphrase alone takes the key group out of the defaults
+        self.assertError(
+            "[defaults]\nkey_file = 'id_rsa'\n" + self.cluster_toml(key_file=None, passphrase="'x'"),
+            "clusters.a.passphrase",
+            "passphrase given but no key_file or key",
+        )
+
+
+class ErrorTests(ConfigTestCase):
+    """Every validation error names the file, the key and the reason."""
+
+    def test_file_errors(self) -> None:
+        missing = self.path("nope.toml")
+        e = self.assertRaises(ConfigError, load_config, missing)
+        self.assertEqual(str(e), f"{missing}: (file): cannot read: No such file or directory")
+        e = self.assertError('[listen]\nsocks = "tcp:1"\nhttp = \n', "(file)", "not valid TOML")
+        self.assertIn("(at line 3, column", e.reason)
+        path = self.path("bin.toml")
+        with open(path, "wb") as f:
+            f.write(b"a = '\xff'\n")
+        e = self.assertRaises(ConfigError, load_config, path)
+        self.assertEqual((e.key, e.reason), ("(file)", "not UTF-8 text (byte offset 5)"))
+        e = self.assertRaises(ConfigError, load_config, self.dir)
+        self.assertEqual(e.key, "(file)")
+
+    def test_unknown_keys(self) -> None:
+        self.assertError("bogus = 1\n", "bogus", "unknown key (expected one of: clusters, defaults, listen)")
+        self.assertError("[listen]\nftp = 'tcp:21'\n", "listen.ftp", "unknown key (expected one of: http, socks)")
+        self.assertError("[defaults]\n'a b' = 1\n", 'defaults."a b"', "unknown key")
+        self.assertError(self.cluster_toml(prxies='["x"]'), "clusters.a.prxies", "unknown key")
+        self.assertError(
+            self.cluster_toml() + "[clusters.a.sub]\nx = 1\n", "clusters.a.sub", "unknown key"
+        )
+
+    def test_wrong_types(self) -> None:
+        cases = [
+            ("proxies", '"x"', "clusters.a.proxies", "expected an array of strings, got string"),
+            ("proxies", "[22]", "clusters.a.proxies[0]", "expected a string, got integer"),
+            ("user", "1", "clusters.a.user", "expected a string, got integer"),
+            ("aliases", '"x"', "clusters.a.aliases", "expected an array of strings, got string"),
+            ("networks", '"10.0.0.0/8"', "clusters.a.networks", "expected an array of strings, got string"),
+            ("networks", '["10.0.0.0/8", 1]', "clusters.a.networks[1]", "expected a string, got integer"),
+            ("hostnames", "{}", "clusters.a.hostnames", "expected an array of strings, got table"),
+            ("insecure_accept_any_host_key", '"true"', "clusters.a.insecure_accept_any_host_key",
+             "expected a boolean (true or false), got string"),
+            ("connect_timeout", '"5"', "clusters.a.connect_timeout", "expected a number of seconds, got string"),
+            ("connect_timeout", "true", "clusters.a.connect_timeout", "expected a number of seconds, got boolean"),
+            ("window_size", "65536.0", "clusters.a.window_size", "expected an integer (bytes), got float"),
+            ("token", "1234", "clusters.a.token", "expected a string, got integer"),
+            ("key_file", "[]", "clusters.a.key_file", "expected a string, got array"),
+            ("known_hosts", "1979-05-27", "clusters.a.known_hosts", "expected a string, got date/time"),
+            ("host_keys", '"ssh-ed25519 AAAA"', "clusters.a.host_keys", "expected an array of strings"),
+        ]
+        for name, value, key, reason in cases:
+            overrides: dict[str, str | None] = {name: value}
+            if name == "host_keys":
+                overrides["known_hosts"] = None
+            self.assertError(self.cluster_toml(**overrides), key, reason)
+        self.assertError("[defaults]\npassphrase = 1\nkey_file = 'id_rsa'\n", "defaults.passphrase",
+                         "expected a string, got integer")
+        self.assertError("listen = 1\n", "listen", "expected a table, got integer")
+        self.assertError("clusters = 1\n", "clusters", "expected a table, got integer")
+        self.assertError("clusters = {a = 1}\n", "clusters.a", "expected a table, got integer")
+        self.assertError("[listen]\nsocks = 1080\n", "listen.socks",
+                         "expected a string or an array of strings, got integer")
+        self.assertError("[listen]\nhttp = ['tcp:1', 2]\n", "listen.http[1]", "expected a string, got integer")
+
+    def test_bad_numbers(self) -> None:
+        for value in ("0", "-1", "nan", "inf"):
+            self.assertError(self.cluster_toml(connect_timeout=value), "clusters.a.connect_timeout",
+                             "must be a positive number of seconds")
+        for value in ("32767", str(64 * 1024 * 1024 + 1)):
+            self.assertError(self.cluster_toml(window_size=value), "clusters.a.window_size",
+                             "must be between 32768 (32 KiB) and 67108864 (64 MiB)")
+
+    def test_networks(self) -> None:
+        e = self.assertError(
+            self.cluster_toml("cluster-a", networks='["10.251.0.0/24", "10.0.0.0/33"]'),
+            "clusters.cluster-a.networks[1]",
+            "'10.0.0.0/33' is not a valid network (",
+        )
+        self.assertEqual(e.source + ": " + e.key, f"{e.source}: clusters.cluster-a.networks[1]")
+        self.assertError(self.cluster_toml(networks='["10.0.0.1/24"]'), "clusters.a.networks[0]",
+                         "'10.0.0.1/24' has host bits set (did you mean 10.0.0.0/24?)")
+        self.assertError(self.cluster_toml(networks='["fd00::1/64"]'), "clusters.a.networks[0]",
+                         "has host bits set (did you mean fd00::/64?)")
+        self.assertError(self.cluster_toml(networks='["banana"]'), "clusters.a.networks[0]",
+                         "'banana' is not a valid network")
+        self.assertError(self.cluster_toml(networks='["::ffff:10.0.0.0/120"]'), "clusters.a.networks[0]",
+                         "IPv4-mapped")
+        self.assertError(self.cluster_toml(networks=None), "clusters.a.networks",
+                         "at least one network is needed (unless hostnames is set)")
+        self.assertError(self.cluster_toml(networks="[]", hostnames="[]"), "clusters.a.networks",
+                         "at least one network is needed")
+
+    def test_hostnames(self) -> None:
+        self.assertError(self.cluster_toml(hostnames='["a b"]'), "clusters.a.hostnames[0]",
+                         "'a b' is not a valid host name pattern")
+        self.assertError(self.cluster_toml(hostnames='[""]'), "clusters.a.hostnames[0]",
+                         "is not a valid host name pattern")
+        self.assertError(self.cluster_toml(hostnames='["10.0.0.1"]'), "clusters.a.hostnames[0]",
+                         "is an IP address: list addresses in networks")
+
+    def test_private_key_errors(self) -> None:
+        def key_file(name: str) -> str:
+            return f"'{self.path(name)}'"
+
+        self.assertError(self.cluster_toml(key_file=key_file("missing")), "clusters.a.key_file",
+                         f"cannot read key file {self.path('missing')!r}: No such file or directory")
+        self.assertError(self.cluster_toml(key_file=key_file("")), "clusters.a.key_file",
+                         "cannot read key file")
+        self.assertError(self.cluster_toml(key_file='""'), "clusters.a.key_file", "must not be empty")
+        for name in ("garbage", "empty", "known_hosts"):
+            self.assertError(self.cluster_toml(key_file=key_file(name)), "clusters.a.key_file",
+                             "not a valid private key")
+        self.assertError(self.cluster_toml(key_file=key_file("id_ed25519.pub")), "clusters.a.key_file",
+                         "this is a public key: a private key is needed")
+        for name in ("id_rsa_enc", "id_rsa_pkcs8_enc"):
+            self.assertError(self.cluster_toml(key_file=key_file(name)), "clusters.a.key_file",
+                             "key is encrypted: set passphrase")
+            self.assertError(self.cluster_toml(key_file=key_file(name), passphrase='"wrong"'),
+                             "clusters.a.passphrase", "wrong passphrase")
+            self.assertError(self.cluster_toml(key_file=key_file(name), passphrase_file="'garbage'"),
+                             "clusters.a.passphrase_file", "wrong passphrase")
+        self.assertError(self.cluster_toml(key_file=None), "clusters.a.key_file",
+                         "missing private key: set key_file or key")
+        self.assertError(self.cluster_toml(key='"x"'), "clusters.a.key",
+                         "key and key_file are mutually exclusive")
+        self.assertError(self.cluster_toml(key_file=None, key='"not a key"'), "clusters.a.key",
+                         "not a valid private key")
+        pem = self.m.files["id_rsa_enc"].decode()
+        self.assertError(self.cluster_toml(key_file=None, key=f"'''{pem}'''", passphrase='"bad"'),
+                         "clusters.a.passphrase", "wrong passphrase")
+        self.assertError(self.cluster_toml(key_file=None, key=f"'''{pem}'''"),
+                         "clusters.a.key", "key is encrypted: set passphrase")
+        self.assertError(self.cluster_toml(key_file=key_file("id_rsa_enc"), passphrase='"a"',
+                                           passphrase_file="'passphrase'"),
+                         "clusters.a.passphrase_file", "mutually exclusive")
+        self.assertError(self.cluster_toml(key_file=key_file("id_rsa_enc"), passphrase_file="'empty'"),
+                         "clusters.a.passphrase_file", "is empty")
+        self.assertError(self.cluster_toml(key_file=key_file("id_rsa_enc"), passphrase_file="'missing'"),
+                         "clusters.a.passphrase_file", "cannot read passphrase file")
+
+    def test_host_key_errors(self) -> None:
+        self.assertError(self.cluster_toml(known_hosts=None), "clusters.a.known_hosts",
+                         "missing host key source: set known_hosts or host_keys "
+                         "(or insecure_accept_any_host_key = true)")
+        self.assertError(self.cluster_toml(known_hosts=None, insecure_accept_any_host_key="false"),
+                         "clusters.a.known_hosts", "missing host key source")
+        self.assertError(self.cluster_toml(host_keys=f'["{self.m.ed25519_public}"]'),
+                         "clusters.a.host_keys", "known_hosts and host_keys are mutually exclusive")
+        self.assertError(self.cluster_toml(insecure_accept_any_host_key="true"),
+                         "clusters.a.insecure_accept_any_host_key", "cannot be combined with known_hosts")
+        self.assertError(self.cluster_toml(known_hosts="'missing'"), "clusters.a.known_hosts",
+                         f"cannot read known_hosts file {self.path('missing')!r}: No such file or directory")
+        self.assertError(self.cluster_toml(known_hosts=f"'{self.dir}'"), "clusters.a.known_hosts",
+                         "cannot read known_hosts file")
+        bad_lines = [
+            ("garbage", "expected 'TYPE BASE64 [COMMENT]'"),
+            ("ssh-ed25519 !!!", "not a valid ssh-ed25519 public key"),
+            ("ssh-ed25519 AAAA", "not a valid ssh-ed25519 public key"),
+            (f"ssh-rsa {self.m.ed25519_public.split()[1]}", "key type 'ssh-rsa' does not match the key data"),
+            ("ssh-ed25519", "expected 'TYPE BASE64 [COMMENT]'"),
+        ]
+        for line, reason in bad_lines:
+            self.assertError(
+                self.cluster_toml(known_hosts=None, host_keys=f'["{self.m.ed25519_public}", "{line}"]'),
+                "clusters.a.host_keys[1]", reason,
+            )
+        self.assertError(self.cluster_toml(known_hosts=None, host_keys="[]"), "clusters.a.host_keys",
+                         "must list at least one key")
+
+    def test_names(self) -> None:
+        self.assertError(self.cluster_toml('"bad name"'), 'clusters."bad name"',
+                         "cluster name 'bad name' is invalid: use 1 to 64 characters of A-Z a-z 0-9 . _ -")
+        self.assertError(self.cluster_toml("x" * 65), "clusters." + "x" * 65, "is invalid")
+        self.assertError(self.cluster_toml('""'), 'clusters.""', "is invalid")
+        self.assertError(self.cluster_toml(aliases='["ok", "a/b"]'), "clusters.a.aliases[1]",
+                         "alias 'a/b' is invalid")
+        self.assertError(self.cluster_toml(aliases='[""]'), "clusters.a.aliases[0]", "alias '' is invalid")
+        self.assertError(self.cluster_toml(aliases='["x", "x"]'), "clusters.a.aliases[1]", "listed twice")
+        self.assertError(self.cluster_toml(aliases='["a"]'), "clusters.a.aliases[0]", "listed twice")
+
+    def test_duplicate_names(self) -> None:
+        self.assertError(
+            self.cluster_toml("a", aliases='["net-1"]') + self.cluster_toml("b", aliases='["x", "net-1"]'),
+            "clusters.b.aliases[1]", "alias 'net-1' is already used by cluster 'a'",
+        )
+        self.assertError(
+            self.cluster_toml("a", aliases='["b"]') + self.cluster_toml("b"),
+            "clusters.b", "cluster name 'b' is already used by cluster 'a'",
+        )
+        self.assertError(
+            self.cluster_toml("a") + self.cluster_toml("b", aliases='["a"]'),
+            "clusters.b.aliases[0]", "alias 'a' is already used by cluster 'a'",
+        )
+        # case-sensitive: these are different names
+        config = self.load(self.cluster_toml("a", aliases='["N"]') + self.cluster_toml("A", aliases='["n"]'))
+        self.assertEqual(sorted(config.clusters), ["A", "a"])
+
+    def test_proxies(self) -> None:
+        cases = [
+            ("host name", "'host name' is not a valid host name or address"),
+            ("", "'' is not a valid host name or address"),
+            ("[::1", "'[::1' is not a valid address"),
+            ("[10.0.0.1]:22", "'10.0.0.1' in brackets is not an IPv6 address"),
+            ("::1::2", "'::1::2' is not a valid address (write IPv6 addresses with a port as [address]:port)"),
+            ("h:0", "port '0' is not a number between 1 and 65535"),
+            ("h:65536", "port '65536' is not a number between 1 and 65535"),
+            ("h:abc", "port 'abc' is not a number between 1 and 65535"),
+            ("h:", "port '' is not a number"),
+            ("[::1]:x", "port 'x' is not a number"),
+            ("-h", "is not a valid host name"),
+        ]
+        for text, reason in cases:
+            self.assertError(self.cluster_toml(proxies=f'["ok", "{text}"]'), "clusters.a.proxies[1]", reason)
+        self.assertError(self.cluster_toml(proxies="[]"), "clusters.a.proxies", "at least one address")
+        self.assertError(self.cluster_toml(proxies=None), "clusters.a.proxies", "missing")
+        self.assertError(self.cluster_toml(proxies='["h", "h:22"]'), "clusters.a.proxies[1]",
+                         "h:22 is listed twice")
+
+    def test_tokens(self) -> None:
+        self.assertError(self.cluster_toml(token='""'), "clusters.a.token", "must not be empty")
+        self.assertError(self.cluster_toml(token=f'"{"x" * 256}"'), "clusters.a.token",
+                         "longer than 255 bytes")
+        self.assertError(self.cluster_toml(token=f'"{TOKEN}"', token_file="'token'"),
+                         "clusters.a.token_file", "mutually exclusive")
+        self.assertError(self.cluster_toml(token_file="'missing'"), "clusters.a.token_file",
+                         "cannot read token file")
+        self.assertError(self.cluster_toml(token_file="'empty'"), "clusters.a.token_file", "is empty")
+        path = self.path("token.bin")
+        with open(path, "wb") as f:
+            f.write(b"\xff\xfe")
+        self.assertError(self.cluster_toml(token_file=f"'{path}'"), "clusters.a.token_file",
+                         "is not UTF-8 text")
+
+    def test_listen(self) -> None:
+        self.assertError("[listen]\nsocks = 'foo:1'\n", "listen.socks",
+                         "'foo:1' is not a valid server endpoint (ValueError: Unknown endpoint type: 'foo')")
+        self.assertError("[listen]\nsocks = ['tcp:1', 'tcp:abc']\n", "listen.socks[1]",
+                         "'tcp:abc' is not a valid server endpoint")
+        self.assertError("[listen]\nhttp = ['']\n", "listen.http[0]", "empty endpoint")
+        self.assertError("[listen]\nsocks = 'tcp:1080'\nhttp = ['tcp:1080']\n", "listen.http[0]",
+                         "'tcp:1080' is already used by listen.socks")
+
+    def test_user(self) -> None:
+        self.assertError(self.cluster_toml(user='""'), "clusters.a.user", "must not be empty")
+        self.assertError(self.cluster_toml(user='"a b"'), "clusters.a.user", "'a b' is not a valid user name")
+
+    def test_no_secret_in_any_error(self) -> None:
+        """
+        Errors next to secrets do not echo them: wrong types of secret keys,
+        and every key error (assertError checks every message it sees).
+        """
+        pem = self.m.files["id_rsa"].decode()
+        self.assertError(self.cluster_toml(token=f'"{TOKEN}"', networks='["x"]'),
+                         "clusters.a.networks[0]", "not a valid network")
+        self.assertError(self.cluster_toml(key_file=None, key=f"'''{pem[:-40]}'''"),
+                         "clusters.a.key", "not a valid private key")
+        self.assertError(self.cluster_toml(key_file=None, key=f"'''{pem.replace('RSA ', '')}'''"),
+                         "clusters.a.key", "not a valid private key")
+        self.assertError(self.cluster_toml(key_file=None, key=f"'''{pem}'''", user="7"),
+                         "clusters.a.user", "expected a string")
+        self.assertError(f'[defaults]\ntoken = "{TOKEN}"\n', "defaults.token", "cannot be set")

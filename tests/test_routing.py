@@ -1,0 +1,383 @@
+"""
+Tests for L{gateway.routing}.
+"""
+
+from __future__ import annotations
+
+import functools
+import hmac
+import ipaddress
+from fnmatch import fnmatchcase
+
+from cryptography.hazmat.primitives.asymmetric import ed25519
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from twisted.conch.ssh import keys
+from twisted.trial.unittest import SynchronousTestCase
+
+from gateway.config import ClusterConfig, ProxyAddress
+from gateway.errors import Reason, StreamError
+from gateway.routing import Route, Router, normalise_host
+
+
+@functools.cache
+def _key() -> keys.Key:
+    return keys.Key(ed25519.Ed25519PrivateKey.generate())
+
+
+def cluster(
+    name: str,
+    networks: tuple[str, ...] = (),
+    hostnames: tuple[str, ...] = (),
+    token: str | None = None,
+    aliases: tuple[str, ...] = (),
+) -> ClusterConfig:
+    return ClusterConfig(
+        name=name,
+        aliases=aliases,
+        proxies=(ProxyAddress("10.250.0.1", 22),),
+        user="root",
+        private_key=_key(),
+        known_hosts=None,
+        host_keys=(),
+        insecure_accept_any_host_key=True,
+        networks=tuple(ipaddress.ip_network(n) for n in networks),
+        hostnames=hostnames,
+        token=token,
+    )
+
+
+A = cluster("a", ("10.251.0.0/24",), aliases=("net-aaaa",))
+B = cluster("b", ("10.252.0.0/24", "fd00:b::/64"), ("*.b.internal", "db"), token="tok-b")
+C = cluster("c", ("10.253.0.0/24",), ("*.shared.internal",), token="tok-c")
+D = cluster("d", ("10.254.0.0/24",), ("*.shared.internal",))
+V6 = cluster("v6", ("::/0",))
+
+
+class RouterTestCase(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.router = Router([A, B, C, D, V6])
+
+    def assertStreamError(
+        self, reason: Reason, detail: str | None, host: str, port: int = 22, *args: str | None
+    ) -> StreamError:
+        e = self.assertRaises(StreamError, self.router.route, host, port, *args)
+        self.assertEqual(e.reason, reason)
+        if detail is not None:
+            self.assertEqual(e.detail, detail)
+        for secret in ("tok-b", "tok-c"):
+            self.assertNotIn(secret, str(e))
+        return e
+
+
+class LookupTests(RouterTestCase):
+    def test_lookup(self) -> None:
+        self.assertIs(self.router.lookup("a"), A)
+        self.assertIs(self.router.lookup("net-aaaa"), A)
+        self.assertIsNone(self.router.lookup("A"))
+        self.assertIsNone(self.router.lookup("nope"))
+        self.assertEqual(self.router.clusters, (A, B, C, D, V6))
+
+    def test_duplicate_names(self) -> None:
+        self.assertRaises(ValueError, Router, [A, cluster("x", ("10.0.0.0/8",), aliases=("a",))])
+        self.assertRaises(ValueError, Router, [A, A])
+
+    def test_empty(self) -> None:
+        router = Router([])
+        e = self.assertRaises(StreamError, router.route, "10.0.0.1", 22)
+        self.assertEqual(e.reason, Reason.NO_ROUTE)
+
+
+class AuthenticateTests(RouterTestCase):
+    def test_authenticate(self) -> None:
+        r = self.router
+        self.assertTrue(r.authenticate("a", None))
+        self.assertTrue(r.authenticate("a", "anything"))
+        self.assertTrue(r.authenticate("net-aaaa", ""))
+        self.assertTrue(r.authenticate("b", "tok-b"))
+        self.assertFalse(r.authenticate("b", "tok-c"))
+        self.assertFalse(r.authenticate("b", "tok-b "))
+        self.assertFalse(r.authenticate("b", ""))
+        self.assertFalse(r.authenticate("b", None))
+        self.assertFalse(r.authenticate("nope", "tok-b"))
+        self.assertFalse(r.authenticate("B", "tok-b"))
+
+    def test_non_ascii(self) -> None:
+        router = Router([cluster("u", ("10.0.0.0/8",), token="pässwörd-✓")])
+        self.assertTrue(router.authenticate("u", "pässwörd-✓"))
+        self.assertFalse(router.authenticate("u", "passwort"))
+        self.assertFalse(router.authenticate("u", "\udcff\ud800"))
+        self.assertEqual(router.route("10.0.0.1", 1, "u", "pässwörd-✓").cluster.name, "u")
+
+    def test_constant_time(self) -> None:
+        """Tokens are compared with hmac.compare_digest, on bytes."""
+        calls: list[tuple[object, object]] = []
+        real = hmac.compare_digest
+
+        def spy(a: bytes, b: bytes) -> bool:
+            calls.append((a, b))
+            return real(a, b)
+
+        self.patch(hmac, "compare_digest", spy)
+        self.assertTrue(self.router.authenticate("b", "tok-b"))
+        self.assertEqual(calls, [(b"tok-b", b"tok-b")])
+        del calls[:]
+        self.assertStreamError(Reason.AUTH_FAILED, None, "10.252.0.1", 22, "b", "wrong")
+        self.assertEqual(calls, [(b"wrong", b"tok-b")])
+        del calls[:]
+        self.router.route("10.252.0.1", 22, "b", "tok-b")
+        self.assertEqual(calls, [(b"tok-b", b"tok-b")])
+
+
+class ExplicitClusterTests(RouterTestCase):
+    """Rule 1: a username names the cluster."""
+
+    def test_unknown(self) -> None:
+        self.assertStreamError(Reason.AUTH_FAILED, "unknown cluster 'x'", "10.251.0.1", 22, "x")
+        self.assertStreamError(Reason.AUTH_FAILED, "unknown cluster ''", "10.251.0.1", 22, "", "p")
+        e = self.assertStreamError(Reason.AUTH_FAILED, None, "10.251.0.1", 22, "y" * 1000)
+        self.assertLess(len(e.detail), 100)
+
+    def test_token(self) -> None:
+        self.assertStreamError(
+            Reason.AUTH_REQUIRED, "cluster 'b' needs its token as the proxy password",
+            "10.252.0.1", 22, "b",
+        )
+        self.assertStreamError(
+            Reason.AUTH_FAILED, "wrong password for cluster 'b'", "10.252.0.1", 22, "b", "tok-c"
+        )
+        route = self.router.route("10.252.0.1", 443, "b", "tok-b")
+        self.assertEqual(route, Route(B, "10.252.0.1", 443))
+
+    def test_no_token_ignores_password(self) -> None:
+        for password in (None, "", "whatever"):
+            self.assertEqual(self.router.route("10.251.0.9", 80, "a", password), Route(A, "10.251.0.9", 80))
+        self.assertEqual(self.router.route("10.251.0.9", 80, "net-aaaa").cluster, A)
+
+    def test_auth_before_destination(self) -> None:
+        """Credentials are checked before the destination is."""
+        self.assertStreamError(Reason.AUTH_FAILED, None, "10.9.9.9", 22, "b", "nope")
+        self.assertStreamError(Reason.AUTH_REQUIRED, None, "elsewhere.example", 22, "b")
+
+    def test_not_allowed(self) -> None:
+        self.assertStreamError(
+            Reason.NOT_ALLOWED, "10.9.9.9 is outside cluster 'a' networks (10.251.0.0/24)", "10.9.9.9", 22, "a"
+        )
+        self.assertStreamError(
+            Reason.NOT_ALLOWED, "10.251.0.1 is outside cluster 'b' networks (10.252.0.0/24, fd00:b::/64)",
+            "10.251.0.1", 22, "b", "tok-b",
+        )
+        self.assertStreamError(
+            Reason.NOT_ALLOWED, "web.a.internal does not match cluster 'b' hostnames (*.b.internal, db)",
+            "Web.A.Internal", 22, "b", "tok-b",
+        )
+        self.assertStreamError(
+            Reason.NOT_ALLOWED, "db.example does not match cluster 'a' hostnames (none)", "db.example", 22, "a"
+        )
+
+    def test_not_allowed_many_networks(self) -> None:
+        many = cluster("m", tuple(f"10.{i}.0.0/16" for i in range(20)))
+        e = self.assertRaises(StreamError, Router([many]).route, "11.0.0.1", 1, "m")
+        self.assertEqual(e.reason, Reason.NOT_ALLOWED)
+        self.assertIn("10.7.0.0/16, ... (12 more)", e.detail)
+
+    def test_names(self) -> None:
+        r = self.router
+        self.assertEqual(r.route("x.b.internal", 5432, "b", "tok-b"), Route(B, "x.b.internal", 5432))
+        self.assertEqual(r.route("X.B.Internal.", 1, "b", "tok-b"), Route(B, "X.B.Internal.", 1))
+        self.assertEqual(r.route("a.x.b.internal", 1, "b", "tok-b").cluster, B)
+        self.assertEqual(r.route("DB", 1, "b", "tok-b").host, "DB")
+        self.assertStreamError(Reason.NOT_ALLOWED, None, "b.internal", 22, "b", "tok-b")
+        self.assertStreamError(Reason.NOT_ALLOWED, None, "db.b.internal.evil", 22, "b", "tok-b")
+        self.assertStreamError(Reason.NOT_ALLOWED, None, "xb.internal", 22, "b", "tok-b")
+
+
+class ImplicitClusterTests(RouterTestCase):
+    """Rule 2: without a username the destination picks the cluster."""
+
+    def test_one_network(self) -> None:
+        self.assertEqual(self.router.route("10.251.0.5", 22), Route(A, "10.251.0.5", 22))
+        self.assertEqual(self.router.route("10.251.0.5", 22, None, "ignored"), Route(A, "10.251.0.5", 22))
+
+    def test_token_needs_credentials(self) -> None:
+        self.assertStreamError(Reason.AUTH_REQUIRED, "cluster 'b' needs credentials", "10.252.0.5")
+        self.assertStreamError(Reason.AUTH_REQUIRED, "cluster 'b' needs credentials", "x.b.internal")
+
+    def test_no_route(self) -> None:
+        self.assertStreamError(Reason.NO_ROUTE, "10.9.9.9 is in no cluster's networks", "10.9.9.9")
+        self.assertStreamError(
+            Reason.NO_ROUTE, "nowhere.example is in no cluster's hostnames", "Nowhere.Example."
+        )
+
+    def test_ambiguous_names(self) -> None:
+        self.assertStreamError(
+            Reason.AMBIGUOUS,
+            "x.shared.internal matches the hostnames of clusters c, d: name one with proxy credentials",
+            "x.shared.internal",
+        )
+        self.assertEqual(self.router.route("x.shared.internal", 1, "d").cluster, D)
+        self.assertEqual(self.router.route("x.shared.internal", 1, "c", "tok-c").cluster, C)
+
+    def test_ipv6(self) -> None:
+        self.assertStreamError(
+            Reason.AMBIGUOUS,
+            "fd00:b::5 is in the networks of clusters b, v6: name one with proxy credentials",
+            "FD00:B:0::5",
+        )
+        self.assertEqual(self.router.route("2001:db8::1", 22), Route(V6, "2001:db8::1", 22))
+        self.assertEqual(self.router.route("[2001:DB8::1]", 22), Route(V6, "2001:db8::1", 22))
+        self.assertEqual(self.router.route("[fd00:b::1]", 22, "b", "tok-b"), Route(B, "fd00:b::1", 22))
+        self.assertEqual(self.router.route("fe80::1%eth0", 22).host, "fe80::1%eth0")
+
+    def test_ipv4_mapped(self) -> None:
+        """An IPv4-mapped IPv6 address is routed as the IPv4 address."""
+        self.assertEqual(self.router.route("::ffff:10.251.0.7", 22), Route(A, "10.251.0.7", 22))
+        self.assertEqual(self.router.route("[::ffff:a fb:7]".replace(" ", ""), 22), Route(A, "10.251.0.7", 22))
+        # ...and so is not inside ::/0
+        self.assertStreamError(
+            Reason.NOT_ALLOWED, "10.251.0.7 is outside cluster 'v6' networks (::/0)", "::ffff:10.251.0.7", 22, "v6"
+        )
+
+    def test_ipv4_not_in_ipv6_network(self) -> None:
+        router = Router([V6])
+        e = self.assertRaises(StreamError, router.route, "10.0.0.1", 22)
+        self.assertEqual(e.reason, Reason.NO_ROUTE)
+        e = self.assertRaises(StreamError, router.route, "10.0.0.1", 22, "v6")
+        self.assertEqual(e.reason, Reason.NOT_ALLOWED)
+
+
+class OverlapTests(SynchronousTestCase):
+    """Two clusters sharing 10.0.0.0/24 (the example of the docs)."""
+
+    def setUp(self) -> None:
+        self.a = cluster("a", ("10.0.0.0/24", "10.1.0.0/24"))
+        self.b = cluster("b", ("10.0.0.0/16",), token="tb")
+        self.router = Router([self.b, self.a])
+
+    def test_ambiguous(self) -> None:
+        e = self.assertRaises(StreamError, self.router.route, "10.0.0.5", 22)
+        self.assertEqual(e.reason, Reason.AMBIGUOUS)
+        self.assertEqual(e.detail, "10.0.0.5 is in the networks of clusters a, b: name one with proxy credentials")
+
+    def test_credentials_choose(self) -> None:
+        self.assertEqual(self.router.route("10.0.0.5", 22, "a").cluster, self.a)
+        self.assertEqual(self.router.route("10.0.0.5", 22, "b", "tb").cluster, self.b)
+
+    def test_unique_parts(self) -> None:
+        self.assertEqual(self.router.route("10.1.0.5", 22).cluster, self.a)
+        e = self.assertRaises(StreamError, self.router.route, "10.0.9.5", 22)
+        self.assertEqual(e.reason, Reason.AUTH_REQUIRED)
+
+
+class BadRequestTests(RouterTestCase):
+    def test_ports(self) -> None:
+        for port in (0, -1, 65536, 10**9):
+            self.assertStreamError(Reason.BAD_REQUEST, f"port {port} is not between 1 and 65535", "10.251.0.1", port)
+        self.assertStreamError(Reason.BAD_REQUEST, None, "10.251.0.1", True)  # type: ignore[arg-type]
+        self.assertEqual(self.router.route("10.251.0.1", 65535).port, 65535)
+        self.assertEqual(self.router.route("10.251.0.1", 1).port, 1)
+
+    def test_bad_request_first(self) -> None:
+        self.assertStreamError(Reason.BAD_REQUEST, None, "10.251.0.1", 0, "nope", "x")
+        self.assertStreamError(Reason.BAD_REQUEST, None, "bad host", 22, "nope", "x")
+
+    def test_hosts(self) -> None:
+        for host in (
+            "",
+            "[10.251.0.1]",
+            "[nonsense]",
+            "[]",
+            "a b",
+            "a..b",
+            ".",
+            "-a.example",
+            "a" * 64 + ".example",
+            "x." * 127 + "x",
+            "host:22",
+            "ünïcode.example",
+            "a\x00b",
+            "10.1",  # a resolver reads these as 10.0.0.1 etc.
+            "10.251.0.1.",
+            "167772161",
+            "0x0afb0001",
+            "0x0a.0xfb.0.1",
+            "1.2.3.4.5",
+        ):
+            self.assertStreamError(Reason.BAD_REQUEST, None, host, 22, "a")
+
+    def test_normalise_host(self) -> None:
+        self.assertEqual(normalise_host("10.0.0.1"), ipaddress.IPv4Address("10.0.0.1"))
+        self.assertEqual(normalise_host("[::1]"), ipaddress.IPv6Address("::1"))
+        self.assertEqual(normalise_host("::ffff:1.2.3.4"), ipaddress.IPv4Address("1.2.3.4"))
+        self.assertEqual(normalise_host("Foo.Example."), "foo.example")
+        self.assertEqual(normalise_host("_srv.x-y.example"), "_srv.x-y.example")
+
+
+# --- property ----------------------------------------------------------------------------
+
+PROP_CLUSTERS = [
+    cluster("a", ("10.0.0.0/24", "fd00::/64"), ("*.a.internal",), aliases=("net-a",)),
+    cluster("b", ("10.0.0.0/16",), ("*.internal", "db"), token="tb"),
+    cluster("c", ("192.168.0.0/16",), token="tc"),
+    cluster("d", (), ("?.d.example", "x[0-9].d.example")),
+    cluster("e", ("0.0.0.0/0", "::/0")),
+]
+PROP_ROUTER = Router(PROP_CLUSTERS)
+
+ipv4s = st.one_of(
+    st.ip_addresses(v=4),
+    st.ip_addresses(network="10.0.0.0/23"),
+    st.ip_addresses(network="192.168.0.0/24"),
+)
+ipv6s = st.one_of(st.ip_addresses(v=6), st.ip_addresses(network="fd00::/120"))
+labels = st.sampled_from(["a", "b", "d", "x1", "db", "internal", "example", "A", "-", "1", "0x1", "_", ""])
+hosts = st.one_of(
+    ipv4s.map(str),
+    ipv6s.map(str),
+    ipv6s.map(lambda a: f"[{a}]"),
+    ipv4s.map(lambda a: f"::ffff:{a}"),
+    ipv4s.map(lambda a: f"[::ffff:{a}]"),
+    st.lists(labels, min_size=1, max_size=5).map(".".join),
+    st.lists(labels, min_size=1, max_size=4).map(lambda xs: ".".join(xs) + "."),
+    st.sampled_from(["db", "x.a.internal", "y.internal", "a.d.example", "x7.d.example", "DB."]),
+    st.text(max_size=30),
+)
+usernames = st.one_of(st.none(), st.sampled_from(["a", "net-a", "b", "c", "d", "e", "zz"]), st.text(max_size=5))
+passwords = st.one_of(st.none(), st.sampled_from(["tb", "tc", ""]), st.text(max_size=5))
+ports = st.one_of(st.integers(min_value=-3, max_value=70000), st.sampled_from([0, 1, 22, 65535, 65536]))
+
+
+class PropertyTests(SynchronousTestCase):
+    @settings(max_examples=1500, deadline=None)
+    @given(host=hosts, port=ports, username=usernames, password=passwords)
+    def test_route_or_stream_error(
+        self, host: str, port: int, username: str | None, password: str | None
+    ) -> None:
+        """
+        route() returns a Route inside the cluster's networks / hostnames,
+        reached with valid credentials, or raises StreamError: nothing else.
+        """
+        try:
+            route = PROP_ROUTER.route(host, port, username, password)
+        except StreamError as e:
+            self.assertIsInstance(e.reason, Reason)
+            for token in ("tb", "tc"):
+                if password == token:
+                    self.assertNotIn(token, e.detail.replace("tb", "").replace("tc", "") + password * 0)
+            return
+        self.assertIn(route.cluster, PROP_CLUSTERS)
+        self.assertTrue(1 <= route.port <= 65535)
+        self.assertEqual(route.port, port)
+        dest = normalise_host(route.host)
+        if isinstance(dest, str):
+            self.assertTrue(any(fnmatchcase(dest, p) for p in route.cluster.hostnames))
+        else:
+            self.assertEqual(str(dest), route.host)
+            self.assertTrue(
+                any(dest.version == n.version and dest in n for n in route.cluster.networks)
+            )
+        if username is not None:
+            self.assertIs(route.cluster, PROP_ROUTER.lookup(username))
+        if route.cluster.token is not None:
+            self.assertEqual(password, route.cluster.token)
+            self.assertIsNotNone(username)

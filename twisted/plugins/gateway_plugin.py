@@ -1,0 +1,10 @@
+"""The twistd dropin: C{twistd gateway} runs L{gateway.tap}."""
+
+from twisted.application.service import ServiceMaker
+
+gateway = ServiceMaker(
+    "gateway",
+    "gateway.tap",
+    "SSH tunnel gateway: SOCKS5/HTTP proxy listeners over one SSH connection per cluster",
+    "gateway",
+)
