@@ -15,11 +15,11 @@ open the channel, then fails with a L{StreamError} that says why.
 from __future__ import annotations
 
 import random
-from typing import Callable
+from collections.abc import Callable
 
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, TimeoutError, fail, succeed
 from twisted.internet.abstract import isIPAddress, isIPv6Address
+from twisted.internet.defer import Deferred, TimeoutError, fail, succeed
 from twisted.internet.endpoints import (
     HostnameEndpoint,
     TCP4ClientEndpoint,

@@ -14,6 +14,7 @@ See C{docs/configuration.md} for the reference of every key.
 
 from __future__ import annotations
 
+import difflib
 import ipaddress
 import math
 import os
@@ -54,6 +55,9 @@ MIN_WINDOW_SIZE = 32 * 1024
 MAX_WINDOW_SIZE = 64 * 1024 * 1024
 #: RFC 1929 (SOCKS5 username/password) carries at most 255 bytes of password.
 MAX_TOKEN_BYTES = 255
+#: Key, token and passphrase files larger than this are refused (a typo such
+#: as /dev/zero must not hang the start).
+MAX_FILE_BYTES = 1024 * 1024
 
 _NAME_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
 _BARE_KEY_RE = re.compile(r"[A-Za-z0-9_-]+")
@@ -96,13 +100,31 @@ DEFAULTABLE_KEYS = (
     "user",
     "window_size",
 )
-#: Keys that belong together: a cluster that sets any key of a group takes
-#: none of that group from C{[defaults]} (so C{key} in a cluster overrides
-#: C{key_file} in the defaults instead of clashing with it).
-_GROUPS = (
-    frozenset({"key", "key_file", "passphrase", "passphrase_file"}),
-    frozenset({"known_hosts", "host_keys", "insecure_accept_any_host_key"}),
-)
+_KEY_GROUP = frozenset({"key", "key_file", "passphrase", "passphrase_file"})
+_PASSPHRASE_GROUP = frozenset({"passphrase", "passphrase_file"})
+_HOST_KEY_GROUP = frozenset({"known_hosts", "host_keys", "insecure_accept_any_host_key"})
+#: Which C{[defaults]} keys a key set in a cluster displaces, besides itself:
+#: a cluster's C{key} replaces the defaults' C{key_file} (and its passphrase)
+#: instead of clashing with it, its C{host_keys} replace C{known_hosts}, ...
+_DISPLACES = {
+    "key": _KEY_GROUP,
+    "key_file": _KEY_GROUP,
+    "passphrase": _PASSPHRASE_GROUP,
+    "passphrase_file": _PASSPHRASE_GROUP,
+    "known_hosts": _HOST_KEY_GROUP,
+    "host_keys": _HOST_KEY_GROUP,
+}
+
+
+def _displaced(data: Mapping[str, Any]) -> set[str]:
+    """The C{[defaults]} keys that the cluster table C{data} overrides."""
+    result: set[str] = set()
+    for k, v in data.items():
+        result.add(k)
+        result |= _DISPLACES.get(k, frozenset())
+        if k == "insecure_accept_any_host_key" and v is True:
+            result |= _HOST_KEY_GROUP
+    return result
 
 
 class ConfigError(Exception):
@@ -287,14 +309,23 @@ def _resolve(path: str, base_dir: str | None) -> str:
     return os.path.normpath(path)
 
 
-def _read_file(values: _Values, name: str, what: str) -> bytes:
+def _read(values: _Values, name: str, what: str, size: int) -> bytes:
+    """Read up to C{size} bytes of the file named by C{name}'s value."""
     path = values.path(name)
     try:
         with open(path, "rb") as f:
-            return f.read()
+            return f.read(size)
     except OSError as e:
         reason = e.strerror or type(e).__name__
         raise values.error(name, f"cannot read {what} {path!r}: {reason}") from None
+
+
+def _read_file(values: _Values, name: str, what: str) -> bytes:
+    """Read the whole (small) file named by C{name}'s value."""
+    data = _read(values, name, what, MAX_FILE_BYTES + 1)
+    if len(data) > MAX_FILE_BYTES:
+        raise values.error(name, f"{what} {values.path(name)!r} is larger than {MAX_FILE_BYTES} bytes")
+    return data
 
 
 # --- proxy addresses -----------------------------------------------------------
@@ -382,9 +413,7 @@ def _load_private_key(data: bytes, passphrase: bytes | None) -> keys.Key:
             except Exception:  # noqa: BLE001 - see _ANY
                 raise _KeyLoadError("passphrase", "wrong passphrase (cannot decrypt the key)") from None
         except Exception:  # noqa: BLE001 - see _ANY
-            raise _KeyLoadError(
-                "key", "not a valid private key (expected an OpenSSH or PEM private key)"
-            ) from None
+            raise _KeyLoadError("key", "not a valid private key (expected an OpenSSH or PEM private key)") from None
     try:
         public = key.isPublic()
         key.type()
@@ -489,7 +518,8 @@ def _host_key_source(values: _Values) -> tuple[str | None, tuple[keys.Key, ...],
     host_keys: list[keys.Key] = []
     if "known_hosts" in values:
         known_hosts = values.path("known_hosts")
-        _read_file(values, "known_hosts", "known_hosts file")
+        # Only check that it can be read: it is read again at each connect.
+        _read(values, "known_hosts", "known_hosts file", 1)
     if "host_keys" in values:
         lines = values.strings("host_keys")
         if not lines:
@@ -564,9 +594,7 @@ def _check_name(name: object, source: str, key: str, what: str) -> str:
     if not isinstance(name, str):
         raise ConfigError(source, key, f"expected a string, got {_type_name(name)}")
     if not _NAME_RE.fullmatch(name):
-        raise ConfigError(
-            source, key, f"{what} {_show(name)} is invalid: use 1 to 64 characters of A-Z a-z 0-9 . _ -"
-        )
+        raise ConfigError(source, key, f"{what} {_show(name)} is invalid: use 1 to 64 characters of A-Z a-z 0-9 . _ -")
     return name
 
 
@@ -595,7 +623,10 @@ def _token(values: _Values) -> str | None:
     return None
 
 
-def _unknown(source: str, key: str, allowed: tuple[str, ...]) -> ConfigError:
+def _unknown(source: str, key: str, name: str, allowed: tuple[str, ...]) -> ConfigError:
+    close = difflib.get_close_matches(name, allowed, n=1)
+    if close:
+        return ConfigError(source, key, f"unknown key (did you mean {close[0]}?)")
     return ConfigError(source, key, f"unknown key (expected one of: {', '.join(allowed)})")
 
 
@@ -612,11 +643,9 @@ def _check_defaults(defaults: Mapping[str, Any], source: str, base_dir: str | No
     """Validate C{[defaults]} on its own, so mistakes show even with no cluster."""
     for k in defaults:
         if k not in _CLUSTER_KEYS:
-            raise _unknown(source, _join("defaults", k), DEFAULTABLE_KEYS)
+            raise _unknown(source, _join("defaults", k), k, DEFAULTABLE_KEYS)
         if k not in DEFAULTABLE_KEYS:
-            raise ConfigError(
-                source, _join("defaults", k), f"{k} cannot be set in [defaults]: set it in each cluster"
-            )
+            raise ConfigError(source, _join("defaults", k), f"{k} cannot be set in [defaults]: set it in each cluster")
     values = _Values(source, base_dir)
     for k, v in defaults.items():
         values.items[k] = (v, _join("defaults", k))
@@ -657,18 +686,18 @@ def parse_cluster(
     data = _table(data, source, key_prefix)
     for k in data:
         if k not in _CLUSTER_KEYS:
-            raise _unknown(source, _join(key_prefix, k), _CLUSTER_KEYS)
+            raise _unknown(source, _join(key_prefix, k), k, _CLUSTER_KEYS)
     values = _Values(source, base_dir)
     if defaults:
-        for k, v in defaults.items():
+        for k in defaults:
             if k not in DEFAULTABLE_KEYS:
                 raise ConfigError(
                     source, _join("defaults", k), f"{k} cannot be set in [defaults]: set it in each cluster"
                 )
-            group = next((g for g in _GROUPS if k in g), frozenset())
-            if group & data.keys():
-                continue
-            values.items[k] = (v, _join("defaults", k))
+        displaced = _displaced(data)
+        for k, v in defaults.items():
+            if k not in displaced:
+                values.items[k] = (v, _join("defaults", k))
     for k, v in data.items():
         values.items[k] = (v, _join(key_prefix, k))
 
@@ -733,9 +762,7 @@ def parse_cluster(
                 hostnames.append(pattern)
 
     if not networks and not hostnames:
-        raise values.error(
-            _join(key_prefix, "networks"), "at least one network is needed (unless hostnames is set)"
-        )
+        raise values.error(_join(key_prefix, "networks"), "at least one network is needed (unless hostnames is set)")
 
     return ClusterConfig(
         name=name,
@@ -775,7 +802,7 @@ def _check_endpoint(description: str) -> str | None:
 def _parse_listen(data: Mapping[str, Any], source: str) -> ListenConfig:
     for k in data:
         if k not in _LISTEN_KEYS:
-            raise _unknown(source, _join("listen", k), _LISTEN_KEYS)
+            raise _unknown(source, _join("listen", k), k, _LISTEN_KEYS)
     result: dict[str, tuple[str, ...]] = {}
     seen: dict[str, str] = {}
     defaults = {"socks": (DEFAULT_SOCKS_LISTEN,), "http": (DEFAULT_HTTP_LISTEN,)}
@@ -787,17 +814,17 @@ def _parse_listen(data: Mapping[str, Any], source: str) -> ListenConfig:
         value = data[k]
         if isinstance(value, str):
             items = [value] if value else []
-            keys_ = [key]
+            keys_ = [key] * len(items)
         elif isinstance(value, (list, tuple)):
             items = list(value)
             keys_ = [f"{key}[{i}]" for i in range(len(items))]
         else:
             raise ConfigError(source, key, f"expected a string or an array of strings, got {_type_name(value)}")
-        for item, item_key in zip(items, keys_):
+        for item, item_key in zip(items, keys_, strict=True):
             if not isinstance(item, str):
                 raise ConfigError(source, item_key, f"expected a string, got {_type_name(item)}")
             if not item:
-                raise ConfigError(source, item_key, "empty endpoint (use [] or \"\" to disable the listener)")
+                raise ConfigError(source, item_key, 'empty endpoint (use [] or "" to disable the listener)')
             problem = _check_endpoint(item)
             if problem is not None:
                 raise ConfigError(source, item_key, f"{_show(item)} is not a valid server endpoint ({problem})")
@@ -823,7 +850,7 @@ def parse_config(data: Mapping[str, Any], source: str, base_dir: str | None = No
     data = _table(data, source, "(file)")
     for k in data:
         if k not in _TOP_KEYS:
-            raise _unknown(source, _key_part(k), _TOP_KEYS)
+            raise _unknown(source, _key_part(k), k, _TOP_KEYS)
     listen = _parse_listen(_table(data.get("listen", {}), source, "listen"), source)
     cache: _KeyCache = {}
     defaults = _table(data.get("defaults", {}), source, "defaults")

@@ -11,7 +11,7 @@ channel does.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from twisted.internet.interfaces import ITransport
 
@@ -70,6 +70,11 @@ class Splice:
 
     def tunnel_eof(self) -> None:
         self._tunnel_done = True
+        # Nothing more will come from the channel, so it stops being the
+        # transport's producer.  This matters: a transport whose producer is
+        # paused when its buffer drains resumes the producer instead of
+        # performing a pending half-close, and the client would never see EOF.
+        self._transport.unregisterProducer()
         half_close(self._transport)
         self._maybe_finish()
 

@@ -104,16 +104,10 @@ def normalise_host(host: str) -> IPAddress | str:
         if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
             return address.ipv4_mapped
         if bracketed and not isinstance(address, ipaddress.IPv6Address):
-            raise StreamError(
-                Reason.BAD_REQUEST, f"{_show(host)}: only IPv6 addresses go in brackets"
-            )
+            raise StreamError(Reason.BAD_REQUEST, f"{_show(host)}: only IPv6 addresses go in brackets")
         return address
     name = text.removesuffix(".")
-    if (
-        not name
-        or len(name) > 253
-        or not all(_LABEL_RE.fullmatch(label) for label in name.split("."))
-    ):
+    if not name or len(name) > 253 or not all(_LABEL_RE.fullmatch(label) for label in name.split(".")):
         raise StreamError(Reason.BAD_REQUEST, f"{_show(host)} is not a valid host name")
     # Resolvers read "10.1", "0x0a000001" or "167772161" as IPv4 addresses;
     # such a "name" must not slip past the networks check.
@@ -135,15 +129,11 @@ def _inet_aton_accepts(name: str) -> bool:
 
 def _tokens_equal(password: str, token: str) -> bool:
     # Constant time; surrogatepass so that no str can make encoding fail.
-    return hmac.compare_digest(
-        password.encode("utf-8", "surrogatepass"), token.encode("utf-8", "surrogatepass")
-    )
+    return hmac.compare_digest(password.encode("utf-8", "surrogatepass"), token.encode("utf-8", "surrogatepass"))
 
 
 def _in_networks(address: IPAddress, cluster: ClusterConfig) -> bool:
-    return any(
-        net.version == address.version and address in net for net in cluster.networks
-    )
+    return any(net.version == address.version and address in net for net in cluster.networks)
 
 
 def _matches_hostnames(name: str, cluster: ClusterConfig) -> bool:
@@ -166,9 +156,7 @@ class Router:
             for name in cluster.names():
                 other = self._by_name.get(name)
                 if other is not None:
-                    raise ValueError(
-                        f"name {name!r} is used by clusters {other.name!r} and {cluster.name!r}"
-                    )
+                    raise ValueError(f"name {name!r} is used by clusters {other.name!r} and {cluster.name!r}")
                 self._by_name[name] = cluster
 
     @property
@@ -208,9 +196,7 @@ class Router:
             C{AUTH_FAILED}, C{NO_ROUTE}, C{AMBIGUOUS} or C{NOT_ALLOWED}.
         """
         if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
-            raise StreamError(
-                Reason.BAD_REQUEST, f"port {port!r} is not between 1 and 65535"
-            )
+            raise StreamError(Reason.BAD_REQUEST, f"port {port!r} is not between 1 and 65535")
         dest = normalise_host(host)
         shown = dest if isinstance(dest, str) else str(dest)
 
@@ -225,9 +211,7 @@ class Router:
                         f"cluster {cluster.name!r} needs its token as the proxy password",
                     )
                 if not _tokens_equal(password, cluster.token):
-                    raise StreamError(
-                        Reason.AUTH_FAILED, f"wrong password for cluster {cluster.name!r}"
-                    )
+                    raise StreamError(Reason.AUTH_FAILED, f"wrong password for cluster {cluster.name!r}")
         else:
             if isinstance(dest, str):
                 matches = [c for c in self._clusters if _matches_hostnames(dest, c)]
@@ -236,9 +220,7 @@ class Router:
                 matches = [c for c in self._clusters if _in_networks(dest, c)]
                 where = "networks"
             if not matches:
-                raise StreamError(
-                    Reason.NO_ROUTE, f"{shown} is in no cluster's {where}"
-                )
+                raise StreamError(Reason.NO_ROUTE, f"{shown} is in no cluster's {where}")
             if len(matches) > 1:
                 names = ", ".join(sorted(c.name for c in matches))
                 verb = "is in the networks of" if where == "networks" else "matches the hostnames of"
@@ -248,21 +230,13 @@ class Router:
                 )
             cluster = matches[0]
             if cluster.token is not None:
-                raise StreamError(
-                    Reason.AUTH_REQUIRED, f"cluster {cluster.name!r} needs credentials"
-                )
+                raise StreamError(Reason.AUTH_REQUIRED, f"cluster {cluster.name!r} needs credentials")
 
         if not _allowed(dest, cluster):
             if isinstance(dest, str):
-                detail = (
-                    f"{shown} does not match cluster {cluster.name!r} hostnames "
-                    f"({_listing(cluster.hostnames)})"
-                )
+                detail = f"{shown} does not match cluster {cluster.name!r} hostnames ({_listing(cluster.hostnames)})"
             else:
-                detail = (
-                    f"{shown} is outside cluster {cluster.name!r} networks "
-                    f"({_listing(cluster.networks)})"
-                )
+                detail = f"{shown} is outside cluster {cluster.name!r} networks ({_listing(cluster.networks)})"
             raise StreamError(Reason.NOT_ALLOWED, detail)
 
         route_host = host if isinstance(dest, str) else str(dest)

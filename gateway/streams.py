@@ -13,8 +13,8 @@ client's traffic by cluster and destination.
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Mapping
 
 from twisted.internet.defer import Deferred, fail
 from twisted.internet.interfaces import IAddress

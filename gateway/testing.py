@@ -20,13 +20,12 @@ from __future__ import annotations
 import os
 import struct
 import tempfile
-from typing import Iterable, Mapping
+from collections.abc import Iterable, Mapping
 
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from twisted.conch.avatar import ConchUser
 from twisted.conch.checkers import InMemorySSHKeyDB, SSHPublicKeyChecker
-from twisted.conch.ssh import channel, common, connection, factory, forwarding, keys
-from twisted.conch.ssh import userauth
+from twisted.conch.ssh import common, connection, factory, forwarding, keys, userauth
 from twisted.cred.portal import Portal
 from twisted.internet.endpoints import clientFromString, serverFromString
 from twisted.internet.interfaces import IHalfCloseableProtocol, IListeningPort
@@ -35,6 +34,8 @@ from twisted.logger import Logger
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 from zope.interface import implementer
+
+from gateway.ssh.channel import OrderedEOFChannel
 
 log = Logger()
 
@@ -74,7 +75,7 @@ class _DestinationProtocol(Protocol):
             self.transport.loseConnection()
 
     def readConnectionLost(self) -> None:
-        self._tunnel.conn.sendEOF(self._tunnel)
+        self._tunnel.send_eof()
         self._half_done()
 
     def writeConnectionLost(self) -> None:
@@ -84,7 +85,7 @@ class _DestinationProtocol(Protocol):
         self._tunnel.loseConnection()
 
 
-class _ServerTunnel(channel.SSHChannel):
+class _ServerTunnel(OrderedEOFChannel):
     """Server side of a direct-tcpip channel, already connected."""
 
     name = b"direct-tcpip"

@@ -64,26 +64,13 @@ def material() -> Material:
     c = ec.generate_private_key(ec.SECP256R1())
     pw = ser.BestAvailableEncryption(PASSPHRASE.encode())
     files = {
-        "id_rsa": r.private_bytes(
-            ser.Encoding.PEM, ser.PrivateFormat.TraditionalOpenSSL, ser.NoEncryption()
-        ),
-        "id_rsa_enc": r.private_bytes(
-            ser.Encoding.PEM, ser.PrivateFormat.TraditionalOpenSSL, pw
-        ),
+        "id_rsa": r.private_bytes(ser.Encoding.PEM, ser.PrivateFormat.TraditionalOpenSSL, ser.NoEncryption()),
+        "id_rsa_enc": r.private_bytes(ser.Encoding.PEM, ser.PrivateFormat.TraditionalOpenSSL, pw),
         "id_rsa_pkcs8_enc": r.private_bytes(ser.Encoding.PEM, ser.PrivateFormat.PKCS8, pw),
-        "id_ed25519": e.private_bytes(
-            ser.Encoding.PEM, ser.PrivateFormat.OpenSSH, ser.NoEncryption()
-        ),
-        "id_ed25519_pkcs8": e.private_bytes(
-            ser.Encoding.PEM, ser.PrivateFormat.PKCS8, ser.NoEncryption()
-        ),
-        "id_ecdsa": c.private_bytes(
-            ser.Encoding.PEM, ser.PrivateFormat.TraditionalOpenSSL, ser.NoEncryption()
-        ),
-        "id_ed25519.pub": e.public_key().public_bytes(
-            ser.Encoding.OpenSSH, ser.PublicFormat.OpenSSH
-        )
-        + b" me@host\n",
+        "id_ed25519": e.private_bytes(ser.Encoding.PEM, ser.PrivateFormat.OpenSSH, ser.NoEncryption()),
+        "id_ed25519_pkcs8": e.private_bytes(ser.Encoding.PEM, ser.PrivateFormat.PKCS8, ser.NoEncryption()),
+        "id_ecdsa": c.private_bytes(ser.Encoding.PEM, ser.PrivateFormat.TraditionalOpenSSL, ser.NoEncryption()),
+        "id_ed25519.pub": e.public_key().public_bytes(ser.Encoding.OpenSSH, ser.PublicFormat.OpenSSH) + b" me@host\n",
     }
     ed_pub = files["id_ed25519.pub"].decode().strip()
     ec_pub = c.public_key().public_bytes(ser.Encoding.OpenSSH, ser.PublicFormat.OpenSSH)
@@ -184,18 +171,14 @@ class ExampleTests(ConfigTestCase):
         self.assertEqual(config.source, path)
         self.assertEqual(
             config.listen,
-            ListenConfig(
-                socks=("tcp:1080:interface=127.0.0.1",), http=("tcp:3128:interface=127.0.0.1",)
-            ),
+            ListenConfig(socks=("tcp:1080:interface=127.0.0.1",), http=("tcp:3128:interface=127.0.0.1",)),
         )
         self.assertEqual(list(config.clusters), ["cluster-a"])
         c = config.clusters["cluster-a"]
         self.assertEqual(c.name, "cluster-a")
         self.assertEqual(c.aliases, ("net-aaaa",))
         self.assertEqual(c.names(), ("cluster-a", "net-aaaa"))
-        self.assertEqual(
-            c.proxies, (ProxyAddress("10.250.1.2", 22), ProxyAddress("10.250.1.3", 22))
-        )
+        self.assertEqual(c.proxies, (ProxyAddress("10.250.1.2", 22), ProxyAddress("10.250.1.3", 22)))
         self.assertEqual(c.user, "root")
         self.assertEqual(c.private_key.type(), "RSA")
         self.assertFalse(c.private_key.isPublic())
@@ -290,9 +273,7 @@ class KeyTests(ConfigTestCase):
             self.assertFalse(c.private_key.isPublic())
 
     def test_passphrase_file(self) -> None:
-        c = self.cluster(
-            key_file=f"'{self.path('id_rsa_enc')}'", passphrase_file="'passphrase'"
-        )
+        c = self.cluster(key_file=f"'{self.path('id_rsa_enc')}'", passphrase_file="'passphrase'")
         self.assertEqual(c.private_key.type(), "RSA")
 
     def test_passphrase_on_plain_key(self) -> None:
@@ -347,9 +328,7 @@ class OtherValuesTests(ConfigTestCase):
             [str(p) for p in c.proxies],
             ["gw.example.com:22", "[fd00::1]:2222", "[fd00::2]:22", "10.0.0.1:2200"],
         )
-        self.assertEqual(
-            [str(n) for n in c.networks], ["10.0.0.0/8", "fd00::/64", "192.168.1.7/32"]
-        )
+        self.assertEqual([str(n) for n in c.networks], ["10.0.0.0/8", "fd00::/64", "192.168.1.7/32"])
         self.assertEqual(c.hostnames, ("*.svc.cluster.local", "db"))
         self.assertEqual(c.connect_timeout, 5.0)
         self.assertIsInstance(c.connect_timeout, float)
@@ -442,9 +421,8 @@ class DefaultsTests(ConfigTestCase):
         self.assertEqual(a.window_size, b.window_size)
 
     def test_insecure_overrides_known_hosts(self) -> None:
-        text = (
-            "[defaults]\nknown_hosts = 'known_hosts'\n"
-            + self.cluster_toml(known_hosts=None, insecure_accept_any_host_key="true")
+        text = "[defaults]\nknown_hosts = 'known_hosts'\n" + self.cluster_toml(
+            known_hosts=None, insecure_accept_any_host_key="true"
         )
         c = self.load(text).clusters["a"]
         self.assertTrue(c.insecure_accept_any_host_key)
@@ -473,21 +451,38 @@ class DefaultsTests(ConfigTestCase):
         self.assertError("[defaults]\nconnect_timeout = 0\n", "defaults.connect_timeout", "positive")
         self.assertError("[defaults]\nbogus = 1\n", "defaults.bogus", "unknown key")
         for key in ("token", "token_file", "aliases", "proxies", "networks", "hostnames", "host_keys"):
-            self.assertError(
-                f"[defaults]\n{key} = 1\n", f"defaults.{key}", "cannot be set in [defaults]"
-            )
+            self.assertError(f"[defaults]\n{key} = 1\n", f"defaults.{key}", "cannot be set in [defaults]")
         self.assertError("defaults = 1\n", "defaults", "expected a table, got integer")
 
     def test_missing_from_cluster_and_defaults(self) -> None:
+        self.assertError(self.cluster_toml(user=None), "clusters.a.user", "missing: set user here or in [defaults]")
         self.assertError(
-            self.cluster_toml(user=None), "clusters.a.user", "missing: set user here or in [defaults]"
-        )
-        # a cluster's passphrase alone takes the key group out of the defaults
-        self.assertError(
-            "[defaults]\nkey_file = 'id_rsa'\n" + self.cluster_toml(key_file=None, passphrase="'x'"),
+            self.cluster_toml(key_file=None, passphrase="'x'"),
             "clusters.a.passphrase",
             "passphrase given but no key_file or key",
         )
+
+    def test_passphrase_override(self) -> None:
+        """A cluster's passphrase replaces the defaults' one, keeping its key_file."""
+        defaults = "[defaults]\nkey_file = 'id_rsa_enc'\npassphrase_file = 'passphrase'\n"
+        c = self.load(defaults + self.cluster_toml(key_file=None, passphrase=f"'{PASSPHRASE}'")).clusters["a"]
+        self.assertEqual(c.private_key.type(), "RSA")
+        self.assertError(
+            defaults + self.cluster_toml(key_file=None, passphrase="'wrong'"),
+            "clusters.a.passphrase",
+            "wrong passphrase",
+        )
+        # a cluster's own key_file drops the defaults' passphrase with it
+        c = self.load(defaults + self.cluster_toml()).clusters["a"]
+        self.assertEqual(c.private_key.type(), "Ed25519")
+
+    def test_insecure_false_keeps_known_hosts(self) -> None:
+        text = "[defaults]\nknown_hosts = 'known_hosts'\n" + self.cluster_toml(
+            known_hosts=None, insecure_accept_any_host_key="false"
+        )
+        c = self.load(text).clusters["a"]
+        self.assertEqual(c.known_hosts, self.path("known_hosts"))
+        self.assertFalse(c.insecure_accept_any_host_key)
 
 
 class ErrorTests(ConfigTestCase):
@@ -511,10 +506,14 @@ class ErrorTests(ConfigTestCase):
         self.assertError("bogus = 1\n", "bogus", "unknown key (expected one of: clusters, defaults, listen)")
         self.assertError("[listen]\nftp = 'tcp:21'\n", "listen.ftp", "unknown key (expected one of: http, socks)")
         self.assertError("[defaults]\n'a b' = 1\n", 'defaults."a b"', "unknown key")
-        self.assertError(self.cluster_toml(prxies='["x"]'), "clusters.a.prxies", "unknown key")
+        self.assertError(self.cluster_toml(prxies='["x"]'), "clusters.a.prxies", "unknown key (did you mean proxies?)")
         self.assertError(
-            self.cluster_toml() + "[clusters.a.sub]\nx = 1\n", "clusters.a.sub", "unknown key"
+            self.cluster_toml(colour='"x"'),
+            "clusters.a.colour",
+            "unknown key (expected one of: aliases, connect_timeout, host_keys, ",
         )
+        self.assertError("[listen]\nsock = 'tcp:1'\n", "listen.sock", "unknown key (did you mean socks?)")
+        self.assertError(self.cluster_toml() + "[clusters.a.sub]\nx = 1\n", "clusters.a.sub", "unknown key")
 
     def test_wrong_types(self) -> None:
         cases = [
@@ -525,8 +524,12 @@ class ErrorTests(ConfigTestCase):
             ("networks", '"10.0.0.0/8"', "clusters.a.networks", "expected an array of strings, got string"),
             ("networks", '["10.0.0.0/8", 1]', "clusters.a.networks[1]", "expected a string, got integer"),
             ("hostnames", "{}", "clusters.a.hostnames", "expected an array of strings, got table"),
-            ("insecure_accept_any_host_key", '"true"', "clusters.a.insecure_accept_any_host_key",
-             "expected a boolean (true or false), got string"),
+            (
+                "insecure_accept_any_host_key",
+                '"true"',
+                "clusters.a.insecure_accept_any_host_key",
+                "expected a boolean (true or false), got string",
+            ),
             ("connect_timeout", '"5"', "clusters.a.connect_timeout", "expected a number of seconds, got string"),
             ("connect_timeout", "true", "clusters.a.connect_timeout", "expected a number of seconds, got boolean"),
             ("window_size", "65536.0", "clusters.a.window_size", "expected an integer (bytes), got float"),
@@ -540,22 +543,30 @@ class ErrorTests(ConfigTestCase):
             if name == "host_keys":
                 overrides["known_hosts"] = None
             self.assertError(self.cluster_toml(**overrides), key, reason)
-        self.assertError("[defaults]\npassphrase = 1\nkey_file = 'id_rsa'\n", "defaults.passphrase",
-                         "expected a string, got integer")
+        self.assertError(
+            "[defaults]\npassphrase = 1\nkey_file = 'id_rsa'\n", "defaults.passphrase", "expected a string, got integer"
+        )
         self.assertError("listen = 1\n", "listen", "expected a table, got integer")
         self.assertError("clusters = 1\n", "clusters", "expected a table, got integer")
         self.assertError("clusters = {a = 1}\n", "clusters.a", "expected a table, got integer")
-        self.assertError("[listen]\nsocks = 1080\n", "listen.socks",
-                         "expected a string or an array of strings, got integer")
+        self.assertError(
+            "[listen]\nsocks = 1080\n", "listen.socks", "expected a string or an array of strings, got integer"
+        )
         self.assertError("[listen]\nhttp = ['tcp:1', 2]\n", "listen.http[1]", "expected a string, got integer")
 
     def test_bad_numbers(self) -> None:
         for value in ("0", "-1", "nan", "inf"):
-            self.assertError(self.cluster_toml(connect_timeout=value), "clusters.a.connect_timeout",
-                             "must be a positive number of seconds")
+            self.assertError(
+                self.cluster_toml(connect_timeout=value),
+                "clusters.a.connect_timeout",
+                "must be a positive number of seconds",
+            )
         for value in ("32767", str(64 * 1024 * 1024 + 1)):
-            self.assertError(self.cluster_toml(window_size=value), "clusters.a.window_size",
-                             "must be between 32768 (32 KiB) and 67108864 (64 MiB)")
+            self.assertError(
+                self.cluster_toml(window_size=value),
+                "clusters.a.window_size",
+                "must be between 32768 (32 KiB) and 67108864 (64 MiB)",
+            )
 
     def test_networks(self) -> None:
         e = self.assertError(
@@ -564,81 +575,142 @@ class ErrorTests(ConfigTestCase):
             "'10.0.0.0/33' is not a valid network (",
         )
         self.assertEqual(e.source + ": " + e.key, f"{e.source}: clusters.cluster-a.networks[1]")
-        self.assertError(self.cluster_toml(networks='["10.0.0.1/24"]'), "clusters.a.networks[0]",
-                         "'10.0.0.1/24' has host bits set (did you mean 10.0.0.0/24?)")
-        self.assertError(self.cluster_toml(networks='["fd00::1/64"]'), "clusters.a.networks[0]",
-                         "has host bits set (did you mean fd00::/64?)")
-        self.assertError(self.cluster_toml(networks='["banana"]'), "clusters.a.networks[0]",
-                         "'banana' is not a valid network")
-        self.assertError(self.cluster_toml(networks='["::ffff:10.0.0.0/120"]'), "clusters.a.networks[0]",
-                         "IPv4-mapped")
-        self.assertError(self.cluster_toml(networks=None), "clusters.a.networks",
-                         "at least one network is needed (unless hostnames is set)")
-        self.assertError(self.cluster_toml(networks="[]", hostnames="[]"), "clusters.a.networks",
-                         "at least one network is needed")
+        self.assertError(
+            self.cluster_toml(networks='["10.0.0.1/24"]'),
+            "clusters.a.networks[0]",
+            "'10.0.0.1/24' has host bits set (did you mean 10.0.0.0/24?)",
+        )
+        self.assertError(
+            self.cluster_toml(networks='["fd00::1/64"]'),
+            "clusters.a.networks[0]",
+            "has host bits set (did you mean fd00::/64?)",
+        )
+        self.assertError(
+            self.cluster_toml(networks='["banana"]'), "clusters.a.networks[0]", "'banana' is not a valid network"
+        )
+        self.assertError(self.cluster_toml(networks='["::ffff:10.0.0.0/120"]'), "clusters.a.networks[0]", "IPv4-mapped")
+        self.assertError(
+            self.cluster_toml(networks=None),
+            "clusters.a.networks",
+            "at least one network is needed (unless hostnames is set)",
+        )
+        self.assertError(
+            self.cluster_toml(networks="[]", hostnames="[]"), "clusters.a.networks", "at least one network is needed"
+        )
 
     def test_hostnames(self) -> None:
-        self.assertError(self.cluster_toml(hostnames='["a b"]'), "clusters.a.hostnames[0]",
-                         "'a b' is not a valid host name pattern")
-        self.assertError(self.cluster_toml(hostnames='[""]'), "clusters.a.hostnames[0]",
-                         "is not a valid host name pattern")
-        self.assertError(self.cluster_toml(hostnames='["10.0.0.1"]'), "clusters.a.hostnames[0]",
-                         "is an IP address: list addresses in networks")
+        self.assertError(
+            self.cluster_toml(hostnames='["a b"]'), "clusters.a.hostnames[0]", "'a b' is not a valid host name pattern"
+        )
+        self.assertError(
+            self.cluster_toml(hostnames='[""]'), "clusters.a.hostnames[0]", "is not a valid host name pattern"
+        )
+        self.assertError(
+            self.cluster_toml(hostnames='["10.0.0.1"]'),
+            "clusters.a.hostnames[0]",
+            "is an IP address: list addresses in networks",
+        )
 
     def test_private_key_errors(self) -> None:
         def key_file(name: str) -> str:
             return f"'{self.path(name)}'"
 
-        self.assertError(self.cluster_toml(key_file=key_file("missing")), "clusters.a.key_file",
-                         f"cannot read key file {self.path('missing')!r}: No such file or directory")
-        self.assertError(self.cluster_toml(key_file=key_file("")), "clusters.a.key_file",
-                         "cannot read key file")
+        self.assertError(
+            self.cluster_toml(key_file=key_file("missing")),
+            "clusters.a.key_file",
+            f"cannot read key file {self.path('missing')!r}: No such file or directory",
+        )
+        self.assertError(self.cluster_toml(key_file=key_file("")), "clusters.a.key_file", "cannot read key file")
         self.assertError(self.cluster_toml(key_file='""'), "clusters.a.key_file", "must not be empty")
+        self.assertError(
+            self.cluster_toml(key_file="'/dev/zero'"),
+            "clusters.a.key_file",
+            "key file '/dev/zero' is larger than 1048576 bytes",
+        )
         for name in ("garbage", "empty", "known_hosts"):
-            self.assertError(self.cluster_toml(key_file=key_file(name)), "clusters.a.key_file",
-                             "not a valid private key")
-        self.assertError(self.cluster_toml(key_file=key_file("id_ed25519.pub")), "clusters.a.key_file",
-                         "this is a public key: a private key is needed")
+            self.assertError(
+                self.cluster_toml(key_file=key_file(name)), "clusters.a.key_file", "not a valid private key"
+            )
+        self.assertError(
+            self.cluster_toml(key_file=key_file("id_ed25519.pub")),
+            "clusters.a.key_file",
+            "this is a public key: a private key is needed",
+        )
         for name in ("id_rsa_enc", "id_rsa_pkcs8_enc"):
-            self.assertError(self.cluster_toml(key_file=key_file(name)), "clusters.a.key_file",
-                             "key is encrypted: set passphrase")
-            self.assertError(self.cluster_toml(key_file=key_file(name), passphrase='"wrong"'),
-                             "clusters.a.passphrase", "wrong passphrase")
-            self.assertError(self.cluster_toml(key_file=key_file(name), passphrase_file="'garbage'"),
-                             "clusters.a.passphrase_file", "wrong passphrase")
-        self.assertError(self.cluster_toml(key_file=None), "clusters.a.key_file",
-                         "missing private key: set key_file or key")
-        self.assertError(self.cluster_toml(key='"x"'), "clusters.a.key",
-                         "key and key_file are mutually exclusive")
-        self.assertError(self.cluster_toml(key_file=None, key='"not a key"'), "clusters.a.key",
-                         "not a valid private key")
+            self.assertError(
+                self.cluster_toml(key_file=key_file(name)), "clusters.a.key_file", "key is encrypted: set passphrase"
+            )
+            self.assertError(
+                self.cluster_toml(key_file=key_file(name), passphrase='"wrong"'),
+                "clusters.a.passphrase",
+                "wrong passphrase",
+            )
+            self.assertError(
+                self.cluster_toml(key_file=key_file(name), passphrase_file="'garbage'"),
+                "clusters.a.passphrase_file",
+                "wrong passphrase",
+            )
+        self.assertError(
+            self.cluster_toml(key_file=None), "clusters.a.key_file", "missing private key: set key_file or key"
+        )
+        self.assertError(self.cluster_toml(key='"x"'), "clusters.a.key", "key and key_file are mutually exclusive")
+        self.assertError(
+            self.cluster_toml(key_file=None, key='"not a key"'), "clusters.a.key", "not a valid private key"
+        )
         pem = self.m.files["id_rsa_enc"].decode()
-        self.assertError(self.cluster_toml(key_file=None, key=f"'''{pem}'''", passphrase='"bad"'),
-                         "clusters.a.passphrase", "wrong passphrase")
-        self.assertError(self.cluster_toml(key_file=None, key=f"'''{pem}'''"),
-                         "clusters.a.key", "key is encrypted: set passphrase")
-        self.assertError(self.cluster_toml(key_file=key_file("id_rsa_enc"), passphrase='"a"',
-                                           passphrase_file="'passphrase'"),
-                         "clusters.a.passphrase_file", "mutually exclusive")
-        self.assertError(self.cluster_toml(key_file=key_file("id_rsa_enc"), passphrase_file="'empty'"),
-                         "clusters.a.passphrase_file", "is empty")
-        self.assertError(self.cluster_toml(key_file=key_file("id_rsa_enc"), passphrase_file="'missing'"),
-                         "clusters.a.passphrase_file", "cannot read passphrase file")
+        self.assertError(
+            self.cluster_toml(key_file=None, key=f"'''{pem}'''", passphrase='"bad"'),
+            "clusters.a.passphrase",
+            "wrong passphrase",
+        )
+        self.assertError(
+            self.cluster_toml(key_file=None, key=f"'''{pem}'''"), "clusters.a.key", "key is encrypted: set passphrase"
+        )
+        self.assertError(
+            self.cluster_toml(key_file=key_file("id_rsa_enc"), passphrase='"a"', passphrase_file="'passphrase'"),
+            "clusters.a.passphrase_file",
+            "mutually exclusive",
+        )
+        self.assertError(
+            self.cluster_toml(key_file=key_file("id_rsa_enc"), passphrase_file="'empty'"),
+            "clusters.a.passphrase_file",
+            "is empty",
+        )
+        self.assertError(
+            self.cluster_toml(key_file=key_file("id_rsa_enc"), passphrase_file="'missing'"),
+            "clusters.a.passphrase_file",
+            "cannot read passphrase file",
+        )
 
     def test_host_key_errors(self) -> None:
-        self.assertError(self.cluster_toml(known_hosts=None), "clusters.a.known_hosts",
-                         "missing host key source: set known_hosts or host_keys "
-                         "(or insecure_accept_any_host_key = true)")
-        self.assertError(self.cluster_toml(known_hosts=None, insecure_accept_any_host_key="false"),
-                         "clusters.a.known_hosts", "missing host key source")
-        self.assertError(self.cluster_toml(host_keys=f'["{self.m.ed25519_public}"]'),
-                         "clusters.a.host_keys", "known_hosts and host_keys are mutually exclusive")
-        self.assertError(self.cluster_toml(insecure_accept_any_host_key="true"),
-                         "clusters.a.insecure_accept_any_host_key", "cannot be combined with known_hosts")
-        self.assertError(self.cluster_toml(known_hosts="'missing'"), "clusters.a.known_hosts",
-                         f"cannot read known_hosts file {self.path('missing')!r}: No such file or directory")
-        self.assertError(self.cluster_toml(known_hosts=f"'{self.dir}'"), "clusters.a.known_hosts",
-                         "cannot read known_hosts file")
+        self.assertError(
+            self.cluster_toml(known_hosts=None),
+            "clusters.a.known_hosts",
+            "missing host key source: set known_hosts or host_keys (or insecure_accept_any_host_key = true)",
+        )
+        self.assertError(
+            self.cluster_toml(known_hosts=None, insecure_accept_any_host_key="false"),
+            "clusters.a.known_hosts",
+            "missing host key source",
+        )
+        self.assertError(
+            self.cluster_toml(host_keys=f'["{self.m.ed25519_public}"]'),
+            "clusters.a.host_keys",
+            "known_hosts and host_keys are mutually exclusive",
+        )
+        self.assertError(
+            self.cluster_toml(insecure_accept_any_host_key="true"),
+            "clusters.a.insecure_accept_any_host_key",
+            "cannot be combined with known_hosts",
+        )
+        self.assertError(
+            self.cluster_toml(known_hosts="'missing'"),
+            "clusters.a.known_hosts",
+            f"cannot read known_hosts file {self.path('missing')!r}: No such file or directory",
+        )
+        self.assertError(
+            self.cluster_toml(known_hosts=f"'{self.dir}'"), "clusters.a.known_hosts", "cannot read known_hosts file"
+        )
         bad_lines = [
             ("garbage", "expected 'TYPE BASE64 [COMMENT]'"),
             ("ssh-ed25519 !!!", "not a valid ssh-ed25519 public key"),
@@ -649,18 +721,23 @@ class ErrorTests(ConfigTestCase):
         for line, reason in bad_lines:
             self.assertError(
                 self.cluster_toml(known_hosts=None, host_keys=f'["{self.m.ed25519_public}", "{line}"]'),
-                "clusters.a.host_keys[1]", reason,
+                "clusters.a.host_keys[1]",
+                reason,
             )
-        self.assertError(self.cluster_toml(known_hosts=None, host_keys="[]"), "clusters.a.host_keys",
-                         "must list at least one key")
+        self.assertError(
+            self.cluster_toml(known_hosts=None, host_keys="[]"), "clusters.a.host_keys", "must list at least one key"
+        )
 
     def test_names(self) -> None:
-        self.assertError(self.cluster_toml('"bad name"'), 'clusters."bad name"',
-                         "cluster name 'bad name' is invalid: use 1 to 64 characters of A-Z a-z 0-9 . _ -")
+        self.assertError(
+            self.cluster_toml('"bad name"'),
+            'clusters."bad name"',
+            "cluster name 'bad name' is invalid: use 1 to 64 characters of A-Z a-z 0-9 . _ -",
+        )
+        self.assertError(self.cluster_toml('"a.b"', user="1"), 'clusters."a.b".user', "expected a string")
         self.assertError(self.cluster_toml("x" * 65), "clusters." + "x" * 65, "is invalid")
         self.assertError(self.cluster_toml('""'), 'clusters.""', "is invalid")
-        self.assertError(self.cluster_toml(aliases='["ok", "a/b"]'), "clusters.a.aliases[1]",
-                         "alias 'a/b' is invalid")
+        self.assertError(self.cluster_toml(aliases='["ok", "a/b"]'), "clusters.a.aliases[1]", "alias 'a/b' is invalid")
         self.assertError(self.cluster_toml(aliases='[""]'), "clusters.a.aliases[0]", "alias '' is invalid")
         self.assertError(self.cluster_toml(aliases='["x", "x"]'), "clusters.a.aliases[1]", "listed twice")
         self.assertError(self.cluster_toml(aliases='["a"]'), "clusters.a.aliases[0]", "listed twice")
@@ -668,15 +745,18 @@ class ErrorTests(ConfigTestCase):
     def test_duplicate_names(self) -> None:
         self.assertError(
             self.cluster_toml("a", aliases='["net-1"]') + self.cluster_toml("b", aliases='["x", "net-1"]'),
-            "clusters.b.aliases[1]", "alias 'net-1' is already used by cluster 'a'",
+            "clusters.b.aliases[1]",
+            "alias 'net-1' is already used by cluster 'a'",
         )
         self.assertError(
             self.cluster_toml("a", aliases='["b"]') + self.cluster_toml("b"),
-            "clusters.b", "cluster name 'b' is already used by cluster 'a'",
+            "clusters.b",
+            "cluster name 'b' is already used by cluster 'a'",
         )
         self.assertError(
             self.cluster_toml("a") + self.cluster_toml("b", aliases='["a"]'),
-            "clusters.b.aliases[0]", "alias 'a' is already used by cluster 'a'",
+            "clusters.b.aliases[0]",
+            "alias 'a' is already used by cluster 'a'",
         )
         # case-sensitive: these are different names
         config = self.load(self.cluster_toml("a", aliases='["N"]') + self.cluster_toml("A", aliases='["n"]'))
@@ -700,32 +780,36 @@ class ErrorTests(ConfigTestCase):
             self.assertError(self.cluster_toml(proxies=f'["ok", "{text}"]'), "clusters.a.proxies[1]", reason)
         self.assertError(self.cluster_toml(proxies="[]"), "clusters.a.proxies", "at least one address")
         self.assertError(self.cluster_toml(proxies=None), "clusters.a.proxies", "missing")
-        self.assertError(self.cluster_toml(proxies='["h", "h:22"]'), "clusters.a.proxies[1]",
-                         "h:22 is listed twice")
+        self.assertError(self.cluster_toml(proxies='["h", "h:22"]'), "clusters.a.proxies[1]", "h:22 is listed twice")
 
     def test_tokens(self) -> None:
         self.assertError(self.cluster_toml(token='""'), "clusters.a.token", "must not be empty")
-        self.assertError(self.cluster_toml(token=f'"{"x" * 256}"'), "clusters.a.token",
-                         "longer than 255 bytes")
-        self.assertError(self.cluster_toml(token=f'"{TOKEN}"', token_file="'token'"),
-                         "clusters.a.token_file", "mutually exclusive")
-        self.assertError(self.cluster_toml(token_file="'missing'"), "clusters.a.token_file",
-                         "cannot read token file")
+        self.assertError(self.cluster_toml(token=f'"{"x" * 256}"'), "clusters.a.token", "longer than 255 bytes")
+        self.assertError(
+            self.cluster_toml(token=f'"{TOKEN}"', token_file="'token'"), "clusters.a.token_file", "mutually exclusive"
+        )
+        self.assertError(self.cluster_toml(token_file="'missing'"), "clusters.a.token_file", "cannot read token file")
         self.assertError(self.cluster_toml(token_file="'empty'"), "clusters.a.token_file", "is empty")
         path = self.path("token.bin")
         with open(path, "wb") as f:
             f.write(b"\xff\xfe")
-        self.assertError(self.cluster_toml(token_file=f"'{path}'"), "clusters.a.token_file",
-                         "is not UTF-8 text")
+        self.assertError(self.cluster_toml(token_file=f"'{path}'"), "clusters.a.token_file", "is not UTF-8 text")
 
     def test_listen(self) -> None:
-        self.assertError("[listen]\nsocks = 'foo:1'\n", "listen.socks",
-                         "'foo:1' is not a valid server endpoint (ValueError: Unknown endpoint type: 'foo')")
-        self.assertError("[listen]\nsocks = ['tcp:1', 'tcp:abc']\n", "listen.socks[1]",
-                         "'tcp:abc' is not a valid server endpoint")
+        self.assertError(
+            "[listen]\nsocks = 'foo:1'\n",
+            "listen.socks",
+            "'foo:1' is not a valid server endpoint (ValueError: Unknown endpoint type: 'foo')",
+        )
+        self.assertError(
+            "[listen]\nsocks = ['tcp:1', 'tcp:abc']\n", "listen.socks[1]", "'tcp:abc' is not a valid server endpoint"
+        )
         self.assertError("[listen]\nhttp = ['']\n", "listen.http[0]", "empty endpoint")
-        self.assertError("[listen]\nsocks = 'tcp:1080'\nhttp = ['tcp:1080']\n", "listen.http[0]",
-                         "'tcp:1080' is already used by listen.socks")
+        self.assertError(
+            "[listen]\nsocks = 'tcp:1080'\nhttp = ['tcp:1080']\n",
+            "listen.http[0]",
+            "'tcp:1080' is already used by listen.socks",
+        )
 
     def test_user(self) -> None:
         self.assertError(self.cluster_toml(user='""'), "clusters.a.user", "must not be empty")
@@ -737,12 +821,18 @@ class ErrorTests(ConfigTestCase):
         and every key error (assertError checks every message it sees).
         """
         pem = self.m.files["id_rsa"].decode()
-        self.assertError(self.cluster_toml(token=f'"{TOKEN}"', networks='["x"]'),
-                         "clusters.a.networks[0]", "not a valid network")
-        self.assertError(self.cluster_toml(key_file=None, key=f"'''{pem[:-40]}'''"),
-                         "clusters.a.key", "not a valid private key")
-        self.assertError(self.cluster_toml(key_file=None, key=f"'''{pem.replace('RSA ', '')}'''"),
-                         "clusters.a.key", "not a valid private key")
-        self.assertError(self.cluster_toml(key_file=None, key=f"'''{pem}'''", user="7"),
-                         "clusters.a.user", "expected a string")
+        self.assertError(
+            self.cluster_toml(token=f'"{TOKEN}"', networks='["x"]'), "clusters.a.networks[0]", "not a valid network"
+        )
+        self.assertError(
+            self.cluster_toml(key_file=None, key=f"'''{pem[:-40]}'''"), "clusters.a.key", "not a valid private key"
+        )
+        self.assertError(
+            self.cluster_toml(key_file=None, key=f"'''{pem.replace('RSA ', '')}'''"),
+            "clusters.a.key",
+            "not a valid private key",
+        )
+        self.assertError(
+            self.cluster_toml(key_file=None, key=f"'''{pem}'''", user="7"), "clusters.a.user", "expected a string"
+        )
         self.assertError(f'[defaults]\ntoken = "{TOKEN}"\n', "defaults.token", "cannot be set")

@@ -140,12 +140,13 @@ class ExplicitClusterTests(RouterTestCase):
 
     def test_token(self) -> None:
         self.assertStreamError(
-            Reason.AUTH_REQUIRED, "cluster 'b' needs its token as the proxy password",
-            "10.252.0.1", 22, "b",
+            Reason.AUTH_REQUIRED,
+            "cluster 'b' needs its token as the proxy password",
+            "10.252.0.1",
+            22,
+            "b",
         )
-        self.assertStreamError(
-            Reason.AUTH_FAILED, "wrong password for cluster 'b'", "10.252.0.1", 22, "b", "tok-c"
-        )
+        self.assertStreamError(Reason.AUTH_FAILED, "wrong password for cluster 'b'", "10.252.0.1", 22, "b", "tok-c")
         route = self.router.route("10.252.0.1", 443, "b", "tok-b")
         self.assertEqual(route, Route(B, "10.252.0.1", 443))
 
@@ -164,12 +165,20 @@ class ExplicitClusterTests(RouterTestCase):
             Reason.NOT_ALLOWED, "10.9.9.9 is outside cluster 'a' networks (10.251.0.0/24)", "10.9.9.9", 22, "a"
         )
         self.assertStreamError(
-            Reason.NOT_ALLOWED, "10.251.0.1 is outside cluster 'b' networks (10.252.0.0/24, fd00:b::/64)",
-            "10.251.0.1", 22, "b", "tok-b",
+            Reason.NOT_ALLOWED,
+            "10.251.0.1 is outside cluster 'b' networks (10.252.0.0/24, fd00:b::/64)",
+            "10.251.0.1",
+            22,
+            "b",
+            "tok-b",
         )
         self.assertStreamError(
-            Reason.NOT_ALLOWED, "web.a.internal does not match cluster 'b' hostnames (*.b.internal, db)",
-            "Web.A.Internal", 22, "b", "tok-b",
+            Reason.NOT_ALLOWED,
+            "web.a.internal does not match cluster 'b' hostnames (*.b.internal, db)",
+            "Web.A.Internal",
+            22,
+            "b",
+            "tok-b",
         )
         self.assertStreamError(
             Reason.NOT_ALLOWED, "db.example does not match cluster 'a' hostnames (none)", "db.example", 22, "a"
@@ -205,9 +214,7 @@ class ImplicitClusterTests(RouterTestCase):
 
     def test_no_route(self) -> None:
         self.assertStreamError(Reason.NO_ROUTE, "10.9.9.9 is in no cluster's networks", "10.9.9.9")
-        self.assertStreamError(
-            Reason.NO_ROUTE, "nowhere.example is in no cluster's hostnames", "Nowhere.Example."
-        )
+        self.assertStreamError(Reason.NO_ROUTE, "nowhere.example is in no cluster's hostnames", "Nowhere.Example.")
 
     def test_ambiguous_names(self) -> None:
         self.assertStreamError(
@@ -232,7 +239,7 @@ class ImplicitClusterTests(RouterTestCase):
     def test_ipv4_mapped(self) -> None:
         """An IPv4-mapped IPv6 address is routed as the IPv4 address."""
         self.assertEqual(self.router.route("::ffff:10.251.0.7", 22), Route(A, "10.251.0.7", 22))
-        self.assertEqual(self.router.route("[::ffff:a fb:7]".replace(" ", ""), 22), Route(A, "10.251.0.7", 22))
+        self.assertEqual(self.router.route("[::ffff:afb:7]", 22), Route(A, "10.251.0.7", 22))
         # ...and so is not inside ::/0
         self.assertStreamError(
             Reason.NOT_ALLOWED, "10.251.0.7 is outside cluster 'v6' networks (::/0)", "::ffff:10.251.0.7", 22, "v6"
@@ -267,6 +274,32 @@ class OverlapTests(SynchronousTestCase):
         self.assertEqual(self.router.route("10.1.0.5", 22).cluster, self.a)
         e = self.assertRaises(StreamError, self.router.route, "10.0.9.5", 22)
         self.assertEqual(e.reason, Reason.AUTH_REQUIRED)
+
+    def test_docs_table(self) -> None:
+        """The table of docs/configuration.md, "two clusters sharing 10.0.0.0/24"."""
+        a = cluster("a", ("10.0.0.0/24",))
+        b = cluster("b", ("10.0.0.0/24", "10.1.0.0/24"), token="b-secret")
+        router = Router([a, b])
+        self.assertIs(router.route("10.0.0.5", 22, "a", "anything").cluster, a)
+        self.assertIs(router.route("10.0.0.5", 22, "b", "b-secret").cluster, b)
+        rows = [
+            (
+                ("10.0.0.5", 22),
+                Reason.AMBIGUOUS,
+                "10.0.0.5 is in the networks of clusters a, b: name one with proxy credentials",
+            ),
+            (("10.0.0.5", 22, "b"), Reason.AUTH_REQUIRED, None),
+            (("10.0.0.5", 22, "b", "nope"), Reason.AUTH_FAILED, None),
+            (("10.1.0.5", 22), Reason.AUTH_REQUIRED, "cluster 'b' needs credentials"),
+            (("10.1.0.5", 22, "a"), Reason.NOT_ALLOWED, "10.1.0.5 is outside cluster 'a' networks (10.0.0.0/24)"),
+            (("10.9.9.9", 22), Reason.NO_ROUTE, None),
+            (("10.0.0.5", 0), Reason.BAD_REQUEST, None),
+        ]
+        for args, reason, detail in rows:
+            e = self.assertRaises(StreamError, router.route, *args)
+            self.assertEqual(e.reason, reason, args)
+            if detail is not None:
+                self.assertEqual(e.detail, detail)
 
 
 class BadRequestTests(RouterTestCase):
@@ -330,7 +363,10 @@ ipv4s = st.one_of(
     st.ip_addresses(network="192.168.0.0/24"),
 )
 ipv6s = st.one_of(st.ip_addresses(v=6), st.ip_addresses(network="fd00::/120"))
-labels = st.sampled_from(["a", "b", "d", "x1", "db", "internal", "example", "A", "-", "1", "0x1", "_", ""])
+labels = st.one_of(
+    st.sampled_from(["a", "b", "d", "x1", "db", "internal", "example", "A"]),
+    st.sampled_from(["-", "1", "0x1", "_", "", "a-", "é"]),
+)
 hosts = st.one_of(
     ipv4s.map(str),
     ipv6s.map(str),
@@ -343,16 +379,15 @@ hosts = st.one_of(
     st.text(max_size=30),
 )
 usernames = st.one_of(st.none(), st.sampled_from(["a", "net-a", "b", "c", "d", "e", "zz"]), st.text(max_size=5))
-passwords = st.one_of(st.none(), st.sampled_from(["tb", "tc", ""]), st.text(max_size=5))
-ports = st.one_of(st.integers(min_value=-3, max_value=70000), st.sampled_from([0, 1, 22, 65535, 65536]))
+passwords = st.one_of(st.none(), st.sampled_from(["tb", "tc", ""]), st.sampled_from(["tb", "tc"]), st.text(max_size=5))
+good_ports = st.integers(min_value=1, max_value=65535)
+ports = st.one_of(good_ports, good_ports, good_ports, st.sampled_from([-1, 0, 65536, 70000]))
 
 
 class PropertyTests(SynchronousTestCase):
     @settings(max_examples=1500, deadline=None)
     @given(host=hosts, port=ports, username=usernames, password=passwords)
-    def test_route_or_stream_error(
-        self, host: str, port: int, username: str | None, password: str | None
-    ) -> None:
+    def test_route_or_stream_error(self, host: str, port: int, username: str | None, password: str | None) -> None:
         """
         route() returns a Route inside the cluster's networks / hostnames,
         reached with valid credentials, or raises StreamError: nothing else.
@@ -361,9 +396,7 @@ class PropertyTests(SynchronousTestCase):
             route = PROP_ROUTER.route(host, port, username, password)
         except StreamError as e:
             self.assertIsInstance(e.reason, Reason)
-            for token in ("tb", "tc"):
-                if password == token:
-                    self.assertNotIn(token, e.detail.replace("tb", "").replace("tc", "") + password * 0)
+            self.assertTrue(e.detail)
             return
         self.assertIn(route.cluster, PROP_CLUSTERS)
         self.assertTrue(1 <= route.port <= 65535)
@@ -373,9 +406,7 @@ class PropertyTests(SynchronousTestCase):
             self.assertTrue(any(fnmatchcase(dest, p) for p in route.cluster.hostnames))
         else:
             self.assertEqual(str(dest), route.host)
-            self.assertTrue(
-                any(dest.version == n.version and dest in n for n in route.cluster.networks)
-            )
+            self.assertTrue(any(dest.version == n.version and dest in n for n in route.cluster.networks))
         if username is not None:
             self.assertIs(route.cluster, PROP_ROUTER.lookup(username))
         if route.cluster.token is not None:

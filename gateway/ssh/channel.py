@@ -21,7 +21,8 @@ HTTP forwarding protocol that reads responses itself.
 from __future__ import annotations
 
 import time
-from typing import Callable, Protocol
+from collections.abc import Callable
+from typing import Protocol
 
 from twisted.conch.error import ConchError
 from twisted.conch.ssh import channel, connection, forwarding
@@ -68,8 +69,33 @@ def open_failure_reason(code: int, description: str) -> Reason:
     return Reason.GENERAL
 
 
+class OrderedEOFChannel(channel.SSHChannel):
+    """
+    A channel whose EOF follows the data queued before it.
+
+    Conch's C{SSHConnection.sendEOF} goes out at once, even while earlier
+    data still waits in the channel's buffer for the peer's window; the peer
+    would then see data after EOF (a protocol violation) or lose it.
+    """
+
+    _eof_pending = False
+
+    def send_eof(self) -> None:
+        """Send EOF once everything written so far has been sent."""
+        if self.buf:
+            self._eof_pending = True
+        elif not self.localClosed:
+            self.conn.sendEOF(self)
+
+    def addWindowBytes(self, data: int) -> None:
+        super().addWindowBytes(data)
+        if self._eof_pending and not self.buf:
+            self._eof_pending = False
+            self.send_eof()
+
+
 @implementer(IPushProducer)
-class TunnelChannel(channel.SSHChannel):
+class TunnelChannel(OrderedEOFChannel):
     """A C{direct-tcpip} channel carrying one client stream."""
 
     name = b"direct-tcpip"
@@ -95,7 +121,6 @@ class TunnelChannel(channel.SSHChannel):
         self.started = time.monotonic()
         self._peer: TunnelPeer | None = None
         self._paused = False
-        self._eof_pending = False
         self._closed = False
         #: Called once when the channel has closed (stream accounting).
         self.closed_hooks: list[Callable[[], None]] = []
@@ -149,13 +174,6 @@ class TunnelChannel(channel.SSHChannel):
         self.bytes_up += len(data)
         self.write(data)
 
-    def send_eof(self) -> None:
-        """The client will send no more; tell the destination after queued data."""
-        if self.buf:
-            self._eof_pending = True
-        elif not self.localClosed and not self._closed:
-            self.conn.sendEOF(self)
-
     def close(self) -> None:
         """Close the stream (after queued data is sent)."""
         if not self._closed and not self.localClosed:
@@ -203,12 +221,6 @@ class TunnelChannel(channel.SSHChannel):
     def _resume_writer(self) -> None:
         if self._peer is not None and self.areWriting and not self._closed:
             self._peer.tunnel_resume_writing()
-
-    def addWindowBytes(self, data: int) -> None:
-        super().addWindowBytes(data)
-        if self._eof_pending and not self.buf:
-            self._eof_pending = False
-            self.send_eof()
 
     # -- end -------------------------------------------------------------
 

@@ -1,0 +1,48 @@
+# The two commands of the README: `make run` (the embedded demo) and
+# `make test` (the whole suite).  Both create .venv and install what they need,
+# so they work on a fresh Debian machine with Python 3.11.
+
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-$(shell cat setup.py | cksum | cut -d' ' -f1)
+# Debian packages the system tests drive (real sshd, curl, nc, ip netns).
+DEBS   := openssh-server openssh-client curl netcat-openbsd iproute2
+
+.PHONY: run test lint bench system-deps clean
+
+$(STAMP): setup.py
+	@$(PYTHON) -m venv --help >/dev/null 2>&1 || $(MAKE) --no-print-directory _apt PKGS=python3-venv
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[test]' --config-settings editable_mode=compat
+	rm -f $(VENV)/.installed-*
+	touch $@
+
+# Installs the Debian packages the system tests need, when missing and root.
+# As non-root, missing packages only mean those tests are skipped (they say why).
+system-deps:
+	@missing=""; \
+	for p in $(DEBS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ]; then $(MAKE) --no-print-directory _apt PKGS="$$missing"; \
+	  else echo "not root: not installing$$missing (system tests will be skipped)"; fi; \
+	fi
+
+_apt:
+	apt-get update -qq
+	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(PKGS) >/dev/null
+
+run: $(STAMP)
+	$(BIN)/twistd --nodaemon --pidfile= gateway --demo
+
+test: $(STAMP) system-deps
+	$(BIN)/trial --temp-directory=/tmp/_trial_gateway_$$$$ tests
+
+lint: $(STAMP)
+	$(BIN)/ruff check gateway tests bench twisted
+
+bench: $(STAMP) system-deps
+	$(BIN)/python -m bench
+
+clean:
+	rm -rf $(VENV) _trial_temp* build *.egg-info

@@ -1,0 +1,199 @@
+"""
+C{gateway-connect}: a netcat-like ProxyCommand through the gateway's SOCKS5
+listener.
+
+    gateway-connect [--socks HOST:PORT] [--cluster NAME] [--token T] HOST PORT
+
+Connects to C{HOST:PORT} through the gateway and relays standard input and
+output, so it works as OpenSSH's C{ProxyCommand}, as
+C{paramiko.ProxyCommand(...)}, and as Sahara's
+C{proxy_command = gateway-connect --cluster {network_id} {host} {port}}.
+
+It is started once per SSH connection, so it uses only the standard library
+(no reactor to import) and starts in a few milliseconds.  Failures go to
+standard error in words, with the SOCKS reason, and a non-zero exit status.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import os
+import selectors
+import socket
+import struct
+import sys
+
+from gateway.socks import SOCKS5_REPLY_TEXT
+
+DEFAULT_SOCKS = "127.0.0.1:1080"
+
+#: Exit status: the gateway could not be reached / refused the stream.
+EXIT_UNREACHABLE = 2
+EXIT_REFUSED = 3
+
+
+class ConnectError(Exception):
+    def __init__(self, message: str, status: int) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="gateway-connect",
+        description="Relay stdin/stdout to HOST:PORT through the gateway's SOCKS5 listener.",
+    )
+    parser.add_argument(
+        "--socks",
+        default=os.environ.get("GATEWAY_SOCKS", DEFAULT_SOCKS),
+        help="gateway SOCKS listener, HOST:PORT or unix:PATH "
+        "(default: $GATEWAY_SOCKS or %(default)s)",
+    )
+    parser.add_argument(
+        "--cluster",
+        default=os.environ.get("GATEWAY_CLUSTER"),
+        help="cluster name or alias (default: $GATEWAY_CLUSTER; route by address)",
+    )
+    parser.add_argument(
+        "--token",
+        default=os.environ.get("GATEWAY_TOKEN"),
+        help="the cluster's token (default: $GATEWAY_TOKEN)",
+    )
+    parser.add_argument(
+        "--timeout", type=float, default=30.0, help="seconds for the handshake (default: 30)"
+    )
+    parser.add_argument("host")
+    parser.add_argument("port", type=int)
+    return parser.parse_args(argv)
+
+
+def _socks_socket(spec: str, timeout: float) -> socket.socket:
+    """Connect to the gateway's listener named by C{spec}."""
+    try:
+        if spec.startswith("unix:"):
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.settimeout(timeout)
+            sock.connect(spec[len("unix:") :])
+            return sock
+        host, _, port = spec.rpartition(":")
+        return socket.create_connection((host.strip("[]"), int(port)), timeout=timeout)
+    except (OSError, ValueError) as e:
+        raise ConnectError(f"cannot reach the gateway at {spec}: {e}", EXIT_UNREACHABLE) from None
+
+
+def _read_exactly(sock: socket.socket, count: int) -> bytes:
+    data = b""
+    while len(data) < count:
+        chunk = sock.recv(count - len(data))
+        if not chunk:
+            raise ConnectError("the gateway closed the connection during the handshake", EXIT_REFUSED)
+        data += chunk
+    return data
+
+
+def _address(host: str) -> bytes:
+    try:
+        ip = ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        name = host.encode("idna")
+        if not 0 < len(name) < 256:
+            raise ConnectError(f"bad host name {host!r}", EXIT_REFUSED) from None
+        return b"\x03" + bytes([len(name)]) + name
+    return (b"\x01" if ip.version == 4 else b"\x04") + ip.packed
+
+
+def socks5_connect(
+    sock: socket.socket, host: str, port: int, cluster: str | None, token: str | None
+) -> None:
+    """Run the SOCKS5 handshake on C{sock}; raise L{ConnectError} on refusal."""
+    method = b"\x02" if cluster else b"\x00"
+    sock.sendall(b"\x05\x01" + method)
+    version, chosen = _read_exactly(sock, 2)
+    if version != 5 or chosen != method[0]:
+        raise ConnectError(
+            "the gateway did not accept "
+            + ("username/password authentication" if cluster else "unauthenticated access")
+            + (" (give --cluster)" if not cluster else ""),
+            EXIT_REFUSED,
+        )
+    if cluster:
+        user = cluster.encode()
+        password = (token or "").encode()
+        sock.sendall(b"\x01" + bytes([len(user)]) + user + bytes([len(password)]) + password)
+        _, status = _read_exactly(sock, 2)
+        if status != 0:
+            raise ConnectError(
+                f"the gateway rejected the credentials for cluster {cluster!r} "
+                "(unknown cluster or wrong token)",
+                EXIT_REFUSED,
+            )
+    sock.sendall(b"\x05\x01\x00" + _address(host) + struct.pack(">H", port))
+    _, reply, _, address_type = _read_exactly(sock, 4)
+    bound = {1: 4, 4: 16}.get(address_type)
+    if bound is None:
+        bound = _read_exactly(sock, 1)[0]
+    _read_exactly(sock, bound + 2)
+    if reply != 0:
+        words = SOCKS5_REPLY_TEXT.get(reply, "unknown reply")
+        raise ConnectError(
+            f"the gateway could not connect to {host}:{port}: {words} (SOCKS5 reply {reply:#04x})",
+            EXIT_REFUSED,
+        )
+
+
+def relay(sock: socket.socket, stdin: int = 0, stdout: int = 1) -> None:
+    """Copy stdin to C{sock} and C{sock} to stdout until both directions end."""
+    sock.setblocking(True)
+    sock.settimeout(None)
+    selector = selectors.DefaultSelector()
+    selector.register(sock, selectors.EVENT_READ, "socket")
+    selector.register(stdin, selectors.EVENT_READ, "stdin")
+    open_directions = 2
+    while open_directions:
+        for key, _ in selector.select():
+            if key.data == "stdin":
+                data = os.read(stdin, 65536)
+                if data:
+                    sock.sendall(data)
+                else:
+                    selector.unregister(stdin)
+                    sock.shutdown(socket.SHUT_WR)
+                    open_directions -= 1
+            else:
+                data = sock.recv(65536)
+                if data:
+                    view = memoryview(data)
+                    while view:
+                        view = view[os.write(stdout, view) :]
+                else:
+                    selector.unregister(sock)
+                    os.close(stdout)
+                    open_directions -= 1
+    sock.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        sock = _socks_socket(args.socks, args.timeout)
+        try:
+            socks5_connect(sock, args.host, args.port, args.cluster, args.token)
+        except OSError as e:
+            raise ConnectError(f"handshake with the gateway failed: {e}", EXIT_UNREACHABLE) from None
+        relay(sock)
+    except ConnectionError as e:
+        print(f"gateway-connect: connection to {args.host}:{args.port} lost: {e}", file=sys.stderr)
+        return 1
+    except ConnectError as e:
+        print(f"gateway-connect: {e}", file=sys.stderr)
+        return e.status
+    except BrokenPipeError:
+        return 0
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

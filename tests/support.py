@@ -1,0 +1,194 @@
+"""
+Shared pieces for the in-process tests: a gateway with a fake proxy node on
+loopback, real destination services, and blocking clients run in threads.
+
+Everything listens on 127.0.0.1 or on unix sockets in the test's temp dir;
+"internal" addresses such as 10.99.0.10 exist only inside the fake proxy node's
+route table, so no packet ever leaves the machine.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import struct
+from typing import Any
+
+from twisted.internet import reactor
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.interfaces import IHalfCloseableProtocol
+from twisted.internet.protocol import Factory, Protocol
+from zope.interface import implementer
+
+from gateway.config import GatewayConfig, ListenConfig, parse_cluster
+from gateway.service import GatewayService
+from gateway.testing import FakeProxyNode, demo_web_site, generate_key, private_pem, public_line
+
+WEB = ("10.99.0.10", 80)
+ECHO = ("10.99.0.10", 7)
+FLOOD = ("10.99.0.10", 19)
+PROHIBITED = ("10.99.0.10", 25)
+FLOOD_BYTES = 32 * 1024 * 1024
+
+
+@implementer(IHalfCloseableProtocol)
+class HalfCloseEcho(Protocol):
+    """Echoes; on the client's EOF answers b'bye' and closes its side."""
+
+    def dataReceived(self, data: bytes) -> None:
+        self.transport.write(data)
+
+    def readConnectionLost(self) -> None:
+        self.transport.write(b"bye")
+        self.transport.loseConnection()
+
+    def writeConnectionLost(self) -> None:
+        pass
+
+
+class Flood(Protocol):
+    """Writes FLOOD_BYTES as fast as the consumer takes them, then closes."""
+
+    def connectionMade(self) -> None:
+        self._left = FLOOD_BYTES
+        self.transport.registerProducer(self, True)
+        self.resumeProducing()
+
+    def pauseProducing(self) -> None:
+        self._paused = True
+
+    def stopProducing(self) -> None:
+        self._left = 0
+
+    def resumeProducing(self) -> None:
+        self._paused = False
+        chunk = b"x" * 65536
+        while self._left > 0 and not self._paused:
+            self._left -= len(chunk)
+            self.transport.write(chunk)
+        if self._left <= 0:
+            self.transport.unregisterProducer()
+            self.transport.loseConnection()
+
+
+def _factory(protocol: type[Protocol]) -> Factory:
+    factory = Factory.forProtocol(protocol)
+    factory.noisy = False
+    return factory
+
+
+class GatewayHarness:
+    """A running gateway in this process, with one fake cluster behind it."""
+
+    def __init__(self, testcase, **cluster_overrides: Any) -> None:
+        self.testcase = testcase
+        self.dir = testcase.mktemp()
+        os.makedirs(self.dir)
+        self.client_key = generate_key()
+        self.cluster_overrides = cluster_overrides
+        self.node: FakeProxyNode | None = None
+        self.service: GatewayService | None = None
+
+    async def start(self, clusters: int = 1) -> None:
+        routes = {}
+        for name, address, factory in (
+            ("web", WEB, demo_web_site()),
+            ("echo", ECHO, _factory(HalfCloseEcho)),
+            ("flood", FLOOD, _factory(Flood)),
+        ):
+            path = os.path.join(self.dir, f"{name}.sock")
+            port = await serverFromString(reactor, f"unix:{path}").listen(factory)
+            self.testcase.addCleanup(port.stopListening)
+            routes[address] = f"unix:{path}"
+        self.node = FakeProxyNode(reactor, [self.client_key], routes=routes, prohibited=[PROHIBITED])
+        ssh = await self.node.listen()
+        self.testcase.addCleanup(ssh.stopListening)
+        self.ssh_port = ssh.getHost().port
+        cluster = parse_cluster("demo", self.cluster_settings(), "(test)", "clusters.demo")
+        config = GatewayConfig(
+            listen=ListenConfig(
+                socks=("tcp:0:interface=127.0.0.1",), http=("tcp:0:interface=127.0.0.1",)
+            ),
+            clusters={"demo": cluster},
+            source="(test)",
+        )
+        self.service = GatewayService(config, reactor)
+        self.service.startService()
+        self.testcase.addCleanup(self.service.stopService)
+        await self.cluster_up("demo")
+
+    def cluster_settings(self, **more: Any) -> dict:
+        settings = {
+            "proxies": [f"127.0.0.1:{self.ssh_port}"],
+            "user": "demo",
+            "key": private_pem(self.client_key),
+            "host_keys": [public_line(self.node.host_key)],
+            "networks": ["10.99.0.0/24"],
+            "connect_timeout": 5.0,
+        }
+        settings.update(self.cluster_overrides)
+        settings.update(more)
+        return settings
+
+    async def cluster_up(self, name: str) -> None:
+        await self.service.clusters[name].connection()
+
+    @property
+    def socks_port(self) -> int:
+        return int(self.service.listening_address("socks").rsplit(":", 1)[1])
+
+    @property
+    def http_port(self) -> int:
+        return int(self.service.listening_address("http").rsplit(":", 1)[1])
+
+
+# -- blocking clients (run with deferToThread) ---------------------------------
+
+
+def recv_all(sock: socket.socket, limit: int = 1 << 26) -> bytes:
+    chunks = []
+    total = 0
+    while total < limit:
+        data = sock.recv(65536)
+        if not data:
+            break
+        chunks.append(data)
+        total += len(data)
+    return b"".join(chunks)
+
+
+def socks5_open(
+    port: int,
+    host: str,
+    dest_port: int,
+    username: str | None = None,
+    password: str = "",
+    timeout: float = 10,
+) -> tuple[socket.socket, int]:
+    """SOCKS5 CONNECT; returns the socket and the reply code (0 = success)."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    method = 2 if username is not None else 0
+    sock.sendall(bytes([5, 1, method]))
+    greeting = sock.recv(2)
+    if greeting != bytes([5, method]):
+        return sock, -1
+    if username is not None:
+        user, pw = username.encode(), password.encode()
+        sock.sendall(bytes([1, len(user)]) + user + bytes([len(pw)]) + pw)
+        if sock.recv(2) != b"\x01\x00":
+            return sock, -2
+    sock.sendall(b"\x05\x01\x00\x01" + socket.inet_aton(host) + struct.pack(">H", dest_port))
+    reply = b""
+    while len(reply) < 10:
+        chunk = sock.recv(10 - len(reply))
+        if not chunk:
+            break
+        reply += chunk
+    return sock, reply[1] if len(reply) > 1 else -3
+
+
+def http_exchange(port: int, request: bytes, timeout: float = 10) -> bytes:
+    """Send raw bytes to the HTTP listener and read until it closes."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        sock.sendall(request)
+        return recv_all(sock)

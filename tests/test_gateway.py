@@ -1,0 +1,222 @@
+"""
+In-process tests: the whole gateway (listeners, routing, Conch client) against
+a Conch SSH server playing the proxy node, on loopback.
+"""
+
+from __future__ import annotations
+
+import base64
+import socket
+
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred
+from twisted.internet.task import deferLater
+from twisted.internet.threads import deferToThread
+from twisted.trial.unittest import TestCase
+
+from gateway.testing import DEMO_PAGE, generate_key, public_line
+from tests.support import (
+    ECHO,
+    FLOOD,
+    FLOOD_BYTES,
+    PROHIBITED,
+    WEB,
+    GatewayHarness,
+    http_exchange,
+    recv_all,
+    socks5_open,
+)
+
+
+def inline(f):
+    """Run an async test method as a Deferred (trial understands those)."""
+
+    def wrapper(self):
+        return Deferred.fromCoroutine(f(self))
+
+    wrapper.__name__ = f.__name__
+    return wrapper
+
+
+class SocksEndToEndTests(TestCase):
+    @inline
+    async def setUp(self):
+        self.harness = GatewayHarness(self)
+        await self.harness.start()
+
+    def _get(self, host, port, **kw) -> tuple[int, bytes]:
+        sock, code = socks5_open(self.harness.socks_port, host, port, **kw)
+        with sock:
+            if code != 0:
+                return code, b""
+            sock.sendall(b"GET / HTTP/1.0\r\nHost: x\r\n\r\n")
+            return code, recv_all(sock)
+
+    @inline
+    async def test_fetch_page(self):
+        code, body = await deferToThread(self._get, *WEB)
+        self.assertEqual(code, 0)
+        self.assertTrue(body.endswith(DEMO_PAGE), body)
+
+    @inline
+    async def test_half_close_both_ways(self):
+        def run():
+            sock, code = socks5_open(self.harness.socks_port, *ECHO)
+            with sock:
+                sock.sendall(b"hello")
+                sock.shutdown(socket.SHUT_WR)
+                return code, recv_all(sock)
+
+        code, data = await deferToThread(run)
+        self.assertEqual((code, data), (0, b"hellobye"))
+
+    @inline
+    async def test_prohibited_maps_to_0x02(self):
+        code, _ = await deferToThread(self._get, *PROHIBITED)
+        self.assertEqual(code, 0x02)
+
+    @inline
+    async def test_refused_maps_to_0x05(self):
+        code, _ = await deferToThread(self._get, "10.99.0.10", 81)
+        self.assertEqual(code, 0x05)
+
+    @inline
+    async def test_outside_networks_is_not_allowed(self):
+        code, _ = await deferToThread(self._get, "10.98.0.10", 80)
+        self.assertEqual(code, 0x02)
+
+    @inline
+    async def test_unknown_cluster_fails_authentication(self):
+        code, _ = await deferToThread(self._get, *WEB, username="nope")
+        self.assertEqual(code, -2)
+
+    @inline
+    async def test_socks4a_with_user_id(self):
+        def run():
+            sock = socket.create_connection(("127.0.0.1", self.harness.socks_port), timeout=10)
+            with sock:
+                sock.sendall(b"\x04\x01\x00\x50\x00\x00\x00\x01demo\x0010.99.0.10\x00")
+                reply = sock.recv(8)
+                sock.sendall(b"GET / HTTP/1.0\r\n\r\n")
+                return reply, recv_all(sock)
+
+        reply, body = await deferToThread(run)
+        self.assertEqual(reply[:2], b"\x00\x5a")
+        self.assertTrue(body.endswith(DEMO_PAGE))
+
+    @inline
+    async def test_slow_reader_bounds_gateway_buffering(self):
+        """
+        A client that stops reading pauses the channel: the gateway holds at
+        most about one window, however much the destination could send.
+        """
+        sock, code = await deferToThread(socks5_open, self.harness.socks_port, *FLOOD)
+        self.addCleanup(sock.close)
+        self.assertEqual(code, 0)
+        await deferLater(reactor, 1.0, lambda: None)
+        cluster = self.harness.service.clusters["demo"]
+        (channel,) = [
+            c for c in cluster._connection.channels.values() if c.port == FLOOD[1]
+        ]
+        received_before = channel.bytes_down
+        await deferLater(reactor, 0.5, lambda: None)
+        # Stalled: no more data is accepted once the window is used up ...
+        self.assertEqual(channel.bytes_down, received_before)
+        self.assertLess(channel.bytes_down, FLOOD_BYTES // 2)
+        # ... and what the gateway itself buffers is bounded by one window
+        # plus one transport buffer (the rest sits in kernel socket buffers).
+        transport = channel._peer._transport
+        buffered = len(transport.dataBuffer) + transport._tempDataLen
+        self.assertLessEqual(buffered, channel.localWindowSize + 256 * 1024)
+        self.assertLessEqual(channel.localWindowLeft, channel.localWindowSize // 2)
+
+        # Reading again drains everything.
+        data = await deferToThread(recv_all, sock)
+        self.assertEqual(len(data), FLOOD_BYTES)
+
+
+class HttpEndToEndTests(TestCase):
+    @inline
+    async def setUp(self):
+        self.harness = GatewayHarness(self, token="s3cret")
+        await self.harness.start()
+
+    def _auth(self, user="demo", password="s3cret") -> bytes:
+        token = base64.b64encode(f"{user}:{password}".encode()).decode()
+        return f"Proxy-Authorization: Basic {token}\r\n".encode()
+
+    @inline
+    async def test_absolute_form_keep_alive_over_one_connection(self):
+        request = b"GET http://10.99.0.10/ HTTP/1.1\r\nHost: 10.99.0.10\r\n" + self._auth() + b"\r\n"
+        last = request.replace(b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n")
+        data = await deferToThread(http_exchange, self.harness.http_port, request * 2 + last)
+        self.assertEqual(data.count(b"HTTP/1.1 200"), 3, data)
+        self.assertEqual(data.count(DEMO_PAGE), 3)
+
+    @inline
+    async def test_connect(self):
+        request = b"CONNECT 10.99.0.10:7 HTTP/1.1\r\n" + self._auth() + b"\r\n"
+
+        def run():
+            sock = socket.create_connection(("127.0.0.1", self.harness.http_port), timeout=10)
+            with sock:
+                sock.sendall(request + b"ping")
+                sock.shutdown(socket.SHUT_WR)
+                return recv_all(sock)
+
+        data = await deferToThread(run)
+        self.assertTrue(data.startswith(b"HTTP/1.1 200"), data)
+        self.assertTrue(data.endswith(b"\r\n\r\npingbye"), data)
+
+    async def _status(self, request: bytes) -> tuple[int, bytes]:
+        data = await deferToThread(http_exchange, self.harness.http_port, request)
+        head, _, body = data.partition(b"\r\n\r\n")
+        return int(head.split()[1]), head + b"\r\n\r\n" + body
+
+    @inline
+    async def test_missing_credentials_is_407(self):
+        status, data = await self._status(b"GET http://10.99.0.10/ HTTP/1.1\r\nHost: a\r\n\r\n")
+        self.assertEqual(status, 407)
+        self.assertIn(b"Proxy-Authenticate: Basic", data)
+
+    @inline
+    async def test_wrong_token_is_407_and_never_echoed(self):
+        request = b"GET http://10.99.0.10/ HTTP/1.1\r\n" + self._auth(password="guess") + b"\r\n"
+        status, data = await self._status(request)
+        self.assertEqual(status, 407)
+        self.assertNotIn(b"guess", data)
+        self.assertNotIn(b"s3cret", data)
+
+    @inline
+    async def test_refused_is_502_with_reason(self):
+        request = b"GET http://10.99.0.10:81/ HTTP/1.1\r\n" + self._auth() + b"\r\n"
+        status, data = await self._status(request)
+        self.assertEqual(status, 502)
+        self.assertIn(b"Connection refused", data)
+
+    @inline
+    async def test_outside_networks_is_403(self):
+        request = b"GET http://192.0.2.1/ HTTP/1.1\r\n" + self._auth() + b"\r\n"
+        status, data = await self._status(request)
+        self.assertEqual(status, 403)
+
+    @inline
+    async def test_malformed_request_is_400(self):
+        status, _ = await self._status(b"HELLO\r\n\r\n")
+        self.assertEqual(status, 400)
+
+
+class HostKeyTests(TestCase):
+    @inline
+    async def test_wrong_host_key_refuses_and_clients_get_unavailable(self):
+        harness = GatewayHarness(self, connect_timeout=1.0)
+        wrong = public_line(generate_key())
+        harness.cluster_overrides["host_keys"] = [wrong]
+        with self.assertRaises(Exception):
+            await harness.start()
+        cluster = harness.service.clusters["demo"]
+        self.assertIn("SHA256:", cluster.last_error)
+        self.assertIn("not one of the pinned host_keys", cluster.last_error)
+        sock, code = await deferToThread(socks5_open, harness.socks_port, *WEB)
+        sock.close()
+        self.assertEqual(code, 0x04)
