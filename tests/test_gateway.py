@@ -10,10 +10,11 @@ import socket
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
-from twisted.internet.task import deferLater
+from twisted.internet.task import Clock, deferLater
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
+from gateway.errors import StreamError
 from gateway.testing import DEMO_PAGE, generate_key, public_line
 from tests.support import (
     ECHO,
@@ -212,7 +213,7 @@ class HostKeyTests(TestCase):
         harness = GatewayHarness(self, connect_timeout=1.0)
         wrong = public_line(generate_key())
         harness.cluster_overrides["host_keys"] = [wrong]
-        with self.assertRaises(Exception):
+        with self.assertRaises(StreamError):
             await harness.start()
         cluster = harness.service.clusters["demo"]
         self.assertIn("SHA256:", cluster.last_error)
@@ -220,3 +221,96 @@ class HostKeyTests(TestCase):
         sock, code = await deferToThread(socks5_open, harness.socks_port, *WEB)
         sock.close()
         self.assertEqual(code, 0x04)
+
+
+class HandshakeTimeoutTests(TestCase):
+    """A client that connects and sends nothing cannot hold a slot."""
+
+    def _protocol(self, factory_class):
+        from twisted.internet.testing import StringTransport
+
+        from gateway.routing import Router
+        from gateway.streams import Gateway
+
+        clock = Clock()
+        protocol = factory_class(Gateway(Router(()), {}), clock).buildProtocol(None)
+        transport = StringTransport()
+        protocol.makeConnection(transport)
+        return clock, protocol, transport
+
+    def test_silent_socks_client_is_cut(self):
+        from gateway.socks_protocol import SocksFactory
+
+        clock, protocol, transport = self._protocol(SocksFactory)
+        protocol.dataReceived(b"\x05")
+        clock.advance(9.9)
+        self.assertFalse(transport.disconnecting)
+        clock.advance(0.1)
+        self.assertTrue(transport.disconnecting)
+
+    def test_silent_http_client_is_cut(self):
+        from gateway.http_protocol import HttpProxyFactory
+
+        clock, protocol, transport = self._protocol(HttpProxyFactory)
+        protocol.dataReceived(b"GET http://10.0.0.1/ HTTP/1.1\r\n")
+        clock.advance(10)
+        self.assertTrue(transport.disconnecting)
+
+
+class GatewayConnectTests(TestCase):
+    """The ProxyCommand helper, as a real subprocess."""
+
+    @inline
+    async def setUp(self):
+        self.harness = GatewayHarness(self, token="t0ken")
+        await self.harness.start()
+
+    async def _gateway_connect(self, *args: str, stdin: bytes = b"") -> tuple[bytes, bytes, int]:
+        import subprocess
+        import sys
+
+        argv = [sys.executable, "-m", "gateway.scripts.connect",
+                "--socks", f"127.0.0.1:{self.harness.socks_port}", *args]
+
+        def run():
+            done = subprocess.run(argv, input=stdin, capture_output=True, timeout=30)
+            return done.stdout, done.stderr, done.returncode
+
+        return await deferToThread(run)
+
+    @inline
+    async def test_relays_stdin_and_stdout_with_half_close(self):
+        out, err, status = await self._gateway_connect(
+            "--cluster", "demo", "--token", "t0ken", "10.99.0.10", "7", stdin=b"hello"
+        )
+        self.assertEqual((out, status), (b"hellobye", 0), err)
+
+    @inline
+    async def test_refusal_in_words_and_non_zero_exit(self):
+        out, err, status = await self._gateway_connect("--cluster", "demo", "--token", "t0ken", "10.99.0.10", "81")
+        self.assertEqual(status, 3)
+        self.assertIn(b"connection refused", err)
+        self.assertIn(b"0x05", err)
+
+    @inline
+    async def test_wrong_token(self):
+        out, err, status = await self._gateway_connect("--cluster", "demo", "--token", "nope", "10.99.0.10", "7")
+        self.assertEqual(status, 3)
+        self.assertIn(b"rejected the credentials", err)
+        self.assertNotIn(b"nope", err)
+
+    @inline
+    async def test_gateway_not_listening(self):
+        import sys
+
+        def run():
+            import subprocess
+
+            return subprocess.run(
+                [sys.executable, "-m", "gateway.scripts.connect", "--socks", "127.0.0.1:1", "10.0.0.1", "22"],
+                capture_output=True, timeout=30,
+            )
+
+        done = await deferToThread(run)
+        self.assertEqual(done.returncode, 2)
+        self.assertIn(b"cannot reach the gateway", done.stderr)

@@ -1,0 +1,355 @@
+"""
+Unit tests of the SSH side: rsa-sha2 signing, host-key policy, channel flow
+control and the cluster's reconnect logic, with fake transports and clocks.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from twisted.conch.client.knownhosts import KnownHostsFile
+from twisted.conch.ssh import connection, keys, userauth
+from twisted.conch.ssh.common import NS, getNS
+from twisted.internet.defer import Deferred, fail
+from twisted.internet.task import Clock
+from twisted.python.filepath import FilePath
+from twisted.trial.unittest import TestCase
+
+from gateway.cluster import ClusterConnection, backoff_delay
+from gateway.config import parse_cluster
+from gateway.errors import Reason, StreamError
+from gateway.ssh.auth import KeyAuthClient, signature_algorithm
+from gateway.ssh.channel import TunnelChannel, open_failure_reason
+from gateway.ssh.client import SSHConnectError, TunnelConnection
+from gateway.ssh.hostkeys import HostKeyError, HostKeyPolicy, known_hosts_name
+from gateway.testing import generate_key, private_pem, public_line
+
+
+def rsa_key() -> keys.Key:
+    return keys.Key(rsa.generate_private_key(public_exponent=65537, key_size=2048))
+
+
+def ecdsa_key() -> keys.Key:
+    return keys.Key(ec.generate_private_key(ec.SECP256R1()))
+
+
+class FakeSSHTransport:
+    """Records packets instead of encrypting them."""
+
+    def __init__(self) -> None:
+        self.packets: list[tuple[int, bytes]] = []
+        self.sessionID = b"session-id"
+        self.peerExtensions: dict[bytes, bytes] = {}
+
+    def sendPacket(self, kind: int, payload: bytes) -> None:
+        self.packets.append((kind, payload))
+
+    def of_kind(self, kind: int) -> list[bytes]:
+        return [payload for k, payload in self.packets if k == kind]
+
+
+class SignatureAlgorithmTests(TestCase):
+    def test_rsa_prefers_sha512(self):
+        key = rsa_key()
+        self.assertEqual(
+            signature_algorithm(key, b"ssh-ed25519,rsa-sha2-256,rsa-sha2-512"), b"rsa-sha2-512"
+        )
+
+    def test_rsa_sha256_when_only_offered(self):
+        self.assertEqual(signature_algorithm(rsa_key(), b"rsa-sha2-256,ssh-rsa"), b"rsa-sha2-256")
+
+    def test_rsa_without_ext_info_is_ssh_rsa(self):
+        self.assertEqual(signature_algorithm(rsa_key(), None), b"ssh-rsa")
+
+    def test_other_key_types_use_their_own_name(self):
+        self.assertEqual(signature_algorithm(generate_key(), b"rsa-sha2-512"), b"ssh-ed25519")
+        self.assertEqual(signature_algorithm(ecdsa_key(), None), b"ecdsa-sha2-nistp256")
+
+
+class KeyAuthClientTests(TestCase):
+    def _request(self, key: keys.Key, server_sig_algs: bytes | None) -> tuple[bytes, bytes, bytes]:
+        transport = FakeSSHTransport()
+        if server_sig_algs is not None:
+            transport.peerExtensions[b"server-sig-algs"] = server_sig_algs
+        client = KeyAuthClient("root", key, connection.SSHConnection())
+        client.transport = transport
+        client.auth_publickey()
+        (payload,) = transport.of_kind(userauth.MSG_USERAUTH_REQUEST)
+        user, service, method, rest = getNS(payload, 3)
+        self.assertEqual((user, service, method), (b"root", b"ssh-connection", b"publickey"))
+        self.assertEqual(rest[:1], b"\x01")
+        algorithm, blob, signature, _ = getNS(rest[1:], 3)
+        signed = (
+            NS(transport.sessionID)
+            + bytes((userauth.MSG_USERAUTH_REQUEST,))
+            + NS(b"root")
+            + NS(b"ssh-connection")
+            + NS(b"publickey")
+            + b"\x01"
+            + NS(algorithm)
+            + NS(blob)
+        )
+        self.assertTrue(key.public().verify(signature, signed))
+        self.assertEqual(blob, key.public().blob())
+        return algorithm, blob, signature
+
+    def test_rsa_signs_with_rsa_sha2_512(self):
+        algorithm, _, signature = self._request(rsa_key(), b"rsa-sha2-256,rsa-sha2-512")
+        self.assertEqual(algorithm, b"rsa-sha2-512")
+        self.assertEqual(getNS(signature)[0], b"rsa-sha2-512")
+
+    def test_rsa_signs_with_rsa_sha2_256(self):
+        algorithm, _, signature = self._request(rsa_key(), b"rsa-sha2-256")
+        self.assertEqual(getNS(signature)[0], b"rsa-sha2-256")
+
+    def test_ed25519(self):
+        algorithm, _, _ = self._request(generate_key(), b"rsa-sha2-512")
+        self.assertEqual(algorithm, b"ssh-ed25519")
+
+    def test_key_is_tried_once_and_only_publickey(self):
+        client = KeyAuthClient("root", generate_key(), connection.SSHConnection())
+        client.transport = FakeSSHTransport()
+        self.assertTrue(self.successResultOf(client.auth_publickey()))
+        self.assertFalse(self.successResultOf(client.auth_publickey()))
+        self.assertIsNone(client.tryAuth(b"password"))
+        self.assertIsNone(client.tryAuth(b"keyboard-interactive"))
+
+
+class HostKeyPolicyTests(TestCase):
+    def setUp(self):
+        self.ed25519 = generate_key().public()
+        self.ecdsa = ecdsa_key().public()
+        self.path = self.mktemp()
+
+    def _known_hosts(self, lines: list[str], hashed: bool = False) -> HostKeyPolicy:
+        if hashed:
+            known = KnownHostsFile(FilePath(self.path))
+            for line in lines:
+                host, _, key = line.partition(" ")
+                known.addHostKey(host.encode(), keys.Key.fromString(key))
+            known.save()
+        else:
+            with open(self.path, "w") as f:
+                f.write("\n".join(lines) + "\n")
+        return HostKeyPolicy(known_hosts=self.path)
+
+    def test_known_host_accepted(self):
+        policy = self._known_hosts([f"10.0.0.1 {public_line(self.ed25519)}"])
+        policy.verify("10.0.0.1", 22, self.ed25519)
+
+    def test_hashed_entries_and_non_default_port(self):
+        name = known_hosts_name("10.0.0.1", 2222)
+        self.assertEqual(name, "[10.0.0.1]:2222")
+        policy = self._known_hosts([f"{name} {public_line(self.ed25519)}"], hashed=True)
+        with open(self.path) as f:
+            self.assertTrue(f.read().startswith("|1|"))
+        policy.verify("10.0.0.1", 2222, self.ed25519)
+        self.assertRaises(HostKeyError, policy.verify, "10.0.0.1", 22, self.ed25519)
+
+    def test_mismatch_names_the_offered_fingerprint(self):
+        policy = self._known_hosts([f"10.0.0.1 {public_line(self.ed25519)}"])
+        other = generate_key().public()
+        e = self.assertRaises(HostKeyError, policy.verify, "10.0.0.1", 22, other)
+        self.assertIn("does not match", str(e))
+        self.assertIn("SHA256:", str(e))
+
+    def test_unknown_host_is_refused(self):
+        policy = self._known_hosts([f"10.0.0.2 {public_line(self.ed25519)}"])
+        e = self.assertRaises(HostKeyError, policy.verify, "10.0.0.1", 22, self.ed25519)
+        self.assertIn("no host key for 10.0.0.1", str(e))
+
+    def test_pinned_keys(self):
+        policy = HostKeyPolicy(pinned=[self.ed25519])
+        policy.verify("anything", 22, self.ed25519)
+        self.assertRaises(HostKeyError, policy.verify, "anything", 22, self.ecdsa)
+
+    def test_accept_any_is_explicit(self):
+        HostKeyPolicy(accept_any=True).verify("x", 22, self.ecdsa)
+        self.assertRaises(HostKeyError, HostKeyPolicy().verify, "x", 22, self.ecdsa)
+
+    def test_algorithms_of_held_keys_come_first(self):
+        policy = self._known_hosts([f"10.0.0.1 {public_line(self.ed25519)}"])
+        supported = [b"ecdsa-sha2-nistp256", b"rsa-sha2-512", b"ssh-ed25519"]
+        self.assertEqual(
+            policy.preferred_algorithms("10.0.0.1", 22, supported),
+            [b"ssh-ed25519", b"ecdsa-sha2-nistp256", b"rsa-sha2-512"],
+        )
+
+
+class ChannelFlowControlTests(TestCase):
+    """The window is granted only as the local consumer keeps up."""
+
+    def setUp(self):
+        self.transport = FakeSSHTransport()
+        self.conn = TunnelConnection(Deferred(), Clock())
+        self.conn.transport = self.transport
+        self.conn.serviceStarted()
+        self.opened = self.conn.open_tunnel("10.0.0.5", 80, ("127.0.0.1", 5000), window_size=65536)
+        self.received: list[bytes] = []
+        # remote channel 7, remote window 100 bytes, max packet 32768
+        self.conn.ssh_CHANNEL_OPEN_CONFIRMATION(struct.pack(">4L", 0, 7, 100, 32768))
+        self.channel: TunnelChannel = self.successResultOf(self.opened)
+        self.channel.attach(self)
+
+    # TunnelPeer
+    def tunnel_data(self, data):
+        self.received.append(data)
+
+    def tunnel_eof(self):
+        self.received.append(b"<eof>")
+
+    def tunnel_closed(self):
+        pass
+
+    def tunnel_pause_writing(self):
+        self.received.append(b"<pause>")
+
+    def tunnel_resume_writing(self):
+        self.received.append(b"<resume>")
+
+    def _data(self, size: int) -> None:
+        self.conn.ssh_CHANNEL_DATA(struct.pack(">L", 0) + NS(b"x" * size))
+
+    def _adjustments(self) -> list[int]:
+        return [struct.unpack(">2L", p)[1] for p in self.transport.of_kind(connection.MSG_CHANNEL_WINDOW_ADJUST)]
+
+    def test_open_request_carries_destination_and_window(self):
+        (payload,) = self.transport.of_kind(connection.MSG_CHANNEL_OPEN)
+        kind, rest = getNS(payload)
+        self.assertEqual(kind, b"direct-tcpip")
+        self.assertEqual(struct.unpack(">3L", rest[:12])[1:], (65536, 32768))
+        host, rest = getNS(rest[12:])
+        self.assertEqual((host, struct.unpack(">L", rest[:4])[0]), (b"10.0.0.5", 80))
+
+    def test_window_granted_after_half_consumed(self):
+        self._data(30000)
+        self.assertEqual(self._adjustments(), [])
+        self._data(10000)
+        self.assertEqual(self._adjustments(), [40000])
+
+    def test_paused_consumer_gets_no_window(self):
+        self.channel.pauseProducing()
+        self._data(32768)
+        self._data(32768)
+        self.assertEqual(self._adjustments(), [])
+        self.assertEqual(self.channel.localWindowLeft, 0)
+        # More than the window is a protocol violation: the channel is closed.
+        self._data(1)
+        self.assertEqual(len(self.transport.of_kind(connection.MSG_CHANNEL_CLOSE)), 1)
+
+    def test_resume_grants_the_consumed_window(self):
+        self.channel.pauseProducing()
+        self._data(32768)
+        self._data(32768)
+        self.channel.resumeProducing()
+        self.assertEqual(self._adjustments(), [65536])
+
+    def test_full_remote_window_pauses_the_writer_and_eof_waits_for_data(self):
+        self.channel.send(b"y" * 150)
+        self.assertIn(b"<pause>", self.received)
+        self.channel.send_eof()
+        sent = self.transport.of_kind(connection.MSG_CHANNEL_DATA)
+        self.assertEqual(sum(len(getNS(p[4:])[0]) for p in sent), 100)
+        self.assertEqual(self.transport.of_kind(connection.MSG_CHANNEL_EOF), [])
+        self.conn.ssh_CHANNEL_WINDOW_ADJUST(struct.pack(">2L", 0, 1000))
+        kinds = [k for k, _ in self.transport.packets]
+        self.assertEqual(kinds[-2:], [connection.MSG_CHANNEL_DATA, connection.MSG_CHANNEL_EOF])
+        self.assertEqual(self.channel.bytes_up, 150)
+
+    def test_counts_bytes_down(self):
+        self._data(10)
+        self.assertEqual(self.channel.bytes_down, 10)
+        self.assertEqual(self.received, [b"x" * 10])
+
+
+class OpenFailureTests(TestCase):
+    def test_mapping(self):
+        cases = {
+            (1, "open failed"): Reason.PROHIBITED,
+            (2, "Connection refused"): Reason.REFUSED,
+            (2, "Network is unreachable"): Reason.NETWORK_UNREACHABLE,
+            (2, "No route to host"): Reason.HOST_UNREACHABLE,
+            (2, "Name or service not known"): Reason.HOST_UNREACHABLE,
+            (2, "Connection timed out"): Reason.TIMEOUT,
+            (4, "resource shortage"): Reason.GENERAL,
+        }
+        for (code, text), reason in cases.items():
+            self.assertEqual(open_failure_reason(code, text), reason, text)
+
+    def test_open_failure_reaches_the_opener_as_stream_error(self):
+        conn = TunnelConnection(Deferred(), Clock())
+        conn.transport = FakeSSHTransport()
+        conn.serviceStarted()
+        opened = conn.open_tunnel("10.0.0.5", 81, ("127.0.0.1", 1))
+        conn.ssh_CHANNEL_OPEN_FAILURE(struct.pack(">2L", 0, 2) + NS(b"Connection refused") + NS(b""))
+        error = self.failureResultOf(opened, StreamError).value
+        self.assertEqual(error.reason, Reason.REFUSED)
+        self.assertIn("10.0.0.5:81", error.detail)
+
+
+class BackoffTests(TestCase):
+    def test_doubling_capped_with_jitter(self):
+        top = [backoff_delay(n, jitter=lambda: 0.999999) for n in range(1, 10)]
+        self.assertEqual([round(d, 2) for d in top], [0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 30.0, 30.0, 30.0])
+        self.assertEqual(backoff_delay(1, jitter=lambda: 0.0), 0.25)
+
+
+class ClusterConnectionTests(TestCase):
+    def setUp(self):
+        self.clock = Clock()
+        self.attempts: list[str] = []
+        key_dir = self.mktemp()
+        os.makedirs(key_dir)
+        self.config = parse_cluster(
+            "c1",
+            {
+                "proxies": ["10.0.0.1:22", "10.0.0.2:2222"],
+                "user": "root",
+                "key": private_pem(generate_key()),
+                "insecure_accept_any_host_key": True,
+                "networks": ["10.1.0.0/24"],
+                "connect_timeout": 3.0,
+            },
+            "(test)",
+            "clusters.c1",
+        )
+
+    def _failing_connector(self, proxy, factory):
+        self.attempts.append(str(proxy))
+        return fail(SSHConnectError(f"cannot reach {proxy}"))
+
+    def test_candidates_rotate_with_backoff(self):
+        cluster = ClusterConnection(self.config, self.clock, self._failing_connector, jitter=lambda: 0.999999)
+        cluster.startService()
+        self.assertEqual(cluster.state, "backoff")
+        self.assertEqual(self.attempts, ["10.0.0.1:22"])
+        self.clock.advance(0.49)
+        self.assertEqual(len(self.attempts), 1)
+        self.clock.advance(0.01)
+        self.assertEqual(self.attempts, ["10.0.0.1:22", "10.0.0.2:2222"])
+        self.clock.advance(1.0)
+        self.assertEqual(self.attempts[-1], "10.0.0.1:22")
+        self.assertEqual(cluster.last_error, "cannot reach 10.0.0.1:22")
+        cluster.stopService()
+        self.assertEqual(cluster.state, "stopped")
+        self.clock.advance(60)
+        self.assertEqual(len(self.attempts), 3)
+
+    def test_waiting_stream_fails_unavailable_after_connect_timeout(self):
+        cluster = ClusterConnection(self.config, self.clock, self._failing_connector)
+        cluster.startService()
+        waiting = cluster.open_stream("10.1.0.5", 22, ("127.0.0.1", 0))
+        self.assertNoResult(waiting)
+        self.clock.advance(3.0)
+        error = self.failureResultOf(waiting, StreamError).value
+        self.assertEqual(error.reason, Reason.UNAVAILABLE)
+        self.assertIn("within 3 s", error.detail)
+        self.assertIn("cannot reach", error.detail)
+        cluster.stopService()
+
+    def test_stopped_cluster_is_unavailable_at_once(self):
+        cluster = ClusterConnection(self.config, self.clock, self._failing_connector)
+        error = self.failureResultOf(cluster.connection(), StreamError).value
+        self.assertEqual(error.reason, Reason.UNAVAILABLE)
