@@ -1,0 +1,282 @@
+"""
+System tests: the real `twistd gateway` process against real OpenSSH sshd, with
+real clients (curl, requests, paramiko, ssh), in network namespaces this test
+creates (see tests/netlab.py).
+
+The gateway and every client run in the lab's controller namespace, which has
+no default route; the two clusters' internal hosts share one address
+(10.251.0.10) and serve different content, so every answer also proves the
+gateway picked the right cluster.  Needs root; skipped with the reason
+otherwise.
+"""
+
+from __future__ import annotations
+
+import atexit
+import hashlib
+import os
+import sys
+import textwrap
+import time
+
+from twisted.trial.unittest import SkipTest, TestCase
+
+from tests.netlab import Lab, lab_skip_reason, wait_for_port
+
+VENV_BIN = os.path.dirname(sys.executable)
+INTERNAL = "10.251.0.10"
+TOKENS = {"a": "token-a", "b": "token-b"}
+
+
+class _SharedLab:
+    """
+    One lab and one gateway process for all system tests: they take seconds
+    to build, and trial has no class-level fixtures.  Stopped at interpreter
+    exit (the lab also registers its own atexit), which runs after failures too.
+    """
+
+    lab: Lab | None = None
+    error: BaseException | None = None
+
+
+class SystemTests(TestCase):
+    lab: Lab
+
+    def setUp(self) -> None:
+        reason = lab_skip_reason()
+        if reason:
+            raise SkipTest(f"system tests need the namespace lab: {reason}")
+        if _SharedLab.error is not None:
+            raise AssertionError(f"lab did not start: {_SharedLab.error}")
+        if _SharedLab.lab is None:
+            self._start_shared()
+        type(self).lab = _SharedLab.lab
+
+    @classmethod
+    def _start_shared(cls) -> None:
+        workdir = os.path.abspath(f"_system_lab_{os.getpid()}")
+        os.makedirs(workdir, exist_ok=True)
+        cls.workdir = workdir
+        lab = Lab(os.path.join(workdir, "lab"))
+        atexit.register(lab.stop)
+        try:
+            lab.start()
+            cls.lab = lab
+            cls._start_gateway()
+        except BaseException as e:
+            _SharedLab.error = e
+            lab.stop()
+            raise
+        _SharedLab.lab = lab
+
+    @classmethod
+    def _start_gateway(cls) -> None:
+        lab = cls.lab
+        cls.config = os.path.join(cls.workdir, "gateway.toml")
+        with open(cls.config, "w") as f:
+            f.write(
+                textwrap.dedent(
+                    f"""
+                    [listen]
+                    socks = "tcp:1080:interface=127.0.0.1"
+                    http  = "tcp:3128:interface=127.0.0.1"
+
+                    [clusters.cluster-a]
+                    aliases = ["net-aaaa"]
+                    proxies = ["{lab.proxy_addr['a']}:22"]
+                    user = "root"
+                    key_file = "{lab.client_key_rsa}"
+                    known_hosts = "{lab.known_hosts}"
+                    networks = ["10.251.0.0/24"]
+                    token = "{TOKENS['a']}"
+
+                    [clusters.cluster-b]
+                    aliases = ["net-bbbb"]
+                    proxies = ["{lab.proxy_addr['b']}:22"]
+                    user = "root"
+                    key_file = "{lab.client_key_ed25519}"
+                    known_hosts = "{lab.known_hosts_hashed}"
+                    networks = ["10.251.0.0/24"]
+                    token = "{TOKENS['b']}"
+
+                    [clusters.cluster-x]
+                    proxies = ["{lab.proxy_addr['a']}:22"]
+                    user = "root"
+                    key_file = "{lab.client_key_ed25519}"
+                    host_keys = {lab.host_key_lines['proxy-b']!r}
+                    networks = ["10.252.0.0/24"]
+                    connect_timeout = 2.0
+                    """
+                )
+            )
+        cls.gateway_log = os.path.join(cls.workdir, "gateway.log")
+        cls.gateway = lab.spawn(
+            lab.ctl_ns,
+            [
+                os.path.join(VENV_BIN, "twistd"),
+                "--nodaemon",
+                "--pidfile=",
+                f"--logfile={cls.gateway_log}",
+                "gateway",
+                f"--config={cls.config}",
+            ],
+        )
+        wait_for_port(lab, lab.ctl_ns, "127.0.0.1", 1080, timeout=20)
+        wait_for_port(lab, lab.ctl_ns, "127.0.0.1", 3128, timeout=20)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            log = cls.read_log()
+            if "cluster cluster-a up" in log and "cluster cluster-b up" in log:
+                return
+            time.sleep(0.2)
+        raise AssertionError("clusters did not come up:\n" + cls.read_log()[-4000:])
+
+    @classmethod
+    def read_log(cls) -> str:
+        with open(cls.gateway_log, errors="replace") as f:
+            return f.read()
+
+    # -- helpers ---------------------------------------------------------
+
+    def ctl(self, argv: list[str], timeout: float = 60, input: bytes | None = None):
+        return self.lab.run(self.lab.ctl_ns, argv, timeout=timeout, input=input, capture_output=True)
+
+    def curl(self, *args: str) -> tuple[int, bytes, bytes]:
+        done = self.ctl(["curl", "-sS", "--max-time", "30", *args])
+        return done.returncode, done.stdout, done.stderr
+
+    def python(self, code: str, timeout: float = 60) -> bytes:
+        done = self.ctl([sys.executable, "-c", textwrap.dedent(code)], timeout=timeout)
+        self.assertEqual(done.returncode, 0, done.stderr.decode(errors="replace"))
+        return done.stdout
+
+    def url(self, path: str = "/") -> str:
+        return f"http://{INTERNAL}:8080{path}"
+
+    # -- curl --------------------------------------------------------------
+
+    def test_socks5_credentials_pick_the_cluster(self):
+        for cluster, user in (("a", "cluster-a"), ("b", "cluster-b"), ("a", "net-aaaa"), ("b", "net-bbbb")):
+            status, out, err = self.curl(
+                "--socks5-hostname", "127.0.0.1:1080", "-U", f"{user}:{TOKENS[cluster]}", self.url()
+            )
+            self.assertEqual((status, out), (0, f"internal-{cluster}\n".encode()), err)
+
+    def test_http_proxy_absolute_form_and_connect(self):
+        status, out, err = self.curl("-x", f"http://cluster-a:{TOKENS['a']}@127.0.0.1:3128", self.url())
+        self.assertEqual((status, out), (0, b"internal-a\n"), err)
+        status, out, err = self.curl("-p", "-x", f"http://net-bbbb:{TOKENS['b']}@127.0.0.1:3128", self.url())
+        self.assertEqual((status, out), (0, b"internal-b\n"), err)
+
+    def test_overlapping_networks_need_credentials(self):
+        status, out, err = self.curl("-x", "http://127.0.0.1:3128", "-w", "%{http_code}", self.url())
+        self.assertEqual(status, 0, err)
+        self.assertTrue(out.endswith(b"403"), out)
+        self.assertIn(b"cluster-a", out)
+        self.assertIn(b"cluster-b", out)
+        status, _, _ = self.curl("--socks5-hostname", "127.0.0.1:1080", self.url())
+        self.assertNotEqual(status, 0)
+
+    def test_wrong_token_is_refused(self):
+        status, out, err = self.curl(
+            "-x", "http://cluster-a:wrong@127.0.0.1:3128", "-w", "%{http_code}", self.url()
+        )
+        self.assertTrue(out.endswith(b"407"), out)
+        self.assertNotIn(b"wrong", self.read_log().encode())
+        self.assertNotIn(TOKENS["a"].encode(), self.read_log().encode())
+
+    def test_destination_outside_the_cluster_is_refused(self):
+        status, out, err = self.curl(
+            "-x", f"http://cluster-a:{TOKENS['a']}@127.0.0.1:3128", "-w", "%{http_code}", "http://10.250.2.2:22/"
+        )
+        self.assertTrue(out.endswith(b"403"), out)
+
+    def test_connection_refused_by_destination(self):
+        status, out, err = self.curl(
+            "--socks5-hostname", "127.0.0.1:1080", "-U", f"cluster-a:{TOKENS['a']}", self.url().replace("8080", "8081")
+        )
+        self.assertEqual(status, 97, err)  # curl: SOCKS proxy handshake failed
+        self.assertIn(b"(5)", err)  # reply 0x05 connection refused
+
+    def test_20_mib_byte_for_byte(self):
+        for args in (
+            ["--socks5-hostname", "127.0.0.1:1080", "-U", f"cluster-b:{TOKENS['b']}"],
+            ["-x", f"http://cluster-a:{TOKENS['a']}@127.0.0.1:3128"],
+        ):
+            status, out, err = self.curl(*args, self.url("/big"))
+            self.assertEqual(status, 0, err)
+            self.assertEqual(len(out), self.lab.big_size)
+            self.assertEqual(hashlib.sha256(out).hexdigest(), self.lab.big_sha256)
+
+    def test_unverifiable_host_key_is_refused_with_fingerprint(self):
+        status, out, err = self.curl(
+            "--socks5-hostname", "127.0.0.1:1080", "-U", "cluster-x:", "http://10.252.0.1/"
+        )
+        self.assertEqual(status, 97, err)
+        self.assertIn(b"(4)", err)  # host unreachable: no SSH connection
+        log = self.read_log()
+        self.assertIn("not one of the pinned host_keys", log)
+        self.assertIn("SHA256:", log)
+
+    # -- requests ------------------------------------------------------------
+
+    def test_requests_keep_alive_sessions(self):
+        out = self.python(
+            f"""
+            import requests
+            for proxy in ("socks5h://cluster-a:{TOKENS['a']}@127.0.0.1:1080",
+                          "http://cluster-b:{TOKENS['b']}@127.0.0.1:3128"):
+                s = requests.Session()
+                s.proxies = {{"http": proxy}}
+                texts = [s.get("{self.url()}", timeout=20).text for _ in range(3)]
+                echo = s.post("{self.url('/echo')}", data=b"x" * 100000, timeout=20).content
+                chunked = s.post("{self.url('/echo')}", data=iter([b"ab", b"cd"]), timeout=20).content
+                print(texts[0].strip(), len(set(texts)), len(echo), chunked.decode())
+            """
+        )
+        self.assertEqual(out.decode().split("\n")[:2], ["internal-a 1 100000 abcd", "internal-b 1 100000 abcd"])
+
+    # -- SSH through gateway-connect ------------------------------------------
+
+    def test_paramiko_through_gateway_connect(self):
+        connect = os.path.join(VENV_BIN, "gateway-connect")
+        out = self.python(
+            f"""
+            import paramiko
+            for cluster, token in (("cluster-a", "{TOKENS['a']}"), ("net-bbbb", "{TOKENS['b']}")):
+                client = paramiko.SSHClient()
+                client.load_host_keys("{self.lab.known_hosts}")
+                client.set_missing_host_key_policy(paramiko.RejectPolicy())
+                sock = paramiko.ProxyCommand("{connect} --cluster " + cluster + " --token " + token + " {INTERNAL} 22")
+                client.connect("{INTERNAL}", username="root", key_filename="{self.lab.client_key_ed25519}",
+                               sock=sock, timeout=20, allow_agent=False, look_for_keys=False)
+                _, stdout, _ = client.exec_command("curl -s http://{INTERNAL}:8080/")
+                print(stdout.read().decode().strip())
+                client.close()
+            """
+        )
+        self.assertEqual(out.decode().split(), ["internal-a", "internal-b"])
+
+    def test_openssh_through_gateway_connect(self):
+        connect = os.path.join(VENV_BIN, "gateway-connect")
+        for cluster in ("a", "b"):
+            done = self.ctl(
+                [
+                    "ssh", "-F", "/dev/null", "-i", self.lab.client_key_rsa,
+                    "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=yes",
+                    "-o", f"UserKnownHostsFile={self.lab.known_hosts}",
+                    "-o", f"ProxyCommand={connect} --cluster cluster-{cluster} --token {TOKENS[cluster]} %h %p",
+                    f"root@{INTERNAL}", f"curl -s http://{INTERNAL}:8080/",
+                ]
+            )
+            self.assertEqual(done.stdout, f"internal-{cluster}\n".encode(), done.stderr)
+
+    # -- logs --------------------------------------------------------------
+
+    def test_stream_events_are_logged_without_secrets(self):
+        self.curl("--socks5-hostname", "127.0.0.1:1080", "-U", f"cluster-a:{TOKENS['a']}", self.url())
+        log = self.read_log()
+        self.assertIn(f"stream to {INTERNAL}:8080 via cluster-a closed", log)
+        for secret in TOKENS.values():
+            self.assertNotIn(secret, log)
+        self.assertNotIn("PRIVATE KEY", log)
