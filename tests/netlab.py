@@ -35,6 +35,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Sequence
@@ -59,6 +60,10 @@ class LabError(RuntimeError):
     pass
 
 
+class LabTimeout(LabError, TimeoutError):
+    pass
+
+
 @functools.lru_cache(maxsize=1)
 def big_body() -> bytes:
     """The exact bytes served at ``/big`` (SHAKE-256 stream, not periodic)."""
@@ -76,6 +81,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 NAME, HOST, PORT = sys.argv[1], sys.argv[2], int(sys.argv[3])
 BIG = hashlib.shake_256(bytes.fromhex(sys.argv[4])).digest(int(sys.argv[5]))
+ZEROS = bytes(1 << 20)
 
 
 class BadRequest(Exception):
@@ -99,6 +105,16 @@ class Handler(BaseHTTPRequestHandler):
         if self.command != "HEAD" and body:
             self.wfile.write(memoryview(body))
 
+    def _send_zeros(self, size):
+        # For benchmarks: any size, from one shared buffer (no big allocation).
+        self.send_response(200)
+        self.send_header("Content-Type", "application/octet-stream")
+        self.send_header("Content-Length", str(size))
+        self.end_headers()
+        view = memoryview(ZEROS)
+        while size > 0:
+            size -= self.wfile.write(view[: min(size, len(view))])
+
     def _path(self):
         return self.path.split("?", 1)[0]
 
@@ -108,6 +124,8 @@ class Handler(BaseHTTPRequestHandler):
             self._send(200, (NAME + "\n").encode())
         elif path == "/big":
             self._send(200, BIG, "application/octet-stream")
+        elif path.startswith("/bytes/") and path[7:].isdigit():
+            self._send_zeros(int(path[7:]))
         else:
             self._send(404, b"not found\n")
 
@@ -192,8 +210,7 @@ def _sh(argv: Sequence[str], timeout: float = 30, input: bytes | None = None) ->
         raise LabError(f"timed out after {timeout}s: {' '.join(argv)}") from e
     if cp.returncode != 0:
         raise LabError(
-            f"command failed ({cp.returncode}): {' '.join(argv)}\n"
-            f"{cp.stderr.decode(errors='replace').strip()}"
+            f"command failed ({cp.returncode}): {' '.join(argv)}\n{cp.stderr.decode(errors='replace').strip()}"
         )
     return cp.stdout.decode(errors="replace")
 
@@ -299,7 +316,7 @@ def lab_skip_reason() -> str | None:
 
 def wait_for_port(lab: Lab, ns: str, host: str, port: int, timeout: float = 10) -> None:
     """Poll ``nc -z`` from inside ``ns`` until host:port accepts; bounded."""
-    lab._wait_port(ns, host, port, timeout)
+    lab._wait_port(ns, host, port, timeout, check_daemons=False)
 
 
 def cleanup_stale_labs() -> list[str]:
@@ -339,9 +356,92 @@ def cleanup_stale_labs() -> list[str]:
 
 
 # --------------------------------------------------------------------------
+# key generation (optionally cached per process, see Lab.reuse_keys)
+# --------------------------------------------------------------------------
+_CLIENT_ED25519 = "client_ed25519"
+_CLIENT_RSA = "client_rsa"
+_keycache_lock = threading.Lock()
+_keycache_dir: str | None = None
+
+
+def _host_key_file(name: str, ktype: str) -> str:
+    return f"hostkey-{name}-{ktype}"
+
+
+def _key_specs() -> list[tuple[str, list[str], str]]:
+    """(file name, ssh-keygen type args, comment)"""
+    specs = [
+        (_CLIENT_ED25519, ["-t", "ed25519"], "gwlab-client-ed25519"),
+        (_CLIENT_RSA, ["-t", "rsa", "-b", "3072", "-m", "PEM"], "gwlab-client-rsa"),
+    ]
+    for name in SSHD_NAMES:
+        for ktype, extra in _HOST_KEY_TYPES:
+            specs.append((_host_key_file(name, ktype), ["-t", ktype, *extra], f"gwlab-{name}"))
+    return specs
+
+
+def _key_files() -> list[str]:
+    return [f for fname, _, _ in _key_specs() for f in (fname, fname + ".pub")]
+
+
+def _start_keygen(keydir: str) -> list[tuple[list[str], subprocess.Popen]]:
+    jobs = []
+    for fname, args, comment in _key_specs():
+        cmd = ["ssh-keygen", "-q", "-N", "", *args, "-C", comment, "-f", os.path.join(keydir, fname)]
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        jobs.append((cmd, proc))
+    return jobs
+
+
+def _finish_keygen(jobs: list[tuple[list[str], subprocess.Popen]]) -> None:
+    deadline = time.monotonic() + 60
+    failed = []
+    for cmd, p in jobs:
+        try:
+            out, _ = p.communicate(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.communicate()
+            failed.append(f"timeout: {' '.join(cmd)}")
+            continue
+        if p.returncode != 0:
+            failed.append(f"{' '.join(cmd)}: {out.decode(errors='replace').strip()}")
+    if failed:
+        raise LabError("ssh-keygen failed:\n" + "\n".join(failed))
+
+
+def _cached_keydir() -> str | None:
+    with _keycache_lock:
+        return _keycache_dir
+
+
+def _publish_keydir(keydir: str) -> bool:
+    """Make keydir the process-wide key cache; False if one already exists."""
+    global _keycache_dir
+    with _keycache_lock:
+        if _keycache_dir is not None:
+            return False
+        _keycache_dir = keydir
+    atexit.register(shutil.rmtree, keydir, True)
+    return True
+
+
+# --------------------------------------------------------------------------
 # the lab
 # --------------------------------------------------------------------------
 class Lab:
+    #: Generate the key set (client + host keys) once per test process and
+    #: copy it into each lab's workdir; saves ~1-2 s of RSA keygen per lab.
+    #: Every sshd still has its own distinct host keys.
+    reuse_keys: bool = True
+    #: False (default): internal-a and internal-b share one host key set, so
+    #: the single known_hosts file is unambiguous for 10.251.0.10 -- paramiko
+    #: and Twisted conch only honour the *first* known_hosts entry of a key
+    #: type for a host (OpenSSH accepts any).  True: each internal sshd gets
+    #: its own keys and known_hosts lists both sets for 10.251.0.10 (then only
+    #: OpenSSH clients accept both; build per-tenant files from host_key_lines).
+    distinct_internal_host_keys: bool = False
+
     internal_addr: str = "10.251.0.10"
     internal_gw: str = "10.251.0.1"
     http_port: int = 8080
@@ -357,8 +457,8 @@ class Lab:
         self.proxy_addr = {"a": "10.250.1.2", "b": "10.250.2.2"}
         self.ctl_addr = {"a": "10.250.1.1", "b": "10.250.2.1"}
         w = self.workdir
-        self.client_key_ed25519 = os.path.join(w, "client_ed25519")
-        self.client_key_rsa = os.path.join(w, "client_rsa")
+        self.client_key_ed25519 = os.path.join(w, _CLIENT_ED25519)
+        self.client_key_rsa = os.path.join(w, _CLIENT_RSA)
         self.authorized_keys = os.path.join(w, "authorized_keys")
         self.known_hosts = os.path.join(w, "known_hosts")
         self.known_hosts_hashed = os.path.join(w, "known_hosts_hashed")
@@ -382,9 +482,7 @@ class Lab:
     def ns_cmd(self, ns: str, argv: Sequence[str]) -> list[str]:
         return ["ip", "netns", "exec", ns, *argv]
 
-    def run(
-        self, ns: str, argv: Sequence[str], timeout: float = 60, **kw
-    ) -> subprocess.CompletedProcess:
+    def run(self, ns: str, argv: Sequence[str], timeout: float = 60, **kw) -> subprocess.CompletedProcess:
         """subprocess.run inside ns; captures output unless told otherwise."""
         if not {"stdout", "stderr", "capture_output"} & kw.keys():
             kw["capture_output"] = True
@@ -393,9 +491,7 @@ class Lab:
         check = kw.pop("check", False)
         return subprocess.run(self.ns_cmd(ns, argv), check=check, timeout=timeout, **kw)
 
-    def spawn(
-        self, ns: str, argv: Sequence[str], *, pdeathsig: bool = True, **kw
-    ) -> subprocess.Popen:
+    def spawn(self, ns: str, argv: Sequence[str], *, pdeathsig: bool = True, **kw) -> subprocess.Popen:
         """Popen inside ns, tracked so stop() kills it by pid.
 
         The child is the command itself (``ip netns exec`` execs), so
@@ -425,6 +521,11 @@ class Lab:
                 out.append(pid)
         return out
 
+    def ns_pids(self, ns: str) -> list[int]:
+        """pids of all processes currently inside namespace ns (empty if it is gone)."""
+        key = _ns_key(ns)
+        return _pids_in({key}) if key is not None else []
+
     def sshd_log(self, name: str) -> str:
         return self._read_log(f"sshd-{name}.log")
 
@@ -441,8 +542,8 @@ class Lab:
 
     # -- start -----------------------------------------------------------
     def start(self) -> None:
-        if self._started:
-            raise LabError("Lab.start() may only be called once")
+        if self._started or self._stopped:
+            raise LabError("Lab.start() may only be called once, and not after stop()")
         self._started = True
         atexit.register(self.stop)
         try:
@@ -458,119 +559,47 @@ class Lab:
     def _log_tails(self) -> str:
         parts = []
         for name in SSHD_NAMES:
-            parts.append(
-                f"--- sshd {name} log tail ---\n{_tail(os.path.join(self.workdir, f'sshd-{name}.log'))}"
-            )
+            parts.append(f"--- sshd {name} log tail ---\n{_tail(os.path.join(self.workdir, f'sshd-{name}.log'))}")
         for name in ("internal-a", "internal-b"):
-            parts.append(
-                f"--- http {name} log tail ---\n{_tail(os.path.join(self.workdir, f'http-{name}.log'))}"
-            )
+            parts.append(f"--- http {name} log tail ---\n{_tail(os.path.join(self.workdir, f'http-{name}.log'))}")
         return "\n".join(parts)
 
     def _start(self) -> None:
         os.makedirs(self.workdir, exist_ok=True)
         os.makedirs("/run/sshd", mode=0o755, exist_ok=True)  # sshd privsep dir
 
-        keygen = self._start_keygen()  # runs while namespaces are built
+        keydir = _cached_keydir() if self.reuse_keys else None
+        jobs = None
+        if keydir is None:
+            keydir = tempfile.mkdtemp(prefix=f"gwlab-keys-{os.getpid()}-")
+            jobs = _start_keygen(keydir)  # runs while the namespaces are built
         try:
-            self._build_network()
+            try:
+                self._build_network()
+            finally:
+                if jobs is not None:
+                    _finish_keygen(jobs)
+        except BaseException:
+            if jobs is not None:
+                shutil.rmtree(keydir, ignore_errors=True)
+            raise
+        try:
+            for fname in _key_files():
+                shutil.copy2(os.path.join(keydir, fname), os.path.join(self.workdir, fname))
         finally:
-            self._finish_keygen(keygen)
+            if jobs is not None and not (self.reuse_keys and _publish_keydir(keydir)):
+                shutil.rmtree(keydir, ignore_errors=True)
+        if not self.distinct_internal_host_keys:
+            for ktype, _ in _HOST_KEY_TYPES:
+                for ext in ("", ".pub"):
+                    src = self._host_key("internal-a", ktype) + ext
+                    shutil.copy2(src, self._host_key("internal-b", ktype) + ext)
         self._write_key_files()
         self._start_daemons()
         self._check_invariants()
 
-    def _start_keygen(self) -> list[tuple[list[str], subprocess.Popen]]:
-        jobs = []
-        for path in (self.client_key_ed25519, self.client_key_rsa):
-            for p in (path, path + ".pub"):
-                if os.path.exists(p):
-                    os.unlink(p)
-        cmds = [
-            [
-                "ssh-keygen",
-                "-q",
-                "-N",
-                "",
-                "-t",
-                "ed25519",
-                "-C",
-                "gwlab-client-ed25519",
-                "-f",
-                self.client_key_ed25519,
-            ],
-            [
-                "ssh-keygen",
-                "-q",
-                "-N",
-                "",
-                "-t",
-                "rsa",
-                "-b",
-                "3072",
-                "-m",
-                "PEM",
-                "-C",
-                "gwlab-client-rsa",
-                "-f",
-                self.client_key_rsa,
-            ],
-        ]
-        for name in SSHD_NAMES:
-            for ktype, extra in _HOST_KEY_TYPES:
-                path = self._host_key(name, ktype)
-                for p in (path, path + ".pub"):
-                    if os.path.exists(p):
-                        os.unlink(p)
-                cmds.append(
-                    [
-                        "ssh-keygen",
-                        "-q",
-                        "-N",
-                        "",
-                        "-t",
-                        ktype,
-                        *extra,
-                        "-C",
-                        f"gwlab-{name}",
-                        "-f",
-                        path,
-                    ]
-                )
-        for cmd in cmds:
-            jobs.append(
-                (
-                    cmd,
-                    subprocess.Popen(
-                        cmd,
-                        stdin=subprocess.DEVNULL,
-                        stdout=subprocess.PIPE,
-                        stderr=subprocess.STDOUT,
-                    ),
-                )
-            )
-        return jobs
-
-    def _finish_keygen(self, jobs) -> None:
-        deadline = time.monotonic() + 60
-        failed = []
-        for cmd, p in jobs:
-            try:
-                out, _ = p.communicate(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.communicate()
-                failed.append(f"timeout: {' '.join(cmd)}")
-                continue
-            if p.returncode != 0:
-                failed.append(
-                    f"{' '.join(cmd)}: {out.decode(errors='replace').strip()}"
-                )
-        if failed:
-            raise LabError("ssh-keygen failed:\n" + "\n".join(failed))
-
     def _host_key(self, name: str, ktype: str) -> str:
-        return os.path.join(self.workdir, f"hostkey-{name}-{ktype}")
+        return os.path.join(self.workdir, _host_key_file(name, ktype))
 
     def _ip(self, ns: str, *args: str) -> str:
         return _sh(["ip", "-n", ns, *args], timeout=15)
@@ -579,40 +608,19 @@ class Lab:
         for ns in self.namespaces:
             if _ns_key(ns) is not None:
                 raise LabError(f"namespace {ns} already exists (not ours; refusing)")
-            _sh(["ip", "netns", "add", ns], timeout=15)
-            self._namespaces.append(ns)
+            try:
+                _sh(["ip", "netns", "add", ns], timeout=15)
+            finally:  # it did not exist a moment ago: if it exists now, it is ours
+                if _ns_key(ns) is not None:
+                    self._namespaces.append(ns)
             self._ip(ns, "link", "set", "lo", "up")
 
         ctl = self.ctl_ns
         for t in ("a", "b"):
             px, inn = self.proxy_ns[t], self.internal_ns[t]
             # veth pairs are created directly inside the lab namespaces
-            self._ip(
-                ctl,
-                "link",
-                "add",
-                f"to-p{t}",
-                "type",
-                "veth",
-                "peer",
-                "name",
-                "to-ctl",
-                "netns",
-                px,
-            )
-            self._ip(
-                px,
-                "link",
-                "add",
-                "to-int",
-                "type",
-                "veth",
-                "peer",
-                "name",
-                "to-px",
-                "netns",
-                inn,
-            )
+            self._ip(ctl, *f"link add to-p{t} type veth peer name to-ctl netns {px}".split())
+            self._ip(px, *f"link add to-int type veth peer name to-px netns {inn}".split())
             self._ip(ctl, "addr", "add", f"{self.ctl_addr[t]}/24", "dev", f"to-p{t}")
             self._ip(px, "addr", "add", f"{self.proxy_addr[t]}/24", "dev", "to-ctl")
             self._ip(px, "addr", "add", f"{self.internal_gw}/24", "dev", "to-int")
@@ -627,11 +635,7 @@ class Lab:
         for ns in self.namespaces:
             fwd = _sh(self.ns_cmd(ns, ["cat", "/proc/sys/net/ipv4/ip_forward"])).strip()
             if fwd != "0":
-                _sh(
-                    self.ns_cmd(
-                        ns, ["sh", "-c", "echo 0 > /proc/sys/net/ipv4/ip_forward"]
-                    )
-                )
+                _sh(self.ns_cmd(ns, ["sh", "-c", "echo 0 > /proc/sys/net/ipv4/ip_forward"]))
 
     def _write_key_files(self) -> None:
         def read(p: str) -> str:
@@ -655,10 +659,13 @@ class Lab:
         for name in SSHD_NAMES:
             lines = []
             for ktype, _ in _HOST_KEY_TYPES:
-                keytype, b64 = read(self._host_key(name, ktype) + ".pub").split()[:2]
-                lines.append(f"{addr[name]} {keytype} {b64}")
+                pub = read(self._host_key(name, ktype) + ".pub")  # "TYPE BASE64 COMMENT"
+                keytype, b64 = pub.split()[:2]
+                lines.append(pub)
+                entry = f"{addr[name]} {keytype} {b64}"
+                if entry not in lines_all:
+                    lines_all.append(entry)
             self.host_key_lines[name] = lines
-            lines_all += lines
         with open(self.known_hosts, "w") as f:
             f.write("\n".join(lines_all) + "\n")
         shutil.copyfile(self.known_hosts, self.known_hosts_hashed)
@@ -670,9 +677,7 @@ class Lab:
 
     def _sshd_config(self, name: str, listen: str) -> str:
         w = self.workdir
-        hostkeys = "".join(
-            f'HostKey "{self._host_key(name, t)}"\n' for t, _ in _HOST_KEY_TYPES
-        )
+        hostkeys = "".join(f'HostKey "{self._host_key(name, t)}"\n' for t, _ in _HOST_KEY_TYPES)
         conf = (
             f"ListenAddress {listen}:{self.ssh_port}\n"
             f"{hostkeys}"
@@ -706,40 +711,21 @@ class Lab:
             self._daemons[name] = self.spawn(ns, argv, stdout=logf, stderr=logf)
 
     def _start_daemons(self) -> None:
-        for t in ("a", "b"):
-            conf = self._sshd_config(f"proxy-{t}", self.proxy_addr[t])
-            self._spawn_daemon(
-                f"sshd proxy-{t}",
-                self.proxy_ns[t],
-                [SSHD, "-D", "-e", "-f", conf],
-                f"sshd-proxy-{t}.log",
-            )
-            conf = self._sshd_config(f"internal-{t}", self.internal_addr)
-            self._spawn_daemon(
-                f"sshd internal-{t}",
-                self.internal_ns[t],
-                [SSHD, "-D", "-e", "-f", conf],
-                f"sshd-internal-{t}.log",
-            )
+        for name, ns, addr in (
+            ("proxy-a", self.proxy_ns["a"], self.proxy_addr["a"]),
+            ("proxy-b", self.proxy_ns["b"], self.proxy_addr["b"]),
+            ("internal-a", self.internal_ns["a"], self.internal_addr),
+            ("internal-b", self.internal_ns["b"], self.internal_addr),
+        ):
+            conf = self._sshd_config(name, addr)
+            self._spawn_daemon(f"sshd {name}", ns, [SSHD, "-D", "-e", "-f", conf], f"sshd-{name}.log")
         with open(self.http_script, "w") as f:
             f.write(HTTP_SERVER_SCRIPT)
         for t in ("a", "b"):
-            self._spawn_daemon(
-                f"http internal-{t}",
-                self.internal_ns[t],
-                [
-                    sys.executable,
-                    "-I",
-                    "-u",
-                    self.http_script,
-                    f"internal-{t}",
-                    self.internal_addr,
-                    str(self.http_port),
-                    BIG_SEED.hex(),
-                    str(BIG_SIZE),
-                ],
-                f"http-internal-{t}.log",
-            )
+            name = f"internal-{t}"
+            argv = [sys.executable, "-I", "-u", self.http_script, name, self.internal_addr, str(self.http_port)]
+            argv += [BIG_SEED.hex(), str(BIG_SIZE)]
+            self._spawn_daemon(f"http {name}", self.internal_ns[t], argv, f"http-{name}.log")
 
         # readiness, probed over the links the tests will use
         for t in ("a", "b"):
@@ -747,10 +733,10 @@ class Lab:
             self._wait_port(self.proxy_ns[t], self.internal_addr, self.ssh_port, 15)
             self._wait_port(self.proxy_ns[t], self.internal_addr, self.http_port, 15)
 
-    def _wait_port(self, ns: str, host: str, port: int, timeout: float) -> None:
+    def _wait_port(self, ns: str, host: str, port: int, timeout: float, check_daemons: bool = True) -> None:
         deadline = time.monotonic() + timeout
         while True:
-            for name, p in self._daemons.items():
+            for name, p in self._daemons.items() if check_daemons else ():
                 if p.poll() is not None:
                     raise LabError(f"{name} exited with status {p.returncode}")
             try:
@@ -760,9 +746,7 @@ class Lab:
             except subprocess.TimeoutExpired:
                 pass
             if time.monotonic() >= deadline:
-                raise LabError(
-                    f"{host}:{port} not reachable from {ns} within {timeout}s"
-                )
+                raise LabTimeout(f"{host}:{port} not reachable from {ns} within {timeout}s")
             time.sleep(0.05)
 
     def _check_invariants(self) -> None:
@@ -771,6 +755,9 @@ class Lab:
                 raise LabError(f"unexpected default route in {ns}")
             if self._ip(ns, "-6", "route", "show", "default").strip():
                 raise LabError(f"unexpected IPv6 default route in {ns}")
+        cp = self.run(self.ctl_ns, ["ip", "route", "get", self.internal_addr], timeout=10)
+        if cp.returncode == 0:
+            raise LabError(f"ctl has a route to {self.internal_addr}: {cp.stdout!r}")
 
     # -- stop --------------------------------------------------------------
     def stop(self) -> None:

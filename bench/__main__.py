@@ -1,0 +1,174 @@
+"""
+The gateway against OpenSSH ``ssh -D``, side by side in one run.
+
+    make bench            (or: sudo .venv/bin/python -m bench [--quick])
+
+Builds the namespace lab of the system tests (tests/netlab.py: a controller
+namespace without a default route, a proxy namespace running the real sshd, an
+internal namespace running the HTTP server), starts the gateway and
+``ssh -D`` (OpenSSH defaults, and ``-c aes128-gcm@openssh.com``) in the
+controller namespace against the same sshd with the same key, and measures,
+through each SOCKS5 listener:
+
+ - a 256 MiB download with curl (MB/s, median of runs);
+ - short connections: a new SOCKS5 connection + a 1 KiB GET, 32 at a time
+   (requests/s and p99 latency, bench/shortconn.py).
+
+It prints one table with the ratios gateway / ssh -D.  Every load stops by
+itself; the lab is removed at the end, also on failure.  Needs root.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import textwrap
+import time
+
+from tests.netlab import Lab, lab_skip_reason, wait_for_port
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+VENV_BIN = os.path.dirname(sys.executable)
+INTERNAL = "10.251.0.10"
+BIG = 256 * 1024 * 1024
+SMALL = 1024
+GATEWAY_PORT = 1080
+SSH_DEFAULT_PORT = 1081
+SSH_GCM_PORT = 1082
+
+
+def start_gateway(lab: Lab, workdir: str) -> str:
+    config = os.path.join(workdir, "bench-gateway.toml")
+    with open(config, "w") as f:
+        f.write(
+            textwrap.dedent(
+                f"""
+                [listen]
+                socks = "tcp:{GATEWAY_PORT}:interface=127.0.0.1"
+                http = ""
+
+                [clusters.bench]
+                proxies = ["{lab.proxy_addr['a']}:22"]
+                user = "root"
+                key_file = "{lab.client_key_ed25519}"
+                known_hosts = "{lab.known_hosts}"
+                networks = ["10.251.0.0/24"]
+                """
+            )
+        )
+    log = os.path.join(workdir, "bench-gateway.log")
+    lab.spawn(
+        lab.ctl_ns,
+        [os.path.join(VENV_BIN, "twistd"), "-n", "--pidfile=", f"--logfile={log}", "gateway", f"--config={config}"],
+    )
+    wait_for_port(lab, lab.ctl_ns, "127.0.0.1", GATEWAY_PORT, timeout=20)
+    return log
+
+
+def start_ssh_d(lab: Lab, port: int, extra: list[str]) -> None:
+    lab.spawn(
+        lab.ctl_ns,
+        [
+            "ssh", "-N", "-F", "/dev/null", "-D", f"127.0.0.1:{port}",
+            "-i", lab.client_key_ed25519, "-o", "BatchMode=yes",
+            "-o", f"UserKnownHostsFile={lab.known_hosts}", "-o", "StrictHostKeyChecking=yes",
+            *extra, f"root@{lab.proxy_addr['a']}",
+        ],
+    )
+    wait_for_port(lab, lab.ctl_ns, "127.0.0.1", port, timeout=20)
+
+
+def download(lab: Lab, port: int, runs: int, size: int) -> float:
+    """Median MB/s of `runs` downloads of `size` bytes through SOCKS port `port`."""
+    speeds = []
+    for _ in range(runs):
+        done = lab.run(
+            lab.ctl_ns,
+            [
+                "curl", "-sS", "--max-time", "120", "-o", "/dev/null", "-w", "%{size_download} %{speed_download}",
+                "--socks5-hostname", f"127.0.0.1:{port}", f"http://{INTERNAL}:8080/bytes/{size}",
+            ],
+            timeout=150,
+            capture_output=True,
+        )
+        got, speed = done.stdout.split()
+        if done.returncode != 0 or int(got) != size:
+            raise RuntimeError(f"download through :{port} failed: {done.stderr.decode()}")
+        speeds.append(float(speed) / 1e6)
+    return statistics.median(speeds)
+
+
+def short_connections(lab: Lab, port: int, count: int) -> dict:
+    done = lab.run(
+        lab.ctl_ns,
+        [
+            sys.executable, os.path.join(HERE, "shortconn.py"),
+            f"127.0.0.1:{port}", f"{INTERNAL}:8080", f"/bytes/{SMALL}", "32", str(count),
+        ],
+        timeout=180,
+        capture_output=True,
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"short-connection load through :{port} failed: {done.stderr.decode()}")
+    return json.loads(done.stdout)
+
+
+def table(rows: list[tuple[str, str, str, str, str]]) -> str:
+    header = ("scenario", "gateway", "ssh -D", "ratio", "note")
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(5)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in [header, *rows]]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench")
+    parser.add_argument("--quick", action="store_true", help="fewer and smaller runs (a smoke test)")
+    args = parser.parse_args()
+    reason = lab_skip_reason()
+    if reason:
+        print(f"bench needs the namespace lab: {reason}", file=sys.stderr)
+        return 2
+    runs, size, count = (1, 32 * 1024 * 1024, 200) if args.quick else (3, BIG, 2000)
+    workdir = tempfile.mkdtemp(prefix="gateway-bench-")
+    lab = Lab(os.path.join(workdir, "lab"))
+    try:
+        lab.start()
+        start_gateway(lab, workdir)
+        start_ssh_d(lab, SSH_DEFAULT_PORT, [])
+        start_ssh_d(lab, SSH_GCM_PORT, ["-c", "aes128-gcm@openssh.com"])
+        time.sleep(1)
+        rows = []
+        mib = size // (1024 * 1024)
+        gw = download(lab, GATEWAY_PORT, runs, size)
+        for label, port in (("defaults", SSH_DEFAULT_PORT), ("aes128-gcm", SSH_GCM_PORT)):
+            ssh = download(lab, port, runs, size)
+            rows.append(
+                (f"{mib} MiB download, MB/s (ssh {label})", f"{gw:.0f}", f"{ssh:.0f}", f"{gw / ssh:.2f}",
+                 f"median of {runs}")
+            )
+        gw_short = short_connections(lab, GATEWAY_PORT, count)
+        ssh_short = short_connections(lab, SSH_DEFAULT_PORT, count)
+        rows.append(
+            ("short connections, req/s (32 concurrent)", f"{gw_short['rps']:.0f}", f"{ssh_short['rps']:.0f}",
+             f"{gw_short['rps'] / ssh_short['rps']:.2f}", f"{count} requests each")
+        )
+        rows.append(
+            ("short connections, p99 latency ms", f"{gw_short['p99_ms']:.1f}", f"{ssh_short['p99_ms']:.1f}",
+             f"{gw_short['p99_ms'] / ssh_short['p99_ms']:.2f}", "lower is better")
+        )
+        print(table(rows))
+        for name, result in (("gateway", gw_short), ("ssh -D", ssh_short)):
+            if result["errors"]:
+                print(f"{name} short-connection errors: {result['errors']}")
+        return 0
+    finally:
+        lab.stop()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,92 @@
+"""
+Load client for the short-connection benchmark: COUNT requests, CONCURRENCY
+at a time, each a new SOCKS5 connection, a CONNECT to the target and a
+small HTTP/1.0 GET read to the end.  Prints one JSON line: requests per
+second, latency percentiles (ms) and errors.
+
+    python bench/shortconn.py SOCKS_HOST:PORT TARGET_HOST:PORT PATH CONCURRENCY COUNT
+
+Run in the same namespace as the proxy under test; it stops by itself after
+COUNT requests (or a 120 s overall deadline).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import json
+import struct
+import sys
+import time
+
+
+async def one_request(socks: tuple[str, int], target: tuple[str, int], path: str) -> float:
+    started = time.perf_counter()
+    reader, writer = await asyncio.open_connection(*socks)
+    try:
+        writer.write(b"\x05\x01\x00")
+        if await reader.readexactly(2) != b"\x05\x00":
+            raise RuntimeError("SOCKS greeting refused")
+        address = ipaddress.ip_address(target[0]).packed
+        writer.write(b"\x05\x01\x00\x01" + address + struct.pack(">H", target[1]))
+        reply = await reader.readexactly(10)
+        if reply[1] != 0:
+            raise RuntimeError(f"SOCKS reply {reply[1]}")
+        writer.write(f"GET {path} HTTP/1.0\r\nHost: {target[0]}\r\n\r\n".encode())
+        body = await reader.read()
+        if not body.startswith(b"HTTP/1.") or b" 200 " not in body[:16]:
+            raise RuntimeError("bad HTTP response")
+    finally:
+        writer.close()
+    return time.perf_counter() - started
+
+
+async def run(socks, target, path, concurrency: int, count: int) -> dict:
+    latencies: list[float] = []
+    errors: dict[str, int] = {}
+    remaining = count
+
+    async def worker() -> None:
+        nonlocal remaining
+        while remaining > 0:
+            remaining -= 1
+            try:
+                latencies.append(await asyncio.wait_for(one_request(socks, target, path), 30))
+            except Exception as e:  # counted, not fatal: the report shows them
+                key = type(e).__name__ + ": " + str(e)[:60]
+                errors[key] = errors.get(key, 0) + 1
+
+    started = time.perf_counter()
+    await asyncio.wait_for(asyncio.gather(*(worker() for _ in range(concurrency))), 120)
+    elapsed = time.perf_counter() - started
+    latencies.sort()
+
+    def percentile(p: float) -> float:
+        return latencies[min(len(latencies) - 1, int(p * len(latencies)))] * 1000 if latencies else 0.0
+
+    return {
+        "rps": len(latencies) / elapsed,
+        "p50_ms": percentile(0.50),
+        "p99_ms": percentile(0.99),
+        "ok": len(latencies),
+        "errors": errors,
+    }
+
+
+def main() -> None:
+    socks_host, socks_port = sys.argv[1].rsplit(":", 1)
+    target_host, target_port = sys.argv[2].rsplit(":", 1)
+    result = asyncio.run(
+        run(
+            (socks_host, int(socks_port)),
+            (target_host, int(target_port)),
+            sys.argv[3],
+            int(sys.argv[4]),
+            int(sys.argv[5]),
+        )
+    )
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
