@@ -1,46 +1,48 @@
 """
 Sans-IO HTTP/1.x proxy machines: bytes in, events out.
 
-L{RequestParser} reads what a client sends to the HTTP proxy listener and
-L{ResponseParser} what an upstream server answers through the tunnel.  Neither
-knows about sockets or Twisted: the adapter feeds bytes and acts on events
-(open a tunnel for a L{RequestHead}, write L{RequestBody} bytes upstream, ...).
-Keeping the protocol pure makes every byte-level edge case testable.
+L{RequestParser} reads a client of the HTTP proxy listener, L{ResponseParser}
+an upstream server's answer through the tunnel.  Neither knows sockets or
+Twisted: the adapter feeds bytes and acts on events, so every byte-level edge
+case is testable without a reactor.
 
-The gateway does not re-encode messages.  Bodies pass through with their
-framing (Content-Length or chunked) unchanged, so the parsers only I{check}
-framing to know where a message ends; only heads are rewritten, to drop
-hop-by-hop headers and turn an absolute-form request into origin-form.  Because
-of that, the HTTP version is passed on as received: an HTTP/1.0 client must
-get the HTTP/1.0-shaped response (no chunked coding) its request asked for.
+Messages are not re-encoded.  Bodies pass through with their framing
+(Content-Length or chunked) unchanged; the parsers only check framing to find
+where a message ends.  Only heads are rewritten: hop-by-hop headers dropped,
+absolute-form turned into origin-form.  So the HTTP version is passed on as
+received: an HTTP/1.0 client must get the response (no chunked coding) its
+request asked for, which a proxy claiming HTTP/1.1 upstream could not promise.
 
-Both parsers share one engine, L{_Parser}: a head (start line and fields up to
-an empty line), then a body reader, then an end event.  Decisions depend only on
-the bytes seen so far and every partial-line check predicts exactly what the
-complete line will give, so any split of the input yields the same events
-(after joining adjacent body events).  Limits: a start line of 8 KiB, a header
-or trailer section of 64 KiB and 100 fields, all counting line endings.
+Both parsers share one engine, L{_Parser}: a head (start line, fields up to an
+empty line), a body reader, an end event; or one error event, then nothing.
+Decisions depend only on the bytes seen so far, and a limit check on a partial
+line predicts exactly what the complete line will give, so any split of the
+input yields the same events (once adjacent body events are joined).  Limits,
+counting line endings: start line 8 KiB, header or trailer section 64 KiB and
+100 fields.
 
 Choices the RFCs leave open:
 
-  - Transfer-Encoding together with Content-Length is refused (400 / upstream
-    error) rather than "chunked wins": the RFC would then force closing the
-    connection anyway, and refusing cannot be turned into request smuggling.
-    Transfer-Encoding in an HTTP/1.0 request is refused too (RFC 9112 6.1).
-  - Bare LF ends lines of heads (RFC 9112 2.2 allows it) but not of chunked
-    framing: chunk lines are forwarded raw, and an upstream stricter than us
-    must never see a different message boundary.
-  - Obsolete line folding is refused (RFC 9112 5.2 allows rejecting it).
-  - A Connection header cannot make us drop Host, Content-Length or
+  - Transfer-Encoding with Content-Length is refused (400, or an upstream
+    error) rather than "chunked wins": the RFC would force a close anyway, and
+    refusing cannot turn into request smuggling.  Transfer-Encoding in an
+    HTTP/1.0 request is refused too (RFC 9112 6.1).
+  - Bare LF ends head lines (RFC 9112 2.2) but not chunked framing lines: those
+    are forwarded raw, and a stricter upstream must see the same boundaries.
+  - Obsolete line folding is refused (RFC 9112 5.2).
+  - A Connection option cannot remove Host, Content-Length or
     Transfer-Encoding: that would desynchronise framing with the upstream.
-  - C{Proxy-Connection: keep-alive / close} counts like Connection for a
-    request's C{keep_alive}; old clients send it to proxies.
+  - C{Proxy-Connection} counts like Connection for a request's C{keep_alive};
+    old clients send it to proxies.
   - Host names keep their case; IP literals become their canonical text, as in
     L{gateway.socks}.  Basic credentials must be UTF-8.
+  - Error details never echo a request line or header line: URLs and headers
+    carry tokens, and details are logged.
 """
 
 from __future__ import annotations
 
+import abc
 import base64
 import enum
 import ipaddress
@@ -53,27 +55,21 @@ from gateway.errors import Reason, StreamError
 
 #: The status an HTTP client sees for each failure.
 HTTP_STATUS: dict[Reason, int] = {
-    Reason.BAD_REQUEST: 400,
-    Reason.AUTH_REQUIRED: 407,
-    Reason.AUTH_FAILED: 407,
-    Reason.NO_ROUTE: 403,
-    Reason.AMBIGUOUS: 403,
-    Reason.NOT_ALLOWED: 403,
-    Reason.PROHIBITED: 502,
-    Reason.REFUSED: 502,
-    Reason.HOST_UNREACHABLE: 502,
-    Reason.NETWORK_UNREACHABLE: 502,
-    Reason.GENERAL: 502,
-    Reason.TIMEOUT: 504,
-    Reason.UNAVAILABLE: 504,
+    **dict.fromkeys([Reason.BAD_REQUEST, Reason.UNSUPPORTED_ADDRESS], 400),
+    **dict.fromkeys([Reason.AUTH_REQUIRED, Reason.AUTH_FAILED], 407),
+    **dict.fromkeys([Reason.NO_ROUTE, Reason.AMBIGUOUS, Reason.NOT_ALLOWED], 403),
+    **dict.fromkeys([Reason.PROHIBITED, Reason.REFUSED, Reason.GENERAL], 502),
+    **dict.fromkeys([Reason.HOST_UNREACHABLE, Reason.NETWORK_UNREACHABLE], 502),
+    **dict.fromkeys([Reason.TIMEOUT, Reason.UNAVAILABLE], 504),
     Reason.OVERLOADED: 503,
     Reason.UNSUPPORTED_COMMAND: 501,
-    Reason.UNSUPPORTED_ADDRESS: 400,
 }
 
 MAX_START_LINE = 8 * 1024
 MAX_HEADER_SECTION = 64 * 1024
 MAX_FIELDS = 100
+_START_LINE_TOO_LONG = (414, f"start line longer than {MAX_START_LINE} bytes")
+_SECTION_TOO_LONG = (431, f"header section longer than {MAX_HEADER_SECTION} bytes")
 
 #: Headers that describe one connection, never forwarded (RFC 9110 7.6.1).
 _HOP_BY_HOP = frozenset(
@@ -213,7 +209,7 @@ ResponseEvent = ResponseHead | ResponseBody | ResponseEnd | ResponseError
 # -- lines, fields and heads -------------------------------------------------
 
 
-def _take_line(buffer: bytearray, limit: int, *, strict: bool, too_long: tuple[int, str]) -> bytes | None:
+def _take_line(buffer: bytearray, limit: int, too_long: tuple[int, str], *, strict: bool = False) -> bytes | None:
     """
     Remove one line from the front of C{buffer} and return it without its
     ending, or C{None} if it is incomplete.  C{limit} counts the ending too, so
@@ -238,8 +234,10 @@ def _parse_field(line: bytes) -> tuple[str, str]:
         raise _Malformed(400, "obsolete line folding in header section")
     name, colon, value = line.partition(b":")
     value = value.strip(b" \t")
-    if not colon or not _FIELD_NAME.fullmatch(name):
-        raise _Malformed(400, f"malformed header line {line[:64]!r}")
+    if not colon:  # the line is not echoed: it may hold a credential
+        raise _Malformed(400, "header line without a colon")
+    if not _FIELD_NAME.fullmatch(name):
+        raise _Malformed(400, f"invalid header name {name[:64]!r}")
     if not _FIELD_VALUE.fullmatch(value):
         raise _Malformed(400, f"control character in header {name.decode('ascii')}")
     return name.decode("ascii"), value.decode("latin-1")
@@ -260,12 +258,7 @@ class _FieldSection:
         """
         while True:
             before = len(buffer)
-            line = _take_line(
-                buffer,
-                MAX_HEADER_SECTION - self._size,
-                strict=self._strict,
-                too_long=(431, f"header section longer than {MAX_HEADER_SECTION} bytes"),
-            )
+            line = _take_line(buffer, MAX_HEADER_SECTION - self._size, _SECTION_TOO_LONG, strict=self._strict)
             if line is None:
                 return False
             self._size += before - len(buffer)
@@ -288,12 +281,7 @@ class _HeadReader:
 
     def read(self, buffer: bytearray) -> tuple[bytes, Headers] | None:
         while self._start_line is None:
-            line = _take_line(
-                buffer,
-                MAX_START_LINE,
-                strict=False,
-                too_long=(414, f"start line longer than {MAX_START_LINE} bytes"),
-            )
+            line = _take_line(buffer, MAX_START_LINE, _START_LINE_TOO_LONG)
             if line is None:
                 return None
             if line:
@@ -384,12 +372,12 @@ class _Chunked:
         """Consume framing and data; only bytes found valid go to C{out}."""
         while not self.done:
             if self._state is _ChunkState.SIZE:
-                line = _take_line(buffer, MAX_START_LINE, strict=True, too_long=(400, "chunk size line too long"))
+                line = _take_line(buffer, MAX_START_LINE, (400, "chunk size line too long"), strict=True)
                 if line is None:
                     return
                 match = _CHUNK_LINE.fullmatch(line)
                 if not match:
-                    raise _Malformed(400, f"malformed chunk size line {line[:64]!r}")
+                    raise _Malformed(400, "malformed chunk size line")
                 out += line + b"\r\n"
                 self._remaining = int(match[1], 16)
                 self._state = _ChunkState.DATA if self._remaining else _ChunkState.TRAILERS
@@ -410,8 +398,10 @@ class _Chunked:
                 out += b"\r\n"
                 del buffer[:2]
                 self._state = _ChunkState.SIZE
+            elif not self._trailers.read(buffer, out):
+                return
             else:
-                self.done = self._trailers.read(buffer, out)
+                self.done = True
 
 
 def _content_length(headers: Headers) -> int | None:
@@ -485,7 +475,7 @@ def _parse_absolute(target: str) -> _AbsoluteURL:
         raise _Malformed(400, "this is a proxy: use an absolute URL or CONNECT")
     match = _ABSOLUTE_URL.fullmatch(target)
     if not match:
-        raise _Malformed(400, f"malformed request target {target[:64]!r}")
+        raise _Malformed(400, "malformed request target")
     scheme, authority, rest = match.groups()
     if scheme.lower() == "https":
         raise _Malformed(400, "https:// URLs are not proxied this way: use CONNECT")
@@ -525,7 +515,7 @@ class _State(enum.Enum):
     CLOSED = "closed"  # after an error, EOF or take_leftover(): input is ignored
 
 
-class _Parser:
+class _Parser(abc.ABC):
     """The engine both parsers share: head, body, end; or one error, then nothing."""
 
     def __init__(self) -> None:
@@ -534,19 +524,18 @@ class _Parser:
         self._head = _HeadReader()
         self._body: _Fixed | _Chunked | _UntilClose = _Fixed(0)
 
-    def _on_head(self, start_line: bytes, headers: Headers, events: list) -> None:
-        """Append the head event and set C{_state} (and C{_body} for BODY)."""
-        raise NotImplementedError
+    @abc.abstractmethod
+    def _on_head(self, start_line: bytes, headers: Headers) -> RequestHead | ResponseHead:
+        """Check a head, set C{_state} (and C{_body} for BODY), return its event."""
 
-    def _on_end(self, events: list) -> None:
-        """Append the end event and set C{_state}."""
-        raise NotImplementedError
+    @abc.abstractmethod
+    def _end_event(self) -> RequestEnd | ResponseEnd: ...
 
-    def _body_event(self, data: bytes) -> RequestBody | ResponseBody:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def _body_event(self, data: bytes) -> RequestBody | ResponseBody: ...
 
-    def _error_event(self, error: _Malformed) -> RequestError | ResponseError:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def _error_event(self, error: _Malformed) -> RequestError | ResponseError: ...
 
     def _fail(self, error: _Malformed) -> RequestError | ResponseError:
         self._state = _State.CLOSED
@@ -563,13 +552,14 @@ class _Parser:
                     if head is None:
                         break
                     self._head = _HeadReader()
-                    self._on_head(*head, events)
+                    events.append(self._on_head(*head))
                 else:
                     self._body.read(self._buffer, body)
                     if not self._body.done:
                         break
                     self._flush(body, events)
-                    self._on_end(events)
+                    events.append(self._end_event())
+                    self._state = _State.DONE
         except _Malformed as error:
             self._flush(body, events)
             events.append(self._fail(error))
@@ -617,10 +607,10 @@ class RequestParser(_Parser):
         self._state = _State.CLOSED
         return leftover
 
-    def _on_head(self, start_line: bytes, headers: Headers, events: list) -> None:
+    def _on_head(self, start_line: bytes, headers: Headers) -> RequestHead:
         match = _REQUEST_LINE.fullmatch(start_line)
         if not match:
-            raise _Malformed(400, f"malformed request line {start_line[:64]!r}")
+            raise _Malformed(400, "malformed request line")  # not echoed: URLs carry tokens
         method, target, version = (group.decode("latin-1") for group in match.groups())
         if version not in _VERSIONS:
             raise _Malformed(505, f"unsupported HTTP version {version}")
@@ -632,25 +622,13 @@ class RequestParser(_Parser):
             host, port = url.host, url.port
             _single(headers, "host")  # RFC 9112 3.2: several Host lines are an error
             self._body = _message_body(headers, version, request=True)
-        options = set(_tokens(headers, "connection")) | set(_tokens(headers, "proxy-connection"))
-        events.append(
-            RequestHead(
-                method=method,
-                target=target,
-                version=version,
-                headers=headers,
-                host=host,
-                port=port,
-                is_connect=is_connect,
-                credentials=_credentials(headers),
-                keep_alive=_persistent(version, options),
-            )
-        )
+        credentials = _credentials(headers)
+        keep_alive = _persistent(version, {*_tokens(headers, "connection"), *_tokens(headers, "proxy-connection")})
         self._state = _State.TUNNEL if is_connect else _State.BODY
+        return RequestHead(method, target, version, headers, host, port, is_connect, credentials, keep_alive)
 
-    def _on_end(self, events: list) -> None:
-        events.append(RequestEnd())
-        self._state = _State.DONE
+    def _end_event(self) -> RequestEnd:
+        return RequestEnd()
 
     def _body_event(self, data: bytes) -> RequestBody:
         return RequestBody(data)
@@ -690,7 +668,7 @@ class ResponseParser(_Parser):
             return [ResponseError("upstream closed the connection before the response was complete")]
         return []
 
-    def _on_head(self, start_line: bytes, headers: Headers, events: list) -> None:
+    def _on_head(self, start_line: bytes, headers: Headers) -> ResponseHead:
         match = _STATUS_LINE.fullmatch(start_line)
         if not match:
             raise _Malformed(502, f"malformed status line {start_line[:64]!r}")
@@ -699,9 +677,9 @@ class ResponseParser(_Parser):
         if version not in _VERSIONS:
             raise _Malformed(502, f"unsupported HTTP version {version}")
         interim = 100 <= status < 200 and status != 101
-        events.append(ResponseHead(status, (match[3] or b"").decode("latin-1"), version, headers, interim))
+        head = ResponseHead(status, (match[3] or b"").decode("latin-1"), version, headers, interim)
         if interim:
-            return  # the final response follows: stay in HEAD
+            return head  # the final response follows: stay in HEAD
         if status == 101:  # whatever follows is another protocol, raw until EOF
             self._body = _UntilClose()
         elif self._request_method == "HEAD" or status in (204, 304):
@@ -709,13 +687,12 @@ class ResponseParser(_Parser):
         else:
             self._body = _message_body(headers, version, request=False)
         self.close_delimited = isinstance(self._body, _UntilClose)
-        options = set(_tokens(headers, "connection"))
-        self._reusable = not self.close_delimited and _persistent(version, options)
+        self._reusable = not self.close_delimited and _persistent(version, {*_tokens(headers, "connection")})
         self._state = _State.BODY
+        return head
 
-    def _on_end(self, events: list) -> None:
-        events.append(ResponseEnd(self._reusable))
-        self._state = _State.DONE
+    def _end_event(self) -> ResponseEnd:
+        return ResponseEnd(self._reusable)
 
     def _body_event(self, data: bytes) -> ResponseBody:
         return ResponseBody(data)
