@@ -24,6 +24,7 @@ from twisted.python.failure import Failure
 
 from gateway.ssh.auth import KeyAuthClient
 from gateway.ssh.channel import DEFAULT_WINDOW, TunnelChannel
+from gateway.ssh.ciphers import PREFERRED_CIPHERS, PREFERRED_MACS, FastSSHCiphers, preferred
 from gateway.ssh.hostkeys import HostKeyError, HostKeyPolicy
 
 log = Logger()
@@ -131,7 +132,20 @@ class GatewayClientTransport(transport.SSHClientTransport):
         self.supportedPublicKeys = self._host_keys.preferred_algorithms(
             self.host, self.port, self.supportedPublicKeys
         )
+        self.supportedCiphers = preferred(self.supportedCiphers, PREFERRED_CIPHERS)
+        self.supportedMACs = preferred(self.supportedMACs, PREFERRED_MACS)
         super().connectionMade()
+
+    def ssh_KEXINIT(self, packet: bytes) -> None:
+        super().ssh_KEXINIT(packet)
+        negotiated = self.nextEncryptions
+        if negotiated is not None and not isinstance(negotiated, FastSSHCiphers):
+            self.nextEncryptions = FastSSHCiphers(
+                negotiated.outCipType,
+                negotiated.inCipType,
+                negotiated.outMACType,
+                negotiated.inMACType,
+            )
 
     def verifyHostKey(self, hostKey: bytes, fingerprint: bytes) -> Deferred[bool]:
         offered = Key.fromString(hostKey)
