@@ -19,6 +19,7 @@ import ipaddress
 import math
 import os
 import re
+import stat
 import tomllib
 import types
 from collections.abc import Mapping
@@ -320,8 +321,23 @@ def _read(values: _Values, name: str, what: str, size: int) -> bytes:
         raise values.error(name, f"cannot read {what} {path!r}: {reason}") from None
 
 
-def _read_file(values: _Values, name: str, what: str) -> bytes:
-    """Read the whole (small) file named by C{name}'s value."""
+def _read_secret_file(values: _Values, name: str, what: str) -> bytes:
+    """
+    Read a file holding a secret (key, passphrase, token).
+
+    Like OpenSSH with private keys, refuse a file that other users can read:
+    the secret is already exposed, and carrying on would hide that.
+    """
+    try:
+        mode = os.stat(values.path(name)).st_mode
+    except OSError:
+        mode = 0  # _read reports the missing/unreadable file with its reason
+    if stat.S_ISREG(mode) and mode & 0o077:
+        raise values.error(
+            name,
+            f"{what} {values.path(name)!r} is accessible by other users "
+            f"(mode {stat.S_IMODE(mode):04o}): chmod 600 it",
+        )
     data = _read(values, name, what, MAX_FILE_BYTES + 1)
     if len(data) > MAX_FILE_BYTES:
         raise values.error(name, f"{what} {values.path(name)!r} is larger than {MAX_FILE_BYTES} bytes")
@@ -452,13 +468,13 @@ def _private_key(values: _Values, cache: _KeyCache | None) -> keys.Key | None:
     if "passphrase" in values:
         passphrase = values.string("passphrase").encode("utf-8")
     elif "passphrase_file" in values:
-        raw = _read_file(values, "passphrase_file", "passphrase file")
+        raw = _read_secret_file(values, "passphrase_file", "passphrase file")
         passphrase = raw.rstrip(b"\r\n")
         if not passphrase:
             raise values.error("passphrase_file", f"passphrase file {values.path('passphrase_file')!r} is empty")
     if "key_file" in values:
         source_name = "key_file"
-        data = _read_file(values, "key_file", "key file")
+        data = _read_secret_file(values, "key_file", "key file")
     elif "key" in values:
         source_name = "key"
         data = values.string("key").encode("utf-8")
@@ -612,7 +628,7 @@ def _token(values: _Values) -> str | None:
     if "token" in values:
         return _check_token(values.string("token", nonempty=False), values, "token")
     if "token_file" in values:
-        raw = _read_file(values, "token_file", "token file")
+        raw = _read_secret_file(values, "token_file", "token file")
         try:
             text = raw.decode("utf-8").strip()
         except UnicodeDecodeError:

@@ -35,7 +35,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import Site
 from zope.interface import implementer
 
-from gateway.ssh.channel import OrderedEOFChannel
+from gateway.ssh.channel import OrderedEOFChannel, quiet_logger
 
 log = Logger()
 
@@ -201,6 +201,7 @@ class FakeProxyNode:
         }
         self.factory.node = self
         self.factory.noisy = False
+        _ProxyNodeConnection._log = quiet_logger("gateway.testing.proxy_node")
 
     def listen(self, description: str = "tcp:0:interface=127.0.0.1"):
         """Listen on an endpoint string; fires with the IListeningPort."""
@@ -210,14 +211,18 @@ class FakeProxyNode:
 class _Page(Resource):
     isLeaf = True
 
+    def __init__(self, page: bytes) -> None:
+        super().__init__()
+        self._page = page
+
     def render_GET(self, request) -> bytes:
         request.setHeader(b"content-type", b"text/plain; charset=utf-8")
-        return DEMO_PAGE
+        return self._page
 
 
-def demo_web_site() -> Site:
+def demo_web_site(page: bytes = DEMO_PAGE) -> Site:
     """The demo cluster's internal web service: one plain-text page."""
-    site = Site(_Page())
+    site = Site(_Page(page))
     site.noisy = False
     site.displayTracebacks = False
     return site

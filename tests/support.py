@@ -25,6 +25,8 @@ from gateway.service import GatewayService
 from gateway.testing import FakeProxyNode, demo_web_site, generate_key, private_pem, public_line
 
 WEB = ("10.99.0.10", 80)
+WEB2 = ("10.99.0.11", 80)
+WEB2_PAGE = b"the other web server\n"
 ECHO = ("10.99.0.10", 7)
 FLOOD = ("10.99.0.10", 19)
 PROHIBITED = ("10.99.0.10", 25)
@@ -93,6 +95,7 @@ class GatewayHarness:
         routes = {}
         for name, address, factory in (
             ("web", WEB, demo_web_site()),
+            ("web2", WEB2, demo_web_site(WEB2_PAGE)),
             ("echo", ECHO, _factory(HalfCloseEcho)),
             ("flood", FLOOD, _factory(Flood)),
         ):

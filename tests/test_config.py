@@ -109,6 +109,7 @@ class ConfigTestCase(SynchronousTestCase):
         for name, data in self.m.files.items():
             with open(os.path.join(self.dir, name), "wb") as f:
                 f.write(data)
+            os.chmod(os.path.join(self.dir, name), 0o600)  # as an operator must
 
     def path(self, name: str) -> str:
         return os.path.join(self.dir, name)
@@ -793,7 +794,16 @@ class ErrorTests(ConfigTestCase):
         path = self.path("token.bin")
         with open(path, "wb") as f:
             f.write(b"\xff\xfe")
+        os.chmod(path, 0o600)
         self.assertError(self.cluster_toml(token_file=f"'{path}'"), "clusters.a.token_file", "is not UTF-8 text")
+
+    def test_secret_files_readable_by_others_are_refused(self) -> None:
+        for key, name in (("key_file", "id_ed25519"), ("token_file", "token")):
+            os.chmod(self.path(name), 0o644)
+            overrides = {key: f"'{self.path(name)}'"}
+            e = self.assertError(self.cluster_toml(**overrides), f"clusters.a.{key}", "accessible by other users")
+            self.assertIn("mode 0644): chmod 600 it", e.reason)
+            os.chmod(self.path(name), 0o600)
 
     def test_listen(self) -> None:
         self.assertError(

@@ -28,6 +28,13 @@ from twisted.conch.error import ConchError
 from twisted.conch.ssh import channel, connection, forwarding
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IPushProducer, IReactorTime
+from twisted.logger import (
+    FilteringLogObserver,
+    Logger,
+    LogLevel,
+    LogLevelFilterPredicate,
+    globalLogPublisher,
+)
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -45,6 +52,21 @@ class TunnelPeer(Protocol):
     def tunnel_closed(self) -> None: ...
     def tunnel_pause_writing(self) -> None: ...
     def tunnel_resume_writing(self) -> None: ...
+
+
+def quiet_logger(namespace: str) -> Logger:
+    """
+    A logger for Conch's own events that keeps only warnings and worse.
+
+    Conch logs every channel open and close at info level; at thousands of
+    streams that drowns the gateway's own one-event-per-stream log.
+    """
+    return Logger(
+        namespace=namespace,
+        observer=FilteringLogObserver(
+            globalLogPublisher, [LogLevelFilterPredicate(defaultLogLevel=LogLevel.warn)]
+        ),
+    )
 
 
 def open_failure_reason(code: int, description: str) -> Reason:
@@ -79,6 +101,7 @@ class OrderedEOFChannel(channel.SSHChannel):
     """
 
     _eof_pending = False
+    _log = quiet_logger("gateway.ssh.channel")
 
     def send_eof(self) -> None:
         """Send EOF once everything written so far has been sent."""

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import struct
 
-from twisted.conch.ssh import common, connection, transport
+from twisted.conch.ssh import connection, transport
 from twisted.conch.ssh.keys import Key
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IReactorTime
@@ -23,7 +23,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from gateway.ssh.auth import KeyAuthClient
-from gateway.ssh.channel import DEFAULT_WINDOW, TunnelChannel
+from gateway.ssh.channel import DEFAULT_WINDOW, TunnelChannel, quiet_logger
 from gateway.ssh.ciphers import PREFERRED_CIPHERS, PREFERRED_MACS, FastSSHCiphers, preferred
 from gateway.ssh.hostkeys import HostKeyError, HostKeyPolicy
 
@@ -41,6 +41,8 @@ class TunnelConnection(connection.SSHConnection):
     Data delivery is overridden so the channel, not Conch, decides when to
     re-open the receive window (see L{TunnelChannel}).
     """
+
+    _log = quiet_logger("gateway.ssh.connection")
 
     def __init__(self, ready: Deferred[TunnelConnection], clock: IReactorTime) -> None:
         super().__init__()
@@ -65,24 +67,6 @@ class TunnelConnection(connection.SSHConnection):
             return
         channel.localWindowLeft -= length
         channel.dataReceived(packet[8 : 8 + length])
-
-    def openChannel(self, channel, extra: bytes = b"") -> None:
-        # Conch's version logs every open at info level; at thousands of
-        # streams that is noise, and the gateway logs each stream itself.
-        self.transport.sendPacket(
-            connection.MSG_CHANNEL_OPEN,
-            common.NS(channel.name)
-            + struct.pack(
-                ">3L",
-                self.localChannelID,
-                channel.localWindowSize,
-                channel.localMaxPacket,
-            )
-            + extra,
-        )
-        channel.id = self.localChannelID
-        self.channels[self.localChannelID] = channel
-        self.localChannelID += 1
 
     def open_tunnel(
         self,
@@ -174,9 +158,15 @@ class GatewayClientTransport(transport.SSHClientTransport):
             )
         )
 
+    def loseConnection(self) -> None:
+        # Conch says "connection lost" (code 10); we are closing on purpose.
+        self.sendDisconnect(transport.DISCONNECT_BY_APPLICATION, b"gateway closing the connection")
+
     def sendDisconnect(self, reason: int, desc: bytes) -> None:
         if self._failure is None:
-            if reason == transport.DISCONNECT_NO_MORE_AUTH_METHODS_AVAILABLE:
+            if reason == transport.DISCONNECT_BY_APPLICATION:
+                self._failure = "connection closed by the gateway"
+            elif reason == transport.DISCONNECT_NO_MORE_AUTH_METHODS_AVAILABLE:
                 self._failure = (
                     f"authentication as {self._user!r} failed: "
                     "the proxy node refused the key"
