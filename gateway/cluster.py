@@ -30,6 +30,7 @@ from twisted.internet.interfaces import (
     IReactorTime,
     IStreamClientEndpoint,
 )
+from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -37,10 +38,10 @@ from gateway.config import ClusterConfig, ProxyAddress
 from gateway.errors import Reason, StreamError
 from gateway.ssh.channel import TunnelChannel
 from gateway.ssh.client import (
-    GatewayClientFactory,
-    GatewayClientTransport,
+        GatewayClientTransport,
     SSHConnectError,
     TunnelConnection,
+    client_factory,
 )
 from gateway.ssh.hostkeys import HostKeyPolicy
 
@@ -70,7 +71,7 @@ def host_key_policy(config: ClusterConfig) -> HostKeyPolicy:
     )
 
 
-Connector = Callable[[ProxyAddress, GatewayClientFactory], Deferred]
+Connector = Callable[[ProxyAddress, Factory], Deferred]
 
 
 class ClusterConnection(Service):
@@ -102,7 +103,7 @@ class ClusterConnection(Service):
         self.open_streams = 0
 
     def _tcp_connector(
-        self, proxy: ProxyAddress, factory: GatewayClientFactory
+        self, proxy: ProxyAddress, factory: Factory
     ) -> Deferred[GatewayClientTransport]:
         timeout = self.config.connect_timeout
         endpoint: IStreamClientEndpoint
@@ -153,7 +154,7 @@ class ClusterConnection(Service):
         proxy = self.config.proxies[self._candidate % len(self.config.proxies)]
         self.proxy = proxy
         self._set_state("connecting")
-        factory = GatewayClientFactory(
+        factory = client_factory(
             proxy.host,
             proxy.port,
             self.config.user,

@@ -20,13 +20,11 @@ short text body, and logged; the client never sees a traceback.
 
 from __future__ import annotations
 
-from twisted.internet.interfaces import IDelayedCall, IHalfCloseableProtocol, IReactorTime
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from zope.interface import implementer
 
-from gateway.errors import Reason, StreamError
+from gateway.frontend import FrontendFactory, FrontendProtocol, stream_error
 from gateway.httpproxy import (
     RequestBody,
     RequestEnd,
@@ -41,9 +39,8 @@ from gateway.httpproxy import (
     error_response,
     status_for,
 )
-from gateway.relay import Splice
 from gateway.ssh.channel import TunnelChannel
-from gateway.streams import Gateway, StreamRequest, peer_origin
+from gateway.streams import Gateway, StreamRequest
 
 log = Logger()
 
@@ -61,19 +58,14 @@ class _Upstream:
         self.channel = channel
 
 
-@implementer(IHalfCloseableProtocol)
-class HttpProxyProtocol(Protocol):
+class HttpProxyProtocol(FrontendProtocol):
     """One HTTP proxy client connection."""
 
+    kind = "HTTP"
+
     def __init__(self, gateway: Gateway, clock: IReactorTime) -> None:
-        self._gateway = gateway
-        self._clock = clock
+        super().__init__(gateway, clock)
         self._parser = RequestParser()
-        self._splice: Splice | None = None
-        self._timer: IDelayedCall | None = None
-        self._client = "?"
-        self._origin = ("127.0.0.1", 0)
-        self._gone = False
         # The absolute-form exchange in progress.
         self._head: RequestHead | None = None
         self._upstream: _Upstream | None = None
@@ -86,28 +78,6 @@ class HttpProxyProtocol(Protocol):
         self._client_keep_alive = True
 
     # -- connection --------------------------------------------------------
-
-    def connectionMade(self) -> None:
-        self._client, self._origin = peer_origin(self.transport.getPeer())
-        self._arm_timer(self._gateway.handshake_timeout)
-
-    def _arm_timer(self, seconds: float) -> None:
-        self._stop_timer()
-        self._timer = self._clock.callLater(seconds, self._idle_timed_out)
-
-    def _stop_timer(self) -> None:
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        self._timer = None
-
-    def _idle_timed_out(self) -> None:
-        self._timer = None
-        log.info(
-            "HTTP client {client} sent no complete request in time",
-            client=self._client,
-            outcome="handshake-timeout",
-        )
-        self.transport.abortConnection()
 
     def dataReceived(self, data: bytes) -> None:
         if self._splice is not None:
@@ -126,14 +96,8 @@ class HttpProxyProtocol(Protocol):
         else:
             self._client_keep_alive = False
 
-    def writeConnectionLost(self) -> None:
-        pass
-
     def connectionLost(self, reason: Failure) -> None:
-        self._gone = True
-        self._stop_timer()
-        if self._splice is not None:
-            self._splice.client_lost()
+        super().connectionLost(reason)
         self._drop_upstream()
 
     # -- requests ------------------------------------------------------------
@@ -182,10 +146,8 @@ class HttpProxyProtocol(Protocol):
         self._drop_upstream()
 
     def _refused(self, failure: Failure) -> None:
-        error = failure.value
-        if not isinstance(error, StreamError):
-            error = StreamError(Reason.GENERAL, failure.getErrorMessage())
         if not self._gone:
+            error = stream_error(failure)
             self._fail(status_for(error), error.detail)
 
     # CONNECT
@@ -201,11 +163,7 @@ class HttpProxyProtocol(Protocol):
             channel.close()
             return
         self.transport.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
-        self._splice = Splice(self.transport, channel)
-        leftover = self._parser.take_leftover()
-        if leftover:
-            self._splice.client_data(leftover)
-        self.transport.resumeProducing()
+        self._start_splice(channel, self._parser.take_leftover())
 
     # absolute-form
 
@@ -332,16 +290,6 @@ class HttpProxyProtocol(Protocol):
         self.transport.resumeProducing()
 
 
-class HttpProxyFactory(Factory):
-    """Builds L{HttpProxyProtocol}s for one listener."""
-
-    noisy = False
-
-    def __init__(self, gateway: Gateway, clock: IReactorTime) -> None:
-        self._gateway = gateway
-        self._clock = clock
-
-    def buildProtocol(self, addr: object) -> HttpProxyProtocol:
-        protocol = HttpProxyProtocol(self._gateway, self._clock)
-        protocol.factory = self
-        return protocol
+def HttpProxyFactory(gateway: Gateway, clock: IReactorTime) -> FrontendFactory:
+    """The factory of an HTTP proxy listener."""
+    return FrontendFactory(HttpProxyProtocol, gateway, clock)

@@ -9,55 +9,26 @@ sends into a stream that will fail), and becomes a L{Splice}.
 
 from __future__ import annotations
 
-from twisted.internet.interfaces import IDelayedCall, IHalfCloseableProtocol, IReactorTime
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from zope.interface import implementer
 
-from gateway.errors import Reason, StreamError
-from gateway.relay import Splice
+from gateway.frontend import FrontendFactory, FrontendProtocol, stream_error
 from gateway.socks import ConnectRequest, Rejected, Send, SocksServer
 from gateway.ssh.channel import TunnelChannel
-from gateway.streams import Gateway, StreamRequest, peer_origin
+from gateway.streams import Gateway, StreamRequest
 
 log = Logger()
 
 
-@implementer(IHalfCloseableProtocol)
-class SocksProtocol(Protocol):
+class SocksProtocol(FrontendProtocol):
     """One SOCKS4/4a/5 client connection."""
 
+    kind = "SOCKS"
+
     def __init__(self, gateway: Gateway, clock: IReactorTime) -> None:
-        self._gateway = gateway
-        self._clock = clock
+        super().__init__(gateway, clock)
         self._machine = SocksServer(authenticate=gateway.authenticate)
-        self._splice: Splice | None = None
-        self._timer: IDelayedCall | None = None
-        self._gone = False
-        self._client = "?"
-        self._origin = ("127.0.0.1", 0)
-
-    def connectionMade(self) -> None:
-        self._client, self._origin = peer_origin(self.transport.getPeer())
-        self._timer = self._clock.callLater(
-            self._gateway.handshake_timeout, self._handshake_timed_out
-        )
-
-    def _handshake_timed_out(self) -> None:
-        self._timer = None
-        log.info(
-            "SOCKS client {client} did not finish its handshake in {timeout:g} s",
-            client=self._client,
-            timeout=self._gateway.handshake_timeout,
-            outcome="handshake-timeout",
-        )
-        self.transport.abortConnection()
-
-    def _stop_timer(self) -> None:
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        self._timer = None
 
     def dataReceived(self, data: bytes) -> None:
         if self._splice is not None:
@@ -100,21 +71,12 @@ class SocksProtocol(Protocol):
             channel.close()
             return
         self.transport.write(self._machine.accept())
-        self._splice = Splice(self.transport, channel)
-        leftover = self._machine.leftover
-        if leftover:
-            self._splice.client_data(leftover)
-        self.transport.resumeProducing()
+        self._start_splice(channel, self._machine.leftover)
 
     def _refused(self, failure: Failure) -> None:
-        error = failure.value
-        if not isinstance(error, StreamError):
-            error = StreamError(Reason.GENERAL, failure.getErrorMessage())
         if not self._gone:
-            self.transport.write(self._machine.reject(error.reason))
+            self.transport.write(self._machine.reject(stream_error(failure).reason))
             self.transport.loseConnection()
-
-    # IHalfCloseableProtocol
 
     def readConnectionLost(self) -> None:
         if self._splice is not None:
@@ -122,26 +84,7 @@ class SocksProtocol(Protocol):
         else:
             self.transport.loseConnection()
 
-    def writeConnectionLost(self) -> None:
-        pass
 
-    def connectionLost(self, reason: Failure) -> None:
-        self._gone = True
-        self._stop_timer()
-        if self._splice is not None:
-            self._splice.client_lost()
-
-
-class SocksFactory(Factory):
-    """Builds L{SocksProtocol}s for one listener."""
-
-    noisy = False
-
-    def __init__(self, gateway: Gateway, clock: IReactorTime) -> None:
-        self._gateway = gateway
-        self._clock = clock
-
-    def buildProtocol(self, addr: object) -> SocksProtocol:
-        protocol = SocksProtocol(self._gateway, self._clock)
-        protocol.factory = self
-        return protocol
+def SocksFactory(gateway: Gateway, clock: IReactorTime) -> FrontendFactory:
+    """The factory of a SOCKS listener."""
+    return FrontendFactory(SocksProtocol, gateway, clock)

@@ -13,6 +13,7 @@ a reconnecting service needs to log and what a waiting client is told.
 from __future__ import annotations
 
 import struct
+from functools import partial
 
 from twisted.conch.ssh import connection, transport
 from twisted.conch.ssh.keys import Key
@@ -192,23 +193,17 @@ class GatewayClientTransport(transport.SSHClientTransport):
         self.lost.callback(None)
 
 
-class GatewayClientFactory(Factory):
-    """Builds L{GatewayClientTransport}s for one proxy node address."""
-
-    noisy = False
-
-    def __init__(
-        self,
-        host: str,
-        port: int,
-        user: str,
-        private_key: Key,
-        host_keys: HostKeyPolicy,
-        clock: IReactorTime,
-    ) -> None:
-        self._args = (host, port, user, private_key, host_keys, clock)
-
-    def buildProtocol(self, addr: object) -> GatewayClientTransport:
-        protocol = GatewayClientTransport(*self._args)
-        protocol.factory = self
-        return protocol
+def client_factory(
+    host: str,
+    port: int,
+    user: str,
+    private_key: Key,
+    host_keys: HostKeyPolicy,
+    clock: IReactorTime,
+) -> Factory:
+    """A factory of L{GatewayClientTransport}s for one proxy node address."""
+    factory = Factory.forProtocol(
+        partial(GatewayClientTransport, host, port, user, private_key, host_keys, clock)
+    )
+    factory.noisy = False
+    return factory

@@ -1,0 +1,111 @@
+"""
+What the SOCKS and HTTP listeners have in common: a time limit on the client's
+handshake, the client's address for logs and for the direct-tcpip
+originator, the splice once the tunnel is open, and a factory per listener.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from twisted.internet.interfaces import IDelayedCall, IHalfCloseableProtocol, IReactorTime
+from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from gateway.errors import Reason, StreamError
+from gateway.relay import Splice
+from gateway.streams import Gateway, peer_origin
+
+log = Logger()
+
+
+def stream_error(failure: Failure) -> StreamError:
+    """The L{StreamError} in C{failure}, or a general one for anything else."""
+    if isinstance(failure.value, StreamError):
+        return failure.value
+    return StreamError(Reason.GENERAL, failure.getErrorMessage())
+
+
+@implementer(IHalfCloseableProtocol)
+class FrontendProtocol(Protocol):
+    """
+    Base of the listeners' protocols.
+
+    A client has C{gateway.handshake_timeout} seconds to complete a request
+    (and, between keep-alive requests, whatever the subclass re-arms), so a
+    silent client cannot hold a connection slot.
+    """
+
+    kind = "client"
+
+    def __init__(self, gateway: Gateway, clock: IReactorTime) -> None:
+        self._gateway = gateway
+        self._clock = clock
+        self._splice: Splice | None = None
+        self._timer: IDelayedCall | None = None
+        self._gone = False
+        self._client = "?"
+        self._origin = ("127.0.0.1", 0)
+
+    def connectionMade(self) -> None:
+        self._client, self._origin = peer_origin(self.transport.getPeer())
+        self._arm_timer(self._gateway.handshake_timeout)
+
+    def _arm_timer(self, seconds: float) -> None:
+        self._stop_timer()
+        self._timer = self._clock.callLater(seconds, self._timed_out, seconds)
+
+    def _stop_timer(self) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+
+    def _timed_out(self, seconds: float) -> None:
+        self._timer = None
+        log.info(
+            "{kind} client {client} sent no complete request in {timeout:g} s",
+            kind=self.kind,
+            client=self._client,
+            timeout=seconds,
+            outcome="handshake-timeout",
+        )
+        self.transport.abortConnection()
+
+    def _start_splice(self, channel, early_data: bytes) -> None:
+        """Become a byte pump between the client and C{channel}."""
+        self._splice = Splice(self.transport, channel)
+        if early_data:
+            self._splice.client_data(early_data)
+        self.transport.resumeProducing()
+
+    def writeConnectionLost(self) -> None:
+        pass
+
+    def connectionLost(self, reason: Failure) -> None:
+        self._gone = True
+        self._stop_timer()
+        if self._splice is not None:
+            self._splice.client_lost()
+
+
+class FrontendFactory(Factory):
+    """Builds one front-end protocol per client connection of a listener."""
+
+    noisy = False
+
+    def __init__(
+        self,
+        protocol: Callable[[Gateway, IReactorTime], FrontendProtocol],
+        gateway: Gateway,
+        clock: IReactorTime,
+    ) -> None:
+        self._protocol = protocol
+        self._gateway = gateway
+        self._clock = clock
+
+    def buildProtocol(self, addr: object) -> FrontendProtocol:
+        protocol = self._protocol(self._gateway, self._clock)
+        protocol.factory = self
+        return protocol
