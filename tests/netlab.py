@@ -51,6 +51,8 @@ BIG_SIZE = 20 * 1024 * 1024
 BIG_SHA256 = "682ae520c78c53c0812d98ba24e1e68d8c36c819180790e57e8fd6ede723733e"
 
 SSHD_NAMES = ("proxy-a", "proxy-b", "internal-a", "internal-b")
+#: Resolves to the internal host only inside the proxy namespaces.
+INTERNAL_NAME = "master.cluster.internal"
 
 _counter = itertools.count(1)
 _HOST_KEY_TYPES = (("ed25519", []), ("ecdsa", ["-b", "256"]), ("rsa", ["-b", "2048"]))
@@ -468,6 +470,7 @@ class Lab:
         self.big_size = BIG_SIZE
         self.stop_errors: list[str] = []
         self._namespaces: list[str] = []  # created by us, in creation order
+        self._etc_dirs: list[str] = []  # /etc/netns/NS directories we wrote
         self._procs: list[subprocess.Popen] = []
         self._daemons: dict[str, subprocess.Popen] = {}
         self._lock = threading.Lock()
@@ -710,7 +713,19 @@ class Lab:
         with open(os.path.join(self.workdir, logname), "ab") as logf:
             self._daemons[name] = self.spawn(ns, argv, stdout=logf, stderr=logf)
 
+    def _write_proxy_hosts(self) -> None:
+        # `ip netns exec NS` bind-mounts /etc/netns/NS/hosts over /etc/hosts, so
+        # each proxy node resolves INTERNAL_NAME to its own internal host: a
+        # name that only the proxy side can resolve, like a cluster's own DNS.
+        for t in ("a", "b"):
+            directory = os.path.join("/etc/netns", self.proxy_ns[t])
+            os.makedirs(directory, exist_ok=True)
+            self._etc_dirs.append(directory)
+            with open(os.path.join(directory, "hosts"), "w") as f:
+                f.write(f"127.0.0.1 localhost\n{self.internal_addr} {INTERNAL_NAME}\n")
+
     def _start_daemons(self) -> None:
+        self._write_proxy_hosts()
         for name, ns, addr in (
             ("proxy-a", self.proxy_ns["a"], self.proxy_addr["a"]),
             ("proxy-b", self.proxy_ns["b"], self.proxy_addr["b"]),
@@ -820,6 +835,9 @@ class Lab:
             time.sleep(0.05)
 
     def _delete_namespaces(self) -> None:
+        for directory in self._etc_dirs:
+            shutil.rmtree(directory, ignore_errors=True)
+        self._etc_dirs.clear()
         for ns in reversed(self._namespaces):
             try:
                 _sh(["ip", "netns", "del", ns], timeout=15)

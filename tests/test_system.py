@@ -21,7 +21,7 @@ import time
 
 from twisted.trial.unittest import SkipTest, TestCase
 
-from tests.netlab import Lab, lab_skip_reason, wait_for_port
+from tests.netlab import INTERNAL_NAME, Lab, lab_skip_reason, wait_for_port
 
 VENV_BIN = os.path.dirname(sys.executable)
 INTERNAL = "10.251.0.10"
@@ -88,6 +88,7 @@ class SystemTests(TestCase):
                     key_file = "{lab.client_key_rsa}"
                     known_hosts = "{lab.known_hosts}"
                     networks = ["10.251.0.0/24"]
+                    hostnames = ["*.cluster.internal"]
                     token = "{TOKENS['a']}"
 
                     [clusters.cluster-b]
@@ -97,6 +98,7 @@ class SystemTests(TestCase):
                     key_file = "{lab.client_key_ed25519}"
                     known_hosts = "{lab.known_hosts_hashed}"
                     networks = ["10.251.0.0/24"]
+                    hostnames = ["*.cluster.internal"]
                     token = "{TOKENS['b']}"
 
                     [clusters.cluster-x]
@@ -161,6 +163,24 @@ class SystemTests(TestCase):
                 "--socks5-hostname", "127.0.0.1:1080", "-U", f"{user}:{TOKENS[cluster]}", self.url()
             )
             self.assertEqual((status, out), (0, f"internal-{cluster}\n".encode()), err)
+
+    def test_names_are_resolved_on_the_proxy_side(self):
+        """INTERNAL_NAME resolves only inside each proxy namespace, to its own host."""
+        url = f"http://{INTERNAL_NAME}:8080/"
+        status, out, err = self.curl("--socks5-hostname", "127.0.0.1:1080", "-U", f"cluster-a:{TOKENS['a']}", url)
+        self.assertEqual((status, out), (0, b"internal-a\n"), err)
+        status, out, err = self.curl("-x", f"http://cluster-b:{TOKENS['b']}@127.0.0.1:3128", url)
+        self.assertEqual((status, out), (0, b"internal-b\n"), err)
+        # A name outside the cluster's hostnames patterns is refused before any lookup.
+        status, out, err = self.curl(
+            "-x", f"http://cluster-b:{TOKENS['b']}@127.0.0.1:3128", "-w", "%{http_code}", "http://localhost:8080/"
+        )
+        self.assertTrue(out.endswith(b"403"), out)
+        # A name the proxy node cannot resolve is 'host unreachable': SOCKS 0x04, HTTP 502.
+        status, out, err = self.curl(
+            "-x", f"http://cluster-b:{TOKENS['b']}@127.0.0.1:3128", "-w", "%{http_code}", "http://nope.cluster.internal/"
+        )
+        self.assertTrue(out.endswith(b"502"), out)
 
     def test_http_proxy_absolute_form_and_connect(self):
         status, out, err = self.curl("-x", f"http://cluster-a:{TOKENS['a']}@127.0.0.1:3128", self.url())
