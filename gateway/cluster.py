@@ -1,15 +1,28 @@
 """
-One cluster's SSH connection, kept up for as long as the cluster is configured.
+A cluster's SSH connections, kept up for as long as the cluster is configured.
 
-L{ClusterConnection} is a service: started, it connects to the first proxy
-candidate; when that fails or the connection is lost it backs off (0.5 s
-doubling to 30 s, with jitter) and tries the next candidate.  Its state is a
-small, logged vocabulary (C{connecting}, C{up}, C{backoff}, C{stopped}) that
-status and metrics read.
+L{ClusterConnection} is a service holding C{connections} slots (one by
+default).  Each slot keeps one L{_Link} -- an SSH connection to one proxy
+candidate -- up:
 
-Clients never wait forever: L{ClusterConnection.open_stream} waits at most
-C{connect_timeout} for a connection, and as long again for the proxy node to
-open the channel, then fails with a L{StreamError} that says why.
+ - connecting is time-limited (C{connect_timeout} for TCP + SSH handshake);
+ - a link sends C{keepalive@openssh.com} every C{keepalive_interval} and is
+   declared dead after C{keepalive_count_max} unanswered probes (a silent peer:
+   VM gone, packets dropped); its streams then end at once;
+ - a failed or lost link is replaced after a back-off (0.5 s doubling to 30 s,
+   jittered) by one to the *next* candidate in C{proxies};
+ - a slot running on a fallback candidate probes its preferred one (slot i
+   prefers candidate i) on the same back-off, moves back when it answers, and
+   retires the fallback link once its streams have finished.
+
+States (C{connecting}, C{up}, C{backoff}, C{stopped}) are logged per slot and
+summarised per cluster for status and metrics.
+
+Streams: L{ClusterConnection.open_stream} waits at most C{connect_timeout}
+for a link, picks the least loaded one, enforces C{max_streams}, and gives the
+proxy node C{open_timeout} to open the channel.  In C{mode = "auto"} a proxy
+node that refuses TCP forwarding ("administratively prohibited") switches the
+cluster to running C{exec_command} (netcat) in session channels, once, logged.
 """
 
 from __future__ import annotations
@@ -18,31 +31,20 @@ import random
 from collections.abc import Callable
 
 from twisted.application.service import Service
+from twisted.conch.error import ConchError
 from twisted.internet.abstract import isIPAddress, isIPv6Address
-from twisted.internet.defer import Deferred, TimeoutError, fail, succeed
-from twisted.internet.endpoints import (
-    HostnameEndpoint,
-    TCP4ClientEndpoint,
-    TCP6ClientEndpoint,
-)
-from twisted.internet.interfaces import (
-    IDelayedCall,
-    IReactorTime,
-    IStreamClientEndpoint,
-)
+from twisted.internet.defer import Deferred, TimeoutError, fail, gatherResults, succeed
+from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint
+from twisted.internet.interfaces import IDelayedCall, IReactorTime, IStreamClientEndpoint
 from twisted.internet.protocol import Factory
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from gateway.config import ClusterConfig, ProxyAddress
 from gateway.errors import Reason, StreamError
-from gateway.ssh.channel import TunnelChannel
-from gateway.ssh.client import (
-        GatewayClientTransport,
-    SSHConnectError,
-    TunnelConnection,
-    client_factory,
-)
+from gateway.ssh.channel import TunnelChannel, exec_command_line
+from gateway.ssh.client import GatewayClientTransport, SSHConnectError, TunnelConnection, client_factory
 from gateway.ssh.hostkeys import HostKeyPolicy
 
 log = Logger()
@@ -74,8 +76,160 @@ def host_key_policy(config: ClusterConfig) -> HostKeyPolicy:
 Connector = Callable[[ProxyAddress, Factory], Deferred]
 
 
+def tcp_connector(reactor, timeout: float) -> Connector:
+    """Connect straight to the proxy candidate over TCP."""
+
+    def connect(proxy: ProxyAddress, factory: Factory) -> Deferred:
+        endpoint: IStreamClientEndpoint
+        if isIPAddress(proxy.host):
+            endpoint = TCP4ClientEndpoint(reactor, proxy.host, proxy.port, timeout)
+        elif isIPv6Address(proxy.host):
+            endpoint = TCP6ClientEndpoint(reactor, proxy.host, proxy.port, timeout)
+        else:
+            endpoint = HostnameEndpoint(reactor, proxy.host, proxy.port, timeout)
+        return endpoint.connect(factory)
+
+    return connect
+
+
+class _Link:
+    """One SSH connection to one proxy candidate, with its keepalive."""
+
+    def __init__(self, cluster: ClusterConnection, proxy: ProxyAddress) -> None:
+        self._cluster = cluster
+        self.proxy = proxy
+        self.connection: TunnelConnection | None = None
+        self.transport: GatewayClientTransport | None = None
+        self.lost: Deferred[str] = Deferred()
+        self.retiring = False
+        self._keepalive: LoopingCall | None = None
+        self._unanswered = 0
+        self._death: str | None = None
+        cluster.links.add(self)
+
+    @property
+    def open_channels(self) -> int:
+        return len(self.connection.channels) if self.connection is not None else 0
+
+    def start(self) -> Deferred[_Link]:
+        """Connect and authenticate; fires with self, or fails saying why."""
+        cluster = self._cluster
+        config = cluster.config
+        factory = client_factory(
+            self.proxy.host,
+            self.proxy.port,
+            config.user,
+            config.private_key,
+            cluster.host_keys,
+            cluster.reactor,
+            rekey_bytes=config.rekey_bytes,
+            rekey_interval=config.rekey_interval,
+        )
+
+        def connected(transport: GatewayClientTransport) -> Deferred[TunnelConnection]:
+            self.transport = transport
+            transport.lost.addCallback(self._transport_lost)
+
+            def too_slow() -> None:
+                transport.note_failure(
+                    f"SSH handshake with {self.proxy} did not finish within {config.connect_timeout:g} s"
+                )
+                transport.transport.abortConnection()
+
+            timer = cluster.reactor.callLater(config.connect_timeout, too_slow)
+
+            def settled(result):
+                if timer.active():
+                    timer.cancel()
+                return result
+
+            return transport.ready.addBoth(settled)
+
+        return cluster.connector(self.proxy, factory).addCallback(connected).addCallback(self._up)
+
+    def _up(self, connection: TunnelConnection) -> _Link:
+        self.connection = connection
+        interval = self._cluster.config.keepalive_interval
+        if interval > 0:
+            self._keepalive = LoopingCall(self._probe)
+            self._keepalive.clock = self._cluster.reactor
+            self._keepalive.start(interval, now=False)
+        return self
+
+    def _probe(self) -> None:
+        config = self._cluster.config
+        if self._unanswered >= config.keepalive_count_max:
+            self._death = (
+                f"{self.proxy} did not answer {self._unanswered} keepalives "
+                f"in {self._unanswered * config.keepalive_interval:g} s"
+            )
+            self.abort()
+            return
+        self._unanswered += 1
+        probe = self.connection.sendGlobalRequest(b"keepalive@openssh.com", b"", wantReply=1)
+        # OpenSSH answers REQUEST_FAILURE: any answer proves the peer alive.
+        probe.addBoth(self._answered)
+
+    def _answered(self, result: object) -> None:
+        if isinstance(result, Failure) and not result.check(ConchError):
+            return
+        self._unanswered = 0
+
+    def _stop_keepalive(self) -> None:
+        if self._keepalive is not None and self._keepalive.running:
+            self._keepalive.stop()
+        self._keepalive = None
+
+    def _transport_lost(self, _: object) -> None:
+        self._stop_keepalive()
+        self.connection = None
+        self._cluster.links.discard(self)
+        self.lost.callback(self._death or f"connection to {self.proxy} lost")
+
+    def abort(self) -> None:
+        """Drop the connection now: its streams end, the slot reconnects."""
+        self._stop_keepalive()
+        if self.transport is not None and self.transport.transport is not None:
+            self.transport.transport.abortConnection()
+
+    def close(self) -> None:
+        """Close the connection cleanly (SSH disconnect)."""
+        self._stop_keepalive()
+        if self.transport is not None:
+            self.transport.loseConnection()
+
+    def retire(self) -> None:
+        """Close once the streams still using this link have finished."""
+        self.retiring = True
+        self.channel_closed()
+
+    def channel_closed(self) -> None:
+        if self.retiring and self.open_channels == 0:
+            self.close()
+
+
+class _Slot:
+    """A place for one link: its reconnect and failback state."""
+
+    def __init__(self, index: int, candidates: int) -> None:
+        self.index = index
+        self.preferred = index % candidates
+        self.candidate = self.preferred
+        self.state = "stopped"
+        self.link: _Link | None = None
+        self.attempt: Deferred | None = None
+        self.failures = 0
+        self.timer: IDelayedCall | None = None
+        self.failback_failures = 0
+
+    def cancel_timer(self) -> None:
+        if self.timer is not None and self.timer.active():
+            self.timer.cancel()
+        self.timer = None
+
+
 class ClusterConnection(Service):
-    """Keeps one SSH connection to one of a cluster's proxy nodes."""
+    """Keeps a cluster's SSH connection(s) to its proxy node(s)."""
 
     def __init__(
         self,
@@ -86,164 +240,182 @@ class ClusterConnection(Service):
     ) -> None:
         self.config = config
         self.name = config.name
-        self._reactor = reactor
-        self._connector = connector or self._tcp_connector
+        self.reactor = reactor
+        self.connector = connector or tcp_connector(reactor, config.connect_timeout)
+        self.host_keys = host_key_policy(config)
         self._jitter = jitter
-        self._host_keys = host_key_policy(config)
-        self.state = "stopped"
+        self._slots = [_Slot(i, len(config.proxies)) for i in range(config.connections)]
+        self._waiters: list[Deferred[_Link]] = []
+        #: Every link with a live transport (up, connecting, or retiring).
+        self.links: set[_Link] = set()
         self.last_error: str | None = None
-        self.proxy: ProxyAddress | None = None
-        self._candidate = 0
-        self._failures = 0
-        self._connection: TunnelConnection | None = None
-        self._transport: GatewayClientTransport | None = None
-        self._attempt: Deferred | None = None
-        self._retry: IDelayedCall | None = None
-        self._waiters: list[Deferred[TunnelConnection]] = []
         self.open_streams = 0
+        self.exec_mode = config.mode == "exec"
 
-    def _tcp_connector(
-        self, proxy: ProxyAddress, factory: Factory
-    ) -> Deferred[GatewayClientTransport]:
-        timeout = self.config.connect_timeout
-        endpoint: IStreamClientEndpoint
-        if isIPAddress(proxy.host):
-            endpoint = TCP4ClientEndpoint(self._reactor, proxy.host, proxy.port, timeout)
-        elif isIPv6Address(proxy.host):
-            endpoint = TCP6ClientEndpoint(self._reactor, proxy.host, proxy.port, timeout)
-        else:
-            endpoint = HostnameEndpoint(self._reactor, proxy.host, proxy.port, timeout)
-        return endpoint.connect(factory)
+    # -- state -------------------------------------------------------------
 
-    # -- lifecycle -------------------------------------------------------
+    @property
+    def state(self) -> str:
+        """The best state of any slot: up > connecting > backoff > stopped."""
+        states = {slot.state for slot in self._slots}
+        for state in ("up", "connecting", "backoff"):
+            if state in states:
+                return state
+        return "stopped"
+
+    @property
+    def proxy(self) -> ProxyAddress | None:
+        """The proxy node of the first link that is up."""
+        for slot in self._slots:
+            if slot.link is not None:
+                return slot.link.proxy
+        return None
+
+    def _set_state(self, slot: _Slot, state: str, proxy: ProxyAddress | None = None) -> None:
+        if state == slot.state:
+            return
+        slot.state = state
+        log.info(
+            "cluster {cluster} {state}" + (" ({proxy})" if proxy else ""),
+            cluster=self.name,
+            slot=slot.index,
+            state=state,
+            proxy=str(proxy) if proxy else None,
+            last_error=self.last_error,
+        )
+
+    def _candidate(self, index: int) -> ProxyAddress:
+        return self.config.proxies[index % len(self.config.proxies)]
+
+    # -- lifecycle ---------------------------------------------------------
 
     def startService(self) -> None:
         super().startService()
-        self._connect()
+        for slot in self._slots:
+            self._connect(slot)
 
     def stopService(self) -> Deferred[None]:
         super().stopService()
-        self._set_state("stopped")
-        if self._retry is not None and self._retry.active():
-            self._retry.cancel()
-        self._retry = None
-        if self._attempt is not None:
-            self._attempt.cancel()
         self._fail_waiters(StreamError(Reason.UNAVAILABLE, "gateway is shutting down"))
-        transport = self._transport
-        if transport is None:
-            return succeed(None)
-        lost = Deferred()
-        transport.lost.addBoth(lambda _: lost.callback(None))
-        transport.loseConnection()
-        return lost
+        for slot in self._slots:
+            slot.cancel_timer()
+            slot.link = None
+            if slot.attempt is not None:
+                slot.attempt.cancel()
+            self._set_state(slot, "stopped")
+        closing = [link.lost for link in self.links if link.transport is not None]
+        for link in list(self.links):
+            link.close()
+        return gatherResults(closing).addBoth(lambda _: None)
 
-    def _set_state(self, state: str) -> None:
-        if state != self.state:
-            self.state = state
-            log.info(
-                "cluster {cluster} {state}",
-                cluster=self.name,
-                state=state,
-                proxy=str(self.proxy) if self.proxy else None,
-                last_error=self.last_error,
-            )
+    def _connect(self, slot: _Slot) -> None:
+        slot.timer = None
+        proxy = self._candidate(slot.candidate)
+        self._set_state(slot, "connecting", proxy)
+        link = _Link(self, proxy)
+        attempt = link.start()
+        slot.attempt = attempt
+        attempt.addCallbacks(lambda _: self._up(slot, link), lambda f: self._failed(slot, proxy, f))
 
-    def _connect(self) -> None:
-        self._retry = None
-        proxy = self.config.proxies[self._candidate % len(self.config.proxies)]
-        self.proxy = proxy
-        self._set_state("connecting")
-        factory = client_factory(
-            proxy.host,
-            proxy.port,
-            self.config.user,
-            self.config.private_key,
-            self._host_keys,
-            self._reactor,
-        )
-        attempt = self._connector(proxy, factory)
-        self._attempt = attempt
-
-        def connected(transport: GatewayClientTransport) -> Deferred:
-            self._transport = transport
-            timer = self._reactor.callLater(
-                self.config.connect_timeout, transport.transport.abortConnection
-            )
-
-            def settled(result):
-                if timer.active():
-                    timer.cancel()
-                return result
-
-            transport.lost.addCallback(lambda _: self._lost(transport))
-            return transport.ready.addBoth(settled)
-
-        attempt.addCallback(connected)
-        attempt.addCallbacks(self._up, self._failed)
-
-    def _up(self, connection: TunnelConnection) -> None:
-        self._attempt = None
-        self._connection = connection
-        self._failures = 0
+    def _up(self, slot: _Slot, link: _Link) -> None:
+        slot.attempt = None
+        slot.link = link
+        slot.failures = 0
         self.last_error = None
-        self._set_state("up")
+        link.lost.addCallback(lambda why: self._lost(slot, link, why))
+        self._set_state(slot, "up", link.proxy)
         waiters, self._waiters = self._waiters, []
         for waiter in waiters:
-            waiter.callback(connection)
+            waiter.callback(link)
+        if slot.candidate % len(self.config.proxies) != slot.preferred:
+            self._schedule_failback(slot)
 
-    def _failed(self, failure: Failure) -> None:
-        self._attempt = None
+    def _describe(self, proxy: ProxyAddress, failure: Failure) -> str:
+        if failure.check(SSHConnectError):
+            return str(failure.value)
+        return f"cannot connect to {proxy}: {failure.getErrorMessage()}"
+
+    def _failed(self, slot: _Slot, proxy: ProxyAddress, failure: Failure) -> None:
+        slot.attempt = None
         if not self.running:
             return
-        error = failure.value
-        if isinstance(error, SSHConnectError):
-            self.last_error = str(error)
-        else:
-            self.last_error = f"cannot connect to {self.proxy}: {failure.getErrorMessage()}"
-        log.warn(
-            "cluster {cluster}: {error}", cluster=self.name, error=self.last_error
-        )
-        self._schedule_retry()
+        self.last_error = self._describe(proxy, failure)
+        log.warn("cluster {cluster}: {error}", cluster=self.name, error=self.last_error, proxy=str(proxy))
+        self._retry(slot)
 
-    def _lost(self, transport: GatewayClientTransport) -> None:
-        if transport is not self._transport:
-            return
-        self._transport = None
-        if self._connection is None:
-            return  # never came up: _failed handles it
-        self._connection = None
+    def _lost(self, slot: _Slot, link: _Link, why: str) -> None:
+        if slot.link is not link:
+            return  # a retired fallback link, or after stop
+        slot.link = None
         if not self.running:
             return
-        self.last_error = f"connection to {self.proxy} lost"
-        log.warn("cluster {cluster}: {error}", cluster=self.name, error=self.last_error)
-        self._schedule_retry()
+        self.last_error = why
+        log.warn("cluster {cluster}: {error}", cluster=self.name, error=why, proxy=str(link.proxy))
+        self._retry(slot)
 
-    def _schedule_retry(self) -> None:
-        self._failures += 1
-        self._candidate += 1
-        delay = backoff_delay(self._failures, self._jitter)
-        self._set_state("backoff")
-        self._retry = self._reactor.callLater(delay, self._connect)
+    def _retry(self, slot: _Slot) -> None:
+        """Back off, then try the next candidate."""
+        slot.cancel_timer()
+        slot.failures += 1
+        slot.candidate += 1
+        self._set_state(slot, "backoff")
+        slot.timer = self.reactor.callLater(backoff_delay(slot.failures, self._jitter), self._connect, slot)
 
-    # -- streams ---------------------------------------------------------
+    def _schedule_failback(self, slot: _Slot) -> None:
+        slot.failback_failures += 1
+        delay = backoff_delay(slot.failback_failures, self._jitter)
+        slot.timer = self.reactor.callLater(delay, self._try_failback, slot)
+
+    def _try_failback(self, slot: _Slot) -> None:
+        """While on a fallback, see whether the preferred candidate is back."""
+        slot.timer = None
+        preferred = self._candidate(slot.preferred)
+        probe = _Link(self, preferred)
+
+        def back(_: object) -> None:
+            old = slot.link
+            if not self.running or old is None:
+                probe.close()
+                return
+            log.info(
+                "cluster {cluster}: preferred proxy {proxy} is back; moving from {old}",
+                cluster=self.name,
+                proxy=str(preferred),
+                old=str(old.proxy),
+            )
+            slot.link = probe
+            slot.candidate = slot.preferred
+            slot.failback_failures = 0
+            probe.lost.addCallback(lambda why: self._lost(slot, probe, why))
+            old.retire()
+
+        def still_down(failure: Failure) -> None:
+            if self.running and slot.link is not None:
+                self._schedule_failback(slot)
+
+        slot.attempt = probe.start()
+        slot.attempt.addCallbacks(back, still_down)
+        slot.attempt.addBoth(lambda _: setattr(slot, "attempt", None))
+
+    # -- streams -------------------------------------------------------------
 
     def _fail_waiters(self, error: StreamError) -> None:
         waiters, self._waiters = self._waiters, []
         for waiter in waiters:
             waiter.errback(error)
 
-    def connection(self) -> Deferred[TunnelConnection]:
-        """The SSH connection, waiting up to C{connect_timeout} for one."""
-        if self._connection is not None:
-            return succeed(self._connection)
+    def _least_loaded(self) -> _Link | None:
+        links = [slot.link for slot in self._slots if slot.link is not None and slot.link.connection is not None]
+        return min(links, key=lambda link: link.open_channels, default=None)
+
+    def _link(self) -> Deferred[_Link]:
+        """A link that is up, waiting up to C{connect_timeout} for one."""
+        link = self._least_loaded()
+        if link is not None:
+            return succeed(link)
         if not self.running:
-            return fail(
-                StreamError(Reason.UNAVAILABLE, f"cluster {self.name!r} is not running")
-            )
-        waiter: Deferred[TunnelConnection] = Deferred(
-            lambda d: self._waiters.remove(d)
-        )
+            return fail(StreamError(Reason.UNAVAILABLE, f"cluster {self.name!r} is not running"))
+        waiter: Deferred[_Link] = Deferred(lambda d: self._waiters.remove(d))
         self._waiters.append(waiter)
         timeout = self.config.connect_timeout
 
@@ -256,53 +428,102 @@ class ClusterConnection(Service):
                 )
             return failure
 
-        waiter.addTimeout(timeout, self._reactor)
+        waiter.addTimeout(timeout, self.reactor)
         return waiter.addErrback(timed_out)
 
-    def open_stream(
-        self, host: str, port: int, origin: tuple[str, int]
-    ) -> Deferred[TunnelChannel]:
+    def connection(self) -> Deferred[TunnelConnection]:
+        """The least loaded SSH connection, waiting up to C{connect_timeout}."""
+        return self._link().addCallback(lambda link: link.connection)
+
+    def open_stream(self, host: str, port: int, origin: tuple[str, int]) -> Deferred[TunnelChannel]:
         """
         Open a tunnel to C{host:port} through this cluster's proxy node.
 
-        Fails with L{StreamError}: C{UNAVAILABLE} when no connection comes up
-        in time, C{TIMEOUT} when the proxy node does not answer the open in
-        time, or the proxy node's own reason.
+        Fails with L{StreamError}: C{OVERLOADED} at C{max_streams},
+        C{UNAVAILABLE} when no connection comes up in time, C{TIMEOUT} when
+        the proxy node does not answer the open in time, or the proxy node's
+        own reason.
         """
-        timeout = self.config.connect_timeout
+        if self.open_streams >= self.config.max_streams:
+            return fail(
+                StreamError(
+                    Reason.OVERLOADED,
+                    f"cluster {self.name!r} has {self.open_streams} open streams (max_streams)",
+                )
+            )
+        self.open_streams += 1
+        opening = self._link().addCallback(self._open_on, host, port, origin)
+        opening.addErrback(self._not_opened)
+        return opening
 
+    def _not_opened(self, failure: Failure) -> Failure:
+        self.open_streams -= 1
+        return failure
+
+    def _open_on(self, link: _Link, host: str, port: int, origin: tuple[str, int]) -> Deferred[TunnelChannel]:
         def opened(channel: TunnelChannel) -> TunnelChannel:
-            self.open_streams += 1
             channel.closed_hooks.append(self._stream_closed)
+            channel.closed_hooks.append(link.channel_closed)
             return channel
 
-        def open_on(connection: TunnelConnection) -> Deferred[TunnelChannel]:
-            opening = connection.open_tunnel(host, port, origin, self.config.window_size)
-            result: Deferred[TunnelChannel] = Deferred()
-            timer = self._reactor.callLater(
-                timeout,
-                lambda: result.errback(
-                    StreamError(
-                        Reason.TIMEOUT,
-                        f"proxy node did not open {host}:{port} within {timeout:g} s",
-                    )
-                ),
-            )
+        def prohibited(failure: Failure) -> Deferred[TunnelChannel] | Failure:
+            error = failure.value
+            if (
+                isinstance(error, StreamError)
+                and error.reason is Reason.PROHIBITED
+                and self.config.mode == "auto"
+                and not self.exec_mode
+            ):
+                self.exec_mode = True
+                log.warn(
+                    "cluster {cluster}: proxy node {proxy} refuses TCP forwarding ({detail}); "
+                    "switching to exec mode ({command})",
+                    cluster=self.name,
+                    proxy=str(link.proxy),
+                    detail=error.detail,
+                    command=self.config.exec_command,
+                )
+                return self._with_timeout(self._open_channel(link, host, port, origin), host, port)
+            return failure
 
-            def settle(outcome: TunnelChannel | Failure) -> None:
-                if timer.active():
-                    timer.cancel()
-                    if isinstance(outcome, Failure):
-                        result.errback(outcome)
-                    else:
-                        result.callback(outcome)
-                elif not isinstance(outcome, Failure):
-                    outcome.close()  # opened after the client gave up
+        opening = self._with_timeout(self._open_channel(link, host, port, origin), host, port)
+        if not self.exec_mode:
+            opening.addErrback(prohibited)
+        return opening.addCallback(opened)
 
-            opening.addBoth(settle)
-            return result
+    def _open_channel(self, link: _Link, host: str, port: int, origin: tuple[str, int]) -> Deferred[TunnelChannel]:
+        connection = link.connection
+        if connection is None:
+            return fail(StreamError(Reason.UNAVAILABLE, f"connection to {link.proxy} lost"))
+        window = self.config.window_size
+        if self.exec_mode:
+            command = exec_command_line(self.config.exec_command, host, port)
+            return connection.open_exec(command, host, port, origin, window)
+        return connection.open_tunnel(host, port, origin, window)
 
-        return self.connection().addCallback(open_on).addCallback(opened)
+    def _with_timeout(self, opening: Deferred[TunnelChannel], host: str, port: int) -> Deferred[TunnelChannel]:
+        """Give up after C{open_timeout}; a channel that opens later is closed."""
+        timeout = self.config.open_timeout
+        result: Deferred[TunnelChannel] = Deferred()
+        timer = self.reactor.callLater(
+            timeout,
+            lambda: result.errback(
+                StreamError(Reason.TIMEOUT, f"proxy node did not open {host}:{port} within {timeout:g} s")
+            ),
+        )
+
+        def settle(outcome: TunnelChannel | Failure) -> None:
+            if timer.active():
+                timer.cancel()
+                if isinstance(outcome, Failure):
+                    result.errback(outcome)
+                else:
+                    result.callback(outcome)
+            elif not isinstance(outcome, Failure):
+                outcome.close()  # opened after the client gave up
+
+        opening.addBoth(settle)
+        return result
 
     def _stream_closed(self) -> None:
         self.open_streams -= 1

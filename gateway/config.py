@@ -22,7 +22,7 @@ import re
 import stat
 import tomllib
 import types
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import date, datetime, time
 from typing import Any
@@ -31,18 +31,22 @@ from twisted.conch.ssh import keys
 
 __all__ = [
     "DEFAULT_CONNECT_TIMEOUT",
+    "DEFAULT_EXEC_COMMAND",
     "DEFAULT_HTTP_LISTEN",
+    "DEFAULT_REKEY_BYTES",
     "DEFAULT_SOCKS_LISTEN",
     "DEFAULT_WINDOW_SIZE",
     "ClusterConfig",
     "ConfigError",
     "GatewayConfig",
+    "GatewaySettings",
     "ListenConfig",
     "ProxyAddress",
     "load_config",
     "parse_cluster",
     "parse_config",
     "parse_proxy_address",
+    "parse_size",
 ]
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -54,6 +58,27 @@ DEFAULT_CONNECT_TIMEOUT = 15.0
 DEFAULT_WINDOW_SIZE = 2 * 1024 * 1024
 MIN_WINDOW_SIZE = 32 * 1024
 MAX_WINDOW_SIZE = 64 * 1024 * 1024
+DEFAULT_KEEPALIVE_INTERVAL = 10.0
+DEFAULT_KEEPALIVE_COUNT_MAX = 3
+MAX_KEEPALIVE_COUNT_MAX = 100
+MODES = ("auto", "direct-tcpip", "exec")
+DEFAULT_EXEC_COMMAND = "nc {host} {port}"
+#: Placeholders of exec_command and proxy_command.
+PLACEHOLDERS = ("host", "port")
+DEFAULT_CONNECTIONS = 1
+MAX_CONNECTIONS = 16
+DEFAULT_MAX_STREAMS = 1024
+MAX_MAX_STREAMS = 1_000_000
+DEFAULT_OPEN_TIMEOUT = 15.0
+DEFAULT_REKEY_BYTES = 1 << 30
+MIN_REKEY_BYTES = 1 << 20
+MAX_REKEY_BYTES = 1 << 40
+DEFAULT_REKEY_INTERVAL = 3600.0
+MIN_REKEY_INTERVAL = 60.0
+DEFAULT_HANDSHAKE_TIMEOUT = 10.0
+DEFAULT_MAX_CLIENTS = 4096
+MAX_MAX_CLIENTS = 1_000_000
+DEFAULT_DRAIN_TIMEOUT = 10.0
 #: RFC 1929 (SOCKS5 username/password) carries at most 255 bytes of password.
 MAX_TOKEN_BYTES = 255
 #: Key, token and passphrase files larger than this are refused (a typo such
@@ -65,39 +90,63 @@ _BARE_KEY_RE = re.compile(r"[A-Za-z0-9_-]+")
 _HOST_LABEL_RE = re.compile(r"[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?")
 _PORT_RE = re.compile(r"[0-9]{1,5}")
 _PATTERN_RE = re.compile(r"[a-z0-9._*?\[\]!-]+")
+_SIZE_RE = re.compile(r"([0-9]+)([KMGT]?)", re.IGNORECASE)
+_SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 _IPV4_MAPPED = ipaddress.ip_network("::ffff:0:0/96")
 
-_TOP_KEYS = ("clusters", "defaults", "listen")
+_TOP_KEYS = ("clusters", "defaults", "gateway", "listen")
 _LISTEN_KEYS = ("http", "socks")
+_GATEWAY_KEYS = ("drain_timeout", "handshake_timeout", "max_clients")
 _CLUSTER_KEYS = (
     "aliases",
     "connect_timeout",
+    "connections",
+    "exec_command",
     "host_keys",
     "hostnames",
     "insecure_accept_any_host_key",
+    "jump",
+    "keepalive_count_max",
+    "keepalive_interval",
     "key",
     "key_file",
     "known_hosts",
+    "max_streams",
+    "mode",
     "networks",
+    "open_timeout",
     "passphrase",
     "passphrase_file",
     "proxies",
+    "proxy_command",
+    "rekey_bytes",
+    "rekey_interval",
     "token",
     "token_file",
     "user",
     "window_size",
 )
 #: Cluster keys that may be given in C{[defaults]}.  The others describe one
-#: cluster (its names, its proxy node, its networks, its host keys, its token)
-#: and sharing them would be a mistake.
+#: cluster (its names, its proxy node, its networks, its host keys, its token,
+#: the connection it jumps through) and sharing them would be a mistake.
 DEFAULTABLE_KEYS = (
     "connect_timeout",
+    "connections",
+    "exec_command",
     "insecure_accept_any_host_key",
+    "keepalive_count_max",
+    "keepalive_interval",
     "key",
     "key_file",
     "known_hosts",
+    "max_streams",
+    "mode",
+    "open_timeout",
     "passphrase",
     "passphrase_file",
+    "proxy_command",
+    "rekey_bytes",
+    "rekey_interval",
     "user",
     "window_size",
 )
@@ -114,6 +163,9 @@ _DISPLACES = {
     "passphrase_file": _PASSPHRASE_GROUP,
     "known_hosts": _HOST_KEY_GROUP,
     "host_keys": _HOST_KEY_GROUP,
+    # a cluster that jumps through another connection does not use the
+    # defaults' proxy_command (the two are mutually exclusive)
+    "jump": frozenset({"proxy_command"}),
 }
 
 
@@ -176,6 +228,32 @@ class ClusterConfig:
     token: str | None = field(default=None, repr=False)
     connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
     window_size: int = DEFAULT_WINDOW_SIZE
+    #: Seconds between C{keepalive@openssh.com} probes; 0 disables them.
+    keepalive_interval: float = DEFAULT_KEEPALIVE_INTERVAL
+    #: Unanswered probes before the connection is declared dead.
+    keepalive_count_max: int = DEFAULT_KEEPALIVE_COUNT_MAX
+    #: How streams are opened: "auto", "direct-tcpip" or "exec".
+    mode: str = "auto"
+    #: Command run on the proxy node in exec mode; a C{str.format} template
+    #: with exactly the placeholders C{{host}} and C{{port}}.
+    exec_command: str = DEFAULT_EXEC_COMMAND
+    #: Command run locally to reach the proxy node (OpenSSH's ProxyCommand);
+    #: a template with the optional placeholders C{{host}} and C{{port}}.
+    proxy_command: str | None = None
+    #: The C{jump} value as written (cluster name or alias, or address).
+    jump: str | None = None
+    #: The canonical name of the cluster whose connection carries this one.
+    jump_cluster: str | None = None
+    #: The SSH server this cluster's connection jumps through.
+    jump_address: ProxyAddress | None = None
+    #: The user on C{jump_address}; None: the cluster's C{user}.
+    jump_user: str | None = None
+    connections: int = DEFAULT_CONNECTIONS
+    max_streams: int = DEFAULT_MAX_STREAMS
+    open_timeout: float = DEFAULT_OPEN_TIMEOUT
+    rekey_bytes: int = DEFAULT_REKEY_BYTES
+    #: Seconds between client-initiated rekeys; 0: by bytes only.
+    rekey_interval: float = DEFAULT_REKEY_INTERVAL
 
     def names(self) -> tuple[str, ...]:
         """The cluster's name followed by its aliases."""
@@ -196,12 +274,25 @@ class ListenConfig:
 
 
 @dataclass(frozen=True)
+class GatewaySettings:
+    """The C{[gateway]} table: limits of the gateway as a whole."""
+
+    #: Seconds a client has to complete its SOCKS/HTTP request.
+    handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT
+    #: Client connections accepted at once, across all listeners.
+    max_clients: int = DEFAULT_MAX_CLIENTS
+    #: On SIGTERM: seconds open streams may take to finish.
+    drain_timeout: float = DEFAULT_DRAIN_TIMEOUT
+
+
+@dataclass(frozen=True)
 class GatewayConfig:
     """The whole validated configuration."""
 
     listen: ListenConfig
     clusters: Mapping[str, ClusterConfig]
     source: str
+    settings: GatewaySettings = field(default_factory=GatewaySettings)
 
 
 # --- helpers -----------------------------------------------------------------
@@ -552,13 +643,40 @@ def _host_key_source(values: _Values) -> tuple[str | None, tuple[keys.Key, ...],
 # --- simple values -------------------------------------------------------------------
 
 
-def _timeout(values: _Values) -> float:
-    value = values.value("connect_timeout")
+def _seconds(values: _Values, name: str, *, zero: str | None = None, minimum: float = 0.0) -> float:
+    """
+    A duration in seconds: a finite number > 0 (and >= C{minimum}), or 0 too
+    if C{zero} says what 0 means.
+    """
+    value = values.value(name)
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise values.error("connect_timeout", f"expected a number of seconds, got {_type_name(value)}")
-    if not math.isfinite(value) or value <= 0:
-        raise values.error("connect_timeout", f"must be a positive number of seconds, got {value}")
-    return float(value)
+        raise values.error(name, f"expected a number of seconds, got {_type_name(value)}")
+    try:
+        number = float(value)
+    except OverflowError:  # an integer too large for a float
+        number = math.inf
+    if zero is not None and number == 0:
+        return 0.0
+    if not math.isfinite(number) or number <= 0 or number < minimum:
+        if zero is None:
+            raise values.error(name, f"must be a positive number of seconds, got {value}")
+        if minimum:
+            raise values.error(name, f"must be 0 ({zero}) or at least {minimum:g} seconds, got {value}")
+        raise values.error(name, f"must be 0 ({zero}) or a positive number of seconds, got {value}")
+    return number
+
+
+def _integer(values: _Values, name: str, low: int, high: int) -> int:
+    value = values.value(name)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise values.error(name, f"expected an integer, got {_type_name(value)}")
+    if not low <= value <= high:
+        raise values.error(name, f"must be between {low} and {high}, got {value}")
+    return value
+
+
+def _timeout(values: _Values) -> float:
+    return _seconds(values, "connect_timeout")
 
 
 def _window_size(values: _Values) -> int:
@@ -572,11 +690,157 @@ def _window_size(values: _Values) -> int:
     return value
 
 
+def _valid_user(user: str) -> bool:
+    return bool(user) and not any(c.isspace() or not c.isprintable() or c in "@:" for c in user)
+
+
 def _user(values: _Values) -> str:
     user = values.string("user")
-    if any(c.isspace() or not c.isprintable() or c in "@:" for c in user):
+    if not _valid_user(user):
         raise values.error("user", f"{_show(user)} is not a valid user name")
     return user
+
+
+def parse_size(text: str) -> int:
+    """
+    Parse a size in bytes written like OpenSSH's RekeyLimit: digits with an
+    optional suffix K, M, G or T (powers of 1024, either case): C{"512M"}.
+
+    @raise ValueError: with a reason that may be shown to the operator.
+    """
+    m = _SIZE_RE.fullmatch(text)
+    if m is None:
+        raise ValueError(
+            f"{_show(text)} is not a size: write a whole number of bytes with an optional suffix "
+            'K, M, G or T (powers of 1024), e.g. "512M"'
+        )
+    digits = m.group(1).lstrip("0") or "0"
+    if len(digits) > 20:  # far beyond any limit; spares int() a huge string
+        return MAX_REKEY_BYTES * 1024
+    return int(digits) * _SIZE_UNITS[m.group(2).upper()]
+
+
+def _rekey_bytes(values: _Values, name: str) -> int:
+    value = values.value(name)
+    if isinstance(value, str):
+        try:
+            size = parse_size(value)
+        except ValueError as e:
+            raise values.error(name, str(e)) from None
+        shown = f"{_show(value)} ({size} bytes)"
+    elif isinstance(value, bool) or not isinstance(value, int):
+        raise values.error(name, f'expected an integer (bytes) or a size string such as "1G", got {_type_name(value)}')
+    else:
+        size, shown = value, str(value)
+    if not MIN_REKEY_BYTES <= size <= MAX_REKEY_BYTES:
+        raise values.error(
+            name, f"must be between {MIN_REKEY_BYTES} (1M) and {MAX_REKEY_BYTES} (1T) bytes, got {shown}"
+        )
+    return size
+
+
+def _mode(values: _Values, name: str) -> str:
+    mode = values.string(name, nonempty=False)
+    if mode not in MODES:
+        raise values.error(name, f"unknown mode {_show(mode)} (expected one of: {', '.join(MODES)})")
+    return mode
+
+
+def _check_template(values: _Values, name: str, text: str, required: tuple[str, ...]) -> str:
+    """
+    Check a command template: C{{host}} and C{{port}} are the only
+    placeholders, C{{{} and C{}}} literal braces; C{required} must be used.
+    What passes is safe for C{text.format(host=..., port=...)}.
+    """
+    hint = "only {host} and {port} are replaced; write {{ and }} for literal braces"
+    found: set[str] = set()
+    i = 0
+    while i < len(text):
+        c = text[i]
+        if c in "{}" and text[i + 1 : i + 2] == c:
+            i += 2
+        elif c == "}":
+            raise values.error(name, f"unmatched '}}' at character {i + 1} of {_show(text)} ({hint})")
+        elif c == "{":
+            ends = [j for j in (text.find("{", i + 1), text.find("}", i + 1)) if j != -1]
+            end = min(ends, default=-1)
+            if end == -1 or text[end] == "{":
+                raise values.error(name, f"unmatched '{{' at character {i + 1} of {_show(text)} ({hint})")
+            placeholder = text[i + 1 : end]
+            if placeholder not in PLACEHOLDERS:
+                raise values.error(name, f"unknown placeholder {_show('{' + placeholder + '}')} ({hint})")
+            found.add(placeholder)
+            i = end + 1
+        else:
+            i += 1
+    for placeholder in required:
+        if placeholder not in found:
+            raise values.error(name, f"{_show(text)} lacks the {{{placeholder}}} placeholder")
+    return text
+
+
+def _exec_command(values: _Values, name: str) -> str:
+    text = values.string(name)
+    if not text.strip():
+        raise values.error(name, "must not be empty")
+    return _check_template(values, name, text, PLACEHOLDERS)
+
+
+def _proxy_command(values: _Values, name: str) -> str | None:
+    text = values.string(name, nonempty=False)
+    if not text.strip():
+        raise values.error(name, 'must not be empty (write "none" for no proxy command)')
+    if text == "none":
+        return None
+    return _check_template(values, name, text, ())
+
+
+def _jump(
+    values: _Values, name: str, aliases: list[str], known_clusters: Mapping[str, str] | None
+) -> tuple[str | None, ProxyAddress | None, str | None]:
+    """(jump_cluster, jump_address, jump_user) of the C{jump} value."""
+    text = values.string("jump")
+    if text == name or text in aliases:
+        raise values.error("jump", f"cluster {name!r} cannot jump through itself")
+    if known_clusters is not None:
+        target = known_clusters.get(text)
+        if target == name:
+            raise values.error("jump", f"cluster {name!r} cannot jump through itself")
+        if target is not None:
+            return target, None, None
+    elif "@" not in text and ":" not in text and _NAME_RE.fullmatch(text):
+        return text, None, None  # a cluster name, for the caller to check
+    user: str | None
+    user, at, host = text.rpartition("@")
+    if not at:
+        user = None
+    elif not _valid_user(user):
+        raise values.error("jump", f"{_show(user)} in {_show(text)} is not a valid user name")
+    try:
+        address = parse_proxy_address(host)
+    except ValueError as e:
+        raise values.error(
+            "jump", f"{_show(text)} is neither a cluster name or alias nor a [user@]host[:port] address: {e}"
+        ) from None
+    return None, address, user
+
+
+#: The cluster keys that are one value each, checked on their own (also in
+#: C{[defaults]}): key -> parser, whose result is the ClusterConfig field.
+_SETTINGS: dict[str, Callable[[_Values, str], Any]] = {
+    "connect_timeout": lambda v, n: _timeout(v),
+    "window_size": lambda v, n: _window_size(v),
+    "keepalive_interval": lambda v, n: _seconds(v, n, zero="no keepalive"),
+    "keepalive_count_max": lambda v, n: _integer(v, n, 1, MAX_KEEPALIVE_COUNT_MAX),
+    "mode": _mode,
+    "exec_command": _exec_command,
+    "proxy_command": _proxy_command,
+    "connections": lambda v, n: _integer(v, n, 1, MAX_CONNECTIONS),
+    "max_streams": lambda v, n: _integer(v, n, 1, MAX_MAX_STREAMS),
+    "open_timeout": lambda v, n: _seconds(v, n),
+    "rekey_bytes": _rekey_bytes,
+    "rekey_interval": lambda v, n: _seconds(v, n, zero="rekey by bytes only", minimum=MIN_REKEY_INTERVAL),
+}
 
 
 def _parse_network(text: str) -> Network:
@@ -667,10 +931,9 @@ def _check_defaults(defaults: Mapping[str, Any], source: str, base_dir: str | No
         values.items[k] = (v, _join("defaults", k))
     if "user" in values:
         _user(values)
-    if "connect_timeout" in values:
-        _timeout(values)
-    if "window_size" in values:
-        _window_size(values)
+    for k, parse in _SETTINGS.items():
+        if k in values:
+            parse(values, k)
     _host_key_source(values)
     _private_key(values, cache)
 
@@ -684,6 +947,7 @@ def parse_cluster(
     defaults: Mapping[str, Any] | None = None,
     *,
     key_cache: _KeyCache | None = None,
+    known_clusters: Mapping[str, str] | None = None,
 ) -> ClusterConfig:
     """
     Validate one cluster's table.
@@ -696,6 +960,12 @@ def parse_cluster(
     @param defaults: the C{[defaults]} table, if any (keys come out as
         C{defaults.KEY} in errors).
     @param key_cache: internal: shares loaded keys between clusters.
+    @param known_clusters: the other clusters' names and aliases, each
+        mapped to its cluster's name: a C{jump} value found here is a cluster
+        reference (C{jump_cluster} is the canonical name), any other value must
+        be an address.  When None, a C{jump} value that looks like a cluster
+        name (no C{@} or C{:}) is taken as a cluster reference as written, for
+        the caller to check.
     @raise ConfigError: if anything is wrong.
     """
     _check_name(name, source, key_prefix, "cluster name")
@@ -780,6 +1050,19 @@ def parse_cluster(
     if not networks and not hostnames:
         raise values.error(_join(key_prefix, "networks"), "at least one network is needed (unless hostnames is set)")
 
+    token = _token(values)
+    settings = {k: parse(values, k) for k, parse in _SETTINGS.items() if k in values}
+
+    jump: str | None = None
+    jump_cluster: str | None = None
+    jump_address: ProxyAddress | None = None
+    jump_user: str | None = None
+    if "jump" in values:
+        jump = values.string("jump")
+        if settings.get("proxy_command") is not None:
+            raise values.error("jump", "proxy_command and jump are mutually exclusive: set only one")
+        jump_cluster, jump_address, jump_user = _jump(values, name, aliases, known_clusters)
+
     return ClusterConfig(
         name=name,
         aliases=tuple(aliases),
@@ -791,9 +1074,12 @@ def parse_cluster(
         insecure_accept_any_host_key=insecure,
         networks=tuple(networks),
         hostnames=tuple(hostnames),
-        token=_token(values),
-        connect_timeout=_timeout(values) if "connect_timeout" in values else DEFAULT_CONNECT_TIMEOUT,
-        window_size=_window_size(values) if "window_size" in values else DEFAULT_WINDOW_SIZE,
+        token=token,
+        jump=jump,
+        jump_cluster=jump_cluster,
+        jump_address=jump_address,
+        jump_user=jump_user,
+        **settings,
     )
 
 
@@ -851,6 +1137,55 @@ def _parse_listen(data: Mapping[str, Any], source: str) -> ListenConfig:
     return ListenConfig(socks=result["socks"], http=result["http"])
 
 
+# --- gateway ---------------------------------------------------------------------------
+
+
+def _parse_gateway(data: Mapping[str, Any], source: str) -> GatewaySettings:
+    for k in data:
+        if k not in _GATEWAY_KEYS:
+            raise _unknown(source, _join("gateway", k), k, _GATEWAY_KEYS)
+    values = _Values(source, None)
+    for k, v in data.items():
+        values.items[k] = (v, _join("gateway", k))
+    settings: dict[str, Any] = {}
+    if "handshake_timeout" in values:
+        settings["handshake_timeout"] = _seconds(values, "handshake_timeout")
+    if "max_clients" in values:
+        settings["max_clients"] = _integer(values, "max_clients", 1, MAX_MAX_CLIENTS)
+    if "drain_timeout" in values:
+        settings["drain_timeout"] = _seconds(values, "drain_timeout", zero="close streams at once")
+    return GatewaySettings(**settings)
+
+
+def _known_clusters(tables: Mapping[str, Any]) -> dict[str, str]:
+    """
+    Name or alias -> cluster name, from the raw cluster tables (what is not
+    valid there is reported when the cluster itself is parsed).
+    """
+    known: dict[str, str] = {}
+    for name, body in tables.items():
+        known.setdefault(name, name)
+        aliases = body.get("aliases") if isinstance(body, Mapping) else None
+        if isinstance(aliases, (list, tuple)):
+            for alias in aliases:
+                if isinstance(alias, str):
+                    known.setdefault(alias, name)
+    return known
+
+
+def _check_jump_cycles(clusters: Mapping[str, ClusterConfig], source: str) -> None:
+    """Refuse clusters that (indirectly) jump through themselves."""
+    for start in clusters:
+        path = [start]
+        target = clusters[start].jump_cluster
+        while target is not None and target not in path:
+            path.append(target)
+            target = clusters[target].jump_cluster
+        if target == start:
+            key = _join(_join("clusters", start), "jump")
+            raise ConfigError(source, key, f"jump cycle {' -> '.join([*path, start])}")
+
+
 # --- whole files ------------------------------------------------------------------------
 
 
@@ -868,15 +1203,17 @@ def parse_config(data: Mapping[str, Any], source: str, base_dir: str | None = No
         if k not in _TOP_KEYS:
             raise _unknown(source, _key_part(k), k, _TOP_KEYS)
     listen = _parse_listen(_table(data.get("listen", {}), source, "listen"), source)
+    settings = _parse_gateway(_table(data.get("gateway", {}), source, "gateway"), source)
     cache: _KeyCache = {}
     defaults = _table(data.get("defaults", {}), source, "defaults")
     _check_defaults(defaults, source, base_dir, cache)
     tables = _table(data.get("clusters", {}), source, "clusters")
     clusters: dict[str, ClusterConfig] = {}
     owners: dict[str, str] = {}
+    known = _known_clusters(tables)
     for name, body in tables.items():
         prefix = _join("clusters", name)
-        cluster = parse_cluster(name, body, source, prefix, base_dir, defaults, key_cache=cache)
+        cluster = parse_cluster(name, body, source, prefix, base_dir, defaults, key_cache=cache, known_clusters=known)
         for i, n in enumerate(cluster.names()):
             if n in owners:
                 key = prefix if i == 0 else f"{_join(prefix, 'aliases')}[{i - 1}]"
@@ -884,7 +1221,8 @@ def parse_config(data: Mapping[str, Any], source: str, base_dir: str | None = No
                 raise ConfigError(source, key, f"{what} {n!r} is already used by cluster {owners[n]!r}")
             owners[n] = name
         clusters[name] = cluster
-    return GatewayConfig(listen=listen, clusters=types.MappingProxyType(clusters), source=source)
+    _check_jump_cycles(clusters, source)
+    return GatewayConfig(listen=listen, clusters=types.MappingProxyType(clusters), source=source, settings=settings)
 
 
 def load_config(path: str) -> GatewayConfig:

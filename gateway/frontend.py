@@ -20,6 +20,8 @@ from gateway.streams import Gateway, peer_origin
 
 log = Logger()
 
+DEFAULT_MAX_CLIENTS = 4096
+
 
 def stream_error(failure: Failure) -> StreamError:
     """The L{StreamError} in C{failure}, or a general one for anything else."""
@@ -88,6 +90,40 @@ class FrontendProtocol(Protocol):
         self._stop_timer()
         if self._splice is not None:
             self._splice.client_lost()
+        self.factory.clients.release()
+
+
+class ClientLimit:
+    """
+    Counts accepted client connections across all listeners.
+
+    Beyond C{limit} new connections are closed at once: the gateway keeps
+    serving the clients it has instead of running out of file descriptors.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.count = 0
+        self._refusing = False
+
+    def admit(self) -> bool:
+        if self.count >= self.limit:
+            if not self._refusing:
+                self._refusing = True
+                log.warn(
+                    "client limit reached ({limit} connections): refusing new clients",
+                    limit=self.limit,
+                    outcome="overloaded",
+                )
+            return False
+        self.count += 1
+        return True
+
+    def release(self) -> None:
+        self.count -= 1
+        if self._refusing and self.count < self.limit:
+            self._refusing = False
+            log.info("accepting new clients again ({count} connected)", count=self.count)
 
 
 class FrontendFactory(Factory):
@@ -100,12 +136,16 @@ class FrontendFactory(Factory):
         protocol: Callable[[Gateway, IReactorTime], FrontendProtocol],
         gateway: Gateway,
         clock: IReactorTime,
+        clients: ClientLimit | None = None,
     ) -> None:
         self._protocol = protocol
         self._gateway = gateway
         self._clock = clock
+        self.clients = clients or ClientLimit(DEFAULT_MAX_CLIENTS)
 
-    def buildProtocol(self, addr: object) -> FrontendProtocol:
+    def buildProtocol(self, addr: object) -> FrontendProtocol | None:
+        if not self.clients.admit():
+            return None
         protocol = self._protocol(self._gateway, self._clock)
         protocol.factory = self
         return protocol

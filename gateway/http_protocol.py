@@ -24,7 +24,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from gateway.frontend import FrontendFactory, FrontendProtocol, stream_error
+from gateway.frontend import ClientLimit, FrontendFactory, FrontendProtocol, stream_error
 from gateway.httpproxy import (
     RequestBody,
     RequestEnd,
@@ -275,13 +275,14 @@ class HttpProxyProtocol(FrontendProtocol):
     def tunnel_closed(self) -> None:
         if self._upstream is None:
             return
+        channel = self._upstream.channel
         self._upstream = None
         if not self._gone:
             self.transport.unregisterProducer()
         if self._response is not None and not self._response_done:
             self._handle_response(self._response.eof_received())
             if not self._response_done and not self._gone:
-                self._upstream_broken("upstream closed the connection")
+                self._upstream_broken(channel.close_reason or "upstream closed the connection")
 
     def tunnel_pause_writing(self) -> None:
         self.transport.pauseProducing()
@@ -290,6 +291,6 @@ class HttpProxyProtocol(FrontendProtocol):
         self.transport.resumeProducing()
 
 
-def HttpProxyFactory(gateway: Gateway, clock: IReactorTime) -> FrontendFactory:
+def HttpProxyFactory(gateway: Gateway, clock: IReactorTime, clients: ClientLimit | None = None) -> FrontendFactory:
     """The factory of an HTTP proxy listener."""
-    return FrontendFactory(HttpProxyProtocol, gateway, clock)
+    return FrontendFactory(HttpProxyProtocol, gateway, clock, clients)

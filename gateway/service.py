@@ -10,19 +10,26 @@ connected.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from twisted.application.internet import StreamServerEndpointService
-from twisted.application.service import MultiService
+from twisted.application.service import MultiService, Service
+from twisted.internet.defer import Deferred, fail, gatherResults, maybeDeferred, succeed
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IReactorCore
 from twisted.internet.protocol import Factory
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
-from gateway.cluster import ClusterConnection
+from gateway.cluster import ClusterConnection, Connector, tcp_connector
 from gateway.config import ClusterConfig, GatewayConfig
+from gateway.errors import Reason, StreamError
+from gateway.frontend import ClientLimit
 from gateway.http_protocol import HttpProxyFactory
 from gateway.routing import Router
 from gateway.socks_protocol import SocksFactory
+from gateway.ssh.endpoints import ChannelEndpoint, command_endpoint
 from gateway.streams import Gateway
 
 log = Logger()
@@ -71,18 +78,22 @@ class ListenerService(StreamServerEndpointService):
 
 
 class GatewayService(MultiService):
-    """Listeners plus one connection per cluster."""
+    """Listeners plus the connections of every cluster."""
 
     def __init__(self, config: GatewayConfig, reactor) -> None:
         super().__init__()
         self._reactor = reactor
+        self.settings = config.settings
         self.clusters: dict[str, ClusterConnection] = {}
-        self.gateway = Gateway(Router(()), self.clusters)
+        #: Hidden clusters for C{jump = "user@host:port"} hops, by cluster name.
+        self._hops: dict[str, ClusterConnection] = {}
+        self.gateway = Gateway(Router(()), self.clusters, handshake_timeout=config.settings.handshake_timeout)
         for cluster in config.clusters.values():
             self.add_cluster(cluster)
+        clients = ClientLimit(config.settings.max_clients)
         for kind, descriptions, factory in (
-            ("socks", config.listen.socks, SocksFactory(self.gateway, reactor)),
-            ("http", config.listen.http, HttpProxyFactory(self.gateway, reactor)),
+            ("socks", config.listen.socks, SocksFactory(self.gateway, reactor, clients)),
+            ("http", config.listen.http, HttpProxyFactory(self.gateway, reactor, clients)),
         ):
             for description in descriptions:
                 ListenerService(reactor, kind, description, factory).setServiceParent(self)
@@ -99,16 +110,99 @@ class GatewayService(MultiService):
     def _reroute(self) -> None:
         self.gateway.router = Router(c.config for c in self.clusters.values())
 
+    def _connector(self, config: ClusterConfig) -> Connector:
+        """How this cluster reaches its proxy node: TCP, a command, or another SSH connection."""
+        if config.proxy_command:
+            template = config.proxy_command
+            return lambda proxy, factory: command_endpoint(self._reactor, template, proxy.host, proxy.port).connect(
+                factory
+            )
+        if config.jump_cluster:
+            return self._channel_connector(lambda: self.clusters.get(config.jump_cluster), config)
+        if config.jump_address:
+            hop = replace(
+                config,
+                name=f"{config.name}~jump",
+                aliases=(),
+                proxies=(config.jump_address,),
+                user=config.jump_user or config.user,
+                jump=None,
+                jump_address=None,
+                jump_user=None,
+                connections=1,
+                token=None,
+            )
+            hop_connection = ClusterConnection(hop, self._reactor)
+            hop_connection.setServiceParent(self)
+            self._hops[config.name] = hop_connection
+            return self._channel_connector(lambda: hop_connection, config)
+        return tcp_connector(self._reactor, config.connect_timeout)
+
+    def _channel_connector(self, carrier, config: ClusterConfig) -> Connector:
+        def connect(proxy, factory):
+            via = carrier()
+            if via is None:
+                return fail(StreamError(Reason.UNAVAILABLE, f"jump cluster {config.jump_cluster!r} is not configured"))
+            return ChannelEndpoint(
+                lambda host, port: via.open_stream(host, port, ("127.0.0.1", 0)), proxy.host, proxy.port
+            ).connect(factory)
+
+        return connect
+
     def add_cluster(self, config: ClusterConfig) -> ClusterConnection:
-        """Start keeping a connection to C{config}'s proxy node and route to it."""
-        connection = ClusterConnection(config, self._reactor)
+        """Start keeping connections to C{config}'s proxy nodes and route to it."""
+        connection = ClusterConnection(config, self._reactor, self._connector(config))
         connection.setServiceParent(self)
         self.clusters[config.name] = connection
         self._reroute()
         return connection
 
-    def remove_cluster(self, name: str):
-        """Stop routing to cluster C{name} and close its connection."""
+    def remove_cluster(self, name: str) -> Deferred:
+        """Stop routing to cluster C{name} and close its connections."""
         connection = self.clusters.pop(name)
         self._reroute()
-        return connection.disownServiceParent()
+        stopping = [maybeDeferred(connection.disownServiceParent)]
+        hop = self._hops.pop(name, None)
+        if hop is not None:
+            stopping.append(maybeDeferred(hop.disownServiceParent))
+        return gatherResults(stopping)
+
+    def open_streams(self) -> int:
+        return sum(c.open_streams for c in self.clusters.values())
+
+    def stopService(self) -> Deferred:
+        """
+        Stop accepting, let open streams finish for up to C{drain_timeout},
+        then close the SSH connections cleanly.
+        """
+        Service.stopService(self)
+        listeners = [child for child in self if isinstance(child, ListenerService)]
+        others = [child for child in reversed(list(self)) if not isinstance(child, ListenerService)]
+        stopped = gatherResults([maybeDeferred(listener.stopService) for listener in listeners])
+        stopped.addCallback(lambda _: self._drain())
+        stopped.addCallback(lambda _: gatherResults([maybeDeferred(child.stopService) for child in others]))
+        return stopped.addCallback(lambda _: None)
+
+    def _drain(self) -> Deferred:
+        open_streams = self.open_streams()
+        timeout = self.settings.drain_timeout
+        if open_streams == 0 or timeout <= 0:
+            return succeed(None)
+        log.info(
+            "draining {streams} open streams for up to {timeout:g} s", streams=open_streams, timeout=timeout
+        )
+        deadline = self._reactor.seconds() + timeout
+        drained: Deferred[None] = Deferred()
+
+        def check() -> None:
+            left = self.open_streams()
+            if left == 0 or self._reactor.seconds() >= deadline:
+                poll.stop()
+                if left:
+                    log.info("drain time-out: closing {streams} streams", streams=left)
+                drained.callback(None)
+
+        poll = LoopingCall(check)
+        poll.clock = self._reactor
+        poll.start(0.1, now=False)
+        return drained

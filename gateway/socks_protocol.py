@@ -13,7 +13,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from gateway.frontend import FrontendFactory, FrontendProtocol, stream_error
+from gateway.frontend import ClientLimit, FrontendFactory, FrontendProtocol, stream_error
 from gateway.socks import ConnectRequest, Rejected, Send, SocksServer
 from gateway.ssh.channel import TunnelChannel
 from gateway.streams import Gateway, StreamRequest
@@ -85,6 +85,6 @@ class SocksProtocol(FrontendProtocol):
             self.transport.loseConnection()
 
 
-def SocksFactory(gateway: Gateway, clock: IReactorTime) -> FrontendFactory:
+def SocksFactory(gateway: Gateway, clock: IReactorTime, clients: ClientLimit | None = None) -> FrontendFactory:
     """The factory of a SOCKS listener."""
-    return FrontendFactory(SocksProtocol, gateway, clock)
+    return FrontendFactory(SocksProtocol, gateway, clock, clients)

@@ -142,13 +142,15 @@ class Gateway:
         channel: TunnelChannel,
     ) -> None:
         log.info(
-            "stream to {destination} via {cluster} closed: "
-            "{bytes_up} bytes up, {bytes_down} down, {duration:.3f} s",
+            "stream to {destination} via {cluster} {outcome}: "
+            "{bytes_up} bytes up, {bytes_down} down, {duration:.3f} s"
+            + (" ({reason})" if channel.close_reason else ""),
             cluster=cluster,
             destination=destination,
             client=request.client,
             frontend=request.frontend,
-            outcome="closed",
+            outcome="closed" if channel.close_reason is None else "failed",
+            reason=channel.close_reason,
             bytes_up=channel.bytes_up,
             bytes_down=channel.bytes_down,
             duration=time.monotonic() - channel.started,

@@ -8,7 +8,11 @@ root or a network.  The fake proxy node behaves like OpenSSH where the
 gateway can tell the difference: it answers C{direct-tcpip} opens only after
 connecting to the destination (so "connection refused" is an open failure
 with code 2), answers code 1 for destinations it is told to prohibit, and
-carries half-close in both directions.
+carries half-close in both directions.  Like an OpenSSH server it also runs
+C{nc HOST PORT} in C{session} channels (exec), the way the gateway reaches
+destinations through nodes configured with C{AllowTcpForwarding no}
+(C{FakeProxyNode(allow_tcp_forwarding=False)}), with netcat-openbsd's
+stderr and exit status on failure.
 
 Destinations are virtual: the node maps C{(host, port)} pairs to client
 endpoint strings, e.g. C{("10.99.0.10", 80)} to a unix socket in a private
@@ -18,6 +22,7 @@ directory, so the "internal network" exists only behind the fake proxy node.
 from __future__ import annotations
 
 import os
+import shlex
 import struct
 import tempfile
 from collections.abc import Iterable, Mapping
@@ -28,9 +33,11 @@ from twisted.conch.checkers import InMemorySSHKeyDB, SSHPublicKeyChecker
 from twisted.conch.ssh import common, connection, factory, forwarding, keys, userauth
 from twisted.cred.portal import Portal
 from twisted.internet.endpoints import clientFromString, serverFromString
+from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.interfaces import IHalfCloseableProtocol, IListeningPort
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 from zope.interface import implementer
@@ -62,9 +69,10 @@ def public_line(key: keys.Key) -> str:
 class _DestinationProtocol(Protocol):
     """The proxy node's TCP connection to a destination, joined to a channel."""
 
-    def __init__(self, tunnel: _ServerTunnel) -> None:
+    def __init__(self, tunnel: _ServerStream) -> None:
         self._tunnel = tunnel
         self._halves_done = 0
+        self.read_closed = False
 
     def dataReceived(self, data: bytes) -> None:
         self._tunnel.write(data)
@@ -75,37 +83,195 @@ class _DestinationProtocol(Protocol):
             self.transport.loseConnection()
 
     def readConnectionLost(self) -> None:
-        self._tunnel.send_eof()
+        self.read_closed = True
+        self._tunnel.destination_eof()
         self._half_done()
 
     def writeConnectionLost(self) -> None:
         self._half_done()
 
     def connectionLost(self, reason: object) -> None:
-        self._tunnel.loseConnection()
+        self.read_closed = True
+        self._tunnel.destination_lost()
 
 
-class _ServerTunnel(OrderedEOFChannel):
-    """Server side of a direct-tcpip channel, already connected."""
+class _ServerStream(OrderedEOFChannel):
+    """
+    Server side of a channel joined to a destination connection.
 
-    name = b"direct-tcpip"
+    Data from the channel goes to the destination (queued until it is
+    connected); the destination is paused while the gateway's window is full,
+    so the node buffers at most what one read brings.
+    """
 
     def __init__(self, destination: _DestinationProtocol | None = None, **kw) -> None:
         super().__init__(**kw)
         self.destination = destination
+        self._connected = destination is not None
+        self._queued: list[bytes] = []
+        self._client_eof = False
+
+    def _destination_transport(self):
+        if self.destination is None:
+            return None
+        return self.destination.transport
+
+    def destination_connected(self) -> None:
+        self._connected = True
+        transport = self._destination_transport()
+        if self.localClosed or self.remoteClosed:
+            transport.loseConnection()
+            return
+        queued, self._queued = self._queued, []
+        for data in queued:
+            transport.write(data)
+        if self._client_eof:
+            transport.loseWriteConnection()
+        if not self.areWriting:
+            transport.pauseProducing()
 
     def dataReceived(self, data: bytes) -> None:
-        self.destination.transport.write(data)
+        if self._connected:
+            self.destination.transport.write(data)
+        else:
+            self._queued.append(data)
 
     def eofReceived(self) -> None:
-        self.destination.transport.loseWriteConnection()
+        self._client_eof = True
+        if self._connected:
+            self.destination.transport.loseWriteConnection()
+
+    def stopWriting(self) -> None:
+        transport = self._destination_transport() if self._connected else None
+        if transport is not None:
+            transport.pauseProducing()
+
+    def startWriting(self) -> None:
+        transport = self._destination_transport() if self._connected else None
+        if transport is not None and not self.destination.read_closed:
+            transport.resumeProducing()
+
+    def destination_eof(self) -> None:
+        self.send_eof()
+
+    def destination_lost(self) -> None:
+        self.loseConnection()
 
     def closed(self) -> None:
-        self.destination.transport.loseConnection()
+        transport = self._destination_transport() if self._connected else None
+        if transport is not None:
+            transport.loseConnection()
+
+
+class _ServerTunnel(_ServerStream):
+    """Server side of a direct-tcpip channel, already connected."""
+
+    name = b"direct-tcpip"
+
+
+class _ServerSession(_ServerStream):
+    """
+    Server side of a C{session} channel: runs C{nc HOST PORT} (exec) the way
+    netcat-openbsd under OpenSSH would, and nothing else.
+    """
+
+    name = b"session"
+
+    def __init__(self, node: FakeProxyNode, **kw) -> None:
+        super().__init__(**kw)
+        self.node = node
+        self._started = False
+        self._finished = False
+
+    def request_exec(self, data: bytes) -> bool:
+        if not self.node.allow_exec or self._started:
+            return False
+        self._started = True
+        command = common.getNS(data)[0].decode("utf-8", "replace")
+        # sshd answers once the command is started: output comes after that.
+        self.node.reactor.callLater(0, self._run, command)
+        return True
+
+    def _run(self, command: str) -> None:
+        try:
+            argv = shlex.split(command)
+        except ValueError:
+            return self.finish(2, f"sh: 1: Syntax error: {command}\n")
+        if argv and argv[0] == "exec":
+            argv = argv[1:]
+        if not argv:
+            return self.finish(0)
+        if os.path.basename(argv[0]) not in ("nc", "netcat"):
+            return self.finish(127, f"sh: 1: {argv[0]}: command not found\n")
+        # Options (-N, -w 5 ...) are accepted and ignored: HOST PORT come last.
+        if len(argv) < 3 or not argv[-1].isdigit():
+            return self.finish(1, "usage: nc [-46CDdFhklNnrStUuvZz] destination [port]\n")
+        host, port = argv[-2], int(argv[-1])
+        target = self.node.routes.get((host, port))
+        if target is None:
+            return self._refused(host, port, "Connection refused")
+        self.destination = _DestinationProtocol(self)
+        connecting = clientFromString(self.node.reactor, target).connect(
+            _OneProtocol(self.destination)
+        )
+
+        def failed(f: Failure) -> None:
+            self.destination = None
+            text = (
+                "Connection refused"
+                if f.check(ConnectionRefusedError)
+                else f.getErrorMessage()
+            )
+            self._refused(host, port, text)
+
+        connecting.addCallbacks(lambda _: self.destination_connected(), failed)
+
+    def _refused(self, host: str, port: int, text: str) -> None:
+        self.finish(1, f"nc: connect to {host} port {port} (tcp) failed: {text}\n")
+
+    def destination_eof(self) -> None:
+        # netcat-openbsd exits once the network side has closed.
+        self.finish(0)
+
+    def destination_lost(self) -> None:
+        self.finish(0)
+
+    def finish(self, status: int, stderr: str = "") -> None:
+        """The command exits: stderr, then (after all data) EOF, exit-status, close."""
+        if self._finished:
+            return
+        self._finished = True
+        if self.localClosed:
+            return
+        if stderr:
+            self.writeExtended(connection.EXTENDED_DATA_STDERR, stderr.encode())
+
+        def exit() -> None:
+            if self.localClosed:
+                return
+            self.conn.sendEOF(self)
+            self.conn.sendRequest(self, b"exit-status", struct.pack(">L", status))
+            self.loseConnection()
+
+        self.after_data(exit)
 
 
 class _ProxyNodeConnection(connection.SSHConnection):
-    """Opens direct-tcpip channels the way OpenSSH does: connect, then confirm."""
+    """
+    Opens direct-tcpip channels the way OpenSSH does (connect, then confirm;
+    "administratively prohibited" when forwarding is off) and session channels
+    for exec.
+    """
+
+    def getChannel(self, channelType, windowSize, maxPacket, data):
+        if channelType == b"session":
+            return _ServerSession(
+                self.transport.factory.node,
+                remoteWindow=windowSize,
+                remoteMaxPacket=maxPacket,
+                conn=self,
+            )
+        return super().getChannel(channelType, windowSize, maxPacket, data)
 
     def ssh_CHANNEL_OPEN(self, packet: bytes) -> None:
         kind, rest = common.getNS(packet)
@@ -122,7 +288,7 @@ class _ProxyNodeConnection(connection.SSHConnection):
                 struct.pack(">2L", sender, code) + common.NS(text.encode()) + common.NS(b""),
             )
 
-        if (host, port) in node.prohibited:
+        if not node.allow_tcp_forwarding or (host, port) in node.prohibited:
             return fail(connection.OPEN_ADMINISTRATIVELY_PROHIBITED, "open failed")
         target = node.routes.get((host, port))
         if target is None:
@@ -147,6 +313,7 @@ class _ProxyNodeConnection(connection.SSHConnection):
                     ">4L", sender, local, tunnel.localWindowSize, tunnel.localMaxPacket
                 ),
             )
+            tunnel.destination_connected()
 
         connecting.addCallbacks(
             connected,
@@ -175,6 +342,10 @@ class FakeProxyNode:
 
     @param routes: C{(host, port)} -> client endpoint string of the real service.
     @param prohibited: destinations answered "administratively prohibited".
+    @param allow_tcp_forwarding: False answers every C{direct-tcpip} open
+        "administratively prohibited", like sshd's C{AllowTcpForwarding no};
+        C{exec nc HOST PORT} in a session channel still reaches C{routes}.
+    @param allow_exec: False refuses every C{exec} request.
     """
 
     def __init__(
@@ -185,10 +356,14 @@ class FakeProxyNode:
         routes: Mapping[tuple[str, int], str] | None = None,
         prohibited: Iterable[tuple[str, int]] = (),
         host_key: keys.Key | None = None,
+        allow_tcp_forwarding: bool = True,
+        allow_exec: bool = True,
     ) -> None:
         self.reactor = reactor
         self.routes = dict(routes or {})
         self.prohibited = set(prohibited)
+        self.allow_tcp_forwarding = allow_tcp_forwarding
+        self.allow_exec = allow_exec
         self.host_key = host_key or generate_key()
         db = InMemorySSHKeyDB({user.encode(): [k.public() for k in authorized_keys]})
         self.factory = factory.SSHFactory()

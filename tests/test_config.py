@@ -18,16 +18,20 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from gateway.config import (
     DEFAULT_CONNECT_TIMEOUT,
+    DEFAULT_EXEC_COMMAND,
+    DEFAULT_REKEY_BYTES,
     DEFAULT_WINDOW_SIZE,
     ClusterConfig,
     ConfigError,
     GatewayConfig,
+    GatewaySettings,
     ListenConfig,
     ProxyAddress,
     load_config,
     parse_cluster,
     parse_config,
     parse_proxy_address,
+    parse_size,
 )
 
 PASSPHRASE = "correct horse battery staple"
@@ -504,14 +508,14 @@ class ErrorTests(ConfigTestCase):
         self.assertEqual(e.key, "(file)")
 
     def test_unknown_keys(self) -> None:
-        self.assertError("bogus = 1\n", "bogus", "unknown key (expected one of: clusters, defaults, listen)")
+        self.assertError("bogus = 1\n", "bogus", "unknown key (expected one of: clusters, defaults, gateway, listen)")
         self.assertError("[listen]\nftp = 'tcp:21'\n", "listen.ftp", "unknown key (expected one of: http, socks)")
         self.assertError("[defaults]\n'a b' = 1\n", 'defaults."a b"', "unknown key")
         self.assertError(self.cluster_toml(prxies='["x"]'), "clusters.a.prxies", "unknown key (did you mean proxies?)")
         self.assertError(
             self.cluster_toml(colour='"x"'),
             "clusters.a.colour",
-            "unknown key (expected one of: aliases, connect_timeout, host_keys, ",
+            "unknown key (expected one of: aliases, connect_timeout, connections, exec_command, host_keys, ",
         )
         self.assertError("[listen]\nsock = 'tcp:1'\n", "listen.sock", "unknown key (did you mean socks?)")
         self.assertError(self.cluster_toml() + "[clusters.a.sub]\nx = 1\n", "clusters.a.sub", "unknown key")
@@ -846,3 +850,492 @@ class ErrorTests(ConfigTestCase):
             self.cluster_toml(key_file=None, key=f"'''{pem}'''", user="7"), "clusters.a.user", "expected a string"
         )
         self.assertError(f'[defaults]\ntoken = "{TOKEN}"\n', "defaults.token", "cannot be set")
+
+
+NEW_DEFAULTS = {
+    "keepalive_interval": 10.0,
+    "keepalive_count_max": 3,
+    "mode": "auto",
+    "exec_command": "nc {host} {port}",
+    "proxy_command": None,
+    "jump": None,
+    "jump_cluster": None,
+    "jump_address": None,
+    "jump_user": None,
+    "connections": 1,
+    "max_streams": 1024,
+    "open_timeout": 15.0,
+    "rekey_bytes": 1 << 30,
+    "rekey_interval": 3600.0,
+}
+
+
+class ConnectionSettingsTests(ConfigTestCase):
+    """keepalive, mode, exec_command, proxy_command, connections, limits, rekeying."""
+
+    def cluster(self, **overrides: str | None) -> ClusterConfig:
+        return self.load(self.cluster_toml("a", **overrides)).clusters["a"]
+
+    def test_defaults(self) -> None:
+        c = self.cluster()
+        for name, value in NEW_DEFAULTS.items():
+            self.assertEqual((name, getattr(c, name)), (name, value))
+        self.assertEqual(DEFAULT_EXEC_COMMAND, "nc {host} {port}")
+        self.assertEqual(DEFAULT_REKEY_BYTES, 1024**3)
+        self.assertIsInstance(c.keepalive_interval, float)
+        # the constructor still works without the new fields
+        short = ClusterConfig(
+            name="x",
+            aliases=(),
+            proxies=(ProxyAddress("p"),),
+            user="u",
+            private_key=c.private_key,
+            known_hosts=None,
+            host_keys=(),
+            insecure_accept_any_host_key=True,
+            networks=(),
+        )
+        for name, value in NEW_DEFAULTS.items():
+            self.assertEqual((name, getattr(short, name)), (name, value))
+
+    def test_all_values(self) -> None:
+        c = self.cluster(
+            keepalive_interval="2.5",
+            keepalive_count_max="5",
+            mode='"exec"',
+            exec_command='"socat - TCP:{host}:{port}"',
+            proxy_command='"ip netns exec qrouter-1234 nc {host} {port}"',
+            connections="4",
+            max_streams="100",
+            open_timeout="3",
+            rekey_bytes='"512M"',
+            rekey_interval="600",
+        )
+        self.assertEqual(c.keepalive_interval, 2.5)
+        self.assertEqual(c.keepalive_count_max, 5)
+        self.assertEqual(c.mode, "exec")
+        self.assertEqual(c.exec_command, "socat - TCP:{host}:{port}")
+        self.assertEqual(c.proxy_command, "ip netns exec qrouter-1234 nc {host} {port}")
+        self.assertEqual(c.connections, 4)
+        self.assertEqual(c.max_streams, 100)
+        self.assertEqual(c.open_timeout, 3.0)
+        self.assertIsInstance(c.open_timeout, float)
+        self.assertEqual(c.rekey_bytes, 512 * 1024 * 1024)
+        self.assertEqual(c.rekey_interval, 600.0)
+        self.assertIsInstance(c.rekey_interval, float)
+        self.assertNoSecrets(repr(c))
+
+    def test_bounds_accepted(self) -> None:
+        for name, value, expected in [
+            ("keepalive_interval", "0", 0.0),
+            ("keepalive_interval", "0.5", 0.5),
+            ("keepalive_count_max", "1", 1),
+            ("keepalive_count_max", "100", 100),
+            ("connections", "1", 1),
+            ("connections", "16", 16),
+            ("max_streams", "1", 1),
+            ("max_streams", "1_000_000", 1_000_000),
+            ("open_timeout", "0.1", 0.1),
+            ("rekey_interval", "0", 0.0),
+            ("rekey_interval", "60", 60.0),
+            ("rekey_interval", "86400.5", 86400.5),
+        ]:
+            self.assertEqual((name, getattr(self.cluster(**{name: value}), name)), (name, expected))
+
+    def test_modes(self) -> None:
+        for mode in ("auto", "direct-tcpip", "exec"):
+            self.assertEqual(self.cluster(mode=f'"{mode}"').mode, mode)
+
+    def test_command_templates(self) -> None:
+        """Accepted templates format with host and port only; {{ }} are literal."""
+        c = self.cluster(
+            exec_command="\"printf '{{}}' >&2; nc {port} {host} {host}\"",
+            proxy_command="\"sh -c 'exec nc {host} {port}' # {{x}}\"",
+        )
+        self.assertEqual(c.exec_command.format(host="h", port=22), "printf '{}' >&2; nc 22 h h")
+        self.assertEqual(c.proxy_command.format(host="h", port=22), "sh -c 'exec nc h 22' # {x}")
+        # proxy_command needs no placeholder; "none" means no proxy command
+        self.assertEqual(self.cluster(proxy_command='"connect-to-proxy"').proxy_command, "connect-to-proxy")
+        self.assertEqual(self.cluster(proxy_command='"{port}"').proxy_command, "{port}")
+        self.assertIsNone(self.cluster(proxy_command='"none"').proxy_command)
+
+    def test_rekey_bytes_forms(self) -> None:
+        cases = {
+            "1048576": 1 << 20,
+            str(1 << 40): 1 << 40,
+            '"1G"': 1 << 30,
+            '"512M"': 512 << 20,
+            '"2048k"': 2 << 20,
+            '"1024K"': 1 << 20,
+            '"1t"': 1 << 40,
+            '"2g"': 2 << 30,
+            '"0001M"': 1 << 20,
+            '"1048576"': 1 << 20,
+        }
+        for text, expected in cases.items():
+            self.assertEqual((text, self.cluster(rekey_bytes=text).rekey_bytes), (text, expected))
+        self.assertEqual(parse_size("64K"), 64 * 1024)
+        self.assertEqual(parse_size("64k"), 64 * 1024)
+        self.assertEqual(parse_size("7"), 7)
+        self.assertEqual(parse_size("3T"), 3 << 40)
+        for bad in ("", "K", "1.5G", "-1M", "1 G", "1GB", "1P", " 1G"):
+            self.assertRaises(ValueError, parse_size, bad)
+
+    def test_shared_in_defaults(self) -> None:
+        text = (
+            "[defaults]\n"
+            "keepalive_interval = 0\n"
+            "keepalive_count_max = 7\n"
+            'mode = "direct-tcpip"\n'
+            'exec_command = "ncat {host} {port}"\n'
+            'proxy_command = "ip netns exec qrouter-1 nc {host} {port}"\n'
+            "connections = 2\n"
+            "max_streams = 10\n"
+            "open_timeout = 4\n"
+            'rekey_bytes = "2G"\n'
+            "rekey_interval = 0\n"
+            + self.cluster_toml("a")
+            + self.cluster_toml("b", mode='"exec"', connections="3", proxy_command='"none"', rekey_bytes="1048576")
+        )
+        config = self.load(text)
+        a, b = config.clusters["a"], config.clusters["b"]
+        self.assertEqual(
+            (a.keepalive_interval, a.keepalive_count_max, a.mode, a.exec_command, a.connections),
+            (0.0, 7, "direct-tcpip", "ncat {host} {port}", 2),
+        )
+        self.assertEqual(a.proxy_command, "ip netns exec qrouter-1 nc {host} {port}")
+        self.assertEqual((a.max_streams, a.open_timeout, a.rekey_bytes, a.rekey_interval), (10, 4.0, 2 << 30, 0.0))
+        self.assertEqual((b.mode, b.connections, b.proxy_command, b.rekey_bytes), ("exec", 3, None, 1 << 20))
+        self.assertEqual((b.exec_command, b.max_streams), ("ncat {host} {port}", 10))
+
+    def test_wrong_types(self) -> None:
+        cases = [
+            ("keepalive_interval", '"10"', "expected a number of seconds, got string"),
+            ("keepalive_interval", "true", "expected a number of seconds, got boolean"),
+            ("keepalive_count_max", "true", "expected an integer, got boolean"),
+            ("keepalive_count_max", "3.0", "expected an integer, got float"),
+            ("keepalive_count_max", '"3"', "expected an integer, got string"),
+            ("mode", "1", "expected a string, got integer"),
+            ("mode", "true", "expected a string, got boolean"),
+            ("exec_command", '["nc", "{host}"]', "expected a string, got array"),
+            ("proxy_command", "false", "expected a string, got boolean"),
+            ("connections", "true", "expected an integer, got boolean"),
+            ("connections", "2.0", "expected an integer, got float"),
+            ("max_streams", "false", "expected an integer, got boolean"),
+            ("max_streams", '"1024"', "expected an integer, got string"),
+            ("open_timeout", "true", "expected a number of seconds, got boolean"),
+            ("open_timeout", '"15"', "expected a number of seconds, got string"),
+            ("rekey_bytes", "true", 'expected an integer (bytes) or a size string such as "1G", got boolean'),
+            ("rekey_bytes", "1e9", 'expected an integer (bytes) or a size string such as "1G", got float'),
+            ("rekey_bytes", "[1]", "got array"),
+            ("rekey_interval", "true", "expected a number of seconds, got boolean"),
+            ("rekey_interval", '"3600"', "expected a number of seconds, got string"),
+        ]
+        for name, value, reason in cases:
+            self.assertError(self.cluster_toml(**{name: value}), f"clusters.a.{name}", reason)
+
+    def test_out_of_range(self) -> None:
+        cases = [
+            ("keepalive_interval", "-1", "must be 0 (no keepalive) or a positive number of seconds, got -1"),
+            ("keepalive_interval", "nan", "must be 0 (no keepalive) or a positive number of seconds, got nan"),
+            ("keepalive_interval", "inf", "got inf"),
+            ("keepalive_count_max", "0", "must be between 1 and 100, got 0"),
+            ("keepalive_count_max", "101", "must be between 1 and 100, got 101"),
+            ("connections", "0", "must be between 1 and 16, got 0"),
+            ("connections", "17", "must be between 1 and 16, got 17"),
+            ("max_streams", "0", "must be between 1 and 1000000, got 0"),
+            ("max_streams", "1000001", "must be between 1 and 1000000, got 1000001"),
+            ("open_timeout", "0", "must be a positive number of seconds, got 0"),
+            ("open_timeout", "-2.5", "must be a positive number of seconds, got -2.5"),
+            ("open_timeout", "inf", "must be a positive number of seconds, got inf"),
+            ("open_timeout", "nan", "must be a positive number of seconds, got nan"),
+            ("rekey_interval", "59.9", "must be 0 (rekey by bytes only) or at least 60 seconds, got 59.9"),
+            ("rekey_interval", "1", "must be 0 (rekey by bytes only) or at least 60 seconds, got 1"),
+            ("rekey_interval", "-60", "at least 60 seconds, got -60"),
+            ("rekey_interval", "inf", "at least 60 seconds, got inf"),
+            ("rekey_interval", "nan", "at least 60 seconds, got nan"),
+            ("rekey_bytes", "0", "must be between 1048576 (1M) and 1099511627776 (1T) bytes, got 0"),
+            ("rekey_bytes", "1048575", "got 1048575"),
+            ("rekey_bytes", str((1 << 40) + 1), f"got {(1 << 40) + 1}"),
+            ("rekey_bytes", "-1", "got -1"),
+            ("rekey_bytes", '"1023K"', "got '1023K' (1047552 bytes)"),
+            ("rekey_bytes", '"2T"', "got '2T' (2199023255552 bytes)"),
+            ("rekey_bytes", '"0M"', "got '0M' (0 bytes)"),
+            ("rekey_bytes", '"' + "9" * 50 + '"', "must be between 1048576 (1M) and 1099511627776 (1T) bytes"),
+        ]
+        for name, value, reason in cases:
+            self.assertError(self.cluster_toml(**{name: value}), f"clusters.a.{name}", reason)
+
+    def test_rekey_bytes_bad_strings(self) -> None:
+        for text in ("", "G", "1.5G", "-1M", "1 G", "1GB", "1P", "1MiB", "one"):
+            self.assertError(
+                self.cluster_toml(rekey_bytes=f'"{text}"'),
+                "clusters.a.rekey_bytes",
+                f"{text!r} is not a size: write a whole number of bytes with an optional suffix K, M, G or T "
+                '(powers of 1024), e.g. "512M"',
+            )
+
+    def test_huge_integer_seconds(self) -> None:
+        """An integer too large for a float is out of range, not a crash."""
+        body = {"proxies": ["p"], "networks": ["10.0.0.0/8"], "insecure_accept_any_host_key": True}
+        body["key_file"] = "id_ed25519"
+        body["user"] = "u"
+        for name in ("open_timeout", "keepalive_interval", "connect_timeout"):
+            e = self.assertRaises(ConfigError, parse_cluster, "a", {**body, name: 10**400}, "API", "body", self.dir)
+            self.assertEqual(e.key, f"body.{name}")
+            self.assertIn("number of seconds, got 1000", e.reason)
+
+    def test_unknown_mode(self) -> None:
+        for mode in ("", "Exec", "direct_tcpip", "tcpip"):
+            self.assertError(
+                self.cluster_toml(mode=f'"{mode}"'),
+                "clusters.a.mode",
+                f"unknown mode {mode!r} (expected one of: auto, direct-tcpip, exec)",
+            )
+
+    def test_placeholders(self) -> None:
+        hint = "(only {host} and {port} are replaced; write {{ and }} for literal braces)"
+        for key in ("exec_command", "proxy_command"):
+            cases = [
+                ("nc {host} {port} {user}", f"unknown placeholder '{{user}}' {hint}"),
+                ("nc {HOST} {port}", "unknown placeholder '{HOST}'"),
+                ("nc {0} {host} {port}", "unknown placeholder '{0}'"),
+                ("nc {} {host} {port}", "unknown placeholder '{}'"),
+                ("nc {host!r} {port}", "unknown placeholder '{host!r}'"),
+                ("nc {host} {port:5}", "unknown placeholder '{port:5}'"),
+                ("nc {host.real} {port}", "unknown placeholder '{host.real}'"),
+                ("nc { host } {port}", "unknown placeholder '{ host }'"),
+                ("nc {host} {port", f"unmatched '{{' at character 11 of 'nc {{host}} {{port' {hint}"),
+                ("nc {host {port}", "unmatched '{' at character 4 of"),
+                ("nc { {host} {port}", "unmatched '{' at character 4"),
+                ("nc {host} {port}}", f"unmatched '}}' at character 17 of 'nc {{host}} {{port}}}}' {hint}"),
+                ("nc }{host} {port}", "unmatched '}' at character 4"),
+                ("nc {{host} {port}", "unmatched '}' at character 10"),
+            ]
+            for text, reason in cases:
+                self.assertError(self.cluster_toml(**{key: f'"{text}"'}), f"clusters.a.{key}", reason)
+        missing = [
+            ("nc {host} 22", "'nc {host} 22' lacks the {port} placeholder"),
+            ("nc 10.0.0.1 {port}", "'nc 10.0.0.1 {port}' lacks the {host} placeholder"),
+            ("nc {{host}} {{port}}", "lacks the {host} placeholder"),
+            ("nc", "lacks the {host} placeholder"),
+        ]
+        for text, reason in missing:
+            self.assertError(self.cluster_toml(exec_command=f'"{text}"'), "clusters.a.exec_command", reason)
+        self.assertError(self.cluster_toml(exec_command='""'), "clusters.a.exec_command", "must not be empty")
+        self.assertError(self.cluster_toml(exec_command='"  "'), "clusters.a.exec_command", "must not be empty")
+        for blank in ('""', '" "'):
+            self.assertError(
+                self.cluster_toml(proxy_command=blank),
+                "clusters.a.proxy_command",
+                'must not be empty (write "none" for no proxy command)',
+            )
+        self.assertError(
+            "[defaults]\nexec_command = 'nc {host}'\n", "defaults.exec_command", "lacks the {port} placeholder"
+        )
+
+    def test_errors_name_defaults(self) -> None:
+        cases = [
+            ("keepalive_interval = -1", "defaults.keepalive_interval", "no keepalive"),
+            ("keepalive_count_max = true", "defaults.keepalive_count_max", "expected an integer, got boolean"),
+            ("mode = 'ssh'", "defaults.mode", "unknown mode 'ssh'"),
+            ("exec_command = 'nc {h} {port}'", "defaults.exec_command", "unknown placeholder '{h}'"),
+            ("proxy_command = 'nc {host'", "defaults.proxy_command", "unmatched '{'"),
+            ("connections = 0", "defaults.connections", "must be between 1 and 16"),
+            ("max_streams = 1.5", "defaults.max_streams", "expected an integer, got float"),
+            ("open_timeout = 0", "defaults.open_timeout", "must be a positive number of seconds"),
+            ("rekey_bytes = '1X'", "defaults.rekey_bytes", "'1X' is not a size"),
+            ("rekey_interval = 10", "defaults.rekey_interval", "at least 60 seconds"),
+        ]
+        for line, key, reason in cases:
+            # checked on their own, even with no cluster...
+            self.assertError(f"[defaults]\n{line}\n", key, reason)
+            # ... and named as defaults.KEY when a cluster inherits them
+            self.assertError(f"[defaults]\n{line}\n" + self.cluster_toml(), key, reason)
+
+
+class JumpTests(ConfigTestCase):
+    def test_cluster_reference(self) -> None:
+        """A name or alias of a cluster of the file: the canonical name is kept."""
+        config = self.load(
+            self.cluster_toml("a", jump='"net-b"')  # forward reference, by alias
+            + self.cluster_toml("b", aliases='["net-b"]', networks='["10.2.0.0/24"]', jump='"c"')
+            + self.cluster_toml("c", networks='["10.3.0.0/24"]')
+        )
+        a, b, c = (config.clusters[n] for n in "abc")
+        self.assertEqual((a.jump, a.jump_cluster, a.jump_address, a.jump_user), ("net-b", "b", None, None))
+        self.assertEqual((b.jump, b.jump_cluster, b.jump_address, b.jump_user), ("c", "c", None, None))
+        self.assertEqual((c.jump, c.jump_cluster), (None, None))
+
+    def test_address(self) -> None:
+        cases = {
+            "admin@bastion.example:2222": (ProxyAddress("bastion.example", 2222), "admin"),
+            "admin@bastion.example": (ProxyAddress("bastion.example", 22), "admin"),
+            "bastion.example": (ProxyAddress("bastion.example", 22), None),
+            "bastion.example:2200": (ProxyAddress("bastion.example", 2200), None),
+            "10.0.0.1": (ProxyAddress("10.0.0.1", 22), None),
+            "[fd00::1]:2200": (ProxyAddress("fd00::1", 2200), None),
+            "ops@[fd00::1]": (ProxyAddress("fd00::1", 22), "ops"),
+            # looks like a cluster name, but no cluster of the file has it
+            "bastion": (ProxyAddress("bastion", 22), None),
+            "b": (ProxyAddress("b", 22), None),
+        }
+        for text, (address, user) in cases.items():
+            c = self.load(self.cluster_toml("a", jump=f'"{text}"')).clusters["a"]
+            self.assertEqual(
+                (text, c.jump, c.jump_cluster, c.jump_address, c.jump_user), (text, text, None, address, user)
+            )
+
+    def test_jump_displaces_default_proxy_command(self) -> None:
+        text = "[defaults]\nproxy_command = 'ip netns exec qrouter-1 nc {host} {port}'\n"
+        config = self.load(text + self.cluster_toml("a") + self.cluster_toml("b", jump='"a"'))
+        self.assertEqual(config.clusters["a"].proxy_command, "ip netns exec qrouter-1 nc {host} {port}")
+        self.assertEqual((config.clusters["b"].proxy_command, config.clusters["b"].jump_cluster), (None, "a"))
+
+    def test_to_self(self) -> None:
+        self.assertError(
+            self.cluster_toml("a", jump='"a"'), "clusters.a.jump", "cluster 'a' cannot jump through itself"
+        )
+        self.assertError(
+            self.cluster_toml("a", aliases='["net-a"]', jump='"net-a"'),
+            "clusters.a.jump",
+            "cluster 'a' cannot jump through itself",
+        )
+
+    def test_cycles(self) -> None:
+        self.assertError(
+            self.cluster_toml("a", jump='"b"') + self.cluster_toml("b", jump='"a"'),
+            "clusters.a.jump",
+            "jump cycle a -> b -> a",
+        )
+        self.assertError(
+            self.cluster_toml("a", jump='"b"')
+            + self.cluster_toml("b", jump='"net-c"')
+            + self.cluster_toml("c", aliases='["net-c"]', jump='"a"'),
+            "clusters.a.jump",
+            "jump cycle a -> b -> c -> a",
+        )
+        # d only leads into the cycle: the first cluster in it is named
+        self.assertError(
+            self.cluster_toml("d", jump='"b"')
+            + self.cluster_toml("b", jump='"c"')
+            + self.cluster_toml("c", jump='"b"'),
+            "clusters.b.jump",
+            "jump cycle b -> c -> b",
+        )
+
+    def test_bad_address(self) -> None:
+        cases = [
+            ("bad host", "'bad host' is neither a cluster name or alias nor a [user@]host[:port] address: "),
+            ("h:0", "port '0' is not a number between 1 and 65535"),
+            ("u@h:x", "port 'x' is not a number"),
+            ("u@", "'' is not a valid host name or address"),
+            ("[::1", "is not a valid address"),
+            ("u@-h", "'-h' is not a valid host name"),
+            ("@h", "'' in '@h' is not a valid user name"),
+            ("a b@h", "'a b' in 'a b@h' is not a valid user name"),
+            ("a@b@h", "'a@b' in 'a@b@h' is not a valid user name"),
+            ("", "must not be empty"),
+        ]
+        for text, reason in cases:
+            self.assertError(self.cluster_toml(jump=f'"{text}"'), "clusters.a.jump", reason)
+        self.assertError(self.cluster_toml(jump="1"), "clusters.a.jump", "expected a string, got integer")
+        self.assertError(self.cluster_toml(jump='["b"]'), "clusters.a.jump", "expected a string, got array")
+
+    def test_with_proxy_command(self) -> None:
+        self.assertError(
+            self.cluster_toml("a") + self.cluster_toml("b", jump='"a"', proxy_command='"nc {host} {port}"'),
+            "clusters.b.jump",
+            "proxy_command and jump are mutually exclusive: set only one",
+        )
+        self.assertError(
+            self.cluster_toml("a", jump='"h:22"', proxy_command='"nc {host} {port}"'),
+            "clusters.a.jump",
+            "proxy_command and jump are mutually exclusive",
+        )
+        # "none" is no proxy command
+        c = self.load(self.cluster_toml("a", jump='"h"', proxy_command='"none"')).clusters["a"]
+        self.assertEqual((c.proxy_command, c.jump_address), (None, ProxyAddress("h")))
+
+    def test_not_in_defaults(self) -> None:
+        self.assertError(
+            "[defaults]\njump = 'bastion'\n",
+            "defaults.jump",
+            "jump cannot be set in [defaults]: set it in each cluster",
+        )
+
+    def test_parse_cluster(self) -> None:
+        """Without known_clusters, a name-like value is a reference for the caller to check."""
+        body = {"proxies": ["p"], "networks": ["10.0.0.0/8"], "user": "u", "insecure_accept_any_host_key": True}
+        body["key_file"] = "id_ed25519"
+
+        def jump(value: str, **kw: object) -> tuple[object, ...]:
+            c = parse_cluster("api-1", {**body, "aliases": ["net-1"], "jump": value}, "API", "body", self.dir, **kw)
+            return c.jump, c.jump_cluster, c.jump_address, c.jump_user
+
+        self.assertEqual(jump("other"), ("other", "other", None, None))
+        self.assertEqual(jump("bastion.example"), ("bastion.example", "bastion.example", None, None))
+        self.assertEqual(jump("u@bastion"), ("u@bastion", None, ProxyAddress("bastion"), "u"))
+        self.assertEqual(jump("bastion:2222"), ("bastion:2222", None, ProxyAddress("bastion", 2222), None))
+        known = {"x": "X", "X": "X", "api-1": "api-1"}
+        self.assertEqual(jump("x", known_clusters=known), ("x", "X", None, None))
+        self.assertEqual(jump("other", known_clusters=known), ("other", None, ProxyAddress("other"), None))
+        for value, kw in [("api-1", {}), ("net-1", {}), ("api-1", {"known_clusters": known})]:
+            e = self.assertRaises(ConfigError, jump, value, **kw)
+            self.assertEqual(str(e), "API: body.jump: cluster 'api-1' cannot jump through itself")
+        e = self.assertRaises(ConfigError, jump, "net-9", known_clusters={"net-9": "api-1"})
+        self.assertEqual(e.reason, "cluster 'api-1' cannot jump through itself")
+
+
+class GatewaySettingsTests(ConfigTestCase):
+    def test_defaults(self) -> None:
+        self.assertEqual(
+            GatewaySettings(), GatewaySettings(handshake_timeout=10.0, max_clients=4096, drain_timeout=10.0)
+        )
+        self.assertEqual(self.load("").settings, GatewaySettings())
+        self.assertEqual(self.load("[gateway]\n").settings, GatewaySettings())
+        config = GatewayConfig(listen=ListenConfig(), clusters={}, source="(demo)")
+        self.assertEqual(config.settings, GatewaySettings())
+
+    def test_values(self) -> None:
+        settings = self.load("[gateway]\nhandshake_timeout = 2\nmax_clients = 10\ndrain_timeout = 0\n").settings
+        self.assertEqual(settings, GatewaySettings(handshake_timeout=2.0, max_clients=10, drain_timeout=0.0))
+        self.assertIsInstance(settings.handshake_timeout, float)
+        self.assertIsInstance(settings.drain_timeout, float)
+        settings = self.load("[gateway]\nmax_clients = 1_000_000\ndrain_timeout = 30.5\n").settings
+        self.assertEqual((settings.max_clients, settings.drain_timeout), (1_000_000, 30.5))
+        settings = parse_config({"gateway": {"max_clients": 1}}, "mem").settings
+        self.assertEqual(settings.max_clients, 1)
+        with self.assertRaises(dataclasses.FrozenInstanceError):
+            settings.max_clients = 2  # type: ignore[misc]
+
+    def test_errors(self) -> None:
+        cases = [
+            ("handshake_timeout = '10'", "gateway.handshake_timeout", "expected a number of seconds, got string"),
+            ("handshake_timeout = true", "gateway.handshake_timeout", "expected a number of seconds, got boolean"),
+            ("handshake_timeout = 0", "gateway.handshake_timeout", "must be a positive number of seconds, got 0"),
+            ("handshake_timeout = -1", "gateway.handshake_timeout", "must be a positive number of seconds, got -1"),
+            ("handshake_timeout = nan", "gateway.handshake_timeout", "must be a positive number of seconds, got nan"),
+            ("max_clients = true", "gateway.max_clients", "expected an integer, got boolean"),
+            ("max_clients = 10.0", "gateway.max_clients", "expected an integer, got float"),
+            ("max_clients = 0", "gateway.max_clients", "must be between 1 and 1000000, got 0"),
+            ("max_clients = 1000001", "gateway.max_clients", "must be between 1 and 1000000, got 1000001"),
+            ("drain_timeout = false", "gateway.drain_timeout", "expected a number of seconds, got boolean"),
+            (
+                "drain_timeout = -1",
+                "gateway.drain_timeout",
+                "must be 0 (close streams at once) or a positive number of seconds, got -1",
+            ),
+            ("drain_timeout = inf", "gateway.drain_timeout", "got inf"),
+            ("handshake_timout = 1", "gateway.handshake_timout", "unknown key (did you mean handshake_timeout?)"),
+            (
+                "colour = 1",
+                "gateway.colour",
+                "unknown key (expected one of: drain_timeout, handshake_timeout, max_clients)",
+            ),
+            ("socks = 'tcp:1'", "gateway.socks", "unknown key"),
+            ("[gateway.sub]", "gateway.sub", "unknown key"),
+        ]
+        for line, key, reason in cases:
+            self.assertError(f"[gateway]\n{line}\n", key, reason)
+        self.assertError("gateway = 1\n", "gateway", "expected a table, got integer")

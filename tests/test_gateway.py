@@ -74,7 +74,11 @@ class SocksEndToEndTests(TestCase):
 
     @inline
     async def test_prohibited_maps_to_0x02(self):
-        code, _ = await deferToThread(self._get, *PROHIBITED)
+        """With mode = "direct-tcpip" a refusal is final (auto would try exec)."""
+        harness = GatewayHarness(self, mode="direct-tcpip")
+        await harness.start()
+        sock, code = await deferToThread(socks5_open, harness.socks_port, *PROHIBITED)
+        sock.close()
         self.assertEqual(code, 0x02)
 
     @inline
@@ -118,7 +122,7 @@ class SocksEndToEndTests(TestCase):
         await deferLater(reactor, 1.0, lambda: None)
         cluster = self.harness.service.clusters["demo"]
         (channel,) = [
-            c for c in cluster._connection.channels.values() if c.port == FLOOD[1]
+            c for link in cluster.links for c in link.connection.channels.values() if c.port == FLOOD[1]
         ]
         received_before = channel.bytes_down
         await deferLater(reactor, 0.5, lambda: None)

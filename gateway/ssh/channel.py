@@ -16,16 +16,26 @@ fixes both:
 
 The local side is a L{TunnelPeer}: a client splice for SOCKS/CONNECT, or the
 HTTP forwarding protocol that reads responses itself.
+
+Proxy nodes that forbid TCP forwarding (C{AllowTcpForwarding no},
+C{PermitOpen}) still run commands: L{ExecTunnelChannel} is the same stream
+carried over the stdin/stdout of C{nc HOST PORT} in a C{session} channel, with
+the command's stderr and exit status turned into C{close_reason} and
+C{exit_failure} when it ends badly.
 """
 
 from __future__ import annotations
 
+import os.path
+import shlex
+import struct
 import time
 from collections.abc import Callable
 from typing import Protocol
 
 from twisted.conch.error import ConchError
 from twisted.conch.ssh import channel, connection, forwarding
+from twisted.conch.ssh.common import NS, getNS
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IPushProducer, IReactorTime
 from twisted.logger import (
@@ -42,6 +52,8 @@ from gateway.errors import Reason, StreamError
 
 DEFAULT_WINDOW = 2 * 1024 * 1024
 MAX_PACKET = 32768
+#: At most this much of an exec command's stderr is kept (for close_reason).
+STDERR_LIMIT = 4096
 
 
 class TunnelPeer(Protocol):
@@ -91,30 +103,118 @@ def open_failure_reason(code: int, description: str) -> Reason:
     return Reason.GENERAL
 
 
+def exec_failure_reason(text: str, status: int | None = None) -> Reason:
+    """
+    Map what a forwarding command (netcat) said on stderr to our vocabulary.
+
+    Covers netcat-openbsd (C{nc: connect to H port P (tcp) failed: Connection
+    refused}, C{nc: getaddrinfo for host ...: Name or service not known}),
+    BusyBox (C{bad address}) and ncat (C{Could not resolve hostname}); a
+    missing command (status 126/127, C{command not found}) is C{GENERAL}.
+    """
+    lower = text.lower()
+    if status in (126, 127) or "command not found" in lower or lower.endswith(": not found"):
+        return Reason.GENERAL
+    reason = open_failure_reason(0, text)
+    if reason is not Reason.GENERAL:
+        return reason
+    unreachable = (
+        "no route to host",
+        "host is unreachable",
+        "name",
+        "resolve",
+        "getaddrinfo",
+        "unknown host",
+        "lookup",
+        "bad address",
+    )
+    if any(word in lower for word in unreachable):
+        return Reason.HOST_UNREACHABLE
+    return Reason.GENERAL
+
+
+def exec_command_line(template: str, host: str, port: int) -> bytes:
+    """
+    The command that carries a stream to C{host:port}, e.g. from
+    C{"nc {host} {port}"}; both values are shell-quoted, so a hostile host
+    name stays one word.
+    """
+    return template.format(host=shlex.quote(host), port=shlex.quote(str(port))).encode("utf-8")
+
+
+def _program_name(command: bytes) -> str:
+    """C{nc} for C{b"exec /usr/bin/nc -w 5 h 80"}: for messages only."""
+    try:
+        words = shlex.split(command.decode("utf-8", "replace"))
+    except ValueError:
+        words = command.decode("utf-8", "replace").split()
+    while words and words[0] in ("exec", "command", "env"):
+        words.pop(0)
+    return os.path.basename(words[0]) if words else "command"
+
+
 class OrderedEOFChannel(channel.SSHChannel):
     """
-    A channel whose EOF follows the data queued before it.
+    A channel whose EOF (and anything else ordered with L{after_data}, such
+    as a server's C{exit-status}) follows the data queued before it.
 
     Conch's C{SSHConnection.sendEOF} goes out at once, even while earlier
     data still waits in the channel's buffer for the peer's window; the peer
     would then see data after EOF (a protocol violation) or lose it.
     """
 
-    _eof_pending = False
+    _after_data: list[Callable[[], None]] | None = None
+    _close_after_data = False
     _log = quiet_logger("gateway.ssh.channel")
+
+    def after_data(self, action: Callable[[], None]) -> None:
+        """Run C{action} once everything written so far has been sent."""
+        if self.buf or self.extBuf or self._after_data:
+            if self._after_data is None:
+                self._after_data = []
+            self._after_data.append(action)
+        else:
+            action()
 
     def send_eof(self) -> None:
         """Send EOF once everything written so far has been sent."""
-        if self.buf:
-            self._eof_pending = True
-        elif not self.localClosed:
+        self.after_data(self._send_eof_now)
+
+    def _send_eof_now(self) -> None:
+        if not self.localClosed:
             self.conn.sendEOF(self)
+
+    def _run_after_data(self) -> None:
+        while self._after_data and not self.buf and not self.extBuf:
+            action = self._after_data.pop(0)
+            action()
+
+    def loseConnection(self) -> None:
+        # A close asked for while ordered actions wait goes after them (else
+        # Conch's flush would send CLOSE first and EOF would never go out).
+        # If the queued data was dropped (an abort), they run at once.
+        self._run_after_data()
+        if self._after_data:
+            self._close_after_data = True
+        else:
+            super().loseConnection()
+
+    def closeReceived(self) -> None:
+        # The peer will take nothing more, nor open its window again: what
+        # is still queued can never go out, and waiting for it (as Conch
+        # does) would leave the channel half-open for ever.
+        self.buf = b""
+        self.extBuf = []
+        self._after_data = None
+        self._close_after_data = False
+        self.loseConnection()
 
     def addWindowBytes(self, data: int) -> None:
         super().addWindowBytes(data)
-        if self._eof_pending and not self.buf:
-            self._eof_pending = False
-            self.send_eof()
+        self._run_after_data()
+        if self._close_after_data and not self._after_data:
+            self._close_after_data = False
+            self.loseConnection()
 
 
 @implementer(IPushProducer)
@@ -147,6 +247,11 @@ class TunnelChannel(OrderedEOFChannel):
         self._closed = False
         #: Called once when the channel has closed (stream accounting).
         self.closed_hooks: list[Callable[[], None]] = []
+        #: Why the stream ended badly, in words (None for a normal end); set
+        #: before C{closed_hooks} run and before the peer's C{tunnel_closed}.
+        self.close_reason: str | None = None
+        #: The same as a L{StreamError}, when the end was a failure (exec).
+        self.exit_failure: StreamError | None = None
 
     # -- opening ---------------------------------------------------------
 
@@ -226,6 +331,15 @@ class TunnelChannel(OrderedEOFChannel):
         if not self._paused:
             self._grant_window()
 
+    def extReceived(self, dataType: int, data: bytes) -> None:
+        # Nothing buffers extended data for the peer: return its window at
+        # once, whatever the stdout consumer's pace.  (With Conch's stock
+        # connection, which re-opens windows itself, never grant beyond it.)
+        consumed = self.localWindowSize - self.localWindowLeft
+        grant = min(len(data), consumed)
+        if grant > 0 and not self.localClosed:
+            self.conn.adjustWindow(self, grant)
+
     def eofReceived(self) -> None:
         if self._peer is not None:
             self._peer.tunnel_eof()
@@ -254,3 +368,142 @@ class TunnelChannel(OrderedEOFChannel):
         if self._peer is not None:
             peer, self._peer = self._peer, None
             peer.tunnel_closed()
+
+
+class ExecTunnelChannel(TunnelChannel):
+    """
+    A client stream carried over a command's stdin/stdout in a C{session}
+    channel: C{exec nc HOST PORT} for proxy nodes that forbid TCP forwarding.
+
+    C{opened} fires once the proxy node has agreed to run the command (which
+    says nothing yet about reaching the destination: netcat reports that on
+    stderr and in its exit status, which become C{close_reason} and
+    C{exit_failure} when the channel closes).  Flow control, half-close and
+    byte counting are L{TunnelChannel}'s.
+    """
+
+    name = b"session"
+
+    def __init__(
+        self,
+        command: bytes,
+        host: str,
+        port: int,
+        origin: tuple[str, int] = ("127.0.0.1", 0),
+        window_size: int = DEFAULT_WINDOW,
+        clock: IReactorTime | None = None,
+    ) -> None:
+        super().__init__(host, port, origin, window_size, clock)
+        self.command = command
+        self.program = _program_name(command)
+        #: From the C{exit-status} request, if any.
+        self.exit_status: int | None = None
+        #: From the C{exit-signal} request: the signal name, e.g. C{"TERM"}.
+        self.exit_signal: str | None = None
+        self._exit_signal_message = ""
+        self._stderr = b""
+
+    @property
+    def stderr(self) -> str:
+        """What the command wrote to stderr (at most 4 KiB), stripped."""
+        return self._stderr.decode("utf-8", "replace").strip()
+
+    # -- opening ---------------------------------------------------------
+
+    def open_request_data(self) -> bytes:
+        return b""
+
+    def channelOpen(self, specificData: bytes) -> None:
+        requested = self.conn.sendRequest(self, b"exec", NS(self.command), wantReply=True)
+        if requested is None:  # closed already
+            self._open_lost()
+            return
+        requested.addCallbacks(self._exec_started, self._exec_refused)
+
+    def _exec_started(self, _: object) -> None:
+        if not self.opened.called:
+            self.opened.callback(self)
+
+    def _exec_refused(self, failure: Failure) -> None:
+        if self.localClosed and self.remoteClosed:
+            # Conch fails pending requests of a channel that closed (or whose
+            # connection was lost) before the answer came.
+            self._open_lost()
+            return
+        if not self.opened.called:
+            self.opened.errback(
+                StreamError(
+                    Reason.PROHIBITED,
+                    f"proxy node refused to run {self.program} for {self.destination}",
+                )
+            )
+        if not self.localClosed:
+            self.loseConnection()
+
+    def _open_lost(self) -> None:
+        if not self.opened.called:
+            self.opened.errback(
+                StreamError(
+                    Reason.UNAVAILABLE,
+                    f"channel closed before the proxy node ran {self.program} "
+                    f"for {self.destination}",
+                )
+            )
+
+    # -- what the command says -----------------------------------------
+
+    def extReceived(self, dataType: int, data: bytes) -> None:
+        if dataType == connection.EXTENDED_DATA_STDERR:
+            room = STDERR_LIMIT - len(self._stderr)
+            if room > 0:
+                self._stderr += data[:room]
+        super().extReceived(dataType, data)
+
+    def request_exit_status(self, data: bytes) -> bool:
+        if len(data) < 4:
+            return False
+        (self.exit_status,) = struct.unpack(">L", data[:4])
+        return True
+
+    def request_exit_signal(self, data: bytes) -> bool:
+        name, rest = getNS(data)
+        self.exit_signal = name.decode("ascii", "replace")
+        try:
+            message, _ = getNS(rest[1:])
+            self._exit_signal_message = message.decode("utf-8", "replace").strip()
+        except (struct.error, IndexError):
+            pass
+        return True
+
+    def _settle_exit(self) -> None:
+        """Turn exit status, signal and stderr into close_reason/exit_failure."""
+        stderr = self.stderr
+        if self.exit_signal is None and self.exit_status in (None, 0) and not stderr:
+            return  # a normal end, or a channel that closed without a word
+        # Stderr without any exit status counts as a failure; status 0 with
+        # stderr output is reported (close_reason) but is no failure.
+        failed = self.exit_signal is not None or self.exit_status != 0
+        if self.exit_signal is not None:
+            reason = f"{self.program} killed by signal {self.exit_signal}"
+            details = [d for d in (self._exit_signal_message, stderr) if d]
+        elif self.exit_status is not None:
+            reason = f"{self.program} exited with status {self.exit_status}"
+            details = [stderr] if stderr else []
+        else:
+            reason = f"{self.program} ended without an exit status"
+            details = [stderr]
+        if details:
+            reason += ": " + "; ".join(details)
+        self.close_reason = reason
+        if failed:
+            self.exit_failure = StreamError(
+                exec_failure_reason(stderr, self.exit_status),
+                f"proxy node could not carry {self.destination}: {reason}",
+            )
+
+    # -- end -------------------------------------------------------------
+
+    def closed(self) -> None:
+        self._settle_exit()
+        self._open_lost()
+        super().closed()

@@ -24,11 +24,16 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from gateway.ssh.auth import KeyAuthClient
-from gateway.ssh.channel import DEFAULT_WINDOW, TunnelChannel, quiet_logger
+from gateway.ssh.channel import DEFAULT_WINDOW, ExecTunnelChannel, TunnelChannel, quiet_logger
 from gateway.ssh.ciphers import PREFERRED_CIPHERS, PREFERRED_MACS, FastSSHCiphers, preferred
 from gateway.ssh.hostkeys import HostKeyError, HostKeyPolicy
 
 log = Logger()
+
+
+#: OpenSSH's defaults for RekeyLimit: about 1 GiB for AES, and one hour.
+DEFAULT_REKEY_BYTES = 1 << 30
+DEFAULT_REKEY_INTERVAL = 3600.0
 
 
 class SSHConnectError(Exception):
@@ -37,7 +42,8 @@ class SSHConnectError(Exception):
 
 class TunnelConnection(connection.SSHConnection):
     """
-    The C{ssh-connection} service, opening C{direct-tcpip} tunnels.
+    The C{ssh-connection} service, opening C{direct-tcpip} tunnels (or
+    C{session} channels running netcat, L{open_exec}).
 
     Data delivery is overridden so the channel, not Conch, decides when to
     re-open the receive window (see L{TunnelChannel}).
@@ -69,6 +75,22 @@ class TunnelConnection(connection.SSHConnection):
         channel.localWindowLeft -= length
         channel.dataReceived(packet[8 : 8 + length])
 
+    def ssh_CHANNEL_EXTENDED_DATA(self, packet: bytes) -> None:
+        # As for data: the channel re-opens the window (for stderr at once).
+        local_id, data_type, length = struct.unpack(">3L", packet[:12])
+        channel = self.channels.get(local_id)
+        if channel is None:
+            return
+        if length > channel.localWindowLeft or length > channel.localMaxPacket:
+            log.warn(
+                "proxy node overran the window of channel {id}; closing it",
+                id=local_id,
+            )
+            self.sendClose(channel)
+            return
+        channel.localWindowLeft -= length
+        channel.extReceived(data_type, packet[12 : 12 + length])
+
     def open_tunnel(
         self,
         host: str,
@@ -78,6 +100,25 @@ class TunnelConnection(connection.SSHConnection):
     ) -> Deferred[TunnelChannel]:
         """Open a C{direct-tcpip} channel to C{host:port}."""
         channel = TunnelChannel(host, port, origin, window_size, clock=self._clock)
+        self.openChannel(channel, channel.open_request_data())
+        return channel.opened
+
+    def open_exec(
+        self,
+        command: bytes,
+        host: str,
+        port: int,
+        origin: tuple[str, int],
+        window_size: int = DEFAULT_WINDOW,
+    ) -> Deferred[TunnelChannel]:
+        """
+        Carry a stream to C{host:port} over C{command}'s stdin/stdout (a
+        C{session} channel running e.g. C{nc host port}); see
+        L{gateway.ssh.channel.exec_command_line}.  Fires once the proxy node
+        runs the command; fails with L{StreamError} C{PROHIBITED} if it will
+        not.  C{host} and C{port} are for logs and C{destination} only.
+        """
+        channel = ExecTunnelChannel(command, host, port, origin, window_size, clock=self._clock)
         self.openChannel(channel, channel.open_request_data())
         return channel.opened
 
@@ -97,6 +138,8 @@ class GatewayClientTransport(transport.SSHClientTransport):
         private_key: Key,
         host_keys: HostKeyPolicy,
         clock: IReactorTime,
+        rekey_bytes: int = DEFAULT_REKEY_BYTES,
+        rekey_interval: float = DEFAULT_REKEY_INTERVAL,
     ) -> None:
         self.host = host
         self.port = port
@@ -107,6 +150,55 @@ class GatewayClientTransport(transport.SSHClientTransport):
         self._failure: str | None = None
         self.ready: Deferred[TunnelConnection] = Deferred()
         self.lost: Deferred[None] = Deferred()
+        self._rekey_bytes = rekey_bytes
+        self._rekey_interval = rekey_interval
+        self._bytes_since_kex = 0
+        self._rekey_timer = None
+        #: Key exchanges this side started after the first (for tests, status).
+        self.rekeys = 0
+
+    def note_failure(self, why: str) -> None:
+        """Record why the connection is about to fail, unless a reason is known."""
+        if self._failure is None:
+            self._failure = why
+
+    # -- rekeying, like OpenSSH's RekeyLimit: by volume and by time ----------
+
+    def _count(self, size: int) -> None:
+        self._bytes_since_kex += size
+        if self._bytes_since_kex >= self._rekey_bytes:
+            self._rekey()
+
+    def _rekey(self) -> None:
+        if self._keyExchangeState != self._KEY_EXCHANGE_NONE or self.sessionID is None:
+            return  # one is already running, or the first has not finished
+        self._bytes_since_kex = 0
+        self.rekeys += 1
+        log.debug("rekeying with {address}", address=self.address)
+        self.sendKexInit()
+
+    def _schedule_time_rekey(self) -> None:
+        if self._rekey_timer is not None and self._rekey_timer.active():
+            self._rekey_timer.cancel()
+        if self._rekey_interval > 0:
+            self._rekey_timer = self._clock.callLater(self._rekey_interval, self._time_rekey)
+
+    def _time_rekey(self) -> None:
+        self._rekey()
+        self._schedule_time_rekey()
+
+    def sendPacket(self, messageType: int, payload: bytes) -> None:
+        super().sendPacket(messageType, payload)
+        self._count(len(payload))
+
+    def dataReceived(self, data: bytes) -> None:
+        super().dataReceived(data)
+        self._count(len(data))
+
+    def _keySetup(self, sharedSecret: bytes, exchangeHash: bytes) -> None:
+        super()._keySetup(sharedSecret, exchangeHash)
+        self._bytes_since_kex = 0
+        self._schedule_time_rekey()
 
     @property
     def address(self) -> str:
@@ -137,7 +229,7 @@ class GatewayClientTransport(transport.SSHClientTransport):
         try:
             self._host_keys.verify(self.host, self.port, offered)
         except HostKeyError as e:
-            self._failure = str(e)
+            self.note_failure(str(e))
             log.error(
                 "refusing proxy node {address}: {why}", address=self.address, why=e
             )
@@ -184,6 +276,8 @@ class GatewayClientTransport(transport.SSHClientTransport):
         super().receiveError(reasonCode, description)
 
     def connectionLost(self, reason: Failure) -> None:
+        if self._rekey_timer is not None and self._rekey_timer.active():
+            self._rekey_timer.cancel()
         super().connectionLost(reason)
         if not self.ready.called:
             why = self._failure or (
@@ -200,10 +294,15 @@ def client_factory(
     private_key: Key,
     host_keys: HostKeyPolicy,
     clock: IReactorTime,
+    **options: float,
 ) -> Factory:
-    """A factory of L{GatewayClientTransport}s for one proxy node address."""
+    """
+    A factory of L{GatewayClientTransport}s for one proxy node address.
+
+    C{options} are passed on: C{rekey_bytes}, C{rekey_interval}.
+    """
     factory = Factory.forProtocol(
-        partial(GatewayClientTransport, host, port, user, private_key, host_keys, clock)
+        partial(GatewayClientTransport, host, port, user, private_key, host_keys, clock, **options)
     )
     factory.noisy = False
     return factory
