@@ -103,7 +103,7 @@ class _Link:
         self.lost: Deferred[str] = Deferred()
         self.retiring = False
         self._keepalive: LoopingCall | None = None
-        self._unanswered = 0
+        self._last_answer = 0.0
         self._death: str | None = None
         cluster.links.add(self)
 
@@ -149,6 +149,7 @@ class _Link:
 
     def _up(self, connection: TunnelConnection) -> _Link:
         self.connection = connection
+        self._last_answer = self._cluster.reactor.seconds()
         interval = self._cluster.config.keepalive_interval
         if interval > 0:
             self._keepalive = LoopingCall(self._probe)
@@ -157,15 +158,16 @@ class _Link:
         return self
 
     def _probe(self) -> None:
+        """
+        Send a keepalive; declare the peer dead once nothing has answered for
+        C{keepalive_interval * keepalive_count_max} seconds.
+        """
         config = self._cluster.config
-        if self._unanswered >= config.keepalive_count_max:
-            self._death = (
-                f"{self.proxy} did not answer {self._unanswered} keepalives "
-                f"in {self._unanswered * config.keepalive_interval:g} s"
-            )
+        silent = self._cluster.reactor.seconds() - self._last_answer
+        if silent >= config.keepalive_interval * config.keepalive_count_max - 1e-9:
+            self._death = f"{self.proxy} answered no keepalive for {silent:.1f} s"
             self.abort()
             return
-        self._unanswered += 1
         probe = self.connection.sendGlobalRequest(b"keepalive@openssh.com", b"", wantReply=1)
         # OpenSSH answers REQUEST_FAILURE: any answer proves the peer alive.
         probe.addBoth(self._answered)
@@ -173,7 +175,7 @@ class _Link:
     def _answered(self, result: object) -> None:
         if isinstance(result, Failure) and not result.check(ConchError):
             return
-        self._unanswered = 0
+        self._last_answer = self._cluster.reactor.seconds()
 
     def _stop_keepalive(self) -> None:
         if self._keepalive is not None and self._keepalive.running:

@@ -263,6 +263,11 @@ class _ProxyNodeConnection(connection.SSHConnection):
     for exec.
     """
 
+    def ssh_GLOBAL_REQUEST(self, packet: bytes) -> None:
+        # A frozen peer (VM gone, packets dropped) answers nothing at all.
+        if not self.transport.factory.node.frozen:
+            super().ssh_GLOBAL_REQUEST(packet)
+
     def getChannel(self, channelType, windowSize, maxPacket, data):
         if channelType == b"session":
             return _ServerSession(
@@ -364,6 +369,8 @@ class FakeProxyNode:
         self.prohibited = set(prohibited)
         self.allow_tcp_forwarding = allow_tcp_forwarding
         self.allow_exec = allow_exec
+        #: True: ignore keepalives, like a peer whose packets are dropped.
+        self.frozen = False
         self.host_key = host_key or generate_key()
         db = InMemorySSHKeyDB({user.encode(): [k.public() for k in authorized_keys]})
         self.factory = factory.SSHFactory()

@@ -20,7 +20,7 @@ from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.protocol import Factory, Protocol
 from zope.interface import implementer
 
-from gateway.config import GatewayConfig, ListenConfig, parse_cluster
+from gateway.config import GatewayConfig, GatewaySettings, ListenConfig, parse_cluster
 from gateway.service import GatewayService
 from gateway.testing import FakeProxyNode, demo_web_site, generate_key, private_pem, public_line
 
@@ -82,16 +82,21 @@ def _factory(protocol: type[Protocol]) -> Factory:
 class GatewayHarness:
     """A running gateway in this process, with one fake cluster behind it."""
 
-    def __init__(self, testcase, **cluster_overrides: Any) -> None:
+    def __init__(self, testcase, settings: GatewaySettings | None = None, **cluster_overrides: Any) -> None:
         self.testcase = testcase
         self.dir = testcase.mktemp()
         os.makedirs(self.dir)
         self.client_key = generate_key()
         self.cluster_overrides = cluster_overrides
+        self.settings = settings or GatewaySettings()
         self.node: FakeProxyNode | None = None
+        #: Every proxy node (candidate) and its listening port, in order.
+        self.nodes: list[FakeProxyNode] = []
+        self.ports: list = []
         self.service: GatewayService | None = None
 
-    async def start(self, clusters: int = 1) -> None:
+    async def start(self, nodes: int = 1) -> None:
+        """Start the destinations, C{nodes} proxy nodes (candidates) and the gateway."""
         routes = {}
         for name, address, factory in (
             ("web", WEB, demo_web_site()),
@@ -103,10 +108,16 @@ class GatewayHarness:
             port = await serverFromString(reactor, f"unix:{path}").listen(factory)
             self.testcase.addCleanup(port.stopListening)
             routes[address] = f"unix:{path}"
-        self.node = FakeProxyNode(reactor, [self.client_key], routes=routes, prohibited=[PROHIBITED])
-        ssh = await self.node.listen()
-        self.testcase.addCleanup(ssh.stopListening)
-        self.ssh_port = ssh.getHost().port
+        host_key = generate_key()
+        for _ in range(nodes):
+            node = FakeProxyNode(
+                reactor, [self.client_key], routes=routes, prohibited=[PROHIBITED], host_key=host_key
+            )
+            self.nodes.append(node)
+            self.ports.append(await node.listen())
+        self.testcase.addCleanup(self._stop_nodes)
+        self.node = self.nodes[0]
+        self.ssh_port = self.ports[0].getHost().port
         cluster = parse_cluster("demo", self.cluster_settings(), "(test)", "clusters.demo")
         config = GatewayConfig(
             listen=ListenConfig(
@@ -114,6 +125,7 @@ class GatewayHarness:
             ),
             clusters={"demo": cluster},
             source="(test)",
+            settings=self.settings,
         )
         self.service = GatewayService(config, reactor)
         self.service.startService()
@@ -122,7 +134,7 @@ class GatewayHarness:
 
     def cluster_settings(self, **more: Any) -> dict:
         settings = {
-            "proxies": [f"127.0.0.1:{self.ssh_port}"],
+            "proxies": [f"127.0.0.1:{port.getHost().port}" for port in self.ports],
             "user": "demo",
             "key": private_pem(self.client_key),
             "host_keys": [public_line(self.node.host_key)],
@@ -132,6 +144,22 @@ class GatewayHarness:
         settings.update(self.cluster_overrides)
         settings.update(more)
         return settings
+
+    async def _stop_nodes(self) -> None:
+        for port in self.ports:
+            if port is not None:
+                await port.stopListening()
+
+    async def take_down(self, index: int) -> None:
+        """Node C{index} stops accepting and stops answering (a VM gone)."""
+        self.nodes[index].frozen = True
+        port, self.ports[index] = self.ports[index], None
+        self._down_port = port.getHost().port
+        await port.stopListening()
+
+    async def bring_back(self, index: int, port_number: int) -> None:
+        self.nodes[index].frozen = False
+        self.ports[index] = await self.nodes[index].listen(f"tcp:{port_number}:interface=127.0.0.1")
 
     async def cluster_up(self, name: str) -> None:
         await self.service.clusters[name].connection()

@@ -15,7 +15,7 @@ import time
 from twisted.internet import error, reactor
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, serverFromString
-from twisted.internet.interfaces import IHalfCloseableProtocol, IPushProducer, ITransport
+from twisted.internet.interfaces import IConsumer, IHalfCloseableProtocol, IPushProducer, ITransport
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock
 from twisted.logger import formatEvent, globalLogPublisher
@@ -238,6 +238,7 @@ class CommandEndpointTests(TestCase):
         transport = protocol.transport
         self.assertTrue(verifyObject(ITransport, transport))
         self.assertTrue(verifyObject(IPushProducer, transport))
+        self.assertTrue(verifyObject(IConsumer, transport))
         self.assertIn("nc 127.0.0.1", str(transport.getPeer()))
         self.assertIn(str(pid), str(transport.getHost()))
         transport.write(b"hello ")
@@ -548,6 +549,7 @@ class ChannelTransportTests(TestCase):
         transport = self._transport()
         self.assertTrue(verifyObject(ITransport, transport))
         self.assertTrue(verifyObject(IPushProducer, transport))
+        self.assertTrue(verifyObject(IConsumer, transport))
         self.assertEqual(str(transport.getPeer()), "10.99.0.20:22 via channel")
         self.assertEqual(str(transport.getHost()), "10.99.0.20:22 via channel")
 

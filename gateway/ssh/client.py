@@ -156,6 +156,7 @@ class GatewayClientTransport(transport.SSHClientTransport):
         self._rekey_timer = None
         #: Key exchanges this side started after the first (for tests, status).
         self.rekeys = 0
+        self._secured = False
 
     def note_failure(self, why: str) -> None:
         """Record why the connection is about to fail, unless a reason is known."""
@@ -243,6 +244,12 @@ class GatewayClientTransport(transport.SSHClientTransport):
         return succeed(True)
 
     def connectionSecure(self) -> None:
+        # Conch's client calls this after *every* key exchange; after a rekey
+        # (ours or the server's) asking for ssh-userauth again would restart
+        # authentication on a live connection.  Only the first one counts.
+        if self._secured:
+            return
+        self._secured = True
         self.requestService(
             KeyAuthClient(
                 self._user,

@@ -1,0 +1,204 @@
+"""
+In-process resilience tests: keepalive and dead-peer detection, failover and
+failback between proxy candidates, limits, rekeying and draining -- with Conch
+proxy nodes on loopback and short timers.  (The same behaviours against real
+OpenSSH in namespaces are in tests/test_faults.py.)
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+
+from twisted.internet import reactor
+from twisted.internet.task import deferLater
+from twisted.internet.threads import deferToThread
+from twisted.logger import globalLogPublisher
+from twisted.trial.unittest import TestCase
+
+from gateway.config import GatewaySettings
+from gateway.testing import DEMO_PAGE
+from tests.support import ECHO, FLOOD, FLOOD_BYTES, WEB, GatewayHarness, recv_all, socks5_open
+from tests.test_gateway import inline
+
+INTERVAL = 0.2
+COUNT = 3
+
+
+def fetch(port: int) -> bytes:
+    sock, code = socks5_open(port, *WEB)
+    with sock:
+        if code != 0:
+            return b"<reply %d>" % code
+        sock.sendall(b"GET / HTTP/1.0\r\n\r\n")
+        return recv_all(sock)
+
+
+async def sleep(seconds: float) -> None:
+    await deferLater(reactor, seconds, lambda: None)
+
+
+async def until(predicate, timeout: float, step: float = 0.05) -> float:
+    """Wait until C{predicate()} is true; return how long it took (bounded)."""
+    started = time.monotonic()
+    while not predicate():
+        if time.monotonic() - started > timeout:
+            raise AssertionError(f"condition not met within {timeout} s")
+        await sleep(step)
+    return time.monotonic() - started
+
+
+class KeepaliveFailoverTests(TestCase):
+    @inline
+    async def setUp(self):
+        self.harness = GatewayHarness(
+            self, keepalive_interval=INTERVAL, keepalive_count_max=COUNT, connect_timeout=2.0
+        )
+        await self.harness.start(nodes=2)
+        self.cluster = self.harness.service.clusters["demo"]
+        self.first = f"127.0.0.1:{self.harness.ports[0].getHost().port}"
+        self.events: list[dict] = []
+        globalLogPublisher.addObserver(self.events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, self.events.append)
+
+    @inline
+    async def test_keepalives_keep_a_quiet_connection_up(self):
+        link = next(iter(self.cluster.links))
+        await sleep(INTERVAL * COUNT * 3)
+        self.assertEqual(self.cluster.links, {link})
+        self.assertEqual(self.cluster.state, "up")
+
+    @inline
+    async def test_silent_peer_detected_streams_end_and_second_candidate_serves(self):
+        sock, code = await deferToThread(socks5_open, self.harness.socks_port, *ECHO)
+        self.addCleanup(sock.close)
+        self.assertEqual(code, 0)
+        port = self.harness.ports[0].getHost().port
+        started = time.monotonic()
+        await self.harness.take_down(0)
+
+        # The in-flight stream ends: the client reads EOF instead of hanging.
+        eof = await deferToThread(recv_all, sock)
+        detected = time.monotonic() - started
+        self.assertEqual(eof, b"")
+        self.assertLessEqual(detected, INTERVAL * COUNT + INTERVAL + 0.5)
+
+        # New streams succeed through the second candidate.
+        await until(lambda: self.cluster.state == "up", 3.0)
+        self.assertEqual(str(self.cluster.proxy), f"127.0.0.1:{self.harness.ports[1].getHost().port}")
+        body = await deferToThread(fetch, self.harness.socks_port)
+        self.assertTrue(body.endswith(DEMO_PAGE), body)
+        self.assertLessEqual(time.monotonic() - started, INTERVAL * COUNT + 2.0)
+        self.assertTrue(
+            any("answered no keepalive" in str(e.get("error")) for e in self.events), self.events
+        )
+
+        # The first candidate comes back: the cluster returns to it, and the
+        # fallback link is retired once idle.
+        await self.harness.bring_back(0, port)
+        await until(lambda: str(self.cluster.proxy) == self.first, 10.0)
+        await until(lambda: len(self.cluster.links) == 1, 5.0)
+        body = await deferToThread(fetch, self.harness.socks_port)
+        self.assertTrue(body.endswith(DEMO_PAGE), body)
+
+    @inline
+    async def test_waiting_stream_fails_with_0x04_when_no_candidate_answers(self):
+        await self.harness.take_down(0)
+        await self.harness.take_down(1)
+        for link in list(self.cluster.links):
+            link.abort()
+        sock, code = await deferToThread(socks5_open, self.harness.socks_port, *WEB)
+        sock.close()
+        self.assertEqual(code, 0x04)
+
+
+class LimitTests(TestCase):
+    @inline
+    async def test_max_streams_per_cluster(self):
+        harness = GatewayHarness(self, max_streams=1)
+        await harness.start()
+        first, code = await deferToThread(socks5_open, harness.socks_port, *ECHO)
+        self.addCleanup(first.close)
+        self.assertEqual(code, 0)
+        second, code = await deferToThread(socks5_open, harness.socks_port, *ECHO)
+        second.close()
+        self.assertEqual(code, 0x01)
+        # Once the first stream ends, there is room again.
+        first.close()
+        await until(lambda: harness.service.clusters["demo"].open_streams == 0, 5.0)
+        third, code = await deferToThread(socks5_open, harness.socks_port, *ECHO)
+        third.close()
+        self.assertEqual(code, 0)
+
+    @inline
+    async def test_client_cap_refuses_extra_connections(self):
+        harness = GatewayHarness(self, settings=GatewaySettings(max_clients=2))
+        await harness.start()
+
+        def run():
+            held = [socket.create_connection(("127.0.0.1", harness.socks_port), timeout=5) for _ in range(2)]
+            extra = socket.create_connection(("127.0.0.1", harness.socks_port), timeout=5)
+            refused = extra.recv(1) == b""
+            for sock in [*held, extra]:
+                sock.close()
+            return refused
+
+        self.assertTrue(await deferToThread(run))
+        clients = harness.service.settings.max_clients
+        self.assertEqual(clients, 2)
+
+
+class RekeyTests(TestCase):
+    @inline
+    async def test_rekey_by_volume_during_a_transfer(self):
+        harness = GatewayHarness(self, rekey_bytes="1M")
+        await harness.start()
+
+        def run():
+            sock, code = socks5_open(harness.socks_port, *FLOOD)
+            with sock:
+                data = recv_all(sock)
+            return code, data
+
+        code, data = await deferToThread(run)
+        self.assertEqual(code, 0)
+        self.assertEqual(len(data), FLOOD_BYTES)
+        self.assertEqual(data.count(b"x"), FLOOD_BYTES)
+        (link,) = harness.service.clusters["demo"].links
+        # About one key exchange per MiB (data keeps flowing while one runs).
+        self.assertGreaterEqual(link.transport.rekeys, FLOOD_BYTES // (1 << 20) // 3)
+
+
+class DrainTests(TestCase):
+    @inline
+    async def test_stop_refuses_new_clients_and_waits_for_open_streams(self):
+        harness = GatewayHarness(self, settings=GatewaySettings(drain_timeout=5.0))
+        await harness.start()
+        port = harness.socks_port
+        sock, code = await deferToThread(socks5_open, port, *ECHO)
+        self.assertEqual(code, 0)
+        stopping = harness.service.stopService()
+        await sleep(0.2)
+        self.assertNoResult(stopping)
+        with self.assertRaises(OSError):
+            await deferToThread(socket.create_connection, ("127.0.0.1", port), 2)
+
+        def finish():
+            with sock:
+                sock.sendall(b"last words")
+                sock.shutdown(socket.SHUT_WR)
+                return recv_all(sock)
+
+        self.assertEqual(await deferToThread(finish), b"last wordsbye")
+        await stopping
+
+    @inline
+    async def test_drain_timeout_cuts_idle_streams(self):
+        harness = GatewayHarness(self, settings=GatewaySettings(drain_timeout=0.5))
+        await harness.start()
+        sock, code = await deferToThread(socks5_open, harness.socks_port, *ECHO)
+        self.addCleanup(sock.close)
+        started = time.monotonic()
+        await harness.service.stopService()
+        self.assertLess(time.monotonic() - started, 3.0)
+        self.assertEqual(await deferToThread(recv_all, sock), b"")
