@@ -101,6 +101,14 @@ class SystemTests(TestCase):
                     hostnames = ["*.cluster.internal"]
                     token = "{TOKENS['b']}"
 
+                    [clusters.cluster-r]
+                    proxies = ["{lab.proxy_addr['a']}:22"]
+                    user = "root"
+                    key_file = "{lab.client_key_ed25519}"
+                    known_hosts = "{lab.known_hosts}"
+                    networks = ["10.251.0.0/24"]
+                    rekey_bytes = "1M"
+
                     [clusters.cluster-x]
                     proxies = ["{lab.proxy_addr['a']}:22"]
                     user = "root"
@@ -128,7 +136,7 @@ class SystemTests(TestCase):
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             log = cls.read_log()
-            if "cluster cluster-a up" in log and "cluster cluster-b up" in log:
+            if all(f"cluster cluster-{c} up" in log for c in "abr"):
                 return
             time.sleep(0.2)
         raise AssertionError("clusters did not come up:\n" + cls.read_log()[-4000:])
@@ -227,6 +235,12 @@ class SystemTests(TestCase):
             self.assertEqual(status, 0, err)
             self.assertEqual(len(out), self.lab.big_size)
             self.assertEqual(hashlib.sha256(out).hexdigest(), self.lab.big_sha256)
+
+    def test_rekey_every_mib_during_a_20_mib_download_against_openssh(self):
+        status, out, err = self.curl("--socks5-hostname", "127.0.0.1:1080", "-U", "cluster-r:", self.url("/big"))
+        self.assertEqual(status, 0, err)
+        self.assertEqual(hashlib.sha256(out).hexdigest(), self.lab.big_sha256)
+        self.assertGreaterEqual(self.read_log().count(f"rekeying with {self.lab.proxy_addr['a']}:22"), 10)
 
     def test_unverifiable_host_key_is_refused_with_fingerprint(self):
         status, out, err = self.curl(
