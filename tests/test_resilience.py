@@ -202,3 +202,22 @@ class DrainTests(TestCase):
         await harness.service.stopService()
         self.assertLess(time.monotonic() - started, 3.0)
         self.assertEqual(await deferToThread(recv_all, sock), b"")
+
+
+class SeveralConnectionsTests(TestCase):
+    @inline
+    async def test_links_spread_over_candidates_and_streams_over_links(self):
+        harness = GatewayHarness(self, connections=2)
+        await harness.start(nodes=2)
+        cluster = harness.service.clusters["demo"]
+        await until(lambda: len([link for link in cluster.links if link.connection]) == 2, 5.0)
+        self.assertEqual(
+            sorted(str(link.proxy) for link in cluster.links),
+            sorted(f"127.0.0.1:{port.getHost().port}" for port in harness.ports),
+        )
+        first, code1 = await deferToThread(socks5_open, harness.socks_port, *ECHO)
+        second, code2 = await deferToThread(socks5_open, harness.socks_port, *ECHO)
+        self.addCleanup(first.close)
+        self.addCleanup(second.close)
+        self.assertEqual((code1, code2), (0, 0))
+        self.assertEqual(sorted(link.open_channels for link in cluster.links), [1, 1])
