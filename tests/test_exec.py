@@ -20,11 +20,9 @@ from twisted.conch.ssh.common import NS, getNS
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, serverFromString
-from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock, deferLater
 from twisted.trial.unittest import TestCase
-from zope.interface import implementer
 
 from gateway.errors import Reason, StreamError
 from gateway.ssh.channel import (
@@ -37,6 +35,7 @@ from gateway.ssh.channel import (
 from gateway.ssh.client import TunnelConnection, client_factory
 from gateway.ssh.hostkeys import HostKeyPolicy
 from gateway.testing import FakeProxyNode, generate_key
+from tests.support import HalfCloseEcho
 
 REFUSED_TEXT = b"nc: connect to 10.0.0.5 port 81 (tcp) failed: Connection refused\n"
 
@@ -341,21 +340,6 @@ class ExecFailureReasonTests(TestCase):
 ECHO = ("10.99.0.10", 7)
 PAYLOAD = ("10.99.0.10", 19)
 PAYLOAD_BYTES = random.Random(4).randbytes(4 * 1024 * 1024)
-
-
-@implementer(IHalfCloseableProtocol)
-class HalfCloseEcho(Protocol):
-    """Echoes; on the client's EOF answers b'bye' and closes (as tests.support's)."""
-
-    def dataReceived(self, data: bytes) -> None:
-        self.transport.write(data)
-
-    def readConnectionLost(self) -> None:
-        self.transport.write(b"bye")
-        self.transport.loseConnection()
-
-    def writeConnectionLost(self) -> None:
-        pass
 
 
 class Payload(Protocol):

@@ -60,36 +60,30 @@ class TunnelConnection(connection.SSHConnection):
         super().serviceStarted()
         self._ready.callback(self)
 
-    def ssh_CHANNEL_DATA(self, packet: bytes) -> None:
-        local_id, length = struct.unpack(">2L", packet[:8])
+    def _take_window(self, local_id: int, length: int) -> TunnelChannel | None:
+        """The channel C{length} bytes arrived for, its window debited; None if it must not get them."""
         channel = self.channels.get(local_id)
         if channel is None:
-            return
+            return None
         if length > channel.localWindowLeft or length > channel.localMaxPacket:
-            log.warn(
-                "proxy node overran the window of channel {id}; closing it",
-                id=local_id,
-            )
+            log.warn("proxy node overran the window of channel {id}; closing it", id=local_id)
             self.sendClose(channel)
-            return
+            return None
         channel.localWindowLeft -= length
-        channel.dataReceived(packet[8 : 8 + length])
+        return channel
+
+    def ssh_CHANNEL_DATA(self, packet: bytes) -> None:
+        local_id, length = struct.unpack(">2L", packet[:8])
+        channel = self._take_window(local_id, length)
+        if channel is not None:
+            channel.dataReceived(packet[8 : 8 + length])
 
     def ssh_CHANNEL_EXTENDED_DATA(self, packet: bytes) -> None:
         # As for data: the channel re-opens the window (for stderr at once).
         local_id, data_type, length = struct.unpack(">3L", packet[:12])
-        channel = self.channels.get(local_id)
-        if channel is None:
-            return
-        if length > channel.localWindowLeft or length > channel.localMaxPacket:
-            log.warn(
-                "proxy node overran the window of channel {id}; closing it",
-                id=local_id,
-            )
-            self.sendClose(channel)
-            return
-        channel.localWindowLeft -= length
-        channel.extReceived(data_type, packet[12 : 12 + length])
+        channel = self._take_window(local_id, length)
+        if channel is not None:
+            channel.extReceived(data_type, packet[12 : 12 + length])
 
     def open_tunnel(
         self,
