@@ -28,7 +28,9 @@ cluster to running C{exec_command} (netcat) in session channels, once, logged.
 from __future__ import annotations
 
 import random
+from collections import Counter
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 from twisted.application.service import Service
 from twisted.conch.error import ConchError
@@ -90,6 +92,21 @@ def tcp_connector(reactor, timeout: float) -> Connector:
         return endpoint.connect(factory)
 
     return connect
+
+
+@dataclass
+class ClusterStats:
+    """Counters of one cluster, read by status and metrics."""
+
+    streams_opened: int = 0
+    streams_failed: Counter[str] = field(default_factory=Counter)
+    bytes_up: int = 0
+    bytes_down: int = 0
+    #: Links that came up after the first one (reconnects and failbacks).
+    reconnects: int = 0
+    links_up: int = 0
+    #: reactor.seconds() when the cluster last went from no link to a link.
+    connected_since: float | None = None
 
 
 class _Link:
@@ -253,6 +270,7 @@ class ClusterConnection(Service):
         self.last_error: str | None = None
         self.open_streams = 0
         self.exec_mode = config.mode == "exec"
+        self.stats = ClusterStats()
 
     # -- state -------------------------------------------------------------
 
@@ -319,8 +337,17 @@ class ClusterConnection(Service):
         slot.attempt = attempt
         attempt.addCallbacks(lambda _: self._up(slot, link), lambda f: self._failed(slot, proxy, f))
 
+    def _count_up(self) -> None:
+        stats = self.stats
+        if stats.links_up:
+            stats.reconnects += 1
+        stats.links_up += 1
+        if self.state != "up":
+            stats.connected_since = self.reactor.seconds()
+
     def _up(self, slot: _Slot, link: _Link) -> None:
         slot.attempt = None
+        self._count_up()
         slot.link = link
         slot.failures = 0
         self.last_error = None
@@ -385,6 +412,7 @@ class ClusterConnection(Service):
                 proxy=str(preferred),
                 old=str(old.proxy),
             )
+            self._count_up()
             slot.link = probe
             slot.candidate = slot.preferred
             slot.failback_failures = 0

@@ -64,8 +64,13 @@ class FrontendProtocol(Protocol):
             self._timer.cancel()
         self._timer = None
 
+    def handshake_failed(self) -> None:
+        """Count a malformed or abandoned handshake (metrics)."""
+        self._gateway.handshake_errors[self.kind.lower()] += 1
+
     def _timed_out(self, seconds: float) -> None:
         self._timer = None
+        self.handshake_failed()
         log.info(
             "{kind} client {client} sent no complete request in {timeout:g} s",
             kind=self.kind,

@@ -118,6 +118,7 @@ class HttpProxyProtocol(FrontendProtocol):
                 self._request_done = True
                 self._maybe_next()
             elif isinstance(event, RequestError):
+                self.handshake_failed()
                 log.info(
                     "bad HTTP request from {client}: {detail}",
                     client=self._client,

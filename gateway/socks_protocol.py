@@ -39,6 +39,7 @@ class SocksProtocol(FrontendProtocol):
                 self.transport.write(event.data)
             elif isinstance(event, Rejected):
                 self._stop_timer()
+                self.handshake_failed()
                 log.info(
                     "SOCKS handshake from {client} rejected: {detail}",
                     client=self._client,

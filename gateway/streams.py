@@ -13,6 +13,7 @@ client's traffic by cluster and destination.
 from __future__ import annotations
 
 import time
+from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -72,6 +73,10 @@ class Gateway:
         self.router = router
         self.clusters = clusters
         self.handshake_timeout = handshake_timeout
+        #: Refusals before any cluster was chosen (no route, auth, ...), by reason.
+        self.unrouted_failures: Counter[str] = Counter()
+        #: Malformed or timed-out client handshakes, by front end.
+        self.handshake_errors: Counter[str] = Counter()
 
     def authenticate(self, username: str, password: str) -> bool:
         """Check SOCKS5 username/password: a cluster name and its token."""
@@ -94,6 +99,7 @@ class Gateway:
             return fail(e)
 
         def opened(channel: TunnelChannel) -> TunnelChannel:
+            cluster.stats.streams_opened += 1
             channel.closed_hooks.append(
                 lambda: self._closed(request, cluster.name, destination, channel)
             )
@@ -123,6 +129,9 @@ class Gateway:
         destination: str,
         error: StreamError,
     ) -> None:
+        running = self.clusters.get(cluster) if cluster else None
+        failures = running.stats.streams_failed if running is not None else self.unrouted_failures
+        failures[error.reason.value] += 1
         log.info(
             "stream to {destination} via {cluster} refused: {reason}",
             cluster=cluster,
@@ -141,6 +150,10 @@ class Gateway:
         destination: str,
         channel: TunnelChannel,
     ) -> None:
+        running = self.clusters.get(cluster)
+        if running is not None:
+            running.stats.bytes_up += channel.bytes_up
+            running.stats.bytes_down += channel.bytes_down
         log.info(
             "stream to {destination} via {cluster} {outcome}: "
             "{bytes_up} bytes up, {bytes_down} down, {duration:.3f} s"
