@@ -19,6 +19,7 @@ setup(
         "treq",
         "pyopenssl",
         "service-identity",
+        "prometheus_client",
     ],
     extras_require={
         "test": ["hypothesis", "requests[socks]", "paramiko", "ruff"],
@@ -26,6 +27,7 @@ setup(
     entry_points={
         "console_scripts": [
             "gateway-connect = gateway.scripts.connect:main",
+            "gateway-ctl = gateway.scripts.ctl:main",
         ],
     },
     classifiers=[

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from twisted.application.service import Service
 from twisted.conch.error import ConchError
 from twisted.internet.abstract import isIPAddress, isIPv6Address
-from twisted.internet.defer import Deferred, TimeoutError, fail, gatherResults, succeed
+from twisted.internet.defer import Deferred, TimeoutError, fail, gatherResults, maybeDeferred, succeed
 from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint
 from twisted.internet.interfaces import IDelayedCall, IReactorTime, IStreamClientEndpoint
 from twisted.internet.protocol import Factory
@@ -557,3 +557,21 @@ class ClusterConnection(Service):
 
     def _stream_closed(self) -> None:
         self.open_streams -= 1
+        self._maybe_retired()
+
+    def retire(self) -> Deferred[None]:
+        """
+        Stop once the streams still open have ended (the caller has already
+        stopped routing new streams here): how a replaced cluster's old
+        connection lets its clients finish.
+        """
+        self._retired = Deferred()
+        self._maybe_retired()
+        return self._retired
+
+    def _maybe_retired(self) -> None:
+        retired = getattr(self, "_retired", None)
+        if retired is None or retired.called or self.open_streams:
+            return
+        stopping = self.disownServiceParent() if self.parent is not None else self.stopService()
+        maybeDeferred(lambda: stopping).chainDeferred(retired)

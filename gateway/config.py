@@ -53,6 +53,10 @@ Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 DEFAULT_SOCKS_LISTEN = "tcp:1080:interface=127.0.0.1"
 DEFAULT_HTTP_LISTEN = "tcp:3128:interface=127.0.0.1"
+#: The usual control API endpoint (the demo's; off unless configured).
+DEFAULT_CONTROL_LISTEN = "tcp:8765:interface=127.0.0.1"
+#: Relative to the twistd working directory (--rundir).
+DEFAULT_STATE_FILE = "gateway-clusters.json"
 DEFAULT_PROXY_PORT = 22
 DEFAULT_CONNECT_TIMEOUT = 15.0
 DEFAULT_WINDOW_SIZE = 2 * 1024 * 1024
@@ -95,8 +99,8 @@ _SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 _IPV4_MAPPED = ipaddress.ip_network("::ffff:0:0/96")
 
 _TOP_KEYS = ("clusters", "defaults", "gateway", "listen")
-_LISTEN_KEYS = ("http", "socks")
-_GATEWAY_KEYS = ("drain_timeout", "handshake_timeout", "max_clients")
+_LISTEN_KEYS = ("control", "http", "socks")
+_GATEWAY_KEYS = ("control_token_file", "drain_timeout", "handshake_timeout", "max_clients", "state_file")
 _CLUSTER_KEYS = (
     "aliases",
     "connect_timeout",
@@ -271,6 +275,8 @@ class ListenConfig:
 
     socks: tuple[str, ...] = (DEFAULT_SOCKS_LISTEN,)
     http: tuple[str, ...] = (DEFAULT_HTTP_LISTEN,)
+    #: The control API (JSON over HTTP); off unless configured.
+    control: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -283,6 +289,10 @@ class GatewaySettings:
     max_clients: int = DEFAULT_MAX_CLIENTS
     #: On SIGTERM: seconds open streams may take to finish.
     drain_timeout: float = DEFAULT_DRAIN_TIMEOUT
+    #: Where clusters registered through the control API are kept (holds keys: 0600).
+    state_file: str = DEFAULT_STATE_FILE
+    #: File with the control API's bearer token (else env GATEWAY_CONTROL_TOKEN).
+    control_token_file: str | None = None
 
 
 @dataclass(frozen=True)
@@ -1107,8 +1117,12 @@ def _parse_listen(data: Mapping[str, Any], source: str) -> ListenConfig:
             raise _unknown(source, _join("listen", k), k, _LISTEN_KEYS)
     result: dict[str, tuple[str, ...]] = {}
     seen: dict[str, str] = {}
-    defaults = {"socks": (DEFAULT_SOCKS_LISTEN,), "http": (DEFAULT_HTTP_LISTEN,)}
-    for k in ("socks", "http"):
+    defaults = {
+        "socks": (DEFAULT_SOCKS_LISTEN,),
+        "http": (DEFAULT_HTTP_LISTEN,),
+        "control": (),
+    }
+    for k in ("socks", "http", "control"):
         key = _join("listen", k)
         if k not in data:
             result[k] = defaults[k]
@@ -1134,17 +1148,19 @@ def _parse_listen(data: Mapping[str, Any], source: str) -> ListenConfig:
                 raise ConfigError(source, item_key, f"{_show(item)} is already used by {seen[item]}")
             seen[item] = item_key
         result[k] = tuple(items)
-    return ListenConfig(socks=result["socks"], http=result["http"])
+    if len(result["control"]) > 1:
+        raise ConfigError(source, _join("listen", "control"), "give at most one control endpoint")
+    return ListenConfig(socks=result["socks"], http=result["http"], control=result["control"])
 
 
 # --- gateway ---------------------------------------------------------------------------
 
 
-def _parse_gateway(data: Mapping[str, Any], source: str) -> GatewaySettings:
+def _parse_gateway(data: Mapping[str, Any], source: str, base_dir: str | None = None) -> GatewaySettings:
     for k in data:
         if k not in _GATEWAY_KEYS:
             raise _unknown(source, _join("gateway", k), k, _GATEWAY_KEYS)
-    values = _Values(source, None)
+    values = _Values(source, base_dir)
     for k, v in data.items():
         values.items[k] = (v, _join("gateway", k))
     settings: dict[str, Any] = {}
@@ -1154,6 +1170,10 @@ def _parse_gateway(data: Mapping[str, Any], source: str) -> GatewaySettings:
         settings["max_clients"] = _integer(values, "max_clients", 1, MAX_MAX_CLIENTS)
     if "drain_timeout" in values:
         settings["drain_timeout"] = _seconds(values, "drain_timeout", zero="close streams at once")
+    if "state_file" in values:
+        settings["state_file"] = values.path("state_file")
+    if "control_token_file" in values:
+        settings["control_token_file"] = values.path("control_token_file")
     return GatewaySettings(**settings)
 
 
@@ -1203,7 +1223,7 @@ def parse_config(data: Mapping[str, Any], source: str, base_dir: str | None = No
         if k not in _TOP_KEYS:
             raise _unknown(source, _key_part(k), k, _TOP_KEYS)
     listen = _parse_listen(_table(data.get("listen", {}), source, "listen"), source)
-    settings = _parse_gateway(_table(data.get("gateway", {}), source, "gateway"), source)
+    settings = _parse_gateway(_table(data.get("gateway", {}), source, "gateway"), source, base_dir)
     cache: _KeyCache = {}
     defaults = _table(data.get("defaults", {}), source, "defaults")
     _check_defaults(defaults, source, base_dir, cache)

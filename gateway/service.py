@@ -96,7 +96,11 @@ class GatewayService(MultiService):
             ("http", config.listen.http, HttpProxyFactory(self.gateway, reactor, clients)),
         ):
             for description in descriptions:
-                ListenerService(reactor, kind, description, factory).setServiceParent(self)
+                self.add_listener(kind, description, factory)
+
+    def add_listener(self, kind: str, description: str, factory: Factory) -> None:
+        """Listen on endpoint string C{description} with C{factory}."""
+        ListenerService(self._reactor, kind, description, factory).setServiceParent(self)
 
     def listening_address(self, kind: str) -> str | None:
         """C{host:port} of the first TCP listener of C{kind}, for messages."""
@@ -155,6 +159,19 @@ class GatewayService(MultiService):
         connection.setServiceParent(self)
         self.clusters[config.name] = connection
         self._reroute()
+        return connection
+
+    def replace_cluster(self, config: ClusterConfig) -> ClusterConnection:
+        """
+        Route cluster C{config.name} to new connections built from C{config};
+        the old connection keeps its open streams until they end, then stops.
+        """
+        old = self.clusters.pop(config.name)
+        old_hop = self._hops.pop(config.name, None)
+        connection = self.add_cluster(config)
+        retired = old.retire()
+        if old_hop is not None:
+            retired.addBoth(lambda _: old_hop.disownServiceParent())
         return connection
 
     def remove_cluster(self, name: str) -> Deferred:

@@ -17,15 +17,26 @@ from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
 from twisted.python import usage
 
-from gateway.config import ConfigError, GatewayConfig, ListenConfig, load_config, parse_cluster
+from gateway.api import control_site, control_token, requires_token
+from gateway.config import (
+    DEFAULT_CONTROL_LISTEN,
+    ClusterConfig,
+    ConfigError,
+    GatewayConfig,
+    ListenConfig,
+    load_config,
+    parse_cluster,
+)
+from gateway.registry import GatewayControl
 from gateway.service import GatewayService
+from gateway.store import ClusterStore, StoreError, validate_body
 from gateway.testing import DemoCluster
 
 log = Logger()
 
 
 class Options(usage.Options):
-    synopsis = "[--config FILE] [--socks ENDPOINT] [--http ENDPOINT] [--demo]"
+    synopsis = "[--config FILE] [--socks ENDPOINT] [--http ENDPOINT] [--control ENDPOINT] [--demo]"
     longdesc = (
         "Keep one SSH connection per cluster to its proxy node and expose "
         "SOCKS5 and HTTP proxy listeners that reach the clusters' internal "
@@ -35,6 +46,8 @@ class Options(usage.Options):
         ["config", "c", None, "TOML configuration file."],
         ["socks", None, None, "SOCKS listener endpoint, overriding [listen] socks (\"\" disables)."],
         ["http", None, None, "HTTP proxy listener endpoint, overriding [listen] http (\"\" disables)."],
+        ["control", None, None, "Control API endpoint, overriding [listen] control (\"\" disables)."],
+        ["state-file", None, None, "Where API-registered clusters are kept, overriding [gateway] state_file."],
     ]
     optFlags = [
         ["demo", None, "Also run an in-process demo cluster named 'demo' (no root, no network)."],
@@ -45,8 +58,47 @@ class Options(usage.Options):
             raise usage.UsageError("give --config FILE, or --demo to try the gateway")
         try:
             self.gateway_config = self._load()
-        except ConfigError as e:
+            self.control_token = self._control_token()
+            self.api_clusters = self._load_api_clusters()
+        except (ConfigError, StoreError) as e:
             sys.exit(f"gateway: {e}")
+
+    def _control_token(self) -> str | None:
+        config = self.gateway_config
+        try:
+            token = control_token(config.settings.control_token_file)
+        except ValueError as e:
+            raise ConfigError(config.source, "gateway.control_token_file", str(e)) from None
+        for description in config.listen.control:
+            if token is None and requires_token(description):
+                raise ConfigError(
+                    config.source,
+                    "listen.control",
+                    f"{description!r} is reachable beyond this host: set [gateway] control_token_file "
+                    "or GATEWAY_CONTROL_TOKEN (or listen on loopback or a unix socket)",
+                )
+        return token
+
+    def _load_api_clusters(self) -> dict[str, tuple[dict, ClusterConfig]]:
+        """Clusters registered through the API before the last stop."""
+        config = self.gateway_config
+        if not config.listen.control:
+            return {}
+        self.store = ClusterStore(config.settings.state_file)
+        bodies = self.store.load()
+        known = {alias: c.name for c in config.clusters.values() for alias in c.names()}
+        for name, body in bodies.items():
+            for alias in [name, *body.get("aliases", [])]:
+                known.setdefault(alias, name)
+        loaded = {}
+        for name, body in bodies.items():
+            if name in config.clusters or (self["demo"] and name == "demo"):
+                raise ConfigError(self.store.path, f"clusters.{name}", "also defined in the configuration file")
+            try:
+                loaded[name] = (body, validate_body(name, body, self.store.path, known_clusters=known))
+            except ConfigError as e:
+                raise ConfigError(self.store.path, f"clusters.{name}.{e.key}", e.reason) from None
+        return loaded
 
     def _load(self) -> GatewayConfig:
         if self["config"]:
@@ -54,12 +106,16 @@ class Options(usage.Options):
         else:
             config = GatewayConfig(listen=ListenConfig(), clusters={}, source="(demo)")
         listen = config.listen
-        for kind in ("socks", "http"):
+        for kind in ("socks", "http", "control"):
             if self[kind] is not None:
                 listen = replace(listen, **{kind: (self[kind],) if self[kind] else ()})
+        if self["demo"] and self["control"] is None and not listen.control:
+            listen = replace(listen, control=(DEFAULT_CONTROL_LISTEN,))  # so gateway-ctl works on the demo
+        if self["state-file"]:
+            config = replace(config, settings=replace(config.settings, state_file=self["state-file"]))
         from twisted.internet import reactor
 
-        for kind in ("socks", "http"):
+        for kind in ("socks", "http", "control"):
             for description in getattr(listen, kind):
                 try:
                     serverFromString(reactor, description)
@@ -111,7 +167,15 @@ class DemoService(Service):
 def makeService(options: Options) -> IService:
     from twisted.internet import reactor
 
-    service = GatewayService(options.gateway_config, reactor)
+    config = options.gateway_config
+    service = GatewayService(config, reactor)
+    for _, cluster in options.api_clusters.values():
+        service.add_cluster(cluster)
     if options["demo"]:
         DemoService(service, reactor).setServiceParent(service)
+    for description in config.listen.control:
+        config_names = set(config.clusters) | ({"demo"} if options["demo"] else set())
+        bodies = {name: body for name, (body, _) in options.api_clusters.items()}
+        control = GatewayControl(service, options.store, config_names, bodies)
+        service.add_listener("control", description, control_site(control, options.control_token))
     return service

@@ -121,7 +121,7 @@ class GatewayHarness:
         cluster = parse_cluster("demo", self.cluster_settings(), "(test)", "clusters.demo")
         config = GatewayConfig(
             listen=ListenConfig(
-                socks=("tcp:0:interface=127.0.0.1",), http=("tcp:0:interface=127.0.0.1",)
+                socks=("tcp:0:interface=127.0.0.1",), http=("tcp:0:interface=127.0.0.1",), control=()
             ),
             clusters={"demo": cluster},
             source="(test)",

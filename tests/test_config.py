@@ -509,7 +509,9 @@ class ErrorTests(ConfigTestCase):
 
     def test_unknown_keys(self) -> None:
         self.assertError("bogus = 1\n", "bogus", "unknown key (expected one of: clusters, defaults, gateway, listen)")
-        self.assertError("[listen]\nftp = 'tcp:21'\n", "listen.ftp", "unknown key (expected one of: http, socks)")
+        self.assertError(
+            "[listen]\nftp = 'tcp:21'\n", "listen.ftp", "unknown key (expected one of: control, http, socks)"
+        )
         self.assertError("[defaults]\n'a b' = 1\n", 'defaults."a b"', "unknown key")
         self.assertError(self.cluster_toml(prxies='["x"]'), "clusters.a.prxies", "unknown key (did you mean proxies?)")
         self.assertError(
@@ -1331,7 +1333,8 @@ class GatewaySettingsTests(ConfigTestCase):
             (
                 "colour = 1",
                 "gateway.colour",
-                "unknown key (expected one of: drain_timeout, handshake_timeout, max_clients)",
+                "unknown key (expected one of: control_token_file, drain_timeout, handshake_timeout, max_clients, "
+                "state_file)",
             ),
             ("socks = 'tcp:1'", "gateway.socks", "unknown key"),
             ("[gateway.sub]", "gateway.sub", "unknown key"),

@@ -1,0 +1,570 @@
+"""
+The control REST API: JSON over HTTP in front of a L{ClusterControl}.
+
+Routes::
+
+    GET    /v1/clusters          list with a summary of each cluster's status
+    GET    /v1/clusters/NAME     settings and status of one cluster
+    PUT    /v1/clusters/NAME     create (201) or replace (200) an API cluster
+    DELETE /v1/clusters/NAME     forget an API cluster (204)
+    GET    /v1/health            the gateway's health
+    GET    /metrics              Prometheus text exposition
+
+Every JSON answer is compact with sorted keys and ends with a newline; errors
+are C{{"error": REASON, "field": KEY-OR-NULL}} (C{{"error": "internal error"}}
+for a 500).  With a token, every request needs C{Authorization: Bearer TOKEN}.
+
+Request bodies (which carry private keys) are never logged nor echoed.
+"""
+
+from __future__ import annotations
+
+import hmac
+import io
+import ipaddress
+import json
+import os
+import re
+import stat
+from collections.abc import Callable, Mapping, Set
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import unquote_to_bytes
+
+from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.logger import Logger
+from twisted.web import http, server
+from twisted.web.resource import Resource
+
+from gateway.control import ClusterControl, ClusterView, ControlError
+
+__all__ = [
+    "MAX_BODY_BYTES",
+    "TOKEN_ENV",
+    "control_site",
+    "control_token",
+    "requires_token",
+]
+
+log = Logger()
+
+MAX_BODY_BYTES = 1024 * 1024
+"""Largest request body accepted (1 MiB); larger ones are answered 413."""
+
+TOKEN_ENV = "GATEWAY_CONTROL_TOKEN"
+"""Environment variable holding the bearer token when no token file is set."""
+
+MAX_TOKEN_FILE_BYTES = 64 * 1024
+
+IDLE_TIMEOUT = 60.0
+"""Seconds an idle client connection is kept open."""
+
+JSON_TYPE = b"application/json"
+METRICS_TYPE = b"text/plain; version=0.0.4; charset=utf-8"
+WWW_AUTHENTICATE = b'Bearer realm="gateway"'
+
+_NAME_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")  # as cluster names in the configuration
+_TOKEN_RE = re.compile(r"[\x21-\x7e]+")  # visible ASCII: it must fit an HTTP header
+_LOOPBACK_NAMES = {"localhost"}
+_MUTATING = {b"PUT", b"DELETE", b"POST", b"PATCH"}
+
+_CLUSTER_METHODS = (b"GET", b"PUT", b"DELETE")
+_GET_ONLY = (b"GET",)
+
+
+# --- token -------------------------------------------------------------------------
+
+
+def control_token(path: str | None, environ: Mapping[str, str] = os.environ) -> str | None:
+    """
+    The bearer token the control API requires: the content of the file
+    C{path} (surrounding white space removed) when given, else the
+    environment variable C{GATEWAY_CONTROL_TOKEN}; None when neither is set.
+
+    Like OpenSSH with private keys, a token file with any group/other
+    permission bit is refused.  Every problem raises L{ValueError} with a
+    message that names the file (never the token).
+    """
+    if path is not None:
+        text = _read_token_file(path)
+        where = f"control token file {path!r}"
+    elif TOKEN_ENV in environ:
+        text = environ[TOKEN_ENV]
+        where = f"environment variable {TOKEN_ENV}"
+    else:
+        return None
+    token = text.strip()
+    if not token:
+        raise ValueError(f"{where} is empty")
+    if not _TOKEN_RE.fullmatch(token):
+        raise ValueError(f"{where}: the token must be printable ASCII without white space")
+    return token
+
+
+def _read_token_file(path: str) -> str:
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    except OSError as e:
+        raise ValueError(f"cannot read control token file {path!r}: {e.strerror or type(e).__name__}") from None
+    with os.fdopen(fd, "rb") as f:
+        mode = os.fstat(f.fileno()).st_mode
+        if not stat.S_ISREG(mode):
+            raise ValueError(f"control token file {path!r} is not a regular file")
+        if mode & 0o077:
+            raise ValueError(
+                f"control token file {path!r} is accessible by other users "
+                f"(mode {stat.S_IMODE(mode):04o}): chmod 600 it"
+            )
+        try:
+            data = f.read(MAX_TOKEN_FILE_BYTES + 1)
+        except OSError as e:
+            raise ValueError(f"cannot read control token file {path!r}: {e.strerror or type(e).__name__}") from None
+    if len(data) > MAX_TOKEN_FILE_BYTES:
+        raise ValueError(f"control token file {path!r} is larger than {MAX_TOKEN_FILE_BYTES} bytes")
+    try:
+        return data.decode("ascii")
+    except UnicodeDecodeError:
+        raise ValueError(f"control token file {path!r}: the token must be printable ASCII") from None
+
+
+# --- endpoints ---------------------------------------------------------------------
+
+
+def _split_endpoint(description: str) -> tuple[list[str], dict[str, str]]:
+    """
+    Split a Twisted endpoint string as L{twisted.internet.endpoints} does:
+    C{:} separates arguments, C{\\} escapes the next character, C{key=value}
+    arguments are keyword arguments.
+    """
+    args: list[str] = []
+    kwargs: dict[str, str] = {}
+    for raw in _raw_arguments(description):
+        key, sep, value = _split_unescaped(raw, "=")
+        if sep:
+            kwargs[_unescape(key)] = _unescape(value)
+        else:
+            args.append(_unescape(raw))
+    return args, kwargs
+
+
+def _raw_arguments(description: str) -> list[str]:
+    parts: list[str] = []
+    current: list[str] = []
+    escaped = False
+    for char in description:
+        if escaped:
+            current.append(char)
+            escaped = False
+        elif char == "\\":
+            current.append(char)
+            escaped = True
+        elif char == ":":
+            parts.append("".join(current))
+            current = []
+        else:
+            current.append(char)
+    parts.append("".join(current))
+    return parts
+
+
+def _split_unescaped(text: str, separator: str) -> tuple[str, str, str]:
+    escaped = False
+    for index, char in enumerate(text):
+        if escaped:
+            escaped = False
+        elif char == "\\":
+            escaped = True
+        elif char == separator:
+            return text[:index], separator, text[index + 1 :]
+    return text, "", ""
+
+
+def _unescape(text: str) -> str:
+    return re.sub(r"\\(.)", r"\1", text, flags=re.DOTALL)
+
+
+def _is_loopback(interface: str) -> bool:
+    if interface.lower() in _LOOPBACK_NAMES:
+        return True
+    try:
+        address = ipaddress.ip_address(interface)
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped.is_loopback
+    return address.is_loopback
+
+
+def requires_token(endpoint_description: str) -> bool:
+    """
+    Whether a control API listening on C{endpoint_description} must require
+    a token: False only for C{unix:} sockets (not abstract ones) and for C{tcp:}, C{tcp6:} and
+    C{ssl:} listeners bound to a loopback interface (C{127.0.0.0/8}, C{::1},
+    C{localhost}).  A TCP endpoint without C{interface=} listens on every
+    interface, so it needs a token, as does anything else.
+    """
+    args, kwargs = _split_endpoint(endpoint_description.strip())
+    kind = args[0].strip().lower() if args else ""
+    if kind == "unix":
+        # A Linux abstract socket ("\0name") has no file permissions at all.
+        path = kwargs.get("address", args[1] if len(args) > 1 else "")
+        return path.startswith("\0")
+    if kind in ("tcp", "tcp6", "ssl"):
+        interface = kwargs.get("interface")
+        if interface is None and kind in ("tcp", "tcp6") and len(args) > 2:
+            interface = args[2]  # tcp:PORT:INTERFACE, positionally
+        return not (interface and _is_loopback(interface.strip()))
+    return True
+
+
+# --- HTTP ------------------------------------------------------------------------------
+
+
+def _json_default(value: object) -> object:
+    if isinstance(value, Mapping):
+        return dict(value)
+    if isinstance(value, Set):
+        return sorted(value)
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+
+
+def _json_bytes(value: object) -> bytes:
+    text = json.dumps(value, sort_keys=True, separators=(",", ":"), default=_json_default, allow_nan=False)
+    return text.encode("ascii") + b"\n"
+
+
+@dataclass(frozen=True)
+class _Response:
+    status: int
+    body: bytes = b""
+    content_type: bytes | None = JSON_TYPE
+    headers: tuple[tuple[bytes, bytes], ...] = ()
+
+    @classmethod
+    def json(cls, status: int, value: object, *headers: tuple[bytes, bytes]) -> _Response:
+        return cls(status, _json_bytes(value), JSON_TYPE, headers)
+
+    @classmethod
+    def error(cls, status: int, reason: str, field: str | None = None, *headers: tuple[bytes, bytes]) -> _Response:
+        return cls.json(status, {"error": reason, "field": field}, *headers)
+
+
+_INTERNAL_ERROR = _Response.json(http.INTERNAL_SERVER_ERROR, {"error": "internal error"})
+
+
+class _BadRequest(Exception):
+    """Answer 400 with this reason and field."""
+
+    def __init__(self, reason: str, field: str | None = None) -> None:
+        super().__init__(reason, field)
+        self.reason = reason
+        self.field = field
+
+
+def _authorized(request: http.Request, token: bytes | None) -> bool:
+    if token is None:
+        return True
+    values = request.requestHeaders.getRawHeaders(b"authorization")
+    if not values or len(values) != 1:
+        return False
+    scheme, _, credentials = values[0].strip().partition(b" ")
+    if scheme.lower() != b"bearer":
+        return False
+    return hmac.compare_digest(credentials.strip(), token)
+
+
+class _ControlRequest(server.Request):
+    """
+    A request that keeps at most L{MAX_BODY_BYTES} of body in memory.
+
+    A body announced larger than that (C{Content-Length}), or a chunked body
+    from a client without the token, is not read at all: the request is
+    answered at once and the connection closed after the answer.  A chunked
+    body that turns out too large is read to its end but not kept.
+    """
+
+    too_large = False
+    skipped_body = False
+    _received = 0
+
+    def __init__(self, channel: Any, *args: Any, **kw: Any) -> None:
+        kw["parsePOSTFormSubmission"] = False
+        super().__init__(channel, *args, **kw)
+
+    def gotLength(self, length: int | None) -> None:
+        self.content = io.BytesIO()
+        if length is not None and length > MAX_BODY_BYTES:
+            self.too_large = True
+            self._skip_body()
+        elif length is None and not _authorized(self, getattr(self.channel.site, "control_token", None)):
+            self._skip_body()
+
+    def _skip_body(self) -> None:
+        channel = self.channel
+        if not isinstance(channel, http.HTTPChannel):  # e.g. HTTP/2: read (and drop) the body
+            return
+        # HTTPChannel dispatches the request right after gotLength when the
+        # length is 0; the body that follows is then never parsed, and the
+        # connection is closed once this request is answered.
+        channel.length = 0
+        channel.persistent = False
+        self.skipped_body = True
+        self.requestHeaders.removeHeader(b"expect")  # no "100 Continue"
+        self.responseHeaders.setRawHeaders(b"connection", [b"close"])
+
+    def handleContentChunk(self, data: bytes) -> None:
+        if self.too_large:
+            return
+        self._received += len(data)
+        if self._received > MAX_BODY_BYTES:
+            self.too_large = True
+            self.content = io.BytesIO()
+            return
+        self.content.write(data)
+
+
+class _ControlSite(server.Site):
+    displayTracebacks = False
+    noisy = False
+
+    def __init__(self, resource: _ControlResource) -> None:
+        super().__init__(resource, requestFactory=_ControlRequest, timeout=IDLE_TIMEOUT)
+        self.control_token = resource.token
+
+    def log(self, request: http.Request) -> None:
+        """No access log: mutating requests are logged by the resource."""
+
+
+@dataclass
+class _Call:
+    """What is known of a request, for its log line."""
+
+    method: str
+    path: str
+    cluster: str | None = None
+
+
+def _path_for_log(path: bytes) -> str:
+    text = path.decode("ascii", "backslashreplace")
+    return text if len(text) <= 200 else text[:200] + "..."
+
+
+class _ControlResource(Resource):
+    isLeaf = True
+
+    def __init__(self, control: ClusterControl, token: str | None) -> None:
+        super().__init__()
+        self.control = control
+        self.token = None if token is None else token.encode("utf-8")
+
+    def render(self, request: server.Request) -> int:
+        finished: list[bool] = []
+        request.notifyFinish().addBoth(finished.append)  # errback: client gone
+        d = Deferred.fromCoroutine(self._respond(request, finished))
+        d.addErrback(lambda f: log.failure("control API: cannot answer", failure=f))
+        return server.NOT_DONE_YET
+
+    async def _respond(self, request: server.Request, finished: list[bool]) -> None:
+        call = _Call(request.method.decode("ascii", "backslashreplace"), _path_for_log(request.path))
+        try:
+            response = await self._dispatch(request, call)
+        except ControlError as e:
+            response = self._control_error(e, call)
+        except _BadRequest as e:
+            response = _Response.error(http.BAD_REQUEST, e.reason, e.field)
+        except Exception:
+            log.failure(
+                "control API: {method} {path}: unexpected error",
+                method=call.method,
+                path=call.path,
+                cluster=call.cluster,
+            )
+            response = _INTERNAL_ERROR
+        disconnected = bool(finished) or getattr(request, "_disconnected", False)
+        if not disconnected:
+            self._write(request, response)
+        if request.method in _MUTATING:
+            log.info(
+                "control API: {method} {path} -> {status}" + (" (client gone)" if disconnected else ""),
+                method=call.method,
+                path=call.path,
+                status=response.status,
+                cluster=call.cluster,
+                client=str(request.getClientAddress()),
+                disconnected=disconnected,
+            )
+
+    @staticmethod
+    def _write(request: server.Request, response: _Response) -> None:
+        request.setResponseCode(response.status)
+        if response.content_type is not None:
+            request.setHeader(b"content-type", response.content_type)
+        request.setHeader(b"cache-control", b"no-store")
+        for name, value in response.headers:
+            request.setHeader(name, value)
+        if response.body:
+            request.setHeader(b"content-length", b"%d" % len(response.body))
+            request.write(response.body)
+        request.finish()
+
+    @staticmethod
+    def _control_error(error: ControlError, call: _Call) -> _Response:
+        status = error.status
+        if not isinstance(status, int) or not 400 <= status <= 599:
+            log.error(
+                "control API: {method} {path}: ControlError with invalid status {status!r}",
+                method=call.method,
+                path=call.path,
+                status=status,
+            )
+            return _INTERNAL_ERROR
+        field = error.field if error.field is None else str(error.field)
+        return _Response.error(status, str(error.reason), field)
+
+    # -- routing -------------------------------------------------------------------
+
+    async def _dispatch(self, request: server.Request, call: _Call) -> _Response:
+        if not _authorized(request, self.token):
+            return _Response.error(
+                http.UNAUTHORIZED,
+                "missing or invalid bearer token",
+                None,
+                (b"www-authenticate", WWW_AUTHENTICATE),
+            )
+        if getattr(request, "too_large", False):
+            return _Response.error(http.REQUEST_ENTITY_TOO_LARGE, f"request body larger than {MAX_BODY_BYTES} bytes")
+
+        handlers: dict[bytes, Callable[[], Any]]
+        segments = request.path.split(b"/")
+        match segments:
+            case [b"", b"v1", b"clusters"]:
+                handlers = {b"GET": self._list}
+            case [b"", b"v1", b"clusters", raw_name]:
+                handlers = {
+                    b"GET": lambda: self._show(name()),
+                    b"PUT": lambda: self._put(name(), request),
+                    b"DELETE": lambda: self._delete(name()),
+                }
+            case [b"", b"v1", b"health"]:
+                handlers = {b"GET": self._health}
+            case [b"", b"metrics"]:
+                handlers = {b"GET": self._metrics}
+            case _:
+                return _Response.error(http.NOT_FOUND, "no such resource")
+
+        def name() -> str:
+            call.cluster = _cluster_name(raw_name)
+            return call.cluster
+
+        handler = handlers.get(request.method)
+        if handler is None:
+            allowed = b", ".join(method for method in (b"GET", b"PUT", b"DELETE") if method in handlers)
+            return _Response.error(
+                http.NOT_ALLOWED,
+                f"method not allowed (allowed: {allowed.decode('ascii')})",
+                None,
+                (b"allow", allowed),
+            )
+        return await handler()
+
+    # -- handlers ------------------------------------------------------------------
+
+    async def _list(self) -> _Response:
+        views = await maybeDeferred(self.control.list_clusters)
+        clusters = []
+        for view in views:
+            status = view.status
+            clusters.append(
+                {
+                    "name": view.name,
+                    "source": view.source,
+                    "state": status.get("state"),
+                    "proxy": status.get("proxy"),
+                    "open_streams": status.get("open_streams"),
+                    "last_error": status.get("last_error"),
+                }
+            )
+        return _Response.json(http.OK, {"clusters": clusters})
+
+    async def _show(self, name: str) -> _Response:
+        view: ClusterView = await maybeDeferred(self.control.get_cluster, name)
+        return _Response.json(
+            http.OK,
+            {"name": view.name, "source": view.source, "settings": view.settings, "status": view.status},
+        )
+
+    async def _put(self, name: str, request: server.Request) -> _Response:
+        body = _json_object(request.content.getvalue())
+        created = bool(await maybeDeferred(self.control.put_cluster, name, body))
+        if created:
+            return _Response.json(
+                http.CREATED, {"name": name, "created": True}, (b"location", b"/v1/clusters/" + name.encode("ascii"))
+            )
+        return _Response.json(http.OK, {"name": name, "created": False})
+
+    async def _delete(self, name: str) -> _Response:
+        await maybeDeferred(self.control.delete_cluster, name)
+        return _Response(http.NO_CONTENT, b"", None)
+
+    async def _health(self) -> _Response:
+        return _Response.json(http.OK, await maybeDeferred(self.control.health))
+
+    async def _metrics(self) -> _Response:
+        text = await maybeDeferred(self.control.metrics)
+        if isinstance(text, str):
+            text = text.encode("utf-8")
+        if not isinstance(text, bytes):
+            raise TypeError(f"metrics() returned {type(text).__name__}, not bytes")
+        return _Response(http.OK, text, METRICS_TYPE)
+
+
+def _cluster_name(raw: bytes) -> str:
+    try:
+        name = unquote_to_bytes(raw).decode("utf-8")
+    except UnicodeDecodeError:
+        name = ""
+    if not _NAME_RE.fullmatch(name):
+        raise _BadRequest("invalid cluster name: 1 to 64 characters of A-Z a-z 0-9 . _ -", "name")
+    return name
+
+
+def _reject_constant(name: str) -> object:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    result: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in result:
+            raise ValueError(f"duplicate key {key!r} in a JSON object")
+        result[key] = value
+    return result
+
+
+def _json_object(data: bytes) -> dict[str, Any]:
+    """Parse a request body that must be a JSON object; never echo it."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise _BadRequest(f"request body is not valid UTF-8 (byte {e.start})")
+    try:
+        value = json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_reject_constant)
+    except json.JSONDecodeError as e:
+        raise _BadRequest(f"invalid JSON: {e.msg} at line {e.lineno} column {e.colno} (char {e.pos})")
+    except RecursionError:
+        raise _BadRequest("invalid JSON: nested too deeply")
+    except ValueError as e:
+        raise _BadRequest(f"invalid JSON: {e}")
+    if not isinstance(value, dict):
+        raise _BadRequest("request body must be a JSON object")
+    return value
+
+
+def control_site(control: ClusterControl, token: str | None) -> server.Site:
+    """
+    The control API as a L{twisted.web.server.Site} over C{control}; with a
+    C{token}, every request needs C{Authorization: Bearer TOKEN}.
+    """
+    if token is not None and not token:
+        raise ValueError("the control token is empty")
+    return _ControlSite(_ControlResource(control, token))

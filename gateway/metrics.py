@@ -1,0 +1,121 @@
+"""
+The gateway's metrics in the Prometheus text exposition format.
+
+L{metrics_text} renders one scrape.  Nothing is counted twice: a
+L{GatewayCollector} reads the live objects -- each L{ClusterConnection}'s
+state, links, open streams and L{ClusterStats}, and the L{Gateway}'s
+unrouted-failure and handshake-error counters -- every time it is collected,
+in a private C{CollectorRegistry} (never prometheus_client's global one, so
+that several gateways in one process, as in the tests, do not collide).
+
+Metrics (per-cluster ones labelled C{cluster}):
+
+ - C{gateway_streams_opened_total{cluster}}
+ - C{gateway_streams_failed_total{cluster,reason}}; failures before any
+   cluster was chosen (no route, bad credentials, ...) have C{cluster=""}
+ - C{gateway_streams_open{cluster}}
+ - C{gateway_bytes_total{cluster,direction="up"|"down"}} (closed streams)
+ - C{gateway_cluster_up{cluster}} (1 when at least one SSH link is up)
+ - C{gateway_cluster_state{cluster,state}} (1 for the current state, 0 for
+   the others of C{up}, C{connecting}, C{backoff}, C{stopped})
+ - C{gateway_cluster_links_up{cluster}} (SSH connections established)
+ - C{gateway_reconnects_total{cluster}}
+ - C{gateway_handshake_errors_total{frontend}}
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from typing import TYPE_CHECKING
+
+from prometheus_client import generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector, CollectorRegistry
+
+if TYPE_CHECKING:
+    from gateway.cluster import ClusterConnection
+    from gateway.streams import Gateway
+
+#: The states of L{ClusterConnection.state}, each exported as a 0/1 series.
+STATES = ("up", "connecting", "backoff", "stopped")
+#: Front ends whose handshake-error series exist (at 0) from the start.
+FRONTENDS = ("socks", "http")
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+class GatewayCollector(Collector):
+    """Reads the gateway's live counters on every C{collect()}."""
+
+    def __init__(self, gateway: Gateway, clusters: Callable[[], Iterable[ClusterConnection]]) -> None:
+        self._gateway = gateway
+        self._clusters = clusters
+
+    def collect(self) -> Iterator[Metric]:
+        opened = CounterMetricFamily(
+            "gateway_streams_opened", "Streams opened through the cluster.", labels=["cluster"]
+        )
+        failed = CounterMetricFamily(
+            "gateway_streams_failed",
+            'Streams refused, by reason (cluster="" before a cluster was chosen).',
+            labels=["cluster", "reason"],
+        )
+        open_ = GaugeMetricFamily("gateway_streams_open", "Streams open now.", labels=["cluster"])
+        transferred = CounterMetricFamily(
+            "gateway_bytes",
+            "Bytes relayed by closed streams (up: client to destination, down: back).",
+            labels=["cluster", "direction"],
+        )
+        up = GaugeMetricFamily(
+            "gateway_cluster_up", "1 when at least one SSH connection to the cluster is up.", labels=["cluster"]
+        )
+        state = GaugeMetricFamily(
+            "gateway_cluster_state", "1 for the cluster's current state, 0 for the others.", labels=["cluster", "state"]
+        )
+        links = GaugeMetricFamily(
+            "gateway_cluster_links_up", "SSH connections to the cluster established now.", labels=["cluster"]
+        )
+        reconnects = CounterMetricFamily(
+            "gateway_reconnects", "SSH connections established after the first one.", labels=["cluster"]
+        )
+        handshake = CounterMetricFamily(
+            "gateway_handshake_errors",
+            "Malformed or timed-out client handshakes, by front end.",
+            labels=["frontend"],
+        )
+
+        for cluster in self._clusters():
+            name = cluster.name
+            stats = cluster.stats
+            current = cluster.state
+            opened.add_metric([name], stats.streams_opened)
+            for reason, count in sorted(stats.streams_failed.items()):
+                failed.add_metric([name, reason], count)
+            open_.add_metric([name], cluster.open_streams)
+            transferred.add_metric([name, "up"], stats.bytes_up)
+            transferred.add_metric([name, "down"], stats.bytes_down)
+            up.add_metric([name], 1 if current == "up" else 0)
+            for each in STATES if current in STATES else (*STATES, current):
+                state.add_metric([name, each], 1 if each == current else 0)
+            links.add_metric([name], sum(1 for link in list(cluster.links) if link.connection is not None))
+            reconnects.add_metric([name], stats.reconnects)
+
+        for reason, count in sorted(self._gateway.unrouted_failures.items()):
+            failed.add_metric(["", reason], count)
+        errors = self._gateway.handshake_errors
+        for frontend in sorted(set(FRONTENDS) | set(errors)):
+            handshake.add_metric([frontend], errors.get(frontend, 0))
+
+        yield from (opened, failed, open_, transferred, up, state, links, reconnects, handshake)
+
+
+def metrics_text(gateway: Gateway, clusters: Callable[[], Iterable[ClusterConnection]]) -> bytes:
+    """
+    One scrape of the gateway's metrics, as Prometheus text (L{CONTENT_TYPE}).
+
+    C{clusters} is called once per scrape, so clusters added or removed at
+    run time (through the control API) appear and disappear.
+    """
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(GatewayCollector(gateway, clusters))
+    return generate_latest(registry)

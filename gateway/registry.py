@@ -1,0 +1,179 @@
+"""
+The gateway's side of the control API: L{GatewayControl} implements
+L{gateway.control.ClusterControl} on a running L{GatewayService}.
+
+Two sources of clusters live side by side: the TOML file (read-only here: the
+API answers 409 for them, so the two never fight) and the API, whose request
+bodies are kept in the state file (L{gateway.store.ClusterStore}) and loaded
+again at start-up.  Every change is validated with the same code as the TOML
+loader before anything is touched, then applied, then saved -- all on the
+reactor thread, one after another, so the registry and the file never
+disagree.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from typing import Any
+
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.logger import Logger
+
+from gateway.cluster import ClusterConnection
+from gateway.config import ClusterConfig, ConfigError
+from gateway.control import ClusterView, ControlError
+from gateway.metrics import metrics_text
+from gateway.service import GatewayService
+from gateway.ssh.hostkeys import fingerprint
+from gateway.store import ClusterStore, validate_body
+
+log = Logger()
+
+
+def safe_settings(config: ClusterConfig) -> dict[str, Any]:
+    """A cluster's settings for display: no private key, passphrase or token."""
+    key = config.private_key
+    return {
+        "aliases": list(config.aliases),
+        "proxies": [str(p) for p in config.proxies],
+        "user": config.user,
+        "key": {"type": key.sshType().decode(), "fingerprint": fingerprint(key.public())},
+        "known_hosts": config.known_hosts,
+        "host_keys": [k.toString("OPENSSH").decode() for k in config.host_keys],
+        "insecure_accept_any_host_key": config.insecure_accept_any_host_key,
+        "networks": [str(n) for n in config.networks],
+        "hostnames": list(config.hostnames),
+        "token_set": config.token is not None,
+        "connect_timeout": config.connect_timeout,
+        "open_timeout": config.open_timeout,
+        "window_size": config.window_size,
+        "keepalive_interval": config.keepalive_interval,
+        "keepalive_count_max": config.keepalive_count_max,
+        "mode": config.mode,
+        "exec_command": config.exec_command,
+        "proxy_command": config.proxy_command,
+        "jump": config.jump,
+        "connections": config.connections,
+        "max_streams": config.max_streams,
+        "rekey_bytes": config.rekey_bytes,
+        "rekey_interval": config.rekey_interval,
+    }
+
+
+def _iso(seconds: float | None) -> str | None:
+    if seconds is None:
+        return None
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(seconds))
+
+
+def cluster_status(cluster: ClusterConnection) -> dict[str, Any]:
+    stats = cluster.stats
+    up = cluster.state == "up"
+    return {
+        "state": cluster.state,
+        "proxy": str(cluster.proxy) if cluster.proxy else None,
+        "connected_since": _iso(stats.connected_since) if up else None,
+        "links_up": sum(1 for link in cluster.links if link.connection is not None),
+        "open_streams": cluster.open_streams,
+        "streams_opened": stats.streams_opened,
+        "streams_failed": dict(stats.streams_failed),
+        "bytes_up": stats.bytes_up,
+        "bytes_down": stats.bytes_down,
+        "reconnects": stats.reconnects,
+        "mode": "exec" if cluster.exec_mode else "direct-tcpip",
+        "last_error": cluster.last_error,
+    }
+
+
+class GatewayControl:
+    """L{ClusterControl} on a running gateway, persisting API clusters."""
+
+    def __init__(
+        self,
+        service: GatewayService,
+        store: ClusterStore | None,
+        config_names: set[str],
+        api_bodies: Mapping[str, Mapping[str, Any]] | None = None,
+    ) -> None:
+        self._service = service
+        self._store = store
+        self._config_names = set(config_names)
+        #: The request bodies of API-registered clusters, as persisted.
+        self._bodies: dict[str, Mapping[str, Any]] = dict(api_bodies or {})
+
+    def _view(self, cluster: ClusterConnection) -> ClusterView:
+        source = "config" if cluster.name in self._config_names else "api"
+        return ClusterView(cluster.name, source, safe_settings(cluster.config), cluster_status(cluster))
+
+    def list_clusters(self) -> list[ClusterView]:
+        return [self._view(self._service.clusters[name]) for name in sorted(self._service.clusters)]
+
+    def get_cluster(self, name: str) -> ClusterView:
+        cluster = self._service.clusters.get(name)
+        if cluster is None:
+            raise ControlError(404, f"no cluster named {name!r}")
+        return self._view(cluster)
+
+    def _known_names(self, excluding: str) -> dict[str, str]:
+        known: dict[str, str] = {}
+        for cluster in self._service.clusters.values():
+            if cluster.name != excluding:
+                for alias in cluster.config.names():
+                    known[alias] = cluster.name
+        return known
+
+    def put_cluster(self, name: str, body: Mapping[str, Any]) -> Deferred[bool]:
+        if name in self._config_names:
+            return fail(ControlError(409, f"cluster {name!r} is defined in the configuration file"))
+        known = self._known_names(excluding=name)
+        try:
+            config = validate_body(name, body, known_clusters=known)
+        except ConfigError as e:
+            return fail(ControlError(400, e.reason, e.key or None))
+        for alias in config.aliases:
+            if alias in known:
+                used = f"alias {alias!r} is already used by cluster {known[alias]!r}"
+                return fail(ControlError(409, used, "aliases"))
+        if name in known:
+            return fail(ControlError(409, f"{name!r} is already an alias of cluster {known[name]!r}"))
+        created = name not in self._service.clusters
+        previous = dict(self._bodies)
+        self._bodies[name] = dict(body)
+        try:
+            self._save()
+        except Exception:
+            self._bodies = previous
+            raise
+        if created:
+            self._service.add_cluster(config)
+        else:
+            self._service.replace_cluster(config)
+        log.info(
+            "cluster {cluster} {action} through the control API",
+            cluster=name,
+            action="registered" if created else "replaced",
+        )
+        return succeed(created)
+
+    def delete_cluster(self, name: str) -> Deferred[None]:
+        if name in self._config_names:
+            return fail(ControlError(409, f"cluster {name!r} is defined in the configuration file"))
+        if name not in self._service.clusters:
+            return fail(ControlError(404, f"no cluster named {name!r}"))
+        self._bodies.pop(name, None)
+        self._save()
+        log.info("cluster {cluster} removed through the control API", cluster=name)
+        return self._service.remove_cluster(name).addCallback(lambda _: None)
+
+    def _save(self) -> None:
+        if self._store is not None:
+            self._store.save(self._bodies)
+
+    def health(self) -> Mapping[str, Any]:
+        clusters = self._service.clusters.values()
+        up = sum(1 for c in clusters if c.state == "up")
+        return {"status": "ok", "clusters": {"up": up, "down": len(clusters) - up}}
+
+    def metrics(self) -> bytes:
+        return metrics_text(self._service.gateway, lambda: list(self._service.clusters.values()))

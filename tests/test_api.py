@@ -1,0 +1,675 @@
+"""
+Tests for L{gateway.api}: real HTTP over loopback, with treq, against the
+control API in front of an in-memory L{FakeControl}.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import treq
+from twisted.internet import reactor, task
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol, serverFromString
+from twisted.internet.protocol import Protocol
+from twisted.logger import formatEvent, globalLogPublisher
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+from twisted.web.client import HTTPConnectionPool
+from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer
+from zope.interface import implementer
+
+from gateway.api import MAX_BODY_BYTES, TOKEN_ENV, control_site, control_token, requires_token
+from gateway.control import ClusterView, ControlError
+
+TOKEN = "tok-3f9a1c77e2b04d5a"
+PRIVATE_KEY = (
+    "-----BEGIN OPENSSH PRIVATE KEY-----\nb3BlbnNzaC1rZXktdjEAAAAA-not-a-real-key\n-----END OPENSSH PRIVATE KEY-----\n"
+)
+JSON = "application/json"
+METRICS = b'# TYPE gateway_clusters gauge\ngateway_clusters{state="up"} 1\n'
+
+
+def status(state: str = "up", proxy: str | None = "10.250.1.2:22", last_error: str | None = None) -> dict[str, Any]:
+    return {
+        "state": state,
+        "proxy": proxy,
+        "connected_since": "2026-01-02T03:04:05Z" if proxy else None,
+        "open_streams": 2,
+        "streams_opened": 10,
+        "streams_failed": {"timeout": 1},
+        "bytes_up": 100,
+        "bytes_down": 2000,
+        "last_error": last_error,
+    }
+
+
+def cluster_body(**overrides: Any) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "proxies": ["10.250.2.2:22"],
+        "user": "root",
+        "key": PRIVATE_KEY,
+        "insecure_accept_any_host_key": True,
+        "networks": ["10.252.0.0/24"],
+    }
+    body.update(overrides)
+    return body
+
+
+class FakeControl:
+    """
+    An in-memory L{gateway.control.ClusterControl}: C{cluster-a} comes from
+    the TOML file (put/delete answer 409), API clusters are kept as their
+    bodies.  C{failure}, when set, is raised by every method; a PUT of the
+    cluster C{slow} waits for the test to fire C{pending}.
+    """
+
+    KEYS = {"proxies", "user", "key", "insecure_accept_any_host_key", "networks", "aliases", "token"}
+
+    def __init__(self) -> None:
+        self.clusters: dict[str, ClusterView] = {
+            "cluster-a": ClusterView(
+                "cluster-a",
+                "config",
+                {"proxies": ["10.250.1.2:22"], "networks": ["10.251.0.0/24"], "token_set": True},
+                status(),
+            )
+        }
+        self.bodies: dict[str, Mapping[str, Any]] = {}
+        self.failure: Exception | None = None
+        self.put_started: Deferred[None] = Deferred()
+        self.pending: Deferred[bool] | None = None
+
+    def _check(self) -> None:
+        if self.failure is not None:
+            raise self.failure
+
+    def list_clusters(self) -> list[ClusterView]:
+        self._check()
+        return [self.clusters[name] for name in sorted(self.clusters)]
+
+    def get_cluster(self, name: str) -> ClusterView:
+        self._check()
+        try:
+            return self.clusters[name]
+        except KeyError:
+            raise ControlError(404, f"no cluster {name!r}") from None
+
+    def _validate(self, body: Mapping[str, Any]) -> None:
+        for key in body:
+            if key not in self.KEYS:
+                raise ControlError(400, "unknown key", key)
+        proxies = body.get("proxies")
+        if not isinstance(proxies, list) or not proxies:
+            raise ControlError(400, "required: a non-empty array of proxy addresses", "proxies")
+        networks = body.get("networks", [])
+        if not isinstance(networks, list):
+            raise ControlError(400, "must be an array of CIDR strings", "networks")
+        for index, network in enumerate(networks):
+            try:
+                ipaddress.ip_network(network)
+            except (TypeError, ValueError):
+                raise ControlError(400, "not a network", f"networks[{index}]") from None
+
+    def put_cluster(self, name: str, body: Mapping[str, Any]) -> Deferred[bool]:
+        self._check()
+        existing = self.clusters.get(name)
+        if existing is not None and existing.source == "config":
+            return fail(ControlError(409, f"cluster {name!r} is defined in the configuration file"))
+        self._validate(body)
+        created = existing is None
+        self.bodies[name] = body
+        settings = {key: value for key, value in body.items() if key not in ("key", "token")}
+        self.clusters[name] = ClusterView(name, "api", settings, status("connecting", None))
+        if name == "slow":
+            self.pending = Deferred()
+            self.put_started.callback(None)
+            return self.pending
+        return task.deferLater(reactor, 0, lambda: created)  # answered later, as the gateway does
+
+    def delete_cluster(self, name: str) -> Deferred[None]:
+        self._check()
+        view = self.clusters.get(name)
+        if view is None:
+            return fail(ControlError(404, f"no cluster {name!r}"))
+        if view.source == "config":
+            return fail(ControlError(409, f"cluster {name!r} is defined in the configuration file"))
+        del self.clusters[name]
+        del self.bodies[name]
+        return succeed(None)
+
+    def health(self) -> Mapping[str, Any]:
+        self._check()
+        up = sum(1 for view in self.clusters.values() if view.status.get("state") == "up")
+        return {"status": "ok", "clusters": {"up": up, "down": len(self.clusters) - up}}
+
+    def metrics(self) -> bytes:
+        self._check()
+        return METRICS
+
+
+@implementer(IBodyProducer)
+class ChunkedBody:
+    """A body of unknown length: the agent sends it chunked."""
+
+    length = UNKNOWN_LENGTH
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+    def startProducing(self, consumer: Any) -> Deferred[None]:
+        for start in range(0, len(self.data), 65536):
+            consumer.write(self.data[start : start + 65536])
+        return succeed(None)
+
+    def pauseProducing(self) -> None:
+        pass
+
+    def resumeProducing(self) -> None:
+        pass
+
+    def stopProducing(self) -> None:
+        pass
+
+
+class RawClient(Protocol):
+    """Sends C{request} as is and collects the answer until the server closes."""
+
+    def __init__(self, request: bytes) -> None:
+        self.request = request
+        self.received = b""
+        self.closed: Deferred[bytes] = Deferred()
+
+    def connectionMade(self) -> None:
+        self.transport.write(self.request)
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received += data
+
+    def connectionLost(self, reason: object) -> None:
+        self.closed.callback(self.received)
+
+
+class ApiTestCase(TestCase):
+    """A control API on loopback in front of a fresh L{FakeControl}."""
+
+    token: str | None = None
+
+    async def setUp(self) -> None:
+        self.control = FakeControl()
+        site = control_site(self.control, self.token)
+        self.server_lost: list[Deferred[None]] = []
+        build = site.buildProtocol
+
+        def track(addr: Any) -> Any:
+            protocol = build(addr)
+            lost: Deferred[None] = Deferred()
+            self.server_lost.append(lost)
+            connection_lost = protocol.connectionLost
+
+            def on_lost(reason: Any) -> None:
+                connection_lost(reason)
+                lost.callback(None)
+
+            protocol.connectionLost = on_lost
+            return protocol
+
+        site.buildProtocol = track
+        self.port = await serverFromString(reactor, "tcp:0:interface=127.0.0.1").listen(site)
+        self.url = f"http://127.0.0.1:{self.port.getHost().port}"
+        self.pool = HTTPConnectionPool(reactor, persistent=True)
+        self.events: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(self.events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, self.events.append)
+        self.addCleanup(self._close)
+
+    async def _close(self) -> None:
+        await self.pool.closeCachedConnections()
+        await self.port.stopListening()
+        for lost in self.server_lost:
+            await lost
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        body: bytes | IBodyProducer | None = None,
+        headers: dict[str, str] | None = None,
+        authorize: bool = True,
+    ) -> Deferred[Any]:
+        """A request, with the right token unless C{authorize} is false or C{headers} has one."""
+        headers = dict(headers or {})
+        if authorize and self.token is not None and "Authorization" not in headers:
+            headers["Authorization"] = f"Bearer {self.token}"
+        return treq.request(method, self.url + path, data=body, headers=headers, pool=self.pool)
+
+    async def call(self, method: str, path: str, body: object = None, **kwargs: Any) -> tuple[Any, Any]:
+        """A request; the response and its decoded JSON body (None when empty)."""
+        if isinstance(body, dict | list):
+            body = json.dumps(body).encode("utf-8")
+        response = await self.request(method, path, body, **kwargs)
+        content = await treq.content(response)
+        if not content:
+            return response, None
+        self.assertEqual(response.headers.getRawHeaders("content-type"), [JSON])
+        value = json.loads(content)
+        # compact, sorted keys, one trailing newline
+        self.assertEqual(content, json.dumps(value, sort_keys=True, separators=(",", ":")).encode() + b"\n")
+        return response, value
+
+    async def raw(self, data: bytes) -> bytes:
+        """Send C{data} over a fresh connection; all the server answered before closing."""
+        client = RawClient(data)
+        endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", self.port.getHost().port)
+        protocol = await connectProtocol(endpoint, client)
+        answer = await client.closed
+        protocol.transport.loseConnection()
+        return answer
+
+    def assertError(self, pair: tuple[Any, Any], status: int, field: str | None = None) -> str:
+        response, body = pair
+        self.assertEqual(response.code, status, body)
+        self.assertEqual(set(body), {"error", "field"})
+        self.assertEqual(body["field"], field)
+        self.assertIsInstance(body["error"], str)
+        return body["error"]
+
+    def mutation_logs(self) -> list[dict[str, Any]]:
+        return [e for e in self.events if e.get("log_namespace") == "gateway.api" and "status" in e]
+
+
+class RouteTests(ApiTestCase):
+    async def test_list(self) -> None:
+        response, body = await self.call("GET", "/v1/clusters")
+        self.assertEqual(response.code, 200)
+        self.assertEqual(
+            body,
+            {
+                "clusters": [
+                    {
+                        "name": "cluster-a",
+                        "source": "config",
+                        "state": "up",
+                        "proxy": "10.250.1.2:22",
+                        "open_streams": 2,
+                        "last_error": None,
+                    }
+                ]
+            },
+        )
+
+    async def test_show(self) -> None:
+        response, body = await self.call("GET", "/v1/clusters/cluster-a")
+        self.assertEqual(response.code, 200)
+        self.assertEqual(set(body), {"name", "source", "settings", "status"})
+        self.assertEqual(body["name"], "cluster-a")
+        self.assertEqual(body["source"], "config")
+        self.assertEqual(body["settings"]["token_set"], True)
+        self.assertEqual(body["status"], status())
+
+    async def test_show_unknown(self) -> None:
+        error = self.assertError(await self.call("GET", "/v1/clusters/nope"), 404)
+        self.assertIn("nope", error)
+
+    async def test_create_then_replace(self) -> None:
+        response, body = await self.call("PUT", "/v1/clusters/cluster-b", cluster_body())
+        self.assertEqual((response.code, body), (201, {"name": "cluster-b", "created": True}))
+        self.assertEqual(response.headers.getRawHeaders("location"), ["/v1/clusters/cluster-b"])
+        self.assertEqual(self.control.bodies["cluster-b"], cluster_body())
+
+        response, body = await self.call("PUT", "/v1/clusters/cluster-b", cluster_body(user="admin"))
+        self.assertEqual((response.code, body), (200, {"name": "cluster-b", "created": False}))
+        self.assertEqual(self.control.bodies["cluster-b"]["user"], "admin")
+
+        _, body = await self.call("GET", "/v1/clusters")
+        self.assertEqual([c["name"] for c in body["clusters"]], ["cluster-a", "cluster-b"])
+        self.assertEqual(body["clusters"][1]["source"], "api")
+        _, body = await self.call("GET", "/v1/clusters/cluster-b")
+        self.assertNotIn(PRIVATE_KEY, json.dumps(body))
+
+    async def test_delete(self) -> None:
+        await self.call("PUT", "/v1/clusters/cluster-b", cluster_body())
+        response, body = await self.call("DELETE", "/v1/clusters/cluster-b")
+        self.assertEqual(response.code, 204)
+        self.assertIsNone(body)
+        self.assertIsNone(response.headers.getRawHeaders("content-type"))
+        self.assertNotIn("cluster-b", self.control.clusters)
+        self.assertError(await self.call("DELETE", "/v1/clusters/cluster-b"), 404)
+
+    async def test_config_cluster_conflict(self) -> None:
+        error = self.assertError(await self.call("PUT", "/v1/clusters/cluster-a", cluster_body()), 409)
+        self.assertIn("configuration file", error)
+        self.assertError(await self.call("DELETE", "/v1/clusters/cluster-a"), 409)
+        self.assertEqual(self.control.clusters["cluster-a"].source, "config")
+
+    async def test_invalid_body_field(self) -> None:
+        pair = await self.call("PUT", "/v1/clusters/cluster-b", cluster_body(networks=["10.252.0.0/24", "nonsense"]))
+        self.assertEqual(self.assertError(pair, 400, "networks[1]"), "not a network")
+        self.assertError(await self.call("PUT", "/v1/clusters/cluster-b", cluster_body(proxies=[])), 400, "proxies")
+        self.assertNotIn("cluster-b", self.control.clusters)
+
+    async def test_name_percent_decoded(self) -> None:
+        response, body = await self.call("PUT", "/v1/clusters/net%2Eb", cluster_body())
+        self.assertEqual((response.code, body), (201, {"name": "net.b", "created": True}))
+        self.assertIn("net.b", self.control.clusters)
+        response, body = await self.call("GET", "/v1/clusters/net.b")
+        self.assertEqual(body["name"], "net.b")
+
+    async def test_invalid_names(self) -> None:
+        for path in ["a%20b", "a%2Fb", "%FF", "x" * 65, "bad!", "%00", ""]:
+            pair = await self.call("PUT", "/v1/clusters/" + path, cluster_body())
+            self.assertError(pair, 400, "name")
+            self.assertError(await self.call("GET", "/v1/clusters/" + path), 400, "name")
+            self.assertError(await self.call("DELETE", "/v1/clusters/" + path), 400, "name")
+        response, _ = await self.call("PUT", "/v1/clusters/" + "x" * 64, cluster_body())
+        self.assertEqual(response.code, 201)
+
+    async def test_bad_json(self) -> None:
+        error = self.assertError(await self.call("PUT", "/v1/clusters/b", b'{"proxies": ["a",'), 400)
+        self.assertIn("line 1 column 18", error)
+        self.assertError(await self.call("PUT", "/v1/clusters/b", b""), 400)
+        self.assertError(await self.call("PUT", "/v1/clusters/b", b'{"user": NaN}'), 400)
+        self.assertError(await self.call("PUT", "/v1/clusters/b", b'{"user": "a", "user": "b"}'), 400)
+        self.assertError(await self.call("PUT", "/v1/clusters/b", b"[" * 100000), 400)
+        self.assertEqual(self.control.bodies, {})
+
+    async def test_bad_json_not_echoed(self) -> None:
+        body = json.dumps(cluster_body()).encode()[:-1]  # the key, then truncated
+        response, value = await self.call("PUT", "/v1/clusters/b", body)
+        self.assertEqual(response.code, 400)
+        self.assertNotIn("OPENSSH", json.dumps(value))
+
+    async def test_not_an_object(self) -> None:
+        for body in [b"[1, 2]", b'"text"', b"null", b"42"]:
+            error = self.assertError(await self.call("PUT", "/v1/clusters/b", body), 400)
+            self.assertIn("JSON object", error)
+
+    async def test_bad_utf8(self) -> None:
+        error = self.assertError(await self.call("PUT", "/v1/clusters/b", b'{"user": "r\xffoot"}'), 400)
+        self.assertIn("UTF-8", error)
+
+    async def test_method_not_allowed(self) -> None:
+        for method, path, allow in [
+            ("POST", "/v1/clusters", "GET"),
+            ("DELETE", "/v1/clusters", "GET"),
+            ("PATCH", "/v1/clusters/cluster-a", "GET, PUT, DELETE"),
+            ("POST", "/v1/clusters/cluster-a", "GET, PUT, DELETE"),
+            ("PUT", "/v1/health", "GET"),
+            ("POST", "/metrics", "GET"),
+        ]:
+            pair = await self.call(method, path, b"{}")
+            self.assertError(pair, 405)
+            self.assertEqual(pair[0].headers.getRawHeaders("allow"), [allow], (method, path))
+
+    async def test_unknown_path(self) -> None:
+        for path in ["/", "/v1", "/v2/clusters", "/v1/clusters/a/b", "/v1/clusters/cluster-a/", "/metrics/x"]:
+            self.assertError(await self.call("GET", path), 404)
+
+    async def test_health(self) -> None:
+        response, body = await self.call("GET", "/v1/health")
+        self.assertEqual(response.code, 200)
+        self.assertEqual(body, {"status": "ok", "clusters": {"up": 1, "down": 0}})
+
+    async def test_metrics(self) -> None:
+        response = await self.request("GET", "/metrics")
+        self.assertEqual(response.code, 200)
+        self.assertEqual(response.headers.getRawHeaders("content-type"), ["text/plain; version=0.0.4; charset=utf-8"])
+        self.assertEqual(await treq.content(response), METRICS)
+
+    async def test_query_string_ignored(self) -> None:
+        response, body = await self.call("GET", "/v1/health?verbose=1")
+        self.assertEqual(response.code, 200)
+
+
+class BodySizeTests(ApiTestCase):
+    async def test_content_length_checked_up_front(self) -> None:
+        """A too large Content-Length is answered at once: the body is never sent."""
+        answer = await self.raw(
+            b"PUT /v1/clusters/big HTTP/1.1\r\nHost: gw\r\nContent-Length: 10000000\r\nExpect: 100-continue\r\n\r\n"
+        )
+        head, _, body = answer.partition(b"\r\n\r\n")
+        self.assertTrue(head.startswith(b"HTTP/1.1 413 "), head)
+        self.assertNotIn(b"100 Continue", head)
+        self.assertIn(b"Connection: close", head)
+        self.assertEqual(json.loads(body)["field"], None)
+        self.assertNotIn("big", self.control.clusters)
+
+    async def test_too_large_with_content_length(self) -> None:
+        body = b"{" + b" " * MAX_BODY_BYTES + b"}"
+        self.assertError(await self.call("PUT", "/v1/clusters/big", body), 413)
+        self.assertNotIn("big", self.control.clusters)
+        # the client's pool carries on
+        response, _ = await self.call("GET", "/v1/health")
+        self.assertEqual(response.code, 200)
+
+    async def test_too_large_chunked(self) -> None:
+        """Without Content-Length, the size actually received counts."""
+        body = ChunkedBody(b"{" + b" " * MAX_BODY_BYTES + b"}")
+        self.assertError(await self.call("PUT", "/v1/clusters/big", body), 413)
+        self.assertNotIn("big", self.control.clusters)
+        response, _ = await self.call("GET", "/v1/health")
+        self.assertEqual(response.code, 200)
+
+    async def test_largest_body(self) -> None:
+        data = json.dumps(cluster_body()).encode()
+        data += b" " * (MAX_BODY_BYTES - len(data))
+        response, _ = await self.call("PUT", "/v1/clusters/big", data)
+        self.assertEqual(response.code, 201)
+        response, _ = await self.call("PUT", "/v1/clusters/big", ChunkedBody(data))
+        self.assertEqual(response.code, 200)
+
+
+class FailureTests(ApiTestCase):
+    async def test_unexpected_exception(self) -> None:
+        self.control.failure = RuntimeError("secret detail 42")
+        for method, path, body in [
+            ("GET", "/v1/clusters", None),
+            ("GET", "/v1/clusters/cluster-a", None),
+            ("PUT", "/v1/clusters/b", cluster_body()),
+            ("DELETE", "/v1/clusters/b", None),
+            ("GET", "/v1/health", None),
+            ("GET", "/metrics", None),
+        ]:
+            response = await self.request(method, path, json.dumps(body).encode() if body else None)
+            self.assertEqual(response.code, 500, path)
+            self.assertEqual(response.headers.getRawHeaders("content-type"), [JSON])
+            self.assertEqual(await treq.content(response), b'{"error":"internal error"}\n')
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 6)
+
+    async def test_asynchronous_failure(self) -> None:
+        self.control.put_cluster = lambda name, body: task.deferLater(  # type: ignore[method-assign]
+            reactor, 0, lambda: 1 / 0
+        )
+        response, body = await self.call("PUT", "/v1/clusters/b", cluster_body())
+        self.assertEqual((response.code, body), (500, {"error": "internal error"}))
+        self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 1)
+
+    async def test_control_error_with_bad_status(self) -> None:
+        self.control.failure = ControlError(200, "not an error status")
+        response, body = await self.call("GET", "/v1/clusters")
+        self.assertEqual((response.code, body), (500, {"error": "internal error"}))
+        self.flushLoggedErrors()
+
+    async def test_client_disconnects(self) -> None:
+        """A client gone before the gateway answers: no error, the mutation is still logged."""
+        request = self.request("PUT", "/v1/clusters/slow", json.dumps(cluster_body()).encode())
+        await self.control.put_started
+        outcome: list[object] = []
+        request.addBoth(outcome.append)
+        request.cancel()
+        self.assertIsInstance(outcome[0], Failure)
+        for lost in self.server_lost:
+            await lost
+        assert self.control.pending is not None
+        self.control.pending.callback(True)
+        await task.deferLater(reactor, 0, lambda: None)
+        [event] = self.mutation_logs()
+        self.assertEqual((event["method"], event["status"], event["disconnected"]), ("PUT", 201, True))
+
+
+class LogTests(ApiTestCase):
+    async def test_mutations_logged_without_bodies(self) -> None:
+        await self.call("GET", "/v1/clusters")
+        await self.call("PUT", "/v1/clusters/cluster-b", cluster_body(token="sekrit-token"))
+        await self.call("PUT", "/v1/clusters/cluster-b", cluster_body(networks=["bad"]))
+        await self.call("DELETE", "/v1/clusters/cluster-b")
+        await self.call("DELETE", "/v1/clusters/cluster-a")
+        logged = [(e["method"], e["path"], e["status"], e["cluster"]) for e in self.mutation_logs()]
+        self.assertEqual(
+            logged,
+            [
+                ("PUT", "/v1/clusters/cluster-b", 201, "cluster-b"),
+                ("PUT", "/v1/clusters/cluster-b", 400, "cluster-b"),
+                ("DELETE", "/v1/clusters/cluster-b", 204, "cluster-b"),
+                ("DELETE", "/v1/clusters/cluster-a", 409, "cluster-a"),
+            ],
+        )
+        self.assertEqual(formatEvent(self.mutation_logs()[0]), "control API: PUT /v1/clusters/cluster-b -> 201")
+        everything = repr(self.events) + "".join(formatEvent(e) for e in self.events)
+        self.assertNotIn("OPENSSH", everything)
+        self.assertNotIn("sekrit-token", everything)
+
+
+class TokenTests(ApiTestCase):
+    token = TOKEN
+
+    async def test_with_token(self) -> None:
+        for path in ["/v1/clusters", "/v1/clusters/cluster-a", "/v1/health", "/metrics"]:
+            response = await self.request("GET", path)
+            self.assertEqual(response.code, 200, path)
+            await treq.content(response)
+        response, _ = await self.call("PUT", "/v1/clusters/b", cluster_body())
+        self.assertEqual(response.code, 201)
+
+    async def test_scheme_case_insensitive(self) -> None:
+        response, _ = await self.call("GET", "/v1/health", headers={"Authorization": f"bearer {TOKEN}"})
+        self.assertEqual(response.code, 200)
+
+    async def assertUnauthorized(self, method: str, path: str, headers: dict[str, str], body: object = None) -> None:
+        response, value = await self.call(method, path, body, headers=headers, authorize=False)
+        self.assertError((response, value), 401)
+        self.assertEqual(response.headers.getRawHeaders("www-authenticate"), ['Bearer realm="gateway"'])
+        for sent in headers.values():
+            self.assertNotIn(sent.split()[-1], json.dumps(value))
+
+    async def test_missing_or_wrong_token(self) -> None:
+        wrong = [
+            {},
+            {"Authorization": "Bearer wrong-guess-1234"},
+            {"Authorization": f"Bearer {TOKEN}x"},
+            {"Authorization": f"Basic {TOKEN}"},
+            {"Authorization": "Bearer"},
+        ]
+        for headers in wrong:
+            for path in ["/v1/clusters", "/v1/health", "/metrics", "/no/such/path"]:
+                await self.assertUnauthorized("GET", path, headers)
+            await self.assertUnauthorized("PUT", "/v1/clusters/b", headers, cluster_body())
+            await self.assertUnauthorized("DELETE", "/v1/clusters/cluster-a", headers)
+        self.assertEqual(self.control.bodies, {})
+        self.assertIn("cluster-a", self.control.clusters)
+
+    async def test_chunked_body_without_token(self) -> None:
+        """A chunked body from a client without the token is not read: answered before its end."""
+        answer = await self.raw(
+            b"PUT /v1/clusters/b HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer wrong\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n"
+        )
+        head, _, body = answer.partition(b"\r\n\r\n")
+        self.assertTrue(head.startswith(b"HTTP/1.1 401 "), head)
+        self.assertIn(b"Connection: close", head)
+        self.assertNotIn(b"wrong", body)
+        self.assertNotIn("b", self.control.clusters)
+        response = await self.request("PUT", "/v1/clusters/b", ChunkedBody(b"{}"), authorize=False)
+        self.assertEqual(response.code, 401)
+        await treq.content(response)
+
+    async def test_too_large_without_token(self) -> None:
+        answer = await self.raw(b"PUT /v1/clusters/big HTTP/1.1\r\nHost: gw\r\nContent-Length: 10000000\r\n\r\n")
+        self.assertTrue(answer.startswith(b"HTTP/1.1 401 "), answer)
+
+
+class RequiresTokenTests(SynchronousTestCase):
+    def test_loopback_tcp(self) -> None:
+        for description in [
+            "tcp:8080:interface=127.0.0.1",
+            "tcp:8080:interface=127.1.2.3",
+            "tcp:8080:interface=localhost",
+            "tcp6:8080:interface=\\:\\:1",
+            "tcp:8080:127.0.0.1",
+        ]:
+            self.assertFalse(requires_token(description), description)
+
+    def test_tcp_other_interfaces(self) -> None:
+        for description in [
+            "tcp:8080",
+            "tcp6:8080",
+            "tcp:8080:interface=0.0.0.0",
+            "tcp6:8080:interface=\\:\\:",
+            "tcp:8080:interface=10.0.0.1",
+            "tcp:8080:interface=",
+            "tcp:8080:backlog=5",
+        ]:
+            self.assertTrue(requires_token(description), description)
+
+    def test_unix(self) -> None:
+        self.assertFalse(requires_token("unix:/run/gateway/control.sock:mode=600"))
+        self.assertFalse(requires_token("unix:address=/run/gateway/control.sock"))
+        self.assertTrue(requires_token("unix:\0gateway-control"))
+
+    def test_ssl(self) -> None:
+        self.assertFalse(requires_token("ssl:8443:privateKey=k.pem:certKey=c.pem:interface=127.0.0.1"))
+        self.assertTrue(requires_token("ssl:8443:privateKey=k.pem:certKey=c.pem"))
+        self.assertTrue(requires_token("ssl:8443:privateKey=k.pem:interface=0.0.0.0"))
+
+    def test_anything_else(self) -> None:
+        for description in ["systemd:domain=INET:index=0", "8080", "", "le:/certs:tcp:443", "tcp:0:interface=::1"]:
+            self.assertTrue(requires_token(description), description)
+
+
+class ControlTokenTests(SynchronousTestCase):
+    def token_file(self, content: bytes, mode: int = 0o600) -> str:
+        path = self.mktemp()
+        with open(path, "wb") as f:
+            f.write(content)
+        os.chmod(path, mode)
+        return path
+
+    def test_file(self) -> None:
+        path = self.token_file(f"  {TOKEN}\n".encode())
+        self.assertEqual(control_token(path, {}), TOKEN)
+
+    def test_file_wins_over_environment(self) -> None:
+        path = self.token_file(TOKEN.encode(), 0o400)
+        self.assertEqual(control_token(path, {TOKEN_ENV: "other"}), TOKEN)
+
+    def test_environment(self) -> None:
+        self.assertEqual(control_token(None, {TOKEN_ENV: f"{TOKEN}\n"}), TOKEN)
+
+    def test_neither(self) -> None:
+        self.assertIsNone(control_token(None, {}))
+
+    def test_mode(self) -> None:
+        for mode in (0o640, 0o604, 0o644, 0o660):
+            path = self.token_file(TOKEN.encode(), mode)
+            error = self.assertRaises(ValueError, control_token, path, {})
+            self.assertIn(path, str(error))
+            self.assertIn(f"mode {mode:04o}", str(error))
+            self.assertNotIn(TOKEN, str(error))
+
+    def test_missing_file(self) -> None:
+        path = self.mktemp()
+        error = self.assertRaises(ValueError, control_token, path, {TOKEN_ENV: TOKEN})
+        self.assertIn(path, str(error))
+
+    def test_empty(self) -> None:
+        self.assertRaises(ValueError, control_token, self.token_file(b" \n"), {})
+        self.assertRaises(ValueError, control_token, None, {TOKEN_ENV: ""})
+
+    def test_not_header_safe(self) -> None:
+        error = self.assertRaises(ValueError, control_token, self.token_file(b"two words"), {})
+        self.assertNotIn("words", str(error))
+        self.assertRaises(ValueError, control_token, None, {TOKEN_ENV: "caf\u00e9"})

@@ -1,0 +1,178 @@
+"""
+The control plane end to end in-process: the real API resource on loopback
+(treq), the real GatewayControl on a running gateway, the state file, and
+streams through SOCKS to clusters registered at runtime.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import treq
+from prometheus_client.parser import text_string_to_metric_families
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred, gatherResults
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.threads import deferToThread
+from twisted.trial.unittest import TestCase
+from twisted.web.client import HTTPConnectionPool
+
+from gateway.api import control_site
+from gateway.registry import GatewayControl
+from gateway.store import ClusterStore, validate_body
+from gateway.testing import DEMO_PAGE
+from tests.support import WEB, GatewayHarness, recv_all, socks5_open
+from tests.test_gateway import inline
+
+TOKEN = "control-token"
+
+
+def fetch(port: int, user: str, password: str = "") -> tuple[int, bytes]:
+    sock, code = socks5_open(port, *WEB, username=user, password=password)
+    with sock:
+        if code != 0:
+            return code, b""
+        sock.sendall(b"GET / HTTP/1.0\r\n\r\n")
+        return code, recv_all(sock)
+
+
+def metric(text: bytes, name: str, **labels: str) -> float:
+    for family in text_string_to_metric_families(text.decode()):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                return sample.value
+    return 0.0
+
+
+class ControlPlaneTests(TestCase):
+    @inline
+    async def setUp(self):
+        self.harness = GatewayHarness(self)
+        await self.harness.start()
+        self.state_file = os.path.join(self.harness.dir, "state", "clusters.json")
+        await self._start_control()
+
+    async def _start_control(self) -> None:
+        self.store = ClusterStore(self.state_file)
+        bodies = self.store.load()
+        for name, body in bodies.items():
+            self.harness.service.add_cluster(validate_body(name, body))
+        self.control = GatewayControl(self.harness.service, self.store, {"demo"}, bodies)
+        port = await serverFromString(reactor, "tcp:0:interface=127.0.0.1").listen(
+            control_site(self.control, TOKEN)
+        )
+        self.addCleanup(port.stopListening)
+        self.url = f"http://127.0.0.1:{port.getHost().port}"
+
+    def body(self, **more) -> dict:
+        body = self.harness.cluster_settings(**{"aliases": ["net-api"], "token": "t1", **more})
+        body.pop("connect_timeout")
+        return body
+
+    async def call(self, method: str, path: str, body=None, token: str = TOKEN):
+        headers = {"Authorization": f"Bearer {token}"}
+        data = json.dumps(body).encode() if body is not None else None
+        response = await treq.request(
+            method, self.url + path, data=data, headers=headers, pool=HTTPConnectionPool(reactor, persistent=False)
+        )
+        content = await response.content()
+        return response.code, content
+
+    @inline
+    async def test_register_use_inspect_delete(self):
+        code, content = await self.call("PUT", "/v1/clusters/api-1", self.body())
+        self.assertEqual(code, 201, content)
+        await self.harness.cluster_up("api-1")
+
+        code, page = await deferToThread(fetch, self.harness.socks_port, "net-api", "t1")
+        self.assertEqual(code, 0)
+        self.assertTrue(page.endswith(DEMO_PAGE))
+
+        code, content = await self.call("GET", "/v1/clusters/api-1")
+        view = json.loads(content)
+        self.assertEqual(view["source"], "api")
+        self.assertEqual(view["status"]["state"], "up")
+        self.assertEqual(view["status"]["streams_opened"], 1)
+        self.assertGreater(view["status"]["bytes_down"], 0)
+        self.assertTrue(view["settings"]["token_set"])
+        self.assertNotIn(b"PRIVATE KEY", content)
+        self.assertNotIn(b"t1\"", content.replace(b'"token_set"', b""))
+
+        code, content = await self.call("GET", "/v1/clusters")
+        self.assertEqual([c["name"] for c in json.loads(content)["clusters"]], ["api-1", "demo"])
+
+        # The state file holds the body, mode 0600.
+        self.assertEqual(os.stat(self.state_file).st_mode & 0o777, 0o600)
+        self.assertIn("api-1", json.load(open(self.state_file))["clusters"])
+
+        code, _ = await self.call("DELETE", "/v1/clusters/api-1")
+        self.assertEqual(code, 204)
+        code, _ = await deferToThread(fetch, self.harness.socks_port, "net-api", "t1")
+        self.assertNotEqual(code, 0)
+        self.assertEqual(json.load(open(self.state_file))["clusters"], {})
+
+    @inline
+    async def test_config_clusters_are_read_only(self):
+        code, content = await self.call("PUT", "/v1/clusters/demo", self.body())
+        self.assertEqual(code, 409)
+        code, _ = await self.call("DELETE", "/v1/clusters/demo")
+        self.assertEqual(code, 409)
+
+    @inline
+    async def test_invalid_body_names_the_field(self):
+        code, content = await self.call("PUT", "/v1/clusters/bad", self.body(networks=["10.0.0.1/24"]))
+        self.assertEqual(code, 400)
+        error = json.loads(content)
+        self.assertEqual(error["field"], "networks[0]")
+        self.assertIn("host bits set", error["error"])
+        self.assertFalse(os.path.exists(self.state_file))
+
+    @inline
+    async def test_registry_survives_a_restart(self):
+        code, _ = await self.call("PUT", "/v1/clusters/api-2", self.body())
+        self.assertEqual(code, 201)
+        # A new control (as after a gateway restart) loads the same clusters.
+        await self.harness.service.remove_cluster("api-2")
+        await self._start_control()
+        await self.harness.cluster_up("api-2")
+        code, page = await deferToThread(fetch, self.harness.socks_port, "api-2", "t1")
+        self.assertEqual(code, 0)
+
+    @inline
+    async def test_fifty_concurrent_puts_and_deletes_stay_consistent(self):
+        names = [f"c{i}" for i in range(25)]
+        calls = [self.call("PUT", f"/v1/clusters/{n}", self.body(aliases=[f"alias-{n}"])) for n in names]
+        calls += [self.call("DELETE", f"/v1/clusters/{n}") for n in names[::2]]
+        calls = [Deferred.fromCoroutine(call) for call in calls]
+        results = await gatherResults(calls)
+        self.assertTrue(all(code in (200, 201, 204, 404) for code, _ in results), results)
+        persisted = set(json.load(open(self.state_file))["clusters"])
+        running = set(self.harness.service.clusters) - {"demo"}
+        self.assertEqual(persisted, running)
+        code, content = await self.call("GET", "/v1/clusters")
+        listed = {c["name"] for c in json.loads(content)["clusters"]} - {"demo"}
+        self.assertEqual(listed, running)
+
+    @inline
+    async def test_metrics_move_with_streams(self):
+        code, before = await self.call("GET", "/metrics")
+        self.assertEqual(code, 200)
+        await deferToThread(fetch, self.harness.socks_port, "demo")
+        await deferToThread(fetch, self.harness.socks_port, "nobody")
+        sock, refused = await deferToThread(socks5_open, self.harness.socks_port, "10.99.0.10", 81)
+        sock.close()
+        code, after = await self.call("GET", "/metrics")
+        self.assertEqual(metric(after, "gateway_streams_opened_total", cluster="demo"), 1 + metric(
+            before, "gateway_streams_opened_total", cluster="demo"
+        ))
+        self.assertEqual(metric(after, "gateway_streams_failed_total", cluster="demo", reason="refused"), 1)
+        self.assertEqual(metric(after, "gateway_cluster_up", cluster="demo"), 1)
+        self.assertGreater(metric(after, "gateway_bytes_total", cluster="demo", direction="down"), 0)
+
+    @inline
+    async def test_health_and_auth(self):
+        code, content = await self.call("GET", "/v1/health")
+        self.assertEqual((code, json.loads(content)["clusters"]), (200, {"up": 1, "down": 0}))
+        code, _ = await self.call("GET", "/v1/health", token="wrong")
+        self.assertEqual(code, 401)
