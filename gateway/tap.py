@@ -9,7 +9,11 @@ half-way.
 
 from __future__ import annotations
 
+import atexit
+import os
+import shutil
 import sys
+import tempfile
 from dataclasses import replace
 
 from twisted.application.service import IService, Service
@@ -111,8 +115,15 @@ class Options(usage.Options):
                 listen = replace(listen, **{kind: (self[kind],) if self[kind] else ()})
         if self["demo"] and self["control"] is None and not listen.control:
             listen = replace(listen, control=(DEFAULT_CONTROL_LISTEN,))  # so gateway-ctl works on the demo
-        if self["state-file"]:
-            config = replace(config, settings=replace(config.settings, state_file=self["state-file"]))
+        state_file = self["state-file"]
+        if state_file is None and self["demo"] and not self["config"]:
+            # The demo's proxy node and keys live only as long as the process:
+            # so do the clusters registered against it.
+            state_dir = tempfile.mkdtemp(prefix="gateway-demo-state-")
+            atexit.register(shutil.rmtree, state_dir, True)
+            state_file = os.path.join(state_dir, "clusters.json")
+        if state_file:
+            config = replace(config, settings=replace(config.settings, state_file=state_file))
         from twisted.internet import reactor
 
         for kind in ("socks", "http", "control"):
@@ -155,6 +166,15 @@ class DemoService(Service):
             lines.append(f"  curl --socks5-hostname {socks} http://10.99.0.10/")
         if http:
             lines.append(f"  curl --proxy http://{http} http://10.99.0.10/")
+        control = self._gateway.listening_address("control")
+        if control:
+            cluster_file = self._demo.write_cluster_file()
+            lines += [
+                "register another cluster at runtime (same proxy node, with a token) and use it:",
+                f"  .venv/bin/gateway-ctl --url http://{control} add demo-api --file {cluster_file}",
+                f"  .venv/bin/gateway-ctl --url http://{control} list",
+                f"  curl --socks5-hostname {socks} -U demo-api:demo-token http://10.99.0.10/",
+            ]
         log.info("\n".join(lines))
 
     def stopService(self):

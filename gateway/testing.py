@@ -21,6 +21,7 @@ directory, so the "internal network" exists only behind the fake proxy node.
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import struct
@@ -428,6 +429,7 @@ class DemoCluster:
             routes={DEMO_WEB: f"unix:{self.web_socket}"},
         )
         self._ports: list[IListeningPort] = []
+        self._files: list[str] = []
         self.ssh_port: int | None = None
 
     async def start(self) -> None:
@@ -441,9 +443,29 @@ class DemoCluster:
         for port in self._ports:
             await port.stopListening()
         self._ports.clear()
-        if os.path.exists(self.web_socket):
-            os.unlink(self.web_socket)
+        for path in [self.web_socket, *self._files]:
+            if os.path.exists(path):
+                os.unlink(path)
         os.rmdir(self._dir)
+
+    def write_cluster_file(self, name: str = "demo-api", token: str = "demo-token") -> str:
+        """
+        A cluster file for C{gateway-ctl add}: the same proxy node under
+        another name, with a token (mode 0600: it holds the private key).
+        """
+        settings = {**self.cluster_settings(), "aliases": [f"net-{name}"], "token": token}
+        lines = [f"[clusters.{name}]"]
+        for key, value in settings.items():
+            if key == "key":
+                lines.append(f'key = """\n{value}"""')
+            else:
+                lines.append(f"{key} = {json.dumps(value)}")
+        path = os.path.join(self._dir, f"{name}.toml")
+        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(descriptor, "w") as f:
+            f.write("\n".join(lines) + "\n")
+        self._files.append(path)
+        return path
 
     def cluster_settings(self) -> dict:
         """The demo cluster as a C{[clusters.demo]} table would give it."""

@@ -32,7 +32,7 @@ class HostKeyError(Exception):
 
 def fingerprint(key: Key) -> str:
     """The key's SHA256 fingerprint as OpenSSH prints it (C{SHA256:...})."""
-    return "SHA256:" + key.fingerprint(FingerprintFormats.SHA256_BASE64)
+    return "SHA256:" + key.fingerprint(FingerprintFormats.SHA256_BASE64).rstrip("=")
 
 
 def known_hosts_name(host: str, port: int) -> str:
