@@ -15,7 +15,9 @@ from __future__ import annotations
 import atexit
 import hashlib
 import os
+import shutil
 import sys
+import tempfile
 import textwrap
 import time
 
@@ -314,3 +316,128 @@ class SystemTests(TestCase):
         for secret in TOKENS.values():
             self.assertNotIn(secret, log)
         self.assertNotIn("PRIVATE KEY", log)
+
+
+class ControlPlaneSystemTests(TestCase):
+    """
+    Clusters registered through the control API against real OpenSSH, kept
+    across a restart of the gateway process (its own process, ports 1090/3138,
+    control on a unix socket).
+    """
+
+    setUp = SystemTests.setUp
+    _start_shared = SystemTests._start_shared
+    ctl = SystemTests.ctl
+    curl = SystemTests.curl
+    python = SystemTests.python
+    url = SystemTests.url
+
+    def _gateway_argv(self, workdir: str) -> list[str]:
+        self.control_socket = os.path.join(workdir, "control.sock")
+        return [
+            os.path.join(VENV_BIN, "twistd"),
+            "--nodaemon",
+            "--pidfile=",
+            f"--logfile={os.path.join(workdir, 'gateway.log')}",
+            "gateway",
+            f"--config={self.api_config}",
+        ]
+
+    def _start_api_gateway(self, workdir: str):
+        process = self.lab.spawn(self.lab.ctl_ns, self._gateway_argv(workdir))
+        self.addCleanup(self._stop, process)
+        wait_for_port(self.lab, self.lab.ctl_ns, "127.0.0.1", 1090, timeout=20)
+        return process
+
+    def _stop(self, process) -> None:
+        if process.poll() is None:
+            process.terminate()
+            try:
+                process.wait(15)
+            except Exception:
+                process.kill()
+                process.wait(5)
+
+    def api(self, method: str, path: str, body: dict | None = None) -> tuple[int, dict]:
+        import json as _json
+
+        out = self.python(
+            f"""
+            import http.client, json, socket
+            class Conn(http.client.HTTPConnection):
+                def connect(self):
+                    self.sock = socket.socket(socket.AF_UNIX)
+                    self.sock.connect({self.control_socket!r})
+            c = Conn("localhost", timeout=20)
+            body = {_json.dumps(body)!r}
+            c.request({method!r}, {path!r}, body=None if body == "null" else body,
+                      headers={{"Content-Type": "application/json"}})
+            r = c.getresponse()
+            data = r.read()
+            print(r.status)
+            print(data.decode() or "{{}}")
+            """
+        ).decode()
+        status, _, payload = out.partition("\n")
+        return int(status), _json.loads(payload)
+
+    def test_register_restart_delete(self):
+        # Short: a unix socket path must fit in 108 bytes.
+        workdir = tempfile.mkdtemp(prefix="gwctl-")
+        self.addCleanup(shutil.rmtree, workdir, True)
+        self.api_config = os.path.join(workdir, "gateway.toml")
+        with open(self.api_config, "w") as f:
+            f.write(
+                textwrap.dedent(
+                    f"""
+                    [listen]
+                    socks = "tcp:1090:interface=127.0.0.1"
+                    http = "tcp:3138:interface=127.0.0.1"
+                    control = "unix:{workdir}/control.sock:mode=600"
+
+                    [gateway]
+                    state_file = "{workdir}/state/clusters.json"
+                    """
+                )
+            )
+        gateway = self._start_api_gateway(workdir)
+        with open(self.lab.client_key_rsa) as f:
+            key = f.read()
+        body = {
+            "aliases": ["net-api"],
+            "proxies": [f"{self.lab.proxy_addr['b']}:22"],
+            "user": "root",
+            "key": key,
+            "known_hosts": self.lab.known_hosts,
+            "networks": ["10.251.0.0/24"],
+            "token": "api-token",
+        }
+        status, answer = self.api("PUT", "/v1/clusters/api-b", body)
+        self.assertEqual(status, 201, answer)
+
+        def fetch_until(expected_status: int, timeout: float = 20) -> bytes:
+            deadline = time.monotonic() + timeout
+            while True:
+                status, out, err = self.curl(
+                    "--socks5-hostname", "127.0.0.1:1090", "-U", "net-api:api-token", self.url()
+                )
+                if status == expected_status or time.monotonic() > deadline:
+                    return out
+                time.sleep(0.2)
+
+        self.assertEqual(fetch_until(0), b"internal-b\n")
+        status, view = self.api("GET", "/v1/clusters/api-b", None)
+        self.assertEqual((status, view["status"]["state"], view["source"]), (200, "up", "api"))
+        self.assertNotIn("PRIVATE", repr(view))
+
+        # Restart the gateway process: the cluster comes back from the state file.
+        self._stop(gateway)
+        state = os.path.join(workdir, "state", "clusters.json")
+        self.assertEqual(os.stat(state).st_mode & 0o777, 0o600)
+        self._start_api_gateway(workdir)
+        self.assertEqual(fetch_until(0), b"internal-b\n")
+
+        status, _ = self.api("DELETE", "/v1/clusters/api-b", None)
+        self.assertEqual(status, 204)
+        status, out, err = self.curl("--socks5-hostname", "127.0.0.1:1090", "-U", "net-api:api-token", self.url())
+        self.assertEqual(status, 97, err)  # the credentials name no cluster any more
