@@ -7,7 +7,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cat setup.py | cksum | cut -d' ' -f1)
 # Debian packages the system tests drive (real sshd, curl, nc, ip netns).
-DEBS   := openssh-server openssh-client curl netcat-openbsd iproute2
+DEBS   := openssh-server openssh-client curl netcat-openbsd socat iproute2
 
 .PHONY: run test lint bench system-deps clean
 

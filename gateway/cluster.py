@@ -498,12 +498,12 @@ class ClusterConnection(Service):
 
         def prohibited(failure: Failure) -> Deferred[TunnelChannel] | Failure:
             error = failure.value
-            if (
-                isinstance(error, StreamError)
-                and error.reason is Reason.PROHIBITED
-                and self.config.mode == "auto"
-                and not self.exec_mode
-            ):
+            if isinstance(error, StreamError) and error.reason is Reason.PROHIBITED and self.config.mode == "auto":
+                # Every direct-tcpip attempt refused this way is retried over
+                # exec, also those that were in flight when the first answer
+                # switched the cluster; the switch itself is logged once.
+                if self.exec_mode:
+                    return self._with_timeout(self._open_channel(link, host, port, origin), host, port)
                 self.exec_mode = True
                 log.warn(
                     "cluster {cluster}: proxy node {proxy} refuses TCP forwarding ({detail}); "

@@ -15,6 +15,18 @@ deterministic 20 MiB body, ``/echo`` echoes a POSTed body).  The internal
 networks are reachable only from their own proxy namespace: no default
 routes anywhere and IPv4 forwarding is off in every namespace.
 
+Fault injection (for resilience tests; all inside the lab's namespaces):
+
+* ``start_sshd(name, ns, addr, port, extra_config)`` -- an additional sshd
+  (e.g. proxy-a:2222 with ``AllowTcpForwarding no``) reusing that namespace's
+  host keys; known_hosts files get its ``[addr]:port`` entries;
+* ``restart_sshd(name)`` -- kill an sshd and its sessions by pid, start it
+  again with the same config, wait for its port;
+* ``silence(name)`` / ``unsilence(name)`` -- proxy-a / proxy-b drop all
+  traffic from ctl without RST or ICMP (a blackhole route in the proxy
+  namespace), so only keepalives / time-outs can notice;
+* ``probe_tcp(ns, host, port)`` -- one connect attempt, classified.
+
 Safety: veth pairs are created *inside* the lab namespaces (``ip -n NS link
 add ... peer ... netns NS2``), so nothing is ever added to, or removed from,
 the root namespace.  Cleanup kills only processes this lab started (by pid)
@@ -36,6 +48,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import textwrap
 import threading
 import time
 from collections.abc import Sequence
@@ -279,6 +292,33 @@ def pid_alive(pid: int) -> bool:
     return state not in ([b"Z"], [b"X"])
 
 
+def _descendants(pid: int) -> list[int]:
+    """All processes descended from pid (children, grandchildren, ...), by /proc."""
+    parents: dict[int, int] = {}
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return []
+    for e in entries:
+        if not e.isdigit():
+            continue
+        try:
+            with open(f"/proc/{e}/stat", "rb") as f:
+                fields = f.read().rsplit(b")", 1)[-1].split()
+            parents[int(e)] = int(fields[1])
+        except (OSError, IndexError, ValueError):
+            continue
+    out: list[int] = []
+    frontier = [pid]
+    while frontier:
+        parent = frontier.pop()
+        for child, ppid in parents.items():
+            if ppid == parent and child not in out:
+                out.append(child)
+                frontier.append(child)
+    return out
+
+
 def _tail(path: str, lines: int = 25) -> str:
     try:
         with open(path, "rb") as f:
@@ -473,6 +513,11 @@ class Lab:
         self._etc_dirs: list[str] = []  # /etc/netns/NS directories we wrote
         self._procs: list[subprocess.Popen] = []
         self._daemons: dict[str, subprocess.Popen] = {}
+        #: daemon name -> (namespace, argv, log file name): how to start it again
+        self._daemon_specs: dict[str, tuple[str, list[str], str]] = {}
+        #: sshd name -> (namespace, listen address, port), the lab's and start_sshd()'s
+        self._sshds: dict[str, tuple[str, str, int]] = {}
+        self._silenced: set[str] = set()
         self._lock = threading.Lock()
         self._started = False
         self._stopped = False
@@ -543,6 +588,205 @@ class Lab:
         except OSError:
             return ""
 
+    # -- fault injection ----------------------------------------------------
+    # For tests of how clients of the lab (the gateway) live through faults.
+    # Everything acts inside the lab's own namespaces and on processes the lab
+    # started, by pid; stop() cleans up whatever these leave behind.
+
+    def sshd_pid(self, name: str) -> int:
+        """pid of the listening sshd ``name`` (a lab sshd or one from start_sshd())."""
+        proc = self._daemons.get(f"sshd {name}")
+        if proc is None or name not in self._sshds:
+            raise LabError(f"no sshd named {name!r} (known: {', '.join(self._sshds)})")
+        return proc.pid
+
+    def start_sshd(
+        self,
+        name: str,
+        ns: str,
+        listen_addr: str,
+        port: int,
+        extra_config: str = "",
+        *,
+        keys_of: str | None = None,
+        timeout: float = 15,
+    ) -> None:
+        """
+        Start an additional sshd, tracked and stopped by the lab like its own.
+
+        ``name`` must be new (its log: ``sshd_log(name)``); ``ns`` is one of the
+        lab's namespaces.  ``extra_config`` (sshd_config lines, e.g.
+        ``"AllowTcpForwarding no"``) is put *before* the lab's defaults, so its
+        values win (sshd keeps the first value of each keyword); no ``Match``
+        blocks.  The host keys are those of ``keys_of`` (default: the lab sshd
+        of that namespace, so the same keys as e.g. proxy-a's :22 one), and
+        known_hosts / known_hosts_hashed get entries for ``listen_addr:port``
+        (``[addr]:port`` when port != 22, as OpenSSH and the gateway look them
+        up).  Returns once the port accepts connections inside ``ns``.
+        """
+        if self._stopped or not self._started:
+            raise LabError("start_sshd() needs a running lab")
+        if name in self._sshds or not name or "/" in name:
+            raise LabError(f"sshd name {name!r} is invalid or already used")
+        if ns not in self._namespaces:
+            raise LabError(f"{ns} is not one of this lab's namespaces")
+        if keys_of is None:
+            keys_of = next((n for n, (n_ns, _, _) in self._sshds.items() if n_ns == ns and n in SSHD_NAMES), None)
+            if keys_of is None:
+                raise LabError(f"no lab sshd in {ns} to take host keys from: pass keys_of")
+        if keys_of not in SSHD_NAMES:
+            raise LabError(f"keys_of must be one of {SSHD_NAMES}")
+        conf = self._sshd_config(name, listen_addr, port, extra_config, keys_of)
+        self._add_known_hosts(keys_of, listen_addr, port)
+        self._sshds[name] = (ns, listen_addr, port)
+        self._spawn_daemon(f"sshd {name}", ns, [SSHD, "-D", "-e", "-f", conf], f"sshd-{name}.log")
+        try:
+            self._wait_port(ns, listen_addr, port, timeout)
+        except LabError as e:
+            # forget it, so that the lab's other daemons can still be waited for
+            proc = self._daemons.pop(f"sshd {name}")
+            self._daemon_specs.pop(f"sshd {name}", None)
+            self._sshds.pop(name, None)
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(timeout=5)
+            raise LabError(f"sshd {name} did not start: {e}\n{_tail(os.path.join(self.workdir, f'sshd-{name}.log'))}")
+
+    def _add_known_hosts(self, keys_of: str, addr: str, port: int) -> None:
+        host = addr if port == 22 else f"[{addr}]:{port}"
+        with open(self.known_hosts) as f:
+            present = set(f.read().splitlines())
+        new = []
+        for pub in self.host_key_lines[keys_of]:
+            keytype, b64 = pub.split()[:2]
+            entry = f"{host} {keytype} {b64}"
+            if entry not in present:
+                new.append(entry)
+        if not new:
+            return
+        with open(self.known_hosts, "a") as f:
+            f.write("\n".join(new) + "\n")
+        # hash the new lines on their own, then append them to the hashed file
+        tmp = os.path.join(self.workdir, f"known_hosts_new-{secrets.token_hex(4)}")
+        try:
+            with open(tmp, "w") as f:
+                f.write("\n".join(new) + "\n")
+            _sh(["ssh-keygen", "-q", "-H", "-f", tmp])
+            with open(tmp) as f:
+                hashed = f.read()
+            with open(self.known_hosts_hashed, "a") as f:
+                f.write(hashed)
+        finally:
+            for path in (tmp, tmp + ".old"):
+                try:
+                    os.unlink(path)
+                except FileNotFoundError:
+                    pass
+
+    def restart_sshd(self, name: str, *, sessions: bool = True, timeout: float = 15) -> None:
+        """
+        Kill sshd ``name`` (by pid) and start it again with the same config.
+
+        With ``sessions`` (default) its per-connection processes are killed
+        too -- what a crash or a reboot of the node does, and what makes the
+        clients' connections end (``systemctl restart ssh`` would leave them
+        running).  They are found as the descendants of the listener while it
+        is stopped (SIGSTOP), so none can be forked behind our back.  Returns
+        once the port accepts connections again (probed inside its namespace).
+        """
+        pid = self.sshd_pid(name)
+        ns, addr, port = self._sshds[name]
+        proc = self._daemons[f"sshd {name}"]
+        keys = {k for k in [_ns_key(ns)] if k is not None}
+        _kill_in_ns(pid, keys, signal.SIGSTOP)
+        doomed = _descendants(pid) if sessions else []
+        _kill_in_ns(pid, keys, signal.SIGKILL)
+        for child in doomed:
+            _kill_in_ns(child, keys, signal.SIGTERM)
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired as e:
+            raise LabError(f"sshd {name} (pid {pid}) survived SIGKILL") from e
+        deadline = time.monotonic() + 3
+        while True:
+            alive = [child for child in doomed if pid_alive(child) and _proc_ns_key(child) in keys]
+            if not alive:
+                break
+            if time.monotonic() >= deadline:
+                for child in alive:
+                    _kill_in_ns(child, keys, signal.SIGKILL)
+                break
+            time.sleep(0.02)
+        ns_, argv, logname = self._daemon_specs[f"sshd {name}"]
+        self._spawn_daemon(f"sshd {name}", ns_, argv, logname)
+        self._wait_port(ns, addr, port, timeout)
+
+    def _tenant(self, name: str) -> str:
+        if name not in ("proxy-a", "proxy-b"):
+            raise LabError(f"only proxy-a and proxy-b can be silenced, not {name!r}")
+        return name[-1]
+
+    def silence(self, name: str, *, verify: bool = True) -> None:
+        """
+        Make proxy node ``name`` ("proxy-a"/"proxy-b") drop all traffic from
+        ctl silently: no RST, no ICMP -- a VM that froze, or packets dropped
+        on the way.  Clients must notice by their own time-outs / keepalives.
+
+        How: a ``blackhole`` route to ctl's address *inside the proxy
+        namespace*.  Packets from ctl still arrive (and ARP is still answered,
+        so ctl never even sees a neighbour failure), but nothing the node
+        sends back (SYN-ACKs, data, ACKs, RSTs) leaves it, and a blackhole
+        route, unlike ``unreachable``/``prohibit``, sends no ICMP.  Rejected
+        alternatives: deleting the node's address makes ARP fail, so ctl's
+        kernel reports EHOSTUNREACH to new connections after ~3 s; setting the
+        link down drops the carrier on ctl's side of the veth.  Nothing in
+        ctl or the root namespace is touched.
+
+        With ``verify`` (default) a TCP connect from ctl to the node's sshd is
+        checked to time out (not refused, not unreachable); takes ~1 s.
+        """
+        t = self._tenant(name)
+        if name not in self._silenced:
+            self._ip(self.proxy_ns[t], "route", "add", "blackhole", f"{self.ctl_addr[t]}/32")
+            self._silenced.add(name)
+        if verify:
+            outcome = self.probe_tcp(self.ctl_ns, self.proxy_addr[t], self.ssh_port, timeout=1.0)
+            if outcome != "timeout":
+                raise LabError(f"{name} is not silent: a connect from ctl ended with {outcome!r}")
+
+    def unsilence(self, name: str) -> None:
+        """Undo silence(name): the node answers again (no-op if it does)."""
+        t = self._tenant(name)
+        if name in self._silenced:
+            self._ip(self.proxy_ns[t], "route", "del", "blackhole", f"{self.ctl_addr[t]}/32")
+            self._silenced.discard(name)
+
+    def silenced(self) -> set[str]:
+        return set(self._silenced)
+
+    def probe_tcp(self, ns: str, host: str, port: int, timeout: float = 1.0) -> str:
+        """
+        One TCP connect from inside ``ns``: "connected", "timeout", or the
+        errno name of the failure ("ECONNREFUSED" = an RST came back,
+        "EHOSTUNREACH"/"ENETUNREACH" = an ICMP error or no route).
+        """
+        code = (
+            "import errno, socket, sys\n"
+            "s = socket.socket()\n"
+            "s.settimeout(float(sys.argv[3]))\n"
+            "try:\n"
+            "    s.connect((sys.argv[1], int(sys.argv[2])))\n"
+            "    print('connected')\n"
+            "except socket.timeout:\n"
+            "    print('timeout')\n"
+            "except OSError as e:\n"
+            "    print(errno.errorcode.get(e.errno, str(e.errno)))\n"
+        )
+        cp = self.run(ns, [sys.executable, "-I", "-c", code, host, str(port), str(timeout)], timeout=timeout + 10)
+        if cp.returncode != 0:
+            raise LabError(f"probe_tcp failed: {cp.stderr.decode(errors='replace')}")
+        return cp.stdout.decode().strip()
+
     # -- start -----------------------------------------------------------
     def start(self) -> None:
         if self._started or self._stopped:
@@ -561,7 +805,7 @@ class Lab:
 
     def _log_tails(self) -> str:
         parts = []
-        for name in SSHD_NAMES:
+        for name in self._sshds or SSHD_NAMES:
             parts.append(f"--- sshd {name} log tail ---\n{_tail(os.path.join(self.workdir, f'sshd-{name}.log'))}")
         for name in ("internal-a", "internal-b"):
             parts.append(f"--- http {name} log tail ---\n{_tail(os.path.join(self.workdir, f'http-{name}.log'))}")
@@ -678,11 +922,18 @@ class Lab:
         except FileNotFoundError:
             pass
 
-    def _sshd_config(self, name: str, listen: str) -> str:
+    def _sshd_config(
+        self, name: str, listen: str, port: int | None = None, extra_config: str = "", keys_of: str | None = None
+    ) -> str:
         w = self.workdir
-        hostkeys = "".join(f'HostKey "{self._host_key(name, t)}"\n' for t, _ in _HOST_KEY_TYPES)
+        keys_of = keys_of or name
+        hostkeys = "".join(f'HostKey "{self._host_key(keys_of, t)}"\n' for t, _ in _HOST_KEY_TYPES)
+        # sshd keeps the *first* value it reads for a keyword, so the caller's
+        # extra settings go before the lab defaults and win over them.
+        extra = textwrap.dedent(extra_config).strip()
         conf = (
-            f"ListenAddress {listen}:{self.ssh_port}\n"
+            (f"{extra}\n" if extra else "")
+            + f"ListenAddress {listen}:{port or self.ssh_port}\n"
             f"{hostkeys}"
             f'PidFile "{os.path.join(w, f"sshd-{name}.pid")}"\n'
             f'AuthorizedKeysFile "{self.authorized_keys}"\n'
@@ -710,6 +961,7 @@ class Lab:
         return path
 
     def _spawn_daemon(self, name: str, ns: str, argv: list[str], logname: str) -> None:
+        self._daemon_specs[name] = (ns, list(argv), logname)
         with open(os.path.join(self.workdir, logname), "ab") as logf:
             self._daemons[name] = self.spawn(ns, argv, stdout=logf, stderr=logf)
 
@@ -733,6 +985,7 @@ class Lab:
             ("internal-b", self.internal_ns["b"], self.internal_addr),
         ):
             conf = self._sshd_config(name, addr)
+            self._sshds[name] = (ns, addr, self.ssh_port)
             self._spawn_daemon(f"sshd {name}", ns, [SSHD, "-D", "-e", "-f", conf], f"sshd-{name}.log")
         with open(self.http_script, "w") as f:
             f.write(HTTP_SERVER_SCRIPT)
