@@ -1,0 +1,102 @@
+"""
+The twistd entry point: options, start-up refusals with one clear message,
+and the service tree built from parsed options.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+from twisted.trial.unittest import TestCase
+
+from gateway.service import GatewayService, ListenerService
+from gateway.tap import DemoService, Options, makeService
+from gateway.testing import generate_key, private_pem, public_line
+
+TWISTD = os.path.join(os.path.dirname(sys.executable), "twistd")
+
+
+class TapTests(TestCase):
+    def setUp(self):
+        self.dir = os.path.abspath(self.mktemp())
+        os.makedirs(self.dir)
+
+    def write(self, name: str, text: str, mode: int = 0o600) -> str:
+        path = os.path.join(self.dir, name)
+        with open(path, "w") as f:
+            f.write(text)
+        os.chmod(path, mode)
+        return path
+
+    def cluster(self) -> str:
+        key = self.write("id", private_pem(generate_key()))
+        host_key = public_line(generate_key())
+        return (
+            "[clusters.a]\n"
+            'proxies = ["127.0.0.1:1"]\n'
+            'user = "root"\n'
+            f'key_file = "{key}"\n'
+            f'host_keys = ["{host_key}"]\n'
+            'networks = ["10.0.0.0/24"]\n'
+        )
+
+    def twistd(self, *args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [TWISTD, "--nodaemon", "--pidfile=", "gateway", *args],
+            capture_output=True,
+            timeout=60,
+            cwd=self.dir,
+            env={k: v for k, v in os.environ.items() if k != "GATEWAY_CONTROL_TOKEN"},
+        )
+
+    def test_bad_config_stops_start_up_with_one_line(self):
+        config = self.write("gw.toml", self.cluster().replace("10.0.0.0/24", "10.0.0.1/24"))
+        done = self.twistd(f"--config={config}")
+        self.assertEqual(done.returncode, 1)
+        self.assertEqual(
+            done.stderr.decode().strip(),
+            f"gateway: {config}: clusters.a.networks[0]: '10.0.0.1/24' has host bits set "
+            "(did you mean 10.0.0.0/24?)",
+        )
+        self.assertEqual(done.stdout, b"")
+
+    def test_control_listener_off_loopback_needs_a_token(self):
+        config = self.write("gw.toml", '[listen]\ncontrol = "tcp:0"\n' + self.cluster())
+        done = self.twistd(f"--config={config}")
+        self.assertEqual(done.returncode, 1)
+        self.assertIn("listen.control", done.stderr.decode())
+        self.assertIn("control_token_file", done.stderr.decode())
+
+    def test_corrupt_state_file_stops_start_up_and_is_kept(self):
+        state = self.write("state.json", '{"version": 1, "clusters": {')
+        config = self.write(
+            "gw.toml", f'[listen]\ncontrol = "tcp:0:interface=127.0.0.1"\n[gateway]\nstate_file = "{state}"\n'
+        )
+        done = self.twistd(f"--config={config}")
+        self.assertEqual(done.returncode, 1)
+        self.assertIn(state, done.stderr.decode())
+        self.assertIn("not valid JSON", done.stderr.decode())
+        with open(state) as f:
+            self.assertEqual(f.read(), '{"version": 1, "clusters": {')
+
+    def test_service_tree(self):
+        config = self.write("gw.toml", self.cluster())
+        options = Options()
+        options.parseOptions(
+            [f"--config={config}", "--socks=tcp:0:interface=127.0.0.1", "--http=", "--control=unix:c.sock"]
+        )
+        service = makeService(options)
+        self.assertIsInstance(service, GatewayService)
+        listeners = sorted((c.kind, c.description) for c in service if isinstance(c, ListenerService))
+        self.assertEqual(listeners, [("control", "unix:c.sock"), ("socks", "tcp:0:interface=127.0.0.1")])
+        self.assertEqual(sorted(service.clusters), ["a"])
+        self.assertFalse(any(isinstance(c, DemoService) for c in service))
+
+    def test_demo_tree(self):
+        options = Options()
+        options.parseOptions(["--demo", "--socks=tcp:0:interface=127.0.0.1", "--http=", "--control="])
+        service = makeService(options)
+        self.assertTrue(any(isinstance(c, DemoService) for c in service))
+        self.assertEqual(service.clusters, {})  # "demo" is added when the service starts
