@@ -257,7 +257,8 @@ class HttpProxyProtocol(FrontendProtocol):
                 client=self._client,
                 detail=detail,
             )
-            self.transport.loseConnection()
+            # Reset: a client must not take a truncated response for a whole one.
+            self.transport.abortConnection()
             self._drop_upstream()
         else:
             self._fail(502, detail)

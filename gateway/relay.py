@@ -6,7 +6,7 @@ The channel is registered as the client transport's streaming producer, so a
 client that reads slowly pauses the channel (which then stops granting SSH
 window); a full SSH window pauses the client transport in turn.  EOF travels
 both ways on its own (half-close), and the client connection ends when the
-channel does.
+channel does: closed after an EOF, reset when the channel was cut.
 """
 
 from __future__ import annotations
@@ -80,7 +80,13 @@ class Splice:
 
     def tunnel_closed(self) -> None:
         self._transport.unregisterProducer()
-        self._transport.loseConnection()
+        if self._tunnel_done:
+            self._transport.loseConnection()
+        else:
+            # Closed without EOF: the SSH connection died (dead proxy node,
+            # drain time-out).  Reset the client rather than close it
+            # politely, so it cannot mistake a cut stream for a complete one.
+            self._transport.abortConnection()
         self._on_end()
 
     def tunnel_pause_writing(self) -> None:
