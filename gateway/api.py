@@ -273,6 +273,22 @@ def _authorized(request: http.Request, token: bytes | None) -> bool:
     return hmac.compare_digest(credentials.strip(), token)
 
 
+_LOCAL_HOSTS = {b"localhost", b"127.0.0.1", b"::1", b"[::1]"}
+
+
+def _local_host_header(request: http.Request) -> bool:
+    """True when the Host header is absent (unix socket clients) or names loopback."""
+    values = request.requestHeaders.getRawHeaders(b"host")
+    if not values:
+        return True
+    host = values[0].strip().lower()
+    if host.startswith(b"["):
+        host = host.partition(b"]")[0] + b"]"
+    elif host.count(b":") == 1:
+        host = host.partition(b":")[0]
+    return host in _LOCAL_HOSTS or host.startswith(b"127.")
+
+
 class _ControlRequest(server.Request):
     """
     A request that keeps at most L{MAX_BODY_BYTES} of body in memory.
@@ -424,6 +440,10 @@ class _ControlResource(Resource):
     # -- routing -------------------------------------------------------------------
 
     async def _dispatch(self, request: server.Request, call: _Call) -> _Response:
+        if self.token is None and not _local_host_header(request):
+            # Without a token only this host may talk to us; a browser page
+            # using DNS rebinding would send its own host name.
+            return _Response.error(http.FORBIDDEN, "the Host header must name this host (localhost)")
         if not _authorized(request, self.token):
             return _Response.error(
                 http.UNAUTHORIZED,

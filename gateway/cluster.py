@@ -53,6 +53,9 @@ log = Logger()
 
 INITIAL_BACKOFF = 0.5
 MAX_BACKOFF = 30.0
+#: Seconds a closing SSH connection gets to say goodbye before it is cut: a
+#: silent peer would otherwise hold it until TCP retransmission gives up.
+CLOSE_GRACE = 5.0
 
 
 def backoff_delay(failures: int, jitter: Callable[[], float] = random.random) -> float:
@@ -122,6 +125,7 @@ class _Link:
         self._keepalive: LoopingCall | None = None
         self._last_answer = 0.0
         self._death: str | None = None
+        self._grace: IDelayedCall | None = None
         cluster.links.add(self)
 
     @property
@@ -201,9 +205,16 @@ class _Link:
 
     def _transport_lost(self, _: object) -> None:
         self._stop_keepalive()
+        if self._grace is not None and self._grace.active():
+            self._grace.cancel()
         self.connection = None
         self._cluster.links.discard(self)
         self.lost.callback(self._death or f"connection to {self.proxy} lost")
+
+    def failed(self) -> None:
+        """The attempt failed before a transport existed (or after it went)."""
+        if self.transport is None:
+            self._cluster.links.discard(self)
 
     def abort(self) -> None:
         """Drop the connection now: its streams end, the slot reconnects."""
@@ -212,10 +223,12 @@ class _Link:
             self.transport.transport.abortConnection()
 
     def close(self) -> None:
-        """Close the connection cleanly (SSH disconnect)."""
+        """Close the connection cleanly (SSH disconnect), cut after CLOSE_GRACE."""
         self._stop_keepalive()
-        if self.transport is not None:
+        if self.transport is not None and not self.lost.called:
             self.transport.loseConnection()
+            if self._grace is None:
+                self._grace = self._cluster.reactor.callLater(CLOSE_GRACE, self.abort)
 
     def retire(self) -> None:
         """Close once the streams still using this link have finished."""
@@ -335,7 +348,7 @@ class ClusterConnection(Service):
         link = _Link(self, proxy)
         attempt = link.start()
         slot.attempt = attempt
-        attempt.addCallbacks(lambda _: self._up(slot, link), lambda f: self._failed(slot, proxy, f))
+        attempt.addCallbacks(lambda _: self._up(slot, link), lambda f: self._failed(slot, link, f))
 
     def _count_up(self) -> None:
         stats = self.stats
@@ -347,6 +360,9 @@ class ClusterConnection(Service):
 
     def _up(self, slot: _Slot, link: _Link) -> None:
         slot.attempt = None
+        if not self.running:
+            link.close()
+            return
         self._count_up()
         slot.link = link
         slot.failures = 0
@@ -364,12 +380,13 @@ class ClusterConnection(Service):
             return str(failure.value)
         return f"cannot connect to {proxy}: {failure.getErrorMessage()}"
 
-    def _failed(self, slot: _Slot, proxy: ProxyAddress, failure: Failure) -> None:
+    def _failed(self, slot: _Slot, link: _Link, failure: Failure) -> None:
         slot.attempt = None
+        link.failed()
         if not self.running:
             return
-        self.last_error = self._describe(proxy, failure)
-        log.warn("cluster {cluster}: {error}", cluster=self.name, error=self.last_error, proxy=str(proxy))
+        self.last_error = self._describe(link.proxy, failure)
+        log.warn("cluster {cluster}: {error}", cluster=self.name, error=self.last_error, proxy=str(link.proxy))
         self._retry(slot)
 
     def _lost(self, slot: _Slot, link: _Link, why: str) -> None:
@@ -404,6 +421,8 @@ class ClusterConnection(Service):
         def back(_: object) -> None:
             old = slot.link
             if not self.running or old is None:
+                # Stopped, or the fallback died meanwhile (its own reconnect
+                # is under way): let that path decide.
                 probe.close()
                 return
             log.info(
@@ -420,12 +439,20 @@ class ClusterConnection(Service):
             old.retire()
 
         def still_down(failure: Failure) -> None:
+            probe.failed()
             if self.running and slot.link is not None:
                 self._schedule_failback(slot)
 
-        slot.attempt = probe.start()
-        slot.attempt.addCallbacks(back, still_down)
-        slot.attempt.addBoth(lambda _: setattr(slot, "attempt", None))
+        attempt = probe.start()
+        slot.attempt = attempt
+
+        def settled(result: object) -> object:
+            if slot.attempt is attempt:  # not replaced by a reconnect meanwhile
+                slot.attempt = None
+            return result
+
+        attempt.addBoth(settled)
+        attempt.addCallbacks(back, still_down)
 
     # -- streams -------------------------------------------------------------
 
@@ -488,6 +515,7 @@ class ClusterConnection(Service):
 
     def _not_opened(self, failure: Failure) -> Failure:
         self.open_streams -= 1
+        self._maybe_retired()
         return failure
 
     def _open_on(self, link: _Link, host: str, port: int, origin: tuple[str, int]) -> Deferred[TunnelChannel]:

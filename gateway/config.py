@@ -100,7 +100,14 @@ _IPV4_MAPPED = ipaddress.ip_network("::ffff:0:0/96")
 
 _TOP_KEYS = ("clusters", "defaults", "gateway", "listen")
 _LISTEN_KEYS = ("control", "http", "socks")
-_GATEWAY_KEYS = ("control_token_file", "drain_timeout", "handshake_timeout", "max_clients", "state_file")
+_GATEWAY_KEYS = (
+    "api_proxy_command",
+    "control_token_file",
+    "drain_timeout",
+    "handshake_timeout",
+    "max_clients",
+    "state_file",
+)
 _CLUSTER_KEYS = (
     "aliases",
     "connect_timeout",
@@ -293,6 +300,9 @@ class GatewaySettings:
     state_file: str = DEFAULT_STATE_FILE
     #: File with the control API's bearer token (else env GATEWAY_CONTROL_TOKEN).
     control_token_file: str | None = None
+    #: Whether clusters registered through the API may set proxy_command (a
+    #: command the gateway runs locally): off, so the API cannot run commands.
+    api_proxy_command: bool = False
 
 
 @dataclass(frozen=True)
@@ -1174,6 +1184,8 @@ def _parse_gateway(data: Mapping[str, Any], source: str, base_dir: str | None = 
         settings["state_file"] = values.path("state_file")
     if "control_token_file" in values:
         settings["control_token_file"] = values.path("control_token_file")
+    if "api_proxy_command" in values:
+        settings["api_proxy_command"] = values.boolean("api_proxy_command")
     return GatewaySettings(**settings)
 
 

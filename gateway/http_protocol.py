@@ -24,6 +24,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from gateway.errors import StreamError
 from gateway.frontend import ClientLimit, FrontendFactory, FrontendProtocol, stream_error
 from gateway.httpproxy import (
     RequestBody,
@@ -154,6 +155,8 @@ class HttpProxyProtocol(FrontendProtocol):
     # CONNECT
 
     def _connect(self, head: RequestHead) -> None:
+        self._drop_upstream()  # after keep-alive requests, the connection becomes a tunnel
+        self._response = None
         self._head = head
         self.transport.pauseProducing()
         opening = self._gateway.open_stream(self._stream_request(head, "http-connect"))
@@ -176,8 +179,16 @@ class HttpProxyProtocol(FrontendProtocol):
         self._response = ResponseParser(head.method)
         key = (head.host, head.port, head.credentials)
         if self._upstream is not None and self._upstream.key == key:
-            self._upstream.channel.send(head.upstream_head())  # reuse the tunnel
-            return
+            # Reuse the tunnel only while the route still leads to the same
+            # cluster connection (tokens and clusters change at runtime).
+            try:
+                _, cluster = self._gateway.route(self._stream_request(head, "http"))
+            except StreamError as e:
+                self._fail(status_for(e), e.detail)
+                return
+            if cluster is self._upstream.channel.cluster:
+                self._upstream.channel.send(head.upstream_head())
+                return
         self._drop_upstream()
         self._opening = True
         self._pending = [head.upstream_head()]
@@ -211,6 +222,9 @@ class HttpProxyProtocol(FrontendProtocol):
             upstream.channel.attach(None)
             if not self._gone:
                 self.transport.unregisterProducer()
+                # The upstream may have paused the client (full window); the
+                # rest of a request body is now read and dropped instead.
+                self.transport.resumeProducing()
             upstream.channel.close()
 
     def _maybe_next(self) -> None:
@@ -271,8 +285,12 @@ class HttpProxyProtocol(FrontendProtocol):
         self._handle_response(self._response.receive_data(data))
 
     def tunnel_eof(self) -> None:
-        if self._response is not None:
-            self._handle_response(self._response.eof_received())
+        if self._response is None or self._response_done:
+            # An idle kept-alive upstream closed (its keep-alive time-out):
+            # it cannot carry the next request.
+            self._drop_upstream()
+            return
+        self._handle_response(self._response.eof_received())
 
     def tunnel_closed(self) -> None:
         if self._upstream is None:

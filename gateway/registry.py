@@ -95,7 +95,9 @@ class GatewayControl:
         store: ClusterStore | None,
         config_names: set[str],
         api_bodies: Mapping[str, Mapping[str, Any]] | None = None,
+        allow_proxy_command: bool = False,
     ) -> None:
+        self._allow_proxy_command = allow_proxy_command
         self._service = service
         self._store = store
         self._config_names = set(config_names)
@@ -126,6 +128,15 @@ class GatewayControl:
     def put_cluster(self, name: str, body: Mapping[str, Any]) -> Deferred[bool]:
         if name in self._config_names:
             return fail(ControlError(409, f"cluster {name!r} is defined in the configuration file"))
+        if "proxy_command" in body and not self._allow_proxy_command:
+            return fail(
+                ControlError(
+                    400,
+                    "proxy_command runs a command on the gateway host and is off for API clusters "
+                    "(set [gateway] api_proxy_command = true to allow it)",
+                    "proxy_command",
+                )
+            )
         known = self._known_names(excluding=name)
         try:
             config = validate_body(name, body, known_clusters=known)
@@ -145,10 +156,16 @@ class GatewayControl:
         except Exception:
             self._bodies = previous
             raise
-        if created:
-            self._service.add_cluster(config)
-        else:
-            self._service.replace_cluster(config)
+        try:
+            if created:
+                self._service.add_cluster(config)
+            else:
+                self._service.replace_cluster(config)
+        except Exception:
+            # Keep the file saying what runs.
+            self._bodies = previous
+            self._save()
+            raise
         log.info(
             "cluster {cluster} {action} through the control API",
             cluster=name,

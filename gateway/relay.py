@@ -13,13 +13,21 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from twisted.internet.interfaces import ITransport
+from twisted.internet.interfaces import ISSLTransport, ITransport
 
 from gateway.ssh.channel import TunnelChannel
 
 
 def half_close(transport: ITransport) -> None:
-    """Shut the write side of C{transport} if it can; otherwise leave it open."""
+    """
+    Shut the write side of C{transport} if it can; otherwise leave it open.
+
+    Not on TLS: there the attribute reaches the raw TCP socket underneath,
+    which would end the stream without TLS close_notify; such a client sees
+    the end when both directions are done and the connection closes.
+    """
+    if ISSLTransport.providedBy(transport):
+        return
     lose_write = getattr(transport, "loseWriteConnection", None)
     if lose_write is not None:
         lose_write()
@@ -61,7 +69,12 @@ class Splice:
             self._transport.loseConnection()
 
     def client_lost(self) -> None:
-        self.channel.close()
+        if self._client_done:
+            self.channel.close()
+        else:
+            # The client vanished without EOF: what it sent but the
+            # destination has not taken yet would only hold the stream open.
+            self.channel.abort()
 
     # destination -> client (TunnelPeer)
 

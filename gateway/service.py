@@ -102,6 +102,24 @@ class GatewayService(MultiService):
         """Listen on endpoint string C{description} with C{factory}."""
         ListenerService(self._reactor, kind, description, factory).setServiceParent(self)
 
+    def addService(self, service) -> None:
+        # Cluster connections are found through self.clusters, not by service
+        # name: while a replaced cluster's old connection drains, two
+        # connections of the same cluster are children at once.
+        if isinstance(service, ClusterConnection):
+            self.services.append(service)
+            if self.running:
+                service.privilegedStartService()
+                service.startService()
+            return
+        super().addService(service)
+
+    def removeService(self, service):
+        if isinstance(service, ClusterConnection):
+            self.services.remove(service)
+            return service.stopService() if self.running else None
+        return super().removeService(service)
+
     def listening_address(self, kind: str) -> str | None:
         """C{host:port} of the first TCP listener of C{kind}, for messages."""
         for child in self:

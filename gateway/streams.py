@@ -24,7 +24,7 @@ from twisted.python.failure import Failure
 
 from gateway.cluster import ClusterConnection
 from gateway.errors import Reason, StreamError
-from gateway.routing import Router
+from gateway.routing import Route, Router
 from gateway.ssh.channel import TunnelChannel
 
 log = Logger()
@@ -82,24 +82,26 @@ class Gateway:
         """Check SOCKS5 username/password: a cluster name and its token."""
         return self.router.authenticate(username, password)
 
+    def route(self, request: StreamRequest) -> tuple[Route, ClusterConnection]:
+        """The route and running cluster for C{request}; L{StreamError} if none."""
+        route = self.router.route(request.host, request.port, request.username, request.password)
+        cluster = self.clusters.get(route.cluster.name)
+        if cluster is None:
+            raise StreamError(Reason.UNAVAILABLE, f"cluster {route.cluster.name!r} is not running")
+        return route, cluster
+
     def open_stream(self, request: StreamRequest) -> Deferred[TunnelChannel]:
         """Open a tunnel for C{request}, or fail with L{StreamError}."""
         destination = format_destination(request.host, request.port)
         try:
-            route = self.router.route(
-                request.host, request.port, request.username, request.password
-            )
-            cluster = self.clusters.get(route.cluster.name)
-            if cluster is None:
-                raise StreamError(
-                    Reason.UNAVAILABLE, f"cluster {route.cluster.name!r} is not running"
-                )
+            route, cluster = self.route(request)
         except StreamError as e:
             self._refused(request, None, destination, e)
             return fail(e)
 
         def opened(channel: TunnelChannel) -> TunnelChannel:
             cluster.stats.streams_opened += 1
+            channel.cluster = cluster
             channel.closed_hooks.append(
                 lambda: self._closed(request, cluster.name, destination, channel)
             )

@@ -196,6 +196,8 @@ def makeService(options: Options) -> IService:
     for description in config.listen.control:
         config_names = set(config.clusters) | ({"demo"} if options["demo"] else set())
         bodies = {name: body for name, (body, _) in options.api_clusters.items()}
-        control = GatewayControl(service, options.store, config_names, bodies)
+        control = GatewayControl(
+            service, options.store, config_names, bodies, allow_proxy_command=config.settings.api_proxy_command
+        )
         service.add_listener("control", description, control_site(control, options.control_token))
     return service

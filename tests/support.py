@@ -27,6 +27,8 @@ from gateway.testing import FakeProxyNode, demo_web_site, generate_key, private_
 WEB = ("10.99.0.10", 80)
 WEB2 = ("10.99.0.11", 80)
 WEB2_PAGE = b"the other web server\n"
+#: A web server that closes idle keep-alive connections after 0.3 s (nginx-style).
+IMPATIENT_WEB = ("10.99.0.12", 80)
 ECHO = ("10.99.0.10", 7)
 FLOOD = ("10.99.0.10", 19)
 PROHIBITED = ("10.99.0.10", 25)
@@ -73,6 +75,12 @@ class Flood(Protocol):
             self.transport.loseConnection()
 
 
+def _impatient_site():
+    site = demo_web_site()
+    site.timeOut = 0.3
+    return site
+
+
 def _factory(protocol: type[Protocol]) -> Factory:
     factory = Factory.forProtocol(protocol)
     factory.noisy = False
@@ -101,6 +109,7 @@ class GatewayHarness:
         for name, address, factory in (
             ("web", WEB, demo_web_site()),
             ("web2", WEB2, demo_web_site(WEB2_PAGE)),
+            ("impatient", IMPATIENT_WEB, _impatient_site()),
             ("echo", ECHO, _factory(HalfCloseEcho)),
             ("flood", FLOOD, _factory(Flood)),
         ):

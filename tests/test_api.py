@@ -429,7 +429,7 @@ class BodySizeTests(ApiTestCase):
     async def test_content_length_checked_up_front(self) -> None:
         """A too large Content-Length is answered at once: the body is never sent."""
         answer = await self.raw(
-            b"PUT /v1/clusters/big HTTP/1.1\r\nHost: gw\r\nContent-Length: 10000000\r\nExpect: 100-continue\r\n\r\n"
+            b"PUT /v1/clusters/big HTTP/1.1\r\nHost: localhost\r\nContent-Length: 10000000\r\nExpect: 100-continue\r\n\r\n"
         )
         head, _, body = answer.partition(b"\r\n\r\n")
         self.assertTrue(head.startswith(b"HTTP/1.1 413 "), head)
@@ -575,7 +575,7 @@ class TokenTests(ApiTestCase):
     async def test_chunked_body_without_token(self) -> None:
         """A chunked body from a client without the token is not read: answered before its end."""
         answer = await self.raw(
-            b"PUT /v1/clusters/b HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer wrong\r\n"
+            b"PUT /v1/clusters/b HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer wrong\r\n"
             b"Transfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n"
         )
         head, _, body = answer.partition(b"\r\n\r\n")
@@ -588,7 +588,7 @@ class TokenTests(ApiTestCase):
         await treq.content(response)
 
     async def test_too_large_without_token(self) -> None:
-        answer = await self.raw(b"PUT /v1/clusters/big HTTP/1.1\r\nHost: gw\r\nContent-Length: 10000000\r\n\r\n")
+        answer = await self.raw(b"PUT /v1/clusters/big HTTP/1.1\r\nHost: localhost\r\nContent-Length: 10000000\r\n\r\n")
         self.assertTrue(answer.startswith(b"HTTP/1.1 401 "), answer)
 
 
@@ -673,3 +673,28 @@ class ControlTokenTests(SynchronousTestCase):
         error = self.assertRaises(ValueError, control_token, self.token_file(b"two words"), {})
         self.assertNotIn("words", str(error))
         self.assertRaises(ValueError, control_token, None, {TOKEN_ENV: "caf\u00e9"})
+
+
+
+class HostHeaderTests(ApiTestCase):
+    """Without a token only this host may talk to the API (DNS rebinding)."""
+
+    async def test_foreign_host_header_is_refused(self) -> None:
+        answer = await self.raw(b"GET /v1/health HTTP/1.1\r\nHost: evil.example:8765\r\nConnection: close\r\n\r\n")
+        self.assertTrue(answer.startswith(b"HTTP/1.1 403"), answer)
+
+    async def test_loopback_names_are_served(self) -> None:
+        for host in (b"localhost:8765", b"127.0.0.1", b"[::1]:8765"):
+            answer = await self.raw(b"GET /v1/health HTTP/1.1\r\nHost: " + host + b"\r\nConnection: close\r\n\r\n")
+            self.assertTrue(answer.startswith(b"HTTP/1.1 200"), (host, answer))
+
+
+class HostHeaderWithTokenTests(ApiTestCase):
+    token = "t0k"
+
+    async def test_any_host_with_the_token(self) -> None:
+        answer = await self.raw(
+            b"GET /v1/health HTTP/1.1\r\nHost: gateway.example\r\nAuthorization: Bearer t0k\r\n"
+            b"Connection: close\r\n\r\n"
+        )
+        self.assertTrue(answer.startswith(b"HTTP/1.1 200"), answer)

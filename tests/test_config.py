@@ -1333,8 +1333,8 @@ class GatewaySettingsTests(ConfigTestCase):
             (
                 "colour = 1",
                 "gateway.colour",
-                "unknown key (expected one of: control_token_file, drain_timeout, handshake_timeout, max_clients, "
-                "state_file)",
+                "unknown key (expected one of: api_proxy_command, control_token_file, drain_timeout, "
+                "handshake_timeout, max_clients, state_file)",
             ),
             ("socks = 'tcp:1'", "gateway.socks", "unknown key"),
             ("[gateway.sub]", "gateway.sub", "unknown key"),

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 
 import treq
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.endpoints import serverFromString
+from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 from twisted.web.client import HTTPConnectionPool
@@ -113,6 +115,12 @@ class ControlPlaneTests(TestCase):
         self.assertEqual(json.load(open(self.state_file))["clusters"], {})
 
     @inline
+    async def test_proxy_command_is_off_for_api_clusters(self):
+        code, content = await self.call("PUT", "/v1/clusters/pc", self.body(proxy_command="nc {host} {port}"))
+        self.assertEqual(code, 400)
+        self.assertEqual(json.loads(content)["field"], "proxy_command")
+
+    @inline
     async def test_config_clusters_are_read_only(self):
         code, content = await self.call("PUT", "/v1/clusters/demo", self.body())
         self.assertEqual(code, 409)
@@ -176,3 +184,38 @@ class ControlPlaneTests(TestCase):
         self.assertEqual((code, json.loads(content)["clusters"]), (200, {"up": 1, "down": 0}))
         code, _ = await self.call("GET", "/v1/health", token="wrong")
         self.assertEqual(code, 401)
+
+    @inline
+    async def test_replace_keeps_open_streams_and_routes_new_ones(self):
+        code, _ = await self.call("PUT", "/v1/clusters/api-r", self.body())
+        self.assertEqual(code, 201)
+        await self.harness.cluster_up("api-r")
+        old = self.harness.service.clusters["api-r"]
+        sock, opened = await deferToThread(socks5_open, self.harness.socks_port, "10.99.0.10", 7, "api-r", "t1")
+        self.addCleanup(sock.close)
+        self.assertEqual(opened, 0)
+
+        code, content = await self.call("PUT", "/v1/clusters/api-r", self.body(token="t2"))
+        self.assertEqual(code, 200, content)
+        new = self.harness.service.clusters["api-r"]
+        self.assertIsNot(new, old)
+        self.assertTrue(old.running)  # still carrying the open stream
+        await self.harness.cluster_up("api-r")
+        code, page = await deferToThread(fetch, self.harness.socks_port, "api-r", "t2")
+        self.assertEqual(code, 0)
+        code, _ = await deferToThread(fetch, self.harness.socks_port, "api-r", "t1")
+        self.assertNotEqual(code, 0)  # the old token no longer works
+
+        def finish():
+            sock.sendall(b"still here")
+            sock.shutdown(socket.SHUT_WR)
+            return recv_all(sock)
+
+        self.assertEqual(await deferToThread(finish), b"still herebye")
+        for _ in range(100):
+            if not old.running:
+                break
+            await deferLater(reactor, 0.05, lambda: None)
+        self.assertFalse(old.running)  # retired once its stream ended
+        code, _ = await self.call("DELETE", "/v1/clusters/api-r")
+        self.assertEqual(code, 204)

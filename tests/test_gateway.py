@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import socket
+import time
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
@@ -28,6 +29,15 @@ from tests.support import (
     recv_all,
     socks5_open,
 )
+
+
+async def until_no_streams(harness, timeout: float = 5.0) -> None:
+    cluster = harness.service.clusters["demo"]
+    for _ in range(int(timeout / 0.05)):
+        if cluster.open_streams == 0:
+            return
+        await deferLater(reactor, 0.05, lambda: None)
+    raise AssertionError(f"{cluster.open_streams} streams still open")
 
 
 def inline(f):
@@ -184,6 +194,46 @@ class HttpEndToEndTests(TestCase):
         # twisted.web answers POST to a GET-only resource with 405 -- after reading
         # each body, so two framed responses prove both bodies were forwarded whole.
         self.assertEqual(data.count(b"HTTP/1.1 405"), 2, data)
+
+    @inline
+    async def test_connect_after_keep_alive_requests(self):
+        auth = self._auth()
+
+        def run():
+            sock = socket.create_connection(("127.0.0.1", self.harness.http_port), timeout=10)
+            with sock:
+                sock.sendall(b"GET http://10.99.0.10/ HTTP/1.1\r\n" + auth + b"\r\n")
+                first = b""
+                while not first.endswith(DEMO_PAGE):
+                    first += sock.recv(65536)
+                sock.sendall(b"CONNECT 10.99.0.10:7 HTTP/1.1\r\n" + auth + b"\r\nping")
+                sock.shutdown(socket.SHUT_WR)
+                return recv_all(sock)
+
+        data = await deferToThread(run)
+        self.assertTrue(data.startswith(b"HTTP/1.1 200 Connection established"), data)
+        self.assertTrue(data.endswith(b"pingbye"), data)
+        await until_no_streams(self.harness)
+
+    @inline
+    async def test_idle_upstream_closed_by_origin_is_not_reused(self):
+        auth = self._auth()
+        request = b"GET http://10.99.0.12/ HTTP/1.1\r\n" + auth + b"\r\n"
+
+        def run():
+            sock = socket.create_connection(("127.0.0.1", self.harness.http_port), timeout=10)
+            with sock:
+                answers = []
+                for _ in range(2):
+                    sock.sendall(request)
+                    data = b""
+                    while not data.endswith(DEMO_PAGE):
+                        data += sock.recv(65536)
+                    answers.append(data.split(b" ", 2)[1])
+                    time.sleep(0.6)  # longer than the origin's keep-alive time-out
+                return answers
+
+        self.assertEqual(await deferToThread(run), [b"200", b"200"])
 
     @inline
     async def test_connect(self):

@@ -353,3 +353,31 @@ class ClusterConnectionTests(TestCase):
         cluster = ClusterConnection(self.config, self.clock, self._failing_connector)
         error = self.failureResultOf(cluster.connection(), StreamError).value
         self.assertEqual(error.reason, Reason.UNAVAILABLE)
+
+
+class KnownHostsLikeOpenSSHTests(TestCase):
+    """What Conch's KnownHostsFile does not do and OpenSSH does."""
+
+    def setUp(self):
+        self.path = self.mktemp()
+        self.key = generate_key().public()
+
+    def policy(self, *lines: str) -> HostKeyPolicy:
+        with open(self.path, "w") as f:
+            f.write("\n".join(lines) + "\n")
+        return HostKeyPolicy(known_hosts=self.path)
+
+    def test_any_of_several_same_type_keys_is_accepted(self):
+        old = generate_key().public()
+        policy = self.policy(f"10.0.0.1 {public_line(old)}", f"10.0.0.1 {public_line(self.key)}")
+        policy.verify("10.0.0.1", 22, self.key)
+
+    def test_wildcards_and_negation(self):
+        policy = self.policy(f"10.0.0.*,!10.0.0.9 {public_line(self.key)}")
+        policy.verify("10.0.0.1", 22, self.key)
+        self.assertRaises(HostKeyError, policy.verify, "10.0.0.9", 22, self.key)
+
+    def test_revoked_key_is_refused_even_when_listed(self):
+        policy = self.policy(f"10.0.0.1 {public_line(self.key)}", f"@revoked * {public_line(self.key)}")
+        e = self.assertRaises(HostKeyError, policy.verify, "10.0.0.1", 22, self.key)
+        self.assertIn("@revoked", str(e))

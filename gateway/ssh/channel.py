@@ -245,6 +245,8 @@ class TunnelChannel(OrderedEOFChannel):
         self._peer: TunnelPeer | None = None
         self._paused = False
         self._closed = False
+        #: The cluster connection that opened it (set by the gateway).
+        self.cluster: object | None = None
         #: Called once when the channel has closed (stream accounting).
         self.closed_hooks: list[Callable[[], None]] = []
         #: Why the stream ended badly, in words (None for a normal end); set
@@ -301,11 +303,24 @@ class TunnelChannel(OrderedEOFChannel):
         """Send client bytes toward the destination."""
         self.bytes_up += len(data)
         self.write(data)
+        if self.buf and self._peer is not None:
+            # Conch signals a full window only once, when it fills; a writer
+            # resumed since (or early data larger than the window) must be
+            # paused again, or the queue grows without bound.
+            self._peer.tunnel_pause_writing()
 
     def close(self) -> None:
         """Close the stream (after queued data is sent)."""
         if not self._closed and not self.localClosed:
             self.loseConnection()
+
+    def abort(self) -> None:
+        """Close now, dropping data still queued for the destination."""
+        self.buf = b""
+        self.extBuf = []
+        self._after_data = None
+        self._close_after_data = False
+        self.close()
 
     # -- flow control toward us (IPushProducer) -----------------------------
 

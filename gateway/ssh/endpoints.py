@@ -64,6 +64,14 @@ _ASSIGNMENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*=.*", re.DOTALL)
 # -- proxy commands ------------------------------------------------------------
 
 
+#: Secrets of the gateway's own environment that a proxy_command never needs.
+_PRIVATE_VARIABLES = ("GATEWAY_CONTROL_TOKEN", "GATEWAY_TOKEN")
+
+
+def _child_environment() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if k not in _PRIVATE_VARIABLES}
+
+
 def format_command(template: str, host: str, port: int) -> str:
     """
     The shell command for C{template}, with C{{host}} and C{{port}} replaced
@@ -176,7 +184,7 @@ class CommandEndpoint:
             group=setsid is not None,
         )
         try:
-            self._reactor.spawnProcess(process_protocol, args[0], args, env=dict(os.environ))
+            self._reactor.spawnProcess(process_protocol, args[0], args, env=_child_environment())
         except Exception:
             return fail()
         return succeed(protocol)

@@ -12,18 +12,64 @@ fail against a known_hosts file that only has the Ed25519 key).
 
 from __future__ import annotations
 
+import fnmatch
+from binascii import Error as DecodeError
 from collections.abc import Iterable, Sequence
 
-from twisted.conch.client.knownhosts import KnownHostsFile
-from twisted.conch.error import HostKeyChanged
-from twisted.conch.ssh.keys import FingerprintFormats, Key
-from twisted.python.filepath import FilePath
+from twisted.conch.client.knownhosts import HashedEntry, PlainEntry
+from twisted.conch.error import InvalidEntry
+from twisted.conch.ssh.keys import BadKeyError, FingerprintFormats, Key
 
 #: Host-key algorithm names per key type; RSA keys are used with SHA-2 first.
 _ALGORITHMS_FOR_TYPE = {
     "RSA": (b"rsa-sha2-512", b"rsa-sha2-256", b"ssh-rsa"),
     "DSA": (b"ssh-dss",),
 }
+
+
+def read_known_hosts(path: str) -> tuple[list, list]:
+    """
+    The entries of an OpenSSH known_hosts file, and its C{@revoked} entries.
+
+    Conch's parser skips marker lines; a revoked key must refuse, not be
+    ignored.  C{@cert-authority} lines are not supported (skipped).
+    """
+    entries, revoked = [], []
+    with open(path, "rb") as f:
+        for line in f:
+            marker = None
+            if line.startswith(b"@"):
+                marker, _, line = line.partition(b" ")
+            if marker not in (None, b"@revoked"):
+                continue
+            try:
+                if line.startswith(HashedEntry.MAGIC):
+                    entry = HashedEntry.fromString(line)
+                else:
+                    entry = PlainEntry.fromString(line)
+            except (DecodeError, InvalidEntry, BadKeyError, ValueError):
+                continue
+            (revoked if marker else entries).append(entry)
+    return entries, revoked
+
+
+def host_matches(entry, name: str) -> bool:
+    """
+    Whether a known_hosts entry names C{name}, with OpenSSH's patterns for
+    plain entries (C{*}, C{?}, and C{!} negation), which Conch lacks.
+    """
+    if isinstance(entry, HashedEntry):
+        return entry.matchesHost(name.encode())
+    name = name.lower()
+    matched = False
+    for pattern in entry._hostnames:
+        text = pattern.decode("utf-8", "replace").lower()
+        if text.startswith("!"):
+            if fnmatch.fnmatchcase(name, text[1:]):
+                return False
+        elif fnmatch.fnmatchcase(name, text):
+            matched = True
+    return matched
 
 
 class HostKeyError(Exception):
@@ -69,14 +115,9 @@ class HostKeyPolicy:
     def _expected_keys(self, host: str, port: int) -> list[Key]:
         if self._known_hosts is None:
             return list(self._pinned)
-        name = known_hosts_name(host, port).encode("utf-8")
-        known = KnownHostsFile.fromPath(FilePath(self._known_hosts))
-        return [
-            entry.publicKey
-            for entry in known.iterentries()
-            if getattr(entry, "publicKey", None) is not None
-            and entry.matchesHost(name)
-        ]
+        entries, _ = read_known_hosts(self._known_hosts)
+        name = known_hosts_name(host, port)
+        return [entry.publicKey for entry in entries if host_matches(entry, name)]
 
     def preferred_algorithms(
         self, host: str, port: int, supported: Iterable[bytes]
@@ -108,20 +149,20 @@ class HostKeyPolicy:
         if self.accept_any:
             return
         name = known_hosts_name(host, port)
+        shown = f"{offered.sshType().decode()} {fingerprint(offered)}"
         if self._known_hosts is not None:
-            known = KnownHostsFile.fromPath(FilePath(self._known_hosts))
             try:
-                if known.hasHostKey(name.encode("utf-8"), offered):
-                    return
-            except HostKeyChanged:
-                raise HostKeyError(
-                    f"host key for {name} does not match {self._known_hosts}: "
-                    f"offered {offered.sshType().decode()} {fingerprint(offered)}"
-                )
-            raise HostKeyError(
-                f"no host key for {name} in {self._known_hosts}: "
-                f"offered {offered.sshType().decode()} {fingerprint(offered)}"
-            )
+                entries, revoked = read_known_hosts(self._known_hosts)
+            except OSError as e:
+                raise HostKeyError(f"cannot read {self._known_hosts}: {e.strerror}") from None
+            if any(entry.matchesKey(offered) and host_matches(entry, name) for entry in revoked):
+                raise HostKeyError(f"host key of {name} is marked @revoked in {self._known_hosts}: {shown}")
+            listed = [entry for entry in entries if host_matches(entry, name)]
+            if any(entry.matchesKey(offered) for entry in listed):
+                return
+            if any(entry.keyType == offered.sshType() for entry in listed):
+                raise HostKeyError(f"host key for {name} does not match {self._known_hosts}: offered {shown}")
+            raise HostKeyError(f"no host key for {name} in {self._known_hosts}: offered {shown}")
         if any(offered == pinned for pinned in self._pinned):
             return
         raise HostKeyError(
