@@ -429,7 +429,8 @@ class BodySizeTests(ApiTestCase):
     async def test_content_length_checked_up_front(self) -> None:
         """A too large Content-Length is answered at once: the body is never sent."""
         answer = await self.raw(
-            b"PUT /v1/clusters/big HTTP/1.1\r\nHost: localhost\r\nContent-Length: 10000000\r\nExpect: 100-continue\r\n\r\n"
+            b"PUT /v1/clusters/big HTTP/1.1\r\nHost: localhost\r\nContent-Length: 10000000\r\n"
+            b"Expect: 100-continue\r\n\r\n"
         )
         head, _, body = answer.partition(b"\r\n\r\n")
         self.assertTrue(head.startswith(b"HTTP/1.1 413 "), head)

@@ -381,3 +381,8 @@ class KnownHostsLikeOpenSSHTests(TestCase):
         policy = self.policy(f"10.0.0.1 {public_line(self.key)}", f"@revoked * {public_line(self.key)}")
         e = self.assertRaises(HostKeyError, policy.verify, "10.0.0.1", 22, self.key)
         self.assertIn("@revoked", str(e))
+
+    def test_bracketed_port_entries_are_literal(self):
+        policy = self.policy(f"[10.0.0.1]:2222 {public_line(self.key)}")
+        policy.verify("10.0.0.1", 2222, self.key)
+        self.assertRaises(HostKeyError, policy.verify, "10.0.0.1", 22, self.key)

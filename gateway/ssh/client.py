@@ -16,6 +16,7 @@ import struct
 from functools import partial
 
 from twisted.conch.ssh import connection, transport
+from twisted.conch.ssh.common import NS, ffs, getNS
 from twisted.conch.ssh.keys import Key
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IReactorTime
@@ -25,7 +26,16 @@ from twisted.python.failure import Failure
 
 from gateway.ssh.auth import KeyAuthClient
 from gateway.ssh.channel import DEFAULT_WINDOW, ExecTunnelChannel, TunnelChannel, quiet_logger
-from gateway.ssh.ciphers import PREFERRED_CIPHERS, PREFERRED_MACS, FastSSHCiphers, preferred
+from gateway.ssh.ciphers import (
+    AEAD_CIPHERS,
+    PREFERRED_CIPHERS,
+    PREFERRED_MACS,
+    SUPPORTED_AEAD_CIPHERS,
+    FastSSHCiphers,
+    PacketError,
+    PacketReader,
+    preferred,
+)
 from gateway.ssh.hostkeys import HostKeyError, HostKeyPolicy
 
 log = Logger()
@@ -121,8 +131,23 @@ class TunnelConnection(connection.SSHConnection):
         return len(self.channels)
 
 
+_SEQUENCE_MASK = 0xFFFFFFFF
+
+
 class GatewayClientTransport(transport.SSHClientTransport):
-    """An SSH client transport for one proxy node."""
+    """
+    An SSH client transport for one proxy node.
+
+    Packets are sealed and opened by L{FastSSHCiphers} and L{PacketReader}
+    (AEAD ciphers included) once the first key exchange has set them up;
+    until then, and for messages held back during a key exchange, Conch's
+    own C{sendPacket} runs.
+    """
+
+    #: The AEAD ciphers (when the backend has them), then Conch's.
+    supportedCiphers = preferred(
+        SUPPORTED_AEAD_CIPHERS + transport.SSHClientTransport.supportedCiphers, PREFERRED_CIPHERS
+    )
 
     def __init__(
         self,
@@ -151,6 +176,11 @@ class GatewayClientTransport(transport.SSHClientTransport):
         #: Key exchanges this side started after the first (for tests, status).
         self.rekeys = 0
         self._secured = False
+        self._reader = PacketReader()
+        self._reading = False
+        #: Set once we disconnect (a malformed or forged packet, or any
+        #: other reason): what arrives after that is not read.
+        self._stop_reading = False
 
     def note_failure(self, why: str) -> None:
         """Record why the connection is about to fail, unless a reason is known."""
@@ -182,13 +212,88 @@ class GatewayClientTransport(transport.SSHClientTransport):
         self._rekey()
         self._schedule_time_rekey()
 
+    # -- packets -------------------------------------------------------------
+
     def sendPacket(self, messageType: int, payload: bytes) -> None:
-        super().sendPacket(messageType, payload)
+        ciphers = self.currentEncryptions
+        if isinstance(ciphers, FastSSHCiphers) and (
+            self._keyExchangeState == self._KEY_EXCHANGE_NONE
+            or self._allowedKeyExchangeMessageType(messageType)
+        ):
+            if self.outgoingCompression:
+                data = bytes((messageType,)) + payload
+                data = self.outgoingCompression.compress(data) + self.outgoingCompression.flush(2)
+                packet = ciphers.seal(self.outgoingPacketSequence, data[0], data[1:])
+            else:
+                packet = ciphers.seal(self.outgoingPacketSequence, messageType, payload)
+            self.transport.write(packet)
+            self.outgoingPacketSequence = (self.outgoingPacketSequence + 1) & _SEQUENCE_MASK
+        else:
+            # Before the first key exchange, or held back during one.
+            super().sendPacket(messageType, payload)
         self._count(len(payload))
 
     def dataReceived(self, data: bytes) -> None:
-        super().dataReceived(data)
+        if self._stop_reading:
+            return
+        if self.gotVersion:
+            self._reader.feed(data)
+            self._dispatch_packets()
+        else:
+            # Conch parses the version line, then takes packets via getPacket.
+            super().dataReceived(data)
         self._count(len(data))
+
+    def _dispatch_packets(self) -> None:
+        if self._reading:
+            return  # called from a message handler: the loop below reads on
+        self._reading = True
+        try:
+            while True:
+                message = self._next_message()
+                if message is None:
+                    break
+                self.dispatchMessage(*message)
+        finally:
+            self._reading = False
+            self._reader.compact()
+
+    def _next_message(self) -> tuple[int, bytes] | None:
+        """The next incoming message's number and payload, if it has arrived."""
+        if self._stop_reading:
+            return None
+        try:
+            packet = self._reader.read(self.currentEncryptions, self.incomingPacketSequence)
+        except PacketError as e:
+            self._stop_reading = True
+            self.sendDisconnect(e.reason, e.description)
+            return None
+        if packet is None:
+            return None
+        plain, start, end = packet
+        self.incomingPacketSequence = (self.incomingPacketSequence + 1) & _SEQUENCE_MASK
+        if self.incomingCompression:
+            try:
+                data = self.incomingCompression.decompress(plain[start:end])
+                return data[0], data[1:]
+            except Exception:
+                self._log.failure("Error decompressing payload")
+                self._stop_reading = True
+                self.sendDisconnect(transport.DISCONNECT_COMPRESSION_ERROR, b"compression error")
+                return None
+        return plain[start], plain[start + 1 : end]
+
+    def getPacket(self) -> bytes | None:
+        # Conch's interface (message type and payload), used by its
+        # dataReceived for the data that came with the version line.
+        if self.buf:
+            self._reader.feed(self.buf)
+            self.buf = b""
+        message = self._next_message()
+        self._reader.compact()
+        if message is None:
+            return None
+        return bytes((message[0],)) + message[1]
 
     def _keySetup(self, sharedSecret: bytes, exchangeHash: bytes) -> None:
         super()._keySetup(sharedSecret, exchangeHash)
@@ -209,7 +314,11 @@ class GatewayClientTransport(transport.SSHClientTransport):
         super().connectionMade()
 
     def ssh_KEXINIT(self, packet: bytes) -> None:
-        super().ssh_KEXINIT(packet)
+        for_conch = self._aead_implied_macs(packet)
+        super().ssh_KEXINIT(for_conch)
+        if for_conch is not packet:
+            # The exchange hash covers what the server really sent.
+            self.otherKexInitPayload = bytes((transport.MSG_KEXINIT,)) + packet
         negotiated = self.nextEncryptions
         if negotiated is not None and not isinstance(negotiated, FastSSHCiphers):
             self.nextEncryptions = FastSSHCiphers(
@@ -218,6 +327,29 @@ class GatewayClientTransport(transport.SSHClientTransport):
                 negotiated.outMACType,
                 negotiated.inMACType,
             )
+
+    def _aead_implied_macs(self, packet: bytes) -> bytes:
+        """
+        C{packet} (the server's KEXINIT), or a copy in which a direction that
+        will use an AEAD cipher but has no MAC in common lists our first MAC:
+        an AEAD cipher implies its MAC and the name lists do not matter
+        (OpenSSH PROTOCOL 1.6), but Conch would give up on the mismatch.
+        """
+        try:
+            *lists, rest = getNS(packet[16:], 10)
+        except Exception:
+            return packet  # malformed: Conch will say so
+        lists = list(lists)
+        changed = False
+        # Client to server: lists 2 (cipher) and 4 (MAC); server to client: 3 and 5.
+        for cipher_list, mac_list in ((2, 4), (3, 5)):
+            cipher = ffs(self.supportedCiphers, lists[cipher_list].split(b","))
+            if cipher in AEAD_CIPHERS and ffs(self.supportedMACs, lists[mac_list].split(b",")) is None:
+                lists[mac_list] = b",".join([self.supportedMACs[0], lists[mac_list]])
+                changed = True
+        if not changed:
+            return packet
+        return packet[:16] + b"".join(NS(name_list) for name_list in lists) + rest
 
     def verifyHostKey(self, hostKey: bytes, fingerprint: bytes) -> Deferred[bool]:
         offered = Key.fromString(hostKey)
@@ -257,6 +389,9 @@ class GatewayClientTransport(transport.SSHClientTransport):
         self.sendDisconnect(transport.DISCONNECT_BY_APPLICATION, b"gateway closing the connection")
 
     def sendDisconnect(self, reason: int, desc: bytes) -> None:
+        # Whatever the peer sent after what made us give up may already be
+        # under keys we never set up (e.g. after a refused host key).
+        self._stop_reading = True
         if self._failure is None:
             if reason == transport.DISCONNECT_BY_APPLICATION:
                 self._failure = "connection closed by the gateway"

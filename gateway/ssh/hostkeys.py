@@ -12,7 +12,7 @@ fail against a known_hosts file that only has the Ed25519 key).
 
 from __future__ import annotations
 
-import fnmatch
+import re
 from binascii import Error as DecodeError
 from collections.abc import Iterable, Sequence
 
@@ -53,6 +53,11 @@ def read_known_hosts(path: str) -> tuple[list, list]:
     return entries, revoked
 
 
+def _pattern(text: str) -> re.Pattern[str]:
+    """OpenSSH host patterns: only C{*} and C{?} are special (C{[} is literal)."""
+    return re.compile("".join(".*" if c == "*" else "." if c == "?" else re.escape(c) for c in text))
+
+
 def host_matches(entry, name: str) -> bool:
     """
     Whether a known_hosts entry names C{name}, with OpenSSH's patterns for
@@ -64,10 +69,10 @@ def host_matches(entry, name: str) -> bool:
     matched = False
     for pattern in entry._hostnames:
         text = pattern.decode("utf-8", "replace").lower()
-        if text.startswith("!"):
-            if fnmatch.fnmatchcase(name, text[1:]):
+        negated = text.startswith("!")
+        if _pattern(text[1:] if negated else text).fullmatch(name):
+            if negated:
                 return False
-        elif fnmatch.fnmatchcase(name, text):
             matched = True
     return matched
 
