@@ -41,7 +41,7 @@ SSH_DEFAULT_PORT = 1081
 SSH_GCM_PORT = 1082
 
 
-def start_gateway(lab: Lab, workdir: str) -> str:
+def start_gateway(lab: Lab, workdir: str, window: int | None = None) -> str:
     config = os.path.join(workdir, "bench-gateway.toml")
     with open(config, "w") as f:
         f.write(
@@ -57,6 +57,7 @@ def start_gateway(lab: Lab, workdir: str) -> str:
                 key_file = "{lab.client_key_ed25519}"
                 known_hosts = "{lab.known_hosts}"
                 networks = ["10.251.0.0/24"]
+                {f"window_size = {window}" if window else ""}
                 """
             )
         )
@@ -128,6 +129,7 @@ def table(rows: list[tuple[str, str, str, str, str]]) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m bench")
     parser.add_argument("--quick", action="store_true", help="fewer and smaller runs (a smoke test)")
+    parser.add_argument("--window", type=int, help="the gateway's window_size in bytes (default: its own)")
     args = parser.parse_args()
     reason = lab_skip_reason()
     if reason:
@@ -138,7 +140,7 @@ def main() -> int:
     lab = Lab(os.path.join(workdir, "lab"))
     try:
         lab.start()
-        start_gateway(lab, workdir)
+        start_gateway(lab, workdir, args.window)
         start_ssh_d(lab, SSH_DEFAULT_PORT, [])
         start_ssh_d(lab, SSH_GCM_PORT, ["-c", "aes128-gcm@openssh.com"])
         time.sleep(1)
