@@ -199,14 +199,18 @@ class OrderedEOFChannel(channel.SSHChannel):
         else:
             super().loseConnection()
 
-    def closeReceived(self) -> None:
-        # The peer will take nothing more, nor open its window again: what
-        # is still queued can never go out, and waiting for it (as Conch
-        # does) would leave the channel half-open for ever.
+    def drop_queued(self) -> None:
+        """Forget data (and ordered actions) still waiting for the peer's window."""
         self.buf = b""
         self.extBuf = []
         self._after_data = None
         self._close_after_data = False
+
+    def closeReceived(self) -> None:
+        # The peer will take nothing more, nor open its window again: what
+        # is still queued can never go out, and waiting for it (as Conch
+        # does) would leave the channel half-open for ever.
+        self.drop_queued()
         self.loseConnection()
 
     def addWindowBytes(self, data: int) -> None:
@@ -316,10 +320,7 @@ class TunnelChannel(OrderedEOFChannel):
 
     def abort(self) -> None:
         """Close now, dropping data still queued for the destination."""
-        self.buf = b""
-        self.extBuf = []
-        self._after_data = None
-        self._close_after_data = False
+        self.drop_queued()
         self.close()
 
     # -- flow control toward us (IPushProducer) -----------------------------
