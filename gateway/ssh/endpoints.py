@@ -533,9 +533,7 @@ class ChannelTransport:
         self.disconnecting = True
         self._write_closed = True
         self.channel.attach(None)
-        self.channel.buf = b""
-        self.channel.extBuf = []
-        self.channel.close()
+        self.channel.abort()
         self._clock.callLater(0, self._connection_lost, Failure(error.ConnectionAborted()))
 
     def getPeer(self) -> ChannelAddress:
