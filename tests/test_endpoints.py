@@ -500,6 +500,11 @@ class FakeChannel:
     def send_eof(self) -> None:
         self.events.append("eof")
 
+    def abort(self) -> None:
+        # As TunnelChannel.abort: queued data is dropped, then the close.
+        self.buf = b""
+        self.close()
+
     def close(self) -> None:
         self.events.append("close")
 
