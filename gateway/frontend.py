@@ -15,7 +15,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from gateway.errors import Reason, StreamError
-from gateway.relay import Splice
+from gateway.relay import Splice, set_no_delay
 from gateway.streams import Gateway, peer_origin
 
 log = Logger()
@@ -52,6 +52,7 @@ class FrontendProtocol(Protocol):
         self._origin = ("127.0.0.1", 0)
 
     def connectionMade(self) -> None:
+        set_no_delay(self.transport)
         self._client, self._origin = peer_origin(self.transport.getPeer())
         self._arm_timer(self._gateway.handshake_timeout)
 

@@ -18,6 +18,19 @@ from twisted.internet.interfaces import ISSLTransport, ITransport
 from gateway.ssh.channel import TunnelChannel
 
 
+def set_no_delay(transport: object) -> None:
+    """
+    Turn off Nagle's algorithm where the transport has it (TCP).
+
+    Twisted already gathers what one reactor turn writes into one send, so
+    Nagle only adds delay: a small reply after a small reply waits for an
+    ACK the peer delays by up to 40 ms (request/response traffic, keep-alive).
+    """
+    set_tcp_no_delay = getattr(transport, "setTcpNoDelay", None)
+    if set_tcp_no_delay is not None:
+        set_tcp_no_delay(True)
+
+
 def half_close(transport: ITransport) -> None:
     """
     Shut the write side of C{transport} if it can; otherwise leave it open.

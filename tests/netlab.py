@@ -105,6 +105,9 @@ class BadRequest(Exception):
 
 class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    # Headers and body go out as two writes: without TCP_NODELAY, Nagle and
+    # delayed ACKs add ~40 ms to every kept-alive response.
+    disable_nagle_algorithm = True
     server_version = "gwlab-http/1"
 
     def log_message(self, fmt, *args):
@@ -180,6 +183,16 @@ class Handler(BaseHTTPRequestHandler):
         return data
 
     def do_POST(self):
+        if self._path() == "/sink" and "Content-Length" in self.headers:
+            # For benchmarks: read and count a body of any size, keep none of it.
+            left = int(self.headers["Content-Length"])
+            while left > 0:
+                chunk = self.rfile.read(min(left, 1 << 20))
+                if not chunk:
+                    break
+                left -= len(chunk)
+            self._send(200, (str(int(self.headers["Content-Length"]) - left) + "\n").encode())
+            return
         try:
             body = self._read_body()
         except BadRequest as e:

@@ -24,6 +24,7 @@ from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from gateway.relay import set_no_delay
 from gateway.ssh.auth import KeyAuthClient
 from gateway.ssh.channel import DEFAULT_WINDOW, ExecTunnelChannel, TunnelChannel, quiet_logger
 from gateway.ssh.ciphers import (
@@ -309,6 +310,7 @@ class GatewayClientTransport(transport.SSHClientTransport):
         self.supportedPublicKeys = self._host_keys.preferred_algorithms(
             self.host, self.port, self.supportedPublicKeys
         )
+        set_no_delay(self.transport)
         self.supportedCiphers = preferred(self.supportedCiphers, PREFERRED_CIPHERS)
         self.supportedMACs = preferred(self.supportedMACs, PREFERRED_MACS)
         super().connectionMade()
