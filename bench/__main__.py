@@ -129,33 +129,19 @@ def upload(lab: Lab, port: int, runs: int, size: int, workdir: str) -> float:
     return statistics.median(speeds)
 
 
-def keepalive_rate(lab: Lab, count: int) -> dict:
+def run_load(lab: Lab, script: str, port: int, count: int) -> dict:
+    """Run a load client of bench/ (32 at a time, `count` 1 KiB GETs) against the proxy on `port`."""
     done = lab.run(
         lab.ctl_ns,
         [
-            sys.executable, os.path.join(HERE, "keepalive.py"),
-            f"127.0.0.1:{GATEWAY_HTTP_PORT}", f"{INTERNAL}:8080", f"/bytes/{SMALL}", "32", str(count),
-        ],
-        timeout=180,
-        capture_output=True,
-    )
-    if done.returncode != 0:
-        raise RuntimeError(f"keep-alive load failed: {done.stderr.decode()}")
-    return json.loads(done.stdout)
-
-
-def short_connections(lab: Lab, port: int, count: int) -> dict:
-    done = lab.run(
-        lab.ctl_ns,
-        [
-            sys.executable, os.path.join(HERE, "shortconn.py"),
+            sys.executable, os.path.join(HERE, script),
             f"127.0.0.1:{port}", f"{INTERNAL}:8080", f"/bytes/{SMALL}", "32", str(count),
         ],
         timeout=180,
         capture_output=True,
     )
     if done.returncode != 0:
-        raise RuntimeError(f"short-connection load through :{port} failed: {done.stderr.decode()}")
+        raise RuntimeError(f"{script} through :{port} failed: {done.stderr.decode()}")
     return json.loads(done.stdout)
 
 
@@ -200,8 +186,8 @@ def main() -> int:
             (f"{mib} MiB upload, MB/s (ssh defaults)", f"{gw_up:.0f}", f"{ssh_up:.0f}", f"{gw_up / ssh_up:.2f}",
              f"median of {runs}")
         )
-        gw_short = short_connections(lab, GATEWAY_PORT, count)
-        ssh_short = short_connections(lab, SSH_DEFAULT_PORT, count)
+        gw_short = run_load(lab, "shortconn.py", GATEWAY_PORT, count)
+        ssh_short = run_load(lab, "shortconn.py", SSH_DEFAULT_PORT, count)
         rows.append(
             ("short connections, req/s (32 concurrent)", f"{gw_short['rps']:.0f}", f"{ssh_short['rps']:.0f}",
              f"{gw_short['rps'] / ssh_short['rps']:.2f}", f"{count} requests each")
@@ -210,7 +196,7 @@ def main() -> int:
             ("short connections, p99 latency ms", f"{gw_short['p99_ms']:.1f}", f"{ssh_short['p99_ms']:.1f}",
              f"{gw_short['p99_ms'] / ssh_short['p99_ms']:.2f}", "lower is better")
         )
-        keepalive = keepalive_rate(lab, count)
+        keepalive = run_load(lab, "keepalive.py", GATEWAY_HTTP_PORT, count)
         rows.append(
             ("HTTP keep-alive req/s vs a new tunnel per request", f"{keepalive['rps']:.0f}",
              f"{gw_short['rps']:.0f}", f"{keepalive['rps'] / gw_short['rps']:.2f}",
