@@ -212,6 +212,19 @@ def _twistd_options() -> list[str]:
     return ["--control="] if "control" in names else []
 
 
+
+def defaults_table(lab: Lab) -> str:
+    """The [defaults] every fault-test gateway shares: the lab's key and short timers."""
+    return (
+        "[defaults]\n"
+        'user = "root"\n'
+        f'key_file = "{lab.client_key_ed25519}"\n'
+        f'known_hosts = "{lab.known_hosts}"\n'
+        f"keepalive_interval = {KEEPALIVE_INTERVAL}\n"
+        f"keepalive_count_max = {KEEPALIVE_COUNT_MAX}\n"
+        f"connect_timeout = {CONNECT_TIMEOUT}\n"
+    )
+
 class Gateway:
     """One `twistd gateway` process in the lab's ctl namespace."""
 
@@ -397,13 +410,7 @@ class FailoverTests(_LabTestCase):
             [gateway]
             handshake_timeout = {HANDSHAKE_TIMEOUT}
 
-            [defaults]
-            user = "root"
-            key_file = "{lab.client_key_ed25519}"
-            known_hosts = "{lab.known_hosts}"
-            keepalive_interval = {KEEPALIVE_INTERVAL}
-            keepalive_count_max = {KEEPALIVE_COUNT_MAX}
-            connect_timeout = {CONNECT_TIMEOUT}
+            {defaults_table(lab)}
 
             [clusters.fo]
             proxies = ["{a}:22", "{b}:22"]
@@ -620,13 +627,7 @@ http  = "tcp:3128:interface=127.0.0.1"
 handshake_timeout = {HANDSHAKE_TIMEOUT}
 max_clients = 2000
 
-[defaults]
-user = "root"
-key_file = "{lab.client_key_ed25519}"
-known_hosts = "{lab.known_hosts}"
-keepalive_interval = {KEEPALIVE_INTERVAL}
-keepalive_count_max = {KEEPALIVE_COUNT_MAX}
-connect_timeout = {CONNECT_TIMEOUT}
+{defaults_table(lab)}
 
 {tables}
 """,
