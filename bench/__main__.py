@@ -26,62 +26,17 @@ import os
 import statistics
 import sys
 import tempfile
-import textwrap
 import time
 
-from tests.netlab import Lab, lab_skip_reason, wait_for_port
+from bench.common import HERE, INTERNAL, Row, start_gateway, start_ssh_d, table
+from tests.netlab import Lab, lab_skip_reason
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-VENV_BIN = os.path.dirname(sys.executable)
-INTERNAL = "10.251.0.10"
 BIG = 256 * 1024 * 1024
 SMALL = 1024
 GATEWAY_PORT = 1080
 GATEWAY_HTTP_PORT = 3128
 SSH_DEFAULT_PORT = 1081
 SSH_GCM_PORT = 1082
-
-
-def start_gateway(lab: Lab, workdir: str, window: int | None = None) -> str:
-    config = os.path.join(workdir, "bench-gateway.toml")
-    with open(config, "w") as f:
-        f.write(
-            textwrap.dedent(
-                f"""
-                [listen]
-                socks = "tcp:{GATEWAY_PORT}:interface=127.0.0.1"
-                http = "tcp:{GATEWAY_HTTP_PORT}:interface=127.0.0.1"
-
-                [clusters.bench]
-                proxies = ["{lab.proxy_addr['a']}:22"]
-                user = "root"
-                key_file = "{lab.client_key_ed25519}"
-                known_hosts = "{lab.known_hosts}"
-                networks = ["10.251.0.0/24"]
-                {f"window_size = {window}" if window else ""}
-                """
-            )
-        )
-    log = os.path.join(workdir, "bench-gateway.log")
-    lab.spawn(
-        lab.ctl_ns,
-        [os.path.join(VENV_BIN, "twistd"), "-n", "--pidfile=", f"--logfile={log}", "gateway", f"--config={config}"],
-    )
-    wait_for_port(lab, lab.ctl_ns, "127.0.0.1", GATEWAY_PORT, timeout=20)
-    return log
-
-
-def start_ssh_d(lab: Lab, port: int, extra: list[str]) -> None:
-    lab.spawn(
-        lab.ctl_ns,
-        [
-            "ssh", "-N", "-F", "/dev/null", "-D", f"127.0.0.1:{port}",
-            "-i", lab.client_key_ed25519, "-o", "BatchMode=yes",
-            "-o", f"UserKnownHostsFile={lab.known_hosts}", "-o", "StrictHostKeyChecking=yes",
-            *extra, f"root@{lab.proxy_addr['a']}",
-        ],
-    )
-    wait_for_port(lab, lab.ctl_ns, "127.0.0.1", port, timeout=20)
 
 
 def download(lab: Lab, port: int, runs: int, size: int) -> float:
@@ -145,14 +100,6 @@ def run_load(lab: Lab, script: str, port: int, count: int) -> dict:
     return json.loads(done.stdout)
 
 
-def table(rows: list[tuple[str, str, str, str, str]]) -> str:
-    header = ("scenario", "gateway", "ssh -D", "ratio", "note")
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(5)]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in [header, *rows]]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m bench")
     parser.add_argument("--quick", action="store_true", help="fewer and smaller runs (a smoke test)")
@@ -167,11 +114,11 @@ def main() -> int:
     lab = Lab(os.path.join(workdir, "lab"))
     try:
         lab.start()
-        start_gateway(lab, workdir, args.window)
-        start_ssh_d(lab, SSH_DEFAULT_PORT, [])
+        start_gateway(lab, workdir, cluster_settings=f"window_size = {args.window}" if args.window else "")
+        start_ssh_d(lab, SSH_DEFAULT_PORT)
         start_ssh_d(lab, SSH_GCM_PORT, ["-c", "aes128-gcm@openssh.com"])
         time.sleep(1)
-        rows = []
+        rows: list[Row] = []
         mib = size // (1024 * 1024)
         gw = download(lab, GATEWAY_PORT, runs, size)
         for label, port in (("defaults", SSH_DEFAULT_PORT), ("aes128-gcm", SSH_GCM_PORT)):

@@ -1,0 +1,135 @@
+"""
+What every benchmark scenario shares: the addresses of the namespace lab,
+starting the gateway and ``ssh -D`` in its controller namespace, reading a
+process's memory, and printing the one result table.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import subprocess
+import sys
+import textwrap
+
+from tests.netlab import Lab, wait_for_port
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+VENV_BIN = os.path.dirname(sys.executable)
+INTERNAL = "10.251.0.10"
+
+#: One row of the result table: scenario, gateway, ssh -D, ratio, note.
+Row = tuple[str, str, str, str, str]
+
+
+def raise_file_limit(wanted: int = 65536) -> None:
+    """
+    Raise this process's open-file limit (root may raise the hard limit too),
+    so every daemon and client the lab starts inherits room for the
+    10,000-stream scenario: each stream is a descriptor in the client, the
+    gateway, sshd and the destination.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft >= wanted:
+        return
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, max(hard, wanted)))
+    except (ValueError, OSError):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def start_gateway(
+    lab: Lab,
+    workdir: str,
+    *,
+    name: str = "bench",
+    socks_port: int = 1080,
+    http_port: int | None = 3128,
+    gateway_settings: str = "",
+    cluster_settings: str = "",
+    listen_options: str = "",
+) -> subprocess.Popen:
+    """
+    Start C{twistd gateway} in the controller namespace with one cluster,
+    C{bench}, whose proxy node is the lab's proxy-a sshd.  Extra TOML lines
+    go into C{[gateway]} and C{[clusters.bench]}; C{listen_options} is
+    appended to the listeners' endpoint strings (e.g. C{":backlog=1024"}).
+    """
+    config = os.path.join(workdir, f"{name}.toml")
+    http = f'http = "tcp:{http_port}:interface=127.0.0.1{listen_options}"' if http_port else ""
+    with open(config, "w") as f:
+        f.write(
+            textwrap.dedent(
+                """
+                [gateway]
+                {gateway_settings}
+
+                [listen]
+                socks = "tcp:{socks_port}:interface=127.0.0.1{listen_options}"
+                {http}
+
+                [clusters.bench]
+                proxies = ["{proxy}:22"]
+                user = "root"
+                key_file = "{key}"
+                known_hosts = "{known_hosts}"
+                networks = ["10.251.0.0/24"]
+                {cluster_settings}
+                """
+            ).format(
+                gateway_settings=gateway_settings,
+                socks_port=socks_port,
+                listen_options=listen_options,
+                http=http,
+                proxy=lab.proxy_addr["a"],
+                key=lab.client_key_ed25519,
+                known_hosts=lab.known_hosts,
+                cluster_settings=cluster_settings,
+            )
+        )
+    log = os.path.join(workdir, f"{name}.log")
+    proc = lab.spawn(
+        lab.ctl_ns,
+        [os.path.join(VENV_BIN, "twistd"), "-n", "--pidfile=", f"--logfile={log}", "gateway", f"--config={config}"],
+    )
+    wait_for_port(lab, lab.ctl_ns, "127.0.0.1", socks_port, timeout=20)
+    return proc
+
+
+def start_ssh_d(lab: Lab, port: int, extra: list[str] = ()) -> subprocess.Popen:
+    """OpenSSH C{ssh -N -D 127.0.0.1:port} to proxy-a with the gateway's key and known_hosts."""
+    proc = lab.spawn(
+        lab.ctl_ns,
+        [
+            "ssh", "-N", "-F", "/dev/null", "-D", f"127.0.0.1:{port}",
+            "-i", lab.client_key_ed25519, "-o", "BatchMode=yes",
+            "-o", f"UserKnownHostsFile={lab.known_hosts}", "-o", "StrictHostKeyChecking=yes",
+            *extra, f"root@{lab.proxy_addr['a']}",
+        ],
+    )
+    wait_for_port(lab, lab.ctl_ns, "127.0.0.1", port, timeout=20)
+    return proc
+
+
+def rss_bytes(pid: int) -> int:
+    """Resident set size of a process (VmRSS), in bytes."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no VmRSS for pid {pid}")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time a process has used so far, in seconds."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def table(rows: list[Row]) -> str:
+    header = ("scenario", "gateway", "ssh -D", "ratio", "note")
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(5)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in [header, *rows]]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
