@@ -50,6 +50,7 @@ from gateway.ssh.ciphers import (
     SUPPORTED_AEAD_CIPHERS,
     FastSSHCiphers,
     PacketReader,
+    _RandomPadding,
 )
 from gateway.ssh.client import GatewayClientTransport, client_factory
 from gateway.ssh.hostkeys import HostKeyPolicy
@@ -209,6 +210,35 @@ def client_transport(ciphers: FastSSHCiphers, seqnr: int = 0) -> tuple[GatewayCl
 
 
 MSG_TEST = 94  # CHANNEL_DATA's number; only the recorder sees it
+
+
+class RandomPaddingTests(TestCase):
+    def setUp(self):
+        self.fills = []
+
+        def source(size: int) -> bytes:
+            # Each fill is distinct: byte i of fill k is (16 * k + i) % 256.
+            fill = bytes((16 * len(self.fills) + i) % 256 for i in range(size))
+            self.fills.append(fill)
+            return fill
+
+        self.padding = _RandomPadding(source, pool_size=32)
+
+    def test_every_pool_byte_is_handed_out_once(self):
+        taken = [self.padding(n) for n in (4, 12, 16, 8)]
+        self.assertEqual(len(self.fills), 2, "the third call did not fit the first 32 bytes")
+        self.assertEqual(b"".join(taken[:3]), self.fills[0])
+        self.assertEqual(taken[3], self.fills[1][:8])
+
+    def test_a_request_larger_than_the_pool_is_served_whole(self):
+        self.assertEqual(len(self.padding(100)), 100)
+        self.assertEqual(len(self.fills[0]), 100)
+
+    def test_a_forked_child_starts_a_new_pool(self):
+        first = self.padding(4)
+        self.padding.discard()
+        self.assertNotEqual(self.padding(4), first)
+        self.assertEqual(len(self.fills), 2)
 
 
 class KnownAnswerTests(TestCase):

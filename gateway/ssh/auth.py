@@ -17,6 +17,8 @@ from twisted.conch.ssh.keys import Key
 from twisted.conch.ssh.service import SSHService
 from twisted.internet.defer import Deferred, succeed
 
+from gateway.ssh.channel import quiet_logger
+
 _RSA_SHA2 = (b"rsa-sha2-512", b"rsa-sha2-256")
 
 
@@ -43,6 +45,8 @@ class KeyAuthClient(userauth.SSHUserAuthClient):
     """Authenticate as C{user} with one private key, then start C{instance}."""
 
     preferredOrder = [b"publickey"]
+    #: Conch's per-attempt chatter ("trying to auth with publickey", ...).
+    _log = quiet_logger("gateway.ssh.auth")
 
     def __init__(self, user: str, private_key: Key, instance: SSHService) -> None:
         super().__init__(user.encode("utf-8"), instance)

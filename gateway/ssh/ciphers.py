@@ -51,6 +51,7 @@ from __future__ import annotations
 import hmac
 import os
 import struct
+from collections.abc import Callable
 
 from cryptography.exceptions import InvalidSignature, InvalidTag
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
@@ -93,6 +94,42 @@ _MASK64 = (1 << 64) - 1
 _TAG_SIZE = 16
 
 
+class _RandomPadding:
+    """
+    Random padding bytes cut from a pool refilled by one C{getrandom} call
+    per 64 KiB, instead of one system call per packet (Conch calls
+    C{os.urandom} for every packet; a short-lived stream sends four or five).
+    Every byte handed out is used once.
+    """
+
+    __slots__ = ("_pool", "_offset", "_source", "_pool_size")
+
+    def __init__(self, source: Callable[[int], bytes] = os.urandom, pool_size: int = 65536) -> None:
+        self._source = source
+        self._pool_size = pool_size
+        self._pool = b""
+        self._offset = 0
+
+    def __call__(self, size: int) -> bytes:
+        end = self._offset + size
+        if end > len(self._pool):
+            self._pool = self._source(max(size, self._pool_size))
+            self._offset, end = 0, size
+        chunk = self._pool[self._offset : end]
+        self._offset = end
+        return chunk
+
+
+    def discard(self) -> None:
+        """Forget the pool, so a forked child does not reuse its parent's bytes."""
+        self._pool = b""
+        self._offset = 0
+
+
+random_padding = _RandomPadding()
+os.register_at_fork(after_in_child=random_padding.discard)
+
+
 def preferred(supported: list[bytes], first: tuple[bytes, ...]) -> list[bytes]:
     """C{supported} reordered so that C{first} (where supported) leads."""
     leading = [name for name in first if name in supported]
@@ -120,7 +157,7 @@ class AESGCMPacketCipher:
         if padding < 4:
             padding += 16
         length = _LENGTH.pack(2 + len(payload) + padding)
-        body = b"".join((_PADDING_TYPE.pack(padding, message_type), payload, os.urandom(padding)))
+        body = b"".join((_PADDING_TYPE.pack(padding, message_type), payload, random_padding(padding)))
         return length + self._aead.encrypt(self._next_nonce(), body, length)
 
     def packet_length(self, seqnr: int, buffer: bytearray, pos: int) -> int:
@@ -160,7 +197,7 @@ class ChaCha20Poly1305PacketCipher:
         )
         main = Cipher(algorithms.ChaCha20(self._main_key, nonce), None).encryptor()
         mac = Poly1305(main.update(_ZERO_BLOCK)[:32])  # the rest of block 0 is discarded
-        body = main.update(b"".join((_PADDING_TYPE.pack(padding, message_type), payload, os.urandom(padding))))
+        body = main.update(b"".join((_PADDING_TYPE.pack(padding, message_type), payload, random_padding(padding))))
         mac.update(length)
         mac.update(body)
         return b"".join((length, body, mac.finalize()))
@@ -285,7 +322,7 @@ class FastSSHCiphers(transport.SSHCiphers):
         if padding < 4:
             padding += bs
         packet = b"".join(
-            (_HEADER.pack(2 + len(payload) + padding, padding, message_type), payload, os.urandom(padding))
+            (_HEADER.pack(2 + len(payload) + padding, padding, message_type), payload, random_padding(padding))
         )
         return self.encryptor.update(packet) + self.makeMAC(seqnr, packet)
 

@@ -145,6 +145,12 @@ class GatewayClientTransport(transport.SSHClientTransport):
     own C{sendPacket} runs.
     """
 
+    #: Conch logs each key exchange step, cipher choice and ordinary
+    #: disconnect at info/debug level: ten lines per connection, which at
+    #: hundreds of clusters buries the gateway's own events.  Its warnings and
+    #: errors (a peer's disconnect reason, bad packets) still get through.
+    _log = quiet_logger("gateway.ssh.transport")
+
     #: The AEAD ciphers (when the backend has them), then Conch's.
     supportedCiphers = preferred(
         SUPPORTED_AEAD_CIPHERS + transport.SSHClientTransport.supportedCiphers, PREFERRED_CIPHERS
