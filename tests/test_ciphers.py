@@ -32,7 +32,7 @@ import zlib
 
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from twisted.conch.ssh import transport
+from twisted.conch.ssh import connection, transport
 from twisted.conch.ssh.common import NS
 from twisted.conch.ssh.keys import Key
 from twisted.internet import reactor
@@ -52,7 +52,7 @@ from gateway.ssh.ciphers import (
     PacketReader,
     _RandomPadding,
 )
-from gateway.ssh.client import GatewayClientTransport, client_factory
+from gateway.ssh.client import GatewayClientTransport, TunnelConnection, client_factory
 from gateway.ssh.hostkeys import HostKeyPolicy
 from gateway.testing import generate_key, public_line
 
@@ -418,6 +418,48 @@ class TransportPacketTests(TestCase):
         self.assertEqual(
             self.disconnect_reason(client, Peer(server_ciphers)),
             (transport.DISCONNECT_HOST_KEY_NOT_VERIFIABLE, b"bad host key"),
+        )
+
+    def connection_with_channel(self, client: GatewayClientTransport) -> list[bytes]:
+        """Give C{client} an ssh-connection service with channel 0; returns what that channel receives."""
+        got: list[bytes] = []
+
+        class Channel:
+            localWindowLeft = 1 << 20
+            localMaxPacket = 1 << 15
+            dataReceived = got.append
+
+        service = TunnelConnection(Deferred(), Clock())
+        service.transport = client
+        service.channels[0] = Channel()
+        client.service = service
+        return got
+
+    def test_channel_data_goes_straight_to_its_channel(self):
+        client_ciphers, server_ciphers = cipher_pair(AES128_GCM)
+        client, dispatched = client_transport(client_ciphers)
+        got = self.connection_with_channel(client)
+        peer = Peer(server_ciphers)
+        data = os.urandom(32768)
+        client.dataReceived(
+            peer.seal(connection.MSG_CHANNEL_DATA, struct.pack(">L", 0) + NS(data))
+            + peer.seal(connection.MSG_CHANNEL_DATA, struct.pack(">L", 0) + NS(b"second"))
+            + peer.seal(transport.MSG_IGNORE, NS(b"other messages still dispatch"))
+        )
+        self.assertEqual(got, [data, b"second"])
+        self.assertEqual(client.service.channels[0].localWindowLeft, (1 << 20) - 32768 - 6)
+        self.assertEqual(dispatched, [(transport.MSG_IGNORE, NS(b"other messages still dispatch"))])
+
+    def test_short_channel_data_is_a_protocol_error(self):
+        client_ciphers, server_ciphers = cipher_pair(AES128_GCM)
+        client, _ = client_transport(client_ciphers)
+        got = self.connection_with_channel(client)
+        peer = Peer(server_ciphers)
+        client.dataReceived(peer.seal(connection.MSG_CHANNEL_DATA, b"\0\0\0"))
+        self.assertEqual(got, [])
+        self.assertEqual(
+            self.disconnect_reason(client, Peer(server_ciphers)),
+            (transport.DISCONNECT_PROTOCOL_ERROR, b"short CHANNEL_DATA"),
         )
 
     def test_zlib_compression(self):
