@@ -10,10 +10,16 @@ internal namespace running the HTTP server), starts the gateway and
 controller namespace against the same sshd with the same key, and measures,
 through each SOCKS5 listener:
 
- - a 256 MiB download with curl (MB/s, median of runs);
- - short connections: a new SOCKS5 connection + a 1 KiB GET, 32 at a time
-   (requests/s and p99 latency, bench/shortconn.py).
+ - transfer: a 256 MiB download and upload with curl (MB/s, median of runs);
+ - short: a new SOCKS5 connection + a 1 KiB GET, 32 at a time (requests/s
+   and p99 latency, bench/shortconn.py);
+ - keepalive: the same GETs in absolute-form through the HTTP proxy on
+   kept-alive connections, against a new tunnel per request;
+ - idle: 10,000 concurrent idle streams, memory per stream (bench/idle.py);
+ - clusters: 200 clusters, time until all are connected, memory per cluster
+   (bench/clusters.py, in-process Conch proxy nodes).
 
+``--only idle,clusters`` runs some of them; ``--quick`` is a smoke run.
 It prints one table with the ratios gateway / ssh -D.  Every load stops by
 itself; the lab is removed at the end, also on failure.  Needs root.
 """
@@ -27,8 +33,11 @@ import statistics
 import sys
 import tempfile
 import time
+from functools import partial
 
-from bench.common import HERE, INTERNAL, Row, start_gateway, start_ssh_d, table
+from bench.clusters import clusters_rows
+from bench.common import HERE, INTERNAL, Row, raise_file_limit, start_gateway, start_ssh_d, table
+from bench.idle import idle_rows
 from tests.netlab import Lab, lab_skip_reason
 
 BIG = 256 * 1024 * 1024
@@ -37,6 +46,7 @@ GATEWAY_PORT = 1080
 GATEWAY_HTTP_PORT = 3128
 SSH_DEFAULT_PORT = 1081
 SSH_GCM_PORT = 1082
+SCENARIOS = ("transfer", "short", "keepalive", "idle", "clusters")
 
 
 def download(lab: Lab, port: int, runs: int, size: int) -> float:
@@ -100,18 +110,63 @@ def run_load(lab: Lab, script: str, port: int, count: int) -> dict:
     return json.loads(done.stdout)
 
 
+def transfer_rows(lab: Lab, workdir: str, runs: int, size: int) -> list[Row]:
+    """C{size} bytes down and up through the gateway and through each ssh -D."""
+    mib = size // (1024 * 1024)
+    rows: list[Row] = []
+    for direction, measure in (("download", download), ("upload", partial(upload, workdir=workdir))):
+        gw = measure(lab, GATEWAY_PORT, runs, size)
+        for label, port in (("defaults", SSH_DEFAULT_PORT), ("aes128-gcm", SSH_GCM_PORT)):
+            ssh = measure(lab, port, runs, size)
+            rows.append(
+                (
+                    f"{mib} MiB {direction}, MB/s (ssh {label})",
+                    f"{gw:.0f}",
+                    f"{ssh:.0f}",
+                    f"{gw / ssh:.2f}",
+                    f"median of {runs}",
+                )
+            )
+    return rows
+
+
+def short_rows(gw: dict, ssh: dict, count: int) -> list[Row]:
+    """Rate and p99 latency of new-tunnel-per-request, with any errors in the note."""
+
+    def note(text: str) -> str:
+        errors = {name: r["errors"] for name, r in (("gateway", gw), ("ssh", ssh)) if r["errors"]}
+        return f"{text}; errors: {errors}" if errors else text
+
+    return [
+        ("short connections, req/s (32 concurrent)", f"{gw['rps']:.0f}", f"{ssh['rps']:.0f}",
+         f"{gw['rps'] / ssh['rps']:.2f}", note(f"{count} requests each")),
+        ("short connections, p99 latency ms", f"{gw['p99_ms']:.1f}", f"{ssh['p99_ms']:.1f}",
+         f"{gw['p99_ms'] / ssh['p99_ms']:.2f}", "lower is better"),
+    ]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m bench")
     parser.add_argument("--quick", action="store_true", help="fewer and smaller runs (a smoke test)")
     parser.add_argument("--window", type=int, help="the gateway's window_size in bytes (default: its own)")
+    parser.add_argument(
+        "--only",
+        default=",".join(SCENARIOS),
+        help=f"comma-separated scenarios to run (default: all of {','.join(SCENARIOS)})",
+    )
     args = parser.parse_args()
+    only = set(args.only.split(","))
+    if only - set(SCENARIOS):
+        parser.error(f"unknown scenario(s): {', '.join(sorted(only - set(SCENARIOS)))}")
     reason = lab_skip_reason()
     if reason:
         print(f"bench needs the namespace lab: {reason}", file=sys.stderr)
         return 2
     runs, size, count = (1, 32 * 1024 * 1024, 200) if args.quick else (3, BIG, 2000)
+    idle_streams, clusters = (1000, 20) if args.quick else (10_000, 200)
     workdir = tempfile.mkdtemp(prefix="gateway-bench-")
     lab = Lab(os.path.join(workdir, "lab"))
+    raise_file_limit()  # before the lab: its daemons inherit it (10,000 streams)
     try:
         lab.start()
         start_gateway(lab, workdir, cluster_settings=f"window_size = {args.window}" if args.window else "")
@@ -119,40 +174,30 @@ def main() -> int:
         start_ssh_d(lab, SSH_GCM_PORT, ["-c", "aes128-gcm@openssh.com"])
         time.sleep(1)
         rows: list[Row] = []
-        mib = size // (1024 * 1024)
-        gw = download(lab, GATEWAY_PORT, runs, size)
-        for label, port in (("defaults", SSH_DEFAULT_PORT), ("aes128-gcm", SSH_GCM_PORT)):
-            ssh = download(lab, port, runs, size)
+        if "transfer" in only:
+            rows += transfer_rows(lab, workdir, runs, size)
+        gw_short = None
+        if "short" in only or "keepalive" in only:
+            gw_short = run_load(lab, "shortconn.py", GATEWAY_PORT, count)
+        if "short" in only:
+            ssh_short = run_load(lab, "shortconn.py", SSH_DEFAULT_PORT, count)
+            rows += short_rows(gw_short, ssh_short, count)
+        if "keepalive" in only:
+            keepalive = run_load(lab, "keepalive.py", GATEWAY_HTTP_PORT, count)
             rows.append(
-                (f"{mib} MiB download, MB/s (ssh {label})", f"{gw:.0f}", f"{ssh:.0f}", f"{gw / ssh:.2f}",
-                 f"median of {runs}")
+                (
+                    "HTTP keep-alive req/s vs a new tunnel per request",
+                    f"{keepalive['rps']:.0f}",
+                    f"{gw_short['rps']:.0f}",
+                    f"{keepalive['rps'] / gw_short['rps']:.2f}",
+                    "both through the gateway; target >= 3",
+                )
             )
-        gw_up = upload(lab, GATEWAY_PORT, runs, size, workdir)
-        ssh_up = upload(lab, SSH_DEFAULT_PORT, runs, size, workdir)
-        rows.append(
-            (f"{mib} MiB upload, MB/s (ssh defaults)", f"{gw_up:.0f}", f"{ssh_up:.0f}", f"{gw_up / ssh_up:.2f}",
-             f"median of {runs}")
-        )
-        gw_short = run_load(lab, "shortconn.py", GATEWAY_PORT, count)
-        ssh_short = run_load(lab, "shortconn.py", SSH_DEFAULT_PORT, count)
-        rows.append(
-            ("short connections, req/s (32 concurrent)", f"{gw_short['rps']:.0f}", f"{ssh_short['rps']:.0f}",
-             f"{gw_short['rps'] / ssh_short['rps']:.2f}", f"{count} requests each")
-        )
-        rows.append(
-            ("short connections, p99 latency ms", f"{gw_short['p99_ms']:.1f}", f"{ssh_short['p99_ms']:.1f}",
-             f"{gw_short['p99_ms'] / ssh_short['p99_ms']:.2f}", "lower is better")
-        )
-        keepalive = run_load(lab, "keepalive.py", GATEWAY_HTTP_PORT, count)
-        rows.append(
-            ("HTTP keep-alive req/s vs a new tunnel per request", f"{keepalive['rps']:.0f}",
-             f"{gw_short['rps']:.0f}", f"{keepalive['rps'] / gw_short['rps']:.2f}",
-             "both through the gateway; target >= 3")
-        )
+        if "idle" in only:
+            rows += idle_rows(lab, workdir, idle_streams)
+        if "clusters" in only:
+            rows += clusters_rows(lab, workdir, clusters)
         print(table(rows))
-        for name, result in (("gateway", gw_short), ("ssh -D", ssh_short)):
-            if result["errors"]:
-                print(f"{name} short-connection errors: {result['errors']}")
         return 0
     finally:
         lab.stop()

@@ -11,6 +11,7 @@ import resource
 import subprocess
 import sys
 import textwrap
+import time
 
 from tests.netlab import Lab, wait_for_port
 
@@ -56,7 +57,7 @@ def start_gateway(
     appended to the listeners' endpoint strings (e.g. C{":backlog=1024"}).
     """
     config = os.path.join(workdir, f"{name}.toml")
-    http = f'http = "tcp:{http_port}:interface=127.0.0.1{listen_options}"' if http_port else ""
+    http = f'"tcp:{http_port}:interface=127.0.0.1{listen_options}"' if http_port else '""'  # "": no HTTP proxy
     with open(config, "w") as f:
         f.write(
             textwrap.dedent(
@@ -66,7 +67,7 @@ def start_gateway(
 
                 [listen]
                 socks = "tcp:{socks_port}:interface=127.0.0.1{listen_options}"
-                {http}
+                http = {http}
 
                 [clusters.bench]
                 proxies = ["{proxy}:22"]
@@ -125,6 +126,31 @@ def cpu_seconds(pid: int) -> float:
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def stop_processes(procs: list[subprocess.Popen | None], timeout: float = 15) -> None:
+    """SIGTERM each (by pid), wait up to C{timeout} for all, SIGKILL what is left."""
+    live = [p for p in procs if p is not None and p.poll() is None]
+    for proc in live:
+        proc.terminate()
+    end = time.monotonic() + timeout
+    for proc in live:
+        try:
+            proc.wait(timeout=max(0.01, end - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=5)
+
+
+def tail(path: str, lines: int = 20) -> str:
+    """The last lines of a log file, for an error message."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - 16384))
+            return "\n".join(f.read().decode(errors="replace").splitlines()[-lines:])
+    except OSError as e:
+        return f"<{e}>"
 
 
 def table(rows: list[Row]) -> str:

@@ -56,6 +56,11 @@ MAX_BACKOFF = 30.0
 #: Seconds a closing SSH connection gets to say goodbye before it is cut: a
 #: silent peer would otherwise hold it until TCP retransmission gives up.
 CLOSE_GRACE = 5.0
+#: Streams one SSH connection may carry.  OpenSSH's sshd allows 16384
+#: channels per connection (CHANNELS_MAX_CHANNELS) and, past that, ends the
+#: whole connection with a fatal error, resetting every stream on it; the
+#: margin leaves room for the keepalive and exec bookkeeping channels.
+MAX_CHANNELS_PER_CONNECTION = 16000
 
 
 def backoff_delay(failures: int, jitter: Callable[[], float] = random.random) -> float:
@@ -519,6 +524,16 @@ class ClusterConnection(Service):
         return failure
 
     def _open_on(self, link: _Link, host: str, port: int, origin: tuple[str, int]) -> Deferred[TunnelChannel]:
+        if link.open_channels >= MAX_CHANNELS_PER_CONNECTION:
+            # The least loaded link is full, so all are: refuse this stream
+            # rather than have sshd drop the connection and every stream on it.
+            return fail(
+                StreamError(
+                    Reason.OVERLOADED,
+                    f"cluster {self.name!r}: every SSH connection carries {MAX_CHANNELS_PER_CONNECTION} streams "
+                    "(raise `connections`)",
+                )
+            )
         def opened(channel: TunnelChannel) -> TunnelChannel:
             channel.closed_hooks.append(self._stream_closed)
             channel.closed_hooks.append(link.channel_closed)

@@ -16,6 +16,7 @@ from twisted.internet.threads import deferToThread
 from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import TestCase
 
+from gateway import cluster as cluster_module
 from gateway.config import GatewaySettings
 from gateway.testing import DEMO_PAGE
 from tests.support import ECHO, FLOOD, FLOOD_BYTES, WEB, GatewayHarness, recv_all, socks5_open
@@ -129,6 +130,21 @@ class LimitTests(TestCase):
         third, code = await deferToThread(socks5_open, harness.socks_port, *ECHO)
         third.close()
         self.assertEqual(code, 0)
+
+    @inline
+    async def test_a_full_ssh_connection_refuses_instead_of_overrunning_sshd(self):
+        # OpenSSH ends a connection past 16384 channels; here the cap is 1.
+        self.patch(cluster_module, "MAX_CHANNELS_PER_CONNECTION", 1)
+        harness = GatewayHarness(self)
+        await harness.start()
+        first, code = await deferToThread(socks5_open, harness.socks_port, *ECHO)
+        self.addCleanup(first.close)
+        self.assertEqual(code, 0)
+        second, code = await deferToThread(socks5_open, harness.socks_port, *ECHO)
+        second.close()
+        self.assertEqual(code, 0x01)
+        failed = harness.service.clusters["demo"].stats.streams_failed
+        self.assertEqual(failed["overloaded"], 1)
 
     @inline
     async def test_client_cap_refuses_extra_connections(self):
