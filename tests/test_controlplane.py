@@ -25,7 +25,7 @@ from gateway.registry import GatewayControl
 from gateway.store import ClusterStore, validate_body
 from gateway.testing import DEMO_PAGE
 from tests.support import WEB, GatewayHarness, recv_all, socks5_open
-from tests.test_gateway import inline
+from tests.test_gateway import inline, until_no_streams
 
 TOKEN = "control-token"
 
@@ -90,6 +90,7 @@ class ControlPlaneTests(TestCase):
         code, page = await deferToThread(fetch, self.harness.socks_port, "net-api", "t1")
         self.assertEqual(code, 0)
         self.assertTrue(page.endswith(DEMO_PAGE))
+        await until_no_streams(self.harness, cluster="api-1")  # bytes are counted at the stream's close
 
         code, content = await self.call("GET", "/v1/clusters/api-1")
         view = json.loads(content)

@@ -31,8 +31,9 @@ from tests.support import (
 )
 
 
-async def until_no_streams(harness, timeout: float = 5.0) -> None:
-    cluster = harness.service.clusters["demo"]
+async def until_no_streams(harness, timeout: float = 5.0, cluster: str = "demo") -> None:
+    """Wait until the cluster's streams have closed (and been counted in its stats)."""
+    cluster = harness.service.clusters[cluster]
     for _ in range(int(timeout / 0.05)):
         if cluster.open_streams == 0:
             return
