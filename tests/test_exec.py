@@ -36,6 +36,7 @@ from gateway.ssh.client import TunnelConnection, client_factory
 from gateway.ssh.hostkeys import HostKeyPolicy
 from gateway.testing import FakeProxyNode, generate_key
 from tests.support import HalfCloseEcho
+from tests.test_ssh import FakeSSHTransport
 
 REFUSED_TEXT = b"nc: connect to 10.0.0.5 port 81 (tcp) failed: Connection refused\n"
 
@@ -48,20 +49,6 @@ def inline(f):
 
     wrapper.__name__ = f.__name__
     return wrapper
-
-
-class FakeSSHTransport:
-    """Records packets instead of encrypting them."""
-
-    def __init__(self) -> None:
-        self.packets: list[tuple[int, bytes]] = []
-        self.sessionID = b"session-id"
-
-    def sendPacket(self, kind: int, payload: bytes) -> None:
-        self.packets.append((kind, payload))
-
-    def of_kind(self, kind: int) -> list[bytes]:
-        return [payload for k, payload in self.packets if k == kind]
 
 
 class RecordingPeer:

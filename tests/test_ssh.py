@@ -246,6 +246,17 @@ class ChannelFlowControlTests(TestCase):
         self.channel.resumeProducing()
         self.assertEqual(self._adjustments(), [65536])
 
+    def test_writes_are_cut_into_packets_of_the_peers_maximum_within_its_window(self):
+        self.channel.remoteMaxPacket = 40
+        data = bytes(range(150))
+        self.channel.send(data)  # window 100: 40 + 40 + 20 now, 50 queued
+        self.conn.ssh_CHANNEL_WINDOW_ADJUST(struct.pack(">2L", 0, 1000))
+        sent = [payload for payload in self.transport.of_kind(connection.MSG_CHANNEL_DATA)]
+        self.assertEqual([struct.unpack(">L", p[:4])[0] for p in sent], [7] * 5)
+        chunks = [getNS(p[4:])[0] for p in sent]
+        self.assertEqual([len(c) for c in chunks], [40, 40, 20, 40, 10])
+        self.assertEqual(b"".join(chunks), data)
+
     def test_full_remote_window_pauses_the_writer_and_eof_waits_for_data(self):
         self.channel.send(b"y" * 150)
         self.assertIn(b"<pause>", self.received)
