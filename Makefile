@@ -42,6 +42,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check gateway tests bench twisted
 
 bench: $(STAMP) system-deps
+	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[test,bench]' --config-settings editable_mode=compat
 	$(BIN)/python -m bench
 
 clean:

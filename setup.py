@@ -23,6 +23,8 @@ setup(
     ],
     extras_require={
         "test": ["hypothesis", "requests[socks]", "paramiko", "ruff"],
+        # A third proxy for bench/ to compare with (bench/asyncssh_socks.py).
+        "bench": ["asyncssh"],
     },
     entry_points={
         "console_scripts": [

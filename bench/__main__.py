@@ -27,6 +27,7 @@ itself; the lab is removed at the end, also on failure.  Needs root.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import statistics
@@ -38,7 +39,7 @@ from functools import partial
 from bench.clusters import clusters_rows
 from bench.common import HERE, INTERNAL, Row, raise_file_limit, start_gateway, start_ssh_d, table
 from bench.idle import idle_rows
-from tests.netlab import Lab, lab_skip_reason
+from tests.netlab import Lab, lab_skip_reason, wait_for_port
 
 BIG = 256 * 1024 * 1024
 SMALL = 1024
@@ -46,6 +47,7 @@ GATEWAY_PORT = 1080
 GATEWAY_HTTP_PORT = 3128
 SSH_DEFAULT_PORT = 1081
 SSH_GCM_PORT = 1082
+ASYNCSSH_PORT = 1083
 SCENARIOS = ("transfer", "short", "keepalive", "idle", "clusters")
 
 
@@ -110,39 +112,68 @@ def run_load(lab: Lab, script: str, port: int, count: int) -> dict:
     return json.loads(done.stdout)
 
 
-def transfer_rows(lab: Lab, workdir: str, runs: int, size: int) -> list[Row]:
-    """C{size} bytes down and up through the gateway and through each ssh -D."""
+def transfer_rows(lab: Lab, workdir: str, runs: int, size: int, others: list[tuple[str, int]]) -> list[Row]:
+    """C{size} bytes down and up through the gateway and through each of C{others}."""
     mib = size // (1024 * 1024)
     rows: list[Row] = []
     for direction, measure in (("download", download), ("upload", partial(upload, workdir=workdir))):
         gw = measure(lab, GATEWAY_PORT, runs, size)
-        for label, port in (("defaults", SSH_DEFAULT_PORT), ("aes128-gcm", SSH_GCM_PORT)):
-            ssh = measure(lab, port, runs, size)
+        for label, port in others:
+            other = measure(lab, port, runs, size)
             rows.append(
                 (
-                    f"{mib} MiB {direction}, MB/s (ssh {label})",
+                    f"{mib} MiB {direction}, MB/s (vs {label})",
                     f"{gw:.0f}",
-                    f"{ssh:.0f}",
-                    f"{gw / ssh:.2f}",
+                    f"{other:.0f}",
+                    f"{gw / other:.2f}",
                     f"median of {runs}",
                 )
             )
     return rows
 
 
-def short_rows(gw: dict, ssh: dict, count: int) -> list[Row]:
-    """Rate and p99 latency of new-tunnel-per-request, with any errors in the note."""
+def start_asyncssh(lab: Lab) -> bool:
+    """asyncssh's SOCKS forwarder on ASYNCSSH_PORT, when asyncssh is installed."""
+    if importlib.util.find_spec("asyncssh") is None:
+        return False
+    lab.spawn(
+        lab.ctl_ns,
+        [
+            sys.executable,
+            os.path.join(HERE, "asyncssh_socks.py"),
+            str(ASYNCSSH_PORT),
+            lab.proxy_addr["a"],
+            lab.client_key_ed25519,
+            lab.known_hosts,
+            "3600",
+        ],
+    )
+    wait_for_port(lab, lab.ctl_ns, "127.0.0.1", ASYNCSSH_PORT, timeout=30)
+    return True
 
-    def note(text: str) -> str:
-        errors = {name: r["errors"] for name, r in (("gateway", gw), ("ssh", ssh)) if r["errors"]}
-        return f"{text}; errors: {errors}" if errors else text
 
-    return [
-        ("short connections, req/s (32 concurrent)", f"{gw['rps']:.0f}", f"{ssh['rps']:.0f}",
-         f"{gw['rps'] / ssh['rps']:.2f}", note(f"{count} requests each")),
-        ("short connections, p99 latency ms", f"{gw['p99_ms']:.1f}", f"{ssh['p99_ms']:.1f}",
-         f"{gw['p99_ms'] / ssh['p99_ms']:.2f}", "lower is better"),
-    ]
+def short_rows(gw: dict, others: list[tuple[str, dict]], count: int) -> list[Row]:
+    """Rate and p99 latency of a new tunnel per request, with any errors in the note."""
+    rows: list[Row] = []
+    for label, other in others:
+        errors = {name: r["errors"] for name, r in (("gateway", gw), (label, other)) if r["errors"]}
+        rows += [
+            (
+                f"short connections, req/s (vs {label})",
+                f"{gw['rps']:.0f}",
+                f"{other['rps']:.0f}",
+                f"{gw['rps'] / other['rps']:.2f}",
+                f"{count} requests, 32 at a time" + (f"; errors: {errors}" if errors else ""),
+            ),
+            (
+                f"short connections, p99 ms (vs {label})",
+                f"{gw['p99_ms']:.1f}",
+                f"{other['p99_ms']:.1f}",
+                f"{gw['p99_ms'] / other['p99_ms']:.2f}",
+                "lower is better",
+            ),
+        ]
+    return rows
 
 
 def main() -> int:
@@ -172,16 +203,21 @@ def main() -> int:
         start_gateway(lab, workdir, cluster_settings=f"window_size = {args.window}" if args.window else "")
         start_ssh_d(lab, SSH_DEFAULT_PORT)
         start_ssh_d(lab, SSH_GCM_PORT, ["-c", "aes128-gcm@openssh.com"])
+        others = [("ssh -D", SSH_DEFAULT_PORT), ("ssh -D -c aes128-gcm", SSH_GCM_PORT)]
+        if start_asyncssh(lab):
+            others.append(("asyncssh", ASYNCSSH_PORT))
+        else:
+            print("asyncssh is not installed: no asyncssh rows (pip install -e '.[bench]')", file=sys.stderr)
         time.sleep(1)
         rows: list[Row] = []
         if "transfer" in only:
-            rows += transfer_rows(lab, workdir, runs, size)
+            rows += transfer_rows(lab, workdir, runs, size, others)
         gw_short = None
         if "short" in only or "keepalive" in only:
             gw_short = run_load(lab, "shortconn.py", GATEWAY_PORT, count)
         if "short" in only:
-            ssh_short = run_load(lab, "shortconn.py", SSH_DEFAULT_PORT, count)
-            rows += short_rows(gw_short, ssh_short, count)
+            short_others = [(label, run_load(lab, "shortconn.py", port, count)) for label, port in others]
+            rows += short_rows(gw_short, short_others, count)
         if "keepalive" in only:
             keepalive = run_load(lab, "keepalive.py", GATEWAY_HTTP_PORT, count)
             rows.append(
@@ -198,6 +234,7 @@ def main() -> int:
         if "clusters" in only:
             rows += clusters_rows(lab, workdir, clusters)
         print(table(rows))
+        print("other: the proxy named in brackets; where none is named, ssh -D with OpenSSH's defaults")
         return 0
     finally:
         lab.stop()

@@ -19,7 +19,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 VENV_BIN = os.path.dirname(sys.executable)
 INTERNAL = "10.251.0.10"
 
-#: One row of the result table: scenario, gateway, ssh -D, ratio, note.
+#: One row of the result table: scenario, gateway, the other proxy (named in
+#: the scenario), ratio gateway / other, note.
 Row = tuple[str, str, str, str, str]
 
 
@@ -154,7 +155,7 @@ def tail(path: str, lines: int = 20) -> str:
 
 
 def table(rows: list[Row]) -> str:
-    header = ("scenario", "gateway", "ssh -D", "ratio", "note")
+    header = ("scenario", "gateway", "other", "ratio", "note")
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(5)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in [header, *rows]]
     lines.insert(1, "  ".join("-" * w for w in widths))
