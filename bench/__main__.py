@@ -32,14 +32,13 @@ import json
 import os
 import statistics
 import sys
-import tempfile
 import time
 from functools import partial
 
 from bench.clusters import clusters_rows
-from bench.common import HERE, INTERNAL, Row, raise_file_limit, start_gateway, start_ssh_d, table
+from bench.common import HERE, INTERNAL, Row, run_in_lab, start_gateway, start_ssh_d, table
 from bench.idle import idle_rows
-from tests.netlab import Lab, lab_skip_reason, wait_for_port
+from tests.netlab import Lab, wait_for_port
 
 BIG = 256 * 1024 * 1024
 SMALL = 1024
@@ -189,17 +188,10 @@ def main() -> int:
     only = set(args.only.split(","))
     if only - set(SCENARIOS):
         parser.error(f"unknown scenario(s): {', '.join(sorted(only - set(SCENARIOS)))}")
-    reason = lab_skip_reason()
-    if reason:
-        print(f"bench needs the namespace lab: {reason}", file=sys.stderr)
-        return 2
     runs, size, count = (1, 32 * 1024 * 1024, 200) if args.quick else (3, BIG, 2000)
     idle_streams, clusters = (1000, 20) if args.quick else (10_000, 200)
-    workdir = tempfile.mkdtemp(prefix="gateway-bench-")
-    lab = Lab(os.path.join(workdir, "lab"))
-    raise_file_limit()  # before the lab: its daemons inherit it (10,000 streams)
-    try:
-        lab.start()
+
+    def scenarios(lab: Lab, workdir: str) -> list[Row]:
         start_gateway(lab, workdir, cluster_settings=f"window_size = {args.window}" if args.window else "")
         start_ssh_d(lab, SSH_DEFAULT_PORT)
         start_ssh_d(lab, SSH_GCM_PORT, ["-c", "aes128-gcm@openssh.com"])
@@ -212,7 +204,6 @@ def main() -> int:
         rows: list[Row] = []
         if "transfer" in only:
             rows += transfer_rows(lab, workdir, runs, size, others)
-        gw_short = None
         if "short" in only or "keepalive" in only:
             gw_short = run_load(lab, "shortconn.py", GATEWAY_PORT, count)
         if "short" in only:
@@ -233,11 +224,14 @@ def main() -> int:
             rows += idle_rows(lab, workdir, idle_streams)
         if "clusters" in only:
             rows += clusters_rows(lab, workdir, clusters)
-        print(table(rows))
-        print("other: the proxy named in brackets; where none is named, ssh -D with OpenSSH's defaults")
-        return 0
-    finally:
-        lab.stop()
+        return rows
+
+    rows = run_in_lab("bench", scenarios)
+    if rows is None:
+        return 2
+    print(table(rows))
+    print("other: the proxy named in brackets; where none is named, ssh -D with OpenSSH's defaults")
+    return 0
 
 
 if __name__ == "__main__":

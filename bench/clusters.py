@@ -28,11 +28,10 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 import time
 
-from bench.common import VENV_BIN, Row, cpu_seconds, raise_file_limit, rss_bytes, stop_processes, table, tail
-from tests.netlab import Lab, lab_skip_reason
+from bench.common import VENV_BIN, Row, cpu_seconds, rss_bytes, run_in_lab, stop_processes, table, tail
+from tests.netlab import Lab
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SOCKS_PORT = 1095
@@ -363,20 +362,10 @@ def main() -> int:
     args = parser.parse_args()
     if not 2 <= args.count <= 2000:
         parser.error("--count must be between 2 and 2000")
-    reason = lab_skip_reason()
-    if reason:
-        print(f"bench.clusters needs the namespace lab: {reason}", file=sys.stderr)
+    rows = run_in_lab("bench.clusters", lambda lab, workdir: clusters_rows(lab, workdir, args.count))
+    if rows is None:
         return 2
-    raise_file_limit()
-    workdir = tempfile.mkdtemp(prefix="gateway-bench-clusters-")
-    lab = Lab(os.path.join(workdir, "lab"))
-    try:
-        lab.start()
-        rows = clusters_rows(lab, workdir, args.count)
-    finally:
-        lab.stop()
     print(table(rows))
-    print(f"(work files in {workdir})")
     return 0
 
 

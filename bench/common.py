@@ -10,14 +10,19 @@ import os
 import resource
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
+from collections.abc import Callable
+from typing import TypeVar
 
-from tests.netlab import Lab, wait_for_port
+from tests.netlab import Lab, lab_skip_reason, wait_for_port
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 VENV_BIN = os.path.dirname(sys.executable)
 INTERNAL = "10.251.0.10"
+
+T = TypeVar("T")
 
 #: One row of the result table: scenario, gateway, the other proxy (named in
 #: the scenario), ratio gateway / other, note.
@@ -38,6 +43,26 @@ def raise_file_limit(wanted: int = 65536) -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, max(hard, wanted)))
     except (ValueError, OSError):
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def run_in_lab(prog: str, scenario: Callable[[Lab, str], T]) -> T | None:
+    """
+    Run C{scenario(lab, workdir)} on a namespace lab of its own, removed
+    afterwards also on failure.  None (with the reason on stderr) where the
+    lab cannot run: not root, or no C{ip netns}/sshd.
+    """
+    reason = lab_skip_reason()
+    if reason:
+        print(f"{prog} needs the namespace lab: {reason}", file=sys.stderr)
+        return None
+    workdir = tempfile.mkdtemp(prefix="gateway-bench-")
+    lab = Lab(os.path.join(workdir, "lab"))
+    raise_file_limit()  # before the lab: its daemons inherit it (10,000 streams)
+    try:
+        lab.start()
+        return scenario(lab, workdir)
+    finally:
+        lab.stop()
 
 
 def start_gateway(

@@ -12,9 +12,10 @@ proxy node's ephemeral ports -- 10,000 streams closed from the client side
 twice a minute would otherwise leave ~20,000 of its ~28,000 ports in
 TIME_WAIT, and a third run would fail to connect.
 
-Run in the lab's internal namespace.  It raises its own open-file limit,
-listens with a large backlog, prints ``listening`` on stderr once it accepts,
-and stops by itself after DEADLINE_SECONDS (at most 600) or on SIGTERM.
+Run in the lab's internal namespace, with the open-file limit the
+orchestrator raised (bench.common.raise_file_limit).  It listens with a
+large backlog, prints ``listening`` on stderr once it accepts, and stops by
+itself after DEADLINE_SECONDS (at most 600) or on SIGTERM.
 Stdlib only.
 """
 
@@ -22,7 +23,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import resource
 import signal
 import sys
 
@@ -31,16 +31,6 @@ BACKLOG = 4096
 MAX_LINE = 4096
 #: the client's request to close first, so TIME_WAIT lands here and not on the proxy node's ports
 BYE = b"bye\n"
-
-
-def raise_file_limit(wanted: int = 65536) -> None:
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft >= wanted:
-        return
-    try:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, max(hard, wanted)))
-    except (ValueError, OSError):
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
 async def serve(host: str, port: int, deadline: float) -> None:
@@ -82,7 +72,6 @@ async def serve(host: str, port: int, deadline: float) -> None:
 def main() -> None:
     host, port = sys.argv[1], int(sys.argv[2])
     deadline = min(float(sys.argv[3]), MAX_DEADLINE)
-    raise_file_limit()
     asyncio.run(serve(host, port, deadline))
 
 

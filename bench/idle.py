@@ -43,7 +43,6 @@ import os
 import queue
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 
@@ -51,15 +50,15 @@ from bench.common import (
     HERE,
     INTERNAL,
     Row,
-    raise_file_limit,
     rss_bytes,
+    run_in_lab,
     start_gateway,
     start_ssh_d,
     stop_processes,
     table,
     tail,
 )
-from tests.netlab import Lab, lab_skip_reason, wait_for_port
+from tests.netlab import Lab, wait_for_port
 
 HOLD_PORT = 9000
 GATEWAY_PORT = 1090
@@ -302,18 +301,9 @@ def main() -> int:
         # OpenSSH allows 16384 channels per connection; beyond, sshd dies with
         # "channel_new: internal error: channels_alloc 16390 too big", and every stream with it.
         parser.error("--count must be 1 to 15000 (OpenSSH allows at most 16384 channels per connection)")
-    reason = lab_skip_reason()
-    if reason:
-        print(f"bench.idle needs the namespace lab: {reason}", file=sys.stderr)
+    results = run_in_lab("bench.idle", lambda lab, workdir: measure_idle(lab, workdir, args.count))
+    if results is None:
         return 2
-    raise_file_limit()
-    workdir = tempfile.mkdtemp(prefix="gateway-bench-idle-")
-    lab = Lab(os.path.join(workdir, "lab"))
-    try:
-        lab.start()
-        results = measure_idle(lab, workdir, args.count)
-    finally:
-        lab.stop()
     print(table(rows(results, args.count)))
     for name, r in results.items():
         for kind in ("open", "check", "close"):

@@ -19,33 +19,22 @@ Protocol with the orchestrator (bench/idle.py):
 
 Everything runs under one overall deadline (DEADLINE seconds, default 300);
 on expiry it prints {"phase": "deadline", ...} and exits with status 3.
-Stdlib only; raises its own open-file limit.
+Stdlib only; the orchestrator raises the open-file limit it inherits.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
 import json
-import resource
-import struct
 import sys
 import time
+
+from socks5client import socks5_connect
 
 PING = b"ping\n"
 BYE = b"bye\n"
 STEP_TIMEOUT = 30.0
-
-
-def raise_file_limit(wanted: int = 65536) -> None:
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft >= wanted:
-        return
-    try:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, max(hard, wanted)))
-    except (ValueError, OSError):
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
 def error_kind(e: BaseException) -> str:
@@ -81,20 +70,8 @@ async def bye(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> Non
 
 
 async def open_one(socks: tuple[str, int], target: tuple[str, int]):
-    reader, writer = await asyncio.open_connection(*socks)
+    reader, writer = await socks5_connect(socks, target)
     try:
-        writer.write(b"\x05\x01\x00")
-        if await reader.readexactly(2) != b"\x05\x00":
-            raise RuntimeError("SOCKS greeting refused")
-        address = ipaddress.IPv4Address(target[0]).packed
-        writer.write(b"\x05\x01\x00\x01" + address + struct.pack(">H", target[1]))
-        head = await reader.readexactly(4)
-        if head[1] != 0:
-            raise RuntimeError(f"SOCKS reply {head[1]}")
-        rest = {1: 4, 4: 16}.get(head[3])
-        if rest is None:  # a domain name: one length byte first
-            rest = (await reader.readexactly(1))[0]
-        await reader.readexactly(rest + 2)
         await ping(reader, writer)
     except BaseException:
         writer.close()
@@ -182,7 +159,6 @@ def main() -> int:
     count = int(sys.argv[3])
     concurrency = int(sys.argv[4]) if len(sys.argv) > 4 else 200
     deadline = float(sys.argv[5]) if len(sys.argv) > 5 else 300.0
-    raise_file_limit(max(65536, count + 1024))
     idle = Idle((socks_host, int(socks_port)), (target_host, int(target_port)), count, concurrency)
     return asyncio.run(main_async(idle, deadline))
 

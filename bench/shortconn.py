@@ -13,25 +13,17 @@ COUNT requests (or a 120 s overall deadline).
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import json
-import struct
 import sys
 import time
+
+from socks5client import socks5_connect
 
 
 async def one_request(socks: tuple[str, int], target: tuple[str, int], path: str) -> float:
     started = time.perf_counter()
-    reader, writer = await asyncio.open_connection(*socks)
+    reader, writer = await socks5_connect(socks, target)
     try:
-        writer.write(b"\x05\x01\x00")
-        if await reader.readexactly(2) != b"\x05\x00":
-            raise RuntimeError("SOCKS greeting refused")
-        address = ipaddress.ip_address(target[0]).packed
-        writer.write(b"\x05\x01\x00\x01" + address + struct.pack(">H", target[1]))
-        reply = await reader.readexactly(10)
-        if reply[1] != 0:
-            raise RuntimeError(f"SOCKS reply {reply[1]}")
         writer.write(f"GET {path} HTTP/1.0\r\nHost: {target[0]}\r\n\r\n".encode())
         body = await reader.read()
         if not body.startswith(b"HTTP/1.") or b" 200 " not in body[:16]:
