@@ -208,13 +208,16 @@ class _Link:
             self._keepalive.stop()
         self._keepalive = None
 
-    def _transport_lost(self, _: object) -> None:
+    def _transport_lost(self, why: str | None) -> None:
         self._stop_keepalive()
         if self._grace is not None and self._grace.active():
             self._grace.cancel()
         self.connection = None
         self._cluster.links.discard(self)
-        self.lost.callback(self._death or f"connection to {self.proxy} lost")
+        # A dead peer (keepalive) first; then what the SSH layer said, such as
+        # a bad MAC or the node's own disconnect message.
+        lost = f"connection to {self.proxy} lost"
+        self.lost.callback(self._death or (f"{lost}: {why}" if why else lost))
 
     def failed(self) -> None:
         """The attempt failed before a transport existed (or after it went)."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 import socket
 import time
 
+from twisted.conch.ssh import transport
 from twisted.internet import reactor
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
@@ -111,6 +112,24 @@ class KeepaliveFailoverTests(TestCase):
         sock, code = await deferToThread(socks5_open, self.harness.socks_port, *WEB)
         sock.close()
         self.assertEqual(code, 0x04)
+
+
+class LostConnectionTests(TestCase):
+    @inline
+    async def test_why_an_established_connection_ended_is_logged(self):
+        # Conch's own "Disconnecting with error" line is filtered out (too
+        # chatty at hundreds of clusters), so the cluster's event says it.
+        harness = GatewayHarness(self)
+        await harness.start()
+        cluster = harness.service.clusters["demo"]
+        events: list[dict] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        link = next(iter(cluster.links))
+        link.transport.sendDisconnect(transport.DISCONNECT_MAC_ERROR, b"bad MAC")
+        await until(lambda: cluster.last_error is not None and "bad MAC" in cluster.last_error, 5.0)
+        self.assertIn(f"connection to {link.proxy} lost: bad MAC", cluster.last_error)
+        self.assertTrue(any("bad MAC" in str(e.get("error")) for e in events), events)
 
 
 class LimitTests(TestCase):

@@ -190,7 +190,9 @@ class GatewayClientTransport(transport.SSHClientTransport):
         self._clock = clock
         self._failure: str | None = None
         self.ready: Deferred[TunnelConnection] = Deferred()
-        self.lost: Deferred[None] = Deferred()
+        #: Fires when the connection is gone, with why in words if known:
+        #: an error the gateway or the proxy node disconnected with.
+        self.lost: Deferred[str | None] = Deferred()
         self._rekey_bytes = rekey_bytes
         self._rekey_interval = rekey_interval
         self._bytes_since_kex = 0
@@ -453,7 +455,7 @@ class GatewayClientTransport(transport.SSHClientTransport):
                 f"connection closed before authentication: {reason.getErrorMessage()}"
             )
             self.ready.errback(SSHConnectError(why))
-        self.lost.callback(None)
+        self.lost.callback(self._failure)
 
 
 def client_factory(
