@@ -38,13 +38,7 @@ from twisted.conch.ssh import channel, connection, forwarding
 from twisted.conch.ssh.common import NS, getNS
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IPushProducer, IReactorTime
-from twisted.logger import (
-    FilteringLogObserver,
-    Logger,
-    LogLevel,
-    LogLevelFilterPredicate,
-    globalLogPublisher,
-)
+from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -66,19 +60,34 @@ class TunnelPeer(Protocol):
     def tunnel_resume_writing(self) -> None: ...
 
 
+class _WarningsLogger(Logger):
+    """
+    A logger that drops everything below a warning before an event is built.
+
+    Conch logs every channel open and close and each step of a key exchange
+    at info or debug level.  Per stream that would be two events built,
+    dispatched and filtered away, and a new L{Logger} made at each
+    C{self._log} (L{Logger} is a descriptor); this one is shared and returns
+    at once.
+    """
+
+    _kept = frozenset({LogLevel.warn, LogLevel.error, LogLevel.critical})
+
+    def __get__(self, instance: object, owner: type | None = None) -> Logger:
+        return self
+
+    def emit(self, level: LogLevel, format: str | None = None, **kwargs: object) -> None:
+        if level in self._kept:
+            super().emit(level, format, **kwargs)
+
+
 def quiet_logger(namespace: str) -> Logger:
     """
-    A logger for Conch's own events that keeps only warnings and worse.
-
-    Conch logs every channel open and close at info level; at thousands of
-    streams that drowns the gateway's own one-event-per-stream log.
+    A logger for Conch's own events that keeps only warnings and worse: at
+    thousands of streams and hundreds of clusters its chatter would drown the
+    gateway's one event per stream and two per connection.
     """
-    return Logger(
-        namespace=namespace,
-        observer=FilteringLogObserver(
-            globalLogPublisher, [LogLevelFilterPredicate(defaultLogLevel=LogLevel.warn)]
-        ),
-    )
+    return _WarningsLogger(namespace=namespace)
 
 
 def open_failure_reason(code: int, description: str) -> Reason:
