@@ -29,6 +29,13 @@ from gateway.ssh.channel import TunnelChannel
 
 log = Logger()
 
+#: The format of the per-stream event: its text is rendered once, with an
+#: f-string, into the C{summary} field.  Rendering a format over the fields
+#: in the log observer (C{string.Formatter}, in Python) cost ~50 us a stream,
+#: a tenth of the gateway's CPU per short connection.  The fields stay in
+#: the event for structured observers (JSON, filters).
+STREAM_EVENT = "{summary}"
+
 #: How long a client may take to finish its SOCKS/HTTP handshake.
 HANDSHAKE_TIMEOUT = 10.0
 
@@ -135,7 +142,8 @@ class Gateway:
         failures = running.stats.streams_failed if running is not None else self.unrouted_failures
         failures[error.reason.value] += 1
         log.info(
-            "stream to {destination} via {cluster} refused: {reason}",
+            STREAM_EVENT,
+            summary=f"stream to {destination}{f' via {cluster}' if cluster else ''} refused: {error.reason.value}",
             cluster=cluster,
             destination=destination,
             client=request.client,
@@ -156,17 +164,22 @@ class Gateway:
         if running is not None:
             running.stats.bytes_up += channel.bytes_up
             running.stats.bytes_down += channel.bytes_down
+        outcome = "closed" if channel.close_reason is None else "failed"
+        duration = time.monotonic() - channel.started
         log.info(
-            "stream to {destination} via {cluster} {outcome}: "
-            "{bytes_up} bytes up, {bytes_down} down, {duration:.3f} s"
-            + (" ({reason})" if channel.close_reason else ""),
+            STREAM_EVENT,
+            summary=(
+                f"stream to {destination} via {cluster} {outcome}: {channel.bytes_up} bytes up, "
+                f"{channel.bytes_down} down, {duration:.3f} s"
+                + (f" ({channel.close_reason})" if channel.close_reason else "")
+            ),
             cluster=cluster,
             destination=destination,
             client=request.client,
             frontend=request.frontend,
-            outcome="closed" if channel.close_reason is None else "failed",
+            outcome=outcome,
             reason=channel.close_reason,
             bytes_up=channel.bytes_up,
             bytes_down=channel.bytes_down,
-            duration=time.monotonic() - channel.started,
+            duration=duration,
         )

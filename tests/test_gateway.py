@@ -13,6 +13,7 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock, deferLater
 from twisted.internet.threads import deferToThread
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import TestCase
 
 from gateway.errors import StreamError
@@ -70,6 +71,29 @@ class SocksEndToEndTests(TestCase):
         code, body = await deferToThread(self._get, *WEB)
         self.assertEqual(code, 0)
         self.assertTrue(body.endswith(DEMO_PAGE), body)
+
+    @inline
+    async def test_one_structured_event_per_stream(self):
+        events: list[dict] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        await deferToThread(self._get, *WEB)
+        await deferToThread(self._get, "10.98.0.10", 80)
+        await until_no_streams(self.harness)
+        streams = [e for e in events if e.get("log_namespace") == "gateway.streams"]
+        self.assertEqual([e["outcome"] for e in streams], ["closed", "refused"])
+        closed, refused = streams
+        self.assertEqual(
+            (closed["cluster"], closed["destination"], closed["frontend"]), ("demo", "10.99.0.10:80", "socks5")
+        )
+        self.assertGreater(closed["bytes_down"], len(DEMO_PAGE))
+        self.assertEqual(closed["bytes_up"], len(b"GET / HTTP/1.0\r\nHost: x\r\n\r\n"))
+        self.assertRegex(
+            formatEvent(closed),
+            rf"^stream to 10\.99\.0\.10:80 via demo closed: 27 bytes up, {closed['bytes_down']} down, \d+\.\d{{3}} s$",
+        )
+        self.assertEqual((refused["reason"], refused["cluster"]), ("no-route", None))
+        self.assertEqual(formatEvent(refused), "stream to 10.98.0.10:80 refused: no-route")
 
     @inline
     async def test_half_close_both_ways(self):
