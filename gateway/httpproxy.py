@@ -45,6 +45,7 @@ from __future__ import annotations
 import abc
 import base64
 import enum
+import functools
 import ipaddress
 import re
 from dataclasses import dataclass
@@ -441,6 +442,15 @@ class _AbsoluteURL(NamedTuple):
     rest: str  # path and query as sent: "", "/..." or "?..."
 
 
+@functools.lru_cache(maxsize=4096)
+def _canonical_host(host: str) -> str:
+    """An IP literal in its canonical text, a name as it is (cached: the same hosts come again and again)."""
+    try:
+        return str(ipaddress.ip_address(host))
+    except ValueError:
+        return host  # a name, not an IP literal
+
+
 def _parse_authority(authority: str, default_port: int | None) -> tuple[str, int]:
     """C{host[:port]} or C{[v6]:port}; C{default_port} None means the port is required."""
     if "@" in authority:
@@ -458,10 +468,7 @@ def _parse_authority(authority: str, default_port: int | None) -> tuple[str, int
         host, _, port = authority.partition(":")
         if not _REG_NAME.fullmatch(host):
             raise _Malformed(400, f"malformed host in {authority[:64]!r}")
-        try:
-            host = str(ipaddress.ip_address(host))
-        except ValueError:
-            pass  # a name, not an IP literal
+        host = _canonical_host(host)
     if not port and default_port is not None:
         return host, default_port
     if not _PORT.fullmatch(port) or not 1 <= int(port) <= 65535:

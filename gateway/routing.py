@@ -25,6 +25,7 @@ ambiguous, which credentials resolve.
 
 from __future__ import annotations
 
+import functools
 import hmac
 import ipaddress
 import re
@@ -77,9 +78,14 @@ def _listing(items: Iterable[object]) -> str:
     return ", ".join(shown)
 
 
+@functools.lru_cache(maxsize=4096)
 def normalise_host(host: str) -> IPAddress | str:
     """
     Parse a destination host.
+
+    Cached: clients ask for the same few destinations again and again, and
+    parsing an address with C{ipaddress} is a noticeable part of a short
+    stream's CPU.  Refusals raise, and are not cached.
 
     @return: an IP address (IPv4-mapped IPv6 addresses as IPv4, C{[v6]}
         brackets accepted) or the lower-cased host name without trailing dot,
@@ -198,7 +204,7 @@ class Router:
         if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
             raise StreamError(Reason.BAD_REQUEST, f"port {port!r} is not between 1 and 65535")
         dest = normalise_host(host)
-        shown = dest if isinstance(dest, str) else str(dest)
+        shown = str(dest)  # the canonical text: the route's host and the errors'
 
         if username is not None:
             cluster = self.lookup(username)
@@ -239,5 +245,4 @@ class Router:
                 detail = f"{shown} is outside cluster {cluster.name!r} networks ({_listing(cluster.networks)})"
             raise StreamError(Reason.NOT_ALLOWED, detail)
 
-        route_host = host if isinstance(dest, str) else str(dest)
-        return Route(cluster=cluster, host=route_host, port=port)
+        return Route(cluster=cluster, host=host if isinstance(dest, str) else shown, port=port)

@@ -384,6 +384,17 @@ good_ports = st.integers(min_value=1, max_value=65535)
 ports = st.one_of(good_ports, good_ports, good_ports, st.sampled_from([-1, 0, 65536, 70000]))
 
 
+class NormaliseCacheTests(SynchronousTestCase):
+    def test_answers_are_cached_and_refusals_are_not(self):
+        normalise_host.cache_clear()
+        first = normalise_host("10.0.0.5")
+        self.assertIs(normalise_host("10.0.0.5"), first)
+        for _ in range(2):
+            self.assertRaises(StreamError, normalise_host, "10.1")
+        info = normalise_host.cache_info()
+        self.assertEqual((info.hits, info.currsize), (1, 1))
+
+
 class PropertyTests(SynchronousTestCase):
     @settings(max_examples=1500, deadline=None)
     @given(host=hosts, port=ports, username=usernames, password=passwords)
