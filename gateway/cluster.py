@@ -58,8 +58,9 @@ MAX_BACKOFF = 30.0
 CLOSE_GRACE = 5.0
 #: Streams one SSH connection may carry.  OpenSSH's sshd allows 16384
 #: channels per connection (CHANNELS_MAX_CHANNELS) and, past that, ends the
-#: whole connection with a fatal error, resetting every stream on it; the
-#: margin leaves room for the keepalive and exec bookkeeping channels.
+#: whole connection with a fatal error, resetting every stream on it.  The
+#: margin covers channels still closing, which sshd counts until both sides
+#: have closed them.
 MAX_CHANNELS_PER_CONNECTION = 16000
 
 
@@ -537,6 +538,7 @@ class ClusterConnection(Service):
                     "(raise `connections`)",
                 )
             )
+
         def opened(channel: TunnelChannel) -> TunnelChannel:
             channel.closed_hooks.append(self._stream_closed)
             channel.closed_hooks.append(link.channel_closed)

@@ -119,7 +119,6 @@ class _RandomPadding:
         self._offset = end
         return chunk
 
-
     def discard(self) -> None:
         """Forget the pool, so a forked child does not reuse its parent's bytes."""
         self._pool = b""
