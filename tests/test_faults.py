@@ -29,6 +29,7 @@ import sys
 import textwrap
 import threading
 import time
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 from twisted.trial.unittest import SkipTest, TestCase
@@ -228,7 +229,10 @@ def defaults_table(lab: Lab) -> str:
 class Gateway:
     """One `twistd gateway` process in the lab's ctl namespace."""
 
-    def __init__(self, lab: Lab, workdir: str, name: str, config: str, socks: int, http: int) -> None:
+    def __init__(
+        self, lab: Lab, workdir: str, name: str, config: str, socks: int, http: int, extra_args: Sequence[str] = ()
+    ) -> None:
+        """C{extra_args} go after the defaults of L{_twistd_options}, so they win (e.g. C{--control=...})."""
         self.lab = lab
         self.socks = socks
         self.http = http
@@ -246,6 +250,7 @@ class Gateway:
                 "gateway",
                 f"--config={self.config}",
                 *_twistd_options(),
+                *extra_args,
             ],
         )
 
