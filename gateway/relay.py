@@ -11,8 +11,6 @@ channel does: closed after an EOF, reset when the channel was cut.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 from twisted.internet.interfaces import ISSLTransport, ITransport
 
 from gateway.ssh.channel import TunnelChannel
@@ -49,15 +47,9 @@ def half_close(transport: ITransport) -> None:
 class Splice:
     """Joins a client transport and a L{TunnelChannel} in both directions."""
 
-    def __init__(
-        self,
-        transport: ITransport,
-        channel: TunnelChannel,
-        on_end: Callable[[], None] = lambda: None,
-    ) -> None:
+    def __init__(self, transport: ITransport, channel: TunnelChannel) -> None:
         self._transport = transport
         self.channel = channel
-        self._on_end = on_end
         self._client_done = False
         self._tunnel_done = False
         channel.attach(self)
@@ -82,6 +74,11 @@ class Splice:
             self._transport.loseConnection()
 
     def client_lost(self) -> None:
+        # The transport is gone: whatever the channel still delivers (the
+        # destination's reply and EOF may be in flight) must not reach it.
+        # A half-close or write on a disconnected transport raises, and
+        # that would escape into the shared SSH connection.
+        self.channel.attach(None)
         if self._client_done:
             self.channel.close()
         else:
@@ -113,7 +110,6 @@ class Splice:
             # drain time-out).  Reset the client rather than close it
             # politely, so it cannot mistake a cut stream for a complete one.
             self._transport.abortConnection()
-        self._on_end()
 
     def tunnel_pause_writing(self) -> None:
         self._transport.pauseProducing()

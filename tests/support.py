@@ -35,6 +35,25 @@ PROHIBITED = ("10.99.0.10", 25)
 FLOOD_BYTES = 32 * 1024 * 1024
 
 
+class FakeSSHTransport:
+    """Stands for an SSH transport under a connection service: records packets instead of encrypting them."""
+
+    def __init__(self) -> None:
+        self.packets: list[tuple[int, bytes]] = []
+        self.disconnects: list[bytes] = []
+        self.sessionID = b"session-id"
+        self.peerExtensions: dict[bytes, bytes] = {}
+
+    def sendPacket(self, kind: int, payload: bytes) -> None:
+        self.packets.append((kind, payload))
+
+    def sendDisconnect(self, reason: int, description: bytes) -> None:
+        self.disconnects.append(description)
+
+    def of_kind(self, kind: int) -> list[bytes]:
+        return [payload for k, payload in self.packets if k == kind]
+
+
 @implementer(IHalfCloseableProtocol)
 class HalfCloseEcho(Protocol):
     """Echoes; on the client's EOF answers b'bye' and closes its side."""

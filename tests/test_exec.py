@@ -35,8 +35,7 @@ from gateway.ssh.channel import (
 from gateway.ssh.client import TunnelConnection, client_factory
 from gateway.ssh.hostkeys import HostKeyPolicy
 from gateway.testing import FakeProxyNode, generate_key
-from tests.support import HalfCloseEcho
-from tests.test_ssh import FakeSSHTransport
+from tests.support import FakeSSHTransport, HalfCloseEcho
 
 REFUSED_TEXT = b"nc: connect to 10.0.0.5 port 81 (tcp) failed: Connection refused\n"
 

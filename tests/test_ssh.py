@@ -26,6 +26,7 @@ from gateway.ssh.channel import TunnelChannel, open_failure_reason, quiet_logger
 from gateway.ssh.client import SSHConnectError, TunnelConnection
 from gateway.ssh.hostkeys import HostKeyError, HostKeyPolicy, known_hosts_name
 from gateway.testing import generate_key, private_pem, public_line
+from tests.support import FakeSSHTransport
 
 
 def rsa_key() -> keys.Key:
@@ -34,21 +35,6 @@ def rsa_key() -> keys.Key:
 
 def ecdsa_key() -> keys.Key:
     return keys.Key(ec.generate_private_key(ec.SECP256R1()))
-
-
-class FakeSSHTransport:
-    """Records packets instead of encrypting them."""
-
-    def __init__(self) -> None:
-        self.packets: list[tuple[int, bytes]] = []
-        self.sessionID = b"session-id"
-        self.peerExtensions: dict[bytes, bytes] = {}
-
-    def sendPacket(self, kind: int, payload: bytes) -> None:
-        self.packets.append((kind, payload))
-
-    def of_kind(self, kind: int) -> list[bytes]:
-        return [payload for k, payload in self.packets if k == kind]
 
 
 class SignatureAlgorithmTests(TestCase):

@@ -337,6 +337,23 @@ class TunnelChannel(OrderedEOFChannel):
         self.drop_queued()
         self.close()
 
+    def isolate(self) -> None:
+        """
+        One of this stream's callbacks raised (the connection's exception
+        barrier calls this): cut the stream off from its peer, which is told
+        the stream was cut (a client is reset), and forget what it queued.
+        The connection then closes the channel.
+        """
+        if self.close_reason is None:
+            self.close_reason = "internal error"
+        self.drop_queued()
+        peer, self._peer = self._peer, None
+        if peer is not None:
+            try:
+                peer.tunnel_closed()
+            except Exception:
+                pass  # the peer may be what failed; it is cut off either way
+
     # -- flow control toward us (IPushProducer) -----------------------------
 
     def pauseProducing(self) -> None:

@@ -16,6 +16,7 @@ import struct
 from functools import partial
 
 from twisted.conch.ssh import connection, transport
+from twisted.conch.ssh.channel import SSHChannel
 from twisted.conch.ssh.common import NS, ffs, getNS
 from twisted.conch.ssh.keys import Key
 from twisted.internet.defer import Deferred, fail, succeed
@@ -48,6 +49,11 @@ DEFAULT_REKEY_INTERVAL = 3600.0
 
 _MSG_CHANNEL_DATA = connection.MSG_CHANNEL_DATA
 _CHANNEL_DATA_HEADER = struct.Struct(">2L")  # recipient channel, data length
+_CHANNEL_ID = struct.Struct(">L")
+#: The messages addressed to one of our channels (RFC 4254 5.1-5.4).
+_CHANNEL_MESSAGES = frozenset(
+    range(connection.MSG_CHANNEL_OPEN_CONFIRMATION, connection.MSG_CHANNEL_FAILURE + 1)
+)
 
 
 class SSHConnectError(Exception):
@@ -102,7 +108,60 @@ class TunnelConnection(connection.SSHConnection):
         local_id, length = _CHANNEL_DATA_HEADER.unpack_from(message, start)
         channel = self._take_window(local_id, length)
         if channel is not None:
-            channel.dataReceived(message[start + 8 : min(start + 8 + length, end)])
+            try:
+                channel.dataReceived(message[start + 8 : min(start + 8 + length, end)])
+            except Exception:
+                self._stream_failed(channel, Failure())
+
+    # -- the exception barrier ---------------------------------------------
+    #
+    # Every stream of a cluster shares this connection, and Twisted drops a
+    # connection whose dataReceived raises.  So nothing a channel (or the
+    # client behind it) does wrong may travel up into the transport: an
+    # exception from a channel callback ends that channel alone.
+
+    def packetReceived(self, messageNum: int, packet: bytes) -> None:
+        if messageNum not in _CHANNEL_MESSAGES:
+            super().packetReceived(messageNum, packet)
+            return
+        if len(packet) < 4 or _CHANNEL_ID.unpack_from(packet)[0] not in self.channels:
+            # The peer named no channel of ours: its bug, not a stream's.
+            self.transport.sendDisconnect(transport.DISCONNECT_PROTOCOL_ERROR, b"message for an unknown channel")
+            return
+        channel = self.channels[_CHANNEL_ID.unpack_from(packet)[0]]
+        try:
+            super().packetReceived(messageNum, packet)
+        except Exception:
+            if messageNum == connection.MSG_CHANNEL_CLOSE:
+                channel.remoteClosed = True  # Conch raised before noting it
+            self._stream_failed(channel, Failure())
+
+    def _stream_failed(self, channel: SSHChannel, failure: Failure) -> None:
+        """End C{channel}, one of whose callbacks raised C{failure}; log that once."""
+        if not getattr(channel, "failed", False):
+            channel.failed = True  # type: ignore[attr-defined]
+            log.failure(
+                "stream {destination} failed inside the gateway; closing that stream only",
+                failure,
+                destination=getattr(channel, "destination", "?"),
+                outcome="internal-error",
+            )
+        isolate = getattr(channel, "isolate", None)
+        if isolate is not None:
+            isolate()
+        if channel in self.channelsToRemoteChannel:
+            if not channel.localClosed:
+                self.sendClose(channel)
+            if channel.remoteClosed:
+                self.channelClosed(channel)
+
+    def channelClosed(self, channel: SSHChannel) -> None:
+        # Also reached from serviceStopped for every open channel: one whose
+        # clean-up raises must not keep the others from being closed.
+        try:
+            super().channelClosed(channel)
+        except Exception:
+            self._stream_failed(channel, Failure())
 
     def ssh_CHANNEL_EXTENDED_DATA(self, packet: bytes) -> None:
         # As for data: the channel re-opens the window (for stderr at once).
