@@ -80,6 +80,9 @@ MAX_REKEY_BYTES = 1 << 40
 DEFAULT_REKEY_INTERVAL = 3600.0
 MIN_REKEY_INTERVAL = 60.0
 DEFAULT_HANDSHAKE_TIMEOUT = 10.0
+DEFAULT_BODY_TIMEOUT = 30.0
+DEFAULT_RESPONSE_TIMEOUT = 120.0
+DEFAULT_KEEPALIVE_TIMEOUT = 60.0
 DEFAULT_MAX_CLIENTS = 4096
 MAX_MAX_CLIENTS = 1_000_000
 DEFAULT_DRAIN_TIMEOUT = 10.0
@@ -102,10 +105,13 @@ _TOP_KEYS = ("clusters", "defaults", "gateway", "listen")
 _LISTEN_KEYS = ("control", "http", "socks")
 _GATEWAY_KEYS = (
     "api_proxy_command",
+    "body_timeout",
     "control_token_file",
     "drain_timeout",
     "handshake_timeout",
+    "keepalive_timeout",
     "max_clients",
+    "response_timeout",
     "state_file",
 )
 _CLUSTER_KEYS = (
@@ -290,8 +296,17 @@ class ListenConfig:
 class GatewaySettings:
     """The C{[gateway]} table: limits of the gateway as a whole."""
 
-    #: Seconds a client has to complete its SOCKS/HTTP request.
+    #: Seconds a client has to complete its SOCKS handshake or its first
+    #: HTTP request head.
     handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT
+    #: Seconds an HTTP request body may go without a byte arriving.
+    body_timeout: float = DEFAULT_BODY_TIMEOUT
+    #: Seconds to wait for the upstream's response head once the request has
+    #: been sent; 0: no limit (long polls).
+    response_timeout: float = DEFAULT_RESPONSE_TIMEOUT
+    #: Seconds a kept-alive HTTP client connection may idle between requests
+    #: (the next request head must be complete by then).
+    keepalive_timeout: float = DEFAULT_KEEPALIVE_TIMEOUT
     #: Client connections accepted at once, across all listeners.
     max_clients: int = DEFAULT_MAX_CLIENTS
     #: On SIGTERM: seconds open streams may take to finish.
@@ -1174,8 +1189,11 @@ def _parse_gateway(data: Mapping[str, Any], source: str, base_dir: str | None = 
     for k, v in data.items():
         values.items[k] = (v, _join("gateway", k))
     settings: dict[str, Any] = {}
-    if "handshake_timeout" in values:
-        settings["handshake_timeout"] = _seconds(values, "handshake_timeout")
+    for name in ("handshake_timeout", "body_timeout", "keepalive_timeout"):
+        if name in values:
+            settings[name] = _seconds(values, name)
+    if "response_timeout" in values:
+        settings["response_timeout"] = _seconds(values, "response_timeout", zero="no limit")
     if "max_clients" in values:
         settings["max_clients"] = _integer(values, "max_clients", 1, MAX_MAX_CLIENTS)
     if "drain_timeout" in values:

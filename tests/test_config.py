@@ -1292,7 +1292,15 @@ class JumpTests(ConfigTestCase):
 class GatewaySettingsTests(ConfigTestCase):
     def test_defaults(self) -> None:
         self.assertEqual(
-            GatewaySettings(), GatewaySettings(handshake_timeout=10.0, max_clients=4096, drain_timeout=10.0)
+            GatewaySettings(),
+            GatewaySettings(
+                handshake_timeout=10.0,
+                body_timeout=30.0,
+                response_timeout=120.0,
+                keepalive_timeout=60.0,
+                max_clients=4096,
+                drain_timeout=10.0,
+            ),
         )
         self.assertEqual(self.load("").settings, GatewaySettings())
         self.assertEqual(self.load("[gateway]\n").settings, GatewaySettings())
@@ -1308,6 +1316,8 @@ class GatewaySettingsTests(ConfigTestCase):
         self.assertEqual((settings.max_clients, settings.drain_timeout), (1_000_000, 30.5))
         settings = parse_config({"gateway": {"max_clients": 1}}, "mem").settings
         self.assertEqual(settings.max_clients, 1)
+        settings = self.load("[gateway]\nbody_timeout = 5\nresponse_timeout = 0\nkeepalive_timeout = 2.5\n").settings
+        self.assertEqual((settings.body_timeout, settings.response_timeout, settings.keepalive_timeout), (5, 0, 2.5))
         with self.assertRaises(dataclasses.FrozenInstanceError):
             settings.max_clients = 2  # type: ignore[misc]
 
@@ -1329,12 +1339,19 @@ class GatewaySettingsTests(ConfigTestCase):
                 "must be 0 (close streams at once) or a positive number of seconds, got -1",
             ),
             ("drain_timeout = inf", "gateway.drain_timeout", "got inf"),
+            ("body_timeout = 0", "gateway.body_timeout", "must be a positive number of seconds, got 0"),
+            ("keepalive_timeout = '1'", "gateway.keepalive_timeout", "expected a number of seconds, got string"),
+            (
+                "response_timeout = -1",
+                "gateway.response_timeout",
+                "must be 0 (no limit) or a positive number of seconds, got -1",
+            ),
             ("handshake_timout = 1", "gateway.handshake_timout", "unknown key (did you mean handshake_timeout?)"),
             (
                 "colour = 1",
                 "gateway.colour",
-                "unknown key (expected one of: api_proxy_command, control_token_file, drain_timeout, "
-                "handshake_timeout, max_clients, state_file)",
+                "unknown key (expected one of: api_proxy_command, body_timeout, control_token_file, drain_timeout, "
+                "handshake_timeout, keepalive_timeout, max_clients, response_timeout, state_file)",
             ),
             ("socks = 'tcp:1'", "gateway.socks", "unknown key"),
             ("[gateway.sub]", "gateway.sub", "unknown key"),
