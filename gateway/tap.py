@@ -201,5 +201,5 @@ def makeService(options: Options) -> IService:
         config_names = set(config.clusters) | ({"demo"} if options["demo"] else set())
         bodies = {name: body for name, (body, _) in options.api_clusters.items()}
         control = GatewayControl(service, options.store, config_names, bodies)
-        service.add_listener("control", description, control_site(control, options.control_token))
+        service.add_listener("control", description, control_site(control, options.control_token, config.settings))
     return service
