@@ -466,7 +466,7 @@ class _ControlSite(server.Site):
         self.body_timeout = settings.control_body_timeout
         #: The control listener's own count: API clients cannot use up the
         #: proxies' slots, nor the proxies theirs.
-        self.clients = ClientLimit(settings.control_max_clients)
+        self.clients = ClientLimit(settings.control_max_clients, "control_max_clients")
 
     def buildProtocol(self, addr: IAddress) -> _ControlChannel | None:
         """A channel, or None (the connection is closed at once) beyond the cap."""

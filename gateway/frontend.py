@@ -127,14 +127,16 @@ class FrontendProtocol(Protocol):
 
 class ClientLimit:
     """
-    Counts accepted client connections across all listeners.
+    Counts accepted client connections across the listeners that share it.
 
     Beyond C{limit} new connections are closed at once: the gateway keeps
     serving the clients it has instead of running out of file descriptors.
+    C{setting} names the key that sets the limit, for the log.
     """
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, setting: str = "max_clients") -> None:
         self.limit = limit
+        self.setting = setting
         self.count = 0
         self._refusing = False
 
@@ -143,8 +145,9 @@ class ClientLimit:
             if not self._refusing:
                 self._refusing = True
                 log.warn(
-                    "client limit reached ({limit} connections): refusing new clients",
+                    "client limit reached ({limit} connections, {setting}): refusing new clients",
                     limit=self.limit,
+                    setting=self.setting,
                     outcome="overloaded",
                 )
             return False
@@ -155,7 +158,9 @@ class ClientLimit:
         self.count -= 1
         if self._refusing and self.count < self.limit:
             self._refusing = False
-            log.info("accepting new clients again ({count} connected)", count=self.count)
+            log.info(
+                "accepting new clients again ({count} connected, {setting})", count=self.count, setting=self.setting
+            )
 
 
 class FrontendFactory(Factory):
