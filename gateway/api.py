@@ -14,6 +14,11 @@ Every JSON answer is compact with sorted keys and ends with a newline; errors
 are C{{"error": REASON, "field": KEY-OR-NULL}} (C{{"error": "internal error"}}
 for a 500).  With a token, every request needs C{Authorization: Bearer TOKEN}.
 
+The listener has limits of its own (C{[gateway] control_*}): a cap on
+connections, a deadline for each request head and an idle time-out for its
+body; the token (and, without one, the Host header) is checked as soon as the
+head is complete, so a refused client's body is never read.
+
 Request bodies (which carry private keys) are never logged nor echoed.
 """
 
@@ -32,11 +37,15 @@ from typing import Any
 from urllib.parse import unquote_to_bytes
 
 from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.interfaces import IAddress, IDelayedCall, IReactorTime
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web import http, server
 from twisted.web.resource import Resource
 
+from gateway.config import NAME_RULE, GatewaySettings, is_valid_name
 from gateway.control import ClusterControl, ClusterView, ControlError
+from gateway.frontend import ClientLimit
 
 __all__ = [
     "MAX_BODY_BYTES",
@@ -63,9 +72,12 @@ JSON_TYPE = b"application/json"
 METRICS_TYPE = b"text/plain; version=0.0.4; charset=utf-8"
 WWW_AUTHENTICATE = b'Bearer realm="gateway"'
 
-_NAME_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")  # as cluster names in the configuration
 _TOKEN_RE = re.compile(r"[\x21-\x7e]+")  # visible ASCII: it must fit an HTTP header
 _LOOPBACK_NAMES = {"localhost"}
+#: Host header names that always mean this host (RFC 6761, and Debian's
+#: /etc/hosts name of ::1): no DNS server, so no rebinding attacker, decides them.
+_LOOPBACK_HOST_NAMES = {"localhost", "localhost.", "ip6-localhost"}
+_HOST_PORT_RE = re.compile(r"[0-9]{0,5}")  # RFC 3986: port = *DIGIT
 _MUTATING = {b"PUT", b"DELETE", b"POST", b"PATCH"}
 
 _CLUSTER_METHODS = (b"GET", b"PUT", b"DELETE")
@@ -273,28 +285,62 @@ def _authorized(request: http.Request, token: bytes | None) -> bool:
     return hmac.compare_digest(credentials.strip(), token)
 
 
-_LOCAL_HOSTS = {b"localhost", b"127.0.0.1", b"::1", b"[::1]"}
-
-
 def _local_host_header(request: http.Request) -> bool:
-    """True when the Host header is absent (unix socket clients) or names loopback."""
+    """
+    True when the Host header is absent (unix socket clients) or names
+    loopback: a loopback address (C{127.0.0.0/8}, C{[::1]}) or one of
+    L{_LOOPBACK_HOST_NAMES}, with an optional port.  Anything else is a name that
+    DNS (so a rebinding attacker) decides, like C{127.0.0.1.nip.io}.
+    """
     values = request.requestHeaders.getRawHeaders(b"host")
     if not values:
         return True
-    host = values[0].strip().lower()
-    if host.startswith(b"["):
-        host = host.partition(b"]")[0] + b"]"
-    elif host.count(b":") == 1:
-        host = host.partition(b":")[0]
-    return host in _LOCAL_HOSTS or host.startswith(b"127.")
+    if len(values) != 1:
+        return False
+    try:
+        text = values[0].decode("ascii").strip()
+    except UnicodeDecodeError:
+        return False
+    if text.startswith("["):
+        host, bracket, port = text[1:].partition("]")
+        if not bracket or (port and not port.startswith(":")):
+            return False
+        port = port[1:]
+        if ":" not in host:  # only IPv6 addresses go in brackets
+            return False
+    else:
+        host, _, port = text.partition(":")
+    if not _HOST_PORT_RE.fullmatch(port):
+        return False
+    return host.lower() in _LOOPBACK_HOST_NAMES or _is_loopback(host)
+
+
+def _refusal(request: http.Request, token: bytes | None) -> _Response | None:
+    """
+    The answer for a client that may not use the API, from the head alone:
+    403 for a foreign Host header when there is no token, 401 for a missing
+    or wrong token.  None when the request may go on.
+    """
+    if token is None and not _local_host_header(request):
+        # Without a token only this host may talk to us; a browser page
+        # using DNS rebinding would send its own host name.
+        return _Response.error(http.FORBIDDEN, "the Host header must name this host (localhost)")
+    if not _authorized(request, token):
+        return _Response.error(
+            http.UNAUTHORIZED,
+            "missing or invalid bearer token",
+            None,
+            (b"www-authenticate", WWW_AUTHENTICATE),
+        )
+    return None
 
 
 class _ControlRequest(server.Request):
     """
     A request that keeps at most L{MAX_BODY_BYTES} of body in memory.
 
-    A body announced larger than that (C{Content-Length}), or a chunked body
-    from a client without the token, is not read at all: the request is
+    A body announced larger than that (C{Content-Length}), or any body from
+    a client that L{_refusal} refuses, is not read at all: the request is
     answered at once and the connection closed after the answer.  A chunked
     body that turns out too large is read to its end but not kept.
     """
@@ -312,13 +358,11 @@ class _ControlRequest(server.Request):
         if length is not None and length > MAX_BODY_BYTES:
             self.too_large = True
             self._skip_body()
-        elif length is None and not _authorized(self, getattr(self.channel.site, "control_token", None)):
+        elif length != 0 and _refusal(self, self.channel.site.control_token) is not None:
             self._skip_body()
 
     def _skip_body(self) -> None:
         channel = self.channel
-        if not isinstance(channel, http.HTTPChannel):  # e.g. HTTP/2: read (and drop) the body
-            return
         # HTTPChannel dispatches the request right after gotLength when the
         # length is 0; the body that follows is then never parsed, and the
         # connection is closed once this request is answered.
@@ -339,13 +383,96 @@ class _ControlRequest(server.Request):
         self.content.write(data)
 
 
+class _ControlChannel(http.HTTPChannel):
+    """
+    HTTP/1.1 with deadlines: a request head must be complete within
+    C{site.head_timeout} seconds of the connection (or of the first byte of a
+    keep-alive request), and a body may go C{site.body_timeout} seconds
+    without a byte.  Twisted's own C{timeOut} is reset by every byte, so a
+    client sending one byte every few seconds would hold its slot forever.
+    A client past a deadline is disconnected.  Each connection holds one of
+    C{site.clients}' slots until it is gone.
+    """
+
+    site: _ControlSite
+    _deadline: IDelayedCall | None = None
+    #: Between a request's last byte and its answer (no deadline runs then).
+    _answering = False
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        self._arm("head", self.site.head_timeout)
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._deadline is None and not self._answering:
+            self._arm("head", self.site.head_timeout)
+        super().dataReceived(data)
+
+    def allHeadersReceived(self) -> None:
+        super().allHeadersReceived()  # the request's gotLength may skip the body
+        self._disarm()
+        if self.length != 0:
+            self._arm("body", self.site.body_timeout)
+
+    def rawDataReceived(self, data: bytes) -> None:
+        if self._deadline is not None:  # only the body's deadline runs in raw mode
+            self._deadline.reset(self.site.body_timeout)
+        super().rawDataReceived(data)
+
+    def allContentReceived(self) -> None:
+        self._disarm()
+        self._answering = True
+        super().allContentReceived()
+
+    def requestDone(self, request: http.Request) -> None:
+        self._answering = False  # before the next pipelined request is parsed
+        super().requestDone(request)
+
+    def connectionLost(self, reason: Failure) -> None:
+        self._disarm()
+        super().connectionLost(reason)
+        self.site.clients.release()
+
+    def _arm(self, stage: str, seconds: float) -> None:
+        self._disarm()
+        self._deadline = self.site.reactor.callLater(seconds, self._timed_out, stage, seconds)
+
+    def _disarm(self) -> None:
+        if self._deadline is not None and self._deadline.active():
+            self._deadline.cancel()
+        self._deadline = None
+
+    def _timed_out(self, stage: str, seconds: float) -> None:
+        self._deadline = None
+        log.info(
+            "control API client {client} sent no complete request {stage} in {timeout:g} s",
+            client=str(self.transport.getPeer()),
+            stage=stage,
+            timeout=seconds,
+            outcome=f"{stage}-timeout",
+        )
+        self.transport.abortConnection()
+
+
 class _ControlSite(server.Site):
     displayTracebacks = False
     noisy = False
+    protocol = _ControlChannel  # HTTP/1.1 only: no HTTP/2 negotiation
 
-    def __init__(self, resource: _ControlResource) -> None:
-        super().__init__(resource, requestFactory=_ControlRequest, timeout=IDLE_TIMEOUT)
+    def __init__(self, resource: _ControlResource, settings: GatewaySettings, reactor: IReactorTime | None) -> None:
+        super().__init__(resource, requestFactory=_ControlRequest, timeout=IDLE_TIMEOUT, reactor=reactor)
         self.control_token = resource.token
+        self.head_timeout = settings.control_head_timeout
+        self.body_timeout = settings.control_body_timeout
+        #: The control listener's own count: API clients cannot use up the
+        #: proxies' slots, nor the proxies theirs.
+        self.clients = ClientLimit(settings.control_max_clients, "control_max_clients")
+
+    def buildProtocol(self, addr: IAddress) -> _ControlChannel | None:
+        """A channel, or None (the connection is closed at once) beyond the cap."""
+        if not self.clients.admit():
+            return None
+        return super().buildProtocol(addr)
 
     def log(self, request: http.Request) -> None:
         """No access log: mutating requests are logged by the resource."""
@@ -440,17 +567,9 @@ class _ControlResource(Resource):
     # -- routing -------------------------------------------------------------------
 
     async def _dispatch(self, request: server.Request, call: _Call) -> _Response:
-        if self.token is None and not _local_host_header(request):
-            # Without a token only this host may talk to us; a browser page
-            # using DNS rebinding would send its own host name.
-            return _Response.error(http.FORBIDDEN, "the Host header must name this host (localhost)")
-        if not _authorized(request, self.token):
-            return _Response.error(
-                http.UNAUTHORIZED,
-                "missing or invalid bearer token",
-                None,
-                (b"www-authenticate", WWW_AUTHENTICATE),
-            )
+        refusal = _refusal(request, self.token)
+        if refusal is not None:
+            return refusal
         if getattr(request, "too_large", False):
             return _Response.error(http.REQUEST_ENTITY_TOO_LARGE, f"request body larger than {MAX_BODY_BYTES} bytes")
 
@@ -543,8 +662,8 @@ def _cluster_name(raw: bytes) -> str:
         name = unquote_to_bytes(raw).decode("utf-8")
     except UnicodeDecodeError:
         name = ""
-    if not _NAME_RE.fullmatch(name):
-        raise _BadRequest("invalid cluster name: 1 to 64 characters of A-Z a-z 0-9 . _ -", "name")
+    if not is_valid_name(name):
+        raise _BadRequest(f"invalid cluster name: {NAME_RULE}", "name")
     return name
 
 
@@ -580,11 +699,21 @@ def _json_object(data: bytes) -> dict[str, Any]:
     return value
 
 
-def control_site(control: ClusterControl, token: str | None) -> server.Site:
+def control_site(
+    control: ClusterControl,
+    token: str | None,
+    settings: GatewaySettings | None = None,
+    reactor: IReactorTime | None = None,
+) -> server.Site:
     """
     The control API as a L{twisted.web.server.Site} over C{control}; with a
     C{token}, every request needs C{Authorization: Bearer TOKEN}.
+
+    @param settings: the C{[gateway]} table, for the listener's limits
+        (C{control_max_clients}, C{control_head_timeout},
+        C{control_body_timeout}); its defaults when None.
+    @param reactor: the clock of the time-outs (the global reactor when None).
     """
     if token is not None and not token:
         raise ValueError("the control token is empty")
-    return _ControlSite(_ControlResource(control, token))
+    return _ControlSite(_ControlResource(control, token), settings or GatewaySettings(), reactor)

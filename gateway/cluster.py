@@ -501,15 +501,24 @@ class ClusterConnection(Service):
         """The least loaded SSH connection, waiting up to C{connect_timeout}."""
         return self._link().addCallback(lambda link: link.connection)
 
-    def open_stream(self, host: str, port: int, origin: tuple[str, int]) -> Deferred[TunnelChannel]:
+    def open_stream(
+        self, host: str, port: int, origin: tuple[str, int], *, carrier: bool = False
+    ) -> Deferred[TunnelChannel]:
         """
         Open a tunnel to C{host:port} through this cluster's proxy node.
+
+        A C{carrier} is the channel another cluster's SSH connection runs in
+        (C{jump = "<this cluster>"}): it is no client's stream, so it neither
+        counts against C{max_streams} nor keeps a drain or retirement waiting
+        (it ends with the connection it carries).
 
         Fails with L{StreamError}: C{OVERLOADED} at C{max_streams},
         C{UNAVAILABLE} when no connection comes up in time, C{TIMEOUT} when
         the proxy node does not answer the open in time, or the proxy node's
         own reason.
         """
+        if carrier:
+            return self._link().addCallback(self._open_on, host, port, origin, carrier=True)
         if self.open_streams >= self.config.max_streams:
             return fail(
                 StreamError(
@@ -527,7 +536,9 @@ class ClusterConnection(Service):
         self._maybe_retired()
         return failure
 
-    def _open_on(self, link: _Link, host: str, port: int, origin: tuple[str, int]) -> Deferred[TunnelChannel]:
+    def _open_on(
+        self, link: _Link, host: str, port: int, origin: tuple[str, int], carrier: bool = False
+    ) -> Deferred[TunnelChannel]:
         if link.open_channels >= MAX_CHANNELS_PER_CONNECTION:
             # The least loaded link is full, so all are: refuse this stream
             # rather than have sshd drop the connection and every stream on it.
@@ -540,7 +551,8 @@ class ClusterConnection(Service):
             )
 
         def opened(channel: TunnelChannel) -> TunnelChannel:
-            channel.closed_hooks.append(self._stream_closed)
+            if not carrier:
+                channel.closed_hooks.append(self._stream_closed)
             channel.closed_hooks.append(link.channel_closed)
             return channel
 
@@ -602,6 +614,14 @@ class ClusterConnection(Service):
 
         opening.addBoth(settle)
         return result
+
+    def cut_streams(self, reason: str) -> None:
+        """Say why the streams still open are about to be cut: their log events show it."""
+        for link in self.links:
+            if link.connection is not None:
+                for channel in link.connection.channels.values():
+                    if isinstance(channel, TunnelChannel) and channel.close_reason is None:
+                        channel.close_reason = reason
 
     def _stream_closed(self) -> None:
         self.open_streams -= 1

@@ -36,12 +36,16 @@ __all__ = [
     "DEFAULT_REKEY_BYTES",
     "DEFAULT_SOCKS_LISTEN",
     "DEFAULT_WINDOW_SIZE",
+    "NAME_RULE",
     "ClusterConfig",
     "ConfigError",
     "GatewayConfig",
     "GatewaySettings",
     "ListenConfig",
     "ProxyAddress",
+    "check_jump_cycles",
+    "is_valid_name",
+    "jump_cycle",
     "load_config",
     "parse_cluster",
     "parse_config",
@@ -80,9 +84,17 @@ MAX_REKEY_BYTES = 1 << 40
 DEFAULT_REKEY_INTERVAL = 3600.0
 MIN_REKEY_INTERVAL = 60.0
 DEFAULT_HANDSHAKE_TIMEOUT = 10.0
+DEFAULT_BODY_TIMEOUT = 30.0
+DEFAULT_RESPONSE_TIMEOUT = 120.0
+DEFAULT_KEEPALIVE_TIMEOUT = 60.0
 DEFAULT_MAX_CLIENTS = 4096
 MAX_MAX_CLIENTS = 1_000_000
 DEFAULT_DRAIN_TIMEOUT = 10.0
+#: The control listener's own limits (a runaway or hostile API client must
+#: not take the proxies' descriptors or hold its slots for long).
+DEFAULT_CONTROL_MAX_CLIENTS = 64
+DEFAULT_CONTROL_HEAD_TIMEOUT = 10.0
+DEFAULT_CONTROL_BODY_TIMEOUT = 10.0
 #: RFC 1929 (SOCKS5 username/password) carries at most 255 bytes of password.
 MAX_TOKEN_BYTES = 255
 #: Key, token and passphrase files larger than this are refused (a typo such
@@ -101,11 +113,19 @@ _IPV4_MAPPED = ipaddress.ip_network("::ffff:0:0/96")
 _TOP_KEYS = ("clusters", "defaults", "gateway", "listen")
 _LISTEN_KEYS = ("control", "http", "socks")
 _GATEWAY_KEYS = (
+    "api_file_paths",
+    "api_jump",
     "api_proxy_command",
+    "body_timeout",
+    "control_body_timeout",
+    "control_head_timeout",
+    "control_max_clients",
     "control_token_file",
     "drain_timeout",
     "handshake_timeout",
+    "keepalive_timeout",
     "max_clients",
+    "response_timeout",
     "state_file",
 )
 _CLUSTER_KEYS = (
@@ -290,8 +310,17 @@ class ListenConfig:
 class GatewaySettings:
     """The C{[gateway]} table: limits of the gateway as a whole."""
 
-    #: Seconds a client has to complete its SOCKS/HTTP request.
+    #: Seconds a client has to complete its SOCKS handshake or its first
+    #: HTTP request head.
     handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT
+    #: Seconds an HTTP request body may go without a byte arriving.
+    body_timeout: float = DEFAULT_BODY_TIMEOUT
+    #: Seconds to wait for the upstream's response head once the request has
+    #: been sent; 0: no limit (long polls).
+    response_timeout: float = DEFAULT_RESPONSE_TIMEOUT
+    #: Seconds a kept-alive HTTP client connection may idle between requests
+    #: (the next request head must be complete by then).
+    keepalive_timeout: float = DEFAULT_KEEPALIVE_TIMEOUT
     #: Client connections accepted at once, across all listeners.
     max_clients: int = DEFAULT_MAX_CLIENTS
     #: On SIGTERM: seconds open streams may take to finish.
@@ -303,6 +332,19 @@ class GatewaySettings:
     #: Whether clusters registered through the API may set proxy_command (a
     #: command the gateway runs locally): off, so the API cannot run commands.
     api_proxy_command: bool = False
+    #: Whether API bodies may name files on the gateway's host (key_file,
+    #: passphrase_file, known_hosts, token_file): off, so an API client cannot
+    #: use a key (or probe a file) that only the gateway's user can read.
+    api_file_paths: bool = False
+    #: Whether API bodies may set jump to another cluster: off, so an API
+    #: client cannot make another cluster's proxy node connect anywhere.
+    api_jump: bool = False
+    #: Connections the control listener accepts at once (its own count).
+    control_max_clients: int = DEFAULT_CONTROL_MAX_CLIENTS
+    #: Seconds a control API client has to send a whole request head.
+    control_head_timeout: float = DEFAULT_CONTROL_HEAD_TIMEOUT
+    #: Seconds a control API request body may go without a byte.
+    control_body_timeout: float = DEFAULT_CONTROL_BODY_TIMEOUT
 
 
 @dataclass(frozen=True)
@@ -828,7 +870,7 @@ def _jump(
             raise values.error("jump", f"cluster {name!r} cannot jump through itself")
         if target is not None:
             return target, None, None
-    elif "@" not in text and ":" not in text and _NAME_RE.fullmatch(text):
+    elif "@" not in text and ":" not in text and is_valid_name(text):
         return text, None, None  # a cluster name, for the caller to check
     user: str | None
     user, at, host = text.rpartition("@")
@@ -890,11 +932,24 @@ def _parse_pattern(text: str) -> str:
     raise ValueError(f"{_show(text)} is an IP address: list addresses in networks (e.g. {pattern}/32)")
 
 
+#: What is wrong with a name that L{is_valid_name} refuses.
+NAME_RULE = "use 1 to 64 characters of A-Z a-z 0-9 . _ - (not . or ..)"
+
+
+def is_valid_name(name: str) -> bool:
+    """
+    Whether C{name} may name a cluster or an alias (in the file, in an API
+    body and in the API's URL path).  C{.} and C{..} are refused: they are
+    path segments, not names, in the API's URLs.
+    """
+    return bool(_NAME_RE.fullmatch(name)) and name not in (".", "..")
+
+
 def _check_name(name: object, source: str, key: str, what: str) -> str:
     if not isinstance(name, str):
         raise ConfigError(source, key, f"expected a string, got {_type_name(name)}")
-    if not _NAME_RE.fullmatch(name):
-        raise ConfigError(source, key, f"{what} {_show(name)} is invalid: use 1 to 64 characters of A-Z a-z 0-9 . _ -")
+    if not is_valid_name(name):
+        raise ConfigError(source, key, f"{what} {_show(name)} is invalid: {NAME_RULE}")
     return name
 
 
@@ -1174,8 +1229,11 @@ def _parse_gateway(data: Mapping[str, Any], source: str, base_dir: str | None = 
     for k, v in data.items():
         values.items[k] = (v, _join("gateway", k))
     settings: dict[str, Any] = {}
-    if "handshake_timeout" in values:
-        settings["handshake_timeout"] = _seconds(values, "handshake_timeout")
+    for name in ("handshake_timeout", "body_timeout", "keepalive_timeout"):
+        if name in values:
+            settings[name] = _seconds(values, name)
+    if "response_timeout" in values:
+        settings["response_timeout"] = _seconds(values, "response_timeout", zero="no limit")
     if "max_clients" in values:
         settings["max_clients"] = _integer(values, "max_clients", 1, MAX_MAX_CLIENTS)
     if "drain_timeout" in values:
@@ -1184,8 +1242,14 @@ def _parse_gateway(data: Mapping[str, Any], source: str, base_dir: str | None = 
         settings["state_file"] = values.path("state_file")
     if "control_token_file" in values:
         settings["control_token_file"] = values.path("control_token_file")
-    if "api_proxy_command" in values:
-        settings["api_proxy_command"] = values.boolean("api_proxy_command")
+    for k in ("api_proxy_command", "api_file_paths", "api_jump"):
+        if k in values:
+            settings[k] = values.boolean(k)
+    if "control_max_clients" in values:
+        settings["control_max_clients"] = _integer(values, "control_max_clients", 1, MAX_MAX_CLIENTS)
+    for k in ("control_head_timeout", "control_body_timeout"):
+        if k in values:
+            settings[k] = _seconds(values, k)
     return GatewaySettings(**settings)
 
 
@@ -1205,17 +1269,25 @@ def _known_clusters(tables: Mapping[str, Any]) -> dict[str, str]:
     return known
 
 
-def _check_jump_cycles(clusters: Mapping[str, ClusterConfig], source: str) -> None:
+def jump_cycle(clusters: Mapping[str, ClusterConfig], start: str) -> str | None:
+    """
+    The jump cycle through cluster C{start} (C{"a -> b -> a"}), or None.
+    A jump to a cluster missing from C{clusters} ends the walk.
+    """
+    path = [start]
+    target = clusters[start].jump_cluster
+    while target is not None and target not in path and target in clusters:
+        path.append(target)
+        target = clusters[target].jump_cluster
+    return " -> ".join([*path, start]) if target == start else None
+
+
+def check_jump_cycles(clusters: Mapping[str, ClusterConfig], source: str) -> None:
     """Refuse clusters that (indirectly) jump through themselves."""
     for start in clusters:
-        path = [start]
-        target = clusters[start].jump_cluster
-        while target is not None and target not in path:
-            path.append(target)
-            target = clusters[target].jump_cluster
-        if target == start:
-            key = _join(_join("clusters", start), "jump")
-            raise ConfigError(source, key, f"jump cycle {' -> '.join([*path, start])}")
+        cycle = jump_cycle(clusters, start)
+        if cycle is not None:
+            raise ConfigError(source, _join(_join("clusters", start), "jump"), f"jump cycle {cycle}")
 
 
 # --- whole files ------------------------------------------------------------------------
@@ -1253,7 +1325,7 @@ def parse_config(data: Mapping[str, Any], source: str, base_dir: str | None = No
                 raise ConfigError(source, key, f"{what} {n!r} is already used by cluster {owners[n]!r}")
             owners[n] = name
         clusters[name] = cluster
-    _check_jump_cycles(clusters, source)
+    check_jump_cycles(clusters, source)
     return GatewayConfig(listen=listen, clusters=types.MappingProxyType(clusters), source=source, settings=settings)
 
 

@@ -60,9 +60,10 @@ class ClusterControl(Protocol):
     def put_cluster(self, name: str, body: Mapping[str, Any]) -> Deferred[bool]:
         """
         Create or replace cluster C{name} from C{body} (the keys of a
-        C{[clusters.NAME]} TOML table, C{key} as PEM text).  Fires with True
-        when created, False when replaced; fails with ControlError (400 with
-        field, 409 for a TOML-defined cluster).
+        C{[clusters.NAME]} TOML table, C{key} as PEM text; file paths,
+        C{proxy_command} and C{jump} to a cluster only as C{[gateway]}
+        allows).  Fires with True when created, False when replaced; fails
+        with ControlError (400 with field, 409 for a TOML-defined cluster).
         """
 
     def delete_cluster(self, name: str) -> Deferred[None]:

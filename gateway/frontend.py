@@ -16,6 +16,7 @@ from zope.interface import implementer
 
 from gateway.errors import Reason, StreamError
 from gateway.relay import Splice, set_no_delay
+from gateway.ssh.channel import TunnelChannel
 from gateway.streams import Gateway, peer_origin
 
 log = Logger()
@@ -35,9 +36,11 @@ class FrontendProtocol(Protocol):
     """
     Base of the listeners' protocols.
 
-    A client has C{gateway.handshake_timeout} seconds to complete a request
-    (and, between keep-alive requests, whatever the subclass re-arms), so a
-    silent client cannot hold a connection slot.
+    Every stage of a client connection before its splice has a deadline, so a
+    silent or dribbling client cannot hold a connection slot: one timer,
+    re-armed by the subclass for each stage (C{handshake_timeout} for the
+    handshake, then whatever the stage needs).  An established splice has
+    none: SSH sessions through a tunnel legitimately idle for hours.
     """
 
     kind = "client"
@@ -48,17 +51,27 @@ class FrontendProtocol(Protocol):
         self._splice: Splice | None = None
         self._timer: IDelayedCall | None = None
         self._gone = False
+        #: A stream is being opened for the client's request.
+        self._opening = False
+        #: The client's EOF came while its stream was being opened.
+        self._eof_pending = False
         self._client = "?"
         self._origin = ("127.0.0.1", 0)
 
     def connectionMade(self) -> None:
         set_no_delay(self.transport)
         self._client, self._origin = peer_origin(self.transport.getPeer())
-        self._arm_timer(self._gateway.handshake_timeout)
+        self._arm_timer(self._gateway.settings.handshake_timeout)
 
-    def _arm_timer(self, seconds: float) -> None:
+    def _arm_timer(self, seconds: float, expired: Callable[[float], None] | None = None) -> None:
+        """Call C{expired(seconds)} (by default: the handshake time-out) unless re-armed or stopped first."""
         self._stop_timer()
-        self._timer = self._clock.callLater(seconds, self._timed_out, seconds)
+        if seconds > 0:
+            self._timer = self._clock.callLater(seconds, self._expire, expired or self._timed_out, seconds)
+
+    def _expire(self, expired: Callable[[float], None], seconds: float) -> None:
+        self._timer = None
+        expired(seconds)
 
     def _stop_timer(self) -> None:
         if self._timer is not None and self._timer.active():
@@ -70,7 +83,6 @@ class FrontendProtocol(Protocol):
         self._gateway.handshake_errors[self.kind.lower()] += 1
 
     def _timed_out(self, seconds: float) -> None:
-        self._timer = None
         self.handshake_failed()
         log.info(
             "{kind} client {client} sent no complete request in {timeout:g} s",
@@ -81,12 +93,26 @@ class FrontendProtocol(Protocol):
         )
         self.transport.abortConnection()
 
-    def _start_splice(self, channel, early_data: bytes) -> None:
+    def _start_splice(self, channel: TunnelChannel, early_data: bytes) -> None:
         """Become a byte pump between the client and C{channel}."""
+        self._opening = False
         self._splice = Splice(self.transport, channel)
         if early_data:
             self._splice.client_data(early_data)
-        self.transport.resumeProducing()
+        if self._eof_pending:
+            self._splice.client_eof()
+        else:
+            self.transport.resumeProducing()
+
+    def readConnectionLost(self) -> None:
+        if self._splice is not None:
+            self._splice.client_eof()
+        elif self._opening:
+            # A client may send its request (and payload) and half-close
+            # before the stream is open: the EOF goes through once it is.
+            self._eof_pending = True
+        else:
+            self.transport.loseConnection()
 
     def writeConnectionLost(self) -> None:
         pass
@@ -101,14 +127,16 @@ class FrontendProtocol(Protocol):
 
 class ClientLimit:
     """
-    Counts accepted client connections across all listeners.
+    Counts accepted client connections across the listeners that share it.
 
     Beyond C{limit} new connections are closed at once: the gateway keeps
     serving the clients it has instead of running out of file descriptors.
+    C{setting} names the key that sets the limit, for the log.
     """
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, setting: str = "max_clients") -> None:
         self.limit = limit
+        self.setting = setting
         self.count = 0
         self._refusing = False
 
@@ -117,8 +145,9 @@ class ClientLimit:
             if not self._refusing:
                 self._refusing = True
                 log.warn(
-                    "client limit reached ({limit} connections): refusing new clients",
+                    "client limit reached ({limit} connections, {setting}): refusing new clients",
                     limit=self.limit,
+                    setting=self.setting,
                     outcome="overloaded",
                 )
             return False
@@ -129,7 +158,9 @@ class ClientLimit:
         self.count -= 1
         if self._refusing and self.count < self.limit:
             self._refusing = False
-            log.info("accepting new clients again ({count} connected)", count=self.count)
+            log.info(
+                "accepting new clients again ({count} connected, {setting})", count=self.count, setting=self.setting
+            )
 
 
 class FrontendFactory(Factory):

@@ -12,7 +12,18 @@ Two modes share one client connection:
    framing, so the client connection can be kept alive and the tunnel reused
    for the next request to the same destination with the same credentials.
    A request to another destination closes the old tunnel and opens a new
-   one, so one client connection can visit several hosts.
+   one, so one client connection can visit several hosts.  A request that
+   asks to upgrade (WebSocket) and gets C{101} turns the connection into a
+   splice with that tunnel.
+
+Every stage of an exchange has a deadline (L{gateway.config.GatewaySettings}):
+the request head (C{handshake_timeout}, then C{keepalive_timeout} between
+requests), the request body (C{body_timeout}, idle between bytes), the
+response head (C{response_timeout}).  A client that closes before its request
+is complete frees its tunnel and its slot at once.  A request sent on a
+reused tunnel that the origin closes before answering (its keep-alive
+time-out raced the request) is sent once more on a new tunnel when it is
+idempotent and has no body, as browsers do.
 
 Errors are answered with the status of L{gateway.httpproxy.status_for} and a
 short text body, and logged; the client never sees a traceback.
@@ -41,22 +52,51 @@ from gateway.httpproxy import (
     status_for,
 )
 from gateway.ssh.channel import TunnelChannel
-from gateway.streams import Gateway, StreamRequest
+from gateway.streams import Gateway, StreamRequest, format_destination
 
 log = Logger()
 
-#: How long a kept-alive client connection may sit idle between requests.
-KEEPALIVE_IDLE = 60.0
 #: Buffered client bytes above which the client is paused until we catch up.
 MAX_BUFFERED = 256 * 1024
+#: Methods that may be sent again on a new tunnel when a reused one closed
+#: before any answer: idempotent (RFC 9110 9.2.2), and only without a body.
+RETRYABLE_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
+
+_UpstreamKey = tuple[str, int, tuple[str, str] | None]
 
 
 class _Upstream:
     """An open tunnel used for absolute-form requests, and what it is for."""
 
-    def __init__(self, key: tuple, channel: TunnelChannel) -> None:
+    __slots__ = ("key", "channel")
+
+    def __init__(self, key: _UpstreamKey, channel: TunnelChannel) -> None:
         self.key = key
         self.channel = channel
+
+
+class _Exchange:
+    """One absolute-form request and its response."""
+
+    __slots__ = ("head", "response", "request_done", "response_done", "answered", "heard", "reused", "replay")
+
+    def __init__(self, head: RequestHead, upstream_head: bytes) -> None:
+        self.head = head
+        self.response = ResponseParser(head.method, upgrade=head.upgrade is not None)
+        self.request_done = False
+        self.response_done = False
+        #: A final response head went to the client: a failure now is a reset.
+        self.answered = False
+        #: The upstream sent something for this request.
+        self.heard = False
+        #: It went over a tunnel that had carried an earlier request.
+        self.reused = False
+        #: The bytes to send again on a new tunnel, while that is allowed.
+        self.replay: bytes | None = upstream_head if head.method in RETRYABLE_METHODS else None
+
+    @property
+    def destination(self) -> str:
+        return format_destination(self.head.host, self.head.port)
 
 
 class HttpProxyProtocol(FrontendProtocol):
@@ -67,16 +107,13 @@ class HttpProxyProtocol(FrontendProtocol):
     def __init__(self, gateway: Gateway, clock: IReactorTime) -> None:
         super().__init__(gateway, clock)
         self._parser = RequestParser()
-        # The absolute-form exchange in progress.
-        self._head: RequestHead | None = None
+        self._version = "HTTP/1.1"
+        self._exchange: _Exchange | None = None
         self._upstream: _Upstream | None = None
-        self._opening = False
         self._pending: list[bytes] = []
-        self._response: ResponseParser | None = None
-        self._response_started = False
-        self._request_done = False
-        self._response_done = False
         self._client_keep_alive = True
+        #: Bytes of a request arrived since the last exchange ended.
+        self._head_begun = False
 
     # -- connection --------------------------------------------------------
 
@@ -84,18 +121,30 @@ class HttpProxyProtocol(FrontendProtocol):
         if self._splice is not None:
             self._splice.client_data(data)
             return
+        self._head_begun = True
         self._handle(self._parser.receive_data(data))
         if self._parser.buffered > MAX_BUFFERED and not self._gone:
             self.transport.pauseProducing()
 
     def readConnectionLost(self) -> None:
-        if self._splice is not None:
-            self._splice.client_eof()
-        elif self._head is None:
+        exchange = self._exchange
+        if exchange is None or self._splice is not None:
+            super().readConnectionLost()
+        elif not exchange.request_done:
+            # The request can never be completed: free its tunnel and the
+            # slot now, not whenever (if ever) the destination answers.
+            log.info(
+                "HTTP client {client} closed before its request to {destination} was complete",
+                client=self._client,
+                destination=exchange.destination,
+                outcome="client-gone",
+            )
+            self._drop_upstream()
             self.transport.loseConnection()
-        # else: let the exchange in progress finish, then close (keep-alive off)
         else:
+            # Answer this request (a client may half-close after it), then close.
             self._client_keep_alive = False
+            self._eof_pending = True
 
     def connectionLost(self, reason: Failure) -> None:
         super().connectionLost(reason)
@@ -105,19 +154,22 @@ class HttpProxyProtocol(FrontendProtocol):
 
     def _handle(self, events: list) -> None:
         for event in events:
-            if self._gone:
+            if self._gone or self._splice is not None:
                 return
             if isinstance(event, RequestHead):
                 self._stop_timer()
+                self._version = event.version
                 if event.is_connect:
                     self._connect(event)
                 else:
                     self._forward(event)
             elif isinstance(event, RequestBody):
+                if self._exchange is not None:
+                    self._exchange.replay = None
                 self._send_upstream(event.data)
+                self._await_body()
             elif isinstance(event, RequestEnd):
-                self._request_done = True
-                self._maybe_next()
+                self._request_done()
             elif isinstance(event, RequestError):
                 self.handshake_failed()
                 log.info(
@@ -142,12 +194,12 @@ class HttpProxyProtocol(FrontendProtocol):
         )
 
     def _fail(self, status: int, detail: str) -> None:
-        version = self._head.version if self._head is not None else "HTTP/1.1"
-        self.transport.write(error_response(status, detail, version=version))
-        self.transport.loseConnection()
         self._drop_upstream()
+        self.transport.write(error_response(status, detail, version=self._version))
+        self.transport.loseConnection()
 
     def _refused(self, failure: Failure) -> None:
+        self._opening = False
         if not self._gone:
             error = stream_error(failure)
             self._fail(status_for(error), error.detail)
@@ -156,8 +208,8 @@ class HttpProxyProtocol(FrontendProtocol):
 
     def _connect(self, head: RequestHead) -> None:
         self._drop_upstream()  # after keep-alive requests, the connection becomes a tunnel
-        self._response = None
-        self._head = head
+        self._exchange = None
+        self._opening = True
         self.transport.pauseProducing()
         opening = self._gateway.open_stream(self._stream_request(head, "http-connect"))
         opening.addCallbacks(self._connected, self._refused)
@@ -172,11 +224,9 @@ class HttpProxyProtocol(FrontendProtocol):
     # absolute-form
 
     def _forward(self, head: RequestHead) -> None:
-        self._head = head
-        self._request_done = self._response_done = False
-        self._response_started = False
+        data = head.upstream_head()
+        exchange = self._exchange = _Exchange(head, data)
         self._client_keep_alive = self._client_keep_alive and head.keep_alive
-        self._response = ResponseParser(head.method)
         key = (head.host, head.port, head.credentials)
         if self._upstream is not None and self._upstream.key == key:
             # Reuse the tunnel only while the route still leads to the same
@@ -187,16 +237,22 @@ class HttpProxyProtocol(FrontendProtocol):
                 self._fail(status_for(e), e.detail)
                 return
             if cluster is self._upstream.channel.cluster:
-                self._upstream.channel.send(head.upstream_head())
+                exchange.reused = True
+                self._upstream.channel.send(data)
+                self._await_body()
                 return
         self._drop_upstream()
+        self._open_upstream(key, data)
+
+    def _open_upstream(self, key: _UpstreamKey, data: bytes) -> None:
+        assert self._exchange is not None
         self._opening = True
-        self._pending = [head.upstream_head()]
+        self._pending = [data]
         self.transport.pauseProducing()
-        opening = self._gateway.open_stream(self._stream_request(head, "http"))
+        opening = self._gateway.open_stream(self._stream_request(self._exchange.head, "http"))
         opening.addCallbacks(lambda channel: self._upstream_open(key, channel), self._refused)
 
-    def _upstream_open(self, key: tuple, channel: TunnelChannel) -> None:
+    def _upstream_open(self, key: _UpstreamKey, channel: TunnelChannel) -> None:
         self._opening = False
         if self._gone:
             channel.close()
@@ -208,6 +264,7 @@ class HttpProxyProtocol(FrontendProtocol):
         for data in pending:
             channel.send(data)
         self.transport.resumeProducing()
+        self._await_body()
 
     def _send_upstream(self, data: bytes) -> None:
         if self._opening:
@@ -227,88 +284,198 @@ class HttpProxyProtocol(FrontendProtocol):
                 self.transport.resumeProducing()
             upstream.channel.close()
 
+    def _request_done(self) -> None:
+        exchange = self._exchange
+        if exchange is None:
+            return
+        exchange.request_done = True
+        if exchange.answered:
+            self._stop_timer()
+        else:
+            self._arm_timer(self._gateway.settings.response_timeout, self._response_timed_out)
+        self._maybe_next()
+
     def _maybe_next(self) -> None:
         """Start on the next request once both halves of this one are done."""
-        if not (self._request_done and self._response_done):
+        exchange = self._exchange
+        if exchange is None or not (exchange.request_done and exchange.response_done):
             return
         if not self._client_keep_alive:
-            self.transport.loseConnection()
             self._drop_upstream()
+            self.transport.loseConnection()
             return
-        self._head = None
-        self._response = None
-        self._arm_timer(KEEPALIVE_IDLE)
+        self._exchange = None
+        self._head_begun = False
+        self._arm_timer(self._gateway.settings.keepalive_timeout, self._idle_timed_out)
         self.transport.resumeProducing()
         self._handle(self._parser.next_request())
+
+    # -- deadlines -----------------------------------------------------------
+
+    def _await_body(self) -> None:
+        """The request body is still to come: it must keep arriving."""
+        exchange = self._exchange
+        if exchange is not None and not exchange.request_done and not self._opening:
+            self._arm_timer(self._gateway.settings.body_timeout, self._body_timed_out)
+
+    def _give_up(self, status: int, seconds: float, what: str, outcome: str) -> None:
+        """A stage's deadline passed: answer C{status} if nothing was answered yet."""
+        exchange = self._exchange
+        log.info(
+            "HTTP client {client}: {what} in {timeout:g} s (request to {destination})",
+            client=self._client,
+            what=what,
+            timeout=seconds,
+            destination=exchange.destination if exchange is not None else None,
+            outcome=outcome,
+        )
+        if exchange is not None and exchange.answered:
+            self._drop_upstream()
+            self.transport.abortConnection()
+        else:
+            self._fail(status, f"{what} in {seconds:g} s")
+
+    def _body_timed_out(self, seconds: float) -> None:
+        self._give_up(408, seconds, "the request body stalled", "body-timeout")
+
+    def _response_timed_out(self, seconds: float) -> None:
+        self._give_up(504, seconds, "the upstream sent no response", "response-timeout")
+
+    def _idle_timed_out(self, seconds: float) -> None:
+        if self._head_begun:
+            self._timed_out(seconds)  # a request head begun and never finished
+        else:
+            self.transport.loseConnection()  # an idle kept-alive connection
 
     # -- responses (TunnelPeer of the upstream channel) -----------------------
 
     def _handle_response(self, events: list) -> None:
+        exchange = self._exchange
+        assert exchange is not None
         for event in events:
             if isinstance(event, ResponseHead):
+                if event.status == 101:  # only ever for a request that asked
+                    self._switch_protocols(exchange, event)
+                    return
                 if not event.interim:
-                    self._response_started = True
-                    if self._response.close_delimited:
+                    exchange.answered = True
+                    if exchange.response.close_delimited:
                         self._client_keep_alive = False
-                data = event.client_head(keep_alive=self._client_keep_alive)
-                self.transport.write(data)
+                    if exchange.request_done:
+                        self._stop_timer()
+                self.transport.write(event.client_head(keep_alive=self._client_keep_alive))
             elif isinstance(event, ResponseBody):
                 self.transport.write(event.data)
             elif isinstance(event, ResponseEnd):
                 if not event.reusable:
                     self._drop_upstream()
-                self._response_done = True
+                exchange.response_done = True
                 self._maybe_next()
                 return
             elif isinstance(event, ResponseError):
                 self._upstream_broken(f"bad response from upstream: {event.detail}")
                 return
 
+    def _switch_protocols(self, exchange: _Exchange, head: ResponseHead) -> None:
+        """C{101}: from now on the client connection is a splice with the tunnel."""
+        upstream = self._upstream
+        if upstream is None or not exchange.request_done:
+            self._upstream_broken("upstream switched protocols before the request was complete")
+            return
+        self._upstream = self._exchange = None
+        self._stop_timer()
+        self.transport.unregisterProducer()
+        self.transport.write(head.client_head(keep_alive=False) + exchange.response.take_leftover())
+        self._start_splice(upstream.channel, self._parser.take_upgrade_leftover())
+
     def _upstream_broken(self, detail: str) -> None:
-        if self._response_started:
-            log.info(
-                "upstream response to {client} cut short: {detail}",
-                client=self._client,
-                detail=detail,
-            )
+        exchange = self._exchange
+        log.info(
+            "upstream response to {client} from {destination} {how}: {detail}",
+            client=self._client,
+            destination=exchange.destination if exchange is not None else None,
+            how="cut short" if exchange is not None and exchange.answered else "failed (502)",
+            detail=detail,
+            outcome="upstream-error",
+        )
+        if exchange is not None and exchange.answered:
             # Reset: a client must not take a truncated response for a whole one.
-            self.transport.abortConnection()
             self._drop_upstream()
+            self.transport.abortConnection()
         else:
             self._fail(502, detail)
 
+    def _retry(self) -> bool:
+        """
+        The upstream went away before answering: send the request again on
+        a new tunnel if it went over a reused one (the origin's keep-alive
+        time-out raced it) and may be repeated.  Once per request.
+        """
+        exchange = self._exchange
+        if (
+            exchange is None
+            or not exchange.reused
+            or exchange.heard
+            or exchange.replay is None
+            or not exchange.request_done
+            or self._upstream is None
+        ):
+            return False
+        log.info(
+            "upstream {destination} closed a reused tunnel before answering {client}; "
+            "sending the request again on a new one",
+            destination=exchange.destination,
+            client=self._client,
+            outcome="retry",
+        )
+        key = self._upstream.key
+        exchange.reused = False
+        exchange.response = ResponseParser(exchange.head.method, upgrade=exchange.head.upgrade is not None)
+        self._drop_upstream()
+        self._open_upstream(key, exchange.replay)
+        return True
+
     def tunnel_data(self, data: bytes) -> None:
-        if self._response is None:
+        exchange = self._exchange
+        if exchange is None:
             # Bytes from an idle upstream: it is not speaking HTTP to us.
             self._drop_upstream()
             return
-        self._handle_response(self._response.receive_data(data))
+        exchange.heard = True
+        self._handle_response(exchange.response.receive_data(data))
 
     def tunnel_eof(self) -> None:
-        if self._response is None or self._response_done:
+        exchange = self._exchange
+        if exchange is None or exchange.response_done:
             # An idle kept-alive upstream closed (its keep-alive time-out):
             # it cannot carry the next request.
             self._drop_upstream()
-            return
-        self._handle_response(self._response.eof_received())
+        elif not self._retry():
+            self._handle_response(exchange.response.eof_received())
 
     def tunnel_closed(self) -> None:
         if self._upstream is None:
+            return
+        exchange = self._exchange
+        if exchange is not None and not exchange.response_done and self._retry():
             return
         channel = self._upstream.channel
         self._upstream = None
         if not self._gone:
             self.transport.unregisterProducer()
-        if self._response is not None and not self._response_done:
-            self._handle_response(self._response.eof_received())
-            if not self._response_done and not self._gone:
+        if exchange is not None and not exchange.response_done:
+            self._handle_response(exchange.response.eof_received())
+            if not exchange.response_done and not self._gone:
                 self._upstream_broken(channel.close_reason or "upstream closed the connection")
 
     def tunnel_pause_writing(self) -> None:
         self.transport.pauseProducing()
+        if self._exchange is not None and not self._exchange.request_done:
+            self._stop_timer()  # a full window is not the client's fault
 
     def tunnel_resume_writing(self) -> None:
         self.transport.resumeProducing()
+        self._await_body()
 
 
 def HttpProxyFactory(gateway: Gateway, clock: IReactorTime, clients: ClientLimit | None = None) -> FrontendFactory:

@@ -120,6 +120,7 @@ class RequestHead:
     is_connect: bool
     credentials: tuple[str, str] | None
     keep_alive: bool
+    upgrade: str | None = None
 
     def upstream_head(self) -> bytes:
         """
@@ -651,7 +652,7 @@ class ResponseParser(_Parser):
     never pipelines upstream, so the tunnel must not be reused.
     """
 
-    def __init__(self, request_method: str) -> None:
+    def __init__(self, request_method: str, upgrade: bool = False) -> None:
         super().__init__()
         self._request_method = request_method
         self._reusable = False

@@ -21,7 +21,7 @@ from twisted.internet.defer import Deferred, fail, succeed
 from twisted.logger import Logger
 
 from gateway.cluster import ClusterConnection
-from gateway.config import ClusterConfig, ConfigError
+from gateway.config import ClusterConfig, ConfigError, jump_cycle
 from gateway.control import ClusterView, ControlError
 from gateway.metrics import metrics_text
 from gateway.service import GatewayService
@@ -95,9 +95,7 @@ class GatewayControl:
         store: ClusterStore | None,
         config_names: set[str],
         api_bodies: Mapping[str, Mapping[str, Any]] | None = None,
-        allow_proxy_command: bool = False,
     ) -> None:
-        self._allow_proxy_command = allow_proxy_command
         self._service = service
         self._store = store
         self._config_names = set(config_names)
@@ -128,20 +126,17 @@ class GatewayControl:
     def put_cluster(self, name: str, body: Mapping[str, Any]) -> Deferred[bool]:
         if name in self._config_names:
             return fail(ControlError(409, f"cluster {name!r} is defined in the configuration file"))
-        if "proxy_command" in body and not self._allow_proxy_command:
-            return fail(
-                ControlError(
-                    400,
-                    "proxy_command runs a command on the gateway host and is off for API clusters "
-                    "(set [gateway] api_proxy_command = true to allow it)",
-                    "proxy_command",
-                )
-            )
         known = self._known_names(excluding=name)
         try:
-            config = validate_body(name, body, known_clusters=known)
+            # [gateway] says what API bodies may do beyond inline keys.
+            config = validate_body(name, body, known_clusters=known, settings=self._service.settings)
         except ConfigError as e:
             return fail(ControlError(400, e.reason, e.key or None))
+        configs = {cluster.name: cluster.config for cluster in self._service.clusters.values()}
+        configs[name] = config
+        cycle = jump_cycle(configs, name)
+        if cycle is not None:
+            return fail(ControlError(400, f"jump cycle {cycle}", "jump"))
         for alias in config.aliases:
             if alias in known:
                 used = f"alias {alias!r} is already used by cluster {known[alias]!r}"

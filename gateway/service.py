@@ -87,7 +87,7 @@ class GatewayService(MultiService):
         self.clusters: dict[str, ClusterConnection] = {}
         #: Hidden clusters for C{jump = "user@host:port"} hops, by cluster name.
         self._hops: dict[str, ClusterConnection] = {}
-        self.gateway = Gateway(Router(()), self.clusters, handshake_timeout=config.settings.handshake_timeout)
+        self.gateway = Gateway(Router(()), self.clusters, config.settings)
         for cluster in config.clusters.values():
             self.add_cluster(cluster)
         clients = ClientLimit(config.settings.max_clients)
@@ -166,7 +166,7 @@ class GatewayService(MultiService):
             if via is None:
                 return fail(StreamError(Reason.UNAVAILABLE, f"jump cluster {config.jump_cluster!r} is not configured"))
             return ChannelEndpoint(
-                lambda host, port: via.open_stream(host, port, ("127.0.0.1", 0)), proxy.host, proxy.port
+                lambda host, port: via.open_stream(host, port, ("127.0.0.1", 0), carrier=True), proxy.host, proxy.port
             ).connect(factory)
 
         return connect
@@ -235,6 +235,8 @@ class GatewayService(MultiService):
                 poll.stop()
                 if left:
                     log.info("drain time-out: closing {streams} streams", streams=left)
+                    for cluster in self.clusters.values():
+                        cluster.cut_streams("cut at the drain time-out")
                 drained.callback(None)
 
         poll = LoopingCall(check)

@@ -53,6 +53,7 @@ class SocksProtocol(FrontendProtocol):
                 self._connect(event)
 
     def _connect(self, request: ConnectRequest) -> None:
+        self._opening = True
         self.transport.pauseProducing()
         opening = self._gateway.open_stream(
             StreamRequest(
@@ -75,14 +76,9 @@ class SocksProtocol(FrontendProtocol):
         self._start_splice(channel, self._machine.leftover)
 
     def _refused(self, failure: Failure) -> None:
+        self._opening = False
         if not self._gone:
             self.transport.write(self._machine.reject(stream_error(failure).reason))
-            self.transport.loseConnection()
-
-    def readConnectionLost(self) -> None:
-        if self._splice is not None:
-            self._splice.client_eof()
-        else:
             self.transport.loseConnection()
 
 

@@ -23,6 +23,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from gateway.cluster import ClusterConnection
+from gateway.config import GatewaySettings
 from gateway.errors import Reason, StreamError
 from gateway.routing import Route, Router
 from gateway.ssh.channel import TunnelChannel
@@ -35,9 +36,6 @@ log = Logger()
 #: a tenth of the gateway's CPU per short connection.  The fields stay in
 #: the event for structured observers (JSON, filters).
 STREAM_EVENT = "{summary}"
-
-#: How long a client may take to finish its SOCKS/HTTP handshake.
-HANDSHAKE_TIMEOUT = 10.0
 
 
 @dataclass(frozen=True)
@@ -75,11 +73,12 @@ class Gateway:
         self,
         router: Router,
         clusters: Mapping[str, ClusterConnection],
-        handshake_timeout: float = HANDSHAKE_TIMEOUT,
+        settings: GatewaySettings | None = None,
     ) -> None:
         self.router = router
         self.clusters = clusters
-        self.handshake_timeout = handshake_timeout
+        #: The client-side deadlines (handshake, body, response, keep-alive).
+        self.settings = settings or GatewaySettings()
         #: Refusals before any cluster was chosen (no route, auth, ...), by reason.
         self.unrouted_failures: Counter[str] = Counter()
         #: Malformed or timed-out client handshakes, by front end.

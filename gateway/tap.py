@@ -28,6 +28,7 @@ from gateway.config import (
     ConfigError,
     GatewayConfig,
     ListenConfig,
+    check_jump_cycles,
     load_config,
     parse_cluster,
 )
@@ -99,9 +100,12 @@ class Options(usage.Options):
             if name in config.clusters or (self["demo"] and name == "demo"):
                 raise ConfigError(self.store.path, f"clusters.{name}", "also defined in the configuration file")
             try:
-                loaded[name] = (body, validate_body(name, body, self.store.path, known_clusters=known))
+                cluster = validate_body(name, body, self.store.path, known_clusters=known, settings=config.settings)
             except ConfigError as e:
                 raise ConfigError(self.store.path, f"clusters.{name}.{e.key}", e.reason) from None
+            loaded[name] = (body, cluster)
+        # Bodies stored before API registrations were checked for cycles.
+        check_jump_cycles({**config.clusters, **{name: c for name, (_, c) in loaded.items()}}, self.store.path)
         return loaded
 
     def _load(self) -> GatewayConfig:
@@ -196,8 +200,6 @@ def makeService(options: Options) -> IService:
     for description in config.listen.control:
         config_names = set(config.clusters) | ({"demo"} if options["demo"] else set())
         bodies = {name: body for name, (body, _) in options.api_clusters.items()}
-        control = GatewayControl(
-            service, options.store, config_names, bodies, allow_proxy_command=config.settings.api_proxy_command
-        )
-        service.add_listener("control", description, control_site(control, options.control_token))
+        control = GatewayControl(service, options.store, config_names, bodies)
+        service.add_listener("control", description, control_site(control, options.control_token, config.settings))
     return service

@@ -9,19 +9,31 @@ route table, so no packet ever leaves the machine.
 
 from __future__ import annotations
 
+import itertools
 import os
 import socket
 import struct
+from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
+from twisted.conch.ssh import connection
+from twisted.conch.ssh.common import NS
 from twisted.internet import reactor
+from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import serverFromString
+from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from gateway.config import GatewayConfig, GatewaySettings, ListenConfig, parse_cluster
 from gateway.service import GatewayService
+from gateway.ssh.channel import TunnelChannel
+from gateway.ssh.client import TunnelConnection
 from gateway.testing import FakeProxyNode, demo_web_site, generate_key, private_pem, public_line
 
 WEB = ("10.99.0.10", 80)
@@ -52,6 +64,108 @@ class FakeSSHTransport:
 
     def of_kind(self, kind: int) -> list[bytes]:
         return [payload for k, payload in self.packets if k == kind]
+
+
+class MemoryProxyNode:
+    """
+    One cluster's SSH connection in memory, its proxy node played by the test.
+
+    It stands where L{gateway.streams.Gateway} stands for a front end:
+    C{open_stream} opens a real L{TunnelChannel} on a real L{TunnelConnection}
+    over a L{FakeSSHTransport}; the test confirms or refuses opens, reads what
+    each channel sent and answers with data, EOF and close, packet by packet.
+    """
+
+    def __init__(self, clock: Clock, settings: GatewaySettings | None = None, *, auto_open: bool = True) -> None:
+        self.settings = settings or GatewaySettings()
+        self.ssh = FakeSSHTransport()
+        self.conn = TunnelConnection(Deferred(), clock)
+        self.conn.transport = self.ssh
+        self.conn.serviceStarted()
+        self.auto_open = auto_open
+        self.requests: list[Any] = []
+        self.channels: list[TunnelChannel] = []
+        self.handshake_errors: Counter[str] = Counter()
+        self._remote_ids = itertools.count(100)
+        self._remote: dict[TunnelChannel, bytes] = {}
+
+    # what a front end calls (the Gateway's interface)
+
+    def authenticate(self, username: str, password: str) -> bool:
+        return True
+
+    def route(self, request: Any) -> tuple[None, MemoryProxyNode]:
+        return None, self
+
+    def open_stream(self, request: Any) -> Deferred[TunnelChannel]:
+        self.requests.append(request)
+        opened = self.conn.open_tunnel(request.host, request.port, request.origin)
+        channel = self.conn.channels[max(self.conn.channels)]
+        channel.cluster = self
+        self.channels.append(channel)
+        if self.auto_open:
+            self.confirm(channel)
+        return opened
+
+    # the proxy node's side
+
+    def confirm(self, channel: TunnelChannel, window: int = 1 << 20) -> None:
+        remote = next(self._remote_ids)
+        self._remote[channel] = struct.pack(">L", remote)
+        confirmation = struct.pack(">4L", channel.id, remote, window, 32768)
+        self.conn.packetReceived(connection.MSG_CHANNEL_OPEN_CONFIRMATION, confirmation)
+
+    def received(self, channel: TunnelChannel) -> bytes:
+        """Everything the gateway sent on C{channel} so far."""
+        remote = self._remote[channel]
+        return b"".join(p[8:] for p in self.ssh.of_kind(connection.MSG_CHANNEL_DATA) if p[:4] == remote)
+
+    def sent(self, kind: int, channel: TunnelChannel) -> int:
+        """How many messages of C{kind} the gateway sent on C{channel}."""
+        return sum(1 for p in self.ssh.of_kind(kind) if p[:4] == self._remote[channel])
+
+    def reply(self, channel: TunnelChannel, data: bytes) -> None:
+        message = struct.pack(">L", channel.id) + NS(data)
+        self.conn.channel_data(message, 0, len(message))
+
+    def eof(self, channel: TunnelChannel) -> None:
+        self.conn.packetReceived(connection.MSG_CHANNEL_EOF, struct.pack(">L", channel.id))
+
+    def close(self, channel: TunnelChannel) -> None:
+        self.conn.packetReceived(connection.MSG_CHANNEL_CLOSE, struct.pack(">L", channel.id))
+
+    def window(self, channel: TunnelChannel, size: int) -> None:
+        self.conn.packetReceived(connection.MSG_CHANNEL_WINDOW_ADJUST, struct.pack(">2L", channel.id, size))
+
+
+class MemoryClient:
+    """A front-end protocol on a L{StringTransport}, built by its factory like a real connection."""
+
+    def __init__(self, factory_class: Callable[..., Any], node: MemoryProxyNode, clock: Clock) -> None:
+        self.factory = factory_class(node, clock)
+        self.protocol = self.factory.buildProtocol(None)
+        self.transport = StringTransport()
+        self.protocol.makeConnection(self.transport)
+
+    def send(self, data: bytes) -> None:
+        self.protocol.dataReceived(data)
+
+    def output(self) -> bytes:
+        """What the client received so far (and forget it)."""
+        data = self.transport.value()
+        self.transport.clear()
+        return data
+
+    def half_close(self) -> None:
+        self.protocol.readConnectionLost()
+
+    def lose(self) -> None:
+        """The connection is gone (the client reset, or the gateway's close took effect)."""
+        self.protocol.connectionLost(Failure(ConnectionDone()))
+
+    @property
+    def slots_used(self) -> int:
+        return self.factory.clients.count
 
 
 @implementer(IHalfCloseableProtocol)

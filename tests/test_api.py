@@ -13,9 +13,12 @@ from typing import Any
 
 import treq
 from twisted.internet import reactor, task
+from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol, serverFromString
+from twisted.internet.error import ConnectionDone
 from twisted.internet.protocol import Protocol
+from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
@@ -23,7 +26,8 @@ from twisted.web.client import HTTPConnectionPool
 from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer
 from zope.interface import implementer
 
-from gateway.api import MAX_BODY_BYTES, TOKEN_ENV, control_site, control_token, requires_token
+from gateway.api import IDLE_TIMEOUT, MAX_BODY_BYTES, TOKEN_ENV, control_site, control_token, requires_token
+from gateway.config import GatewaySettings
 from gateway.control import ClusterView, ControlError
 
 TOKEN = "tok-3f9a1c77e2b04d5a"
@@ -360,7 +364,7 @@ class RouteTests(ApiTestCase):
         self.assertEqual(body["name"], "net.b")
 
     async def test_invalid_names(self) -> None:
-        for path in ["a%20b", "a%2Fb", "%FF", "x" * 65, "bad!", "%00", ""]:
+        for path in ["a%20b", "a%2Fb", "%FF", "x" * 65, "bad!", "%00", "", "%2E", "%2e%2E"]:
             pair = await self.call("PUT", "/v1/clusters/" + path, cluster_body())
             self.assertError(pair, 400, "name")
             self.assertError(await self.call("GET", "/v1/clusters/" + path), 400, "name")
@@ -676,7 +680,6 @@ class ControlTokenTests(SynchronousTestCase):
         self.assertRaises(ValueError, control_token, None, {TOKEN_ENV: "caf\u00e9"})
 
 
-
 class HostHeaderTests(ApiTestCase):
     """Without a token only this host may talk to the API (DNS rebinding)."""
 
@@ -699,3 +702,258 @@ class HostHeaderWithTokenTests(ApiTestCase):
             b"Connection: close\r\n\r\n"
         )
         self.assertTrue(answer.startswith(b"HTTP/1.1 200"), answer)
+
+
+class MemoryConnection:
+    """One client connection of a control site, in memory."""
+
+    def __init__(self, site: Any, port: int) -> None:
+        self.transport = StringTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", port))
+        self.channel = site.buildProtocol(self.transport.getPeer())
+        if self.channel is not None:
+            self.channel.makeConnection(self.transport)
+
+    def send(self, data: bytes) -> None:
+        self.channel.dataReceived(data)
+
+    def answer(self) -> bytes:
+        return self.transport.value()
+
+    @property
+    def closed(self) -> bool:
+        return self.transport.disconnecting
+
+    def lose(self) -> None:
+        """The connection is gone (what the reactor does after a close)."""
+        self.channel.connectionLost(Failure(ConnectionDone()))
+
+
+class ListenerLimitTests(SynchronousTestCase):
+    """
+    The control listener's own limits, in memory: a cap on connections, a
+    deadline for each request head, an idle time-out for a body, and the
+    token checked before any body is read.
+    """
+
+    def setUp(self) -> None:
+        self.clock = MemoryReactorClock()
+        self.control = FakeControl()
+        self.settings = GatewaySettings(control_max_clients=2, control_head_timeout=10.0, control_body_timeout=5.0)
+        self.site = control_site(self.control, TOKEN, self.settings, reactor=self.clock)
+        self.events: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(self.events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, self.events.append)
+        self.ports = iter(range(40000, 41000))
+
+    def connect(self) -> MemoryConnection:
+        return MemoryConnection(self.site, next(self.ports))
+
+    def head(
+        self, method: bytes = b"GET", path: bytes = b"/v1/health", token: str = TOKEN, extra: bytes = b""
+    ) -> bytes:
+        return (
+            method + b" " + path + b" HTTP/1.1\r\nHost: localhost\r\n"
+            b"Authorization: Bearer " + token.encode() + b"\r\n" + extra + b"\r\n"
+        )
+
+    def outcomes(self) -> list[str]:
+        return [e["outcome"] for e in self.events if e.get("log_namespace") == "gateway.api" and "outcome" in e]
+
+    def test_connection_cap(self) -> None:
+        """Beyond control_max_clients a connection gets no protocol: Twisted closes it at once."""
+        first, second = self.connect(), self.connect()
+        self.assertIsNotNone(first.channel)
+        self.assertIsNotNone(second.channel)
+        self.assertIsNone(self.connect().channel)
+        first.lose()
+        third = self.connect()
+        self.assertIsNotNone(third.channel)
+        third.send(self.head())
+        self.assertTrue(third.answer().startswith(b"HTTP/1.1 200 "), third.answer())
+        self.assertIsNone(self.connect().channel)
+
+    def test_cap_counts_connections_closed_by_the_server(self) -> None:
+        """A slot is freed whichever side closes, time-outs included."""
+        for _ in range(5):
+            connections = [self.connect(), self.connect()]
+            self.clock.advance(self.settings.control_head_timeout)
+            for connection in connections:
+                self.assertTrue(connection.closed)
+                connection.lose()
+        self.assertIsNotNone(self.connect().channel)
+
+    def test_head_deadline(self) -> None:
+        """One byte every 3 s keeps Twisted's idle time-out away, not the head's deadline."""
+        connection = self.connect()
+        for byte in self.head()[:3]:
+            connection.send(bytes([byte]))
+            self.clock.advance(3)
+        self.assertFalse(connection.closed)
+        self.clock.advance(1)
+        self.assertTrue(connection.closed)
+        self.assertTrue(connection.transport.disconnected)  # aborted, not waiting for the client
+        self.assertEqual(connection.answer(), b"")
+        self.assertEqual(self.outcomes(), ["head-timeout"])
+
+    def test_silent_connection(self) -> None:
+        connection = self.connect()
+        self.clock.advance(9.9)
+        self.assertFalse(connection.closed)
+        self.clock.advance(0.1)
+        self.assertTrue(connection.closed)
+
+    def test_slow_head_in_time(self) -> None:
+        connection = self.connect()
+        for byte in self.head():
+            connection.send(bytes([byte]))
+            self.clock.advance(0.1)
+        self.assertTrue(connection.answer().startswith(b"HTTP/1.1 200 "), connection.answer())
+        self.assertFalse(connection.closed)
+
+    def test_keep_alive(self) -> None:
+        """
+        Between requests only the idle time-out runs; the next request's
+        first byte starts its head's deadline.
+        """
+        connection = self.connect()
+        connection.send(self.head())
+        self.assertTrue(connection.answer().startswith(b"HTTP/1.1 200 "))
+        connection.transport.clear()
+        self.clock.advance(30)
+        self.assertFalse(connection.closed)
+        connection.send(b"G")
+        self.clock.advance(9.9)
+        self.assertFalse(connection.closed)
+        self.clock.advance(0.1)
+        self.assertTrue(connection.closed)
+        self.assertEqual(connection.answer(), b"")
+
+    def test_idle_keep_alive_ends(self) -> None:
+        connection = self.connect()
+        connection.send(self.head())
+        self.clock.advance(IDLE_TIMEOUT)
+        self.assertTrue(connection.closed)
+
+    def test_pipelined_requests(self) -> None:
+        connection = self.connect()
+        connection.send(self.head() * 3)
+        self.assertEqual(connection.answer().count(b"HTTP/1.1 200 "), 3)
+        self.clock.advance(IDLE_TIMEOUT - 1)
+        self.assertFalse(connection.closed)
+
+    def test_body_idle_time_out(self) -> None:
+        """A body may pause up to control_body_timeout between bytes, not longer."""
+        connection = self.connect()
+        connection.send(self.head(b"PUT", b"/v1/clusters/b", extra=b"Content-Length: 100\r\n"))
+        connection.send(b"{")
+        for _ in range(3):  # past the head's deadline, which no longer runs
+            self.clock.advance(4.9)
+            connection.send(b" ")
+        self.assertFalse(connection.closed)
+        self.clock.advance(5)
+        self.assertTrue(connection.closed)
+        self.assertEqual(connection.answer(), b"")
+        self.assertEqual(self.outcomes(), ["body-timeout"])
+        self.assertEqual(self.control.bodies, {})
+
+    def test_chunked_body_idle_time_out(self) -> None:
+        connection = self.connect()
+        connection.send(self.head(b"PUT", b"/v1/clusters/b", extra=b"Transfer-Encoding: chunked\r\n"))
+        connection.send(b"2\r\n{")
+        self.clock.advance(5)
+        self.assertTrue(connection.closed)
+
+    def test_body_in_time(self) -> None:
+        """A slow body within the idle time-out is read and answered (here by a synchronous 400)."""
+        connection = self.connect()
+        data = json.dumps(cluster_body(colour="blue")).encode()
+        connection.send(self.head(b"PUT", b"/v1/clusters/b", extra=b"Content-Length: %d\r\n" % len(data)))
+        for start in range(0, len(data), 100):
+            self.clock.advance(4)
+            connection.send(data[start : start + 100])
+        head, _, body = connection.answer().partition(b"\r\n\r\n")
+        self.assertTrue(head.startswith(b"HTTP/1.1 400 "), head)
+        self.assertEqual(json.loads(body)["field"], "colour")
+        self.assertFalse(connection.closed)
+
+    def test_token_checked_before_the_body(self) -> None:
+        """
+        A missing or wrong token is answered 401 as soon as the head is
+        complete: a 1 MiB body is neither waited for nor kept.
+        """
+        for token in ("wrong", ""):
+            connection = self.connect()
+            length = b"Content-Length: %d\r\n" % MAX_BODY_BYTES
+            connection.send(self.head(b"PUT", b"/v1/clusters/b", token=token, extra=length))
+            head, _, body = connection.answer().partition(b"\r\n\r\n")
+            self.assertTrue(head.startswith(b"HTTP/1.1 401 "), head)
+            self.assertIn(b"Connection: close", head)
+            self.assertEqual(json.loads(body)["error"], "missing or invalid bearer token")
+            self.assertTrue(connection.closed)
+            self.assertEqual(connection.channel.requests, [])
+            connection.lose()
+        self.assertEqual(self.control.bodies, {})
+
+    def test_foreign_host_refused_before_the_body(self) -> None:
+        site = control_site(self.control, None, self.settings, reactor=self.clock)
+        connection = MemoryConnection(site, 1)
+        connection.send(b"PUT /v1/clusters/b HTTP/1.1\r\nHost: 127.0.0.1.nip.io\r\nContent-Length: 100\r\n\r\n")
+        self.assertTrue(connection.answer().startswith(b"HTTP/1.1 403 "), connection.answer())
+        self.assertTrue(connection.closed)
+
+
+class HostHeaderParsingTests(SynchronousTestCase):
+    """Without a token, the Host header must name this host exactly (DNS rebinding)."""
+
+    def status(self, *hosts: bytes) -> bytes:
+        site = control_site(FakeControl(), None, reactor=MemoryReactorClock())
+        connection = MemoryConnection(site, 1)
+        headers = b"".join(b"Host: " + host + b"\r\n" for host in hosts)
+        connection.send(b"GET /v1/health HTTP/1.1\r\n" + headers + b"\r\n")
+        return connection.answer()[9:12]
+
+    def test_bypasses_refused(self) -> None:
+        for host in [
+            b"127.attacker.example",
+            b"127.0.0.1.nip.io",
+            b"127.0.0.1.nip.io:8765",
+            b"127.0.0.1.",
+            b"127.1",
+            b"0x7f.0.0.1",
+            b"2130706433",
+            b"localhost.attacker.example",
+            b"localhost:8765.attacker.example",
+            b"localhost:80:80",
+            b"localhost:abc",
+            b"127.0.0.1:80@evil.example",
+            b"[::1].evil.example",
+            b"[::1]evil.example",
+            b"[::1",
+            b"[127.0.0.1]",
+            b"[localhost]",
+            b"::1",
+            b"10.0.0.1",
+            b"[::2]:8765",
+            b"",
+            b"\xff\xfe",
+        ]:
+            self.assertEqual(self.status(host), b"403", host)
+
+    def test_two_host_headers_refused(self) -> None:
+        self.assertEqual(self.status(b"localhost", b"evil.example"), b"403")
+
+    def test_loopback_accepted(self) -> None:
+        for host in [
+            b"localhost",
+            b"LocalHost:8765",
+            b"localhost.",
+            b"localhost.:8765",
+            b"localhost:",
+            b"ip6-localhost:8765",
+            b"127.0.0.1",
+            b"127.1.2.3:8765",
+            b"[::1]",
+            b"[::1]:8765",
+            b"[::ffff:127.0.0.1]:8765",
+        ]:
+            self.assertEqual(self.status(host), b"200", host)

@@ -747,6 +747,18 @@ class ErrorTests(ConfigTestCase):
         self.assertError(self.cluster_toml(aliases='["ok", "a/b"]'), "clusters.a.aliases[1]", "alias 'a/b' is invalid")
         self.assertError(self.cluster_toml(aliases='[""]'), "clusters.a.aliases[0]", "alias '' is invalid")
         self.assertError(self.cluster_toml(aliases='["x", "x"]'), "clusters.a.aliases[1]", "listed twice")
+        for dots in (".", ".."):
+            self.assertError(
+                self.cluster_toml(f'"{dots}"'),
+                f'clusters."{dots}"',
+                "is invalid: use 1 to 64 characters of A-Z a-z 0-9 . _ - (not . or ..)",
+            )
+            self.assertError(
+                self.cluster_toml(aliases=f'["{dots}"]'), "clusters.a.aliases[0]", f"alias '{dots}' is invalid"
+            )
+        # dots are fine in names that are not path segments
+        text = self.cluster_toml('"..a"') + self.cluster_toml('"a."', networks='["10.9.0.0/24"]')
+        self.assertEqual(sorted(self.load(text).clusters), ["..a", "a."])
         self.assertError(self.cluster_toml(aliases='["a"]'), "clusters.a.aliases[0]", "listed twice")
 
     def test_duplicate_names(self) -> None:
@@ -1292,7 +1304,22 @@ class JumpTests(ConfigTestCase):
 class GatewaySettingsTests(ConfigTestCase):
     def test_defaults(self) -> None:
         self.assertEqual(
-            GatewaySettings(), GatewaySettings(handshake_timeout=10.0, max_clients=4096, drain_timeout=10.0)
+            GatewaySettings(),
+            GatewaySettings(
+                handshake_timeout=10.0,
+                body_timeout=30.0,
+                response_timeout=120.0,
+                keepalive_timeout=60.0,
+                max_clients=4096,
+                drain_timeout=10.0,
+            ),
+        )
+        # The API may not do what the gateway's own user can, unless allowed.
+        settings = GatewaySettings()
+        self.assertEqual((settings.api_proxy_command, settings.api_file_paths, settings.api_jump), (False,) * 3)
+        self.assertEqual(
+            (settings.control_max_clients, settings.control_head_timeout, settings.control_body_timeout),
+            (64, 10.0, 10.0),
         )
         self.assertEqual(self.load("").settings, GatewaySettings())
         self.assertEqual(self.load("[gateway]\n").settings, GatewaySettings())
@@ -1308,6 +1335,22 @@ class GatewaySettingsTests(ConfigTestCase):
         self.assertEqual((settings.max_clients, settings.drain_timeout), (1_000_000, 30.5))
         settings = parse_config({"gateway": {"max_clients": 1}}, "mem").settings
         self.assertEqual(settings.max_clients, 1)
+        settings = self.load("[gateway]\nbody_timeout = 5\nresponse_timeout = 0\nkeepalive_timeout = 2.5\n").settings
+        self.assertEqual((settings.body_timeout, settings.response_timeout, settings.keepalive_timeout), (5, 0, 2.5))
+        settings = self.load(
+            "[gateway]\napi_file_paths = true\napi_jump = true\ncontrol_max_clients = 8\n"
+            "control_head_timeout = 2\ncontrol_body_timeout = 3.5\n"
+        ).settings
+        self.assertEqual(
+            settings,
+            GatewaySettings(
+                api_file_paths=True,
+                api_jump=True,
+                control_max_clients=8,
+                control_head_timeout=2.0,
+                control_body_timeout=3.5,
+            ),
+        )
         with self.assertRaises(dataclasses.FrozenInstanceError):
             settings.max_clients = 2  # type: ignore[misc]
 
@@ -1329,12 +1372,25 @@ class GatewaySettingsTests(ConfigTestCase):
                 "must be 0 (close streams at once) or a positive number of seconds, got -1",
             ),
             ("drain_timeout = inf", "gateway.drain_timeout", "got inf"),
+            ("body_timeout = 0", "gateway.body_timeout", "must be a positive number of seconds, got 0"),
+            ("keepalive_timeout = '1'", "gateway.keepalive_timeout", "expected a number of seconds, got string"),
+            (
+                "response_timeout = -1",
+                "gateway.response_timeout",
+                "must be 0 (no limit) or a positive number of seconds, got -1",
+            ),
+            ("api_file_paths = 1", "gateway.api_file_paths", "expected a boolean (true or false), got integer"),
+            ("api_jump = 'yes'", "gateway.api_jump", "expected a boolean (true or false), got string"),
+            ("control_max_clients = 0", "gateway.control_max_clients", "must be between 1 and 1000000, got 0"),
+            ("control_head_timeout = 0", "gateway.control_head_timeout", "must be a positive number of seconds"),
+            ("control_body_timeout = -1", "gateway.control_body_timeout", "must be a positive number of seconds"),
             ("handshake_timout = 1", "gateway.handshake_timout", "unknown key (did you mean handshake_timeout?)"),
             (
                 "colour = 1",
                 "gateway.colour",
-                "unknown key (expected one of: api_proxy_command, control_token_file, drain_timeout, "
-                "handshake_timeout, max_clients, state_file)",
+                "unknown key (expected one of: api_file_paths, api_jump, api_proxy_command, body_timeout, "
+                "control_body_timeout, control_head_timeout, control_max_clients, control_token_file, drain_timeout, "
+                "handshake_timeout, keepalive_timeout, max_clients, response_timeout, state_file)",
             ),
             ("socks = 'tcp:1'", "gateway.socks", "unknown key"),
             ("[gateway.sub]", "gateway.sub", "unknown key"),

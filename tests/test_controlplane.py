@@ -21,6 +21,7 @@ from twisted.trial.unittest import TestCase
 from twisted.web.client import HTTPConnectionPool
 
 from gateway.api import control_site
+from gateway.config import GatewaySettings
 from gateway.registry import GatewayControl
 from gateway.store import ClusterStore, validate_body
 from gateway.testing import DEMO_PAGE
@@ -47,10 +48,14 @@ def metric(text: bytes, name: str, **labels: str) -> float:
     return 0.0
 
 
-class ControlPlaneTests(TestCase):
+class ControlPlaneTestCase(TestCase):
+    """A running gateway with its control API on loopback (with C{settings})."""
+
+    settings = GatewaySettings()
+
     @inline
     async def setUp(self):
-        self.harness = GatewayHarness(self)
+        self.harness = GatewayHarness(self, self.settings)
         await self.harness.start()
         self.state_file = os.path.join(self.harness.dir, "state", "clusters.json")
         await self._start_control()
@@ -62,10 +67,11 @@ class ControlPlaneTests(TestCase):
             self.harness.service.add_cluster(validate_body(name, body))
         self.control = GatewayControl(self.harness.service, self.store, {"demo"}, bodies)
         port = await serverFromString(reactor, "tcp:0:interface=127.0.0.1").listen(
-            control_site(self.control, TOKEN)
+            control_site(self.control, TOKEN, self.settings)
         )
         self.addCleanup(port.stopListening)
-        self.url = f"http://127.0.0.1:{port.getHost().port}"
+        self.control_port = port.getHost().port
+        self.url = f"http://127.0.0.1:{self.control_port}"
 
     def body(self, **more) -> dict:
         body = self.harness.cluster_settings(**{"aliases": ["net-api"], "token": "t1", **more})
@@ -81,6 +87,9 @@ class ControlPlaneTests(TestCase):
         content = await response.content()
         return response.code, content
 
+
+
+class ControlPlaneTests(ControlPlaneTestCase):
     @inline
     async def test_register_use_inspect_delete(self):
         code, content = await self.call("PUT", "/v1/clusters/api-1", self.body())
@@ -120,6 +129,28 @@ class ControlPlaneTests(TestCase):
         code, content = await self.call("PUT", "/v1/clusters/pc", self.body(proxy_command="nc {host} {port}"))
         self.assertEqual(code, 400)
         self.assertEqual(json.loads(content)["field"], "proxy_command")
+
+    @inline
+    async def test_no_confused_deputy(self):
+        """
+        An API body cannot borrow another cluster's connection (jump) nor a
+        file of the gateway's host: 400 naming the key, nothing registered.
+        """
+        for field, value in (
+            ("jump", "demo"),
+            ("key_file", "/etc/ssh/ssh_host_ed25519_key"),
+            ("known_hosts", "/etc/ssh/ssh_known_hosts"),
+            ("token_file", "/etc/gateway/token"),
+        ):
+            body = self.body(**{field: value})
+            body.pop({"key_file": "key", "known_hosts": "host_keys", "token_file": "token"}.get(field, "-"), None)
+            code, content = await self.call("PUT", "/v1/clusters/deputy", body)
+            self.assertEqual(code, 400, content)
+            error = json.loads(content)
+            self.assertEqual(error["field"], field)
+            self.assertNotIn("/etc", error["error"])  # a file key is refused before the path is looked at
+        self.assertNotIn("deputy", self.harness.service.clusters)
+        self.assertFalse(os.path.exists(self.state_file))
 
     @inline
     async def test_config_clusters_are_read_only(self):
@@ -220,3 +251,60 @@ class ControlPlaneTests(TestCase):
         self.assertFalse(old.running)  # retired once its stream ended
         code, _ = await self.call("DELETE", "/v1/clusters/api-r")
         self.assertEqual(code, 204)
+
+
+class JumpAllowedTests(ControlPlaneTestCase):
+    """With [gateway] api_jump = true: jumps between API clusters, but no cycle."""
+
+    settings = GatewaySettings(api_jump=True)
+
+    @inline
+    async def test_jump_cycle_refused(self):
+        code, content = await self.call("PUT", "/v1/clusters/j1", self.body(aliases=[]))
+        self.assertEqual(code, 201, content)
+        code, content = await self.call("PUT", "/v1/clusters/j2", self.body(aliases=["net-j2"], jump="j1"))
+        self.assertEqual(code, 201, content)
+        code, content = await self.call("PUT", "/v1/clusters/j1", self.body(aliases=[], jump="net-j2"))
+        self.assertEqual(code, 400, content)
+        self.assertEqual(json.loads(content), {"error": "jump cycle j1 -> j2 -> j1", "field": "jump"})
+        self.assertIsNone(self.harness.service.clusters["j1"].config.jump_cluster)
+        self.assertNotIn("jump", json.load(open(self.state_file))["clusters"]["j1"])
+        code, content = await self.call("PUT", "/v1/clusters/j3", self.body(aliases=[], jump="demo"))
+        self.assertEqual(code, 201, content)
+
+
+class ControlCapTests(ControlPlaneTestCase):
+    """The control listener's cap is its own: API clients over it do not touch the proxies."""
+
+    settings = GatewaySettings(control_max_clients=3)
+
+    @inline
+    async def test_over_the_cap_closed_at_once_proxies_served(self):
+        def hold() -> list[socket.socket]:
+            held = []
+            for _ in range(3):
+                held.append(socket.create_connection(("127.0.0.1", self.control_port), timeout=5))
+            return held
+
+        held = await deferToThread(hold)
+        self.addCleanup(lambda: [s.close() for s in held])
+
+        def over_the_cap() -> bytes:
+            with socket.create_connection(("127.0.0.1", self.control_port), timeout=5) as sock:
+                try:
+                    sock.sendall(b"GET /v1/health HTTP/1.1\r\nHost: localhost\r\n\r\n")
+                    return sock.recv(100)
+                except ConnectionResetError:  # closed before (or while) the request arrived
+                    return b""
+
+        self.assertEqual(await deferToThread(over_the_cap), b"")
+        code, page = await deferToThread(fetch, self.harness.socks_port, "demo")
+        self.assertEqual(code, 0)
+        self.assertTrue(page.endswith(DEMO_PAGE))
+        held.pop().close()
+        for _ in range(100):  # the server notices the close on a later turn
+            code, _ = await self.call("GET", "/v1/health")
+            if code == 200:
+                break
+            await deferLater(reactor, 0.05, lambda: None)
+        self.assertEqual(code, 200)

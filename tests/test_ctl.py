@@ -20,6 +20,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
+from gateway.config import ConfigError, GatewaySettings
 from gateway.scripts.ctl import (
     EXIT_OK,
     EXIT_REFUSED,
@@ -29,6 +30,8 @@ from gateway.scripts.ctl import (
     load_cluster,
     main,
 )
+from gateway.store import validate_body
+from gateway.testing import generate_key, public_line
 
 TOKEN = "ctl-token-5f3e1a"
 KEY_PEM = (
@@ -561,6 +564,46 @@ class LoadClusterTests(SynchronousTestCase):
             load_cluster(conf, "x")
         self.assertEqual(raised.exception.status, EXIT_USAGE)
         self.assertEqual(str(raised.exception), f"{conf}: token_file: token file {os.path.abspath(token)!r} is empty")
+
+    def test_body_follows_the_api_body_rules(self) -> None:
+        """
+        The files of a cluster file are read here and sent inline, so what
+        C{add} sends passes the gateway's default rules (no file paths in API
+        bodies); C{known_hosts} is the gateway's own file (re-read at every
+        connection) and stays a path, refused unless C{api_file_paths}.
+        """
+        base = os.path.abspath(self.mktemp())
+        os.makedirs(base)
+        key = generate_key()
+        for name, content in (
+            ("id", key.toString("OPENSSH", passphrase=b"pass phrase").decode("ascii")),
+            ("phrase", "pass phrase\n"),
+            ("token", "tok-1\n"),
+            ("known_hosts", f"10.0.0.5 {public_line(key)}\n"),
+        ):
+            with open(os.path.join(base, name), "w") as f:
+                f.write(content)
+            os.chmod(os.path.join(base, name), 0o600)
+        conf = os.path.join(base, "c.toml")
+        table = (
+            'proxies = ["10.0.0.5"]\nuser = "gw"\nnetworks = ["10.1.0.0/24"]\n'
+            'key_file = "id"\npassphrase_file = "phrase"\ntoken_file = "token"\n'
+        )
+        with open(conf, "w") as f:
+            f.write(table + f'host_keys = ["{public_line(key)}"]\n')
+        body = load_cluster(conf, "x")
+        self.assertFalse(set(body) & {"key_file", "passphrase_file", "token_file"})
+        cluster = validate_body("x", body)
+        self.assertEqual((cluster.private_key.public(), cluster.token), (key.public(), "tok-1"))
+
+        with open(conf, "w") as f:
+            f.write(table + 'known_hosts = "known_hosts"\n')
+        body = load_cluster(conf, "x")
+        self.assertEqual(body["known_hosts"], os.path.join(base, "known_hosts"))
+        e = self.assertRaises(ConfigError, validate_body, "x", body)
+        self.assertEqual(e.key, "known_hosts")
+        self.assertIn("inline as host_keys", e.reason)
+        self.assertEqual(validate_body("x", body, settings=GatewaySettings(api_file_paths=True)).user, "gw")
 
 
 class FailureTests(CtlTestCase):

@@ -11,8 +11,6 @@ from __future__ import annotations
 import struct
 
 from twisted.conch.ssh import connection
-from twisted.conch.ssh.common import NS
-from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.logger import globalLogPublisher
@@ -20,8 +18,8 @@ from twisted.trial.unittest import TestCase
 
 from gateway.relay import Splice
 from gateway.ssh.channel import TunnelChannel
-from gateway.ssh.client import TunnelConnection
-from tests.support import FakeSSHTransport
+from gateway.streams import StreamRequest
+from tests.support import MemoryProxyNode
 
 
 class ResetTransport(StringTransport):
@@ -79,33 +77,16 @@ class OneConnection(TestCase):
     """Several channels of one in-memory SSH connection."""
 
     def setUp(self) -> None:
-        self.ssh = FakeSSHTransport()
-        self.conn = TunnelConnection(Deferred(), Clock())
-        self.conn.transport = self.ssh
-        self.conn.serviceStarted()
+        self.node = MemoryProxyNode(Clock())
         self.log: list[dict] = []
         globalLogPublisher.addObserver(self.log.append)
         self.addCleanup(globalLogPublisher.removeObserver, self.log.append)
 
-    def open(self, remote_id: int) -> TunnelChannel:
-        opened = self.conn.open_tunnel("10.0.0.5", 80, ("127.0.0.1", 5000))
-        local_id = max(self.conn.channels)
-        self.conn.packetReceived(
-            connection.MSG_CHANNEL_OPEN_CONFIRMATION, struct.pack(">4L", local_id, remote_id, 1 << 20, 32768)
-        )
-        return self.successResultOf(opened)
+    def open(self) -> TunnelChannel:
+        return self.successResultOf(self.node.open_stream(StreamRequest("10.0.0.5", 80, "socks5", "client")))
 
-    def receive(self, channel: TunnelChannel, kind: int, payload: bytes = b"") -> None:
-        """A message for C{channel} as the transport hands it over (through the barrier)."""
-        self.conn.packetReceived(kind, struct.pack(">L", channel.id) + payload)
-
-    def data(self, channel: TunnelChannel, data: bytes) -> None:
-        message = struct.pack(">L", channel.id) + NS(data)
-        self.conn.channel_data(message, 0, len(message))
-
-    def sent(self, kind: int) -> list[int]:
-        """The recipient channel of each packet of C{kind} sent so far."""
-        return [struct.unpack(">L", payload[:4])[0] for k, payload in self.ssh.packets if k == kind]
+    def closes_sent(self) -> list[TunnelChannel]:
+        return [channel for channel in self.node.channels if self.node.sent(connection.MSG_CHANNEL_CLOSE, channel)]
 
     def failures(self) -> list[dict]:
         return [e for e in self.log if e.get("outcome") == "internal-error"]
@@ -115,24 +96,24 @@ class ResetClientTests(OneConnection):
     """A client that resets while the destination's reply and EOF are in flight."""
 
     def test_reply_and_eof_after_a_reset_touch_neither_the_client_nor_the_connection(self) -> None:
-        channel = self.open(remote_id=7)
+        channel = self.open()
         client = ResetTransport()
-        Splice(client, channel)
+        splice = Splice(client, channel)
         # The client resets: Twisted's connectionLost reaches the splice.
         client.lost = True
-        channel._peer.client_lost()  # type: ignore[union-attr]
-        self.assertEqual(self.sent(connection.MSG_CHANNEL_CLOSE), [7])
+        splice.client_lost()
+        self.assertEqual(self.closes_sent(), [channel])
         # What sshd had already sent arrives now.
-        self.data(channel, b"the rest of the reply")
-        self.receive(channel, connection.MSG_CHANNEL_EOF)
-        self.receive(channel, connection.MSG_CHANNEL_CLOSE)
-        self.assertNotIn(channel.id, self.conn.channels)
+        self.node.reply(channel, b"the rest of the reply")
+        self.node.eof(channel)
+        self.node.close(channel)
+        self.assertNotIn(channel.id, self.node.conn.channels)
         self.assertEqual(self.failures(), [])
         # The shared connection carries on: another stream opens and works.
-        other = self.open(remote_id=8)
+        other = self.open()
         peer = Recorder()
         other.attach(peer)
-        self.data(other, b"hello")
+        self.node.reply(other, b"hello")
         self.assertEqual(peer.events, [b"hello"])
 
 
@@ -140,41 +121,50 @@ class ExceptionBarrierTests(OneConnection):
     """An exception inside one stream's callback ends that stream only."""
 
     def test_a_raising_callback_closes_its_stream_and_nothing_else(self) -> None:
-        bystander, broken = self.open(remote_id=7), self.open(remote_id=8)
+        bystander, broken = self.open(), self.open()
         watcher = Recorder()
         bystander.attach(watcher)
         broken.attach(Raising())
         closed: list[str | None] = []
         broken.closed_hooks.append(lambda: closed.append(broken.close_reason))
-        self.data(broken, b"boom")  # raises inside the peer: must not escape
-        self.receive(broken, connection.MSG_CHANNEL_EOF)  # and again: logged once
-        self.assertEqual(self.sent(connection.MSG_CHANNEL_CLOSE), [8])
+        self.node.reply(broken, b"boom")  # raises inside the peer: must not escape
+        self.node.eof(broken)  # and again: logged once
+        self.assertEqual(self.closes_sent(), [broken])
         (failure,) = self.failures()
         self.assertIn("RuntimeError: a bug in one stream", failure["log_failure"].getTraceback())
         self.assertEqual(failure["destination"], "10.0.0.5:80")
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
-        self.receive(broken, connection.MSG_CHANNEL_CLOSE)
+        self.node.close(broken)
         self.assertEqual(closed, ["internal error"])
-        self.assertNotIn(broken.id, self.conn.channels)
+        self.assertNotIn(broken.id, self.node.conn.channels)
         # The other stream on the same connection is untouched.
-        self.data(bystander, b"still here")
-        self.receive(bystander, connection.MSG_CHANNEL_EOF)
+        self.node.reply(bystander, b"still here")
+        self.node.eof(bystander)
         self.assertEqual(watcher.events, [b"still here", "eof"])
-        self.assertEqual(self.sent(connection.MSG_CHANNEL_CLOSE), [8])
+        self.assertEqual(self.closes_sent(), [broken])
 
     def test_an_exception_in_the_close_handshake_still_frees_the_channel(self) -> None:
-        channel = self.open(remote_id=7)
+        channel = self.open()
 
         def broken_hook() -> None:
             raise RuntimeError("accounting bug")
 
         channel.closed_hooks.append(broken_hook)
         channel.close()
-        self.receive(channel, connection.MSG_CHANNEL_CLOSE)
-        self.assertNotIn(channel.id, self.conn.channels)
+        self.node.close(channel)
+        self.assertNotIn(channel.id, self.node.conn.channels)
         self.assertEqual(len(self.failures()), 1)
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
 
     def test_a_message_for_an_unknown_channel_is_the_peers_protocol_error(self) -> None:
-        self.conn.packetReceived(connection.MSG_CHANNEL_EOF, struct.pack(">L", 99))
-        self.assertEqual(self.ssh.disconnects, [b"message for an unknown channel"])
+        self.node.conn.packetReceived(connection.MSG_CHANNEL_EOF, struct.pack(">L", 99))
+        self.assertEqual(self.node.ssh.disconnects, [b"message for an unknown channel"])
+
+
+class CutStreamTests(OneConnection):
+    def test_streams_cut_by_a_lost_connection_say_so(self) -> None:
+        cut, ended = self.open(), self.open()
+        ended.close()
+        self.node.close(ended)
+        self.node.conn.serviceStopped()  # the transport is gone
+        self.assertEqual((cut.close_reason, ended.close_reason), ("SSH connection lost", None))

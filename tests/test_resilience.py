@@ -18,7 +18,7 @@ from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import TestCase
 
 from gateway import cluster as cluster_module
-from gateway.config import GatewaySettings
+from gateway.config import GatewaySettings, parse_cluster
 from gateway.testing import DEMO_PAGE
 from tests.support import ECHO, FLOOD, FLOOD_BYTES, WEB, GatewayHarness, recv_all, socks5_open
 from tests.test_gateway import inline
@@ -231,12 +231,42 @@ class DrainTests(TestCase):
     async def test_drain_timeout_cuts_idle_streams(self):
         harness = GatewayHarness(self, settings=GatewaySettings(drain_timeout=0.5))
         await harness.start()
+        events: list[dict] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
         sock, code = await deferToThread(socks5_open, harness.socks_port, *ECHO)
         self.addCleanup(sock.close)
         started = time.monotonic()
         await harness.service.stopService()
         self.assertLess(time.monotonic() - started, 3.0)
         await deferToThread(self.assertRaises, ConnectionResetError, recv_all, sock)
+        (stream,) = [e for e in events if e.get("log_namespace") == "gateway.streams"]
+        self.assertEqual((stream["outcome"], stream["reason"]), ("failed", "cut at the drain time-out"))
+
+
+class JumpCarrierTests(TestCase):
+    @inline
+    async def test_a_carrier_channel_is_no_stream(self):
+        """The channel a jumping cluster's connection runs in counts nowhere as a client stream."""
+        harness = GatewayHarness(self, settings=GatewaySettings(drain_timeout=5.0))
+        await harness.start()
+        jump_target = ("10.99.0.20", 22)
+        harness.node.routes[jump_target] = f"tcp:127.0.0.1:{harness.ssh_port}"
+        inner = parse_cluster(
+            "inner",
+            harness.cluster_settings(proxies=["10.99.0.20:22"], jump="demo", networks=["10.98.0.0/24"]),
+            "(test)",
+            "clusters.inner",
+            known_clusters={"demo": "demo", "inner": "inner"},
+        )
+        harness.service.add_cluster(inner)
+        await harness.cluster_up("inner")
+        demo = harness.service.clusters["demo"]
+        self.assertEqual(sum(link.open_channels for link in demo.links), 1)
+        self.assertEqual((demo.open_streams, harness.service.open_streams()), (0, 0))
+        started = time.monotonic()
+        await harness.service.stopService()  # nothing to drain: no waiting for drain_timeout
+        self.assertLess(time.monotonic() - started, 2.0)
 
 
 class SeveralConnectionsTests(TestCase):

@@ -13,7 +13,7 @@ import types
 from twisted.trial.unittest import SynchronousTestCase
 
 from gateway import store as store_module
-from gateway.config import ClusterConfig, ConfigError
+from gateway.config import ClusterConfig, ConfigError, GatewaySettings
 from gateway.store import STORE_VERSION, ClusterStore, StoreError, validate_body
 from gateway.testing import generate_key, private_pem, public_line
 
@@ -470,8 +470,10 @@ class SequentialSaveTests(StoreTestCase):
 
 
 class ValidateBodyTests(SynchronousTestCase):
-    def assertField(self, name: str, data, key: str, *fragments: str) -> ConfigError:
-        e = self.assertRaises(ConfigError, validate_body, name, data)
+    def assertField(
+        self, name: str, data, key: str, *fragments: str, settings: GatewaySettings | None = None
+    ) -> ConfigError:
+        e = self.assertRaises(ConfigError, validate_body, name, data, settings=settings)
         self.assertEqual(e.key, key, str(e))
         self.assertEqual(e.source, "request body")
         self.assertTrue(str(e).startswith(f"request body: {key}: "), str(e))
@@ -550,12 +552,50 @@ class ValidateBodyTests(SynchronousTestCase):
         self.assertField("a", body(aliases=["ok", "no way"]), "aliases[1]", "alias 'no way' is invalid")
 
     def test_jump(self) -> None:
-        cluster = validate_body("b", body(jump="net-a"), known_clusters={"a": "a", "net-a": "a"})
+        allowed = GatewaySettings(api_jump=True)
+        known = {"a": "a", "net-a": "a"}
+        cluster = validate_body("b", body(jump="net-a"), known_clusters=known, settings=allowed)
         self.assertEqual(cluster.jump_cluster, "a")
-        self.assertField("a", body(jump="a"), "jump", "cannot jump through itself")
+        self.assertField("a", body(jump="a"), "jump", "cannot jump through itself", settings=allowed)
+
+    def test_jump_to_a_cluster_is_off_by_default(self) -> None:
+        """
+        Through another cluster's connection, that cluster's proxy node would
+        connect wherever the body's proxies say, outside its policy.
+        """
+        e = self.assertRaises(
+            ConfigError, validate_body, "b", body(jump="net-a"), known_clusters={"a": "a", "net-a": "a"}
+        )
+        self.assertEqual(e.key, "jump")
+        self.assertIn("api_jump = true", e.reason)
+        # a jump to an address uses this body's own key: allowed
+        cluster = validate_body("b", body(jump="root@192.0.2.20:2222"), known_clusters={"a": "a"})
+        self.assertEqual((cluster.jump_cluster, str(cluster.jump_address)), (None, "192.0.2.20:2222"))
+
+    def test_proxy_command_is_off_by_default(self) -> None:
+        e = self.assertField("a", body(proxy_command="nc {host} {port}"), "proxy_command", "api_proxy_command = true")
+        self.assertNotIn("nc {host}", e.reason)
+        allowed = GatewaySettings(api_proxy_command=True)
+        cluster = validate_body("a", body(proxy_command="nc {host} {port}"), settings=allowed)
+        self.assertEqual(cluster.proxy_command, "nc {host} {port}")
+
+    def test_file_keys_are_off_by_default(self) -> None:
+        """
+        An API client may not make the gateway read a file: not even its
+        existence is checked (no oracle), whatever the path.
+        """
+        for k, inline in (
+            ("key_file", "key"),
+            ("known_hosts", "host_keys"),
+            ("token_file", "token"),
+            ("passphrase_file", "passphrase"),
+        ):
+            for path in ("/root/.ssh/id_ed25519", "relative/file", "/nonexistent", 3):
+                e = self.assertField("a", {**body(), k: path}, k, "api_file_paths = true", f"inline as {inline}")
+                self.assertNotIn(str(path), e.reason)
 
     def test_file_keys_allowed_when_absolute(self) -> None:
-        """key_file / known_hosts / token_file name files on the gateway's host."""
+        """With api_file_paths, key_file / known_hosts / token_file name files on the gateway's host."""
         directory = os.path.abspath(self.mktemp())
         os.mkdir(directory, 0o700)
 
@@ -573,20 +613,28 @@ class ValidateBodyTests(SynchronousTestCase):
         )
         for k in ("key", "host_keys", "token"):
             del data[k]
-        cluster = validate_body("a", data)
+        allowed = GatewaySettings(api_file_paths=True)
+        cluster = validate_body("a", data, settings=allowed)
         self.assertEqual(cluster.private_key.public(), KEYS.client.public())
         self.assertEqual(cluster.known_hosts, os.path.join(directory, "known_hosts"))
         self.assertEqual(cluster.token, TOKEN)
 
         os.chmod(data["key_file"], 0o644)
-        self.assertField("a", data, "key_file", "chmod 600")
+        self.assertField("a", data, "key_file", "chmod 600", settings=allowed)
 
     def test_file_keys_relative_refused(self) -> None:
+        allowed = GatewaySettings(api_file_paths=True)
         for k in ("key_file", "known_hosts", "token_file", "passphrase_file"):
-            self.assertField("a", {**body(), k: "relative/file"}, k, "not an absolute path")
+            self.assertField("a", {**body(), k: "relative/file"}, k, "not an absolute path", settings=allowed)
 
     def test_both_key_and_key_file(self) -> None:
-        self.assertField("a", body(key_file="/nonexistent/id"), "key", "mutually exclusive")
+        allowed = GatewaySettings(api_file_paths=True)
+        self.assertField("a", body(key_file="/nonexistent/id"), "key", "mutually exclusive", settings=allowed)
+
+    def test_dot_names_refused(self) -> None:
+        for dots in (".", ".."):
+            self.assertField(dots, body(), "(name)", "(not . or ..)")
+            self.assertField("a", body(aliases=[dots]), "aliases[0]", "is invalid")
 
 
 class ModuleTests(SynchronousTestCase):

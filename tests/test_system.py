@@ -408,7 +408,7 @@ class ControlPlaneSystemTests(TestCase):
             "proxies": [f"{self.lab.proxy_addr['b']}:22"],
             "user": "root",
             "key": key,
-            "known_hosts": self.lab.known_hosts,
+            "host_keys": self.lab.host_key_lines["proxy-b"],  # inline: API bodies name no files
             "networks": ["10.251.0.0/24"],
             "token": "api-token",
         }

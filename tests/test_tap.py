@@ -5,6 +5,7 @@ and the service tree built from parsed options.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -80,6 +81,48 @@ class TapTests(TestCase):
         self.assertIn("not valid JSON", done.stderr.decode())
         with open(state) as f:
             self.assertEqual(f.read(), '{"version": 1, "clusters": {')
+
+    def state_error(self, gateway_table: str, clusters: dict) -> str:
+        """Options refusing the state file holding C{clusters}: the one-line message."""
+        state = self.write("state.json", json.dumps({"version": 1, "clusters": clusters}))
+        config = self.write(
+            "gw.toml",
+            f'[listen]\ncontrol = "tcp:0:interface=127.0.0.1"\n[gateway]\nstate_file = "{state}"\n{gateway_table}',
+        )
+        e = self.assertRaises(SystemExit, Options().parseOptions, [f"--config={config}"])
+        return str(e.code)
+
+    def body(self, **more) -> dict:
+        return {
+            "proxies": ["127.0.0.1:1"],
+            "user": "root",
+            "key": private_pem(generate_key()),
+            "host_keys": [public_line(generate_key())],
+            "networks": ["10.0.0.0/24"],
+            **more,
+        }
+
+    def test_state_file_follows_the_api_body_rules(self):
+        """A body saved under other rules is refused at start-up, naming it and the setting."""
+        key = self.write("id", private_pem(generate_key()))
+        body = self.body(key_file=key)
+        del body["key"]
+        message = self.state_error("", {"x": body})
+        self.assertIn("clusters.x.key_file: API bodies may not name files", message)
+        self.assertIn("api_file_paths = true", message)
+        options = Options()
+        options.parseOptions([f"--config={self.write('gw.toml', self.read('gw.toml') + 'api_file_paths = true')}"])
+        self.assertEqual(sorted(options.api_clusters), ["x"])
+
+    def test_state_file_jump_cycle(self):
+        message = self.state_error(
+            "api_jump = true\n", {"x": self.body(jump="y"), "y": self.body(jump="x", networks=["10.1.0.0/24"])}
+        )
+        self.assertIn("clusters.x.jump: jump cycle x -> y -> x", message)
+
+    def read(self, name: str) -> str:
+        with open(os.path.join(self.dir, name)) as f:
+            return f.read()
 
     def test_service_tree(self):
         config = self.write("gw.toml", self.cluster())

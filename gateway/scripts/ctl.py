@@ -25,7 +25,8 @@ the operator's files: C{key_file} is sent as C{key} (PEM text),
 C{passphrase_file} as C{passphrase} (trailing newline removed) and
 C{token_file} as C{token} (surrounding white space removed).  Like the
 gateway's configuration loader, these secret files must not be readable by
-other users.  C{known_hosts} stays a path, read by the gateway: a relative one
+other users.  C{known_hosts} stays a path, read by the gateway (which refuses
+it unless C{[gateway] api_file_paths = true}; use C{host_keys}): a relative one
 is made absolute against the file's directory.  Relative paths are resolved
 against the directory of the file that names them; C{~} is expanded.
 

@@ -155,6 +155,14 @@ class TunnelConnection(connection.SSHConnection):
             if channel.remoteClosed:
                 self.channelClosed(channel)
 
+    def serviceStopped(self) -> None:
+        # The SSH connection is gone: every channel still open was cut, and
+        # its stream's log event must say so rather than read as a normal end.
+        for open_channel in self.channelsToRemoteChannel:
+            if isinstance(open_channel, TunnelChannel) and open_channel.close_reason is None:
+                open_channel.close_reason = "SSH connection lost"
+        super().serviceStopped()
+
     def channelClosed(self, channel: SSHChannel) -> None:
         # Also reached from serviceStopped for every open channel: one whose
         # clean-up raises must not keep the others from being closed.

@@ -1,0 +1,195 @@
+"""
+The HTTP proxy adapter in memory: every stage's deadline, a client that goes
+away mid-request, the retry of a request that raced an origin's keep-alive
+time-out, and the switch to a splice on C{101}.  The proxy node is played by
+L{MemoryProxyNode}; time is a L{Clock}.
+"""
+
+from __future__ import annotations
+
+from twisted.conch.ssh import connection
+from twisted.internet.task import Clock
+from twisted.logger import globalLogPublisher
+from twisted.trial.unittest import TestCase
+
+from gateway.config import GatewaySettings
+from gateway.http_protocol import HttpProxyFactory
+from tests.support import MemoryClient, MemoryProxyNode
+
+SETTINGS = GatewaySettings(handshake_timeout=10, body_timeout=3, response_timeout=7, keepalive_timeout=20)
+GET = b"GET http://10.0.0.5/x HTTP/1.1\r\nHost: 10.0.0.5\r\n\r\n"
+OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+
+
+class HttpAdapterTestCase(TestCase):
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.node = MemoryProxyNode(self.clock, SETTINGS)
+        self.client = MemoryClient(HttpProxyFactory, self.node, self.clock)
+        self.events: list[dict] = []
+        globalLogPublisher.addObserver(self.events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, self.events.append)
+
+    def outcomes(self) -> list[str]:
+        return [e["outcome"] for e in self.events if e.get("log_namespace") == "gateway.http_protocol"]
+
+    def assertGone(self) -> None:
+        """The client connection is closed or reset, and every channel closed."""
+        self.assertTrue(self.client.transport.disconnecting or self.client.transport.disconnected)
+        self.assertTrue(all(channel.localClosed for channel in self.node.channels))
+
+
+class ClientGoneTests(HttpAdapterTestCase):
+    def test_half_sent_post_then_close_frees_the_stream_at_once(self) -> None:
+        self.client.send(b"POST http://10.0.0.5/x HTTP/1.1\r\nHost: h\r\nContent-Length: 100\r\n\r\nabc")
+        (channel,) = self.node.channels
+        self.assertTrue(self.node.received(channel).endswith(b"\r\n\r\nabc"))
+        self.client.half_close()  # the FIN of a client that closed
+        self.assertGone()
+        self.assertEqual(self.outcomes(), ["client-gone"])
+        self.client.lose()
+        self.assertEqual(self.client.slots_used, 0)
+
+    def test_a_complete_request_then_half_close_is_still_answered(self) -> None:
+        self.client.send(GET)
+        self.client.half_close()
+        (channel,) = self.node.channels
+        self.node.reply(channel, OK)
+        self.assertTrue(self.client.output().endswith(b"Connection: close\r\n\r\nok"))
+        self.assertTrue(self.client.transport.disconnecting)
+
+    def test_connect_payload_and_eof_before_the_tunnel_opens(self) -> None:
+        self.node.auto_open = False
+        self.client.send(b"CONNECT 10.0.0.5:22 HTTP/1.1\r\n\r\nSSH-2.0-x\r\n")
+        self.client.half_close()
+        (channel,) = self.node.channels
+        self.node.confirm(channel)
+        self.assertEqual(self.node.received(channel), b"SSH-2.0-x\r\n")
+        self.assertEqual(self.node.sent(connection.MSG_CHANNEL_EOF, channel), 1)
+
+
+class DeadlineTests(HttpAdapterTestCase):
+    def test_a_stalled_body_gets_408_after_body_timeout(self) -> None:
+        self.client.send(b"POST http://10.0.0.5/x HTTP/1.1\r\nHost: h\r\nContent-Length: 10\r\n\r\nab")
+        self.clock.advance(2)
+        self.client.send(b"cd")  # each byte re-arms the idle deadline
+        self.clock.advance(2.9)
+        self.assertFalse(self.client.transport.disconnecting)
+        self.clock.advance(0.1)
+        self.assertTrue(self.client.output().startswith(b"HTTP/1.1 408 Request Timeout\r\n"))
+        self.assertGone()
+        self.assertEqual(self.outcomes(), ["body-timeout"])
+
+    def test_no_body_deadline_while_the_upstream_window_is_full(self) -> None:
+        self.client.send(b"POST http://10.0.0.5/x HTTP/1.1\r\nHost: h\r\nContent-Length: 10\r\n\r\n")
+        (channel,) = self.node.channels
+        channel.stopWriting()  # Conch: the peer's window is full
+        self.clock.advance(100)
+        self.assertFalse(self.client.transport.disconnecting)
+        channel.startWriting()
+        self.clock.advance(0)  # the writer resumes from the reactor
+        self.clock.advance(3)
+        self.assertTrue(self.client.transport.disconnecting)
+
+    def test_a_silent_upstream_gets_504_after_response_timeout(self) -> None:
+        self.client.send(GET)
+        self.clock.advance(6.9)
+        self.assertEqual(self.client.output(), b"")
+        self.clock.advance(0.1)
+        self.assertTrue(self.client.output().startswith(b"HTTP/1.1 504 Gateway Timeout\r\n"))
+        self.assertGone()
+        self.assertEqual(self.outcomes(), ["response-timeout"])
+
+    def test_a_streaming_response_has_no_deadline(self) -> None:
+        self.client.send(GET)
+        (channel,) = self.node.channels
+        self.node.reply(channel, b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n1\r\na\r\n")
+        self.clock.advance(3600)
+        self.assertFalse(self.client.transport.disconnecting)
+
+    def test_idle_keep_alive_connection_is_closed_politely(self) -> None:
+        self.client.send(GET)
+        self.node.reply(self.node.channels[0], OK)
+        self.clock.advance(19.9)
+        self.assertFalse(self.client.transport.disconnecting)
+        self.clock.advance(0.1)
+        self.assertTrue(self.client.transport.disconnecting)
+        self.assertEqual(self.node.handshake_errors["http"], 0)
+
+    def test_a_second_head_begun_and_not_finished_counts_as_a_handshake_failure(self) -> None:
+        self.client.send(GET)
+        self.node.reply(self.node.channels[0], OK)
+        self.client.send(b"GET http://10.0.0.5/y HTTP/1.1\r\n")
+        self.clock.advance(20)
+        self.assertEqual(self.node.handshake_errors["http"], 1)
+
+
+class RetryTests(HttpAdapterTestCase):
+    def _reuse_then_close(self, request: bytes) -> None:
+        self.client.send(GET)
+        first = self.node.channels[0]
+        self.node.reply(first, OK)
+        self.client.output()
+        self.client.send(request)
+        self.assertEqual(len(self.node.channels), 1)  # sent on the kept-alive tunnel
+        # ...which the origin closes at that moment (its keep-alive time-out).
+        self.node.eof(first)
+        self.node.close(first)
+
+    def test_an_idempotent_request_is_sent_again_on_a_new_tunnel(self) -> None:
+        self._reuse_then_close(GET)
+        first, second = self.node.channels
+        self.assertEqual(self.node.received(second), self.node.received(first)[-len(self.node.received(second)) :])
+        self.node.reply(second, OK)
+        self.assertTrue(self.client.output().endswith(b"ok"))
+        self.assertEqual(self.outcomes(), ["retry"])
+
+    def test_only_once(self) -> None:
+        self._reuse_then_close(GET)
+        second = self.node.channels[1]
+        self.node.eof(second)
+        self.node.close(second)
+        self.assertEqual(len(self.node.channels), 2)
+        self.assertTrue(self.client.output().startswith(b"HTTP/1.1 502 Bad Gateway\r\n"))
+        self.assertEqual(self.outcomes(), ["retry", "upstream-error"])
+
+    def test_a_post_is_not_repeated_and_its_502_is_logged(self) -> None:
+        self._reuse_then_close(b"POST http://10.0.0.5/x HTTP/1.1\r\nHost: h\r\nContent-Length: 1\r\n\r\nz")
+        self.assertEqual(len(self.node.channels), 1)
+        self.assertTrue(self.client.output().startswith(b"HTTP/1.1 502 Bad Gateway\r\n"))
+        self.assertEqual(self.outcomes(), ["upstream-error"])
+
+
+class UpgradeTests(HttpAdapterTestCase):
+    UPGRADE = (
+        b"GET http://10.0.0.5/ws HTTP/1.1\r\nHost: 10.0.0.5\r\nConnection: Upgrade\r\n"
+        b"Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+    )
+    SWITCH = (
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\r\n"
+    )
+
+    def test_a_websocket_upgrade_becomes_a_splice(self) -> None:
+        self.client.send(self.UPGRADE)
+        (channel,) = self.node.channels
+        head = self.node.received(channel)
+        self.assertIn(b"\r\nUpgrade: websocket\r\n", head)
+        self.assertIn(b"\r\nConnection: Upgrade\r\n", head)
+        self.node.reply(channel, self.SWITCH + b"\x81\x02hi")
+        answer = self.client.output()
+        self.assertTrue(answer.startswith(b"HTTP/1.1 101 Switching Protocols\r\n"), answer)
+        self.assertIn(b"Connection: Upgrade\r\n", answer)
+        self.assertTrue(answer.endswith(b"\r\n\r\n\x81\x02hi"))
+        # Raw bytes both ways from now on, with no deadline.
+        self.client.send(b"\x81\x82\x00\x00\x00\x00ho")
+        self.assertTrue(self.node.received(channel).endswith(b"\x81\x82\x00\x00\x00\x00ho"))
+        self.clock.advance(3600)
+        self.node.reply(channel, b"later")
+        self.assertEqual(self.client.output(), b"later")
+
+    def test_an_unsolicited_101_is_a_502(self) -> None:
+        self.client.send(GET)
+        self.node.reply(self.node.channels[0], self.SWITCH)
+        self.assertTrue(self.client.output().startswith(b"HTTP/1.1 502 Bad Gateway\r\n"))
+        self.assertGone()

@@ -1,0 +1,47 @@
+"""The SOCKS adapter in memory, its proxy node played by L{MemoryProxyNode}."""
+
+from __future__ import annotations
+
+from twisted.conch.ssh import connection
+from twisted.internet.task import Clock
+from twisted.trial.unittest import TestCase
+
+from gateway.socks_protocol import SocksFactory
+from tests.support import MemoryClient, MemoryProxyNode
+
+GREETING = b"\x05\x01\x00"
+CONNECT = b"\x05\x01\x00\x01\x0a\x00\x00\x05\x00\x50"  # 10.0.0.5:80
+
+
+class SocksAdapterTests(TestCase):
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.node = MemoryProxyNode(self.clock, auto_open=False)
+        self.client = MemoryClient(SocksFactory, self.node, self.clock)
+
+    def test_payload_and_eof_sent_before_the_reply_reach_the_destination(self) -> None:
+        # e.g. `printf ... | nc -X 5` : request, payload and EOF at once
+        self.client.send(GREETING + CONNECT + b"GET / HTTP/1.0\r\n\r\n")
+        self.client.half_close()
+        (channel,) = self.node.channels
+        self.node.confirm(channel)
+        self.assertEqual(self.client.output(), b"\x05\x00" + b"\x05\x00\x00\x01" + bytes(6))
+        self.assertEqual(self.node.received(channel), b"GET / HTTP/1.0\r\n\r\n")
+        self.assertEqual(self.node.sent(connection.MSG_CHANNEL_EOF, channel), 1)
+        self.node.reply(channel, b"HTTP/1.0 200 OK\r\n\r\n")
+        self.node.eof(channel)
+        self.assertEqual(self.client.output(), b"HTTP/1.0 200 OK\r\n\r\n")
+        self.assertTrue(self.client.transport.disconnecting)
+
+    def test_a_client_gone_while_its_stream_opens_closes_the_stream(self) -> None:
+        self.client.send(GREETING + CONNECT)
+        self.client.lose()
+        (channel,) = self.node.channels
+        self.node.confirm(channel)
+        self.assertTrue(channel.localClosed)
+        self.assertEqual(self.client.slots_used, 0)
+
+    def test_the_handshake_deadline_stops_at_the_request(self) -> None:
+        self.client.send(GREETING + CONNECT)
+        self.clock.advance(3600)  # the open is bounded by the cluster's open_timeout instead
+        self.assertFalse(self.client.transport.disconnecting)
