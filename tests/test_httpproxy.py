@@ -1174,6 +1174,7 @@ VALID_RESPONSES = [
     b"HTTP/1.0 200 OK\nContent-Type: text/plain\n\nuntil eof",
     b"HTTP/1.1 304 Not Modified\r\nETag: x\r\n\r\n",
     b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\nraw",
+    b"\r\nHTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n00A\r\n0123456789\r\n0\r\nTE: x\r\n\r\n",
 ]
 
 
@@ -1188,7 +1189,8 @@ def mutated(draw: st.DrawFn, samples: list[bytes]) -> bytes:
         if action == "delete":
             del data[start:end]
         elif action == "insert":
-            data[start:start] = draw(st.sampled_from([b"\r\n", b"\n", b":", b" ", b";", b"0", b"\r", b"\x00"]))
+            insertions = [b"\r\n", b"\n", b":", b" ", b";", b"0", b"\r", b"\x00", b"\xa0", b"\x85", b","]
+            data[start:start] = draw(st.sampled_from(insertions))
         elif action == "replace":
             data[start:end] = draw(st.binary(max_size=8))
         else:

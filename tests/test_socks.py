@@ -130,6 +130,11 @@ NOAUTH_FLOWS: list[tuple[str, bytes, ConnectRequest]] = [
         GREET_NOAUTH + v5_domain(b"db.cluster.example", 5432),
         ConnectRequest(5, "db.cluster.example", 5432, None, None),
     ),
+    (
+        "v5-domain-normalised",
+        GREET_NOAUTH + v5_domain(b"DB.Cluster.Example.", 5432),
+        ConnectRequest(5, "db.cluster.example", 5432, None, None),
+    ),
 ]
 SOCKS4_FLOWS: list[tuple[str, bytes, ConnectRequest]] = [
     (
@@ -702,8 +707,9 @@ class PropertyTests(unittest.TestCase):
 
     def assertWellBehaved(self, data: bytes, points: list[int], checked: bool) -> None:
         authenticate = check_credentials if checked else None
-        whole, reference = feed([data], authenticate)
-        server = SocksServer(authenticate)
+        is_cluster = {"cluster"}.__contains__ if checked else None
+        whole, reference = feed([data], authenticate, is_cluster)
+        server = SocksServer(authenticate, is_cluster)
         events: list[Event] = []
         for chunk in cut(data, points):
             new = server.receive_data(chunk)
