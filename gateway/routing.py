@@ -42,7 +42,7 @@ from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from typing import TYPE_CHECKING
 
-from gateway.config import _NAME_RE as _CLUSTER_NAME_RE
+from gateway.config import is_valid_name
 from gateway.errors import Reason, StreamError, shown
 
 if TYPE_CHECKING:
@@ -81,7 +81,7 @@ def show_username(username: str) -> str:
     its size, since it may be a token typed into the wrong field.
     """
     cluster, colon, _ = username.partition(":")
-    if _CLUSTER_NAME_RE.fullmatch(cluster):
+    if is_valid_name(cluster):
         return f"username {repr(cluster + ':...' if colon else cluster)}"
     return f"a username of {len(username.encode('utf-8', 'surrogatepass'))} bytes"
 
