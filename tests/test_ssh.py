@@ -15,10 +15,13 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from twisted.conch.client.knownhosts import KnownHostsFile
 from twisted.conch.ssh import connection, keys, userauth
 from twisted.conch.ssh.common import NS, getNS
+from twisted.conch.ssh.transport import DISCONNECT_NO_MORE_AUTH_METHODS_AVAILABLE
 from twisted.internet.defer import Deferred, fail
+from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.logger import globalLogPublisher
+from twisted.python.failure import Failure
 from twisted.python.filepath import FilePath
 from twisted.trial.unittest import SkipTest, TestCase
 
@@ -518,3 +521,33 @@ class QuickAckTests(TestCase):
         sock.fails = False
         client.dataReceived(b"\0")
         self.assertEqual(sock.options, [])
+
+
+class AuthFailureTextTests(TestCase):
+    def failure_after_refusal(self, server_sig_algs: bytes | None) -> str:
+        client = GatewayClientTransport("10.0.0.1", 22, "root", rsa_key(), HostKeyPolicy(accept_any=True), Clock())
+        client.makeConnection(StringTransport())
+        if server_sig_algs is not None:
+            client.peerExtensions[b"server-sig-algs"] = server_sig_algs
+        client.sessionID = b"session-id"
+        client.connectionSecure()
+        client._auth.transport = client
+        client._auth.auth_publickey()
+        client.sendDisconnect(DISCONNECT_NO_MORE_AUTH_METHODS_AVAILABLE, b"no more methods")
+        client.connectionLost(Failure(ConnectionDone()))
+        return str(self.failureResultOf(client.ready, SSHConnectError).value)
+
+    def test_a_refused_guess_names_the_opt_in(self):
+        text = self.failure_after_refusal(None)
+        self.assertTrue(
+            text.startswith(
+                "authentication as 'root' failed: the proxy node refused the key "
+                "(signed with rsa-sha2-512, which the node does not list in server-sig-algs"
+            ),
+            text,
+        )
+        self.assertIn("allow_sha1_signatures = true", text)
+
+    def test_a_refused_listed_algorithm_is_just_refused(self):
+        text = self.failure_after_refusal(b"rsa-sha2-512")
+        self.assertEqual(text, "authentication as 'root' failed: the proxy node refused the key")
