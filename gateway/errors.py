@@ -89,3 +89,19 @@ class StreamError(Exception):
 
     def __str__(self) -> str:
         return f"{self.reason.value}: {self.detail}"
+
+
+#: How much of a peer's own text (a DISCONNECT description, a channel-open failure, a command's stderr) is shown.
+PEER_TEXT_LIMIT = 200
+
+
+def peer_text(data: bytes, limit: int = PEER_TEXT_LIMIT) -> str:
+    """
+    Text a peer sent, fit for a log line or C{last_error}: decoded (bad UTF-8
+    replaced), control and other unprintable characters escaped, at most
+    C{limit} characters.  Only for text the protocol defines as a message
+    to show; raw protocol bytes are never turned into error text.
+    """
+    text = data.decode("utf-8", "replace")
+    escaped = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text[:limit])
+    return escaped + "..." if len(text) > limit else escaped

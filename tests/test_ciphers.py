@@ -45,6 +45,7 @@ from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SkipTest, TestCase
 
+from gateway.errors import peer_text
 from gateway.ssh.ciphers import (
     AES128_GCM,
     AES256_GCM,
@@ -54,7 +55,7 @@ from gateway.ssh.ciphers import (
     PacketReader,
     _RandomPadding,
 )
-from gateway.ssh.client import GatewayClientTransport, SSHConnectError, TunnelConnection, client_factory, peer_text
+from gateway.ssh.client import GatewayClientTransport, SSHConnectError, TunnelConnection, client_factory
 from gateway.ssh.hostkeys import HostKeyPolicy
 from gateway.testing import generate_key, public_line
 

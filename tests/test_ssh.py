@@ -339,6 +339,19 @@ class OpenFailureTests(TestCase):
         self.assertEqual(error.reason, Reason.REFUSED)
         self.assertIn("10.0.0.5:81", error.detail)
 
+    def test_the_proxy_nodes_open_failure_text_is_escaped_and_cut(self):
+        conn = TunnelConnection(Deferred(), Clock())
+        conn.transport = FakeSSHTransport()
+        conn.serviceStarted()
+        opened = conn.open_tunnel("10.0.0.5", 81, ("127.0.0.1", 1))
+        text = b"refused\n2026-12-01 forged log line\x1b[31m" + b"x" * 500
+        conn.ssh_CHANNEL_OPEN_FAILURE(struct.pack(">2L", 0, 2) + NS(text) + NS(b""))
+        detail = self.failureResultOf(opened, StreamError).value.detail
+        self.assertNotIn("\n", detail)
+        self.assertNotIn("\x1b", detail)
+        self.assertIn("refused\\n2026", detail)
+        self.assertLess(len(detail), 300)
+
 
 class BackoffTests(TestCase):
     def test_doubling_capped_with_jitter(self):

@@ -27,6 +27,7 @@ from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from gateway.errors import peer_text
 from gateway.relay import set_no_delay
 from gateway.ssh.auth import KeyAuthClient
 from gateway.ssh.channel import DEFAULT_WINDOW, ExecTunnelChannel, TunnelChannel, quiet_logger
@@ -85,22 +86,6 @@ SHA1_RSA = b"ssh-rsa"
 
 #: Linux only; not sticky, so it is set again after every read.
 _TCP_QUICKACK: int | None = getattr(socket, "TCP_QUICKACK", None)
-#: How much of a peer's own text (its DISCONNECT description) is shown.
-_PEER_TEXT_LIMIT = 200
-
-
-def peer_text(data: bytes, limit: int = _PEER_TEXT_LIMIT) -> str:
-    """
-    Text a peer sent, fit for a log line or C{last_error}: decoded (bad UTF-8
-    replaced), control and other unprintable characters escaped, at most
-    C{limit} characters.  Only for text the protocol defines as a message
-    to show; raw protocol bytes are never turned into error text.
-    """
-    text = data.decode("utf-8", "replace")
-    shown = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text[:limit])
-    return shown + "..." if len(text) > limit else shown
-
-
 def quick_ack(transport: object) -> Callable[[], None] | None:
     """
     A call that sets C{TCP_QUICKACK} on C{transport}'s TCP socket; None
