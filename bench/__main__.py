@@ -13,6 +13,9 @@ through each SOCKS5 listener:
  - transfer: a 256 MiB download and upload with curl (MB/s, median of runs);
  - short: a new SOCKS5 connection + a 1 KiB GET, 32 at a time (requests/s
    and p99 latency, bench/shortconn.py);
+ - latency: 200 such requests one at a time, median latency and how many
+   took over 30 ms (delayed-ACK stalls; bench/latency.py, nginx as the
+   origin when installed);
  - keepalive: the same GETs in absolute-form through the HTTP proxy on
    kept-alive connections, against a new tunnel per request;
  - idle: 10,000 concurrent idle streams, memory per stream (bench/idle.py);
@@ -28,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 import os
 import statistics
 import sys
@@ -36,8 +38,9 @@ import time
 from functools import partial
 
 from bench.clusters import clusters_rows
-from bench.common import HERE, INTERNAL, Row, run_in_lab, start_gateway, start_ssh_d, table
+from bench.common import HERE, INTERNAL, Row, run_in_lab, run_load_client, start_gateway, start_ssh_d, table
 from bench.idle import idle_rows
+from bench.latency import latency_rows
 from tests.netlab import Lab, wait_for_port
 
 BIG = 256 * 1024 * 1024
@@ -47,7 +50,7 @@ GATEWAY_HTTP_PORT = 3128
 SSH_DEFAULT_PORT = 1081
 SSH_GCM_PORT = 1082
 ASYNCSSH_PORT = 1083
-SCENARIOS = ("transfer", "short", "keepalive", "idle", "clusters")
+SCENARIOS = ("transfer", "short", "latency", "keepalive", "idle", "clusters")
 
 
 def download(lab: Lab, port: int, runs: int, size: int) -> float:
@@ -97,18 +100,7 @@ def upload(lab: Lab, port: int, runs: int, size: int, workdir: str) -> float:
 
 def run_load(lab: Lab, script: str, port: int, count: int) -> dict:
     """Run a load client of bench/ (32 at a time, `count` 1 KiB GETs) against the proxy on `port`."""
-    done = lab.run(
-        lab.ctl_ns,
-        [
-            sys.executable, os.path.join(HERE, script),
-            f"127.0.0.1:{port}", f"{INTERNAL}:8080", f"/bytes/{SMALL}", "32", str(count),
-        ],
-        timeout=180,
-        capture_output=True,
-    )
-    if done.returncode != 0:
-        raise RuntimeError(f"{script} through :{port} failed: {done.stderr.decode()}")
-    return json.loads(done.stdout)
+    return run_load_client(lab, script, port, f"{INTERNAL}:8080", f"/bytes/{SMALL}", 32, count)
 
 
 def transfer_rows(lab: Lab, workdir: str, runs: int, size: int, others: list[tuple[str, int]]) -> list[Row]:
@@ -210,6 +202,8 @@ def main() -> int:
         if "short" in only:
             short_others = [(label, run_load(lab, "shortconn.py", port, count)) for label, port in others]
             rows += short_rows(gw_short, short_others, count)
+        if "latency" in only:
+            rows += latency_rows(lab, workdir, GATEWAY_PORT, SSH_DEFAULT_PORT)
         if "keepalive" in only:
             keepalive = run_load(lab, "keepalive.py", GATEWAY_HTTP_PORT, 3 * count)
             rows.append(

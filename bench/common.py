@@ -6,6 +6,7 @@ process's memory, and printing the one result table.
 
 from __future__ import annotations
 
+import json
 import os
 import resource
 import subprocess
@@ -136,6 +137,28 @@ def start_ssh_d(lab: Lab, port: int, extra: list[str] = ()) -> subprocess.Popen:
     )
     wait_for_port(lab, lab.ctl_ns, "127.0.0.1", port, timeout=20)
     return proc
+
+
+def run_load_client(
+    lab: Lab, script: str, proxy_port: int, target: str, path: str, concurrency: int, count: int
+) -> dict:
+    """
+    Run a load client of bench/ (C{script}: C{count} GETs of C{path} from
+    C{target}, C{concurrency} at a time) in the controller namespace against
+    the proxy on C{proxy_port}; its JSON result.
+    """
+    done = lab.run(
+        lab.ctl_ns,
+        [
+            sys.executable, os.path.join(HERE, script),
+            f"127.0.0.1:{proxy_port}", target, path, str(concurrency), str(count),
+        ],
+        timeout=180,
+        capture_output=True,
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"{script} through :{proxy_port} failed: {done.stderr.decode()}")
+    return json.loads(done.stdout)
 
 
 def rss_bytes(pid: int) -> int:

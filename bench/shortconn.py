@@ -2,7 +2,7 @@
 Load client for the short-connection benchmark: COUNT requests, CONCURRENCY
 at a time, each a new SOCKS5 connection, a CONNECT to the target and a
 small HTTP/1.0 GET read to the end.  Prints one JSON line: requests per
-second, latency percentiles (ms) and errors.
+second, latency percentiles (ms), how many took over 30 ms, and errors.
 
     python bench/shortconn.py SOCKS_HOST:PORT TARGET_HOST:PORT PATH CONCURRENCY COUNT
 
@@ -60,6 +60,7 @@ async def run(socks, target, path, concurrency: int, count: int) -> dict:
         "rps": len(latencies) / elapsed,
         "p50_ms": percentile(0.50),
         "p99_ms": percentile(0.99),
+        "over_30ms": sum(1 for latency in latencies if latency > 0.030),
         "ok": len(latencies),
         "errors": errors,
     }

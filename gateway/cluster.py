@@ -151,6 +151,7 @@ class _Link:
             cluster.reactor,
             rekey_bytes=config.rekey_bytes,
             rekey_interval=config.rekey_interval,
+            allow_sha1_signatures=config.allow_sha1_signatures,
         )
 
         def connected(transport: GatewayClientTransport) -> Deferred[TunnelConnection]:

@@ -130,6 +130,7 @@ _GATEWAY_KEYS = (
 )
 _CLUSTER_KEYS = (
     "aliases",
+    "allow_sha1_signatures",
     "connect_timeout",
     "connections",
     "exec_command",
@@ -161,6 +162,7 @@ _CLUSTER_KEYS = (
 #: cluster (its names, its proxy node, its networks, its host keys, its token,
 #: the connection it jumps through) and sharing them would be a mistake.
 DEFAULTABLE_KEYS = (
+    "allow_sha1_signatures",
     "connect_timeout",
     "connections",
     "exec_command",
@@ -285,6 +287,9 @@ class ClusterConfig:
     rekey_bytes: int = DEFAULT_REKEY_BYTES
     #: Seconds between client-initiated rekeys; 0: by bytes only.
     rekey_interval: float = DEFAULT_REKEY_INTERVAL
+    #: Accept and make SHA-1 RSA signatures (C{ssh-rsa}), for proxy nodes too
+    #: old for rsa-sha2 (OpenSSH < 7.2).
+    allow_sha1_signatures: bool = False
 
     def names(self) -> tuple[str, ...]:
         """The cluster's name followed by its aliases."""
@@ -902,6 +907,7 @@ _SETTINGS: dict[str, Callable[[_Values, str], Any]] = {
     "open_timeout": lambda v, n: _seconds(v, n),
     "rekey_bytes": _rekey_bytes,
     "rekey_interval": lambda v, n: _seconds(v, n, zero="rekey by bytes only", minimum=MIN_REKEY_INTERVAL),
+    "allow_sha1_signatures": lambda v, n: v.boolean(n),
 }
 
 

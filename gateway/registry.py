@@ -58,6 +58,7 @@ def safe_settings(config: ClusterConfig) -> dict[str, Any]:
         "max_streams": config.max_streams,
         "rekey_bytes": config.rekey_bytes,
         "rekey_interval": config.rekey_interval,
+        "allow_sha1_signatures": config.allow_sha1_signatures,
     }
 
 

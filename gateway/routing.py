@@ -9,7 +9,9 @@ The rules, in order:
 
   0. A port outside 1..65535 or a malformed host is C{BAD_REQUEST}.
   1. A username names the cluster (by name or alias).  Unknown name:
-     C{AUTH_FAILED}.  If the cluster has a token, the password must equal it
+     C{AUTH_FAILED}.  (Empty credentials never get here: the front ends
+     report them as none; a SOCKS4 user id that names no cluster and carries
+     no token is none too, see L{gateway.socks}.)  If the cluster has a token, the password must equal it
      (C{AUTH_REQUIRED} when missing, C{AUTH_FAILED} when wrong; compared in
      constant time).  A cluster without a token ignores the password.
   2. Without a username, an IP destination picks the one cluster whose
@@ -21,6 +23,11 @@ The rules, in order:
 
 Overlapping networks between clusters are normal: they only make rule 2
 ambiguous, which credentials resolve.
+
+A client that has not proved a token learns nothing about clusters from an
+error's C{detail}: not which exist (an unknown name and a wrong token read
+the same), not which of them match, not their networks.  The log gets the
+full story in C{log_detail}, with usernames shown by L{show_username} only.
 """
 
 from __future__ import annotations
@@ -35,18 +42,21 @@ from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from typing import TYPE_CHECKING
 
-from gateway.errors import Reason, StreamError
+from gateway.config import is_valid_name
+from gateway.errors import Reason, StreamError, shown
 
 if TYPE_CHECKING:
     from gateway.config import ClusterConfig
 
-__all__ = ["Route", "Router", "normalise_host"]
+__all__ = ["Route", "Router", "canonical_host", "normalise_host", "show_username"]
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 _LABEL_RE = re.compile(r"[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?")
 #: How many networks / patterns a NOT_ALLOWED detail lists before "...".
 _LIST_LIMIT = 8
+#: What a client that has not proved a token hears when credentials fail.
+_CREDENTIALS_REFUSED = "proxy credentials not accepted"
 
 
 @dataclass(frozen=True)
@@ -54,8 +64,8 @@ class Route:
     """
     Open the stream to C{host}:C{port} through C{cluster}'s proxy node.
 
-    C{host} is the IP address in canonical form (IPv4-mapped IPv6 addresses
-    become IPv4, brackets are removed) or the host name as the client gave it.
+    C{host} is L{canonical_host}'s text: what the proxy node is asked to
+    connect to, so it can resolve C{API.Example.} as C{api.example}.
     """
 
     cluster: ClusterConfig
@@ -63,19 +73,26 @@ class Route:
     port: int
 
 
-def _show(value: str, limit: int = 64) -> str:
-    if len(value) > limit:
-        return repr(value[:limit]) + "..."
-    return repr(value)
+def show_username(username: str) -> str:
+    """
+    A proxy username as logs may show it: only its cluster part (before the
+    first ":", where clients that mean SOCKS4's C{cluster:token} put a
+    token), and only if that has the shape of a cluster name; otherwise just
+    its size, since it may be a token typed into the wrong field.
+    """
+    cluster, colon, _ = username.partition(":")
+    if is_valid_name(cluster):
+        return f"username {repr(cluster + ':...' if colon else cluster)}"
+    return f"a username of {len(username.encode('utf-8', 'surrogatepass'))} bytes"
 
 
 def _listing(items: Iterable[object]) -> str:
-    shown = [str(i) for i in items]
-    if not shown:
+    texts = [str(i) for i in items]
+    if not texts:
         return "none"
-    if len(shown) > _LIST_LIMIT:
-        return ", ".join(shown[:_LIST_LIMIT]) + f", ... ({len(shown) - _LIST_LIMIT} more)"
-    return ", ".join(shown)
+    if len(texts) > _LIST_LIMIT:
+        return ", ".join(texts[:_LIST_LIMIT]) + f", ... ({len(texts) - _LIST_LIMIT} more)"
+    return ", ".join(texts)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -90,7 +107,9 @@ def normalise_host(host: str) -> IPAddress | str:
     @return: an IP address (IPv4-mapped IPv6 addresses as IPv4, C{[v6]}
         brackets accepted) or the lower-cased host name without trailing dot,
         for matching.
-    @raise StreamError: C{BAD_REQUEST} if C{host} is neither.
+    @raise StreamError: C{BAD_REQUEST} if C{host} is neither, or an IPv6
+        address with a zone id (C{fe80::1%eth0}): a zone names an interface
+        of whoever reads it, and must not reach the proxy node.
     """
     if not isinstance(host, str) or not host:
         raise StreamError(Reason.BAD_REQUEST, "empty destination host")
@@ -104,25 +123,41 @@ def normalise_host(host: str) -> IPAddress | str:
         if bracketed or ":" in text:
             raise StreamError(
                 Reason.BAD_REQUEST,
-                f"{_show(host)} is not a valid IPv6 address or host name",
+                f"{shown(host)} is not a valid IPv6 address or host name",
             ) from None
     else:
-        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
-            return address.ipv4_mapped
-        if bracketed and not isinstance(address, ipaddress.IPv6Address):
-            raise StreamError(Reason.BAD_REQUEST, f"{_show(host)}: only IPv6 addresses go in brackets")
+        if isinstance(address, ipaddress.IPv6Address):
+            if address.scope_id is not None:
+                raise StreamError(Reason.BAD_REQUEST, f"{shown(host)}: IPv6 zone ids are not accepted")
+            if address.ipv4_mapped:
+                return address.ipv4_mapped
+        elif bracketed:
+            raise StreamError(Reason.BAD_REQUEST, f"{shown(host)}: only IPv6 addresses go in brackets")
         return address
     name = text.removesuffix(".")
     if not name or len(name) > 253 or not all(_LABEL_RE.fullmatch(label) for label in name.split(".")):
-        raise StreamError(Reason.BAD_REQUEST, f"{_show(host)} is not a valid host name")
+        raise StreamError(Reason.BAD_REQUEST, f"{shown(host)} is not a valid host name")
     # Resolvers read "10.1", "0x0a000001" or "167772161" as IPv4 addresses;
     # such a "name" must not slip past the networks check.
     if name.rsplit(".", 1)[-1].isdigit() or _inet_aton_accepts(name):
         raise StreamError(
             Reason.BAD_REQUEST,
-            f"{_show(host)} looks like a numeric address: write IPv4 addresses as a.b.c.d",
+            f"{shown(host)} looks like a numeric address: write IPv4 addresses as a.b.c.d",
         )
     return name.lower()
+
+
+@functools.lru_cache(maxsize=4096)
+def canonical_host(host: str) -> str:
+    """
+    The one text of a destination host that is matched, logged and sent to
+    the proxy node: an IP address's canonical form, or the host name in lower
+    case without its trailing dot.  Both front ends call it while parsing
+    (cached like L{normalise_host}: it is on every request's path).
+
+    @raise StreamError: C{BAD_REQUEST}, as L{normalise_host}.
+    """
+    return str(normalise_host(host))
 
 
 def _inet_aton_accepts(name: str) -> bool:
@@ -204,20 +239,29 @@ class Router:
         if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
             raise StreamError(Reason.BAD_REQUEST, f"port {port!r} is not between 1 and 65535")
         dest = normalise_host(host)
-        shown = str(dest)  # the canonical text: the route's host and the errors'
+        canonical = str(dest)  # the route's host and the errors' (canonical_host)
 
         if username is not None:
             cluster = self.lookup(username)
             if cluster is None:
-                raise StreamError(Reason.AUTH_FAILED, f"unknown cluster {_show(username)}")
+                raise StreamError(
+                    Reason.AUTH_FAILED,
+                    _CREDENTIALS_REFUSED,
+                    log_detail=f"{show_username(username)} names no cluster",
+                )
             if cluster.token is not None:
                 if password is None:
                     raise StreamError(
                         Reason.AUTH_REQUIRED,
-                        f"cluster {cluster.name!r} needs its token as the proxy password",
+                        "proxy credentials required: the cluster name and its token",
+                        log_detail=f"cluster {cluster.name!r} needs its token as the proxy password",
                     )
                 if not _tokens_equal(password, cluster.token):
-                    raise StreamError(Reason.AUTH_FAILED, f"wrong password for cluster {cluster.name!r}")
+                    raise StreamError(
+                        Reason.AUTH_FAILED,
+                        _CREDENTIALS_REFUSED,
+                        log_detail=f"wrong password for cluster {cluster.name!r}",
+                    )
         else:
             if isinstance(dest, str):
                 matches = [c for c in self._clusters if _matches_hostnames(dest, c)]
@@ -226,23 +270,31 @@ class Router:
                 matches = [c for c in self._clusters if _in_networks(dest, c)]
                 where = "networks"
             if not matches:
-                raise StreamError(Reason.NO_ROUTE, f"{shown} is in no cluster's {where}")
+                raise StreamError(Reason.NO_ROUTE, f"{canonical} is in no cluster's {where}")
             if len(matches) > 1:
                 names = ", ".join(sorted(c.name for c in matches))
                 verb = "is in the networks of" if where == "networks" else "matches the hostnames of"
                 raise StreamError(
                     Reason.AMBIGUOUS,
-                    f"{shown} {verb} clusters {names}: name one with proxy credentials",
+                    f"{canonical} is in several clusters' {where}: name one with proxy credentials",
+                    log_detail=f"{canonical} {verb} clusters {names}: name one with proxy credentials",
                 )
             cluster = matches[0]
             if cluster.token is not None:
-                raise StreamError(Reason.AUTH_REQUIRED, f"cluster {cluster.name!r} needs credentials")
+                raise StreamError(
+                    Reason.AUTH_REQUIRED,
+                    f"{canonical} needs proxy credentials: the cluster name and its token",
+                    log_detail=f"cluster {cluster.name!r} needs credentials",
+                )
 
         if not _allowed(dest, cluster):
+            where = f"cluster {cluster.name!r}"
             if isinstance(dest, str):
-                detail = f"{shown} does not match cluster {cluster.name!r} hostnames ({_listing(cluster.hostnames)})"
+                detail = f"{canonical} does not match {where} hostnames ({_listing(cluster.hostnames)})"
             else:
-                detail = f"{shown} is outside cluster {cluster.name!r} networks ({_listing(cluster.networks)})"
-            raise StreamError(Reason.NOT_ALLOWED, detail)
+                detail = f"{canonical} is outside {where} networks ({_listing(cluster.networks)})"
+            # Only a client that proved the token may read the cluster's policy.
+            public = detail if cluster.token is not None else f"{canonical} is not allowed through {where}"
+            raise StreamError(Reason.NOT_ALLOWED, public, log_detail=detail)
 
-        return Route(cluster=cluster, host=host if isinstance(dest, str) else shown, port=port)
+        return Route(cluster=cluster, host=canonical, port=port)

@@ -23,12 +23,22 @@ Choices the RFCs leave open:
   - The SOCKS5 reserved byte is ignored; strictness would only break odd
     clients.
   - A domain name must be 1..255 bytes of printable ASCII without spaces
-    (clients send IDNA names encoded).  Anything else is a malformed request,
-    L{Reason.BAD_REQUEST} (C{0x01} / C{0x5B}), not "host unreachable": no
-    lookup was tried.  A name that is an IP literal becomes the IP's text.
+    (clients send IDNA names encoded) that L{canonical_host} accepts.
+    Anything else is a malformed request, L{Reason.BAD_REQUEST} (C{0x01} /
+    C{0x5B}), not "host unreachable": no lookup was tried.  The request
+    carries canonical_host's text: an IP literal's canonical form, a name in
+    lower case without its trailing dot.
   - RFC 1929 fields may be empty (curl sends an empty password for
     C{socks5h://user@host}).  Empty usernames and passwords, from any
-    version, are reported as C{None}.
+    version, are reported as C{None}; an empty username means no
+    credentials at all, so its password is dropped too.
+  - A SOCKS4 user id is often not chosen by the user (socat sends C{$USER}
+    or C{anonymous}): one that names no cluster (asked through
+    C{is_cluster}) and carries no C{:token} is no credentials, and the
+    destination picks the cluster.  A cluster with a token still needs it,
+    and C{name:token} is always a claim the router checks.
+  - Details never echo a credential, and client bytes only as
+    L{gateway.errors.shown} renders them: they are logged.
 """
 
 from __future__ import annotations
@@ -39,7 +49,8 @@ import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from gateway.errors import Reason, StreamError
+from gateway.errors import Reason, StreamError, shown
+from gateway.routing import canonical_host, show_username
 
 #: How each failure is told to a SOCKS5 client (RFC 1928 section 6).
 SOCKS5_REPLY: dict[Reason, int] = {
@@ -154,16 +165,12 @@ def _malformed(detail: str) -> StreamError:
 
 
 def _domain_host(raw: bytes) -> str:
-    """Validate a client-supplied name; an IP literal becomes its IP text."""
+    """Validate a client-supplied name; the destination as L{canonical_host} writes it."""
     if not raw:
         raise _malformed("empty domain name")
     if any(byte <= 0x20 or byte >= 0x7F for byte in raw):
-        raise _malformed(f"invalid domain name {raw[:64]!r}")
-    name = raw.decode("ascii")
-    try:
-        return str(ipaddress.ip_address(name))
-    except ValueError:
-        return name
+        raise _malformed(f"invalid domain name {shown(raw)}")
+    return canonical_host(raw.decode("ascii"))
 
 
 def _text(raw: bytes, what: str) -> str:
@@ -177,14 +184,22 @@ def _text(raw: bytes, what: str) -> str:
 class SocksServer:
     """One client connection's SOCKS handshake."""
 
-    def __init__(self, authenticate: Callable[[str, str], bool] | None = None) -> None:
+    def __init__(
+        self,
+        authenticate: Callable[[str, str], bool] | None = None,
+        is_cluster: Callable[[str], bool] | None = None,
+    ) -> None:
         """
         @param authenticate: called as C{authenticate(username, password)} for
             RFC 1929 credentials; C{False} fails the handshake, as does raising
             L{StreamError} (with its own reason).  C{None} accepts anything
             here, leaving the decision to whoever handles the request.
+        @param is_cluster: whether a name is a cluster's name or alias, to
+            tell a SOCKS4 user id that means a cluster from one that means
+            nothing.  C{None} takes every user id as a cluster name.
         """
         self._authenticate = authenticate
+        self._is_cluster = is_cluster
         self._state = _State.VERSION
         self._version = 0
         self._buffer = b""
@@ -318,7 +333,9 @@ class SocksServer:
             host = str(ipaddress.IPv4Address(buf[4:8]))
         # "cluster:token" carries both halves of SOCKS5's username/password.
         user, _, token = _text(raw_userid, "SOCKS4 user id").partition(":")
-        self._username, self._password = user or None, token or None
+        if user and not token and self._is_cluster is not None and not self._is_cluster(user):
+            user = ""  # socat's $USER: no credentials, the destination decides
+        self._username, self._password = (user, token or None) if user else (None, None)
         return self._connect(host, port, end)
 
     def _read_socks5_greeting(self) -> list[Event]:
@@ -347,9 +364,10 @@ class SocksServer:
         username = _text(buf[2:user_end], "username")
         password = _text(buf[user_end + 1 : end], "password")
         self._buffer = buf[end:]
-        if self._authenticate and not self._authenticate(username, password):
-            raise StreamError(Reason.AUTH_FAILED, f"{username!r} not accepted")
-        self._username, self._password = username or None, password or None
+        if username:
+            if self._authenticate and not self._authenticate(username, password):
+                raise StreamError(Reason.AUTH_FAILED, f"{show_username(username)} not accepted")
+            self._username, self._password = username, password or None
         self._state = _State.SOCKS5_REQUEST
         return [Send(b"\x01\x00")]
 

@@ -28,7 +28,7 @@ class SocksProtocol(FrontendProtocol):
 
     def __init__(self, gateway: Gateway, clock: IReactorTime) -> None:
         super().__init__(gateway, clock)
-        self._machine = SocksServer(authenticate=gateway.authenticate)
+        self._machine = SocksServer(authenticate=gateway.authenticate, is_cluster=gateway.is_cluster)
 
     def dataReceived(self, data: bytes) -> None:
         if self._splice is not None:

@@ -88,6 +88,10 @@ class Gateway:
         """Check SOCKS5 username/password: a cluster name and its token."""
         return self.router.authenticate(username, password)
 
+    def is_cluster(self, name: str) -> bool:
+        """Whether C{name} is a cluster's name or alias (a SOCKS4 user id may be neither)."""
+        return self.router.lookup(name) is not None
+
     def route(self, request: StreamRequest) -> tuple[Route, ClusterConnection]:
         """The route and running cluster for C{request}; L{StreamError} if none."""
         route = self.router.route(request.host, request.port, request.username, request.password)
@@ -149,7 +153,7 @@ class Gateway:
             frontend=request.frontend,
             outcome="refused",
             reason=error.reason.value,
-            detail=error.detail,
+            detail=error.log_detail,
         )
 
     def _closed(

@@ -94,6 +94,9 @@ class MemoryProxyNode:
     def authenticate(self, username: str, password: str) -> bool:
         return True
 
+    def is_cluster(self, name: str) -> bool:
+        return False
+
     def route(self, request: Any) -> tuple[None, MemoryProxyNode]:
         return None, self
 

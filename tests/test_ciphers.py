@@ -33,16 +33,19 @@ import zlib
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from twisted.conch.ssh import connection, transport
-from twisted.conch.ssh.common import NS
+from twisted.conch.ssh.common import NS, getNS
 from twisted.conch.ssh.keys import Key
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint
+from twisted.internet.error import ConnectionDone
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SkipTest, TestCase
 
+from gateway.errors import peer_text
 from gateway.ssh.ciphers import (
     AES128_GCM,
     AES256_GCM,
@@ -52,7 +55,7 @@ from gateway.ssh.ciphers import (
     PacketReader,
     _RandomPadding,
 )
-from gateway.ssh.client import GatewayClientTransport, TunnelConnection, client_factory
+from gateway.ssh.client import GatewayClientTransport, SSHConnectError, TunnelConnection, client_factory
 from gateway.ssh.hostkeys import HostKeyPolicy
 from gateway.testing import generate_key, public_line
 
@@ -407,6 +410,77 @@ class TransportPacketTests(TestCase):
         self.assertEqual(client.incomingPacketSequence, 4)
         self.assertFalse(client.transport.disconnecting)
 
+    def failure_text(self, client: GatewayClientTransport) -> str:
+        """Why C{client}'s connection failed, as the cluster's C{last_error} shows it."""
+        client.connectionLost(Failure(ConnectionDone()))
+        return str(self.failureResultOf(client.ready, SSHConnectError).value)
+
+    def fresh_client(self) -> GatewayClientTransport:
+        client = GatewayClientTransport(
+            "127.0.0.1", 22, "root", generate_key(), HostKeyPolicy(accept_any=True), Clock()
+        )
+        client.makeConnection(StringTransport())
+        return client
+
+    def test_a_non_ssh_peer_after_the_version_line(self):
+        # What "CANARY..." after a version line used to become: "bad packet length 1128353345".
+        client = self.fresh_client()
+        client.dataReceived(b"SSH-2.0-OpenSSH_9.2\r\nCANARY-1234567890-CANARY\r\n")
+        self.assertTrue(client.transport.disconnecting)
+        self.assertNotIn(b"1128353345", client.transport.value())
+        text = self.failure_text(client)
+        self.assertEqual(text, "not an SSH server: bad packet length")
+
+    def test_lines_before_the_version_line_are_not_packets(self):
+        # RFC 4253 4.2: a server may send other lines first.  Conch read the
+        # buffer as packets as soon as it ended in a newline.
+        client = self.fresh_client()
+        received = []
+        client.dispatchMessage = lambda number, payload: received.append((number, payload))
+        client.dataReceived(b"Welcome to the proxy node\r\n")
+        self.assertFalse(client.transport.disconnecting)
+        clear = FastSSHCiphers(b"none", b"none", b"none", b"none")
+        clear.setKeys(b"", b"", b"", b"", b"", b"")
+        client.dataReceived(b"SSH-2.0-OpenSSH_9.2\r\n" + Peer(clear).seal(transport.MSG_IGNORE, NS(b"first")))
+        self.assertEqual(received, [(transport.MSG_IGNORE, NS(b"first"))])
+        self.assertEqual(client.otherVersionString, b"SSH-2.0-OpenSSH_9.2")
+
+    def test_a_version_line_that_is_not_ssh_2(self):
+        client = self.fresh_client()
+        client.dataReceived(b"SSH-1.5-secret\x1b[31m\r\n")
+        self.assertTrue(client.transport.disconnecting)
+        self.assertNotIn(b"secret", client.transport.value())
+        self.assertEqual(self.failure_text(client), "not an SSH server: its version line is not SSH-2.0")
+
+    def test_a_peer_without_a_version_line(self):
+        client = self.fresh_client()
+        client.dataReceived(b"HTTP/1.1 400 Bad Request TOKEN\r\n\r\n")
+        self.assertFalse(client.transport.disconnecting, "lines before the version line are allowed")
+        self.assertEqual(self.failure_text(client), "not an SSH server: no SSH version line")
+        client = self.fresh_client()
+        client.dataReceived(b"x" * 5000)  # Conch stops after 4 KiB
+        self.assertTrue(client.transport.disconnecting)
+        self.assertEqual(self.failure_text(client), "not an SSH server: no SSH version line")
+
+    def test_the_peers_disconnect_message_is_escaped_and_cut(self):
+        client_ciphers, server_ciphers = cipher_pair(AES128_GCM)
+        client, _ = client_transport(client_ciphers)
+        del client.dispatchMessage  # the transport's own handlers this time
+        peer = Peer(server_ciphers)
+        description = b"bye\r\n\x1b[2Jfake log line \xff" + b"z" * 500
+        client.dataReceived(peer.seal(transport.MSG_DISCONNECT, struct.pack(">L", 11) + NS(description) + NS(b"")))
+        text = self.failure_text(client)
+        self.assertTrue(text.startswith("proxy node disconnected: bye\\r\\n\\x1b[2Jfake log line \ufffdzzz"), text)
+        self.assertTrue(text.endswith("z..."), text)
+        # 200 characters, of which \r, \n and \x1b shown as 2, 2 and 4.
+        self.assertEqual(len(text), len("proxy node disconnected: ") + 200 + 1 + 1 + 3 + len("..."))
+        self.assertTrue(text.isprintable())
+
+    def test_peer_text(self):
+        self.assertEqual(peer_text(b"plain text"), "plain text")
+        self.assertEqual(peer_text(b"a\tb\x00\xe2\x80\xae"), "a\\tb\\x00\\u202e")
+        self.assertEqual(peer_text(b"abcdef", limit=3), "abc...")
+
     def test_nothing_is_read_after_we_disconnect(self):
         client_ciphers, server_ciphers = cipher_pair(AES128_GCM)
         client, received = client_transport(client_ciphers)
@@ -549,10 +623,26 @@ class TransportPacketTests(TestCase):
             self.assertEqual(reason, transport.DISCONNECT_PROTOCOL_ERROR, name)
             self.assertTrue(text.startswith(b"bad packet length"), text)
 
+    def test_lengths_are_not_echoed(self):
+        # A wrong length is the peer's bytes read as a number: the text names the error only.
+        for name in AEAD + (CLASSIC,):
+            reason, text, _ = self.tampered(name, lambda packet: packet.__setitem__(0, packet[0] ^ 0x40))
+            self.assertEqual((reason, text), (transport.DISCONNECT_PROTOCOL_ERROR, b"bad packet length"), name)
+
     def test_gcm_length_not_a_multiple_of_16_is_a_protocol_error(self):
         reason, text, _ = self.tampered(AES128_GCM, lambda packet: packet.__setitem__(3, packet[3] ^ 4))
         self.assertEqual(reason, transport.DISCONNECT_PROTOCOL_ERROR)
         self.assertTrue(text.startswith(b"bad packet length"), text)
+
+
+#: Algorithms the client must never offer unless a cluster opts in.
+WEAK = {
+    b"3des-cbc", b"3des-ctr", b"aes128-cbc", b"aes192-cbc", b"aes256-cbc",
+    b"hmac-md5", b"hmac-sha1", b"hmac-sha2-384",
+    b"diffie-hellman-group1-sha1", b"diffie-hellman-group14-sha1", b"diffie-hellman-group-exchange-sha1",
+    b"diffie-hellman-group-exchange-sha256",
+    b"ssh-rsa", b"ssh-dss", b"zlib", b"zlib@openssh.com",
+}
 
 
 def kexinit(ciphers: bytes, macs: bytes) -> bytes:
@@ -607,6 +697,72 @@ class NegotiationTests(TestCase):
         client = self.transport()
         client.ssh_KEXINIT(kexinit(b"aes128-ctr", b"hmac-unheard-of"))
         self.assertTrue(client.transport.disconnecting)
+
+    def offered_lists(self, client: GatewayClientTransport) -> list[list[bytes]]:
+        """The ten name lists of the KEXINIT C{client} sent."""
+        *lists, _ = getNS(client.ourKexInitPayload[17:], 10)
+        return [names.split(b",") if names else [] for names in lists]
+
+    def test_nothing_weak_is_offered(self):
+        kex, host_keys, ciphers, _, macs, _, compression, _, _, _ = self.offered_lists(self.transport())
+        offered = set(kex + host_keys + ciphers + macs + compression)
+        self.assertEqual(offered & WEAK, set())
+        self.assertFalse([name for name in offered if name.endswith(b"-cbc")])
+        self.assertEqual(kex[:2], [b"curve25519-sha256", b"curve25519-sha256@libssh.org"])
+        self.assertEqual(kex[-1], b"ext-info-c")  # RFC 8308: the signal, not an exchange
+        self.assertEqual(
+            host_keys,
+            [b"ssh-ed25519", b"ecdsa-sha2-nistp256", b"ecdsa-sha2-nistp384", b"ecdsa-sha2-nistp521",
+             b"rsa-sha2-512", b"rsa-sha2-256"],
+        )
+        self.assertEqual(macs, [b"hmac-sha2-256", b"hmac-sha2-512"])
+        self.assertEqual(compression, [b"none"])
+
+    def test_ssh_rsa_host_keys_only_for_a_cluster_that_opts_in(self):
+        client = GatewayClientTransport(
+            "127.0.0.1", 22, "root", generate_key(), HostKeyPolicy(accept_any=True), Clock(),
+            allow_sha1_signatures=True,
+        )
+        client.makeConnection(StringTransport())
+        kex, host_keys, ciphers, _, macs, _, compression, _, _, _ = self.offered_lists(client)
+        self.assertEqual(host_keys[-1], b"ssh-rsa")
+        self.assertEqual(set(kex + host_keys[:-1] + ciphers + macs + compression) & WEAK, set())
+        self.assertNotIn(b"ssh-rsa", GatewayClientTransport.supportedPublicKeys)
+
+    def ecdh_reply(self, client: GatewayClientTransport, signature_algorithm: bytes) -> None:
+        """Negotiate curve25519 with an RSA host key, then answer with a signature named C{signature_algorithm}."""
+        client.ssh_KEXINIT(
+            kexinit(b"aes128-ctr", b"hmac-sha2-256")
+            .replace(NS(b"curve25519-sha256,ecdh-sha2-nistp256"), NS(b"curve25519-sha256"))
+            .replace(NS(b"ssh-ed25519"), NS(b"rsa-sha2-512,ssh-rsa"))
+        )
+        self.assertEqual(client.keyAlg, b"rsa-sha2-512")
+        signature = NS(signature_algorithm) + NS(b"\0" * 256)
+        client.ssh_KEX_DH_GEX_GROUP(NS(b"host key") + NS(b"\x09" * 32) + NS(signature))
+
+    def test_host_key_signed_with_another_algorithm_is_refused(self):
+        client = self.transport()
+        verified = []
+        client.verifyHostKey = lambda *args: verified.append(args)
+        self.ecdh_reply(client, b"ssh-rsa")
+        self.assertTrue(client.transport.disconnecting)
+        self.assertEqual(verified, [], "refused before the host key is even looked at")
+        client.connectionLost(Failure(ConnectionDone()))
+        error = self.failureResultOf(client.ready, SSHConnectError).value
+        self.assertIn("signed the key exchange with another algorithm than rsa-sha2-512", str(error))
+
+    def test_host_key_signed_as_negotiated_goes_on_to_verification(self):
+        client = self.transport()
+        verified = []
+
+        def verify(blob: bytes, fingerprint: bytes) -> Deferred:
+            verified.append(blob)
+            return Deferred()  # never fires: the test stops here
+
+        client.verifyHostKey = verify
+        self.ecdh_reply(client, b"rsa-sha2-512")
+        self.assertEqual(verified, [b"host key"])
+        self.assertFalse(client.transport.disconnecting)
 
 
 # -- against OpenSSH ------------------------------------------------------------

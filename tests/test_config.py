@@ -517,7 +517,7 @@ class ErrorTests(ConfigTestCase):
         self.assertError(
             self.cluster_toml(colour='"x"'),
             "clusters.a.colour",
-            "unknown key (expected one of: aliases, connect_timeout, connections, exec_command, host_keys, ",
+            "unknown key (expected one of: aliases, allow_sha1_signatures, connect_timeout, connections, ",
         )
         self.assertError("[listen]\nsock = 'tcp:1'\n", "listen.sock", "unknown key (did you mean socks?)")
         self.assertError(self.cluster_toml() + "[clusters.a.sub]\nx = 1\n", "clusters.a.sub", "unknown key")
@@ -881,6 +881,7 @@ NEW_DEFAULTS = {
     "open_timeout": 15.0,
     "rekey_bytes": 1 << 30,
     "rekey_interval": 3600.0,
+    "allow_sha1_signatures": False,
 }
 
 
@@ -1008,8 +1009,12 @@ class ConnectionSettingsTests(ConfigTestCase):
             "open_timeout = 4\n"
             'rekey_bytes = "2G"\n'
             "rekey_interval = 0\n"
+            "allow_sha1_signatures = true\n"
             + self.cluster_toml("a")
-            + self.cluster_toml("b", mode='"exec"', connections="3", proxy_command='"none"', rekey_bytes="1048576")
+            + self.cluster_toml(
+                "b", mode='"exec"', connections="3", proxy_command='"none"', rekey_bytes="1048576",
+                allow_sha1_signatures="false",
+            )
         )
         config = self.load(text)
         a, b = config.clusters["a"], config.clusters["b"]
@@ -1021,6 +1026,7 @@ class ConnectionSettingsTests(ConfigTestCase):
         self.assertEqual((a.max_streams, a.open_timeout, a.rekey_bytes, a.rekey_interval), (10, 4.0, 2 << 30, 0.0))
         self.assertEqual((b.mode, b.connections, b.proxy_command, b.rekey_bytes), ("exec", 3, None, 1 << 20))
         self.assertEqual((b.exec_command, b.max_streams), ("ncat {host} {port}", 10))
+        self.assertEqual((a.allow_sha1_signatures, b.allow_sha1_signatures), (True, False))
 
     def test_wrong_types(self) -> None:
         cases = [
@@ -1044,6 +1050,8 @@ class ConnectionSettingsTests(ConfigTestCase):
             ("rekey_bytes", "[1]", "got array"),
             ("rekey_interval", "true", "expected a number of seconds, got boolean"),
             ("rekey_interval", '"3600"', "expected a number of seconds, got string"),
+            ("allow_sha1_signatures", '"yes"', "expected a boolean (true or false), got string"),
+            ("allow_sha1_signatures", "1", "expected a boolean (true or false), got integer"),
         ]
         for name, value, reason in cases:
             self.assertError(self.cluster_toml(**{name: value}), f"clusters.a.{name}", reason)

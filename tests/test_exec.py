@@ -232,6 +232,13 @@ class ExecChannelTests(TestCase):
         self.assertEqual(peer.reason_at_close, "nc killed by signal TERM")
         self.assertEqual(peer.failure_at_close.reason, Reason.GENERAL)
 
+    def test_the_commands_words_are_escaped_in_the_close_reason(self):
+        channel, peer = self._open()
+        self._stderr(b"nc: refused\n\x1b[2Jforged line")
+        self._request(b"exit-status", struct.pack(">L", 1))
+        self._remote_close()
+        self.assertEqual(peer.reason_at_close, "nc exited with status 1: nc: refused\\n\\x1b[2Jforged line")
+
     def test_stderr_is_capped(self):
         channel, _ = self._open()
         for _ in range(3):

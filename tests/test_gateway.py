@@ -422,3 +422,65 @@ class GatewayConnectTests(TestCase):
         done = await deferToThread(run)
         self.assertEqual(done.returncode, 2)
         self.assertIn(b"cannot reach the gateway", done.stderr)
+
+
+class GatewayConnectArgumentTests(TestCase):
+    """gateway-connect's own failures: one line and a status, never a traceback."""
+
+    def main(self, *args: str) -> tuple[int, str]:
+        import io
+        import os
+        import sys
+
+        from gateway.scripts import connect
+
+        defaults = ("GATEWAY_CLUSTER", "GATEWAY_TOKEN")
+        self.patch(os, "environ", {k: v for k, v in os.environ.items() if k not in defaults})
+        stderr = io.StringIO()
+        self.patch(sys, "stderr", stderr)
+        # Nothing listens on port 1: reaching the gateway would say so.
+        status = connect.main(["--socks", "127.0.0.1:1", *args])
+        return status, stderr.getvalue()
+
+    def test_arguments_socks5_cannot_carry(self):
+        """Checked before connecting: a usage error, whatever the gateway would say."""
+        from gateway.scripts.connect import EXIT_USAGE
+
+        cases = [
+            (("a..b.example", "22"), "is not a valid host name"),
+            (("x" * 64 + ".example", "22"), "is not a valid host name"),
+            (("a." * 128 + "b", "22"), "host name is longer than 255 bytes"),
+            (("fe80::1%eth0", "22"), "zone ids are not accepted"),
+            (("10.0.0.1", "0"), "port 0 is not between 1 and 65535"),
+            (("10.0.0.1", "70000"), "port 70000 is not between 1 and 65535"),
+            (("--cluster", "c" * 256, "10.0.0.1", "22"), "cluster name is longer than 255 bytes"),
+            (("--cluster", "c", "--token", "S3CRET" * 43, "10.0.0.1", "22"), "token is longer than 255 bytes"),
+            (("--cluster", "c", "--token", "S3CRET\udcff", "10.0.0.1", "22"), "token is not valid UTF-8"),
+        ]
+        for args, words in cases:
+            status, err = self.main(*args)
+            self.assertEqual(status, EXIT_USAGE, args)
+            self.assertEqual(err.count("\n"), 1, err)
+            self.assertTrue(err.startswith("gateway-connect: "), err)
+            self.assertIn(words, err)
+            self.assertNotIn("S3CRET", err)
+
+    def test_reader_of_stdout_gone_is_a_normal_end(self):
+        """The SSH client closed its end of our stdout: relay() ends quietly (exit 0), not with EPIPE."""
+        import os
+
+        from gateway.scripts.connect import relay
+
+        ours, theirs = socket.socketpair()
+        stdin_read, stdin_write = os.pipe()
+        stdout_read, stdout_write = os.pipe()
+        os.close(stdout_read)
+        os.close(stdin_write)  # and stdin ends too, so nothing can block
+        theirs.sendall(b"from the destination")
+        theirs.close()
+        try:
+            relay(ours, stdin_read, stdout_write)
+        finally:
+            os.close(stdin_read)
+            os.close(stdout_write)
+        self.assertEqual(ours.fileno(), -1)  # closed

@@ -20,6 +20,7 @@ from twisted.trial.unittest import TestCase
 from gateway.errors import Reason, StreamError
 from gateway.httpproxy import (
     HTTP_STATUS,
+    MAX_EMPTY_LINES,
     RequestBody,
     RequestEnd,
     RequestError,
@@ -67,14 +68,22 @@ def run_requests(chunks: list[bytes]) -> tuple[list, bytes]:
     return coalesce(events), parser.take_leftover() if tunnel else b""
 
 
-def run_response(chunks: list[bytes], method: str = "GET", eof: bool = True) -> list:
-    parser = ResponseParser(method)
+def run_response(chunks: list[bytes], method: str = "GET", eof: bool = True, upgrade: bool = False) -> list:
+    return run_switching_response(chunks, method, eof, upgrade)[0]
+
+
+def run_switching_response(
+    chunks: list[bytes], method: str = "GET", eof: bool = True, upgrade: bool = True
+) -> tuple[list, bytes]:
+    """Like L{run_response}; after a 101, also the new protocol's bytes (L{ResponseParser.take_leftover})."""
+    parser = ResponseParser(method, upgrade)
     events: list = []
     for chunk in chunks:
         events += parser.receive_data(chunk)
     if eof:
         events += parser.eof_received()
-    return coalesce(events)
+    switched = events and isinstance(events[-1], ResponseHead) and events[-1].status == 101
+    return coalesce(events), parser.take_leftover() if switched else b""
 
 
 def splits(data: bytes, seed: int = 0) -> list[list[bytes]]:
@@ -124,10 +133,16 @@ class _SplitMixin:
         self.assertEqual(error.status, status, error)
         return error
 
-    def response(self, data: bytes, method: str = "GET", eof: bool = True) -> list:
-        whole = run_response([data], method, eof)
+    def response(self, data: bytes, method: str = "GET", eof: bool = True, upgrade: bool = False) -> list:
+        whole = run_response([data], method, eof, upgrade)
         for chunks in splits(data):
-            self.assertEqual(run_response(chunks, method, eof), whole, chunks)
+            self.assertEqual(run_response(chunks, method, eof, upgrade), whole, chunks)
+        return whole
+
+    def switching_response(self, data: bytes, eof: bool = False) -> tuple[list, bytes]:
+        whole = run_switching_response([data], eof=eof)
+        for chunks in splits(data):
+            self.assertEqual(run_switching_response(chunks, eof=eof), whole, chunks)
         return whole
 
 
@@ -180,8 +195,15 @@ class RequestKindTests(_SplitMixin, TestCase):
         event = self.head(b"GET http://10.0.0.1/ HTTP/1.1\r\n\r\n")
         self.assertEqual((event.host, event.port), ("10.0.0.1", 80))
 
-    def test_host_name_keeps_case(self) -> None:
-        self.assertEqual(self.head(b"GET http://Example.COM/ HTTP/1.1\r\n\r\n").host, "Example.COM")
+    def test_host_name_normalised(self) -> None:
+        """The destination is what the proxy node can resolve; the Host header keeps the client's spelling."""
+        for target in (b"http://Example.COM/", b"http://example.com./", b"http://EXAMPLE.com.:80/"):
+            event = self.head(b"GET " + target + b" HTTP/1.1\r\n\r\n")
+            self.assertEqual((event.host, event.port), ("example.com", 80), target)
+        event = self.head(b"CONNECT API.SVC.TEST.:443 HTTP/1.1\r\n\r\n")
+        self.assertEqual((event.host, event.port), ("api.svc.test", 443))
+        upstream = self.head(b"GET http://API.Example./ HTTP/1.1\r\n\r\n").upstream_head()
+        self.assertIn(b"\r\nHost: API.Example.\r\n", upstream)
 
     def test_query_string(self) -> None:
         event = self.head(b"GET http://example.com/search?q=a%20b&x HTTP/1.1\r\n\r\n")
@@ -194,6 +216,18 @@ class RequestKindTests(_SplitMixin, TestCase):
     def test_bare_lf(self) -> None:
         data = b"GET http://example.com/ HTTP/1.1\nHost: example.com\n\n"
         self.assertEqual(self.request_events(data), [head(headers=(("Host", "example.com"),)), RequestEnd()])
+
+    def test_leading_empty_lines_bounded(self) -> None:
+        """A few stray empty lines are skipped (RFC 9112 2.2), a stream of them is refused at once."""
+        request = b"GET http://example.com/ HTTP/1.1\r\n\r\n"
+        empty = b"\r\n\n" * (MAX_EMPTY_LINES // 2)
+        self.assertEqual(self.request_events(empty + request), [head(), RequestEnd()])
+        self.assertEqual(self.request_events(request + empty + request), [head(), RequestEnd()] * 2)
+        error = self.assertStatus(empty + b"\n" + request, 400)
+        self.assertEqual(error.detail, "more than 4 empty lines before the start line")
+        parser = RequestParser()
+        self.assertEqual([type(e) for e in parser.receive_data(b"\r\n" * 1_000_000)], [RequestError])
+        self.assertEqual(parser.buffered, 0)
 
     def test_leading_empty_lines_ignored(self) -> None:
         self.assertEqual(
@@ -237,10 +271,9 @@ class RequestKindTests(_SplitMixin, TestCase):
         events = self.request_events(data)
         self.assertEqual(events[1:], [RequestBody(b"hello world"), RequestEnd()])
 
-    def test_identical_content_lengths(self) -> None:
-        for headers in (b"Content-Length: 3, 3\r\n", b"Content-Length: 3\r\nContent-Length: 3\r\n"):
-            events = self.request_events(b"POST http://h/ HTTP/1.1\r\n" + headers + b"\r\nabc")
-            self.assertEqual(events[1:], [RequestBody(b"abc"), RequestEnd()])
+    def test_content_length_whitespace(self) -> None:
+        events = self.request_events(b"POST http://h/ HTTP/1.1\r\nContent-Length: \t3 \r\n\r\nabc")
+        self.assertEqual(events[1:], [RequestBody(b"abc"), RequestEnd()])
 
     def test_zero_content_length(self) -> None:
         events = self.request_events(b"POST http://h/ HTTP/1.1\r\nContent-Length: 0\r\n\r\n")
@@ -254,6 +287,34 @@ class RequestKindTests(_SplitMixin, TestCase):
         )
         data = b"POST http://h/ HTTP/1.1\r\nTransfer-Encoding: gzip, Chunked\r\n\r\n" + body
         self.assertEqual(self.request_events(data)[1:], [RequestBody(body), RequestEnd()])
+
+    def test_trailers_dropped(self) -> None:
+        """
+        Proxy credentials, hop-by-hop fields, the head's Connection options
+        and framing or routing fields never leave in a trailer.
+        """
+        dropped = (
+            b"Proxy-Authorization: Basic YTpUT0tFTg==\r\n"
+            b"proxy-authenticate: Basic\r\n"
+            b"Connection: close\r\n"
+            b"Keep-Alive: 5\r\n"
+            b"TE: trailers\r\n"
+            b"Trailer: X\r\n"
+            b"Upgrade: websocket\r\n"
+            b"Proxy-Connection: close\r\n"
+            b"Content-Length: 5\r\n"
+            b"Transfer-Encoding: chunked\r\n"
+            b"Host: evil.example\r\n"
+            b"X-Hop: 1\r\n"
+        )
+        kept = b"Checksum: abc\r\nX-Trailer: 1\r\n"
+        head = b"POST http://h/ HTTP/1.1\r\nConnection: x-hop\r\nTransfer-Encoding: chunked\r\n\r\n"
+        body = b"3\r\nabc\r\n0\r\n"
+        events = self.request_events(head + body + kept[:15] + dropped + kept[15:] + b"\r\n")
+        self.assertEqual(events[1:], [RequestBody(body + kept + b"\r\n"), RequestEnd()])
+        response = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nConnection: X-Hop\r\n\r\n"
+        events = self.response(response + body + dropped + kept + b"\r\n", eof=False)
+        self.assertEqual(events[1:], [ResponseBody(body + kept + b"\r\n"), ResponseEnd(True)])
 
     def test_chunked_without_trailers(self) -> None:
         body = b"3\r\nabc\r\n0\r\n\r\n"
@@ -370,6 +431,11 @@ class CredentialsTests(_SplitMixin, TestCase):
 
     def test_scheme_case_insensitive(self) -> None:
         self.assertEqual(self.credentials(b"basic " + base64.b64encode(b"u:p")), ("u", "p"))
+
+    def test_empty_user_is_no_credentials(self) -> None:
+        """Some clients send C{Basic Og==} (":") for "no credentials"; no cluster has an empty name."""
+        for text in (":", ":stray"):
+            self.assertIsNone(self.credentials(self.basic(text)))
 
     def test_other_scheme(self) -> None:
         self.assertIsNone(self.credentials(b"Bearer abc.def"))
@@ -594,6 +660,29 @@ class RequestErrorTests(_SplitMixin, TestCase):
     def test_differing_content_lengths(self) -> None:
         self.assertStatus(b"POST http://h/ HTTP/1.1\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\n", 400)
 
+    def test_listed_or_repeated_content_length(self) -> None:
+        """Identical lengths too: the value goes on as it came, so it must be the one checked."""
+        for headers in (b"Content-Length: 3, 3\r\n", b"Content-Length: 3\r\nContent-Length: 3\r\n"):
+            self.assertStatus(b"POST http://h/ HTTP/1.1\r\n" + headers + b"\r\nabc", 400)
+
+    def test_only_spaces_and_tabs_are_whitespace(self) -> None:
+        """str.strip() would also remove these, and the raw value would be forwarded."""
+        for space in (b"\xa0", b"\x85", b"\x0b", b"\x0c"):
+            for value in (space + b"3", b"3" + space):
+                self.assertStatus(b"POST http://h/ HTTP/1.1\r\nContent-Length: " + value + b"\r\n\r\nabc", 400)
+            for value in (space + b"chunked", b"chunked" + space, b"gzip" + space + b", chunked"):
+                data = b"POST http://h/ HTTP/1.1\r\nTransfer-Encoding: " + value + b"\r\n\r\n0\r\n\r\n"
+                self.assertStatus(data, 400)
+
+    def test_chunked_twice(self) -> None:
+        for value in (b"chunked, chunked", b"chunked, gzip, chunked", b"chunked\r\nTransfer-Encoding: chunked"):
+            data = b"POST http://h/ HTTP/1.1\r\nTransfer-Encoding: " + value + b"\r\n\r\n0\r\n\r\n"
+            self.assertEqual(self.assertStatus(data, 400).detail, "chunked applied more than once")
+
+    def test_invalid_transfer_coding(self) -> None:
+        for value in (b"gzip;q=1, chunked", b"g(z)ip, chunked", b"\xe9, chunked"):
+            self.assertStatus(b"POST http://h/ HTTP/1.1\r\nTransfer-Encoding: " + value + b"\r\n\r\n0\r\n\r\n", 400)
+
     def chunked(self, body: bytes) -> list:
         return self.request_events(b"POST http://h/ HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n" + body)
 
@@ -601,6 +690,31 @@ class RequestErrorTests(_SplitMixin, TestCase):
         for line in (b"zz", b"", b"-1", b"0x5", b" 5", b"5 x", b"1" * 17, b"5;ext\x00"):
             events = self.chunked(line + b"\r\nhello\r\n0\r\n\r\n")
             self.assertEqual(events[-1].status, 400, line)
+
+    def test_chunk_size_bounded(self) -> None:
+        """
+        At most 15 hex digits (below 2^60): 2^64-1 would overflow the
+        counters of 64-bit parsers further on, which would then see
+        another chunk boundary than we do.
+        """
+        for line in (b"f" * 16, b"0" * 16, b"1" + b"0" * 15, b"F" * 17):
+            self.assertEqual(self.chunked(line + b"\r\n")[-1].status, 400, line)
+        events = self.chunked(b"F" * 15 + b"\r\nabc")
+        self.assertEqual(events[1:], [RequestBody(b"F" * 15 + b"\r\nabc")])
+
+    def test_zone_ids_refused(self) -> None:
+        for data in (
+            b"GET http://[fe80::1%25eth0]/ HTTP/1.1\r\n\r\n",
+            b"GET http://[fe80::1%eth0]:80/ HTTP/1.1\r\n\r\n",
+            b"CONNECT [fe80::1%eth0]:443 HTTP/1.1\r\n\r\n",
+        ):
+            self.assertStatus(data, 400)
+
+    def test_details_escape_and_shorten_client_bytes(self) -> None:
+        error = self.assertStatus(b"GET http://h/ HTTP/1.1\r\nX\x1b[2J" + b"y" * 200 + b": v\r\n\r\n", 400)
+        self.assertIn("\\x1b[2J", error.detail)
+        self.assertNotIn("\x1b", error.detail)
+        self.assertLess(len(error.detail), 100)
 
     def test_chunk_data_without_crlf(self) -> None:
         self.assertEqual(self.chunked(b"3\r\nabcd\r\n0\r\n\r\n")[-1].status, 400)
@@ -712,11 +826,11 @@ class ResponseTests(_SplitMixin, TestCase):
         self.assertEqual([getattr(e, "interim", None) for e in events], [True, True, False, None, None])
         self.assertEqual(events[0].headers, (("Link", "</s.css>; rel=preload"),))
 
-    def test_switching_protocols(self) -> None:
+    def test_unsolicited_switching_protocols(self) -> None:
+        """A 101 to a request that asked for no upgrade is not relayed: the client never agreed."""
         data = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: x\r\n\r\n\x00\x01raw bytes"
         events = self.response(data)
-        self.assertFalse(events[0].interim)
-        self.assertEqual(events[1:], [ResponseBody(b"\x00\x01raw bytes"), ResponseEnd(reusable=False)])
+        self.assertEqual(events, [ResponseError("upstream: switched protocols without an upgrade request")])
 
     def test_reusable_flags(self) -> None:
         cases = [
@@ -761,6 +875,13 @@ class ResponseTests(_SplitMixin, TestCase):
             b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nq\r\n",
             b"HTTP/1.1 200 " + b"x" * 9000 + b"\r\n\r\n",
             b"HTTP/1.1 200 OK\r\n" + b"".join(b"X-%d: y\r\n" % i for i in range(101)) + b"\r\n",
+            b"HTTP/1.1 200 OK\r\nContent-Length: 3, 3\r\n\r\nabc",
+            b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nContent-Length: 3\r\n\r\nabc",
+            b"HTTP/1.1 200 OK\r\nContent-Length: 3\xa0\r\n\r\nabc",
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\x85\r\n\r\n0\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked, chunked\r\n\r\n0\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nffffffffffffffff\r\n",
+            b"\r\n" * 5 + b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n",
         ):
             events = self.response(data, eof=False)
             self.assertIsInstance(events[-1], ResponseError, data[:80])
@@ -817,6 +938,158 @@ class ClientHeadTests(TestCase):
         events = ResponseParser("GET").receive_data(head.client_head(keep_alive=True) + b"ok")
         self.assertEqual(events[0].headers, (*head.headers, ("Connection", "keep-alive")))
         self.assertEqual(events[1:], [ResponseBody(b"ok"), ResponseEnd(reusable=True)])
+
+
+WEBSOCKET_REQUEST = (
+    b"GET http://h/chat HTTP/1.1\r\n"
+    b"Host: h\r\n"
+    b"Upgrade: websocket\r\n"
+    b"Connection: keep-alive, Upgrade\r\n"
+    b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+    b"Sec-WebSocket-Version: 13\r\n\r\n"
+)
+WEBSOCKET_RESPONSE = (
+    b"HTTP/1.1 101 Switching Protocols\r\n"
+    b"Upgrade: websocket\r\n"
+    b"Connection: Upgrade\r\n"
+    b"Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\r\n"
+)
+
+
+class UpgradeTests(_SplitMixin, TestCase):
+    """WebSocket and other Upgrade requests through absolute-form (RFC 9110 7.8)."""
+
+    def test_request_upgrade(self) -> None:
+        event = self.head(WEBSOCKET_REQUEST)
+        self.assertEqual(event.upgrade, "websocket")
+        self.assertEqual(
+            event.upstream_head(),
+            b"GET /chat HTTP/1.1\r\nHost: h\r\n"
+            b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+            b"Upgrade: websocket\r\nConnection: Upgrade\r\n\r\n",
+        )
+
+    def test_several_protocols(self) -> None:
+        data = b"GET http://h/ HTTP/1.1\r\nUpgrade: h2c, foo/2\r\nUpgrade: bar\r\nConnection: UPGRADE\r\n\r\n"
+        self.assertEqual(self.head(data).upgrade, "h2c, foo/2, bar")
+
+    def test_no_upgrade(self) -> None:
+        """Upgrade is hop-by-hop: without Connection naming it, or in HTTP/1.0, it is dropped."""
+        for data in (
+            b"GET http://h/ HTTP/1.1\r\nUpgrade: websocket\r\n\r\n",
+            b"GET http://h/ HTTP/1.1\r\nConnection: upgrade\r\n\r\n",
+            b"GET http://h/ HTTP/1.0\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n",
+            b"CONNECT h:80 HTTP/1.1\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n",
+        ):
+            event = self.head(data)
+            self.assertIsNone(event.upgrade, data)
+            if not event.is_connect:
+                self.assertNotIn(b"Upgrade", event.upstream_head())
+                self.assertTrue(event.upstream_head().endswith(b"\r\nConnection: keep-alive\r\n\r\n"))
+
+    def test_malformed_upgrade(self) -> None:
+        for value in (b"", b"web socket", b"a/b/c", b"x,", b"\xe9"):
+            self.assertStatus(b"GET http://h/ HTTP/1.1\r\nUpgrade: " + value + b"\r\nConnection: upgrade\r\n\r\n", 400)
+
+    def test_bytes_after_the_request_are_held(self) -> None:
+        """Byte by byte: after RequestEnd the new protocol's first bytes wait for take_upgrade_leftover."""
+        frame = b"\x81\x85\x37\xfa\x21\x3d\x7f\x9f\x4d\x51\x58"
+        for chunks in splits(WEBSOCKET_REQUEST + frame):
+            parser = RequestParser()
+            events = [event for chunk in chunks for event in parser.receive_data(chunk)]
+            self.assertEqual([type(e) for e in events], [RequestHead, RequestEnd])
+            self.assertEqual(parser.buffered, len(frame))
+            self.assertEqual(parser.take_upgrade_leftover(), frame)
+            self.assertEqual(parser.receive_data(b"more"), [])
+            self.assertRaises(RuntimeError, parser.take_upgrade_leftover)
+
+    def test_refused_upgrade_keeps_http(self) -> None:
+        """The upstream answered 200, not 101: the held bytes are the next request."""
+        parser = RequestParser()
+        events = parser.receive_data(WEBSOCKET_REQUEST + b"GET http://h/ HTTP/1.1\r\n\r\n")
+        self.assertEqual([type(e) for e in events], [RequestHead, RequestEnd])
+        self.assertEqual([type(e) for e in parser.next_request()], [RequestHead, RequestEnd])
+
+    def test_take_upgrade_leftover_out_of_turn(self) -> None:
+        parser = RequestParser()
+        self.assertRaises(RuntimeError, parser.take_upgrade_leftover)  # no request yet
+        parser.receive_data(WEBSOCKET_REQUEST.replace(b"\r\n\r\n", b"\r\nContent-Length: 3\r\n\r\n"))
+        self.assertRaises(RuntimeError, parser.take_upgrade_leftover)  # the body is still coming
+        parser = RequestParser()
+        parser.receive_data(b"GET http://h/ HTTP/1.1\r\n\r\nxyz")
+        self.assertRaises(RuntimeError, parser.take_upgrade_leftover)  # no upgrade was asked for
+        self.assertEqual(parser.buffered, 3)
+
+    def test_switching_response(self) -> None:
+        frame = b"\x81\x05hello"
+        events, leftover = self.switching_response(WEBSOCKET_RESPONSE + frame)
+        self.assertEqual(
+            events,
+            [
+                ResponseHead(
+                    101,
+                    "Switching Protocols",
+                    "HTTP/1.1",
+                    (
+                        ("Upgrade", "websocket"),
+                        ("Connection", "Upgrade"),
+                        ("Sec-WebSocket-Accept", "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="),
+                    ),
+                    upgrade="websocket",
+                )
+            ],
+        )
+        self.assertEqual(leftover, frame)
+
+    def test_switched_parser_parses_nothing(self) -> None:
+        parser = ResponseParser("GET", upgrade=True)
+        self.assertEqual(len(parser.receive_data(WEBSOCKET_RESPONSE)), 1)
+        self.assertEqual(parser.receive_data(b"HTTP/1.1 200 OK\r\n\r\n"), [])
+        self.assertEqual(parser.eof_received(), [])
+        self.assertEqual(parser.take_leftover(), b"HTTP/1.1 200 OK\r\n\r\n")
+        self.assertEqual(parser.receive_data(b"x"), [])
+        self.assertRaises(RuntimeError, parser.take_leftover)
+
+    def test_interim_then_switch(self) -> None:
+        events, leftover = self.switching_response(b"HTTP/1.1 100 Continue\r\n\r\n" + WEBSOCKET_RESPONSE)
+        self.assertEqual([(e.status, e.interim) for e in events], [(100, True), (101, False)])
+        self.assertEqual(leftover, b"")
+
+    def test_upgrade_refused_by_upstream(self) -> None:
+        """A final response other than 101 to an upgrade request is an ordinary one."""
+        data = b"HTTP/1.1 426 Upgrade Required\r\nUpgrade: websocket\r\nContent-Length: 2\r\n\r\nno"
+        events = self.response(data, eof=False, upgrade=True)
+        self.assertEqual(events[1:], [ResponseBody(b"no"), ResponseEnd(reusable=True)])
+        self.assertIsNone(events[0].upgrade)
+        self.assertTrue(events[0].client_head(keep_alive=True).endswith(b"\r\nConnection: keep-alive\r\n\r\n"))
+
+    def test_switch_without_upgrade_header(self) -> None:
+        for value in (b"", b"Upgrade: \r\n", b"Upgrade: web socket\r\n"):
+            data = b"HTTP/1.1 101 Switching Protocols\r\n" + value + b"\r\n"
+            self.assertIsInstance(self.response(data, upgrade=True)[-1], ResponseError, value)
+
+    def test_unsolicited_switch_is_an_error(self) -> None:
+        for chunks in splits(WEBSOCKET_RESPONSE + b"\x81\x00"):
+            parser = ResponseParser("GET")
+            events = [event for chunk in chunks for event in parser.receive_data(chunk)]
+            self.assertEqual(events, [ResponseError("upstream: switched protocols without an upgrade request")])
+            self.assertRaises(RuntimeError, parser.take_leftover)
+
+    def test_take_leftover_before_switch(self) -> None:
+        parser = ResponseParser("GET", upgrade=True)
+        self.assertRaises(RuntimeError, parser.take_leftover)
+        parser.receive_data(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+        self.assertRaises(RuntimeError, parser.take_leftover)
+
+    def test_client_head_of_a_switch(self) -> None:
+        head = ResponseParser("GET", upgrade=True).receive_data(WEBSOCKET_RESPONSE)[0]
+        expected = (
+            b"HTTP/1.1 101 Switching Protocols\r\n"
+            b"Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n"
+            b"Upgrade: websocket\r\nConnection: Upgrade\r\n\r\n"
+        )
+        for keep_alive in (True, False):
+            self.assertEqual(head.client_head(keep_alive), expected)
 
 
 class ErrorResponseTests(TestCase):
@@ -884,12 +1157,14 @@ class StatusForTests(TestCase):
 # -- properties ---------------------------------------------------------------
 
 VALID_REQUESTS = [
+    b"GET http://h/chat HTTP/1.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n\x81\x00",
     b"GET http://example.com/ HTTP/1.1\r\nHost: example.com\r\n\r\n",
     b"GET http://[::1]:8080/a?b=c HTTP/1.0\nConnection: keep-alive\n\n",
     b"CONNECT example.com:443 HTTP/1.1\r\nProxy-Authorization: Basic dTpw\r\n\r\n\x16\x03\x01",
     b"POST http://h/f HTTP/1.1\r\nContent-Length: 5\r\n\r\nhelloGET http://h/ HTTP/1.1\r\n\r\n",
     b"POST http://h/ HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n5;e=1\r\nhello\r\n0\r\nT: v\r\n\r\n",
-    b"PUT http://h:81/ HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: 3, 3\r\n\r\nabc\r\n",
+    b"PUT http://h:81/ HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: 3\r\n\r\nabc\r\n",
+    b"POST http://h/ HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n0\r\nProxy-Authorization: Basic dTpw\r\n\r\n",
 ]
 
 VALID_RESPONSES = [
@@ -898,7 +1173,8 @@ VALID_RESPONSES = [
     b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3;x\r\nabc\r\n0\r\nT: 1\r\n\r\n",
     b"HTTP/1.0 200 OK\nContent-Type: text/plain\n\nuntil eof",
     b"HTTP/1.1 304 Not Modified\r\nETag: x\r\n\r\n",
-    b"HTTP/1.1 101 Switching Protocols\r\n\r\nraw",
+    b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\nraw",
+    b"\r\nHTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n00A\r\n0123456789\r\n0\r\nTE: x\r\n\r\n",
 ]
 
 
@@ -913,7 +1189,8 @@ def mutated(draw: st.DrawFn, samples: list[bytes]) -> bytes:
         if action == "delete":
             del data[start:end]
         elif action == "insert":
-            data[start:start] = draw(st.sampled_from([b"\r\n", b"\n", b":", b" ", b";", b"0", b"\r", b"\x00"]))
+            insertions = [b"\r\n", b"\n", b":", b" ", b";", b"0", b"\r", b"\x00", b"\xa0", b"\x85", b","]
+            data[start:start] = draw(st.sampled_from(insertions))
         elif action == "replace":
             data[start:end] = draw(st.binary(max_size=8))
         else:
@@ -924,7 +1201,11 @@ def mutated(draw: st.DrawFn, samples: list[bytes]) -> bytes:
 @st.composite
 def generated_request(draw: st.DrawFn) -> tuple[bytes, str, int, bytes]:
     """A well-formed request: raw bytes, the host and port it names, its raw body."""
-    host, expected_host = draw(st.sampled_from([("example.com",) * 2, ("10.0.0.1",) * 2, ("[::1]", "::1")]))
+    host, expected_host = draw(
+        st.sampled_from(
+            [("example.com",) * 2, ("Example.COM.", "example.com"), ("10.0.0.1",) * 2, ("[::1]", "::1")]
+        )
+    )
     port = draw(st.none() | st.integers(1, 65535))
     authority = host if port is None else f"{host}:{port}"
     path = draw(st.sampled_from(["", "/", "/a/b", "/x?y=1", "?q"]))
@@ -940,12 +1221,15 @@ def generated_request(draw: st.DrawFn) -> tuple[bytes, str, int, bytes]:
         body = b"".join(chunks)
         lines.append(f"Content-Length: {len(body)}")
     elif kind == "chunked":
-        body = b"".join(b"%x;n=v\r\n%s\r\n" % (len(c), c) for c in chunks) + b"0\r\nT: x\r\n\r\n"
+        data = b"".join(b"%x;n=v\r\n%s\r\n" % (len(c), c) for c in chunks) + b"0\r\n"
+        trailers = draw(st.lists(st.sampled_from([b"T: x\r\n", b"Proxy-Authorization: Basic dTpw\r\n"]), max_size=3))
+        sent = data + b"".join(trailers) + b"\r\n"
+        body = data + b"".join(t for t in trailers if t.startswith(b"T:")) + b"\r\n"  # what is forwarded
         lines.append("Transfer-Encoding: chunked")
     else:
         body = b""
     head = "\r\n".join([f"POST http://{authority}{path} HTTP/1.1", *lines]) + "\r\n\r\n"
-    return head.encode() + body, expected_host, port or 80, body
+    return head.encode() + (sent if kind == "chunked" else body), expected_host, port or 80, body
 
 
 @st.composite
@@ -991,17 +1275,24 @@ class PropertyTests(TestCase):
         for event in events:
             self.assertIsInstance(event, RequestHead | RequestBody | RequestEnd | RequestError)
             if isinstance(event, RequestHead) and not event.is_connect:
-                self.assertTrue(event.upstream_head().endswith(b"\r\nConnection: keep-alive\r\n\r\n"))
+                connection = b"Upgrade" if event.upgrade else b"keep-alive"
+                self.assertTrue(event.upstream_head().endswith(b"\r\nConnection: " + connection + b"\r\n\r\n"))
+            if isinstance(event, RequestBody):
+                self.assertNotIn(b"Proxy-Authorization", event.data)
 
     @settings(max_examples=200, deadline=None)
-    @given(st.data(), st.sampled_from(["GET", "HEAD", "POST"]))
-    def test_responses(self, data: st.DataObject, method: str) -> None:
+    @given(st.data(), st.sampled_from(["GET", "HEAD", "POST"]), st.booleans())
+    def test_responses(self, data: st.DataObject, method: str, upgrade: bool) -> None:
         message = data.draw(any_response)
         chunks = cut(message, data.draw(split_points(message)))
-        events = run_response(chunks, method)
-        self.assertEqual(events, run_response([message], method))
+        events, leftover = run_switching_response(chunks, method, upgrade=upgrade)
+        self.assertEqual((events, leftover), run_switching_response([message], method, upgrade=upgrade))
         check_no_trailing_events(self, events)
-        self.assertIsInstance(events[-1], ResponseEnd | ResponseError)
+        if isinstance(events[-1], ResponseHead):  # switched: the parser reads no further
+            self.assertEqual((events[-1].status, upgrade), (101, True))
+            self.assertTrue(message.endswith(leftover))
+        else:
+            self.assertIsInstance(events[-1], ResponseEnd | ResponseError)
         for event in events:
             if isinstance(event, ResponseHead):
                 self.assertTrue(event.client_head(keep_alive=False).endswith(b"\r\n\r\n"))

@@ -17,7 +17,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from gateway.config import ClusterConfig, ProxyAddress
 from gateway.errors import Reason, StreamError
-from gateway.routing import Route, Router, normalise_host
+from gateway.routing import Route, Router, canonical_host, normalise_host, show_username
 
 
 @functools.cache
@@ -59,14 +59,17 @@ class RouterTestCase(SynchronousTestCase):
         self.router = Router([A, B, C, D, V6])
 
     def assertStreamError(
-        self, reason: Reason, detail: str | None, host: str, port: int = 22, *args: str | None
+        self, reason: Reason, detail: str | None, host: str, port: int = 22, *args: str | None, log: str | None = None
     ) -> StreamError:
+        """C{detail} is what the client reads, C{log} (by default the same) what the log says."""
         e = self.assertRaises(StreamError, self.router.route, host, port, *args)
         self.assertEqual(e.reason, reason)
         if detail is not None:
             self.assertEqual(e.detail, detail)
+            self.assertEqual(e.log_detail, log or detail)
         for secret in ("tok-b", "tok-c"):
             self.assertNotIn(secret, str(e))
+            self.assertNotIn(secret, e.log_detail)
         return e
 
 
@@ -133,20 +136,41 @@ class ExplicitClusterTests(RouterTestCase):
     """Rule 1: a username names the cluster."""
 
     def test_unknown(self) -> None:
-        self.assertStreamError(Reason.AUTH_FAILED, "unknown cluster 'x'", "10.251.0.1", 22, "x")
-        self.assertStreamError(Reason.AUTH_FAILED, "unknown cluster ''", "10.251.0.1", 22, "", "p")
-        e = self.assertStreamError(Reason.AUTH_FAILED, None, "10.251.0.1", 22, "y" * 1000)
-        self.assertLess(len(e.detail), 100)
+        refused = "proxy credentials not accepted"
+        self.assertStreamError(Reason.AUTH_FAILED, refused, "10.251.0.1", 22, "x", log="username 'x' names no cluster")
+        self.assertStreamError(
+            Reason.AUTH_FAILED, refused, "10.251.0.1", 22, "", "p", log="a username of 0 bytes names no cluster"
+        )
+        self.assertStreamError(
+            Reason.AUTH_FAILED, refused, "10.251.0.1", 22, "y" * 1000, log="a username of 1000 bytes names no cluster"
+        )
+
+    def test_unknown_never_echoes_a_token(self) -> None:
+        """A SOCKS4-style "cluster:token" sent as a username: the log shows the cluster part only."""
+        self.assertStreamError(
+            Reason.AUTH_FAILED, None, "10.251.0.1", 22, "nope:tok-b", "p", log="username 'nope:...' names no cluster"
+        )
+        e = self.assertStreamError(Reason.AUTH_FAILED, None, "10.251.0.1", 22, "b:tok-b", "tok-b")
+        self.assertEqual(e.log_detail, "username 'b:...' names no cluster")
 
     def test_token(self) -> None:
         self.assertStreamError(
             Reason.AUTH_REQUIRED,
-            "cluster 'b' needs its token as the proxy password",
+            "proxy credentials required: the cluster name and its token",
             "10.252.0.1",
             22,
             "b",
+            log="cluster 'b' needs its token as the proxy password",
         )
-        self.assertStreamError(Reason.AUTH_FAILED, "wrong password for cluster 'b'", "10.252.0.1", 22, "b", "tok-c")
+        self.assertStreamError(
+            Reason.AUTH_FAILED,
+            "proxy credentials not accepted",
+            "10.252.0.1",
+            22,
+            "b",
+            "tok-c",
+            log="wrong password for cluster 'b'",
+        )
         route = self.router.route("10.252.0.1", 443, "b", "tok-b")
         self.assertEqual(route, Route(B, "10.252.0.1", 443))
 
@@ -162,7 +186,12 @@ class ExplicitClusterTests(RouterTestCase):
 
     def test_not_allowed(self) -> None:
         self.assertStreamError(
-            Reason.NOT_ALLOWED, "10.9.9.9 is outside cluster 'a' networks (10.251.0.0/24)", "10.9.9.9", 22, "a"
+            Reason.NOT_ALLOWED,
+            "10.9.9.9 is not allowed through cluster 'a'",
+            "10.9.9.9",
+            22,
+            "a",
+            log="10.9.9.9 is outside cluster 'a' networks (10.251.0.0/24)",
         )
         self.assertStreamError(
             Reason.NOT_ALLOWED,
@@ -181,21 +210,28 @@ class ExplicitClusterTests(RouterTestCase):
             "tok-b",
         )
         self.assertStreamError(
-            Reason.NOT_ALLOWED, "db.example does not match cluster 'a' hostnames (none)", "db.example", 22, "a"
+            Reason.NOT_ALLOWED,
+            "db.example is not allowed through cluster 'a'",
+            "db.example",
+            22,
+            "a",
+            log="db.example does not match cluster 'a' hostnames (none)",
         )
 
     def test_not_allowed_many_networks(self) -> None:
         many = cluster("m", tuple(f"10.{i}.0.0/16" for i in range(20)))
         e = self.assertRaises(StreamError, Router([many]).route, "11.0.0.1", 1, "m")
         self.assertEqual(e.reason, Reason.NOT_ALLOWED)
-        self.assertIn("10.7.0.0/16, ... (12 more)", e.detail)
+        self.assertIn("10.7.0.0/16, ... (12 more)", e.log_detail)
+        self.assertNotIn("10.7.0.0/16", e.detail)  # m has no token: the client proved nothing
 
     def test_names(self) -> None:
         r = self.router
         self.assertEqual(r.route("x.b.internal", 5432, "b", "tok-b"), Route(B, "x.b.internal", 5432))
-        self.assertEqual(r.route("X.B.Internal.", 1, "b", "tok-b"), Route(B, "X.B.Internal.", 1))
+        # Sent as the proxy node's resolver needs it: lower case, no trailing dot.
+        self.assertEqual(r.route("X.B.Internal.", 1, "b", "tok-b"), Route(B, "x.b.internal", 1))
         self.assertEqual(r.route("a.x.b.internal", 1, "b", "tok-b").cluster, B)
-        self.assertEqual(r.route("DB", 1, "b", "tok-b").host, "DB")
+        self.assertEqual(r.route("DB", 1, "b", "tok-b").host, "db")
         self.assertStreamError(Reason.NOT_ALLOWED, None, "b.internal", 22, "b", "tok-b")
         self.assertStreamError(Reason.NOT_ALLOWED, None, "db.b.internal.evil", 22, "b", "tok-b")
         self.assertStreamError(Reason.NOT_ALLOWED, None, "xb.internal", 22, "b", "tok-b")
@@ -209,8 +245,13 @@ class ImplicitClusterTests(RouterTestCase):
         self.assertEqual(self.router.route("10.251.0.5", 22, None, "ignored"), Route(A, "10.251.0.5", 22))
 
     def test_token_needs_credentials(self) -> None:
-        self.assertStreamError(Reason.AUTH_REQUIRED, "cluster 'b' needs credentials", "10.252.0.5")
-        self.assertStreamError(Reason.AUTH_REQUIRED, "cluster 'b' needs credentials", "x.b.internal")
+        for host in ("10.252.0.5", "x.b.internal"):
+            self.assertStreamError(
+                Reason.AUTH_REQUIRED,
+                f"{host} needs proxy credentials: the cluster name and its token",
+                host,
+                log="cluster 'b' needs credentials",
+            )
 
     def test_no_route(self) -> None:
         self.assertStreamError(Reason.NO_ROUTE, "10.9.9.9 is in no cluster's networks", "10.9.9.9")
@@ -219,8 +260,9 @@ class ImplicitClusterTests(RouterTestCase):
     def test_ambiguous_names(self) -> None:
         self.assertStreamError(
             Reason.AMBIGUOUS,
-            "x.shared.internal matches the hostnames of clusters c, d: name one with proxy credentials",
+            "x.shared.internal is in several clusters' hostnames: name one with proxy credentials",
             "x.shared.internal",
+            log="x.shared.internal matches the hostnames of clusters c, d: name one with proxy credentials",
         )
         self.assertEqual(self.router.route("x.shared.internal", 1, "d").cluster, D)
         self.assertEqual(self.router.route("x.shared.internal", 1, "c", "tok-c").cluster, C)
@@ -228,13 +270,19 @@ class ImplicitClusterTests(RouterTestCase):
     def test_ipv6(self) -> None:
         self.assertStreamError(
             Reason.AMBIGUOUS,
-            "fd00:b::5 is in the networks of clusters b, v6: name one with proxy credentials",
+            "fd00:b::5 is in several clusters' networks: name one with proxy credentials",
             "FD00:B:0::5",
+            log="fd00:b::5 is in the networks of clusters b, v6: name one with proxy credentials",
         )
         self.assertEqual(self.router.route("2001:db8::1", 22), Route(V6, "2001:db8::1", 22))
         self.assertEqual(self.router.route("[2001:DB8::1]", 22), Route(V6, "2001:db8::1", 22))
         self.assertEqual(self.router.route("[fd00:b::1]", 22, "b", "tok-b"), Route(B, "fd00:b::1", 22))
-        self.assertEqual(self.router.route("fe80::1%eth0", 22).host, "fe80::1%eth0")
+
+    def test_zone_ids_refused(self) -> None:
+        """A zone names an interface of whoever reads it: it must not reach the proxy node."""
+        for host in ("fe80::1%eth0", "[fe80::1%eth0]", "fe80::1%25eth0", "FE80::1%1"):
+            self.assertStreamError(Reason.BAD_REQUEST, None, host)
+            self.assertStreamError(Reason.BAD_REQUEST, None, host, 22, "v6")
 
     def test_ipv4_mapped(self) -> None:
         """An IPv4-mapped IPv6 address is routed as the IPv4 address."""
@@ -242,7 +290,12 @@ class ImplicitClusterTests(RouterTestCase):
         self.assertEqual(self.router.route("[::ffff:afb:7]", 22), Route(A, "10.251.0.7", 22))
         # ...and so is not inside ::/0
         self.assertStreamError(
-            Reason.NOT_ALLOWED, "10.251.0.7 is outside cluster 'v6' networks (::/0)", "::ffff:10.251.0.7", 22, "v6"
+            Reason.NOT_ALLOWED,
+            "10.251.0.7 is not allowed through cluster 'v6'",
+            "::ffff:10.251.0.7",
+            22,
+            "v6",
+            log="10.251.0.7 is outside cluster 'v6' networks (::/0)",
         )
 
     def test_ipv4_not_in_ipv6_network(self) -> None:
@@ -264,7 +317,8 @@ class OverlapTests(SynchronousTestCase):
     def test_ambiguous(self) -> None:
         e = self.assertRaises(StreamError, self.router.route, "10.0.0.5", 22)
         self.assertEqual(e.reason, Reason.AMBIGUOUS)
-        self.assertEqual(e.detail, "10.0.0.5 is in the networks of clusters a, b: name one with proxy credentials")
+        self.assertEqual(e.log_detail, "10.0.0.5 is in the networks of clusters a, b: name one with proxy credentials")
+        self.assertEqual(e.detail, "10.0.0.5 is in several clusters' networks: name one with proxy credentials")
 
     def test_credentials_choose(self) -> None:
         self.assertEqual(self.router.route("10.0.0.5", 22, "a").cluster, self.a)
@@ -286,12 +340,16 @@ class OverlapTests(SynchronousTestCase):
             (
                 ("10.0.0.5", 22),
                 Reason.AMBIGUOUS,
-                "10.0.0.5 is in the networks of clusters a, b: name one with proxy credentials",
+                "10.0.0.5 is in several clusters' networks: name one with proxy credentials",
             ),
             (("10.0.0.5", 22, "b"), Reason.AUTH_REQUIRED, None),
             (("10.0.0.5", 22, "b", "nope"), Reason.AUTH_FAILED, None),
-            (("10.1.0.5", 22), Reason.AUTH_REQUIRED, "cluster 'b' needs credentials"),
-            (("10.1.0.5", 22, "a"), Reason.NOT_ALLOWED, "10.1.0.5 is outside cluster 'a' networks (10.0.0.0/24)"),
+            (
+                ("10.1.0.5", 22),
+                Reason.AUTH_REQUIRED,
+                "10.1.0.5 needs proxy credentials: the cluster name and its token",
+            ),
+            (("10.1.0.5", 22, "a"), Reason.NOT_ALLOWED, "10.1.0.5 is not allowed through cluster 'a'"),
             (("10.9.9.9", 22), Reason.NO_ROUTE, None),
             (("10.0.0.5", 0), Reason.BAD_REQUEST, None),
         ]
@@ -344,6 +402,42 @@ class BadRequestTests(RouterTestCase):
         self.assertEqual(normalise_host("::ffff:1.2.3.4"), ipaddress.IPv4Address("1.2.3.4"))
         self.assertEqual(normalise_host("Foo.Example."), "foo.example")
         self.assertEqual(normalise_host("_srv.x-y.example"), "_srv.x-y.example")
+
+    def test_canonical_host(self) -> None:
+        """The text both front ends match, log and send: one trailing dot goes, case folds."""
+        self.assertEqual(canonical_host("API.SVC.TEST."), "api.svc.test")
+        self.assertEqual(canonical_host("[2001:DB8::1]"), "2001:db8::1")
+        self.assertEqual(canonical_host("::ffff:10.0.0.1"), "10.0.0.1")
+        for host in ("api.svc.test..", "fe80::1%eth0", "a b"):
+            self.assertRaises(StreamError, canonical_host, host)
+
+
+class RedactionTests(RouterTestCase):
+    """What a client that has not proved a token may read, and what the log may."""
+
+    def test_show_username(self) -> None:
+        self.assertEqual(show_username("cluster-a"), "username 'cluster-a'")
+        self.assertEqual(show_username("cluster-a:s3cret"), "username 'cluster-a:...'")
+        self.assertEqual(show_username(":s3cret"), "a username of 7 bytes")
+        self.assertEqual(show_username("bad name:s3cret"), "a username of 15 bytes")
+        self.assertEqual(show_username("ü"), "a username of 2 bytes")
+        self.assertEqual(show_username("x" * 65), "a username of 65 bytes")
+
+    def test_unauthenticated_replies_name_no_cluster(self) -> None:
+        """Cluster names and networks stay in the log; the client gets a generic text."""
+        cases = [
+            ("x.shared.internal", None, None),  # ambiguous: c, d
+            ("10.252.0.5", None, None),  # needs b's token
+            ("10.252.0.5", "b", None),
+            ("10.252.0.5", "b", "wrong"),
+            ("10.252.0.5", "nope", "x"),
+            ("10.9.9.9", "a", None),  # a has no token: its networks are not shown
+        ]
+        for host, username, password in cases:
+            e = self.assertRaises(StreamError, self.router.route, host, 22, username, password)
+            for secret in ("10.251.0.0", "10.252.0.0", "*.", "'b'", "'c'", "'d'", "c, d", "nope"):
+                self.assertNotIn(secret, e.detail, (host, username))
+            self.assertNotEqual(e.detail, e.log_detail)
 
 
 # --- property ----------------------------------------------------------------------------

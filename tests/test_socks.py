@@ -38,6 +38,8 @@ NO_METHOD = b"\x05\xff"
 V4_FAIL = b"\x00\x5b\x00\x00\x00\x00\x00\x00"
 # Leaves room above the largest message (RFC 1929: 3 + 255 + 255 bytes).
 BUFFER_LIMIT = 600
+#: The longest host name (253 characters), and with a trailing dot the longest valid field.
+LONGEST_NAME = ".".join(["a" * 63] * 3 + ["a" * 61])
 
 
 def v5_fail(code: int) -> bytes:
@@ -77,9 +79,11 @@ def check_credentials(username: str, password: str) -> bool:
 
 
 def feed(
-    chunks: list[bytes], authenticate: Callable[[str, str], bool] | None = None
+    chunks: list[bytes],
+    authenticate: Callable[[str, str], bool] | None = None,
+    is_cluster: Callable[[str], bool] | None = None,
 ) -> tuple[list[Event], SocksServer]:
-    server = SocksServer(authenticate)
+    server = SocksServer(authenticate, is_cluster)
     events: list[Event] = []
     for chunk in chunks:
         events += server.receive_data(chunk)
@@ -124,6 +128,11 @@ NOAUTH_FLOWS: list[tuple[str, bytes, ConnectRequest]] = [
     (
         "v5-domain",
         GREET_NOAUTH + v5_domain(b"db.cluster.example", 5432),
+        ConnectRequest(5, "db.cluster.example", 5432, None, None),
+    ),
+    (
+        "v5-domain-normalised",
+        GREET_NOAUTH + v5_domain(b"DB.Cluster.Example.", 5432),
         ConnectRequest(5, "db.cluster.example", 5432, None, None),
     ),
 ]
@@ -286,22 +295,39 @@ class Socks5ErrorTests(unittest.TestCase):
         self.assertRejected(USERPASS_OK, sends, Reason.AUTH_REQUIRED, authenticate)
 
     def test_empty_credentials(self) -> None:
-        """curl sends PLEN=0 for socks5h://user@host; empty becomes None."""
+        """
+        curl sends PLEN=0 for socks5h://user@host; empty becomes None.  An
+        empty username is no credentials at all: it is not checked (no
+        cluster has an empty name) and the destination picks the cluster.
+        """
         calls: list[tuple[str, str]] = []
 
         def authenticate(username: str, password: str) -> bool:
             calls.append((username, password))
-            return True
+            return username == "cluster"
 
         for username, password, expected in [
             (b"cluster", b"", ("cluster", None)),
             (b"", b"", (None, None)),
+            (b"", b"stray", (None, None)),
         ]:
             data = GREET_USERPASS + userpass(username, password) + IPV4_REQUEST
             events, _ = feed([data], authenticate)
             request = ConnectRequest(5, "192.0.2.10", 80, *expected)
             self.assertEqual(events, [CHOSE_USERPASS, AUTH_OK, request])
-        self.assertEqual(calls, [("cluster", ""), ("", "")])
+        self.assertEqual(calls, [("cluster", "")])
+
+    def test_refused_username_is_not_echoed(self) -> None:
+        """A SOCKS4-style "cluster:token" username: the detail shows the cluster part only."""
+        for username, shown in [
+            (b"cluster:s3cret-token", "username 'cluster:...'"),
+            (b"s3cret token", "a username of 12 bytes"),
+        ]:
+            data = GREET_USERPASS + userpass(username, b"s3cret-password")
+            rejected = self.assertRejected(
+                data, [b"\x05\x02", AUTH_FAIL], Reason.AUTH_FAILED, check_credentials
+            )
+            self.assertEqual(rejected.detail, f"{shown} not accepted")
 
     def test_utf8_credentials(self) -> None:
         name = "clüster"
@@ -341,9 +367,33 @@ class Socks5ErrorTests(unittest.TestCase):
             self.assertRejected(data, sends, Reason.BAD_REQUEST)
 
     def test_longest_domain(self) -> None:
-        name = b".".join([b"a" * 63] * 4)[:255]
+        name = LONGEST_NAME.encode() + b"."
         events, _ = feed([GREET_NOAUTH + v5_domain(name, 80)])
-        self.assertEqual(events[-1], ConnectRequest(5, name.decode(), 80, None, None))
+        self.assertEqual(events[-1], ConnectRequest(5, LONGEST_NAME, 80, None, None))
+        self.assertRejected(GREET_NOAUTH + v5_domain(b"b" + name, 80), [b"\x05\x00", v5_fail(1)], Reason.BAD_REQUEST)
+
+    def test_domain_normalised(self) -> None:
+        """Case and one trailing dot are the resolver's business, not the destination's."""
+        for name, host in [(b"API.SVC.TEST.", "api.svc.test"), (b"Db", "db")]:
+            for request in (GREET_NOAUTH + v5_domain(name, 80), v4_request("0.0.0.1", 80, domain=name)):
+                events, _ = feed([request])
+                self.assertEqual(events[-1].host, host)
+
+    def test_zone_id_refused(self) -> None:
+        """An IPv6 zone id names an interface of whoever reads it: it must not reach the proxy node."""
+        for name in (b"fe80::1%eth0", b"fe80::1%1"):
+            data = GREET_NOAUTH + v5_domain(name, 80)
+            self.assertRejected(data, [b"\x05\x00", v5_fail(1)], Reason.BAD_REQUEST)
+            self.assertRejected(v4_request("0.0.0.1", 80, domain=name), [V4_FAIL], Reason.BAD_REQUEST)
+
+    def test_bad_domain_shown_escaped_and_short(self) -> None:
+        name = b"\x1b[31mred" + b"x" * 200
+        rejected = self.assertRejected(
+            GREET_NOAUTH + v5_domain(name, 80), [b"\x05\x00", v5_fail(1)], Reason.BAD_REQUEST
+        )
+        self.assertIn("\\x1b[31m", rejected.detail)
+        self.assertNotIn("\x1b", rejected.detail)
+        self.assertLess(len(rejected.detail), 80)
 
     def test_domain_ip_literal_normalised(self) -> None:
         for name, host in [
@@ -422,7 +472,7 @@ class Socks4ErrorTests(unittest.TestCase):
             (b"", None, None),
             (b"cluster", "cluster", None),
             (b"cluster:token", "cluster", "token"),
-            (b":token", None, "token"),
+            (b":token", None, None),
             (b"cluster:", "cluster", None),
             (b"a:b:c", "a", "b:c"),
         ]:
@@ -431,9 +481,28 @@ class Socks4ErrorTests(unittest.TestCase):
                 events, [ConnectRequest(4, "10.0.0.1", 80, username, password)]
             )
 
+    def test_userid_naming_no_cluster_is_no_credentials(self) -> None:
+        """
+        socat always sends $USER (or "anonymous"): a user id that names no
+        cluster and carries no token lets the destination choose, as with
+        no user id.  Anything with a token stays a claim the router checks.
+        """
+        clusters = {"cluster", "alias"}
+        for userid, username, password in [
+            (b"anonymous", None, None),
+            (b"root", None, None),
+            (b"anonymous:", None, None),
+            (b"cluster", "cluster", None),
+            (b"alias", "alias", None),
+            (b"cluster:wrong", "cluster", "wrong"),
+            (b"nocluster:token", "nocluster", "token"),
+        ]:
+            events, _ = feed([v4_request("10.0.0.1", 80, userid)], is_cluster=clusters.__contains__)
+            self.assertEqual(events, [ConnectRequest(4, "10.0.0.1", 80, username, password)], userid)
+
     def test_socks4a_domains(self) -> None:
-        events, _ = feed([v4_request("0.0.0.255", 80, domain=b"d" * 255)])
-        self.assertEqual(events[-1].host, "d" * 255)
+        events, _ = feed([v4_request("0.0.0.255", 80, domain=LONGEST_NAME.encode())])
+        self.assertEqual(events[-1].host, LONGEST_NAME)
         events, _ = feed([v4_request("0.0.0.9", 80, domain=b"10.9.8.7")])
         self.assertEqual(events[-1].host, "10.9.8.7")
         for domain in [b"", b"d" * 256, b"bad name", b"ctl\x01"]:
@@ -591,13 +660,18 @@ class BufferTests(unittest.TestCase):
         auth = userpass(b"u" * 255, b"p" * 255)
         request = v5_domain(b"d" * 255, 80)
         events = self.assertBounded(greeting + auth + request)
+        self.assertEqual(events[-1].reason, Reason.BAD_REQUEST)  # 255 bytes is no host name
+        request = v5_domain(LONGEST_NAME.encode() + b".", 80)
+        events = self.assertBounded(greeting + auth + request)
         self.assertEqual(
-            events[-1], ConnectRequest(5, "d" * 255, 80, "u" * 255, "p" * 255)
+            events[-1], ConnectRequest(5, LONGEST_NAME, 80, "u" * 255, "p" * 255)
         )
 
     def test_largest_socks4a_handshake(self) -> None:
         events = self.assertBounded(v4_request("0.0.0.1", 80, b"u" * 255, b"d" * 255))
-        self.assertEqual(events[-1], ConnectRequest(4, "d" * 255, 80, "u" * 255, None))
+        self.assertEqual(events[-1].reason, Reason.BAD_REQUEST)
+        events = self.assertBounded(v4_request("0.0.0.1", 80, b"u" * 255, LONGEST_NAME.encode() + b"."))
+        self.assertEqual(events[-1], ConnectRequest(4, LONGEST_NAME, 80, "u" * 255, None))
 
     def test_endless_garbage(self) -> None:
         """A request that never ends is refused, not buffered."""
@@ -633,8 +707,9 @@ class PropertyTests(unittest.TestCase):
 
     def assertWellBehaved(self, data: bytes, points: list[int], checked: bool) -> None:
         authenticate = check_credentials if checked else None
-        whole, reference = feed([data], authenticate)
-        server = SocksServer(authenticate)
+        is_cluster = {"cluster"}.__contains__ if checked else None
+        whole, reference = feed([data], authenticate, is_cluster)
+        server = SocksServer(authenticate, is_cluster)
         events: list[Event] = []
         for chunk in cut(data, points):
             new = server.receive_data(chunk)

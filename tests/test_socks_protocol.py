@@ -45,3 +45,9 @@ class SocksAdapterTests(TestCase):
         self.client.send(GREETING + CONNECT)
         self.clock.advance(3600)  # the open is bounded by the cluster's open_timeout instead
         self.assertFalse(self.client.transport.disconnecting)
+
+    def test_a_socks4_user_id_that_names_no_cluster_is_no_credentials(self) -> None:
+        # socat always sends $USER (or "anonymous"): the destination picks the cluster.
+        self.client.send(b"\x04\x01\x00\x50\x0a\x00\x00\x05anonymous\x00")
+        (request,) = self.node.requests
+        self.assertEqual((request.host, request.username, request.password), ("10.0.0.5", None, None))

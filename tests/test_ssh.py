@@ -1,29 +1,37 @@
 """
 Unit tests of the SSH side: rsa-sha2 signing, host-key policy, channel flow
-control and the cluster's reconnect logic, with fake transports and clocks.
+control, the cluster's reconnect logic and TCP_QUICKACK on the SSH socket,
+with fake transports and clocks.
 """
 
 from __future__ import annotations
 
+import errno
 import os
+import socket
 import struct
 
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from twisted.conch.client.knownhosts import KnownHostsFile
 from twisted.conch.ssh import connection, keys, userauth
 from twisted.conch.ssh.common import NS, getNS
+from twisted.conch.ssh.transport import DISCONNECT_NO_MORE_AUTH_METHODS_AVAILABLE
 from twisted.internet.defer import Deferred, fail
+from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
 from twisted.logger import globalLogPublisher
+from twisted.python.failure import Failure
 from twisted.python.filepath import FilePath
-from twisted.trial.unittest import TestCase
+from twisted.trial.unittest import SkipTest, TestCase
 
 from gateway.cluster import ClusterConnection, backoff_delay
 from gateway.config import parse_cluster
 from gateway.errors import Reason, StreamError
+from gateway.ssh import client as client_module
 from gateway.ssh.auth import KeyAuthClient, signature_algorithm
 from gateway.ssh.channel import TunnelChannel, open_failure_reason, quiet_logger
-from gateway.ssh.client import SSHConnectError, TunnelConnection
+from gateway.ssh.client import GatewayClientTransport, SSHConnectError, TunnelConnection
 from gateway.ssh.hostkeys import HostKeyError, HostKeyPolicy, known_hosts_name
 from gateway.testing import generate_key, private_pem, public_line
 from tests.support import FakeSSHTransport
@@ -47,8 +55,16 @@ class SignatureAlgorithmTests(TestCase):
     def test_rsa_sha256_when_only_offered(self):
         self.assertEqual(signature_algorithm(rsa_key(), b"rsa-sha2-256,ssh-rsa"), b"rsa-sha2-256")
 
-    def test_rsa_without_ext_info_is_ssh_rsa(self):
-        self.assertEqual(signature_algorithm(rsa_key(), None), b"ssh-rsa")
+    def test_rsa_without_ext_info_is_rsa_sha2_512(self):
+        # OpenSSH >= 7.2 accepts it without saying so; SHA-1 only on request.
+        self.assertEqual(signature_algorithm(rsa_key(), None), b"rsa-sha2-512")
+        self.assertEqual(signature_algorithm(rsa_key(), b"ssh-rsa,ssh-ed25519"), b"rsa-sha2-512")
+
+    def test_sha1_only_when_allowed_and_no_sha2_is_listed(self):
+        key = rsa_key()
+        self.assertEqual(signature_algorithm(key, None, allow_sha1=True), b"ssh-rsa")
+        self.assertEqual(signature_algorithm(key, b"ssh-rsa", allow_sha1=True), b"ssh-rsa")
+        self.assertEqual(signature_algorithm(key, b"ssh-rsa,rsa-sha2-256", allow_sha1=True), b"rsa-sha2-256")
 
     def test_other_key_types_use_their_own_name(self):
         self.assertEqual(signature_algorithm(generate_key(), b"rsa-sha2-512"), b"ssh-ed25519")
@@ -56,13 +72,16 @@ class SignatureAlgorithmTests(TestCase):
 
 
 class KeyAuthClientTests(TestCase):
-    def _request(self, key: keys.Key, server_sig_algs: bytes | None) -> tuple[bytes, bytes, bytes]:
+    def _request(
+        self, key: keys.Key, server_sig_algs: bytes | None, allow_sha1: bool = False
+    ) -> tuple[bytes, bytes, bytes]:
         transport = FakeSSHTransport()
         if server_sig_algs is not None:
             transport.peerExtensions[b"server-sig-algs"] = server_sig_algs
-        client = KeyAuthClient("root", key, connection.SSHConnection())
+        client = KeyAuthClient("root", key, connection.SSHConnection(), allow_sha1_signatures=allow_sha1)
         client.transport = transport
         client.auth_publickey()
+        self.client = client
         (payload,) = transport.of_kind(userauth.MSG_USERAUTH_REQUEST)
         user, service, method, rest = getNS(payload, 3)
         self.assertEqual((user, service, method), (b"root", b"ssh-connection", b"publickey"))
@@ -94,6 +113,21 @@ class KeyAuthClientTests(TestCase):
     def test_ed25519(self):
         algorithm, _, _ = self._request(generate_key(), b"rsa-sha2-512")
         self.assertEqual(algorithm, b"ssh-ed25519")
+        self.assertIsNone(self.client.unlisted_algorithm)
+        self._request(generate_key(), None)
+        self.assertIsNone(self.client.unlisted_algorithm)
+
+    def test_rsa_without_server_sig_algs_signs_sha2_and_says_it_guessed(self):
+        algorithm, _, signature = self._request(rsa_key(), None)
+        self.assertEqual((algorithm, getNS(signature)[0]), (b"rsa-sha2-512", b"rsa-sha2-512"))
+        self.assertEqual(self.client.unlisted_algorithm, b"rsa-sha2-512")
+        self._request(rsa_key(), b"rsa-sha2-512")
+        self.assertIsNone(self.client.unlisted_algorithm)
+
+    def test_rsa_sha1_when_the_cluster_opts_in(self):
+        algorithm, _, signature = self._request(rsa_key(), None, allow_sha1=True)
+        self.assertEqual((algorithm, getNS(signature)[0]), (b"ssh-rsa", b"ssh-rsa"))
+        self.assertIsNone(self.client.unlisted_algorithm)
 
     def test_key_is_tried_once_and_only_publickey(self):
         client = KeyAuthClient("root", generate_key(), connection.SSHConnection())
@@ -305,6 +339,19 @@ class OpenFailureTests(TestCase):
         self.assertEqual(error.reason, Reason.REFUSED)
         self.assertIn("10.0.0.5:81", error.detail)
 
+    def test_the_proxy_nodes_open_failure_text_is_escaped_and_cut(self):
+        conn = TunnelConnection(Deferred(), Clock())
+        conn.transport = FakeSSHTransport()
+        conn.serviceStarted()
+        opened = conn.open_tunnel("10.0.0.5", 81, ("127.0.0.1", 1))
+        text = b"refused\n2026-12-01 forged log line\x1b[31m" + b"x" * 500
+        conn.ssh_CHANNEL_OPEN_FAILURE(struct.pack(">2L", 0, 2) + NS(text) + NS(b""))
+        detail = self.failureResultOf(opened, StreamError).value.detail
+        self.assertNotIn("\n", detail)
+        self.assertNotIn("\x1b", detail)
+        self.assertIn("refused\\n2026", detail)
+        self.assertLess(len(detail), 300)
+
 
 class BackoffTests(TestCase):
     def test_doubling_capped_with_jitter(self):
@@ -403,3 +450,103 @@ class KnownHostsLikeOpenSSHTests(TestCase):
         policy = self.policy(f"[10.0.0.1]:2222 {public_line(self.key)}")
         policy.verify("10.0.0.1", 2222, self.key)
         self.assertRaises(HostKeyError, policy.verify, "10.0.0.1", 22, self.key)
+
+
+class _SocketStub:
+    """The part of a socket L{quick_ack} uses, recording C{setsockopt} calls."""
+
+    def __init__(self, family: int = socket.AF_INET, kind: int = socket.SOCK_STREAM, fails: bool = False) -> None:
+        self.family = family
+        self.type = kind
+        self.fails = fails
+        self.options: list[tuple[int, int, int]] = []
+
+    def setsockopt(self, level: int, option: int, value: int) -> None:
+        if self.fails:
+            raise OSError(errno.EBADF, "Bad file descriptor")
+        self.options.append((level, option, value))
+
+
+class _TCPTransport(StringTransport):
+    def __init__(self, sock: _SocketStub) -> None:
+        super().__init__()
+        self.sock = sock
+        self.handles = 0
+
+    def getHandle(self) -> _SocketStub:
+        self.handles += 1
+        return self.sock
+
+
+class QuickAckTests(TestCase):
+    """TCP_QUICKACK after every read of the SSH socket, and only where it exists."""
+
+    def transport_over(self, tcp: StringTransport) -> GatewayClientTransport:
+        client = GatewayClientTransport("10.0.0.1", 22, "root", generate_key(), HostKeyPolicy(accept_any=True), Clock())
+        client.makeConnection(tcp)
+        return client
+
+    def test_set_after_each_read_with_one_socket_lookup(self):
+        if client_module._TCP_QUICKACK is None:
+            raise SkipTest("no TCP_QUICKACK on this platform")
+        sock = _SocketStub()
+        tcp = _TCPTransport(sock)
+        client = self.transport_over(tcp)
+        for chunk in (b"SSH-2.0-OpenSSH_9.2\r\n", b"\0\0", b"\0"):
+            client.dataReceived(chunk)
+        self.assertEqual(sock.options, [(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)] * 3)
+        self.assertEqual(tcp.handles, 1)
+
+    def test_not_attempted_where_not_available(self):
+        self.patch(client_module, "_TCP_QUICKACK", 12)
+        not_tcp = [_SocketStub(family=socket.AF_UNIX), _SocketStub(kind=socket.SOCK_DGRAM)]
+        for sock in not_tcp:
+            self.transport_over(_TCPTransport(sock)).dataReceived(b"SSH-2.0-x\r\n")
+            self.assertEqual(sock.options, [])
+        # No socket at all: a proxy command's pipes, a channel of a jump connection.
+        self.assertIsNone(client_module.quick_ack(StringTransport()))
+        self.transport_over(StringTransport()).dataReceived(b"SSH-2.0-x\r\n")
+        # Not Linux.
+        self.patch(client_module, "_TCP_QUICKACK", None)
+        sock = _SocketStub()
+        self.transport_over(_TCPTransport(sock)).dataReceived(b"SSH-2.0-x\r\n")
+        self.assertEqual(sock.options, [])
+
+    def test_a_failing_socket_is_not_asked_again(self):
+        self.patch(client_module, "_TCP_QUICKACK", 12)
+        sock = _SocketStub(fails=True)
+        client = self.transport_over(_TCPTransport(sock))
+        client.dataReceived(b"SSH-2.0-x\r\n")
+        sock.fails = False
+        client.dataReceived(b"\0")
+        self.assertEqual(sock.options, [])
+
+
+class AuthFailureTextTests(TestCase):
+    def failure_after_refusal(self, server_sig_algs: bytes | None) -> str:
+        client = GatewayClientTransport("10.0.0.1", 22, "root", rsa_key(), HostKeyPolicy(accept_any=True), Clock())
+        client.makeConnection(StringTransport())
+        if server_sig_algs is not None:
+            client.peerExtensions[b"server-sig-algs"] = server_sig_algs
+        client.sessionID = b"session-id"
+        client.connectionSecure()
+        client._auth.transport = client
+        client._auth.auth_publickey()
+        client.sendDisconnect(DISCONNECT_NO_MORE_AUTH_METHODS_AVAILABLE, b"no more methods")
+        client.connectionLost(Failure(ConnectionDone()))
+        return str(self.failureResultOf(client.ready, SSHConnectError).value)
+
+    def test_a_refused_guess_names_the_opt_in(self):
+        text = self.failure_after_refusal(None)
+        self.assertTrue(
+            text.startswith(
+                "authentication as 'root' failed: the proxy node refused the key "
+                "(signed with rsa-sha2-512, which the node does not list in server-sig-algs"
+            ),
+            text,
+        )
+        self.assertIn("allow_sha1_signatures = true", text)
+
+    def test_a_refused_listed_algorithm_is_just_refused(self):
+        text = self.failure_after_refusal(b"rsa-sha2-512")
+        self.assertEqual(text, "authentication as 'root' failed: the proxy node refused the key")

@@ -23,6 +23,7 @@ import selectors
 import socket
 import struct
 import sys
+from dataclasses import dataclass
 
 from gateway.socks import SOCKS5_REPLY_TEXT
 
@@ -31,6 +32,10 @@ DEFAULT_SOCKS = "127.0.0.1:1080"
 #: Exit status: the gateway could not be reached / refused the stream.
 EXIT_UNREACHABLE = 2
 EXIT_REFUSED = 3
+#: Arguments SOCKS5 cannot carry: a usage error, argparse's status.
+EXIT_USAGE = 2
+#: RFC 1928 / 1929: a domain name, a username and a password are 1..255 bytes.
+_MAX_FIELD = 255
 
 
 class ConnectError(Exception):
@@ -93,21 +98,63 @@ def _read_exactly(sock: socket.socket, count: int) -> bytes:
 
 
 def _address(host: str) -> bytes:
+    """The SOCKS5 address of C{host}: an IP literal, else an IDNA-encoded name."""
     try:
         ip = ipaddress.ip_address(host.strip("[]"))
     except ValueError:
-        name = host.encode("idna")
-        if not 0 < len(name) < 256:
-            raise ConnectError(f"bad host name {host!r}", EXIT_REFUSED) from None
+        try:
+            name = host.encode("idna")
+        except UnicodeError:  # an empty label, one over 63 characters, a bad code point
+            raise ConnectError(f"{ascii(host[:64])} is not a valid host name", EXIT_USAGE) from None
+        if not 0 < len(name) <= _MAX_FIELD:
+            raise ConnectError(f"the host name is longer than {_MAX_FIELD} bytes", EXIT_USAGE)
         return b"\x03" + bytes([len(name)]) + name
+    if isinstance(ip, ipaddress.IPv6Address) and ip.scope_id is not None:
+        raise ConnectError("IPv6 zone ids are not accepted: the gateway cannot use them", EXIT_USAGE)
     return (b"\x01" if ip.version == 4 else b"\x04") + ip.packed
 
 
-def socks5_connect(
-    sock: socket.socket, host: str, port: int, cluster: str | None, token: str | None
-) -> None:
+def _field(value: str, what: str) -> bytes:
+    """A username or password as RFC 1929 carries it (never echoed: it may be a token)."""
+    try:
+        data = value.encode("utf-8")
+    except UnicodeEncodeError:  # undecodable bytes in argv or the environment
+        raise ConnectError(f"the {what} is not valid UTF-8", EXIT_USAGE) from None
+    if len(data) > _MAX_FIELD:
+        raise ConnectError(f"the {what} is longer than {_MAX_FIELD} bytes (the SOCKS5 limit)", EXIT_USAGE)
+    return bytes([len(data)]) + data
+
+
+@dataclass(frozen=True)
+class Handshake:
+    """
+    What gateway-connect will send, encoded before any connection is made, so
+    that arguments SOCKS5 cannot carry are a usage error and not a traceback
+    halfway through the handshake.
+    """
+
+    destination: str
+    cluster: str | None
+    #: The RFC 1929 subnegotiation, or C{None} for "no authentication".
+    credentials: bytes | None
+    request: bytes
+
+    @classmethod
+    def build(cls, host: str, port: int, cluster: str | None, token: str | None) -> Handshake:
+        """@raise ConnectError: with C{EXIT_USAGE}, saying which argument is wrong."""
+        if not 1 <= port <= 65535:
+            raise ConnectError(f"port {port} is not between 1 and 65535", EXIT_USAGE)
+        request = b"\x05\x01\x00" + _address(host) + struct.pack(">H", port)
+        credentials = None
+        if cluster:
+            credentials = b"\x01" + _field(cluster, "cluster name") + _field(token or "", "token")
+        return cls(f"{host}:{port}", cluster or None, credentials, request)
+
+
+def socks5_connect(sock: socket.socket, handshake: Handshake) -> None:
     """Run the SOCKS5 handshake on C{sock}; raise L{ConnectError} on refusal."""
-    method = b"\x02" if cluster else b"\x00"
+    cluster = handshake.cluster
+    method = b"\x02" if handshake.credentials else b"\x00"
     sock.sendall(b"\x05\x01" + method)
     version, chosen = _read_exactly(sock, 2)
     if version != 5 or chosen != method[0]:
@@ -117,10 +164,8 @@ def socks5_connect(
             + (" (give --cluster)" if not cluster else ""),
             EXIT_REFUSED,
         )
-    if cluster:
-        user = cluster.encode()
-        password = (token or "").encode()
-        sock.sendall(b"\x01" + bytes([len(user)]) + user + bytes([len(password)]) + password)
+    if handshake.credentials:
+        sock.sendall(handshake.credentials)
         _, status = _read_exactly(sock, 2)
         if status != 0:
             raise ConnectError(
@@ -128,7 +173,7 @@ def socks5_connect(
                 "(unknown cluster or wrong token)",
                 EXIT_REFUSED,
             )
-    sock.sendall(b"\x05\x01\x00" + _address(host) + struct.pack(">H", port))
+    sock.sendall(handshake.request)
     _, reply, _, address_type = _read_exactly(sock, 4)
     bound = {1: 4, 4: 16}.get(address_type)
     if bound is None:
@@ -137,59 +182,76 @@ def socks5_connect(
     if reply != 0:
         words = SOCKS5_REPLY_TEXT.get(reply, "unknown reply")
         raise ConnectError(
-            f"the gateway could not connect to {host}:{port}: {words} (SOCKS5 reply {reply:#04x})",
+            f"the gateway could not connect to {handshake.destination}: {words} (SOCKS5 reply {reply:#04x})",
             EXIT_REFUSED,
         )
 
 
+def _write_all(fd: int, data: bytes) -> bool:
+    """Write C{data} to C{fd}; C{False} if its reader is gone (the SSH client exited)."""
+    view = memoryview(data)
+    try:
+        while view:
+            view = view[os.write(fd, view) :]
+    except BrokenPipeError:
+        return False
+    return True
+
+
 def relay(sock: socket.socket, stdin: int = 0, stdout: int = 1) -> None:
-    """Copy stdin to C{sock} and C{sock} to stdout until both directions end."""
+    """
+    Copy stdin to C{sock} and C{sock} to stdout until both directions end,
+    or until whoever reads stdout has closed it: then nobody is left to
+    serve, which is a normal end.  (A broken pipe on C{sock} is a lost
+    stream instead, and raises.)
+    """
     sock.setblocking(True)
     sock.settimeout(None)
     selector = selectors.DefaultSelector()
     selector.register(sock, selectors.EVENT_READ, "socket")
     selector.register(stdin, selectors.EVENT_READ, "stdin")
     open_directions = 2
-    while open_directions:
-        for key, _ in selector.select():
-            if key.data == "stdin":
-                data = os.read(stdin, 65536)
-                if data:
-                    sock.sendall(data)
+    try:
+        while open_directions:
+            for key, _ in selector.select():
+                if key.data == "stdin":
+                    data = os.read(stdin, 65536)
+                    if data:
+                        sock.sendall(data)
+                    else:
+                        selector.unregister(stdin)
+                        sock.shutdown(socket.SHUT_WR)
+                        open_directions -= 1
                 else:
-                    selector.unregister(stdin)
-                    sock.shutdown(socket.SHUT_WR)
-                    open_directions -= 1
-            else:
-                data = sock.recv(65536)
-                if data:
-                    view = memoryview(data)
-                    while view:
-                        view = view[os.write(stdout, view) :]
-                else:
-                    selector.unregister(sock)
-                    os.close(stdout)
-                    open_directions -= 1
-    sock.close()
+                    data = sock.recv(65536)
+                    if data:
+                        if not _write_all(stdout, data):
+                            return
+                    else:
+                        selector.unregister(sock)
+                        os.close(stdout)
+                        open_directions -= 1
+    finally:
+        selector.close()
+        sock.close()
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     try:
+        handshake = Handshake.build(args.host, args.port, args.cluster, args.token)
         sock = _socks_socket(args.socks, args.timeout)
         try:
-            socks5_connect(sock, args.host, args.port, args.cluster, args.token)
+            socks5_connect(sock, handshake)
         except OSError as e:
             raise ConnectError(f"handshake with the gateway failed: {e}", EXIT_UNREACHABLE) from None
         relay(sock)
     except ConnectionError as e:
-        print(f"gateway-connect: connection to {args.host}:{args.port} lost: {e}", file=sys.stderr)
+        print(f"gateway-connect: connection to {handshake.destination} lost: {e}", file=sys.stderr)
         return 1
     except ConnectError as e:
         print(f"gateway-connect: {e}", file=sys.stderr)
         return e.status
-    except BrokenPipeError:
-        return 0
     except KeyboardInterrupt:
         return 130
     return 0

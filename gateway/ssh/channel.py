@@ -42,7 +42,7 @@ from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from gateway.errors import Reason, StreamError
+from gateway.errors import Reason, StreamError, peer_text
 
 DEFAULT_WINDOW = 2 * 1024 * 1024
 MAX_PACKET = 32768
@@ -289,11 +289,8 @@ class TunnelChannel(OrderedEOFChannel):
             reason = reason.value
         if isinstance(reason, ConchError):
             code = reason.data if isinstance(reason.data, int) else 0
-            text = (
-                reason.value.decode("utf-8", "replace")
-                if isinstance(reason.value, bytes)
-                else str(reason.value)
-            )
+            raw = reason.value if isinstance(reason.value, bytes) else str(reason.value).encode()
+            text = peer_text(raw)  # the proxy node's words: escaped and cut
             error = StreamError(
                 open_failure_reason(code, text),
                 f"proxy node could not open {self.destination}: {text or 'no reason given'}",
@@ -514,7 +511,7 @@ class ExecTunnelChannel(TunnelChannel):
 
     def request_exit_signal(self, data: bytes) -> bool:
         name, rest = getNS(data)
-        self.exit_signal = name.decode("ascii", "replace")
+        self.exit_signal = peer_text(name, limit=32)
         try:
             message, _ = getNS(rest[1:])
             self._exit_signal_message = message.decode("utf-8", "replace").strip()
@@ -540,7 +537,8 @@ class ExecTunnelChannel(TunnelChannel):
             reason = f"{self.program} ended without an exit status"
             details = [stderr]
         if details:
-            reason += ": " + "; ".join(details)
+            # The proxy node's words, for a log line: escaped and cut.
+            reason += ": " + "; ".join(peer_text(detail.encode()) for detail in details)
         self.close_reason = reason
         if failed:
             self.exit_failure = StreamError(

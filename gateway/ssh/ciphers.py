@@ -75,8 +75,9 @@ PREFERRED_CIPHERS = (
     b"aes256-ctr",
     b"aes192-ctr",
 )
-#: Offered MACs, best first (not used with an AEAD cipher).
-PREFERRED_MACS = (b"hmac-sha2-256", b"hmac-sha2-512", b"hmac-sha1")
+#: Offered MACs, best first (not used with an AEAD cipher): SHA-2 only, and
+#: no -etm@openssh.com variants, which this code does not implement.
+PREFERRED_MACS = (b"hmac-sha2-256", b"hmac-sha2-512")
 
 #: Conch's limit on an incoming packet's length field.
 MAX_PACKET_LENGTH = 1 << 20
@@ -129,10 +130,9 @@ random_padding = _RandomPadding()
 os.register_at_fork(after_in_child=random_padding.discard)
 
 
-def preferred(supported: list[bytes], first: tuple[bytes, ...]) -> list[bytes]:
-    """C{supported} reordered so that C{first} (where supported) leads."""
-    leading = [name for name in first if name in supported]
-    return leading + [name for name in supported if name not in leading]
+def offered(ours: tuple[bytes, ...], implemented: list[bytes]) -> list[bytes]:
+    """The names of C{ours} that are C{implemented}, in our order: nothing else is offered."""
+    return [name for name in ours if name in implemented]
 
 
 class AESGCMPacketCipher:
@@ -258,7 +258,13 @@ SUPPORTED_AEAD_CIPHERS = supported_aead_ciphers()
 
 
 class PacketError(Exception):
-    """An incoming packet is malformed or forged: disconnect with C{reason}."""
+    """
+    An incoming packet is malformed or forged: disconnect with C{reason}.
+
+    C{description} names what was wrong, never the values read: those are
+    the peer's bytes (a non-SSH peer's first bytes read as a length), and
+    the text ends up in logs and in the cluster's C{last_error}.
+    """
 
     def __init__(self, reason: int, description: bytes) -> None:
         super().__init__(reason, description)
@@ -396,7 +402,7 @@ class PacketReader:
             length = aead.packet_length(seqnr, buffer, pos)
             block = aead.block_size
             if length > MAX_PACKET_LENGTH or length < block or length % block:
-                raise PacketError(transport.DISCONNECT_PROTOCOL_ERROR, b"bad packet length %d" % length)
+                raise PacketError(transport.DISCONNECT_PROTOCOL_ERROR, b"bad packet length")
             self._length = length
         end = pos + 4 + length + _TAG_SIZE
         if len(buffer) < end:
@@ -412,7 +418,7 @@ class PacketReader:
         self._length = -1
         padding = plain[0]
         if padding < 4 or padding + 2 > length:
-            raise PacketError(transport.DISCONNECT_PROTOCOL_ERROR, b"bad padding length %d" % padding)
+            raise PacketError(transport.DISCONNECT_PROTOCOL_ERROR, b"bad padding length")
         return plain, 1, length - padding
 
     def _read_classic(self, ciphers: transport.SSHCiphers, seqnr: int) -> tuple[bytes, int, int] | None:
@@ -426,12 +432,9 @@ class PacketReader:
             first = bytes(ciphers.decrypt(bytes(buffer[pos : pos + bs])))
             length = _LENGTH_PADDING.unpack_from(first)[0]
             if length > MAX_PACKET_LENGTH:
-                raise PacketError(transport.DISCONNECT_PROTOCOL_ERROR, b"bad packet length %d" % length)
+                raise PacketError(transport.DISCONNECT_PROTOCOL_ERROR, b"bad packet length")
             if (length + 4) % bs != 0:
-                raise PacketError(
-                    transport.DISCONNECT_PROTOCOL_ERROR,
-                    b"bad packet mod (%i%%%i == %i)" % (length + 4, bs, (length + 4) % bs),
-                )
+                raise PacketError(transport.DISCONNECT_PROTOCOL_ERROR, b"bad packet length")
             self._first = first
             self._length = length
         length = self._length
@@ -452,5 +455,5 @@ class PacketReader:
         self._length = -1
         padding = first[4]
         if padding + 2 > length:
-            raise PacketError(transport.DISCONNECT_PROTOCOL_ERROR, b"bad padding length %d" % padding)
+            raise PacketError(transport.DISCONNECT_PROTOCOL_ERROR, b"bad padding length")
         return packet, 5, 4 + length - padding

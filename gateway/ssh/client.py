@@ -12,10 +12,12 @@ a reconnecting service needs to log and what a waiting client is told.
 
 from __future__ import annotations
 
+import socket
 import struct
+from collections.abc import Callable
 from functools import partial
 
-from twisted.conch.ssh import connection, transport
+from twisted.conch.ssh import _kex, connection, transport
 from twisted.conch.ssh.channel import SSHChannel
 from twisted.conch.ssh.common import NS, ffs, getNS
 from twisted.conch.ssh.keys import Key
@@ -25,6 +27,7 @@ from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from gateway.errors import peer_text
 from gateway.relay import set_no_delay
 from gateway.ssh.auth import KeyAuthClient
 from gateway.ssh.channel import DEFAULT_WINDOW, ExecTunnelChannel, TunnelChannel, quiet_logger
@@ -36,7 +39,7 @@ from gateway.ssh.ciphers import (
     FastSSHCiphers,
     PacketError,
     PacketReader,
-    preferred,
+    offered,
 )
 from gateway.ssh.hostkeys import HostKeyError, HostKeyPolicy
 
@@ -54,6 +57,60 @@ _CHANNEL_ID = struct.Struct(">L")
 _CHANNEL_MESSAGES = frozenset(
     range(connection.MSG_CHANNEL_OPEN_CONFIRMATION, connection.MSG_CHANNEL_FAILURE + 1)
 )
+
+#: Key exchanges offered, best first: X25519, then the NIST curves (for nodes
+#: restricted to FIPS algorithms).  No SHA-1 exchange, and no finite-field
+#: Diffie-Hellman: Conch has group14 only with SHA-1, and its group exchange
+#: would accept a 1024-bit group from the node.  (Conch's client has no
+#: post-quantum hybrid yet.)  See docs/architecture.md, "SSH algorithms".
+KEX_ALGORITHMS = (
+    b"curve25519-sha256",
+    b"curve25519-sha256@libssh.org",
+    b"ecdh-sha2-nistp256",
+    b"ecdh-sha2-nistp384",
+    b"ecdh-sha2-nistp521",
+)
+#: Host-key algorithms offered, best first (reordered per node so that the
+#: types of the keys we hold for it lead, L{HostKeyPolicy}).  RSA host keys
+#: with SHA-2 signatures only; C{ssh-rsa} (SHA-1) is appended only for a
+#: cluster with C{allow_sha1_signatures}.  No DSA.
+HOST_KEY_ALGORITHMS = (
+    b"ssh-ed25519",
+    b"ecdsa-sha2-nistp256",
+    b"ecdsa-sha2-nistp384",
+    b"ecdsa-sha2-nistp521",
+    b"rsa-sha2-512",
+    b"rsa-sha2-256",
+)
+SHA1_RSA = b"ssh-rsa"
+
+#: Linux only; not sticky, so it is set again after every read.
+_TCP_QUICKACK: int | None = getattr(socket, "TCP_QUICKACK", None)
+def quick_ack(transport: object) -> Callable[[], None] | None:
+    """
+    A call that sets C{TCP_QUICKACK} on C{transport}'s TCP socket; None
+    where there is no such socket (a proxy command's pipes, a channel of a
+    jump connection) or no such option (not Linux).
+
+    sshd sets no C{TCP_NODELAY} on a forwarding-only connection, so a small
+    packet it sends right after another (an open confirmation, a channel
+    close, the last segment of a reply) waits until we acknowledge the one
+    before -- and Linux delays that ACK by up to 40 ms once the connection
+    looks interactive.  Every short stream would stall by that much.
+    QUICKACK acknowledges at once; the kernel drops back to delayed ACKs by
+    itself, hence one call per read.
+    """
+    if _TCP_QUICKACK is None:
+        return None
+    get_handle = getattr(transport, "getHandle", None)
+    if get_handle is None:
+        return None
+    sock = get_handle()
+    if getattr(sock, "family", None) not in (socket.AF_INET, socket.AF_INET6):
+        return None
+    if getattr(sock, "type", None) != socket.SOCK_STREAM:
+        return None
+    return partial(sock.setsockopt, socket.IPPROTO_TCP, _TCP_QUICKACK, 1)
 
 
 class SSHConnectError(Exception):
@@ -215,6 +272,8 @@ class TunnelConnection(connection.SSHConnection):
 
 
 _SEQUENCE_MASK = 0xFFFFFFFF
+#: Conch's client, whose algorithm lists say what it implements.
+_CONCH = transport.SSHClientTransport
 
 
 class GatewayClientTransport(transport.SSHClientTransport):
@@ -233,10 +292,15 @@ class GatewayClientTransport(transport.SSHClientTransport):
     #: errors (a peer's disconnect reason, bad packets) still get through.
     _log = quiet_logger("gateway.ssh.transport")
 
-    #: The AEAD ciphers (when the backend has them), then Conch's.
-    supportedCiphers = preferred(
-        SUPPORTED_AEAD_CIPHERS + transport.SSHClientTransport.supportedCiphers, PREFERRED_CIPHERS
-    )
+    # Every list explicit, in our order, and only what Conch (or the
+    # backend, for AEAD) implements: Conch's own lists end in CBC, 3DES,
+    # hmac-md5/sha1, SHA-1 key exchanges, ssh-dss and zlib.
+    supportedCiphers = offered(PREFERRED_CIPHERS, SUPPORTED_AEAD_CIPHERS + _CONCH.supportedCiphers)
+    supportedMACs = offered(PREFERRED_MACS, _CONCH.supportedMACs)
+    supportedKeyExchanges = offered(KEX_ALGORITHMS, _CONCH.supportedKeyExchanges)
+    supportedPublicKeys = offered(HOST_KEY_ALGORITHMS, _CONCH.supportedPublicKeys)
+    #: Compression costs CPU for little on a LAN, and zlib has had its CVEs.
+    supportedCompressions = [b"none"]
 
     def __init__(
         self,
@@ -248,6 +312,7 @@ class GatewayClientTransport(transport.SSHClientTransport):
         clock: IReactorTime,
         rekey_bytes: int = DEFAULT_REKEY_BYTES,
         rekey_interval: float = DEFAULT_REKEY_INTERVAL,
+        allow_sha1_signatures: bool = False,
     ) -> None:
         self.host = host
         self.port = port
@@ -272,6 +337,10 @@ class GatewayClientTransport(transport.SSHClientTransport):
         #: Set once we disconnect (a malformed or forged packet, or any
         #: other reason): what arrives after that is not read.
         self._stop_reading = False
+        self._allow_sha1_signatures = allow_sha1_signatures
+        self._auth: KeyAuthClient | None = None
+        #: Sets TCP_QUICKACK on the socket (see L{quick_ack}); None where not TCP.
+        self._quick_ack: Callable[[], None] | None = None
 
     def note_failure(self, why: str) -> None:
         """Record why the connection is about to fail, unless a reason is known."""
@@ -327,6 +396,11 @@ class GatewayClientTransport(transport.SSHClientTransport):
     def dataReceived(self, data: bytes) -> None:
         if self._stop_reading:
             return
+        if self._quick_ack is not None:
+            try:
+                self._quick_ack()
+            except OSError:  # the socket is going away
+                self._quick_ack = None
         if self.gotVersion:
             self._reader.feed(data)
             self._dispatch_packets()
@@ -366,6 +440,9 @@ class GatewayClientTransport(transport.SSHClientTransport):
             packet = self._reader.read(self.currentEncryptions, self.incomingPacketSequence)
         except PacketError as e:
             self._stop_reading = True
+            if self.currentEncryptions.inCipType == b"none":
+                # Not even the first, unencrypted packets make sense.
+                self.note_failure("not an SSH server: " + e.description.decode())
             self.sendDisconnect(e.reason, e.description)
             return None
         if packet is None:
@@ -385,7 +462,11 @@ class GatewayClientTransport(transport.SSHClientTransport):
 
     def getPacket(self) -> bytes | None:
         # Conch's interface (message type and payload), used by its
-        # dataReceived for the data that came with the version line.
+        # dataReceived for the data that came with the version line.  It
+        # also calls this before any version line when the buffer ends in a
+        # newline: lines a server may send first (RFC 4253 4.2) are no packets.
+        if not self.gotVersion:
+            return None
         if self.buf:
             self._reader.feed(self.buf)
             self.buf = b""
@@ -407,13 +488,44 @@ class GatewayClientTransport(transport.SSHClientTransport):
         return f"{host}:{self.port}"
 
     def connectionMade(self) -> None:
-        self.supportedPublicKeys = self._host_keys.preferred_algorithms(
-            self.host, self.port, self.supportedPublicKeys
-        )
+        algorithms = list(self.supportedPublicKeys)
+        if self._allow_sha1_signatures and SHA1_RSA in _CONCH.supportedPublicKeys:
+            algorithms.append(SHA1_RSA)
+        self.supportedPublicKeys = self._host_keys.preferred_algorithms(self.host, self.port, algorithms)
         set_no_delay(self.transport)
-        self.supportedCiphers = preferred(self.supportedCiphers, PREFERRED_CIPHERS)
-        self.supportedMACs = preferred(self.supportedMACs, PREFERRED_MACS)
+        self._quick_ack = quick_ack(self.transport)
         super().connectionMade()
+
+    def _unsupportedVersionReceived(self, remoteVersion: bytes) -> None:
+        # Conch would put the peer's version bytes into the error text.
+        self.note_failure("not an SSH server: its version line is not SSH-2.0")
+        self.sendDisconnect(transport.DISCONNECT_PROTOCOL_VERSION_NOT_SUPPORTED, b"protocol version not supported")
+
+    def ssh_KEX_DH_GEX_GROUP(self, packet: bytes) -> None:
+        # Also the number of KEX_ECDH_REPLY, the reply of every exchange we offer.
+        if _kex.isEllipticCurve(self.kexAlg) and not self._signed_as_negotiated(packet):
+            return
+        super().ssh_KEX_DH_GEX_GROUP(packet)
+
+    def _signed_as_negotiated(self, reply: bytes) -> bool:
+        """
+        Whether the node signed the exchange hash with the negotiated host-key
+        algorithm.  Conch checks only that the signature is valid for the
+        key, so an RSA node could answer with C{ssh-rsa} (SHA-1) although
+        only C{rsa-sha2-*} was agreed on (OpenSSH's client refuses that too).
+        """
+        try:
+            _, _, signature, _ = getNS(reply, 3)
+            algorithm = getNS(signature)[0]
+        except struct.error:
+            return True  # malformed: Conch's parser says so
+        if algorithm == self.keyAlg:
+            return True
+        self.note_failure(
+            f"the proxy node signed the key exchange with another algorithm than {self.keyAlg.decode()}"
+        )
+        self.sendDisconnect(transport.DISCONNECT_KEY_EXCHANGE_FAILED, b"host key signature algorithm mismatch")
+        return False
 
     def ssh_KEXINIT(self, packet: bytes) -> None:
         for_conch = self._aead_implied_macs(packet)
@@ -478,13 +590,13 @@ class GatewayClientTransport(transport.SSHClientTransport):
         if self._secured:
             return
         self._secured = True
-        self.requestService(
-            KeyAuthClient(
-                self._user,
-                self._private_key,
-                TunnelConnection(self.ready, self._clock),
-            )
+        self._auth = KeyAuthClient(
+            self._user,
+            self._private_key,
+            TunnelConnection(self.ready, self._clock),
+            allow_sha1_signatures=self._allow_sha1_signatures,
         )
+        self.requestService(self._auth)
 
     def loseConnection(self) -> None:
         # Conch says "connection lost" (code 10); we are closing on purpose.
@@ -498,26 +610,32 @@ class GatewayClientTransport(transport.SSHClientTransport):
             if reason == transport.DISCONNECT_BY_APPLICATION:
                 self._failure = "connection closed by the gateway"
             elif reason == transport.DISCONNECT_NO_MORE_AUTH_METHODS_AVAILABLE:
-                self._failure = (
-                    f"authentication as {self._user!r} failed: "
-                    "the proxy node refused the key"
-                )
+                self._failure = f"authentication as {self._user!r} failed: the proxy node refused the key"
+                unlisted = self._auth.unlisted_algorithm if self._auth is not None else None
+                if unlisted is not None:
+                    self._failure += (
+                        f" (signed with {unlisted.decode()}, which the node does not list in server-sig-algs;"
+                        " a node that accepts only ssh-rsa (SHA-1) needs allow_sha1_signatures = true)"
+                    )
+            elif not self.gotVersion:
+                # Conch gives up on a peer that sends 4 KiB without a version line.
+                self._failure = "not an SSH server: no SSH version line"
             else:
                 self._failure = desc.decode("utf-8", "replace")
         super().sendDisconnect(reason, desc)
 
     def receiveError(self, reasonCode: int, description: bytes) -> None:
-        if self._failure is None:
-            self._failure = "proxy node disconnected: " + description.decode(
-                "utf-8", "replace"
-            )
-        super().receiveError(reasonCode, description)
+        # Not Conch's: it logs the peer's description raw and whole.  The
+        # cluster logs this text when the connection is gone.
+        self.note_failure(f"proxy node disconnected: {peer_text(description)}")
 
     def connectionLost(self, reason: Failure) -> None:
         if self._rekey_timer is not None and self._rekey_timer.active():
             self._rekey_timer.cancel()
         super().connectionLost(reason)
         if not self.ready.called:
+            if self._failure is None and not self.gotVersion and self.buf:
+                self._failure = "not an SSH server: no SSH version line"
             why = self._failure or (
                 f"connection closed before authentication: {reason.getErrorMessage()}"
             )
@@ -532,12 +650,13 @@ def client_factory(
     private_key: Key,
     host_keys: HostKeyPolicy,
     clock: IReactorTime,
-    **options: float,
+    **options: float | bool,
 ) -> Factory:
     """
     A factory of L{GatewayClientTransport}s for one proxy node address.
 
-    C{options} are passed on: C{rekey_bytes}, C{rekey_interval}.
+    C{options} are passed on: C{rekey_bytes}, C{rekey_interval},
+    C{allow_sha1_signatures}.
     """
     factory = Factory.forProtocol(
         partial(GatewayClientTransport, host, port, user, private_key, host_keys, clock, **options)

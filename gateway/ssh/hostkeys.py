@@ -20,10 +20,10 @@ from twisted.conch.client.knownhosts import HashedEntry, PlainEntry
 from twisted.conch.error import InvalidEntry
 from twisted.conch.ssh.keys import BadKeyError, FingerprintFormats, Key
 
-#: Host-key algorithm names per key type; RSA keys are used with SHA-2 first.
+#: Host-key algorithm names per key type (others have one, their own);
+#: RSA keys with SHA-2 first (C{ssh-rsa} is offered only on opt-in).
 _ALGORITHMS_FOR_TYPE = {
     "RSA": (b"rsa-sha2-512", b"rsa-sha2-256", b"ssh-rsa"),
-    "DSA": (b"ssh-dss",),
 }
 
 
