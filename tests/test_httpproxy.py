@@ -969,6 +969,21 @@ class UpgradeTests(_SplitMixin, TestCase):
             b"Upgrade: websocket\r\nConnection: Upgrade\r\n\r\n",
         )
 
+    def test_ws_url(self) -> None:
+        """
+        aiohttp's C{ws_connect(proxy=...)} sends the handshake as C{GET ws://...}: a ws URL
+        means what the http URL means (RFC 6455 3, port 80 by default), so it goes the same way.
+        """
+        data = WEBSOCKET_REQUEST.replace(b"http://h/", b"ws://h:8081/")
+        event = self.head(data)
+        self.assertEqual((event.host, event.port, event.upgrade), ("h", 8081, "websocket"))
+        self.assertTrue(event.upstream_head().startswith(b"GET /chat HTTP/1.1\r\nHost: h:8081\r\n"))
+        self.assertEqual(self.head(b"GET WS://h/ HTTP/1.1\r\n\r\n").port, 80)
+
+    def test_wss_url(self) -> None:
+        """A wss URL needs TLS to the destination, which only the client can do: CONNECT."""
+        self.assertIn("CONNECT", self.assertStatus(b"GET wss://h/ HTTP/1.1\r\n\r\n", 400).detail)
+
     def test_several_protocols(self) -> None:
         data = b"GET http://h/ HTTP/1.1\r\nUpgrade: h2c, foo/2\r\nUpgrade: bar\r\nConnection: UPGRADE\r\n\r\n"
         self.assertEqual(self.head(data).upgrade, "h2c, foo/2, bar")
