@@ -536,6 +536,18 @@ class UpstreamHeadTests(_SplitMixin, TestCase):
 class RequestErrorTests(_SplitMixin, TestCase):
     """Every way a request is refused, and with which status."""
 
+    def test_a_socks5_greeting_is_refused_at_once(self) -> None:
+        """
+        C{curl --socks5} pointed at the HTTP port sends three bytes and waits for
+        the method reply: no request line starts with 0x05 (a method is a token),
+        so answer now instead of after the handshake time-out.
+        """
+        self.assertStatus(b"\x05\x01\x00", 400)
+
+    test_a_socks5_greeting_is_refused_at_once.todo = (  # type: ignore[attr-defined]
+        "found by the 'clients' run: the parser waits for a line end, the client for its reply, 10 s"
+    )
+
     def test_origin_form(self) -> None:
         error = self.assertStatus(b"GET /index.html HTTP/1.1\r\nHost: h\r\n\r\n", 400)
         self.assertEqual(error.detail, "this is a proxy: use an absolute URL or CONNECT")

@@ -432,7 +432,7 @@ class SystemTests(TestCase):
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
         )
-        for mode, delay in zip(("exit", "kill") * 4, (0, 0, 1, 1, 3, 3, 10, 10)):
+        for mode, delay in zip(("exit", "kill") * 4, (0, 0, 1, 1, 3, 3, 10, 10), strict=True):
             done = self.ctl(["node", script, mode, str(delay)], timeout=15)
             self.assertIn(done.returncode, (0, -signal.SIGKILL), done.stderr)
         out, err = victim.communicate(timeout=30)
