@@ -40,6 +40,7 @@ class _NeverReads(Protocol):
 
     def connectionMade(self) -> None:
         self.transport.pauseProducing()
+        self.factory.connections.append(self)
 
 
 async def until_no_streams(harness, timeout: float = 5.0, cluster: str = "demo") -> None:
@@ -197,8 +198,13 @@ class SocksEndToEndTests(TestCase):
         """
         sink = ("10.99.0.10", 9)
         path = os.path.join(self.harness.dir, "sink.sock")
-        port = await serverFromString(reactor, f"unix:{path}").listen(Factory.forProtocol(_NeverReads))
+        factory = Factory.forProtocol(_NeverReads)
+        factory.connections = []
+        port = await serverFromString(reactor, f"unix:{path}").listen(factory)
         self.addCleanup(port.stopListening)
+        # The sink will not read what the node holds for it: reset it, then let the stream end.
+        self.addCleanup(until_no_streams, self.harness)
+        self.addCleanup(lambda: [sink.transport.abortConnection() for sink in factory.connections])
         self.harness.node.routes[sink] = f"unix:{path}"
         sock, code = await deferToThread(socks5_open, self.harness.socks_port, *sink)
         self.addCleanup(sock.close)
