@@ -559,16 +559,20 @@ def _parse_authority(authority: str, default_port: int | None) -> tuple[str, int
 
 
 def _parse_absolute(target: str) -> _AbsoluteURL:
-    """An absolute-form target (RFC 9112 3.2.2); only http:// is proxied this way."""
+    """
+    An absolute-form target (RFC 9112 3.2.2); only http:// is proxied this way,
+    and ws://, which names the same resource (RFC 6455 3) and is what aiohttp
+    sends for a WebSocket handshake through a proxy.
+    """
     if target.startswith("/") or target == "*":
         raise _Malformed(400, "this is a proxy: use an absolute URL or CONNECT")
     match = _ABSOLUTE_URL.fullmatch(target)
     if not match:
         raise _Malformed(400, "malformed request target")
     scheme, authority, rest = match.groups()
-    if scheme.lower() == "https":
-        raise _Malformed(400, "https:// URLs are not proxied this way: use CONNECT")
-    if scheme.lower() != "http":
+    if scheme.lower() in ("https", "wss"):
+        raise _Malformed(400, f"{scheme.lower()}:// URLs are not proxied this way: use CONNECT")
+    if scheme.lower() not in ("http", "ws"):
         raise _Malformed(400, f"unsupported URL scheme {shown(scheme)}")
     if "#" in rest:
         raise _Malformed(400, "a request target must not contain a fragment")

@@ -8,11 +8,13 @@ L{MemoryProxyNode}; time is a L{Clock}.
 from __future__ import annotations
 
 from twisted.conch.ssh import connection
+from twisted.internet.defer import fail
 from twisted.internet.task import Clock
 from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import TestCase
 
 from gateway.config import GatewaySettings
+from gateway.errors import Reason, StreamError
 from gateway.http_protocol import HttpProxyFactory
 from tests.support import MemoryClient, MemoryProxyNode
 
@@ -193,3 +195,62 @@ class UpgradeTests(HttpAdapterTestCase):
         self.node.reply(self.node.channels[0], self.SWITCH)
         self.assertTrue(self.client.output().startswith(b"HTTP/1.1 502 Bad Gateway\r\n"))
         self.assertGone()
+
+
+class ChallengeTests(HttpAdapterTestCase):
+    """
+    Browsers, Java, ncat, OpenBSD nc -P and curl --proxy-anyauth send a request
+    without credentials first and offer them only when challenged.
+    """
+
+    def refuse(self, reason: Reason) -> None:
+        self.node.open_stream = lambda request: fail(StreamError(reason, "refused in the test"))
+
+    def test_auth_required_is_a_challenge(self) -> None:
+        self.refuse(Reason.AUTH_REQUIRED)
+        self.client.send(b"CONNECT 10.0.0.5:22 HTTP/1.1\r\n\r\n")
+        self.assertIn(b'\r\nProxy-Authenticate: Basic realm="gateway"\r\n', self.client.output())
+
+    def test_an_ambiguous_destination_without_credentials_is_a_challenge(self) -> None:
+        """Credentials are what resolves it, so say so in the one way such clients understand: 407."""
+        self.refuse(Reason.AMBIGUOUS)
+        self.client.send(b"CONNECT 10.0.0.5:22 HTTP/1.1\r\n\r\n")
+        output = self.client.output()
+        self.assertTrue(output.startswith(b"HTTP/1.1 407 Proxy Authentication Required\r\n"), output)
+        self.assertIn(b'\r\nProxy-Authenticate: Basic realm="gateway"\r\n', output)
+
+    test_an_ambiguous_destination_without_credentials_is_a_challenge.todo = (  # type: ignore[attr-defined]
+        "found by the 'clients' run: 403, so challenge-driven clients never offer their credentials"
+    )
+
+
+
+class CutShortTests(HttpAdapterTestCase):
+    """
+    An upstream that closes in the middle of a framed response body.  With
+    Content-Length or chunked framing the client sees the truncation itself
+    (curl: "transfer closed with 90 bytes remaining", requests: IncompleteRead)
+    once the connection closes.  A reset instead makes the kernel drop the head
+    and the bytes not yet read: curl reports status 000 and requests a
+    ProxyError, blaming the gateway and losing what did arrive.
+    """
+
+    def assertCleanCloseAfter(self, head: bytes) -> None:
+        self.client.send(GET)
+        (channel,) = self.node.channels
+        self.node.reply(channel, head + b"0123456789")
+        self.node.eof(channel)
+        self.node.close(channel)
+        self.assertTrue(self.client.output().endswith(b"0123456789"))
+        self.assertTrue(self.client.transport.disconnecting)
+        self.assertFalse(self.client.transport.disconnected)  # StringTransport: set by abortConnection only
+
+    def test_content_length(self) -> None:
+        self.assertCleanCloseAfter(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n")
+
+    def test_chunked(self) -> None:
+        self.assertCleanCloseAfter(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\na\r\n")
+
+    test_content_length.todo = test_chunked.todo = (  # type: ignore[attr-defined]
+        "found by the 'clients' run: a cut-short framed response is reset, not closed"
+    )
