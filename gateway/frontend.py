@@ -117,12 +117,21 @@ class FrontendProtocol(Protocol):
     def writeConnectionLost(self) -> None:
         pass
 
+    def drain(self) -> None:
+        """
+        The gateway is shutting down: a client still in its handshake is
+        closed; an established splice runs on (within the drain time-out).
+        """
+        if self._splice is None and not self._opening:
+            self.transport.loseConnection()
+
     def connectionLost(self, reason: Failure) -> None:
         self._gone = True
         self._stop_timer()
         if self._splice is not None:
             self._splice.client_lost()
         self.factory.clients.release()
+        self.factory.protocols.discard(self)
 
 
 class ClientLimit:
@@ -179,10 +188,18 @@ class FrontendFactory(Factory):
         self._gateway = gateway
         self._clock = clock
         self.clients = clients or ClientLimit(DEFAULT_MAX_CLIENTS)
+        #: The connections of this listener, to tell them of a drain.
+        self.protocols: set[FrontendProtocol] = set()
 
     def buildProtocol(self, addr: object) -> FrontendProtocol | None:
         if not self.clients.admit():
             return None
         protocol = self._protocol(self._gateway, self._clock)
         protocol.factory = self
+        self.protocols.add(protocol)
         return protocol
+
+    def drain(self) -> None:
+        """The gateway is shutting down: each connection finishes what it must, then closes."""
+        for protocol in list(self.protocols):
+            protocol.drain()

@@ -31,11 +31,13 @@ short text body, and logged; the client never sees a traceback.
 
 from __future__ import annotations
 
+from http import HTTPStatus
+
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from gateway.errors import StreamError
+from gateway.errors import Reason, StreamError
 from gateway.frontend import ClientLimit, FrontendFactory, FrontendProtocol, stream_error
 from gateway.httpproxy import (
     RequestBody,
@@ -108,6 +110,8 @@ class HttpProxyProtocol(FrontendProtocol):
         super().__init__(gateway, clock)
         self._parser = RequestParser()
         self._version = "HTTP/1.1"
+        #: The credentials of the request being answered.
+        self._credentials: tuple[str, str] | None = None
         self._exchange: _Exchange | None = None
         self._upstream: _Upstream | None = None
         self._pending: list[bytes] = []
@@ -150,6 +154,14 @@ class HttpProxyProtocol(FrontendProtocol):
         super().connectionLost(reason)
         self._drop_upstream()
 
+    def drain(self) -> None:
+        # An idle kept-alive connection (browsers, request sessions and agent
+        # pools keep them) closes now; one in an exchange ends after it.
+        self._client_keep_alive = False
+        if self._exchange is None:
+            self._drop_upstream()
+            super().drain()
+
     # -- requests ------------------------------------------------------------
 
     def _handle(self, events: list) -> None:
@@ -159,6 +171,7 @@ class HttpProxyProtocol(FrontendProtocol):
             if isinstance(event, RequestHead):
                 self._stop_timer()
                 self._version = event.version
+                self._credentials = event.credentials
                 if event.is_connect:
                     self._connect(event)
                 else:
@@ -202,7 +215,12 @@ class HttpProxyProtocol(FrontendProtocol):
         self._opening = False
         if not self._gone:
             error = stream_error(failure)
-            self._fail(status_for(error), error.detail)
+            status = status_for(error)
+            if error.reason is Reason.AMBIGUOUS and self._credentials is None:
+                # Credentials are what resolves it, and browsers, Java, ncat
+                # and curl --proxy-anyauth offer theirs only when challenged.
+                status = HTTPStatus.PROXY_AUTHENTICATION_REQUIRED
+            self._fail(status, error.detail)
 
     # CONNECT
 
@@ -399,9 +417,14 @@ class HttpProxyProtocol(FrontendProtocol):
             outcome="upstream-error",
         )
         if exchange is not None and exchange.answered:
-            # Reset: a client must not take a truncated response for a whole one.
             self._drop_upstream()
-            self.transport.abortConnection()
+            if exchange.response.close_delimited:
+                # Reset: the close would read as the end of a whole response.
+                self.transport.abortConnection()
+            else:
+                # Its Content-Length or chunked framing tells the client the
+                # response is cut short; a reset would drop what arrived.
+                self.transport.loseConnection()
         else:
             self._fail(502, detail)
 
@@ -463,10 +486,10 @@ class HttpProxyProtocol(FrontendProtocol):
         self._upstream = None
         if not self._gone:
             self.transport.unregisterProducer()
-        if exchange is not None and not exchange.response_done:
-            self._handle_response(exchange.response.eof_received())
-            if not exchange.response_done and not self._gone:
-                self._upstream_broken(channel.close_reason or "upstream closed the connection")
+        if exchange is not None and not exchange.response_done and not self._gone:
+            # Closed with the response unfinished and no EOF (which would have
+            # ended a close-delimited body): the stream was cut.
+            self._upstream_broken(channel.close_reason or "upstream closed the connection")
 
     def tunnel_pause_writing(self) -> None:
         self.transport.pauseProducing()

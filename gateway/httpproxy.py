@@ -107,6 +107,9 @@ _HOP_BY_HOP = frozenset(
 _PROTECTED = frozenset({"host", "content-length", "transfer-encoding"})
 
 _TOKEN = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
+#: The bytes a request's first line can begin with: a method's (a token), or an empty line's.
+_REQUEST_START = frozenset(b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz\r\n")
+_MALFORMED_REQUEST_LINE = "malformed request line"
 _FIELD_VALUE = re.compile(rb"[^\x00-\x08\x0a-\x1f\x7f]*")
 _FIELD_NAME = re.compile(_TOKEN)
 _REQUEST_LINE = re.compile(rb"(" + _TOKEN + rb") ([^\x00-\x20\x7f]+) (HTTP/[0-9]\.[0-9])")
@@ -318,13 +321,20 @@ class _FieldSection:
 class _HeadReader:
     """A start line (after a few stray empty lines, RFC 9112 2.2) and its header section."""
 
-    def __init__(self) -> None:
+    def __init__(self, start_bytes: frozenset[int] | None = None) -> None:
         self._start_line: bytes | None = None
         self._fields = _FieldSection(strict=False)
         self._empty_lines = 0
+        self._start_bytes = start_bytes
 
     def read(self, buffer: bytearray) -> tuple[bytes, Headers] | None:
         while self._start_line is None:
+            if self._start_bytes is not None and buffer and buffer[0] not in self._start_bytes:
+                # No start line can begin so (a SOCKS greeting, TLS sent to a
+                # plain listener): say so now, not when a line end comes --
+                # such a client waits for our answer, not the other way round.
+                # Checked before anything else, so any split decides alike.
+                raise _Malformed(400, _MALFORMED_REQUEST_LINE)
             line = _take_line(buffer, MAX_START_LINE, _START_LINE_TOO_LONG)
             if line is None:
                 return None
@@ -615,10 +625,13 @@ class _State(enum.Enum):
 class _Parser(abc.ABC):
     """The engine both parsers share: head, body, end; or one error, then nothing."""
 
+    #: The bytes a start line may begin with; None: any (found out at its end).
+    _start_bytes: frozenset[int] | None = None
+
     def __init__(self) -> None:
         self._buffer = bytearray()
         self._state = _State.HEAD
-        self._head = _HeadReader()
+        self._head = _HeadReader(self._start_bytes)
         self._body: _Fixed | _Chunked | _UntilClose = _Fixed(0)
 
     @abc.abstractmethod
@@ -648,7 +661,7 @@ class _Parser(abc.ABC):
                     head = self._head.read(self._buffer)
                     if head is None:
                         break
-                    self._head = _HeadReader()
+                    self._head = _HeadReader(self._start_bytes)
                     events.append(self._on_head(*head))
                 else:
                     self._body.read(self._buffer, body)
@@ -692,6 +705,8 @@ class RequestParser(_Parser):
     request that the upstream answered with 101, by L{take_upgrade_leftover}.
     """
 
+    _start_bytes = _REQUEST_START
+
     def __init__(self) -> None:
         super().__init__()
         self._upgrading = False  # the last head asked for an upgrade
@@ -724,7 +739,7 @@ class RequestParser(_Parser):
     def _on_head(self, start_line: bytes, headers: Headers) -> RequestHead:
         match = _REQUEST_LINE.fullmatch(start_line)
         if not match:
-            raise _Malformed(400, "malformed request line")  # not echoed: URLs carry tokens
+            raise _Malformed(400, _MALFORMED_REQUEST_LINE)  # not echoed: URLs carry tokens
         method, target, version = (group.decode("latin-1") for group in match.groups())
         if version not in _VERSIONS:
             raise _Malformed(505, f"unsupported HTTP version {version}")

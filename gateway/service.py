@@ -45,9 +45,7 @@ class ListenerService(StreamServerEndpointService):
 
     _raiseSynchronously = True
 
-    def __init__(
-        self, reactor: IReactorCore, kind: str, description: str, factory: Factory
-    ) -> None:
+    def __init__(self, reactor: IReactorCore, kind: str, description: str, factory: Factory) -> None:
         super().__init__(serverFromString(reactor, description), factory)
         self.kind = kind
         self.description = description
@@ -91,9 +89,12 @@ class GatewayService(MultiService):
         for cluster in config.clusters.values():
             self.add_cluster(cluster)
         clients = ClientLimit(config.settings.max_clients)
-        for kind, descriptions, factory in (
-            ("socks", config.listen.socks, SocksFactory(self.gateway, reactor, clients)),
-            ("http", config.listen.http, HttpProxyFactory(self.gateway, reactor, clients)),
+        self._factories = [
+            SocksFactory(self.gateway, reactor, clients),
+            HttpProxyFactory(self.gateway, reactor, clients),
+        ]
+        for kind, descriptions, factory in zip(
+            ("socks", "http"), (config.listen.socks, config.listen.http), self._factories, strict=True
         ):
             for description in descriptions:
                 self.add_listener(kind, description, factory)
@@ -214,6 +215,7 @@ class GatewayService(MultiService):
         listeners = [child for child in self if isinstance(child, ListenerService)]
         others = [child for child in reversed(list(self)) if not isinstance(child, ListenerService)]
         stopped = gatherResults([maybeDeferred(listener.stopService) for listener in listeners])
+        stopped.addCallback(lambda _: [factory.drain() for factory in self._factories])
         stopped.addCallback(lambda _: self._drain())
         stopped.addCallback(lambda _: gatherResults([maybeDeferred(child.stopService) for child in others]))
         return stopped.addCallback(lambda _: None)
@@ -223,9 +225,7 @@ class GatewayService(MultiService):
         timeout = self.settings.drain_timeout
         if open_streams == 0 or timeout <= 0:
             return succeed(None)
-        log.info(
-            "draining {streams} open streams for up to {timeout:g} s", streams=open_streams, timeout=timeout
-        )
+        log.info("draining {streams} open streams for up to {timeout:g} s", streams=open_streams, timeout=timeout)
         deadline = self._reactor.seconds() + timeout
         drained: Deferred[None] = Deferred()
 

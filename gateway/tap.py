@@ -35,7 +35,7 @@ from gateway.config import (
 from gateway.registry import GatewayControl
 from gateway.service import GatewayService
 from gateway.store import ClusterStore, StoreError, validate_body
-from gateway.testing import DemoCluster
+from gateway.testing import DEMO_API_WEB, DemoCluster
 
 log = Logger()
 
@@ -177,7 +177,7 @@ class DemoService(Service):
                 "register another cluster at runtime (same proxy node, with a token) and use it:",
                 f"  .venv/bin/gateway-ctl --url http://{control} add demo-api --file {cluster_file}",
                 f"  .venv/bin/gateway-ctl --url http://{control} list",
-                f"  curl --socks5-hostname {socks} -U demo-api:demo-token http://10.99.0.10/",
+                f"  curl --socks5-hostname {socks} -U demo-api:demo-token http://{DEMO_API_WEB[0]}/",
             ]
         log.info("\n".join(lines))
 

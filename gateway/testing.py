@@ -35,7 +35,7 @@ from twisted.conch.ssh import common, connection, factory, forwarding, keys, use
 from twisted.cred.portal import Portal
 from twisted.internet.endpoints import clientFromString, serverFromString
 from twisted.internet.error import ConnectionRefusedError
-from twisted.internet.interfaces import IHalfCloseableProtocol, IListeningPort
+from twisted.internet.interfaces import IHalfCloseableProtocol, IListeningPort, IPushProducer
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -50,6 +50,9 @@ log = Logger()
 DEMO_USER = "demo"
 DEMO_NETWORK = "10.99.0.0/24"
 DEMO_WEB = ("10.99.0.10", 80)
+#: The same web server under a name, for the cluster the demo registers
+#: through the API: a name of its own, so the two clusters never overlap.
+DEMO_API_WEB = ("web.demo-api.internal", 80)
 DEMO_PAGE = b"Hello from 10.99.0.10, a web server inside the demo cluster.\n"
 
 
@@ -96,13 +99,18 @@ class _DestinationProtocol(Protocol):
         self._tunnel.destination_lost()
 
 
+@implementer(IPushProducer)
 class _ServerStream(OrderedEOFChannel):
     """
     Server side of a channel joined to a destination connection.
 
-    Data from the channel goes to the destination (queued until it is
-    connected); the destination is paused while the gateway's window is full,
-    so the node buffers at most what one read brings.
+    Flow control both ways, as sshd does it: data from the channel goes to
+    the destination (queued until it is connected) and window is granted back
+    only while the destination keeps up (the channel is the destination
+    transport's producer), so an upload to a destination that stops reading
+    stalls at one window instead of piling up in the node; the destination
+    is paused while the gateway's window is full, so the node buffers at most
+    what one read brings.
     """
 
     def __init__(self, destination: _DestinationProtocol | None = None, **kw) -> None:
@@ -111,6 +119,24 @@ class _ServerStream(OrderedEOFChannel):
         self._connected = destination is not None
         self._queued: list[bytes] = []
         self._client_eof = False
+        self._paused = False
+
+    # -- window toward the gateway (IPushProducer of the destination transport)
+
+    def pauseProducing(self) -> None:
+        self._paused = True
+
+    def resumeProducing(self) -> None:
+        self._paused = False
+        self._grant_window()
+
+    def stopProducing(self) -> None:
+        self.loseConnection()
+
+    def _grant_window(self) -> None:
+        consumed = self.localWindowSize - self.localWindowLeft
+        if self._connected and not self._paused and consumed >= self.localWindowSize // 2 and not self.localClosed:
+            self.conn.adjustWindow(self, consumed)
 
     def _destination_transport(self):
         if self.destination is None:
@@ -123,6 +149,7 @@ class _ServerStream(OrderedEOFChannel):
         if self.localClosed or self.remoteClosed:
             transport.loseConnection()
             return
+        transport.registerProducer(self, True)
         queued, self._queued = self._queued, []
         for data in queued:
             transport.write(data)
@@ -130,12 +157,14 @@ class _ServerStream(OrderedEOFChannel):
             transport.loseWriteConnection()
         if not self.areWriting:
             transport.pauseProducing()
+        self._grant_window()
 
     def dataReceived(self, data: bytes) -> None:
         if self._connected:
             self.destination.transport.write(data)
         else:
             self._queued.append(data)
+        self._grant_window()
 
     def eofReceived(self) -> None:
         self._client_eof = True
@@ -263,6 +292,16 @@ class _ProxyNodeConnection(connection.SSHConnection):
     "administratively prohibited" when forwarding is off) and session channels
     for exec.
     """
+
+    def ssh_CHANNEL_DATA(self, packet: bytes) -> None:
+        # Conch re-opens the window before delivering, whatever the
+        # destination's pace; the stream grants it itself (_grant_window).
+        local_id, length = struct.unpack(">2L", packet[:8])
+        channel = self.channels[local_id]
+        if not isinstance(channel, _ServerStream):
+            return super().ssh_CHANNEL_DATA(packet)
+        channel.localWindowLeft -= length
+        channel.dataReceived(packet[8 : 8 + length])
 
     def ssh_GLOBAL_REQUEST(self, packet: bytes) -> None:
         # A frozen peer (VM gone, packets dropped) answers nothing at all.
@@ -426,7 +465,7 @@ class DemoCluster:
         self.node = FakeProxyNode(
             reactor,
             [self.client_key],
-            routes={DEMO_WEB: f"unix:{self.web_socket}"},
+            routes={DEMO_WEB: f"unix:{self.web_socket}", DEMO_API_WEB: f"unix:{self.web_socket}"},
         )
         self._ports: list[IListeningPort] = []
         self._files: list[str] = []
@@ -452,8 +491,13 @@ class DemoCluster:
         """
         A cluster file for C{gateway-ctl add}: the same proxy node under
         another name, with a token (mode 0600: it holds the private key).
+        It reaches the web server by name (L{DEMO_API_WEB}), not through the
+        demo cluster's network: two clusters on one network would make the
+        demo's own tokenless commands ambiguous.
         """
         settings = {**self.cluster_settings(), "aliases": [f"net-{name}"], "token": token}
+        del settings["networks"]
+        settings["hostnames"] = [DEMO_API_WEB[0]]
         lines = [f"[clusters.{name}]"]
         for key, value in settings.items():
             if key == "key":

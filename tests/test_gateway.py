@@ -228,9 +228,6 @@ class SocksEndToEndTests(TestCase):
         # ... with about one proxy-node window taken off the gateway, not all of it.
         self.assertLessEqual(channel.bytes_up, 4 << 20)
 
-    test_slow_destination_bounds_proxy_node_buffering.todo = (  # type: ignore[attr-defined]
-        "found by the 'clients' run: FakeProxyNode adjusts the window on receipt (Conch's default)"
-    )
 
 
 class HttpEndToEndTests(TestCase):

@@ -219,9 +219,6 @@ class ChallengeTests(HttpAdapterTestCase):
         self.assertTrue(output.startswith(b"HTTP/1.1 407 Proxy Authentication Required\r\n"), output)
         self.assertIn(b'\r\nProxy-Authenticate: Basic realm="gateway"\r\n', output)
 
-    test_an_ambiguous_destination_without_credentials_is_a_challenge.todo = (  # type: ignore[attr-defined]
-        "found by the 'clients' run: 403, so challenge-driven clients never offer their credentials"
-    )
 
 
 
@@ -251,6 +248,28 @@ class CutShortTests(HttpAdapterTestCase):
     def test_chunked(self) -> None:
         self.assertCleanCloseAfter(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\na\r\n")
 
-    test_content_length.todo = test_chunked.todo = (  # type: ignore[attr-defined]
-        "found by the 'clients' run: a cut-short framed response is reset, not closed"
-    )
+    def test_a_close_delimited_body_is_reset(self) -> None:
+        self.client.send(GET)
+        (channel,) = self.node.channels
+        self.node.reply(channel, b"HTTP/1.1 200 OK\r\n\r\nsome")
+        self.node.close(channel)  # cut without EOF: the close must not read as the end
+        self.assertTrue(self.client.transport.disconnected)
+
+
+class DrainTests(HttpAdapterTestCase):
+    """At shutdown an HTTP client connection finishes what it must, then closes."""
+
+    def test_an_idle_kept_alive_connection_closes_at_once(self) -> None:
+        self.client.send(GET)
+        (channel,) = self.node.channels
+        self.node.reply(channel, OK)
+        self.client.protocol.drain()
+        self.assertGone()
+
+    def test_an_exchange_in_progress_is_answered_with_connection_close(self) -> None:
+        self.client.send(GET)
+        self.client.protocol.drain()
+        self.assertFalse(self.client.transport.disconnecting)
+        self.node.reply(self.node.channels[0], OK)
+        self.assertIn(b"\r\nConnection: close\r\n", self.client.output())
+        self.assertGone()

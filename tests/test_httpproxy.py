@@ -543,10 +543,8 @@ class RequestErrorTests(_SplitMixin, TestCase):
         so answer now instead of after the handshake time-out.
         """
         self.assertStatus(b"\x05\x01\x00", 400)
-
-    test_a_socks5_greeting_is_refused_at_once.todo = (  # type: ignore[attr-defined]
-        "found by the 'clients' run: the parser waits for a line end, the client for its reply, 10 s"
-    )
+        self.assertStatus(b"\x16\x03\x01", 400)  # a TLS ClientHello sent to a plain listener
+        self.assertStatus(b"\r\n\r\n\x05", 400)  # after the empty lines RFC 9112 tolerates
 
     def test_origin_form(self) -> None:
         error = self.assertStatus(b"GET /index.html HTTP/1.1\r\nHost: h\r\n\r\n", 400)

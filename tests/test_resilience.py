@@ -274,9 +274,6 @@ class DrainTests(TestCase):
         outcomes = [e["outcome"] for e in events if e.get("log_namespace") == "gateway.streams"]
         self.assertEqual(outcomes, ["closed"])
 
-    test_idle_keep_alive_http_client_does_not_hold_the_drain.todo = (  # type: ignore[attr-defined]
-        "found by the 'clients' run: stopService waits drain_timeout for idle kept-alive HTTP clients"
-    )
 
 
 class JumpCarrierTests(TestCase):

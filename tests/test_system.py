@@ -218,7 +218,7 @@ class SystemTests(TestCase):
     def test_overlapping_networks_need_credentials(self):
         status, out, err = self.curl("-x", "http://127.0.0.1:3128", "-w", "%{http_code}", self.url())
         self.assertEqual(status, 0, err)
-        self.assertTrue(out.endswith(b"403"), out)
+        self.assertTrue(out.endswith(b"407"), out)  # a challenge: credentials pick the cluster
         # An unauthenticated client is not told which clusters exist (log_detail names them).
         self.assertIn(b"several clusters", out)
         self.assertNotIn(b"cluster-a", out)
@@ -380,9 +380,6 @@ class SystemTests(TestCase):
         )
         self.assertEqual(out, b"internal-b\n", err)
 
-    test_challenge_driven_http_client_reaches_an_ambiguous_destination.todo = (  # type: ignore[attr-defined]
-        "found by the 'clients' run: an ambiguous destination without credentials is a 403, not a 407 challenge"
-    )
 
     def test_node_exiting_with_open_sockets_cuts_no_other_stream(self):
         """

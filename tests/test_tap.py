@@ -10,11 +10,15 @@ import os
 import subprocess
 import sys
 
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred
 from twisted.trial.unittest import TestCase
 
+from gateway.config import load_config, parse_cluster
+from gateway.routing import Router
 from gateway.service import GatewayService, ListenerService
 from gateway.tap import DemoService, Options, makeService
-from gateway.testing import generate_key, private_pem, public_line
+from gateway.testing import DEMO_API_WEB, DEMO_WEB, DemoCluster, generate_key, private_pem, public_line
 
 TWISTD = os.path.join(os.path.dirname(sys.executable), "twistd")
 
@@ -143,3 +147,17 @@ class TapTests(TestCase):
         service = makeService(options)
         self.assertTrue(any(isinstance(c, DemoService) for c in service))
         self.assertEqual(service.clusters, {})  # "demo" is added when the service starts
+
+
+class DemoWalkThroughTests(TestCase):
+    def test_the_cluster_file_the_demo_prints_does_not_overlap_the_demo(self) -> None:
+        """Registering it, as the demo says to, must leave the demo's own tokenless commands working."""
+        demo = DemoCluster(reactor)
+        demo.ssh_port = 2222  # not started: only its files are wanted
+        self.addCleanup(lambda: Deferred.fromCoroutine(demo.stop()))
+        config = load_config(demo.write_cluster_file())
+        demo_cluster = parse_cluster("demo", demo.cluster_settings(), "(demo)", "clusters.demo")
+        router = Router((demo_cluster, *config.clusters.values()))
+        self.assertEqual(router.route(*DEMO_WEB).cluster.name, "demo")
+        route = router.route(*DEMO_API_WEB, "demo-api", "demo-token")
+        self.assertEqual((route.cluster.name, route.host), ("demo-api", DEMO_API_WEB[0]))
