@@ -3,7 +3,7 @@ The gateway against OpenSSH ``ssh -D``, side by side in one run.
 
     make bench            (or: sudo .venv/bin/python -m bench [--quick])
 
-Builds the namespace lab of the system tests (tests/netlab.py: a controller
+Builds the namespace lab of the system tests (tests/system/netlab.py: a controller
 namespace without a default route, a proxy namespace running the real sshd, an
 internal namespace running the HTTP server), starts the gateway and
 ``ssh -D`` (OpenSSH defaults, and ``-c aes128-gcm@openssh.com``) in the
@@ -41,7 +41,7 @@ from bench.clusters import clusters_rows
 from bench.common import HERE, INTERNAL, Row, run_in_lab, run_load_client, start_gateway, start_ssh_d, table
 from bench.idle import idle_rows
 from bench.latency import latency_rows
-from tests.netlab import Lab, wait_for_port
+from tests.system.netlab import Lab, wait_for_port
 
 BIG = 256 * 1024 * 1024
 SMALL = 1024

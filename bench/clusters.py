@@ -31,7 +31,7 @@ import sys
 import time
 
 from bench.common import VENV_BIN, Row, cpu_seconds, rss_bytes, run_in_lab, stop_processes, table, tail
-from tests.netlab import Lab
+from tests.system.netlab import Lab
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SOCKS_PORT = 1095

@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable
 from typing import TypeVar
 
-from tests.netlab import Lab, lab_skip_reason, wait_for_port
+from tests.system.netlab import Lab, lab_skip_reason, wait_for_port
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 VENV_BIN = os.path.dirname(sys.executable)

@@ -6,7 +6,7 @@ per stream of each.
 
     sudo .venv/bin/python -m bench.idle [--count N]
 
-In the namespace lab (tests/netlab.py) it starts
+In the namespace lab (tests/system/netlab.py) it starts
 
  - bench/holdserver.py in the internal namespace (10.251.0.10:9000): echoes
    lines, otherwise holds every connection open;
@@ -58,7 +58,7 @@ from bench.common import (
     table,
     tail,
 )
-from tests.netlab import Lab, wait_for_port
+from tests.system.netlab import Lab, wait_for_port
 
 HOLD_PORT = 9000
 GATEWAY_PORT = 1090

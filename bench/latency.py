@@ -27,7 +27,7 @@ import subprocess
 import textwrap
 
 from bench.common import INTERNAL, Row, run_load_client, stop_processes, tail
-from tests.netlab import Lab, wait_for_port
+from tests.system.netlab import Lab, wait_for_port
 
 NGINX = "/usr/sbin/nginx"
 NGINX_PORT = 8081

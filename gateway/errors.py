@@ -3,8 +3,8 @@ The gateway's one vocabulary of stream failures.
 
 A failure is decided once, where it happens (the router, the SSH layer, a
 time-out), as a L{Reason} plus human-readable detail.  The edges translate it:
-SOCKS reply codes in L{gateway.socks}, HTTP status codes in
-L{gateway.httpproxy}, exit codes in C{gateway-connect}, and log events.  Keeping
+SOCKS reply codes in L{gateway.proxy.socks.machine}, HTTP status codes in
+L{gateway.proxy.http.machine}, exit codes in C{gateway-connect}, and log events.  Keeping
 the vocabulary small and shared is what lets a SOCKS client and an HTTP client
 see the same story for the same fault.
 """

@@ -11,7 +11,7 @@ The rules, in order:
   1. A username names the cluster (by name or alias).  Unknown name:
      C{AUTH_FAILED}.  (Empty credentials never get here: the front ends
      report them as none; a SOCKS4 user id that names no cluster and carries
-     no token is none too, see L{gateway.socks}.)  If the cluster has a token, the password must equal it
+     no token is none too, see L{gateway.proxy.socks.machine}.)  If the cluster has a token, the password must equal it
      (C{AUTH_REQUIRED} when missing, C{AUTH_FAILED} when wrong; compared in
      constant time).  A cluster without a token ignores the password.
   2. Without a username, an IP destination picks the one cluster whose

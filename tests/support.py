@@ -30,10 +30,10 @@ from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from gateway.app.service import GatewayService
 from gateway.config import GatewayConfig, GatewaySettings, ListenConfig, parse_cluster
-from gateway.service import GatewayService
 from gateway.ssh.channel import TunnelChannel
-from gateway.ssh.client import TunnelConnection
+from gateway.ssh.transport import TunnelConnection
 from gateway.testing import FakeProxyNode, demo_web_site, generate_key, private_pem, public_line
 
 WEB = ("10.99.0.10", 80)
@@ -70,7 +70,7 @@ class MemoryProxyNode:
     """
     One cluster's SSH connection in memory, its proxy node played by the test.
 
-    It stands where L{gateway.streams.Gateway} stands for a front end:
+    It stands where L{gateway.proxy.opener.StreamOpener} stands for a front end:
     C{open_stream} opens a real L{TunnelChannel} on a real L{TunnelConnection}
     over a L{FakeSSHTransport}; the test confirms or refuses opens, reads what
     each channel sent and answers with data, EOF and close, packet by packet.
@@ -89,7 +89,7 @@ class MemoryProxyNode:
         self._remote_ids = itertools.count(100)
         self._remote: dict[TunnelChannel, bytes] = {}
 
-    # what a front end calls (the Gateway's interface)
+    # what a front end calls (the StreamOpener's interface)
 
     def authenticate(self, username: str, password: str) -> bool:
         return True

@@ -20,10 +20,10 @@ from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 from twisted.web.client import HTTPConnectionPool
 
-from gateway.api import control_site
 from gateway.config import GatewaySettings
-from gateway.registry import GatewayControl
-from gateway.store import ClusterStore, validate_body
+from gateway.control.http import control_site
+from gateway.control.registry import GatewayControl
+from gateway.control.store import ClusterStore, validate_body
 from gateway.testing import DEMO_PAGE
 from tests.support import WEB, GatewayHarness, recv_all, socks5_open
 from tests.test_gateway import inline, until_no_streams

@@ -21,6 +21,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
 from gateway.config import ConfigError, GatewaySettings
+from gateway.control.store import validate_body
 from gateway.scripts.ctl import (
     EXIT_OK,
     EXIT_REFUSED,
@@ -30,7 +31,6 @@ from gateway.scripts.ctl import (
     load_cluster,
     main,
 )
-from gateway.store import validate_body
 from gateway.testing import generate_key, public_line
 
 TOKEN = "ctl-token-5f3e1a"

@@ -93,7 +93,7 @@ class SocksEndToEndTests(TestCase):
         # (and the stream's event is written): wait for it, for a fixed order.
         await until_no_streams(self.harness)
         await deferToThread(self._get, "10.98.0.10", 80)
-        streams = [e for e in events if e.get("log_namespace") == "gateway.streams"]
+        streams = [e for e in events if e.get("log_namespace") == "gateway.proxy.opener"]
         self.assertEqual([e["outcome"] for e in streams], ["closed", "refused"])
         closed, refused = streams
         self.assertEqual(
@@ -389,17 +389,17 @@ class HandshakeTimeoutTests(TestCase):
     def _protocol(self, factory_class):
         from twisted.internet.testing import StringTransport
 
+        from gateway.proxy.opener import StreamOpener
         from gateway.routing import Router
-        from gateway.streams import Gateway
 
         clock = Clock()
-        protocol = factory_class(Gateway(Router(()), {}), clock).buildProtocol(None)
+        protocol = factory_class(StreamOpener(Router(()), {}), clock).buildProtocol(None)
         transport = StringTransport()
         protocol.makeConnection(transport)
         return clock, protocol, transport
 
     def test_silent_socks_client_is_cut(self):
-        from gateway.socks_protocol import SocksFactory
+        from gateway.proxy.socks.protocol import SocksFactory
 
         clock, protocol, transport = self._protocol(SocksFactory)
         protocol.dataReceived(b"\x05")
@@ -409,7 +409,7 @@ class HandshakeTimeoutTests(TestCase):
         self.assertTrue(transport.disconnecting)
 
     def test_silent_http_client_is_cut(self):
-        from gateway.http_protocol import HttpProxyFactory
+        from gateway.proxy.http.protocol import HttpProxyFactory
 
         clock, protocol, transport = self._protocol(HttpProxyFactory)
         protocol.dataReceived(b"GET http://10.0.0.1/ HTTP/1.1\r\n")

@@ -15,7 +15,7 @@ from twisted.trial.unittest import TestCase
 
 from gateway.config import GatewaySettings
 from gateway.errors import Reason, StreamError
-from gateway.http_protocol import HttpProxyFactory
+from gateway.proxy.http.protocol import HttpProxyFactory
 from tests.support import MemoryClient, MemoryProxyNode
 
 SETTINGS = GatewaySettings(handshake_timeout=10, body_timeout=3, response_timeout=7, keepalive_timeout=20)
@@ -33,7 +33,7 @@ class HttpAdapterTestCase(TestCase):
         self.addCleanup(globalLogPublisher.removeObserver, self.events.append)
 
     def outcomes(self) -> list[str]:
-        return [e["outcome"] for e in self.events if e.get("log_namespace") == "gateway.http_protocol"]
+        return [e["outcome"] for e in self.events if e.get("log_namespace") == "gateway.proxy.http.protocol"]
 
     def assertGone(self) -> None:
         """The client connection is closed or reset, and every channel closed."""

@@ -16,9 +16,9 @@ from twisted.internet.testing import StringTransport
 from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import TestCase
 
-from gateway.relay import Splice
+from gateway.proxy.opener import StreamRequest
+from gateway.proxy.splice import Splice
 from gateway.ssh.channel import TunnelChannel
-from gateway.streams import StreamRequest
 from tests.support import MemoryProxyNode
 
 

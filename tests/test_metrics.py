@@ -1,5 +1,5 @@
 """
-Tests for L{gateway.metrics}.
+Tests for L{gateway.control.metrics}.
 """
 
 from __future__ import annotations
@@ -10,9 +10,9 @@ from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.trial.unittest import SynchronousTestCase
 
-from gateway.cluster import ClusterStats
-from gateway.metrics import metrics_text
-from gateway.streams import Gateway
+from gateway.cluster.connection import ClusterStats
+from gateway.control.metrics import metrics_text
+from gateway.proxy.opener import StreamOpener
 
 
 class FakeLink:
@@ -21,7 +21,7 @@ class FakeLink:
 
 
 class FakeCluster:
-    """The attributes of L{gateway.cluster.ClusterConnection} that metrics read."""
+    """The attributes of L{gateway.cluster.connection.ClusterConnection} that metrics read."""
 
     def __init__(self, name: str, state: str = "up", links: int = 1, down_links: int = 0) -> None:
         self.name = name
@@ -199,8 +199,8 @@ class MetricsTextTests(SynchronousTestCase):
         self.assertEqual(m["gateway_streams_failed_total"], {lbl(cluster="", reason='odd "reason"\\'): 1})
 
     def test_real_gateway(self) -> None:
-        """The counters are read under the names L{Gateway} gives them."""
-        gateway = Gateway(router=None, clusters={})
+        """The counters are read under the names L{StreamOpener} gives them."""
+        gateway = StreamOpener(router=None, clusters={})
         gateway.unrouted_failures["auth-failed"] += 1
         gateway.handshake_errors["http"] += 3
         m = scrape(gateway, [])

@@ -2,7 +2,7 @@
 In-process resilience tests: keepalive and dead-peer detection, failover and
 failback between proxy candidates, limits, rekeying and draining -- with Conch
 proxy nodes on loopback and short timers.  (The same behaviours against real
-OpenSSH in namespaces are in tests/test_faults.py.)
+OpenSSH in namespaces are in tests/system/test_faults.py.)
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from twisted.internet.threads import deferToThread
 from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import TestCase
 
-from gateway import cluster as cluster_module
+from gateway.cluster import connection as cluster_module
 from gateway.config import GatewaySettings, parse_cluster
 from gateway.testing import DEMO_PAGE
 from tests.support import ECHO, FLOOD, FLOOD_BYTES, WEB, GatewayHarness, recv_all, socks5_open
@@ -240,7 +240,7 @@ class DrainTests(TestCase):
         await harness.service.stopService()
         self.assertLess(time.monotonic() - started, 3.0)
         await deferToThread(self.assertRaises, ConnectionResetError, recv_all, sock)
-        (stream,) = [e for e in events if e.get("log_namespace") == "gateway.streams"]
+        (stream,) = [e for e in events if e.get("log_namespace") == "gateway.proxy.opener"]
         self.assertEqual((stream["outcome"], stream["reason"]), ("failed", "cut at the drain time-out"))
 
     @inline
@@ -271,7 +271,7 @@ class DrainTests(TestCase):
         await harness.service.stopService()
         self.assertLess(time.monotonic() - started, 2.0)
         self.assertEqual(await deferToThread(recv_all, sock), b"")  # a FIN, not a reset
-        outcomes = [e["outcome"] for e in events if e.get("log_namespace") == "gateway.streams"]
+        outcomes = [e["outcome"] for e in events if e.get("log_namespace") == "gateway.proxy.opener"]
         self.assertEqual(outcomes, ["closed"])
 
 

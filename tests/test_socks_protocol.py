@@ -6,7 +6,7 @@ from twisted.conch.ssh import connection
 from twisted.internet.task import Clock
 from twisted.trial.unittest import TestCase
 
-from gateway.socks_protocol import SocksFactory
+from gateway.proxy.socks.protocol import SocksFactory
 from tests.support import MemoryClient, MemoryProxyNode
 
 GREETING = b"\x05\x01\x00"

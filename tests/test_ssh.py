@@ -25,14 +25,14 @@ from twisted.python.failure import Failure
 from twisted.python.filepath import FilePath
 from twisted.trial.unittest import SkipTest, TestCase
 
-from gateway.cluster import ClusterConnection, backoff_delay
+from gateway.cluster.connection import ClusterConnection, backoff_delay
 from gateway.config import parse_cluster
 from gateway.errors import Reason, StreamError
-from gateway.ssh import client as client_module
+from gateway.ssh import transport as client_module
 from gateway.ssh.auth import KeyAuthClient, signature_algorithm
 from gateway.ssh.channel import TunnelChannel, open_failure_reason, quiet_logger
-from gateway.ssh.client import GatewayClientTransport, SSHConnectError, TunnelConnection
 from gateway.ssh.hostkeys import HostKeyError, HostKeyPolicy, known_hosts_name
+from gateway.ssh.transport import GatewayClientTransport, SSHConnectError, TunnelConnection
 from gateway.testing import generate_key, private_pem, public_line
 from tests.support import FakeSSHTransport
 

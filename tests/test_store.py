@@ -1,5 +1,5 @@
 """
-Tests for L{gateway.store}: the persistent registry of API-added clusters.
+Tests for L{gateway.control.store}: the persistent registry of API-added clusters.
 """
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ import types
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from gateway import store as store_module
 from gateway.config import ClusterConfig, ConfigError, GatewaySettings
-from gateway.store import STORE_VERSION, ClusterStore, StoreError, validate_body
+from gateway.control import store as store_module
+from gateway.control.store import STORE_VERSION, ClusterStore, StoreError, validate_body
 from gateway.testing import generate_key, private_pem, public_line
 
 TOKEN = "tok-3f9a0c7e-store"

@@ -14,10 +14,10 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.trial.unittest import TestCase
 
+from gateway.app.service import GatewayService, ListenerService
+from gateway.app.tap import DemoService, Options, makeService
 from gateway.config import load_config, parse_cluster
 from gateway.routing import Router
-from gateway.service import GatewayService, ListenerService
-from gateway.tap import DemoService, Options, makeService
 from gateway.testing import DEMO_API_WEB, DEMO_WEB, DemoCluster, generate_key, private_pem, public_line
 
 TWISTD = os.path.join(os.path.dirname(sys.executable), "twistd")

@@ -25,7 +25,7 @@ import struct
 import sys
 from dataclasses import dataclass
 
-from gateway.socks import SOCKS5_REPLY_TEXT
+from gateway.proxy.socks.machine import SOCKS5_REPLY_TEXT
 
 DEFAULT_SOCKS = "127.0.0.1:1080"
 

@@ -1,10 +1,10 @@
-"""The twistd dropin: C{twistd gateway} runs L{gateway.tap}."""
+"""The twistd dropin: C{twistd gateway} runs L{gateway.app.tap}."""
 
 from twisted.application.service import ServiceMaker
 
 gateway = ServiceMaker(
     "gateway",
-    "gateway.tap",
+    "gateway.app.tap",
     "SSH tunnel gateway: SOCKS5/HTTP proxy listeners over one SSH connection per cluster",
     "gateway",
 )

@@ -44,8 +44,8 @@ from twisted.web import http, server
 from twisted.web.resource import Resource
 
 from gateway.config import NAME_RULE, GatewaySettings, is_valid_name
-from gateway.control import ClusterControl, ClusterView, ControlError
-from gateway.frontend import ClientLimit
+from gateway.control.contract import ClusterControl, ClusterView, ControlError
+from gateway.proxy.frontend import ClientLimit
 
 __all__ = [
     "MAX_BODY_BYTES",

@@ -1,7 +1,7 @@
 """
 System tests: the real `twistd gateway` process against real OpenSSH sshd, with
 real clients (curl, requests, paramiko, ssh), in network namespaces this test
-creates (see tests/netlab.py).
+creates (see tests/system/netlab.py).
 
 The gateway and every client run in the lab's controller namespace, which has
 no default route; the two clusters' internal hosts share one address
@@ -26,7 +26,7 @@ import time
 
 from twisted.trial.unittest import SkipTest, TestCase
 
-from tests.netlab import INTERNAL_NAME, Lab, lab_skip_reason, wait_for_port
+from tests.system.netlab import INTERNAL_NAME, Lab, lab_skip_reason, wait_for_port
 
 VENV_BIN = os.path.dirname(sys.executable)
 INTERNAL = "10.251.0.10"

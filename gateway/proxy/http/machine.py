@@ -56,7 +56,7 @@ Choices the RFCs leave open:
     old clients send it to proxies.
   - A destination host becomes L{canonical_host}'s text (names in lower case
     without a trailing dot, IP literals canonical, zone ids refused), as in
-    L{gateway.socks}: that is what the router matches and the proxy node is
+    L{gateway.proxy.socks.machine}: that is what the router matches and the proxy node is
     asked for.  The C{Host} header keeps the client's spelling.
   - Basic credentials must be UTF-8; an empty user name (C{Basic Og==}) is no
     credentials.

@@ -22,15 +22,15 @@ from twisted.internet.protocol import Factory
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
-from gateway.cluster import ClusterConnection, Connector, tcp_connector
+from gateway.cluster.connection import ClusterConnection, Connector, tcp_connector
 from gateway.config import ClusterConfig, GatewayConfig
 from gateway.errors import Reason, StreamError
-from gateway.frontend import ClientLimit
-from gateway.http_protocol import HttpProxyFactory
+from gateway.proxy.frontend import ClientLimit
+from gateway.proxy.http.protocol import HttpProxyFactory
+from gateway.proxy.opener import StreamOpener
+from gateway.proxy.socks.protocol import SocksFactory
 from gateway.routing import Router
-from gateway.socks_protocol import SocksFactory
-from gateway.ssh.endpoints import ChannelEndpoint, command_endpoint
-from gateway.streams import Gateway
+from gateway.ssh.proxycommand import ChannelEndpoint, command_endpoint
 
 log = Logger()
 
@@ -85,7 +85,7 @@ class GatewayService(MultiService):
         self.clusters: dict[str, ClusterConnection] = {}
         #: Hidden clusters for C{jump = "user@host:port"} hops, by cluster name.
         self._hops: dict[str, ClusterConnection] = {}
-        self.gateway = Gateway(Router(()), self.clusters, config.settings)
+        self.gateway = StreamOpener(Router(()), self.clusters, config.settings)
         for cluster in config.clusters.values():
             self.add_cluster(cluster)
         clients = ClientLimit(config.settings.max_clients)

@@ -3,7 +3,7 @@ From a parsed proxy request to an open tunnel: routing, the cluster's
 connection, and one log event per stream.
 
 Both front ends (SOCKS and HTTP) hand a L{StreamRequest} to
-L{Gateway.open_stream} and get back an open L{TunnelChannel} or a
+L{StreamOpener.open_stream} and get back an open L{TunnelChannel} or a
 L{StreamError}; neither knows about clusters or SSH.  Every stream ends in
 exactly one structured log event -- C{refused} with the reason, or C{closed}
 with bytes each way and the duration -- so an operator can follow any
@@ -22,7 +22,7 @@ from twisted.internet.interfaces import IAddress
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from gateway.cluster import ClusterConnection
+from gateway.cluster.connection import ClusterConnection
 from gateway.config import GatewaySettings
 from gateway.errors import Reason, StreamError
 from gateway.routing import Route, Router
@@ -66,7 +66,7 @@ def format_destination(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-class Gateway:
+class StreamOpener:
     """Routes stream requests to cluster connections."""
 
     def __init__(

@@ -1,6 +1,6 @@
 """
 Fault tests: the real `twistd gateway` process against real OpenSSH in the
-namespace lab (tests/netlab.py), while the lab breaks things underneath it.
+namespace lab (tests/system/netlab.py), while the lab breaks things underneath it.
 
  - L{FailoverTests} (its own lab: it silences proxy-a and restarts proxy-b's
    sshd): keepalive detection of a silent proxy node, failover to the next
@@ -34,7 +34,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from twisted.trial.unittest import SkipTest, TestCase
 
-from tests.netlab import Lab, lab_skip_reason, wait_for_port
+from tests.system.netlab import Lab, lab_skip_reason, wait_for_port
 
 VENV_BIN = os.path.dirname(sys.executable)
 INTERNAL = "10.251.0.10"
@@ -206,7 +206,7 @@ def _twistd_options() -> list[str]:
     tests need no API or state file).
     """
     try:
-        from gateway.tap import Options
+        from gateway.app.tap import Options
     except ImportError:
         return []
     names = {p[0] for p in Options.optParameters}

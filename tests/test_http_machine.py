@@ -1,5 +1,5 @@
 """
-Tests for L{gateway.httpproxy}: the sans-IO HTTP proxy request and response
+Tests for L{gateway.proxy.http.machine}: the sans-IO HTTP proxy request and response
 parsers, the heads they rewrite, and the gateway's own error replies.
 
 Every parse goes through L{requests}/L{response}, which check that feeding
@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from twisted.trial.unittest import TestCase
 
 from gateway.errors import Reason, StreamError
-from gateway.httpproxy import (
+from gateway.proxy.http.machine import (
     HTTP_STATUS,
     MAX_EMPTY_LINES,
     RequestBody,

@@ -1,5 +1,5 @@
 """
-The contract between the control API (L{gateway.api}) and the running
+The contract between the control API (L{gateway.control.http}) and the running
 gateway: what a client of C{/v1/clusters} can ask for, as plain data.
 
 The API knows nothing of services or SSH; the gateway knows nothing of HTTP.

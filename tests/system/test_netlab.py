@@ -1,4 +1,4 @@
-"""Self-test of the network-namespace lab (tests/netlab.py).  Needs root."""
+"""Self-test of the network-namespace lab (tests/system/netlab.py).  Needs root."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from twisted.trial import unittest
 
-from tests import netlab
+from tests.system import netlab
 
 
 def _out(argv: list[str]) -> str:

@@ -1,8 +1,8 @@
 """
 The hostile-client system test (issue 10): no client can hurt another.
 
-The real `twistd gateway` process (L{tests.test_faults.Gateway}) in front of
-real OpenSSH in the namespace lab (L{tests.netlab}), one cluster, and at the
+The real `twistd gateway` process (L{tests.system.test_faults.Gateway}) in front of
+real OpenSSH in the namespace lab (L{tests.system.netlab}), one cluster, and at the
 same time:
 
  - a rate-limited 20 MiB download (SOCKS5) that must arrive byte-identical;
@@ -33,8 +33,8 @@ import time
 
 from twisted.trial.unittest import SkipTest, TestCase
 
-from tests.netlab import Lab, lab_skip_reason
-from tests.test_faults import HANDSHAKE_TIMEOUT, INTERNAL, Gateway, defaults_table
+from tests.system.netlab import Lab, lab_skip_reason
+from tests.system.test_faults import HANDSHAKE_TIMEOUT, INTERNAL, Gateway, defaults_table
 
 SOCKS, HTTP, CONTROL = 1080, 3128, 8765
 MAX_CLIENTS = 400

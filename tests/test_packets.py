@@ -13,7 +13,7 @@ sealing and reading code.
    8 MiB down and 8 MiB up through a C{direct-tcpip} tunnel, byte for byte,
    with and without a rekey every MiB.  Skipped unless root with sshd.
 
-C{python -m tests.test_ciphers [MiB]} measures download throughput per
+C{python -m tests.test_packets [MiB]} measures download throughput per
 cipher and profiles the aes128-gcm download (not a test).
 """
 
@@ -46,7 +46,8 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SkipTest, TestCase
 
 from gateway.errors import peer_text
-from gateway.ssh.ciphers import (
+from gateway.ssh.hostkeys import HostKeyPolicy
+from gateway.ssh.packets import (
     AES128_GCM,
     AES256_GCM,
     CHACHA20_POLY1305,
@@ -55,8 +56,7 @@ from gateway.ssh.ciphers import (
     PacketReader,
     _RandomPadding,
 )
-from gateway.ssh.client import GatewayClientTransport, SSHConnectError, TunnelConnection, client_factory
-from gateway.ssh.hostkeys import HostKeyPolicy
+from gateway.ssh.transport import GatewayClientTransport, SSHConnectError, TunnelConnection, client_factory
 from gateway.testing import generate_key, public_line
 
 AEAD = (AES128_GCM, CHACHA20_POLY1305, AES256_GCM)

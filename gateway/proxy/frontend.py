@@ -15,9 +15,9 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from gateway.errors import Reason, StreamError
-from gateway.relay import Splice, set_no_delay
+from gateway.proxy.opener import StreamOpener, peer_origin
+from gateway.proxy.splice import Splice, set_no_delay
 from gateway.ssh.channel import TunnelChannel
-from gateway.streams import Gateway, peer_origin
 
 log = Logger()
 
@@ -45,7 +45,7 @@ class FrontendProtocol(Protocol):
 
     kind = "client"
 
-    def __init__(self, gateway: Gateway, clock: IReactorTime) -> None:
+    def __init__(self, gateway: StreamOpener, clock: IReactorTime) -> None:
         self._gateway = gateway
         self._clock = clock
         self._splice: Splice | None = None
@@ -179,8 +179,8 @@ class FrontendFactory(Factory):
 
     def __init__(
         self,
-        protocol: Callable[[Gateway, IReactorTime], FrontendProtocol],
-        gateway: Gateway,
+        protocol: Callable[[StreamOpener, IReactorTime], FrontendProtocol],
+        gateway: StreamOpener,
         clock: IReactorTime,
         clients: ClientLimit | None = None,
     ) -> None:

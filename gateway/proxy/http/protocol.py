@@ -1,6 +1,6 @@
 """
 The HTTP proxy listener: a Twisted adapter around the sans-IO machines of
-L{gateway.httpproxy}.
+L{gateway.proxy.http.machine}.
 
 Two modes share one client connection:
 
@@ -25,7 +25,7 @@ reused tunnel that the origin closes before answering (its keep-alive
 time-out raced the request) is sent once more on a new tunnel when it is
 idempotent and has no body, as browsers do.
 
-Errors are answered with the status of L{gateway.httpproxy.status_for} and a
+Errors are answered with the status of L{gateway.proxy.http.machine.status_for} and a
 short text body, and logged; the client never sees a traceback.
 """
 
@@ -38,8 +38,8 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from gateway.errors import Reason, StreamError
-from gateway.frontend import ClientLimit, FrontendFactory, FrontendProtocol, stream_error
-from gateway.httpproxy import (
+from gateway.proxy.frontend import ClientLimit, FrontendFactory, FrontendProtocol, stream_error
+from gateway.proxy.http.machine import (
     RequestBody,
     RequestEnd,
     RequestError,
@@ -53,8 +53,8 @@ from gateway.httpproxy import (
     error_response,
     status_for,
 )
+from gateway.proxy.opener import StreamOpener, StreamRequest, format_destination
 from gateway.ssh.channel import TunnelChannel
-from gateway.streams import Gateway, StreamRequest, format_destination
 
 log = Logger()
 
@@ -106,7 +106,7 @@ class HttpProxyProtocol(FrontendProtocol):
 
     kind = "HTTP"
 
-    def __init__(self, gateway: Gateway, clock: IReactorTime) -> None:
+    def __init__(self, gateway: StreamOpener, clock: IReactorTime) -> None:
         super().__init__(gateway, clock)
         self._parser = RequestParser()
         self._version = "HTTP/1.1"
@@ -501,6 +501,6 @@ class HttpProxyProtocol(FrontendProtocol):
         self._await_body()
 
 
-def HttpProxyFactory(gateway: Gateway, clock: IReactorTime, clients: ClientLimit | None = None) -> FrontendFactory:
+def HttpProxyFactory(gateway: StreamOpener, clock: IReactorTime, clients: ClientLimit | None = None) -> FrontendFactory:
     """The factory of an HTTP proxy listener."""
     return FrontendFactory(HttpProxyProtocol, gateway, clock, clients)

@@ -1,5 +1,5 @@
 """
-Tests for L{gateway.socks}, the sans-IO SOCKS4/4a/5 handshake.
+Tests for L{gateway.proxy.socks.machine}, the sans-IO SOCKS4/4a/5 handshake.
 
 Expected reply bytes are spelled out literally rather than computed with the
 module's own helpers, so a wrong encoding cannot agree with itself.
@@ -18,14 +18,14 @@ from hypothesis import strategies as st
 from twisted.trial import unittest
 
 from gateway.errors import Reason, StreamError
-from gateway.socks import (
+from gateway.proxy.socks.machine import (
     SOCKS5_REPLY,
     SOCKS5_REPLY_TEXT,
     ConnectRequest,
     Event,
     Rejected,
     Send,
-    SocksServer,
+    SocksMachine,
 )
 
 GREET_NOAUTH = b"\x05\x01\x00"
@@ -82,15 +82,15 @@ def feed(
     chunks: list[bytes],
     authenticate: Callable[[str, str], bool] | None = None,
     is_cluster: Callable[[str], bool] | None = None,
-) -> tuple[list[Event], SocksServer]:
-    server = SocksServer(authenticate, is_cluster)
+) -> tuple[list[Event], SocksMachine]:
+    server = SocksMachine(authenticate, is_cluster)
     events: list[Event] = []
     for chunk in chunks:
         events += server.receive_data(chunk)
     return events, server
 
 
-def pending(data: bytes) -> SocksServer:
+def pending(data: bytes) -> SocksMachine:
     """A server holding the ConnectRequest that C{data} completes."""
     events, server = feed([data])
     assert isinstance(events[-1], ConnectRequest), events
@@ -618,7 +618,7 @@ class ReplyTests(unittest.TestCase):
         )
 
     def test_reply_only_when_pending(self) -> None:
-        fresh = SocksServer()
+        fresh = SocksMachine()
         self.assertRaises(RuntimeError, fresh.accept)
         self.assertRaises(RuntimeError, fresh.reject, Reason.GENERAL)
         accepted = pending(GREET_NOAUTH + IPV4_REQUEST)
@@ -634,7 +634,7 @@ class ReplyTests(unittest.TestCase):
         self.assertEqual(server.accept(), b"\x05\x00\x00\x01" + bytes(6))
 
     def test_done(self) -> None:
-        server = SocksServer()
+        server = SocksMachine()
         self.assertFalse(server.done)
         server.receive_data(GREET_NOAUTH + IPV4_REQUEST[:5])
         self.assertFalse(server.done)
@@ -648,7 +648,7 @@ class BufferTests(unittest.TestCase):
     """Memory per unauthenticated connection stays small."""
 
     def assertBounded(self, data: bytes) -> list[Event]:
-        server = SocksServer()
+        server = SocksMachine()
         events: list[Event] = []
         for i in range(len(data)):
             events += server.receive_data(data[i : i + 1])
@@ -709,7 +709,7 @@ class PropertyTests(unittest.TestCase):
         authenticate = check_credentials if checked else None
         is_cluster = {"cluster"}.__contains__ if checked else None
         whole, reference = feed([data], authenticate, is_cluster)
-        server = SocksServer(authenticate, is_cluster)
+        server = SocksMachine(authenticate, is_cluster)
         events: list[Event] = []
         for chunk in cut(data, points):
             new = server.receive_data(chunk)

@@ -1,5 +1,5 @@
 """
-Tests for L{gateway.api}: real HTTP over loopback, with treq, against the
+Tests for L{gateway.control.http}: real HTTP over loopback, with treq, against the
 control API in front of an in-memory L{FakeControl}.
 """
 
@@ -26,9 +26,9 @@ from twisted.web.client import HTTPConnectionPool
 from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer
 from zope.interface import implementer
 
-from gateway.api import IDLE_TIMEOUT, MAX_BODY_BYTES, TOKEN_ENV, control_site, control_token, requires_token
 from gateway.config import GatewaySettings
-from gateway.control import ClusterView, ControlError
+from gateway.control.contract import ClusterView, ControlError
+from gateway.control.http import IDLE_TIMEOUT, MAX_BODY_BYTES, TOKEN_ENV, control_site, control_token, requires_token
 
 TOKEN = "tok-3f9a1c77e2b04d5a"
 PRIVATE_KEY = (
@@ -66,7 +66,7 @@ def cluster_body(**overrides: Any) -> dict[str, Any]:
 
 class FakeControl:
     """
-    An in-memory L{gateway.control.ClusterControl}: C{cluster-a} comes from
+    An in-memory L{gateway.control.contract.ClusterControl}: C{cluster-a} comes from
     the TOML file (put/delete answer 409), API clusters are kept as their
     bodies.  C{failure}, when set, is raised by every method; a PUT of the
     cluster C{slow} waits for the test to fire C{pending}.
@@ -283,7 +283,7 @@ class ApiTestCase(TestCase):
         return body["error"]
 
     def mutation_logs(self) -> list[dict[str, Any]]:
-        return [e for e in self.events if e.get("log_namespace") == "gateway.api" and "status" in e]
+        return [e for e in self.events if e.get("log_namespace") == "gateway.control.http" and "status" in e]
 
 
 class RouteTests(ApiTestCase):
@@ -757,7 +757,8 @@ class ListenerLimitTests(SynchronousTestCase):
         )
 
     def outcomes(self) -> list[str]:
-        return [e["outcome"] for e in self.events if e.get("log_namespace") == "gateway.api" and "outcome" in e]
+        ours = [e for e in self.events if e.get("log_namespace") == "gateway.control.http"]
+        return [e["outcome"] for e in ours if "outcome" in e]
 
     def test_connection_cap(self) -> None:
         """Beyond control_max_clients a connection gets no protocol: Twisted closes it at once."""

@@ -1,10 +1,10 @@
 """
 The gateway's side of the control API: L{GatewayControl} implements
-L{gateway.control.ClusterControl} on a running L{GatewayService}.
+L{gateway.control.contract.ClusterControl} on a running L{GatewayService}.
 
 Two sources of clusters live side by side: the TOML file (read-only here: the
 API answers 409 for them, so the two never fight) and the API, whose request
-bodies are kept in the state file (L{gateway.store.ClusterStore}) and loaded
+bodies are kept in the state file (L{gateway.control.store.ClusterStore}) and loaded
 again at start-up.  Every change is validated with the same code as the TOML
 loader before anything is touched, then applied, then saved -- all on the
 reactor thread, one after another, so the registry and the file never
@@ -20,13 +20,13 @@ from typing import Any
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.logger import Logger
 
-from gateway.cluster import ClusterConnection
+from gateway.app.service import GatewayService
+from gateway.cluster.connection import ClusterConnection
 from gateway.config import ClusterConfig, ConfigError, jump_cycle
-from gateway.control import ClusterView, ControlError
-from gateway.metrics import metrics_text
-from gateway.service import GatewayService
+from gateway.control.contract import ClusterView, ControlError
+from gateway.control.metrics import metrics_text
+from gateway.control.store import ClusterStore, validate_body
 from gateway.ssh.hostkeys import fingerprint
-from gateway.store import ClusterStore, validate_body
 
 log = Logger()
 

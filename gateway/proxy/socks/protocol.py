@@ -1,5 +1,5 @@
 """
-The SOCKS listener: a thin Twisted adapter around L{gateway.socks.SocksServer}.
+The SOCKS listener: a thin Twisted adapter around L{gateway.proxy.socks.machine.SocksMachine}.
 
 Until the request is complete the protocol only feeds bytes to the machine
 and writes what it says to.  Then it pauses the client, asks the gateway for
@@ -13,10 +13,10 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from gateway.frontend import ClientLimit, FrontendFactory, FrontendProtocol, stream_error
-from gateway.socks import ConnectRequest, Rejected, Send, SocksServer
+from gateway.proxy.frontend import ClientLimit, FrontendFactory, FrontendProtocol, stream_error
+from gateway.proxy.opener import StreamOpener, StreamRequest
+from gateway.proxy.socks.machine import ConnectRequest, Rejected, Send, SocksMachine
 from gateway.ssh.channel import TunnelChannel
-from gateway.streams import Gateway, StreamRequest
 
 log = Logger()
 
@@ -26,9 +26,9 @@ class SocksProtocol(FrontendProtocol):
 
     kind = "SOCKS"
 
-    def __init__(self, gateway: Gateway, clock: IReactorTime) -> None:
+    def __init__(self, gateway: StreamOpener, clock: IReactorTime) -> None:
         super().__init__(gateway, clock)
-        self._machine = SocksServer(authenticate=gateway.authenticate, is_cluster=gateway.is_cluster)
+        self._machine = SocksMachine(authenticate=gateway.authenticate, is_cluster=gateway.is_cluster)
 
     def dataReceived(self, data: bytes) -> None:
         if self._splice is not None:
@@ -82,6 +82,6 @@ class SocksProtocol(FrontendProtocol):
             self.transport.loseConnection()
 
 
-def SocksFactory(gateway: Gateway, clock: IReactorTime, clients: ClientLimit | None = None) -> FrontendFactory:
+def SocksFactory(gateway: StreamOpener, clock: IReactorTime, clients: ClientLimit | None = None) -> FrontendFactory:
     """The factory of a SOCKS listener."""
     return FrontendFactory(SocksProtocol, gateway, clock, clients)

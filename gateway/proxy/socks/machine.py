@@ -1,10 +1,10 @@
 """
 A sans-IO SOCKS server handshake: bytes in, events out.
 
-L{SocksServer} knows nothing of sockets or Twisted.  The adapter feeds it what
+L{SocksMachine} knows nothing of sockets or Twisted.  The adapter feeds it what
 the client sent and acts on the events: write L{Send} bytes, open a stream for a
-L{ConnectRequest} then answer with L{SocksServer.accept} or
-L{SocksServer.reject}, or log and close on L{Rejected}.  Keeping the protocol
+L{ConnectRequest} then answer with L{SocksMachine.accept} or
+L{SocksMachine.reject}, or log and close on L{Rejected}.  Keeping the protocol
 pure makes every byte-level edge case testable without a reactor.
 
 One connection may speak SOCKS5 (RFC 1928: CONNECT only; "no authentication"
@@ -181,7 +181,7 @@ def _text(raw: bytes, what: str) -> str:
         raise _malformed(f"{what} is not valid UTF-8") from None
 
 
-class SocksServer:
+class SocksMachine:
     """One client connection's SOCKS handshake."""
 
     def __init__(

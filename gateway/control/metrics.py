@@ -3,7 +3,7 @@ The gateway's metrics in the Prometheus text exposition format.
 
 L{metrics_text} renders one scrape.  Nothing is counted twice: a
 L{GatewayCollector} reads the live objects -- each L{ClusterConnection}'s
-state, links, open streams and L{ClusterStats}, and the L{Gateway}'s
+state, links, open streams and L{ClusterStats}, and the L{StreamOpener}'s
 unrouted-failure and handshake-error counters -- every time it is collected,
 in a private C{CollectorRegistry} (never prometheus_client's global one, so
 that several gateways in one process, as in the tests, do not collide).
@@ -33,8 +33,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector, CollectorRegistry
 
 if TYPE_CHECKING:
-    from gateway.cluster import ClusterConnection
-    from gateway.streams import Gateway
+    from gateway.cluster.connection import ClusterConnection
+    from gateway.proxy.opener import StreamOpener
 
 #: The states of L{ClusterConnection.state}, each exported as a 0/1 series.
 STATES = ("up", "connecting", "backoff", "stopped")
@@ -47,7 +47,7 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 class GatewayCollector(Collector):
     """Reads the gateway's live counters on every C{collect()}."""
 
-    def __init__(self, gateway: Gateway, clusters: Callable[[], Iterable[ClusterConnection]]) -> None:
+    def __init__(self, gateway: StreamOpener, clusters: Callable[[], Iterable[ClusterConnection]]) -> None:
         self._gateway = gateway
         self._clusters = clusters
 
@@ -109,7 +109,7 @@ class GatewayCollector(Collector):
         yield from (opened, failed, open_, transferred, up, state, links, reconnects, handshake)
 
 
-def metrics_text(gateway: Gateway, clusters: Callable[[], Iterable[ClusterConnection]]) -> bytes:
+def metrics_text(gateway: StreamOpener, clusters: Callable[[], Iterable[ClusterConnection]]) -> bytes:
     """
     One scrape of the gateway's metrics, as Prometheus text (L{CONTENT_TYPE}).
 

@@ -21,7 +21,7 @@ from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
 from twisted.python import usage
 
-from gateway.api import control_site, control_token, requires_token
+from gateway.app.service import GatewayService
 from gateway.config import (
     DEFAULT_CONTROL_LISTEN,
     ClusterConfig,
@@ -32,9 +32,9 @@ from gateway.config import (
     load_config,
     parse_cluster,
 )
-from gateway.registry import GatewayControl
-from gateway.service import GatewayService
-from gateway.store import ClusterStore, StoreError, validate_body
+from gateway.control.http import control_site, control_token, requires_token
+from gateway.control.registry import GatewayControl
+from gateway.control.store import ClusterStore, StoreError, validate_body
 from gateway.testing import DEMO_API_WEB, DemoCluster
 
 log = Logger()

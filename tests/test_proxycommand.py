@@ -25,8 +25,8 @@ from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
 from gateway.errors import Reason, StreamError
-from gateway.ssh.client import client_factory
-from gateway.ssh.endpoints import (
+from gateway.ssh.hostkeys import HostKeyPolicy
+from gateway.ssh.proxycommand import (
     ChannelEndpoint,
     ChannelTransport,
     CommandProcessProtocol,
@@ -34,7 +34,7 @@ from gateway.ssh.endpoints import (
     format_command,
     program_name,
 )
-from gateway.ssh.hostkeys import HostKeyPolicy
+from gateway.ssh.transport import client_factory
 from gateway.testing import DEMO_PAGE, FakeProxyNode, demo_web_site, generate_key
 
 WEB = ("10.99.0.10", 80)
@@ -69,7 +69,7 @@ def capture_log(testcase: TestCase) -> list[dict]:
 
 
 def messages(events: list[dict]) -> list[str]:
-    return [formatEvent(e) for e in events if e.get("log_namespace") == "gateway.ssh.endpoints"]
+    return [formatEvent(e) for e in events if e.get("log_namespace") == "gateway.ssh.proxycommand"]
 
 
 def _stat(pid: int) -> list[str] | None:
@@ -302,7 +302,7 @@ class CommandEndpointTests(TestCase):
             "proxy_command (nc) stderr: nc: connect to 127.0.0.1 port 1 (tcp) failed: Connection refused",
             messages(events),
         )
-        stderr_events = [e for e in events if "line" in e and e.get("log_namespace") == "gateway.ssh.endpoints"]
+        stderr_events = [e for e in events if "line" in e and e.get("log_namespace") == "gateway.ssh.proxycommand"]
         self.assertEqual(stderr_events[0]["pid"], pid)
         self.assertEqual(stderr_events[0]["program"], "nc")
         self.assertEqual(protocol.data, b"")

@@ -28,10 +28,11 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from gateway.errors import peer_text
-from gateway.relay import set_no_delay
+from gateway.proxy.splice import set_no_delay
 from gateway.ssh.auth import KeyAuthClient
 from gateway.ssh.channel import DEFAULT_WINDOW, ExecTunnelChannel, TunnelChannel, quiet_logger
-from gateway.ssh.ciphers import (
+from gateway.ssh.hostkeys import HostKeyError, HostKeyPolicy
+from gateway.ssh.packets import (
     AEAD_CIPHERS,
     PREFERRED_CIPHERS,
     PREFERRED_MACS,
@@ -41,7 +42,6 @@ from gateway.ssh.ciphers import (
     PacketReader,
     offered,
 )
-from gateway.ssh.hostkeys import HostKeyError, HostKeyPolicy
 
 log = Logger()
 

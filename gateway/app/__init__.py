@@ -1,0 +1,1 @@
+"""The application: the service tree, the twistd entry point, the embedded demo."""

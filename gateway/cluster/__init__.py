@@ -1,0 +1,1 @@
+"""One cluster's SSH connections to its proxy nodes: links, failover, stream admission."""

@@ -1,0 +1,1 @@
+"""The HTTP proxy (CONNECT and absolute-form): the sans-IO machines and their Twisted adapter."""
