@@ -18,9 +18,9 @@ from hypothesis import strategies as st
 from twisted.trial.unittest import TestCase
 
 from gateway.errors import Reason, StreamError
+from gateway.proxy.http.framing import MAX_EMPTY_LINES
 from gateway.proxy.http.machine import (
     HTTP_STATUS,
-    MAX_EMPTY_LINES,
     RequestBody,
     RequestEnd,
     RequestError,
