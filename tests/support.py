@@ -14,7 +14,7 @@ import os
 import socket
 import struct
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 from twisted.conch.ssh import connection
@@ -25,9 +25,11 @@ from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.protocol import Factory, Protocol
-from twisted.internet.task import Clock
+from twisted.internet.task import Clock, deferLater
 from twisted.internet.testing import StringTransport
+from twisted.logger import globalLogPublisher
 from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 
 from gateway.app.service import GatewayService
@@ -45,6 +47,29 @@ ECHO = ("10.99.0.10", 7)
 FLOOD = ("10.99.0.10", 19)
 PROHIBITED = ("10.99.0.10", 25)
 FLOOD_BYTES = 32 * 1024 * 1024
+
+
+def inline(f: Callable[[Any], Coroutine[Any, Any, Any]]) -> Callable[[Any], Deferred[Any]]:
+    """Run an async test method as a Deferred: trial waits for those, not for coroutines."""
+
+    def wrapper(self: Any) -> Deferred[Any]:
+        return Deferred.fromCoroutine(f(self))
+
+    wrapper.__name__ = f.__name__
+    return wrapper
+
+
+def capture_events(testcase: SynchronousTestCase) -> list[dict]:
+    """Every log event emitted until the end of C{testcase}, for assertions on what was logged."""
+    events: list[dict] = []
+    globalLogPublisher.addObserver(events.append)
+    testcase.addCleanup(globalLogPublisher.removeObserver, events.append)
+    return events
+
+
+async def sleep(seconds: float) -> None:
+    """Let the real reactor run for C{seconds} (the loopback tier only; in-memory tests advance a Clock)."""
+    await deferLater(reactor, seconds, lambda: None)
 
 
 class FakeSSHTransport:
@@ -217,7 +242,8 @@ def _impatient_site():
     return site
 
 
-def _factory(protocol: type[Protocol]) -> Factory:
+def quiet_factory(protocol: type[Protocol]) -> Factory:
+    """A server factory for a destination service that does not log every connection."""
     factory = Factory.forProtocol(protocol)
     factory.noisy = False
     return factory
@@ -246,8 +272,8 @@ class GatewayHarness:
             ("web", WEB, demo_web_site()),
             ("web2", WEB2, demo_web_site(WEB2_PAGE)),
             ("impatient", IMPATIENT_WEB, _impatient_site()),
-            ("echo", ECHO, _factory(HalfCloseEcho)),
-            ("flood", FLOOD, _factory(Flood)),
+            ("echo", ECHO, quiet_factory(HalfCloseEcho)),
+            ("flood", FLOOD, quiet_factory(Flood)),
         ):
             path = os.path.join(self.dir, f"{name}.sock")
             port = await serverFromString(reactor, f"unix:{path}").listen(factory)
@@ -309,6 +335,15 @@ class GatewayHarness:
     async def cluster_up(self, name: str) -> None:
         await self.service.clusters[name].connection()
 
+    async def until_no_streams(self, timeout: float = 5.0, cluster: str = "demo") -> None:
+        """Wait until the cluster's streams have closed (and been counted in its stats)."""
+        connection = self.service.clusters[cluster]
+        for _ in range(int(timeout / 0.05)):
+            if connection.open_streams == 0:
+                return
+            await sleep(0.05)
+        raise AssertionError(f"{connection.open_streams} streams still open")
+
     @property
     def socks_port(self) -> int:
         return int(self.service.listening_address("socks").rsplit(":", 1)[1])
@@ -361,6 +396,16 @@ def socks5_open(
             break
         reply += chunk
     return sock, reply[1] if len(reply) > 1 else -3
+
+
+def socks_get(port: int, host: str, dest_port: int, **credentials: Any) -> tuple[int, bytes]:
+    """A SOCKS5 CONNECT and C{GET /} over it: the reply code and everything the destination sent."""
+    sock, code = socks5_open(port, host, dest_port, **credentials)
+    with sock:
+        if code != 0:
+            return code, b""
+        sock.sendall(b"GET / HTTP/1.0\r\nHost: x\r\n\r\n")
+        return code, recv_all(sock)
 
 
 def http_exchange(port: int, request: bytes, timeout: float = 10) -> bytes:

@@ -19,7 +19,7 @@ from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol, serv
 from twisted.internet.error import ConnectionDone
 from twisted.internet.protocol import Protocol
 from twisted.internet.testing import MemoryReactorClock, StringTransport
-from twisted.logger import formatEvent, globalLogPublisher
+from twisted.logger import formatEvent
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.client import HTTPConnectionPool
@@ -29,6 +29,7 @@ from zope.interface import implementer
 from gateway.config import GatewaySettings
 from gateway.control.contract import ClusterView, ControlError
 from gateway.control.http import IDLE_TIMEOUT, MAX_BODY_BYTES, TOKEN_ENV, control_site, control_token, requires_token
+from tests.support import capture_events
 
 TOKEN = "tok-3f9a1c77e2b04d5a"
 PRIVATE_KEY = (
@@ -226,9 +227,7 @@ class ApiTestCase(TestCase):
         self.port = await serverFromString(reactor, "tcp:0:interface=127.0.0.1").listen(site)
         self.url = f"http://127.0.0.1:{self.port.getHost().port}"
         self.pool = HTTPConnectionPool(reactor, persistent=True)
-        self.events: list[dict[str, Any]] = []
-        globalLogPublisher.addObserver(self.events.append)
-        self.addCleanup(globalLogPublisher.removeObserver, self.events.append)
+        self.events: list[dict[str, Any]] = capture_events(self)
         self.addCleanup(self._close)
 
     async def _close(self) -> None:
@@ -740,9 +739,7 @@ class ListenerLimitTests(SynchronousTestCase):
         self.control = FakeControl()
         self.settings = GatewaySettings(control_max_clients=2, control_head_timeout=10.0, control_body_timeout=5.0)
         self.site = control_site(self.control, TOKEN, self.settings, reactor=self.clock)
-        self.events: list[dict[str, Any]] = []
-        globalLogPublisher.addObserver(self.events.append)
-        self.addCleanup(globalLogPublisher.removeObserver, self.events.append)
+        self.events: list[dict[str, Any]] = capture_events(self)
         self.ports = iter(range(40000, 41000))
 
     def connect(self) -> MemoryConnection:

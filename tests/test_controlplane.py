@@ -15,7 +15,6 @@ from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.endpoints import serverFromString
-from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 from twisted.web.client import HTTPConnectionPool
@@ -25,19 +24,14 @@ from gateway.control.http import control_site
 from gateway.control.registry import GatewayControl
 from gateway.control.store import ClusterStore, validate_body
 from gateway.testing import DEMO_PAGE
-from tests.support import WEB, GatewayHarness, recv_all, socks5_open
-from tests.test_gateway import inline, until_no_streams
+from tests.support import WEB, GatewayHarness, inline, recv_all, sleep, socks5_open, socks_get
 
 TOKEN = "control-token"
 
 
 def fetch(port: int, user: str, password: str = "") -> tuple[int, bytes]:
-    sock, code = socks5_open(port, *WEB, username=user, password=password)
-    with sock:
-        if code != 0:
-            return code, b""
-        sock.sendall(b"GET / HTTP/1.0\r\n\r\n")
-        return code, recv_all(sock)
+    """C{GET /} of the web server through SOCKS5, as the cluster or alias C{user} names."""
+    return socks_get(port, *WEB, username=user, password=password)
 
 
 def metric(text: bytes, name: str, **labels: str) -> float:
@@ -99,7 +93,7 @@ class ControlPlaneTests(ControlPlaneTestCase):
         code, page = await deferToThread(fetch, self.harness.socks_port, "net-api", "t1")
         self.assertEqual(code, 0)
         self.assertTrue(page.endswith(DEMO_PAGE))
-        await until_no_streams(self.harness, cluster="api-1")  # bytes are counted at the stream's close
+        await self.harness.until_no_streams(cluster="api-1")  # bytes are counted at the stream's close
 
         code, content = await self.call("GET", "/v1/clusters/api-1")
         view = json.loads(content)
@@ -247,7 +241,7 @@ class ControlPlaneTests(ControlPlaneTestCase):
         for _ in range(100):
             if not old.running:
                 break
-            await deferLater(reactor, 0.05, lambda: None)
+            await sleep(0.05)
         self.assertFalse(old.running)  # retired once its stream ended
         code, _ = await self.call("DELETE", "/v1/clusters/api-r")
         self.assertEqual(code, 204)
@@ -306,5 +300,5 @@ class ControlCapTests(ControlPlaneTestCase):
             code, _ = await self.call("GET", "/v1/health")
             if code == 200:
                 break
-            await deferLater(reactor, 0.05, lambda: None)
+            await sleep(0.05)
         self.assertEqual(code, 200)

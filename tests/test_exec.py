@@ -20,8 +20,8 @@ from twisted.conch.ssh.common import NS, getNS
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, serverFromString
-from twisted.internet.protocol import Factory, Protocol
-from twisted.internet.task import Clock, deferLater
+from twisted.internet.protocol import Protocol
+from twisted.internet.task import Clock
 from twisted.trial.unittest import TestCase
 
 from gateway.errors import Reason, StreamError
@@ -35,19 +35,9 @@ from gateway.ssh.channel import (
 from gateway.ssh.hostkeys import HostKeyPolicy
 from gateway.ssh.transport import TunnelConnection, client_factory
 from gateway.testing import FakeProxyNode, generate_key
-from tests.support import FakeSSHTransport, HalfCloseEcho
+from tests.support import FakeSSHTransport, HalfCloseEcho, inline, quiet_factory, sleep
 
 REFUSED_TEXT = b"nc: connect to 10.0.0.5 port 81 (tcp) failed: Connection refused\n"
-
-
-def inline(f):
-    """Run an async test method as a Deferred (trial understands those)."""
-
-    def wrapper(self):
-        return Deferred.fromCoroutine(f(self))
-
-    wrapper.__name__ = f.__name__
-    return wrapper
 
 
 class RecordingPeer:
@@ -361,12 +351,6 @@ class Payload(Protocol):
             self.transport.loseConnection()
 
 
-def _factory(protocol: type[Protocol]) -> Factory:
-    factory = Factory.forProtocol(protocol)
-    factory.noisy = False
-    return factory
-
-
 class ExecEndToEndTests(TestCase):
     """The gateway's SSH client against a node with C{AllowTcpForwarding no}."""
 
@@ -377,7 +361,7 @@ class ExecEndToEndTests(TestCase):
         routes = {}
         for name, address, protocol in (("echo", ECHO, HalfCloseEcho), ("payload", PAYLOAD, Payload)):
             path = os.path.join(directory, f"{name}.sock")
-            port = await serverFromString(reactor, f"unix:{path}").listen(_factory(protocol))
+            port = await serverFromString(reactor, f"unix:{path}").listen(quiet_factory(protocol))
             self.addCleanup(port.stopListening)
             routes[address] = f"unix:{path}"
         key = generate_key()
@@ -396,7 +380,7 @@ class ExecEndToEndTests(TestCase):
         transport.loseConnection()
         await transport.lost
         # let the node's side of the connection (and its destinations) go too
-        await deferLater(reactor, 0.05, lambda: None)
+        await sleep(0.05)
 
     def _disconnect(self, transport):
         return Deferred.fromCoroutine(self._disconnect_async(transport))
@@ -454,7 +438,7 @@ class ExecEndToEndTests(TestCase):
         with self.assertRaises(StreamError) as raised:
             await self._open(*ECHO)
         self.assertEqual(raised.exception.reason, Reason.PROHIBITED)
-        await deferLater(reactor, 0.05, lambda: None)
+        await sleep(0.05)
         self.assertEqual(self.conn.open_channels, 0)
 
     @inline
@@ -474,10 +458,10 @@ class ExecEndToEndTests(TestCase):
         channel = await self._open(*PAYLOAD, window_size=window)
         channel.pauseProducing()
         peer = RecordingPeer(channel)
-        await deferLater(reactor, 0.3, lambda: None)
+        await sleep(0.3)
         stalled = channel.bytes_down
         self.assertLessEqual(stalled, window)
-        await deferLater(reactor, 0.1, lambda: None)
+        await sleep(0.1)
         self.assertEqual(channel.bytes_down, stalled)
         channel.resumeProducing()
         await peer.closed

@@ -10,13 +10,12 @@ from __future__ import annotations
 from twisted.conch.ssh import connection
 from twisted.internet.defer import fail
 from twisted.internet.task import Clock
-from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import TestCase
 
 from gateway.config import GatewaySettings
 from gateway.errors import Reason, StreamError
 from gateway.proxy.http.protocol import HttpProxyFactory
-from tests.support import MemoryClient, MemoryProxyNode
+from tests.support import MemoryClient, MemoryProxyNode, capture_events
 
 SETTINGS = GatewaySettings(handshake_timeout=10, body_timeout=3, response_timeout=7, keepalive_timeout=20)
 GET = b"GET http://10.0.0.5/x HTTP/1.1\r\nHost: 10.0.0.5\r\n\r\n"
@@ -28,9 +27,7 @@ class HttpAdapterTestCase(TestCase):
         self.clock = Clock()
         self.node = MemoryProxyNode(self.clock, SETTINGS)
         self.client = MemoryClient(HttpProxyFactory, self.node, self.clock)
-        self.events: list[dict] = []
-        globalLogPublisher.addObserver(self.events.append)
-        self.addCleanup(globalLogPublisher.removeObserver, self.events.append)
+        self.events = capture_events(self)
 
     def outcomes(self) -> list[str]:
         return [e["outcome"] for e in self.events if e.get("log_namespace") == "gateway.proxy.http.protocol"]
@@ -71,6 +68,12 @@ class ClientGoneTests(HttpAdapterTestCase):
 
 
 class DeadlineTests(HttpAdapterTestCase):
+    def test_a_silent_client_is_cut_at_the_handshake_deadline(self) -> None:
+        """A client that starts a request head and sends nothing more cannot hold a slot."""
+        self.client.send(b"GET http://10.0.0.1/ HTTP/1.1\r\n")
+        self.clock.advance(10)
+        self.assertTrue(self.client.transport.disconnecting)
+
     def test_a_stalled_body_gets_408_after_body_timeout(self) -> None:
         self.client.send(b"POST http://10.0.0.5/x HTTP/1.1\r\nHost: h\r\nContent-Length: 10\r\n\r\nab")
         self.clock.advance(2)

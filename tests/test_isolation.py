@@ -13,13 +13,12 @@ import struct
 from twisted.conch.ssh import connection
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
-from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import TestCase
 
 from gateway.proxy.opener import StreamRequest
 from gateway.proxy.splice import Splice
 from gateway.ssh.channel import TunnelChannel
-from tests.support import MemoryProxyNode
+from tests.support import MemoryProxyNode, capture_events
 
 
 class ResetTransport(StringTransport):
@@ -78,9 +77,7 @@ class OneConnection(TestCase):
 
     def setUp(self) -> None:
         self.node = MemoryProxyNode(Clock())
-        self.log: list[dict] = []
-        globalLogPublisher.addObserver(self.log.append)
-        self.addCleanup(globalLogPublisher.removeObserver, self.log.append)
+        self.log = capture_events(self)
 
     def open(self) -> TunnelChannel:
         return self.successResultOf(self.node.open_stream(StreamRequest("10.0.0.5", 80, "socks5", "client")))

@@ -20,8 +20,7 @@ from twisted.trial.unittest import TestCase
 from gateway.cluster import connection as cluster_module
 from gateway.config import GatewaySettings, parse_cluster
 from gateway.testing import DEMO_PAGE
-from tests.support import ECHO, FLOOD, FLOOD_BYTES, WEB, GatewayHarness, recv_all, socks5_open
-from tests.test_gateway import inline
+from tests.support import ECHO, FLOOD, FLOOD_BYTES, WEB, GatewayHarness, inline, recv_all, socks5_open
 
 INTERVAL = 0.2
 COUNT = 3

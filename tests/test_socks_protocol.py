@@ -41,6 +41,14 @@ class SocksAdapterTests(TestCase):
         self.assertTrue(channel.localClosed)
         self.assertEqual(self.client.slots_used, 0)
 
+    def test_a_silent_client_is_cut_at_the_handshake_deadline(self) -> None:
+        """A client that connects and sends nothing more cannot hold a slot."""
+        self.client.send(b"\x05")
+        self.clock.advance(9.9)
+        self.assertFalse(self.client.transport.disconnecting)
+        self.clock.advance(0.1)
+        self.assertTrue(self.client.transport.disconnecting)
+
     def test_the_handshake_deadline_stops_at_the_request(self) -> None:
         self.client.send(GREETING + CONNECT)
         self.clock.advance(3600)  # the open is bounded by the cluster's open_timeout instead

@@ -18,7 +18,6 @@ reason otherwise.
 from __future__ import annotations
 
 import atexit
-import glob
 import hashlib
 import json
 import os
@@ -26,28 +25,28 @@ import re
 import signal
 import subprocess
 import sys
-import textwrap
 import threading
 import time
-from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 from twisted.trial.unittest import SkipTest, TestCase
 
-from tests.system.netlab import Lab, lab_skip_reason, wait_for_port
+from tests.system.netlab import Lab, lab_skip_reason
+from tests.system.support import (
+    HANDSHAKE_TIMEOUT,
+    INTERNAL,
+    KEEPALIVE_COUNT_MAX,
+    KEEPALIVE_INTERVAL,
+    GatewayProcess,
+    curl,
+    defaults_table,
+)
 
-VENV_BIN = os.path.dirname(sys.executable)
-INTERNAL = "10.251.0.10"
 BODY = {"a": b"internal-a\n", "b": b"internal-b\n"}
 
-# Short timers so that faults are noticed in seconds (see each test's bound).
-KEEPALIVE_INTERVAL = 1.0
-KEEPALIVE_COUNT_MAX = 3
-CONNECT_TIMEOUT = 3.0
-HANDSHAKE_TIMEOUT = 2.0
 WINDOW_SIZE = 2 * 1024 * 1024  # the gateway's default window_size
 LIMIT_RATE = 1024 * 1024  # curl --limit-rate 1M
-DRAIN_TIMEOUT = 5.0
+DRAIN_TIMEOUT = 5.0  # short, so that the drain test ends in seconds
 
 
 def _url(path: str = "/") -> str:
@@ -199,90 +198,6 @@ elif mode == "burst":
 """
 
 
-def _twistd_options() -> list[str]:
-    """
-    Extra `twistd gateway` options: no control API listener where the
-    gateway has one (two gateways share a namespace in PathTests, and these
-    tests need no API or state file).
-    """
-    try:
-        from gateway.app.tap import Options
-    except ImportError:
-        return []
-    names = {p[0] for p in Options.optParameters}
-    return ["--control="] if "control" in names else []
-
-
-
-def defaults_table(lab: Lab) -> str:
-    """The [defaults] every fault-test gateway shares: the lab's key and short timers."""
-    return (
-        "[defaults]\n"
-        'user = "root"\n'
-        f'key_file = "{lab.client_key_ed25519}"\n'
-        f'known_hosts = "{lab.known_hosts}"\n'
-        f"keepalive_interval = {KEEPALIVE_INTERVAL}\n"
-        f"keepalive_count_max = {KEEPALIVE_COUNT_MAX}\n"
-        f"connect_timeout = {CONNECT_TIMEOUT}\n"
-    )
-
-class Gateway:
-    """One `twistd gateway` process in the lab's ctl namespace."""
-
-    def __init__(
-        self, lab: Lab, workdir: str, name: str, config: str, socks: int, http: int, extra_args: Sequence[str] = ()
-    ) -> None:
-        """C{extra_args} go after the defaults of L{_twistd_options}, so they win (e.g. C{--control=...})."""
-        self.lab = lab
-        self.socks = socks
-        self.http = http
-        self.config = os.path.join(workdir, f"{name}.toml")
-        self.log = os.path.join(workdir, f"{name}.log")
-        with open(self.config, "w") as f:
-            f.write(textwrap.dedent(config))
-        self.proc = lab.spawn(
-            lab.ctl_ns,
-            [
-                os.path.join(VENV_BIN, "twistd"),
-                "--nodaemon",
-                "--pidfile=",
-                f"--logfile={self.log}",
-                "gateway",
-                f"--config={self.config}",
-                *_twistd_options(),
-                *extra_args,
-            ],
-        )
-
-    def wait_listening(self, timeout: float = 20) -> None:
-        for port in (self.socks, self.http):
-            wait_for_port(self.lab, self.lab.ctl_ns, "127.0.0.1", port, timeout=timeout)
-
-    def wait_up(self, clusters: list[str], timeout: float = 30) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            log = self.read_log()
-            if all(re.search(rf"cluster {re.escape(c)} up\b", log) for c in clusters):
-                return
-            if self.proc.poll() is not None:
-                break
-            time.sleep(0.1)
-        raise AssertionError(f"clusters {clusters} did not come up:\n" + self.read_log()[-4000:])
-
-    def read_log(self) -> str:
-        """The whole log, including files twistd rotated away (gateway.log.N)."""
-        rotated = [p for p in glob.glob(self.log + ".*") if p.rsplit(".", 1)[1].isdigit()]
-        rotated.sort(key=lambda p: -int(p.rsplit(".", 1)[1]))
-        text = []
-        for path in [*rotated, self.log]:
-            try:
-                with open(path, errors="replace") as f:
-                    text.append(f.read())
-            except OSError:
-                pass
-        return "".join(text)
-
-
 class _LabTestCase(TestCase):
     """
     A lab and gateway shared by the tests of one class (trial has no
@@ -293,7 +208,7 @@ class _LabTestCase(TestCase):
     #: per class: (lab, gateway, workdir), or the exception that stopped the build
     _shared: dict[type, object] = {}
     lab: Lab
-    gateway: Gateway
+    gateway: GatewayProcess
     workdir: str
 
     def setUp(self) -> None:
@@ -320,7 +235,7 @@ class _LabTestCase(TestCase):
         self.lab, self.gateway, self.workdir = shared
 
     @classmethod
-    def build(cls, lab: Lab, workdir: str) -> Gateway:
+    def build(cls, lab: Lab, workdir: str) -> GatewayProcess:
         raise NotImplementedError
 
     # -- clients -----------------------------------------------------------
@@ -357,18 +272,14 @@ class _LabTestCase(TestCase):
             raise AssertionError(f"client said nothing within {timeout:g} s: {proc.stderr.read()!r}")
         return box[0].decode().strip()
 
-
     def curl(self, *args: str, max_time: float = 30) -> tuple[int, bytes, bytes]:
-        done = self.lab.run(
-            self.lab.ctl_ns, ["curl", "-sS", "--max-time", f"{max_time:g}", *args], timeout=max_time + 15
-        )
-        return done.returncode, done.stdout, done.stderr
+        return curl(self.lab, *args, max_time=max_time)
 
-    def socks_args(self, cluster: str, token: str = "", gateway: Gateway | None = None) -> list[str]:
+    def socks_args(self, cluster: str, token: str = "", gateway: GatewayProcess | None = None) -> list[str]:
         port = (gateway or self.gateway).socks
         return ["--socks5-hostname", f"127.0.0.1:{port}", "-U", f"{cluster}:{token}"]
 
-    def http_args(self, cluster: str, token: str = "", gateway: Gateway | None = None) -> list[str]:
+    def http_args(self, cluster: str, token: str = "", gateway: GatewayProcess | None = None) -> list[str]:
         port = (gateway or self.gateway).http
         return ["-x", f"http://{cluster}:{token}@127.0.0.1:{port}"]
 
@@ -401,9 +312,9 @@ class FailoverTests(_LabTestCase):
     TOKENS = {"fo": "token-fo", "rb": "token-rb"}
 
     @classmethod
-    def build(cls, lab: Lab, workdir: str) -> Gateway:
+    def build(cls, lab: Lab, workdir: str) -> GatewayProcess:
         a, b = lab.proxy_addr["a"], lab.proxy_addr["b"]
-        gateway = Gateway(
+        gateway = GatewayProcess(
             lab,
             workdir,
             "gateway",
@@ -595,7 +506,7 @@ class FailoverTests(_LabTestCase):
 
 class PathTests(_LabTestCase):
     @classmethod
-    def build(cls, lab: Lab, workdir: str) -> Gateway:
+    def build(cls, lab: Lab, workdir: str) -> GatewayProcess:
         a, b = lab.proxy_addr["a"], lab.proxy_addr["b"]
         # proxy-a:2222 refuses TCP forwarding; same host keys as proxy-a:22
         lab.start_sshd("proxy-a-nofwd", lab.proxy_ns["a"], a, 2222, "AllowTcpForwarding no")
@@ -615,7 +526,7 @@ class PathTests(_LabTestCase):
         tables = "\n".join(
             f'[clusters.{name}]\n{body}\nnetworks = ["10.251.0.0/24"]\n' for name, body in clusters.items()
         )
-        gateway = Gateway(
+        gateway = GatewayProcess(
             lab,
             workdir,
             "gateway",
@@ -661,12 +572,10 @@ max_clients = 2000
         self.assertEqual(self.exec_switches("ex"), 1)
         for args in (self.socks_args("ex"), self.http_args("ex"), self.http_args("ex") + ["-p"]):
             t = time.monotonic()
-            done = self.lab.run(
-                self.lab.ctl_ns, ["curl", "-sS", "--max-time", "60", *args, _url("/big")], timeout=75
-            )
-            self.assertEqual(done.returncode, 0, done.stderr)
-            self.assertEqual(len(done.stdout), self.lab.big_size)
-            self.assertEqual(hashlib.sha256(done.stdout).hexdigest(), self.lab.big_sha256)
+            status, out, err = self.curl(*args, _url("/big"), max_time=60)
+            self.assertEqual(status, 0, err)
+            self.assertEqual(len(out), self.lab.big_size)
+            self.assertEqual(hashlib.sha256(out).hexdigest(), self.lab.big_sha256)
             print(f"\nexec mode: 20 MiB via {args[0]} {args[-1]} in {time.monotonic() - t:.2f} s")
         for _ in range(3):
             status, out, err = self.get("ex")
@@ -809,9 +718,9 @@ print(json.dumps({
 
     # -- shutdown ----------------------------------------------------------------
 
-    def drain_gateway(self, name: str, socks: int, http: int) -> Gateway:
+    def drain_gateway(self, name: str, socks: int, http: int) -> GatewayProcess:
         lab = self.lab
-        gateway = Gateway(
+        gateway = GatewayProcess(
             lab,
             self.workdir,
             name,

@@ -1,7 +1,7 @@
 """
 The hostile-client system test (issue 10): no client can hurt another.
 
-The real `twistd gateway` process (L{tests.system.test_faults.Gateway}) in front of
+The real `twistd gateway` process (L{tests.system.support.GatewayProcess}) in front of
 real OpenSSH in the namespace lab (L{tests.system.netlab}), one cluster, and at the
 same time:
 
@@ -34,7 +34,7 @@ import time
 from twisted.trial.unittest import SkipTest, TestCase
 
 from tests.system.netlab import Lab, lab_skip_reason
-from tests.system.test_faults import HANDSHAKE_TIMEOUT, INTERNAL, Gateway, defaults_table
+from tests.system.support import HANDSHAKE_TIMEOUT, INTERNAL, GatewayProcess, curl, defaults_table
 
 SOCKS, HTTP, CONTROL = 1080, 3128, 8765
 MAX_CLIENTS = 400
@@ -341,7 +341,7 @@ class HostileClientTests(TestCase):
         self.script = os.path.join(self.workdir, "hostile.py")
         with open(self.script, "w") as f:
             f.write(HOSTILE)
-        self.gateway = Gateway(
+        self.gateway = GatewayProcess(
             self.lab,
             self.workdir,
             "gateway",
@@ -407,13 +407,11 @@ networks = ["10.251.0.0/24"]
 
     def metrics(self) -> dict[str, float]:
         """The cluster's series of interest from the control API's /metrics."""
-        done = self.lab.run(
-            self.lab.ctl_ns, ["curl", "-sS", "--max-time", "5", f"http://127.0.0.1:{CONTROL}/metrics"], timeout=15
-        )
-        self.assertEqual(done.returncode, 0, done.stderr)
+        status, out, err = curl(self.lab, f"http://127.0.0.1:{CONTROL}/metrics", max_time=5)
+        self.assertEqual(status, 0, err)
         values = {}
         for name in ("gateway_streams_open", "gateway_reconnects_total", "gateway_cluster_links_up"):
-            found = re.search(rf'^{name}\{{cluster="h"\}} (\S+)$', done.stdout.decode(), re.M)
+            found = re.search(rf'^{name}\{{cluster="h"\}} (\S+)$', out.decode(), re.M)
             self.assertIsNotNone(found, f"{name} missing from /metrics")
             values[name] = float(found.group(1))
         return values

@@ -27,9 +27,8 @@ import time
 from twisted.trial.unittest import SkipTest, TestCase
 
 from tests.system.netlab import INTERNAL_NAME, Lab, lab_skip_reason, wait_for_port
+from tests.system.support import INTERNAL, VENV_BIN, curl, twistd_argv
 
-VENV_BIN = os.path.dirname(sys.executable)
-INTERNAL = "10.251.0.10"
 TOKENS = {"a": "token-a", "b": "token-b"}
 
 
@@ -127,14 +126,7 @@ class SystemTests(TestCase):
         cls.gateway_log = os.path.join(cls.workdir, "gateway.log")
         cls.gateway = lab.spawn(
             lab.ctl_ns,
-            [
-                os.path.join(VENV_BIN, "twistd"),
-                "--nodaemon",
-                "--pidfile=",
-                f"--logfile={cls.gateway_log}",
-                "gateway",
-                f"--config={cls.config}",
-            ],
+            twistd_argv(cls.config, cls.gateway_log),
         )
         wait_for_port(lab, lab.ctl_ns, "127.0.0.1", 1080, timeout=20)
         wait_for_port(lab, lab.ctl_ns, "127.0.0.1", 3128, timeout=20)
@@ -157,8 +149,7 @@ class SystemTests(TestCase):
         return self.lab.run(self.lab.ctl_ns, argv, timeout=timeout, input=input, capture_output=True)
 
     def curl(self, *args: str) -> tuple[int, bytes, bytes]:
-        done = self.ctl(["curl", "-sS", "--max-time", "30", *args])
-        return done.returncode, done.stdout, done.stderr
+        return curl(self.lab, *args)
 
     def python(self, code: str, timeout: float = 60) -> bytes:
         done = self.ctl([sys.executable, "-c", textwrap.dedent(code)], timeout=timeout)
@@ -466,14 +457,7 @@ class ControlPlaneSystemTests(TestCase):
 
     def _gateway_argv(self, workdir: str) -> list[str]:
         self.control_socket = os.path.join(workdir, "control.sock")
-        return [
-            os.path.join(VENV_BIN, "twistd"),
-            "--nodaemon",
-            "--pidfile=",
-            f"--logfile={os.path.join(workdir, 'gateway.log')}",
-            "gateway",
-            f"--config={self.api_config}",
-        ]
+        return twistd_argv(self.api_config, os.path.join(workdir, "gateway.log"))
 
     def _start_api_gateway(self, workdir: str):
         process = self.lab.spawn(self.lab.ctl_ns, self._gateway_argv(workdir))

@@ -11,12 +11,10 @@ import socket
 import time
 
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.protocol import Factory, Protocol
-from twisted.internet.task import Clock, deferLater
 from twisted.internet.threads import deferToThread
-from twisted.logger import formatEvent, globalLogPublisher
+from twisted.logger import formatEvent
 from twisted.trial.unittest import TestCase
 
 from gateway.errors import StreamError
@@ -29,9 +27,13 @@ from tests.support import (
     WEB,
     WEB2_PAGE,
     GatewayHarness,
+    capture_events,
     http_exchange,
+    inline,
     recv_all,
+    sleep,
     socks5_open,
+    socks_get,
 )
 
 
@@ -43,26 +45,6 @@ class _NeverReads(Protocol):
         self.factory.connections.append(self)
 
 
-async def until_no_streams(harness, timeout: float = 5.0, cluster: str = "demo") -> None:
-    """Wait until the cluster's streams have closed (and been counted in its stats)."""
-    cluster = harness.service.clusters[cluster]
-    for _ in range(int(timeout / 0.05)):
-        if cluster.open_streams == 0:
-            return
-        await deferLater(reactor, 0.05, lambda: None)
-    raise AssertionError(f"{cluster.open_streams} streams still open")
-
-
-def inline(f):
-    """Run an async test method as a Deferred (trial understands those)."""
-
-    def wrapper(self):
-        return Deferred.fromCoroutine(f(self))
-
-    wrapper.__name__ = f.__name__
-    return wrapper
-
-
 class SocksEndToEndTests(TestCase):
     @inline
     async def setUp(self):
@@ -70,12 +52,7 @@ class SocksEndToEndTests(TestCase):
         await self.harness.start()
 
     def _get(self, host, port, **kw) -> tuple[int, bytes]:
-        sock, code = socks5_open(self.harness.socks_port, host, port, **kw)
-        with sock:
-            if code != 0:
-                return code, b""
-            sock.sendall(b"GET / HTTP/1.0\r\nHost: x\r\n\r\n")
-            return code, recv_all(sock)
+        return socks_get(self.harness.socks_port, host, port, **kw)
 
     @inline
     async def test_fetch_page(self):
@@ -85,13 +62,11 @@ class SocksEndToEndTests(TestCase):
 
     @inline
     async def test_one_structured_event_per_stream(self):
-        events: list[dict] = []
-        globalLogPublisher.addObserver(events.append)
-        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        events = capture_events(self)
         await deferToThread(self._get, *WEB)
         # The client has its EOF before the channel's close handshake ends
         # (and the stream's event is written): wait for it, for a fixed order.
-        await until_no_streams(self.harness)
+        await self.harness.until_no_streams()
         await deferToThread(self._get, "10.98.0.10", 80)
         streams = [e for e in events if e.get("log_namespace") == "gateway.proxy.opener"]
         self.assertEqual([e["outcome"] for e in streams], ["closed", "refused"])
@@ -167,13 +142,13 @@ class SocksEndToEndTests(TestCase):
         sock, code = await deferToThread(socks5_open, self.harness.socks_port, *FLOOD)
         self.addCleanup(sock.close)
         self.assertEqual(code, 0)
-        await deferLater(reactor, 1.0, lambda: None)
+        await sleep(1.0)
         cluster = self.harness.service.clusters["demo"]
         (channel,) = [
             c for link in cluster.links for c in link.connection.channels.values() if c.port == FLOOD[1]
         ]
         received_before = channel.bytes_down
-        await deferLater(reactor, 0.5, lambda: None)
+        await sleep(0.5)
         # Stalled: no more data is accepted once the window is used up ...
         self.assertEqual(channel.bytes_down, received_before)
         self.assertLess(channel.bytes_down, FLOOD_BYTES // 2)
@@ -203,7 +178,7 @@ class SocksEndToEndTests(TestCase):
         port = await serverFromString(reactor, f"unix:{path}").listen(factory)
         self.addCleanup(port.stopListening)
         # The sink will not read what the node holds for it: reset it, then let the stream end.
-        self.addCleanup(until_no_streams, self.harness)
+        self.addCleanup(self.harness.until_no_streams)
         self.addCleanup(lambda: [sink.transport.abortConnection() for sink in factory.connections])
         self.harness.node.routes[sink] = f"unix:{path}"
         sock, code = await deferToThread(socks5_open, self.harness.socks_port, *sink)
@@ -227,7 +202,6 @@ class SocksEndToEndTests(TestCase):
         self.assertLess(sent, 32 << 20)
         # ... with about one proxy-node window taken off the gateway, not all of it.
         self.assertLessEqual(channel.bytes_up, 4 << 20)
-
 
 
 class HttpEndToEndTests(TestCase):
@@ -292,7 +266,7 @@ class HttpEndToEndTests(TestCase):
         data = await deferToThread(run)
         self.assertTrue(data.startswith(b"HTTP/1.1 200 Connection established"), data)
         self.assertTrue(data.endswith(b"pingbye"), data)
-        await until_no_streams(self.harness)
+        await self.harness.until_no_streams()
 
     @inline
     async def test_idle_upstream_closed_by_origin_is_not_reused(self):
@@ -381,158 +355,3 @@ class HostKeyTests(TestCase):
         sock, code = await deferToThread(socks5_open, harness.socks_port, *WEB)
         sock.close()
         self.assertEqual(code, 0x04)
-
-
-class HandshakeTimeoutTests(TestCase):
-    """A client that connects and sends nothing cannot hold a slot."""
-
-    def _protocol(self, factory_class):
-        from twisted.internet.testing import StringTransport
-
-        from gateway.proxy.opener import StreamOpener
-        from gateway.routing import Router
-
-        clock = Clock()
-        protocol = factory_class(StreamOpener(Router(()), {}), clock).buildProtocol(None)
-        transport = StringTransport()
-        protocol.makeConnection(transport)
-        return clock, protocol, transport
-
-    def test_silent_socks_client_is_cut(self):
-        from gateway.proxy.socks.protocol import SocksFactory
-
-        clock, protocol, transport = self._protocol(SocksFactory)
-        protocol.dataReceived(b"\x05")
-        clock.advance(9.9)
-        self.assertFalse(transport.disconnecting)
-        clock.advance(0.1)
-        self.assertTrue(transport.disconnecting)
-
-    def test_silent_http_client_is_cut(self):
-        from gateway.proxy.http.protocol import HttpProxyFactory
-
-        clock, protocol, transport = self._protocol(HttpProxyFactory)
-        protocol.dataReceived(b"GET http://10.0.0.1/ HTTP/1.1\r\n")
-        clock.advance(10)
-        self.assertTrue(transport.disconnecting)
-
-
-class GatewayConnectTests(TestCase):
-    """The ProxyCommand helper, as a real subprocess."""
-
-    @inline
-    async def setUp(self):
-        self.harness = GatewayHarness(self, token="t0ken")
-        await self.harness.start()
-
-    async def _gateway_connect(self, *args: str, stdin: bytes = b"") -> tuple[bytes, bytes, int]:
-        import subprocess
-        import sys
-
-        argv = [sys.executable, "-m", "gateway.scripts.connect",
-                "--socks", f"127.0.0.1:{self.harness.socks_port}", *args]
-
-        def run():
-            done = subprocess.run(argv, input=stdin, capture_output=True, timeout=30)
-            return done.stdout, done.stderr, done.returncode
-
-        return await deferToThread(run)
-
-    @inline
-    async def test_relays_stdin_and_stdout_with_half_close(self):
-        out, err, status = await self._gateway_connect(
-            "--cluster", "demo", "--token", "t0ken", "10.99.0.10", "7", stdin=b"hello"
-        )
-        self.assertEqual((out, status), (b"hellobye", 0), err)
-
-    @inline
-    async def test_refusal_in_words_and_non_zero_exit(self):
-        out, err, status = await self._gateway_connect("--cluster", "demo", "--token", "t0ken", "10.99.0.10", "81")
-        self.assertEqual(status, 3)
-        self.assertIn(b"connection refused", err)
-        self.assertIn(b"0x05", err)
-
-    @inline
-    async def test_wrong_token(self):
-        out, err, status = await self._gateway_connect("--cluster", "demo", "--token", "nope", "10.99.0.10", "7")
-        self.assertEqual(status, 3)
-        self.assertIn(b"rejected the credentials", err)
-        self.assertNotIn(b"nope", err)
-
-    @inline
-    async def test_gateway_not_listening(self):
-        import sys
-
-        def run():
-            import subprocess
-
-            return subprocess.run(
-                [sys.executable, "-m", "gateway.scripts.connect", "--socks", "127.0.0.1:1", "10.0.0.1", "22"],
-                capture_output=True, timeout=30,
-            )
-
-        done = await deferToThread(run)
-        self.assertEqual(done.returncode, 2)
-        self.assertIn(b"cannot reach the gateway", done.stderr)
-
-
-class GatewayConnectArgumentTests(TestCase):
-    """gateway-connect's own failures: one line and a status, never a traceback."""
-
-    def main(self, *args: str) -> tuple[int, str]:
-        import io
-        import os
-        import sys
-
-        from gateway.scripts import connect
-
-        defaults = ("GATEWAY_CLUSTER", "GATEWAY_TOKEN")
-        self.patch(os, "environ", {k: v for k, v in os.environ.items() if k not in defaults})
-        stderr = io.StringIO()
-        self.patch(sys, "stderr", stderr)
-        # Nothing listens on port 1: reaching the gateway would say so.
-        status = connect.main(["--socks", "127.0.0.1:1", *args])
-        return status, stderr.getvalue()
-
-    def test_arguments_socks5_cannot_carry(self):
-        """Checked before connecting: a usage error, whatever the gateway would say."""
-        from gateway.scripts.connect import EXIT_USAGE
-
-        cases = [
-            (("a..b.example", "22"), "is not a valid host name"),
-            (("x" * 64 + ".example", "22"), "is not a valid host name"),
-            (("a." * 128 + "b", "22"), "host name is longer than 255 bytes"),
-            (("fe80::1%eth0", "22"), "zone ids are not accepted"),
-            (("10.0.0.1", "0"), "port 0 is not between 1 and 65535"),
-            (("10.0.0.1", "70000"), "port 70000 is not between 1 and 65535"),
-            (("--cluster", "c" * 256, "10.0.0.1", "22"), "cluster name is longer than 255 bytes"),
-            (("--cluster", "c", "--token", "S3CRET" * 43, "10.0.0.1", "22"), "token is longer than 255 bytes"),
-            (("--cluster", "c", "--token", "S3CRET\udcff", "10.0.0.1", "22"), "token is not valid UTF-8"),
-        ]
-        for args, words in cases:
-            status, err = self.main(*args)
-            self.assertEqual(status, EXIT_USAGE, args)
-            self.assertEqual(err.count("\n"), 1, err)
-            self.assertTrue(err.startswith("gateway-connect: "), err)
-            self.assertIn(words, err)
-            self.assertNotIn("S3CRET", err)
-
-    def test_reader_of_stdout_gone_is_a_normal_end(self):
-        """The SSH client closed its end of our stdout: relay() ends quietly (exit 0), not with EPIPE."""
-        import os
-
-        from gateway.scripts.connect import relay
-
-        ours, theirs = socket.socketpair()
-        stdin_read, stdin_write = os.pipe()
-        stdout_read, stdout_write = os.pipe()
-        os.close(stdout_read)
-        os.close(stdin_write)  # and stdin ends too, so nothing can block
-        theirs.sendall(b"from the destination")
-        theirs.close()
-        try:
-            relay(ours, stdin_read, stdout_write)
-        finally:
-            os.close(stdin_read)
-            os.close(stdout_write)
-        self.assertEqual(ours.fileno(), -1)  # closed

@@ -1,0 +1,124 @@
+"""
+Shared pieces of the system tier: the real `twistd gateway` process in a
+namespace lab (L{tests.system.netlab}), the short timers and the [defaults]
+table the fault and hostile-client labs share, and curl run in the lab's ctl
+namespace.  Test modules import these from here, never from each other.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import re
+import sys
+import textwrap
+import time
+from collections.abc import Sequence
+
+from tests.system.netlab import Lab, wait_for_port
+
+VENV_BIN = os.path.dirname(sys.executable)
+#: The internal host's address in every lab cluster (each cluster's host serves its own content).
+INTERNAL = "10.251.0.10"
+
+# Short timers so that faults are noticed in seconds (see each test's bound).
+KEEPALIVE_INTERVAL = 1.0
+KEEPALIVE_COUNT_MAX = 3
+CONNECT_TIMEOUT = 3.0
+HANDSHAKE_TIMEOUT = 2.0
+
+
+def twistd_argv(config: str, logfile: str, *extra_args: str) -> list[str]:
+    """The command line of a foreground `twistd gateway` with C{config}, logging to C{logfile}."""
+    return [
+        os.path.join(VENV_BIN, "twistd"),
+        "--nodaemon",
+        "--pidfile=",
+        f"--logfile={logfile}",
+        "gateway",
+        f"--config={config}",
+        *extra_args,
+    ]
+
+
+def curl(lab: Lab, *args: str, max_time: float = 30) -> tuple[int, bytes, bytes]:
+    """curl in the lab's ctl namespace (bounded by C{max_time}): its exit status, stdout and stderr."""
+    done = lab.run(lab.ctl_ns, ["curl", "-sS", "--max-time", f"{max_time:g}", *args], timeout=max_time + 15)
+    return done.returncode, done.stdout, done.stderr
+
+
+def _twistd_options() -> list[str]:
+    """
+    Extra `twistd gateway` options: no control API listener where the
+    gateway has one (two gateways share a namespace in the fault tests, and
+    these tests need no API or state file).
+    """
+    try:
+        from gateway.app.tap import Options
+    except ImportError:
+        return []
+    names = {p[0] for p in Options.optParameters}
+    return ["--control="] if "control" in names else []
+
+
+def defaults_table(lab: Lab) -> str:
+    """The [defaults] every fault and hostile-client gateway shares: the lab's key and short timers."""
+    return (
+        "[defaults]\n"
+        'user = "root"\n'
+        f'key_file = "{lab.client_key_ed25519}"\n'
+        f'known_hosts = "{lab.known_hosts}"\n'
+        f"keepalive_interval = {KEEPALIVE_INTERVAL}\n"
+        f"keepalive_count_max = {KEEPALIVE_COUNT_MAX}\n"
+        f"connect_timeout = {CONNECT_TIMEOUT}\n"
+    )
+
+
+class GatewayProcess:
+    """One `twistd gateway` process in the lab's ctl namespace, with its own config and log file."""
+
+    def __init__(
+        self, lab: Lab, workdir: str, name: str, config: str, socks: int, http: int, extra_args: Sequence[str] = ()
+    ) -> None:
+        """C{extra_args} go after the defaults of L{_twistd_options}, so they win (e.g. C{--control=...})."""
+        self.lab = lab
+        self.socks = socks
+        self.http = http
+        self.config = os.path.join(workdir, f"{name}.toml")
+        self.log = os.path.join(workdir, f"{name}.log")
+        with open(self.config, "w") as f:
+            f.write(textwrap.dedent(config))
+        self.proc = lab.spawn(
+            lab.ctl_ns,
+            twistd_argv(self.config, self.log, *_twistd_options(), *extra_args),
+        )
+
+    def wait_listening(self, timeout: float = 20) -> None:
+        for port in (self.socks, self.http):
+            wait_for_port(self.lab, self.lab.ctl_ns, "127.0.0.1", port, timeout=timeout)
+
+    def wait_up(self, clusters: list[str], timeout: float = 30) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            log = self.read_log()
+            if all(re.search(rf"cluster {re.escape(c)} up\b", log) for c in clusters):
+                return
+            if self.proc.poll() is not None:
+                break
+            time.sleep(0.1)
+        raise AssertionError(f"clusters {clusters} did not come up:\n" + self.read_log()[-4000:])
+
+    def read_log(self) -> str:
+        """The whole log, including files twistd rotated away (gateway.log.N)."""
+        rotated = [p for p in glob.glob(self.log + ".*") if p.rsplit(".", 1)[1].isdigit()]
+        rotated.sort(key=lambda p: -int(p.rsplit(".", 1)[1]))
+        text = []
+        for path in [*rotated, self.log]:
+            try:
+                with open(path, errors="replace") as f:
+                    text.append(f.read())
+            except OSError:
+                pass
+        return "".join(text)
+
+
