@@ -30,7 +30,6 @@ import ipaddress
 import json
 import os
 import re
-import stat
 from collections.abc import Callable, Mapping, Set
 from dataclasses import dataclass
 from typing import Any
@@ -44,6 +43,7 @@ from twisted.web import http, server
 from twisted.web.resource import Resource
 
 from gateway.config import NAME_RULE, GatewaySettings, is_valid_name
+from gateway.config.secrets import read_secret_file
 from gateway.control.contract import ClusterControl, ClusterView, ControlError
 from gateway.proxy.frontend import ClientLimit
 
@@ -114,25 +114,7 @@ def control_token(path: str | None, environ: Mapping[str, str] = os.environ) -> 
 
 
 def _read_token_file(path: str) -> str:
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-    except OSError as e:
-        raise ValueError(f"cannot read control token file {path!r}: {e.strerror or type(e).__name__}") from None
-    with os.fdopen(fd, "rb") as f:
-        mode = os.fstat(f.fileno()).st_mode
-        if not stat.S_ISREG(mode):
-            raise ValueError(f"control token file {path!r} is not a regular file")
-        if mode & 0o077:
-            raise ValueError(
-                f"control token file {path!r} is accessible by other users "
-                f"(mode {stat.S_IMODE(mode):04o}): chmod 600 it"
-            )
-        try:
-            data = f.read(MAX_TOKEN_FILE_BYTES + 1)
-        except OSError as e:
-            raise ValueError(f"cannot read control token file {path!r}: {e.strerror or type(e).__name__}") from None
-    if len(data) > MAX_TOKEN_FILE_BYTES:
-        raise ValueError(f"control token file {path!r} is larger than {MAX_TOKEN_FILE_BYTES} bytes")
+    data = read_secret_file(path, "control token file", MAX_TOKEN_FILE_BYTES, regular_only=True)
     try:
         return data.decode("ascii")
     except UnicodeDecodeError:

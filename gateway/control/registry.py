@@ -22,44 +22,13 @@ from twisted.logger import Logger
 
 from gateway.app.service import GatewayService
 from gateway.cluster.connection import ClusterConnection
-from gateway.config import ClusterConfig, ConfigError, jump_cycle
+from gateway.config import ConfigError, jump_cycle
+from gateway.config.schema import safe_settings
 from gateway.control.contract import ClusterView, ControlError
 from gateway.control.metrics import metrics_text
 from gateway.control.store import ClusterStore, validate_body
-from gateway.ssh.hostkeys import fingerprint
 
 log = Logger()
-
-
-def safe_settings(config: ClusterConfig) -> dict[str, Any]:
-    """A cluster's settings for display: no private key, passphrase or token."""
-    key = config.private_key
-    return {
-        "aliases": list(config.aliases),
-        "proxies": [str(p) for p in config.proxies],
-        "user": config.user,
-        "key": {"type": key.sshType().decode(), "fingerprint": fingerprint(key.public())},
-        "known_hosts": config.known_hosts,
-        "host_keys": [k.toString("OPENSSH").decode() for k in config.host_keys],
-        "insecure_accept_any_host_key": config.insecure_accept_any_host_key,
-        "networks": [str(n) for n in config.networks],
-        "hostnames": list(config.hostnames),
-        "token_set": config.token is not None,
-        "connect_timeout": config.connect_timeout,
-        "open_timeout": config.open_timeout,
-        "window_size": config.window_size,
-        "keepalive_interval": config.keepalive_interval,
-        "keepalive_count_max": config.keepalive_count_max,
-        "mode": config.mode,
-        "exec_command": config.exec_command,
-        "proxy_command": config.proxy_command,
-        "jump": config.jump,
-        "connections": config.connections,
-        "max_streams": config.max_streams,
-        "rekey_bytes": config.rekey_bytes,
-        "rekey_interval": config.rekey_interval,
-        "allow_sha1_signatures": config.allow_sha1_signatures,
-    }
 
 
 def _iso(seconds: float | None) -> str | None:

@@ -59,19 +59,13 @@ from collections.abc import Mapping
 from typing import Any
 
 from gateway.config import ClusterConfig, ConfigError, GatewaySettings, parse_cluster
+from gateway.config.schema import api_body_refusal, api_config_refusal
+from gateway.config.values import show as _show
 
-__all__ = ["FILE_KEYS", "STORE_VERSION", "ClusterStore", "StoreError", "validate_body"]
+__all__ = ["STORE_VERSION", "ClusterStore", "StoreError", "validate_body"]
 
 #: The version of the file format written and accepted.
 STORE_VERSION = 1
-
-#: Body keys naming a file on the gateway's host, each with the key that
-#: carries the same thing inline.  An API client must not make the gateway
-#: use (or probe) a file that only the gateway's user can read, so they are
-#: refused unless C{[gateway] api_file_paths = true}; then they must be
-#: absolute paths: there is no configuration file for a relative path to be
-#: relative to, and the gateway's working directory may differ after a restart.
-FILE_KEYS = {"key_file": "key", "known_hosts": "host_keys", "passphrase_file": "passphrase", "token_file": "token"}
 
 _REFUSE = "refusing to start (the file is kept as it is)"
 _TMP_SUFFIX = ".tmp"
@@ -108,10 +102,6 @@ def _type_name(value: object) -> str:
     if isinstance(value, Mapping):
         return "object"
     return type(value).__name__
-
-
-def _show(name: str, limit: int = 80) -> str:
-    return repr(name[:limit]) + ("..." if len(name) > limit else "")
 
 
 class _DuplicateKey(ValueError):
@@ -347,10 +337,11 @@ def validate_body(
     A body carries its secrets inline (C{key}, C{passphrase}, C{host_keys},
     C{token}).  What would let an API client act with the gateway's own
     rights is refused, naming the key, unless C{settings} (the C{[gateway]}
-    table; its defaults when None) allows it: the file keys (L{FILE_KEYS},
-    then as absolute paths; C{api_file_paths}), C{proxy_command}
+    table; its defaults when None) allows it: the file keys (then as
+    absolute paths; C{api_file_paths}), C{proxy_command}
     (C{api_proxy_command}) and a C{jump} through another cluster's
-    connection (C{api_jump}).
+    connection (C{api_jump}).  Which key is refused how is the C{api} column
+    of the key table, L{gateway.config.schema.CLUSTER_SCHEMA}.
 
     @param known_clusters: the other clusters' names and aliases, each mapped
         to its cluster's name, for C{jump} (see L{parse_cluster}).
@@ -359,39 +350,16 @@ def validate_body(
     if not isinstance(body, Mapping):
         raise ConfigError(source, "(body)", f"expected a JSON object, got {_type_name(body)}")
     settings = settings or GatewaySettings()
-    for k, inline in FILE_KEYS.items():
-        if k not in body:
-            continue
-        if not settings.api_file_paths:
-            raise ConfigError(
-                source,
-                k,
-                f"API bodies may not name files on the gateway's host: send the content inline as {inline} "
-                "(gateway-ctl does) or set [gateway] api_file_paths = true",
-            )
-        value = body[k]
-        if isinstance(value, str) and value and not os.path.isabs(os.path.expanduser(value)):
-            raise ConfigError(
-                source, k, f"{_show(value)} is not an absolute path (a file on the gateway's host must be absolute)"
-            )
-    if "proxy_command" in body and not settings.api_proxy_command:
-        raise ConfigError(
-            source,
-            "proxy_command",
-            "proxy_command runs a command on the gateway host and is off for API clusters "
-            "(set [gateway] api_proxy_command = true to allow it)",
-        )
+    refused = api_body_refusal(body, settings)
+    if refused is not None:
+        raise ConfigError(source, *refused)
     try:
         config = parse_cluster(name, body, source, "", known_clusters=known_clusters)
     except ConfigError as e:
         if e.key == "":  # the only error about the table itself: its name
             raise ConfigError(e.source, "(name)", e.reason) from None
         raise
-    if config.jump_cluster is not None and not settings.api_jump:
-        raise ConfigError(
-            source,
-            "jump",
-            f"jump through cluster {config.jump_cluster!r} is off for API clusters: its proxy node would connect "
-            "on this cluster's behalf (set [gateway] api_jump = true to allow it, or jump to an address)",
-        )
+    refused = api_config_refusal(config, settings)
+    if refused is not None:
+        raise ConfigError(source, *refused)
     return config

@@ -210,7 +210,13 @@ def _resolve(path: str, base_dir: str) -> str:
 
 
 def _read_secret(path: str, what: str, where: str) -> bytes:
-    """Read a secret file, refusing one that other users can read."""
+    """
+    Read a secret file, refusing one that other users can read.
+
+    The gateway's reader is L{gateway.config.secrets.read_secret_file}; this
+    twin stays because gateway-ctl runs on the standard library alone, and
+    importing C{gateway.config} loads Twisted.
+    """
     try:
         mode = os.stat(path).st_mode
         if stat.S_ISREG(mode) and mode & 0o077:

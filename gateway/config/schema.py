@@ -1,0 +1,320 @@
+"""
+The one key table: every key a cluster table and the C{[gateway]} table may
+hold, with what the loader, the control API and the status output need to
+know about it.
+
+For a cluster key (L{ClusterKey}) the row says
+
+ - how its value is read (L{ClusterKey.reader}; keys that only make sense
+   together, such as C{key} and C{passphrase}, are read by a step of
+   L{gateway.config.cluster.parse_cluster} instead);
+ - whether C{[defaults]} may set it, and which C{[defaults]} keys it
+   displaces when a cluster sets it (a cluster's C{key} replaces the
+   defaults' C{key_file} instead of clashing with it);
+ - what an API body may not do with it unless a C{[gateway]} setting allows
+   it (L{ApiRule});
+ - whether the status output (L{safe_settings}) shows it, and how.
+
+The TOML loader, L{gateway.control.store.validate_body} and the control API's
+cluster view all read this table, so a new key is one row (plus its field in
+L{gateway.config.model}).  The rows are in the order the status output
+shows them.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+from gateway.config.model import (
+    MAX_CONNECTIONS,
+    MAX_KEEPALIVE_COUNT_MAX,
+    MAX_MAX_CLIENTS,
+    MAX_MAX_STREAMS,
+    MIN_REKEY_INTERVAL,
+    ClusterConfig,
+    GatewaySettings,
+)
+from gateway.config.values import (
+    Reader,
+    Values,
+    read_boolean,
+    read_exec_command,
+    read_integer,
+    read_mode,
+    read_path,
+    read_proxy_command,
+    read_rekey_bytes,
+    read_seconds,
+    read_window_size,
+    show,
+)
+from gateway.ssh.hostkeys import fingerprint
+
+__all__ = [
+    "CLUSTER_KEYS",
+    "CLUSTER_SCHEMA",
+    "DEFAULTABLE_KEYS",
+    "GATEWAY_KEYS",
+    "GATEWAY_SCHEMA",
+    "ApiRule",
+    "ClusterKey",
+    "GatewayKey",
+    "api_body_refusal",
+    "api_config_refusal",
+    "displaced",
+    "read_settings",
+    "safe_settings",
+]
+
+#: How the status output shows a key of a cluster's configuration.
+Render = Callable[[ClusterConfig], Any]
+
+
+# --- what the API may not do --------------------------------------------------------
+
+
+class ApiRule:
+    """
+    What an API body may not do with a key unless the C{[gateway]} setting
+    L{setting} allows it: what would let an API client act with the gateway's
+    own rights.  Each check returns the reason to refuse, or None.
+    """
+
+    #: The L{GatewaySettings} flag that lifts the rule.
+    setting = ""
+
+    def body_refusal(self, value: Any, allowed: bool) -> str | None:
+        """Checked on the body's value, before the body is validated."""
+        return None
+
+    def config_refusal(self, config: ClusterConfig, allowed: bool) -> str | None:
+        """Checked on the validated cluster."""
+        return None
+
+
+@dataclass(frozen=True)
+class HostFile(ApiRule):
+    """
+    The key names a file on the gateway's host.  An API client must not make
+    the gateway use (or probe) a file that only the gateway's user can read,
+    so it must send the content inline (as L{inline}); when allowed, the path
+    must be absolute: there is no configuration file for a relative path to be
+    relative to, and the gateway's working directory may differ after a restart.
+    """
+
+    inline: str
+    setting = "api_file_paths"
+
+    def body_refusal(self, value: Any, allowed: bool) -> str | None:
+        if not allowed:
+            return (
+                f"API bodies may not name files on the gateway's host: send the content inline as {self.inline} "
+                "(gateway-ctl does) or set [gateway] api_file_paths = true"
+            )
+        if isinstance(value, str) and value and not os.path.isabs(os.path.expanduser(value)):
+            return f"{show(value)} is not an absolute path (a file on the gateway's host must be absolute)"
+        return None
+
+
+class LocalCommand(ApiRule):
+    """The key is a command the gateway runs locally."""
+
+    setting = "api_proxy_command"
+
+    def body_refusal(self, value: Any, allowed: bool) -> str | None:
+        if allowed:
+            return None
+        return (
+            "proxy_command runs a command on the gateway host and is off for API clusters "
+            "(set [gateway] api_proxy_command = true to allow it)"
+        )
+
+
+class ClusterJump(ApiRule):
+    """The key may name another cluster, whose proxy node would connect for this one."""
+
+    setting = "api_jump"
+
+    def config_refusal(self, config: ClusterConfig, allowed: bool) -> str | None:
+        if config.jump_cluster is None or allowed:
+            return None
+        return (
+            f"jump through cluster {config.jump_cluster!r} is off for API clusters: its proxy node would connect "
+            "on this cluster's behalf (set [gateway] api_jump = true to allow it, or jump to an address)"
+        )
+
+
+# --- status renderings --------------------------------------------------------------
+
+
+def _as_strings(name: str) -> Render:
+    return lambda config: [str(item) for item in getattr(config, name)]
+
+
+def _key_summary(config: ClusterConfig) -> dict[str, str]:
+    key = config.private_key
+    return {"type": key.sshType().decode(), "fingerprint": fingerprint(key.public())}
+
+
+def _host_key_lines(config: ClusterConfig) -> list[str]:
+    return [k.toString("OPENSSH").decode() for k in config.host_keys]
+
+
+def _token_set(config: ClusterConfig) -> bool:
+    return config.token is not None
+
+
+# --- the cluster keys ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ClusterKey:
+    """One key of a cluster table."""
+
+    name: str
+    #: Reads the value into the ClusterConfig field C{name}; None: the key is
+    #: read by a step of L{gateway.config.cluster.parse_cluster}, with the
+    #: keys it works with.
+    reader: Reader | None = None
+    #: Whether C{[defaults]} may set it.  The others describe one cluster (its
+    #: names, its proxy node, its networks, its host keys, its token, the
+    #: connection it jumps through) and sharing them would be a mistake.
+    defaultable: bool = True
+    #: The C{[defaults]} keys a cluster setting this key displaces, besides itself.
+    displaces: frozenset[str] = frozenset()
+    #: ... and those it displaces when its value is C{true}.
+    displaces_if_true: frozenset[str] = frozenset()
+    #: What an API body may not do with it; None: anything a file may.
+    api: ApiRule | None = None
+    #: Whether the status output shows it (secrets and file paths to them are not).
+    shown: bool = True
+    #: The status output's name for it; None: C{name}.
+    shown_as: str | None = None
+    #: How the status output shows it; None: the field C{name} as it is.
+    render: Render | None = None
+
+    def status(self, config: ClusterConfig) -> tuple[str, Any]:
+        """(name, value) of this key in the status output."""
+        value = self.render(config) if self.render is not None else getattr(config, self.name)
+        return self.shown_as or self.name, value
+
+
+_KEY_GROUP = frozenset({"key", "key_file", "passphrase", "passphrase_file"})
+_PASSPHRASE_GROUP = frozenset({"passphrase", "passphrase_file"})
+_HOST_KEY_GROUP = frozenset({"known_hosts", "host_keys", "insecure_accept_any_host_key"})
+
+CLUSTER_SCHEMA: tuple[ClusterKey, ...] = (
+    ClusterKey("aliases", defaultable=False, render=lambda c: list(c.aliases)),
+    ClusterKey("proxies", defaultable=False, render=_as_strings("proxies")),
+    ClusterKey("user"),
+    ClusterKey("key", displaces=_KEY_GROUP, render=_key_summary),
+    ClusterKey("key_file", displaces=_KEY_GROUP, api=HostFile("key"), shown=False),
+    ClusterKey("known_hosts", displaces=_HOST_KEY_GROUP, api=HostFile("host_keys")),
+    ClusterKey("host_keys", defaultable=False, displaces=_HOST_KEY_GROUP, render=_host_key_lines),
+    ClusterKey("insecure_accept_any_host_key", displaces_if_true=_HOST_KEY_GROUP),
+    ClusterKey("passphrase", displaces=_PASSPHRASE_GROUP, shown=False),
+    ClusterKey("passphrase_file", displaces=_PASSPHRASE_GROUP, api=HostFile("passphrase"), shown=False),
+    ClusterKey("networks", defaultable=False, render=_as_strings("networks")),
+    ClusterKey("hostnames", defaultable=False, render=lambda c: list(c.hostnames)),
+    ClusterKey("token", defaultable=False, shown_as="token_set", render=_token_set),
+    ClusterKey("token_file", defaultable=False, api=HostFile("token"), shown=False),
+    ClusterKey("connect_timeout", read_seconds),
+    ClusterKey("open_timeout", read_seconds),
+    ClusterKey("window_size", read_window_size),
+    ClusterKey("keepalive_interval", partial(read_seconds, zero="no keepalive")),
+    ClusterKey("keepalive_count_max", partial(read_integer, low=1, high=MAX_KEEPALIVE_COUNT_MAX)),
+    ClusterKey("mode", read_mode),
+    ClusterKey("exec_command", read_exec_command),
+    ClusterKey("proxy_command", read_proxy_command, api=LocalCommand()),
+    # a cluster that jumps through another connection does not use the
+    # defaults' proxy_command (the two are mutually exclusive)
+    ClusterKey("jump", defaultable=False, displaces=frozenset({"proxy_command"}), api=ClusterJump()),
+    ClusterKey("connections", partial(read_integer, low=1, high=MAX_CONNECTIONS)),
+    ClusterKey("max_streams", partial(read_integer, low=1, high=MAX_MAX_STREAMS)),
+    ClusterKey("rekey_bytes", read_rekey_bytes),
+    ClusterKey("rekey_interval", partial(read_seconds, zero="rekey by bytes only", minimum=MIN_REKEY_INTERVAL)),
+    ClusterKey("allow_sha1_signatures", read_boolean),
+)
+
+_BY_NAME = {row.name: row for row in CLUSTER_SCHEMA}
+#: Every cluster key, sorted (as error messages list them).
+CLUSTER_KEYS = tuple(sorted(_BY_NAME))
+#: The cluster keys that may be given in C{[defaults]}, sorted.
+DEFAULTABLE_KEYS = tuple(sorted(row.name for row in CLUSTER_SCHEMA if row.defaultable))
+
+
+def displaced(data: Mapping[str, Any]) -> set[str]:
+    """The C{[defaults]} keys that the cluster table C{data} (of known keys) overrides."""
+    result: set[str] = set()
+    for k, v in data.items():
+        row = _BY_NAME[k]
+        result.add(k)
+        result |= row.displaces
+        if v is True:
+            result |= row.displaces_if_true
+    return result
+
+
+def read_settings(values: Values) -> dict[str, Any]:
+    """The fields of the keys read on their own (those with a reader) that C{values} sets."""
+    return {row.name: row.reader(values, row.name) for row in CLUSTER_SCHEMA if row.reader and row.name in values}
+
+
+def safe_settings(config: ClusterConfig) -> dict[str, Any]:
+    """A cluster's settings for display: no private key, passphrase or token."""
+    return dict(row.status(config) for row in CLUSTER_SCHEMA if row.shown)
+
+
+def api_body_refusal(body: Mapping[str, Any], settings: GatewaySettings) -> tuple[str, str] | None:
+    """(key, reason) of the first key of an API C{body} refused as it is sent, or None."""
+    for row in CLUSTER_SCHEMA:
+        if row.api is not None and row.name in body:
+            reason = row.api.body_refusal(body[row.name], getattr(settings, row.api.setting))
+            if reason is not None:
+                return row.name, reason
+    return None
+
+
+def api_config_refusal(config: ClusterConfig, settings: GatewaySettings) -> tuple[str, str] | None:
+    """(key, reason) of the first key of a validated API cluster that is refused, or None."""
+    for row in CLUSTER_SCHEMA:
+        if row.api is not None:
+            reason = row.api.config_refusal(config, getattr(settings, row.api.setting))
+            if reason is not None:
+                return row.name, reason
+    return None
+
+
+# --- the [gateway] keys --------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class GatewayKey:
+    """One key of the C{[gateway]} table: its reader gives the GatewaySettings field C{name}."""
+
+    name: str
+    reader: Reader
+
+
+GATEWAY_SCHEMA: tuple[GatewayKey, ...] = (
+    GatewayKey("handshake_timeout", read_seconds),
+    GatewayKey("body_timeout", read_seconds),
+    GatewayKey("keepalive_timeout", read_seconds),
+    GatewayKey("response_timeout", partial(read_seconds, zero="no limit")),
+    GatewayKey("max_clients", partial(read_integer, low=1, high=MAX_MAX_CLIENTS)),
+    GatewayKey("drain_timeout", partial(read_seconds, zero="close streams at once")),
+    GatewayKey("state_file", read_path),
+    GatewayKey("control_token_file", read_path),
+    GatewayKey("api_proxy_command", read_boolean),
+    GatewayKey("api_file_paths", read_boolean),
+    GatewayKey("api_jump", read_boolean),
+    GatewayKey("control_max_clients", partial(read_integer, low=1, high=MAX_MAX_CLIENTS)),
+    GatewayKey("control_head_timeout", read_seconds),
+    GatewayKey("control_body_timeout", read_seconds),
+)
+#: Every C{[gateway]} key, sorted (as error messages list them).
+GATEWAY_KEYS = tuple(sorted(row.name for row in GATEWAY_SCHEMA))
