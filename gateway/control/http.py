@@ -44,6 +44,7 @@ from twisted.web.resource import Resource
 
 from gateway.config import NAME_RULE, GatewaySettings, is_valid_name
 from gateway.config.secrets import read_secret_file
+from gateway.control import strictjson
 from gateway.control.contract import ClusterControl, ClusterView, ControlError
 from gateway.proxy.frontend import ClientLimit
 
@@ -649,19 +650,6 @@ def _cluster_name(raw: bytes) -> str:
     return name
 
 
-def _reject_constant(name: str) -> object:
-    raise ValueError(f"{name} is not valid JSON")
-
-
-def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    result: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in result:
-            raise ValueError(f"duplicate key {key!r} in a JSON object")
-        result[key] = value
-    return result
-
-
 def _json_object(data: bytes) -> dict[str, Any]:
     """Parse a request body that must be a JSON object; never echo it."""
     try:
@@ -669,13 +657,15 @@ def _json_object(data: bytes) -> dict[str, Any]:
     except UnicodeDecodeError as e:
         raise _BadRequest(f"request body is not valid UTF-8 (byte {e.start})")
     try:
-        value = json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_reject_constant)
+        value = strictjson.loads(text)
     except json.JSONDecodeError as e:
         raise _BadRequest(f"invalid JSON: {e.msg} at line {e.lineno} column {e.colno} (char {e.pos})")
     except RecursionError:
         raise _BadRequest("invalid JSON: nested too deeply")
-    except ValueError as e:
-        raise _BadRequest(f"invalid JSON: {e}")
+    except strictjson.DuplicateKeyError as e:
+        raise _BadRequest(f"invalid JSON: duplicate key {e.key!r} in a JSON object")
+    except strictjson.ConstantError as e:
+        raise _BadRequest(f"invalid JSON: {e.name} is not valid JSON")
     if not isinstance(value, dict):
         raise _BadRequest("request body must be a JSON object")
     return value

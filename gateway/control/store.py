@@ -61,6 +61,7 @@ from typing import Any
 from gateway.config import ClusterConfig, ConfigError, GatewaySettings, parse_cluster
 from gateway.config.schema import api_body_refusal, api_config_refusal
 from gateway.config.values import show as _show
+from gateway.control import strictjson
 
 __all__ = ["STORE_VERSION", "ClusterStore", "StoreError", "validate_body"]
 
@@ -102,23 +103,6 @@ def _type_name(value: object) -> str:
     if isinstance(value, Mapping):
         return "object"
     return type(value).__name__
-
-
-class _DuplicateKey(ValueError):
-    pass
-
-
-def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    result: dict[str, Any] = {}
-    for k, v in pairs:
-        if k in result:
-            raise _DuplicateKey(k)
-        result[k] = v
-    return result
-
-
-def _no_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not a JSON value")
 
 
 def _plain(value: Any, where: str) -> Any:
@@ -195,15 +179,15 @@ class ClusterStore:
         except UnicodeDecodeError as e:
             raise self._refuse(f"not UTF-8 text (byte offset {e.start})") from None
         try:
-            data = json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_no_constant)
+            data = strictjson.loads(text)
         except json.JSONDecodeError as e:
             # e.msg is the parser's reason only ("Expecting ',' delimiter"),
             # never a piece of the document.
             raise self._refuse(f"not valid JSON (line {e.lineno} column {e.colno}): {e.msg}") from None
-        except _DuplicateKey as e:
-            raise self._refuse(f"not valid: the key {_show(str(e))} appears twice in one object") from None
-        except ValueError as e:  # NaN / Infinity
-            raise self._refuse(f"not valid JSON: {e}") from None
+        except strictjson.DuplicateKeyError as e:
+            raise self._refuse(f"not valid: the key {_show(e.key)} appears twice in one object") from None
+        except strictjson.ConstantError as e:
+            raise self._refuse(f"not valid JSON: {e.name} is not a JSON value") from None
         if not isinstance(data, dict):
             raise self._refuse(f'expected a JSON object {{"version": 1, "clusters": {{...}}}}, got {_type_name(data)}')
         unknown = sorted(set(data) - {"version", "clusters"})
