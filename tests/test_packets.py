@@ -46,6 +46,7 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SkipTest, TestCase
 
 from gateway.errors import peer_text
+from gateway.ssh.connection import TunnelConnection
 from gateway.ssh.hostkeys import HostKeyPolicy
 from gateway.ssh.packets import (
     AES128_GCM,
@@ -56,7 +57,7 @@ from gateway.ssh.packets import (
     PacketReader,
     _RandomPadding,
 )
-from gateway.ssh.transport import GatewayClientTransport, SSHConnectError, TunnelConnection, client_factory
+from gateway.ssh.transport import GatewayClientTransport, SSHConnectError, client_factory
 from gateway.testing import generate_key, public_line
 
 AEAD = (AES128_GCM, CHACHA20_POLY1305, AES256_GCM)
