@@ -1093,7 +1093,7 @@ class OpenSSHInteropTests(TestCase):
 
         def on_data() -> None:
             # Between key exchanges only: the list must be the one the KEXINIT carried.
-            idle = protocol._keyExchangeState == protocol._KEY_EXCHANGE_NONE
+            idle = not protocol.key_exchange_running
             if idle and protocol.rekeys != state["rekeys"]:
                 state["rekeys"] = protocol.rekeys
                 protocol.supportedCiphers = [next(offered, AES128_GCM)]
