@@ -287,7 +287,7 @@ class GatewayClientTransport(ConchClientTransport):
                 data = self.incomingCompression.decompress(plain[start:end])
                 return data, 0, len(data)
             except Exception:
-                self._log.failure("Error decompressing payload")
+                log.failure("Error decompressing payload")
                 self._stop_reading = True
                 self.sendDisconnect(transport.DISCONNECT_COMPRESSION_ERROR, b"compression error")
                 return None
