@@ -43,7 +43,8 @@ from twisted.web.resource import Resource
 from twisted.web.server import Site
 from zope.interface import implementer
 
-from gateway.ssh.channel import OrderedEOFChannel, quiet_logger
+from gateway.ssh._conch import quiet_conch_logs
+from gateway.ssh.channel import OrderedEOFChannel
 
 log = Logger()
 
@@ -423,7 +424,7 @@ class FakeProxyNode:
         }
         self.factory.node = self
         self.factory.noisy = False
-        _ProxyNodeConnection._log = quiet_logger("gateway.testing.proxy_node")
+        quiet_conch_logs("gateway.testing.proxy_node")(_ProxyNodeConnection)
 
     def listen(self, description: str = "tcp:0:interface=127.0.0.1"):
         """Listen on an endpoint string; fires with the IListeningPort."""

@@ -35,7 +35,7 @@ from zope.interface import implementer
 from gateway.app.service import GatewayService
 from gateway.config import GatewayConfig, GatewaySettings, ListenConfig, parse_cluster
 from gateway.ssh.channel import TunnelChannel
-from gateway.ssh.transport import TunnelConnection
+from gateway.ssh.connection import TunnelConnection
 from gateway.testing import FakeProxyNode, demo_web_site, generate_key, private_pem, public_line
 
 WEB = ("10.99.0.10", 80)
@@ -413,3 +413,85 @@ def http_exchange(port: int, request: bytes, timeout: float = 10) -> bytes:
     with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
         sock.sendall(request)
         return recv_all(sock)
+
+
+# -- endpoint tests (proxy command, jump) -----------------------------------------
+
+#: Seconds an endpoint test waits for one step on the real reactor.
+WAIT = 5.0
+
+
+def within(d: Deferred, seconds: float = WAIT) -> Deferred:
+    """C{d}, failing with a time-out after C{seconds} of the real reactor."""
+    return d.addTimeout(seconds, reactor)
+
+
+class Collector(Protocol):
+    """Records what it receives; C{until} waits for enough of it."""
+
+    def __init__(self) -> None:
+        self.data = b""
+        #: Fires with the exception connectionLost was given.
+        self.lost: Deferred[BaseException] = Deferred()
+        self._waiting: list[tuple[bytes, Deferred]] = []
+
+    def dataReceived(self, data: bytes) -> None:
+        self.data += data
+        for marker, d in list(self._waiting):
+            if marker in self.data:
+                self._waiting.remove((marker, d))
+                d.callback(self.data)
+
+    def until(self, marker: bytes) -> Deferred:
+        if marker in self.data:
+            d: Deferred = Deferred()
+            d.callback(self.data)
+            return d
+        d = Deferred()
+        self._waiting.append((marker, d))
+        return within(d)
+
+    def connectionLost(self, reason: Failure) -> None:
+        self.lost.callback(reason.value)
+
+
+class OneShot(Factory):
+    noisy = False
+
+    def __init__(self, protocol: Protocol) -> None:
+        self.protocol_instance = protocol
+
+    def buildProtocol(self, addr):
+        self.address = addr
+        return self.protocol_instance
+
+
+async def fetch(conn) -> bytes:
+    """GET / from the demo web server through a tunnel of C{conn}; the response body."""
+    channel = await within(conn.open_tunnel(*WEB, ("127.0.0.1", 0)))
+    received: list[bytes] = []
+    closed: Deferred = Deferred()
+
+    class Peer:
+        def tunnel_data(self, data):
+            received.append(data)
+
+        def tunnel_eof(self):
+            channel.close()  # the server answered and closed: so do we
+
+        def tunnel_closed(self):
+            closed.callback(None)
+
+        def tunnel_pause_writing(self):
+            pass
+
+        def tunnel_resume_writing(self):
+            pass
+
+    channel.attach(Peer())
+    channel.send(b"GET / HTTP/1.0\r\nHost: web\r\n\r\n")
+    await within(closed)
+    response = b"".join(received)
+    head, _, body = response.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.0 200"), head
+    return body

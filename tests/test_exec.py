@@ -32,8 +32,9 @@ from gateway.ssh.channel import (
     exec_command_line,
     exec_failure_reason,
 )
+from gateway.ssh.connection import TunnelConnection
 from gateway.ssh.hostkeys import HostKeyPolicy
-from gateway.ssh.transport import TunnelConnection, client_factory
+from gateway.ssh.transport import client_factory
 from gateway.testing import FakeProxyNode, generate_key
 from tests.support import FakeSSHTransport, HalfCloseEcho, inline, quiet_factory, sleep
 

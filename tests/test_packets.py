@@ -46,6 +46,7 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SkipTest, TestCase
 
 from gateway.errors import peer_text
+from gateway.ssh.connection import TunnelConnection
 from gateway.ssh.hostkeys import HostKeyPolicy
 from gateway.ssh.packets import (
     AES128_GCM,
@@ -56,8 +57,9 @@ from gateway.ssh.packets import (
     PacketReader,
     _RandomPadding,
 )
-from gateway.ssh.transport import GatewayClientTransport, SSHConnectError, TunnelConnection, client_factory
+from gateway.ssh.transport import GatewayClientTransport, SSHConnectError, client_factory
 from gateway.testing import generate_key, public_line
+from tests.support import inline, within
 
 AEAD = (AES128_GCM, CHACHA20_POLY1305, AES256_GCM)
 CLASSIC = b"aes128-ctr"
@@ -66,20 +68,6 @@ SSHD = "/usr/sbin/sshd"
 SSH_KEYGEN = shutil.which("ssh-keygen") or "/usr/bin/ssh-keygen"
 MiB = 1 << 20
 PAYLOAD = hashlib.shake_256(b"gateway AEAD interop").digest(8 * MiB)
-
-
-def within(d: Deferred, seconds: float) -> Deferred:
-    return d.addTimeout(seconds, reactor)
-
-
-def inline(f):
-    """Run an async test method as a Deferred (trial understands those)."""
-
-    def wrapper(self):
-        return Deferred.fromCoroutine(f(self))
-
-    wrapper.__name__ = f.__name__
-    return wrapper
 
 
 def first_difference(a: bytes, b: bytes) -> str:
@@ -1092,7 +1080,7 @@ class OpenSSHInteropTests(TestCase):
 
         def on_data() -> None:
             # Between key exchanges only: the list must be the one the KEXINIT carried.
-            idle = protocol._keyExchangeState == protocol._KEY_EXCHANGE_NONE
+            idle = not protocol.key_exchange_running
             if idle and protocol.rekeys != state["rekeys"]:
                 state["rekeys"] = protocol.rekeys
                 protocol.supportedCiphers = [next(offered, AES128_GCM)]

@@ -20,7 +20,6 @@ from twisted.internet.defer import Deferred, fail
 from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
-from twisted.logger import globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.python.filepath import FilePath
 from twisted.trial.unittest import SkipTest, TestCase
@@ -30,9 +29,10 @@ from gateway.config import parse_cluster
 from gateway.errors import Reason, StreamError
 from gateway.ssh import transport as client_module
 from gateway.ssh.auth import KeyAuthClient, signature_algorithm
-from gateway.ssh.channel import TunnelChannel, open_failure_reason, quiet_logger
+from gateway.ssh.channel import TunnelChannel, open_failure_reason
+from gateway.ssh.connection import TunnelConnection
 from gateway.ssh.hostkeys import HostKeyError, HostKeyPolicy, known_hosts_name
-from gateway.ssh.transport import GatewayClientTransport, SSHConnectError, TunnelConnection
+from gateway.ssh.transport import GatewayClientTransport, SSHConnectError
 from gateway.testing import generate_key, private_pem, public_line
 from tests.support import FakeSSHTransport
 
@@ -294,25 +294,6 @@ class ChannelFlowControlTests(TestCase):
         self._data(10)
         self.assertEqual(self.channel.bytes_down, 10)
         self.assertEqual(self.received, [b"x" * 10])
-
-
-class QuietLoggerTests(TestCase):
-    def test_only_warnings_and_worse_reach_the_observers(self):
-        events: list[dict] = []
-        globalLogPublisher.addObserver(events.append)
-        self.addCleanup(globalLogPublisher.removeObserver, events.append)
-
-        class Chatty:
-            _log = quiet_logger("tests.chatty")
-
-        chatty = Chatty()
-        self.assertIs(chatty._log, Chatty._log)  # no new Logger per access
-        chatty._log.debug("kex step")
-        chatty._log.info("channel opened")
-        chatty._log.warn("window overrun")
-        chatty._log.error("Got remote error")
-        ours = [e for e in events if e.get("log_namespace") == "tests.chatty"]
-        self.assertEqual([e["log_format"] for e in ours], ["window overrun", "Got remote error"])
 
 
 class OpenFailureTests(TestCase):

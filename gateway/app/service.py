@@ -30,7 +30,8 @@ from gateway.proxy.http.protocol import HttpProxyFactory
 from gateway.proxy.opener import StreamOpener
 from gateway.proxy.socks.protocol import SocksFactory
 from gateway.routing import Router
-from gateway.ssh.proxycommand import ChannelEndpoint, command_endpoint
+from gateway.ssh.jump import ChannelEndpoint
+from gateway.ssh.proxycommand import command_endpoint
 
 log = Logger()
 

@@ -46,8 +46,9 @@ from twisted.python.failure import Failure
 from gateway.config import ClusterConfig, ProxyAddress
 from gateway.errors import Reason, StreamError
 from gateway.ssh.channel import TunnelChannel, exec_command_line
+from gateway.ssh.connection import TunnelConnection
 from gateway.ssh.hostkeys import HostKeyPolicy
-from gateway.ssh.transport import GatewayClientTransport, SSHConnectError, TunnelConnection, client_factory
+from gateway.ssh.transport import GatewayClientTransport, SSHConnectError, client_factory
 
 log = Logger()
 

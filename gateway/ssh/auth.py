@@ -18,7 +18,7 @@ from twisted.conch.ssh.keys import Key
 from twisted.conch.ssh.service import SSHService
 from twisted.internet.defer import Deferred, succeed
 
-from gateway.ssh.channel import quiet_logger
+from gateway.ssh._conch import quiet_conch_logs
 
 _RSA_SHA2 = (b"rsa-sha2-512", b"rsa-sha2-256")
 _RSA_SHA1 = b"ssh-rsa"
@@ -44,12 +44,12 @@ def signature_algorithm(key: Key, server_sig_algs: bytes | None, allow_sha1: boo
     return _RSA_SHA1 if allow_sha1 else _RSA_SHA2[0]
 
 
+#: Conch's per-attempt chatter ("trying to auth with publickey", ...).
+@quiet_conch_logs("gateway.ssh.auth")
 class KeyAuthClient(userauth.SSHUserAuthClient):
     """Authenticate as C{user} with one private key, then start C{instance}."""
 
     preferredOrder = [b"publickey"]
-    #: Conch's per-attempt chatter ("trying to auth with publickey", ...).
-    _log = quiet_logger("gateway.ssh.auth")
 
     def __init__(
         self, user: str, private_key: Key, instance: SSHService, allow_sha1_signatures: bool = False

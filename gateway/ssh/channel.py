@@ -38,11 +38,11 @@ from twisted.conch.ssh import channel, connection, forwarding
 from twisted.conch.ssh.common import NS, getNS
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IPushProducer, IReactorTime
-from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from gateway.errors import Reason, StreamError, peer_text
+from gateway.ssh._conch import quiet_conch_logs
 
 DEFAULT_WINDOW = 2 * 1024 * 1024
 MAX_PACKET = 32768
@@ -58,36 +58,6 @@ class TunnelPeer(Protocol):
     def tunnel_closed(self) -> None: ...
     def tunnel_pause_writing(self) -> None: ...
     def tunnel_resume_writing(self) -> None: ...
-
-
-class _WarningsLogger(Logger):
-    """
-    A logger that drops everything below a warning before an event is built.
-
-    Conch logs every channel open and close and each step of a key exchange
-    at info or debug level.  Per stream that would be two events built,
-    dispatched and filtered away, and a new L{Logger} made at each
-    C{self._log} (L{Logger} is a descriptor); this one is shared and returns
-    at once.
-    """
-
-    _kept = frozenset({LogLevel.warn, LogLevel.error, LogLevel.critical})
-
-    def __get__(self, instance: object, owner: type | None = None) -> Logger:
-        return self
-
-    def emit(self, level: LogLevel, format: str | None = None, **kwargs: object) -> None:
-        if level in self._kept:
-            super().emit(level, format, **kwargs)
-
-
-def quiet_logger(namespace: str) -> Logger:
-    """
-    A logger for Conch's own events that keeps only warnings and worse: at
-    thousands of streams and hundreds of clusters its chatter would drown the
-    gateway's one event per stream and two per connection.
-    """
-    return _WarningsLogger(namespace=namespace)
 
 
 def open_failure_reason(code: int, description: str) -> Reason:
@@ -162,6 +132,7 @@ def _program_name(command: bytes) -> str:
     return os.path.basename(words[0]) if words else "command"
 
 
+@quiet_conch_logs("gateway.ssh.channel")
 class OrderedEOFChannel(channel.SSHChannel):
     """
     A channel whose EOF (and anything else ordered with L{after_data}, such
@@ -174,7 +145,6 @@ class OrderedEOFChannel(channel.SSHChannel):
 
     _after_data: list[Callable[[], None]] | None = None
     _close_after_data = False
-    _log = quiet_logger("gateway.ssh.channel")
 
     def after_data(self, action: Callable[[], None]) -> None:
         """Run C{action} once everything written so far has been sent."""

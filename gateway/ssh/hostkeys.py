@@ -20,6 +20,8 @@ from twisted.conch.client.knownhosts import HashedEntry, PlainEntry
 from twisted.conch.error import InvalidEntry
 from twisted.conch.ssh.keys import BadKeyError, FingerprintFormats, Key
 
+from gateway.ssh._conch import entry_host_patterns
+
 #: Host-key algorithm names per key type (others have one, their own);
 #: RSA keys with SHA-2 first (C{ssh-rsa} is offered only on opt-in).
 _ALGORITHMS_FOR_TYPE = {
@@ -67,7 +69,7 @@ def host_matches(entry, name: str) -> bool:
         return entry.matchesHost(name.encode())
     name = name.lower()
     matched = False
-    for pattern in entry._hostnames:
+    for pattern in entry_host_patterns(entry):
         text = pattern.decode("utf-8", "replace").lower()
         negated = text.startswith("!")
         if _pattern(text[1:] if negated else text).fullmatch(name):

@@ -59,6 +59,8 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.poly1305 import Poly1305
 from twisted.conch.ssh import transport
 
+from gateway.ssh._conch import conch_cipher, conch_mac, mac_key
+
 AES128_GCM = b"aes128-gcm@openssh.com"
 AES256_GCM = b"aes256-gcm@openssh.com"
 CHACHA20_POLY1305 = b"chacha20-poly1305@openssh.com"
@@ -292,18 +294,18 @@ class FastSSHCiphers(transport.SSHCiphers):
         else:
             # Conch's setKeys, one direction at a time.
             if out_aead is None:
-                o = self._getCipher(self.outCipType, outIV, outKey)
+                o = conch_cipher(self, self.outCipType, outIV, outKey)
                 self.encryptor = o.encryptor()
                 self.encBlockSize = o.algorithm.block_size // 8
-                self.outMAC = self._getMAC(self.outMACType, outInteg)
+                self.outMAC = conch_mac(self, self.outMACType, outInteg)
             else:
                 self.out_aead = out_aead(outIV, outKey)
                 self.encBlockSize = self.out_aead.block_size
             if in_aead is None:
-                o = self._getCipher(self.inCipType, inIV, inKey)
+                o = conch_cipher(self, self.inCipType, inIV, inKey)
                 self.decryptor = o.decryptor()
                 self.decBlockSize = o.algorithm.block_size // 8
-                self.inMAC = self._getMAC(self.inMACType, inInteg)
+                self.inMAC = conch_mac(self, self.inMACType, inInteg)
                 if self.inMAC:
                     self.verifyDigestSize = self.inMAC[3]
             else:
@@ -311,9 +313,9 @@ class FastSSHCiphers(transport.SSHCiphers):
                 self.decBlockSize = self.in_aead.block_size
                 self.verifyDigestSize = _TAG_SIZE
         if self.outMAC[0]:
-            self._out_hmac = hmac.new(self.outMAC.key, digestmod=self.outMAC[0])
+            self._out_hmac = hmac.new(mac_key(self.outMAC), digestmod=self.outMAC[0])
         if self.inMAC[0]:
-            self._in_hmac = hmac.new(self.inMAC.key, digestmod=self.inMAC[0])
+            self._in_hmac = hmac.new(mac_key(self.inMAC), digestmod=self.inMAC[0])
         self.seal = self.out_aead.seal if self.out_aead is not None else self._seal_classic
 
     def seal(self, seqnr: int, message_type: int, payload: bytes) -> bytes:

@@ -1,6 +1,6 @@
 """
-The SSH client side of one cluster connection: transport, connection service
-and the factory that builds them.
+The SSH client transport of one cluster connection, and the factory that
+builds it (its connection service is L{gateway.ssh.connection}).
 
 The transport verifies the proxy node's host key (L{HostKeyPolicy}), then
 authenticates with the cluster's key (L{KeyAuthClient}) and starts a
@@ -17,8 +17,7 @@ import struct
 from collections.abc import Callable
 from functools import partial
 
-from twisted.conch.ssh import _kex, connection, transport
-from twisted.conch.ssh.channel import SSHChannel
+from twisted.conch.ssh import connection, transport
 from twisted.conch.ssh.common import NS, ffs, getNS
 from twisted.conch.ssh.keys import Key
 from twisted.internet.defer import Deferred, fail, succeed
@@ -29,8 +28,9 @@ from twisted.python.failure import Failure
 
 from gateway.errors import peer_text
 from gateway.proxy.splice import set_no_delay
+from gateway.ssh._conch import SEQUENCE_MASK, ConchClientTransport, quiet_conch_logs
 from gateway.ssh.auth import KeyAuthClient
-from gateway.ssh.channel import DEFAULT_WINDOW, ExecTunnelChannel, TunnelChannel, quiet_logger
+from gateway.ssh.connection import TunnelConnection
 from gateway.ssh.hostkeys import HostKeyError, HostKeyPolicy
 from gateway.ssh.packets import (
     AEAD_CIPHERS,
@@ -51,12 +51,6 @@ DEFAULT_REKEY_BYTES = 1 << 30
 DEFAULT_REKEY_INTERVAL = 3600.0
 
 _MSG_CHANNEL_DATA = connection.MSG_CHANNEL_DATA
-_CHANNEL_DATA_HEADER = struct.Struct(">2L")  # recipient channel, data length
-_CHANNEL_ID = struct.Struct(">L")
-#: The messages addressed to one of our channels (RFC 4254 5.1-5.4).
-_CHANNEL_MESSAGES = frozenset(
-    range(connection.MSG_CHANNEL_OPEN_CONFIRMATION, connection.MSG_CHANNEL_FAILURE + 1)
-)
 
 #: Key exchanges offered, best first: X25519, then the NIST curves (for nodes
 #: restricted to FIPS algorithms).  No SHA-1 exchange, and no finite-field
@@ -117,166 +111,16 @@ class SSHConnectError(Exception):
     """The SSH connection to a proxy node could not be established."""
 
 
-class TunnelConnection(connection.SSHConnection):
-    """
-    The C{ssh-connection} service, opening C{direct-tcpip} tunnels (or
-    C{session} channels running netcat, L{open_exec}).
-
-    Data delivery is overridden so the channel, not Conch, decides when to
-    re-open the receive window (see L{TunnelChannel}).
-    """
-
-    _log = quiet_logger("gateway.ssh.connection")
-
-    def __init__(self, ready: Deferred[TunnelConnection], clock: IReactorTime) -> None:
-        super().__init__()
-        self._ready = ready
-        self._clock = clock
-
-    def serviceStarted(self) -> None:
-        super().serviceStarted()
-        self._ready.callback(self)
-
-    def _take_window(self, local_id: int, length: int) -> TunnelChannel | None:
-        """The channel C{length} bytes arrived for, its window debited; None if it must not get them."""
-        channel = self.channels.get(local_id)
-        if channel is None:
-            return None
-        if length > channel.localWindowLeft or length > channel.localMaxPacket:
-            log.warn("proxy node overran the window of channel {id}; closing it", id=local_id)
-            self.sendClose(channel)
-            return None
-        channel.localWindowLeft -= length
-        return channel
-
-    def ssh_CHANNEL_DATA(self, packet: bytes) -> None:
-        self.channel_data(packet, 0, len(packet))
-
-    def channel_data(self, message: bytes, start: int, end: int) -> None:
-        """
-        A C{CHANNEL_DATA} message whose payload is C{message[start:end]}.
-        The transport calls this directly with the decrypted packet, so the
-        data is copied once (out of the packet) on its way to the client
-        rather than twice, and skips Conch's per-message name lookup.
-        """
-        if end - start < 8:
-            self.transport.sendDisconnect(transport.DISCONNECT_PROTOCOL_ERROR, b"short CHANNEL_DATA")
-            return
-        local_id, length = _CHANNEL_DATA_HEADER.unpack_from(message, start)
-        channel = self._take_window(local_id, length)
-        if channel is not None:
-            try:
-                channel.dataReceived(message[start + 8 : min(start + 8 + length, end)])
-            except Exception:
-                self._stream_failed(channel, Failure())
-
-    # -- the exception barrier ---------------------------------------------
-    #
-    # Every stream of a cluster shares this connection, and Twisted drops a
-    # connection whose dataReceived raises.  So nothing a channel (or the
-    # client behind it) does wrong may travel up into the transport: an
-    # exception from a channel callback ends that channel alone.
-
-    def packetReceived(self, messageNum: int, packet: bytes) -> None:
-        if messageNum not in _CHANNEL_MESSAGES:
-            super().packetReceived(messageNum, packet)
-            return
-        if len(packet) < 4 or _CHANNEL_ID.unpack_from(packet)[0] not in self.channels:
-            # The peer named no channel of ours: its bug, not a stream's.
-            self.transport.sendDisconnect(transport.DISCONNECT_PROTOCOL_ERROR, b"message for an unknown channel")
-            return
-        channel = self.channels[_CHANNEL_ID.unpack_from(packet)[0]]
-        try:
-            super().packetReceived(messageNum, packet)
-        except Exception:
-            if messageNum == connection.MSG_CHANNEL_CLOSE:
-                channel.remoteClosed = True  # Conch raised before noting it
-            self._stream_failed(channel, Failure())
-
-    def _stream_failed(self, channel: SSHChannel, failure: Failure) -> None:
-        """End C{channel}, one of whose callbacks raised C{failure}; log that once."""
-        if not getattr(channel, "failed", False):
-            channel.failed = True  # type: ignore[attr-defined]
-            log.failure(
-                "stream {destination} failed inside the gateway; closing that stream only",
-                failure,
-                destination=getattr(channel, "destination", "?"),
-                outcome="internal-error",
-            )
-        isolate = getattr(channel, "isolate", None)
-        if isolate is not None:
-            isolate()
-        if channel in self.channelsToRemoteChannel:
-            if not channel.localClosed:
-                self.sendClose(channel)
-            if channel.remoteClosed:
-                self.channelClosed(channel)
-
-    def serviceStopped(self) -> None:
-        # The SSH connection is gone: every channel still open was cut, and
-        # its stream's log event must say so rather than read as a normal end.
-        for open_channel in self.channelsToRemoteChannel:
-            if isinstance(open_channel, TunnelChannel) and open_channel.close_reason is None:
-                open_channel.close_reason = "SSH connection lost"
-        super().serviceStopped()
-
-    def channelClosed(self, channel: SSHChannel) -> None:
-        # Also reached from serviceStopped for every open channel: one whose
-        # clean-up raises must not keep the others from being closed.
-        try:
-            super().channelClosed(channel)
-        except Exception:
-            self._stream_failed(channel, Failure())
-
-    def ssh_CHANNEL_EXTENDED_DATA(self, packet: bytes) -> None:
-        # As for data: the channel re-opens the window (for stderr at once).
-        local_id, data_type, length = struct.unpack(">3L", packet[:12])
-        channel = self._take_window(local_id, length)
-        if channel is not None:
-            channel.extReceived(data_type, packet[12 : 12 + length])
-
-    def open_tunnel(
-        self,
-        host: str,
-        port: int,
-        origin: tuple[str, int],
-        window_size: int = DEFAULT_WINDOW,
-    ) -> Deferred[TunnelChannel]:
-        """Open a C{direct-tcpip} channel to C{host:port}."""
-        channel = TunnelChannel(host, port, origin, window_size, clock=self._clock)
-        self.openChannel(channel, channel.open_request_data())
-        return channel.opened
-
-    def open_exec(
-        self,
-        command: bytes,
-        host: str,
-        port: int,
-        origin: tuple[str, int],
-        window_size: int = DEFAULT_WINDOW,
-    ) -> Deferred[TunnelChannel]:
-        """
-        Carry a stream to C{host:port} over C{command}'s stdin/stdout (a
-        C{session} channel running e.g. C{nc host port}); see
-        L{gateway.ssh.channel.exec_command_line}.  Fires once the proxy node
-        runs the command; fails with L{StreamError} C{PROHIBITED} if it will
-        not.  C{host} and C{port} are for logs and C{destination} only.
-        """
-        channel = ExecTunnelChannel(command, host, port, origin, window_size, clock=self._clock)
-        self.openChannel(channel, channel.open_request_data())
-        return channel.opened
-
-    @property
-    def open_channels(self) -> int:
-        return len(self.channels)
-
-
-_SEQUENCE_MASK = 0xFFFFFFFF
 #: Conch's client, whose algorithm lists say what it implements.
 _CONCH = transport.SSHClientTransport
 
 
-class GatewayClientTransport(transport.SSHClientTransport):
+#: Conch logs each key exchange step, cipher choice and ordinary disconnect
+#: at info/debug level: ten lines per connection, which at hundreds of
+#: clusters buries the gateway's own events.  Its warnings and errors (a
+#: peer's disconnect reason, bad packets) still get through.
+@quiet_conch_logs("gateway.ssh.transport")
+class GatewayClientTransport(ConchClientTransport):
     """
     An SSH client transport for one proxy node.
 
@@ -286,11 +130,7 @@ class GatewayClientTransport(transport.SSHClientTransport):
     own C{sendPacket} runs.
     """
 
-    #: Conch logs each key exchange step, cipher choice and ordinary
-    #: disconnect at info/debug level: ten lines per connection, which at
-    #: hundreds of clusters buries the gateway's own events.  Its warnings and
-    #: errors (a peer's disconnect reason, bad packets) still get through.
-    _log = quiet_logger("gateway.ssh.transport")
+    ciphers_class = FastSSHCiphers
 
     # Every list explicit, in our order, and only what Conch (or the
     # backend, for AEAD) implements: Conch's own lists end in CBC, 3DES,
@@ -355,7 +195,7 @@ class GatewayClientTransport(transport.SSHClientTransport):
             self._rekey()
 
     def _rekey(self) -> None:
-        if self._keyExchangeState != self._KEY_EXCHANGE_NONE or self.sessionID is None:
+        if self.key_exchange_running or self.sessionID is None:
             return  # one is already running, or the first has not finished
         self._bytes_since_kex = 0
         self.rekeys += 1
@@ -374,24 +214,18 @@ class GatewayClientTransport(transport.SSHClientTransport):
 
     # -- packets -------------------------------------------------------------
 
-    def sendPacket(self, messageType: int, payload: bytes) -> None:
+    def seal_packet(self, messageType: int, payload: bytes) -> bytes | None:
         ciphers = self.currentEncryptions
-        if isinstance(ciphers, FastSSHCiphers) and (
-            self._keyExchangeState == self._KEY_EXCHANGE_NONE
-            or self._allowedKeyExchangeMessageType(messageType)
-        ):
-            if self.outgoingCompression:
-                data = bytes((messageType,)) + payload
-                data = self.outgoingCompression.compress(data) + self.outgoingCompression.flush(2)
-                packet = ciphers.seal(self.outgoingPacketSequence, data[0], data[1:])
-            else:
-                packet = ciphers.seal(self.outgoingPacketSequence, messageType, payload)
-            self.transport.write(packet)
-            self.outgoingPacketSequence = (self.outgoingPacketSequence + 1) & _SEQUENCE_MASK
-        else:
-            # Before the first key exchange, or held back during one.
-            super().sendPacket(messageType, payload)
-        self._count(len(payload))
+        if not isinstance(ciphers, FastSSHCiphers):
+            return None
+        if self.outgoingCompression:
+            data = bytes((messageType,)) + payload
+            data = self.outgoingCompression.compress(data) + self.outgoingCompression.flush(2)
+            return ciphers.seal(self.outgoingPacketSequence, data[0], data[1:])
+        return ciphers.seal(self.outgoingPacketSequence, messageType, payload)
+
+    def packet_sent(self, size: int) -> None:
+        self._count(size)
 
     def dataReceived(self, data: bytes) -> None:
         if self._stop_reading:
@@ -401,13 +235,12 @@ class GatewayClientTransport(transport.SSHClientTransport):
                 self._quick_ack()
             except OSError:  # the socket is going away
                 self._quick_ack = None
-        if self.gotVersion:
-            self._reader.feed(data)
-            self._dispatch_packets()
-        else:
-            # Conch parses the version line, then takes packets via getPacket.
-            super().dataReceived(data)
+        super().dataReceived(data)
         self._count(len(data))
+
+    def packets_arrived(self, data: bytes) -> None:
+        self._reader.feed(data)
+        self._dispatch_packets()
 
     def _dispatch_packets(self) -> None:
         if self._reading:
@@ -448,28 +281,21 @@ class GatewayClientTransport(transport.SSHClientTransport):
         if packet is None:
             return None
         plain, start, end = packet
-        self.incomingPacketSequence = (self.incomingPacketSequence + 1) & _SEQUENCE_MASK
+        self.incomingPacketSequence = (self.incomingPacketSequence + 1) & SEQUENCE_MASK
         if self.incomingCompression:
             try:
                 data = self.incomingCompression.decompress(plain[start:end])
                 return data, 0, len(data)
             except Exception:
-                self._log.failure("Error decompressing payload")
+                log.failure("Error decompressing payload")
                 self._stop_reading = True
                 self.sendDisconnect(transport.DISCONNECT_COMPRESSION_ERROR, b"compression error")
                 return None
         return packet
 
-    def getPacket(self) -> bytes | None:
-        # Conch's interface (message type and payload), used by its
-        # dataReceived for the data that came with the version line.  It
-        # also calls this before any version line when the buffer ends in a
-        # newline: lines a server may send first (RFC 4253 4.2) are no packets.
-        if not self.gotVersion:
-            return None
-        if self.buf:
-            self._reader.feed(self.buf)
-            self.buf = b""
+    def next_payload(self, buffered: bytes) -> bytes | None:
+        if buffered:
+            self._reader.feed(buffered)
         packet = self._next_packet()
         self._reader.compact()
         if packet is None:
@@ -477,8 +303,7 @@ class GatewayClientTransport(transport.SSHClientTransport):
         message, start, end = packet
         return message[start:end]
 
-    def _keySetup(self, sharedSecret: bytes, exchangeHash: bytes) -> None:
-        super()._keySetup(sharedSecret, exchangeHash)
+    def keys_set_up(self) -> None:
         self._bytes_since_kex = 0
         self._schedule_time_rekey()
 
@@ -496,18 +321,12 @@ class GatewayClientTransport(transport.SSHClientTransport):
         self._quick_ack = quick_ack(self.transport)
         super().connectionMade()
 
-    def _unsupportedVersionReceived(self, remoteVersion: bytes) -> None:
+    def version_not_supported(self) -> None:
         # Conch would put the peer's version bytes into the error text.
         self.note_failure("not an SSH server: its version line is not SSH-2.0")
-        self.sendDisconnect(transport.DISCONNECT_PROTOCOL_VERSION_NOT_SUPPORTED, b"protocol version not supported")
+        super().version_not_supported()
 
-    def ssh_KEX_DH_GEX_GROUP(self, packet: bytes) -> None:
-        # Also the number of KEX_ECDH_REPLY, the reply of every exchange we offer.
-        if _kex.isEllipticCurve(self.kexAlg) and not self._signed_as_negotiated(packet):
-            return
-        super().ssh_KEX_DH_GEX_GROUP(packet)
-
-    def _signed_as_negotiated(self, reply: bytes) -> bool:
+    def ecdh_reply_acceptable(self, reply: bytes) -> bool:
         """
         Whether the node signed the exchange hash with the negotiated host-key
         algorithm.  Conch checks only that the signature is valid for the
@@ -527,22 +346,7 @@ class GatewayClientTransport(transport.SSHClientTransport):
         self.sendDisconnect(transport.DISCONNECT_KEY_EXCHANGE_FAILED, b"host key signature algorithm mismatch")
         return False
 
-    def ssh_KEXINIT(self, packet: bytes) -> None:
-        for_conch = self._aead_implied_macs(packet)
-        super().ssh_KEXINIT(for_conch)
-        if for_conch is not packet:
-            # The exchange hash covers what the server really sent.
-            self.otherKexInitPayload = bytes((transport.MSG_KEXINIT,)) + packet
-        negotiated = self.nextEncryptions
-        if negotiated is not None and not isinstance(negotiated, FastSSHCiphers):
-            self.nextEncryptions = FastSSHCiphers(
-                negotiated.outCipType,
-                negotiated.inCipType,
-                negotiated.outMACType,
-                negotiated.inMACType,
-            )
-
-    def _aead_implied_macs(self, packet: bytes) -> bytes:
+    def kexinit_for_conch(self, packet: bytes) -> bytes:
         """
         C{packet} (the server's KEXINIT), or a copy in which a direction that
         will use an AEAD cipher but has no MAC in common lists our first MAC:
