@@ -25,7 +25,8 @@ from twisted.python.failure import Failure
 from twisted.python.filepath import FilePath
 from twisted.trial.unittest import SkipTest, TestCase
 
-from gateway.cluster.connection import ClusterConnection, backoff_delay
+from gateway.cluster.connection import ClusterConnection
+from gateway.cluster.slots import backoff_delay
 from gateway.config import parse_cluster
 from gateway.errors import Reason, StreamError
 from gateway.ssh import transport as client_module
