@@ -8,6 +8,7 @@ real OpenSSH in tests/system/test_faults.py.)
 
 from __future__ import annotations
 
+from twisted.conch.ssh import transport
 from twisted.internet.defer import fail
 from twisted.internet.protocol import Factory
 from twisted.internet.task import Clock
@@ -16,6 +17,7 @@ from twisted.logger import globalLogPublisher
 from twisted.protocols.wire import Echo
 from twisted.trial.unittest import TestCase
 
+from gateway.cluster import connection as connection_module
 from gateway.cluster.connection import ClusterConnection
 from gateway.config import parse_cluster
 from gateway.errors import Reason, StreamError
@@ -366,6 +368,45 @@ class OpenTimeoutTests(MemoryClusterTestCase):
         error = self.failureResultOf(waiting, StreamError).value
         self.assertEqual(error.reason, Reason.UNAVAILABLE)
         self.assertIn("within 3 s", error.detail)
+
+
+class AdmissionTests(MemoryClusterTestCase):
+    def test_max_streams_refuses_until_a_stream_ends(self):
+        cluster = self.cluster(max_streams=1)
+        channel, _ = self.open(cluster)
+        refused = self.failureResultOf(cluster.open_stream(*ECHO, ORIGIN), StreamError).value
+        self.assertEqual(refused.reason, Reason.OVERLOADED)
+        channel.close()
+        self.net.flush()
+        self.open(cluster)
+
+    def test_a_full_ssh_connection_refuses_instead_of_overrunning_sshd(self):
+        # OpenSSH ends a connection past 16384 channels; here the cap is 1.
+        self.patch(connection_module, "MAX_CHANNELS_PER_CONNECTION", 1)
+        cluster = self.cluster()
+        self.open(cluster)
+        opening = cluster.open_stream(*ECHO, ORIGIN)
+        self.assertEqual(self.failureResultOf(opening, StreamError).value.reason, Reason.OVERLOADED)
+        self.assertEqual(cluster.open_streams, 1)
+
+    def test_links_spread_over_candidates_and_streams_over_links(self):
+        cluster = self.cluster(connections=2)
+        self.assertEqual(sorted(str(link.proxy) for link in cluster.links), ["10.0.0.1:22", "10.0.0.2:22"])
+        self.open(cluster)
+        self.open(cluster)
+        self.assertEqual(sorted(link.open_channels for link in cluster.links), [1, 1])
+
+
+class LostConnectionTests(MemoryClusterTestCase):
+    def test_why_an_established_connection_ended_is_logged(self):
+        # Conch's own "Disconnecting with error" line is filtered out (too
+        # chatty at hundreds of clusters), so the cluster's event says it.
+        cluster = self.cluster()
+        (link,) = cluster.links
+        link.transport.sendDisconnect(transport.DISCONNECT_MAC_ERROR, b"bad MAC")
+        self.net.flush()
+        self.assertEqual(cluster.last_error, "connection to 10.0.0.1:22 lost: bad MAC")
+        self.assertTrue(any("bad MAC" in str(e.get("error")) for e in self.events), self.events)
 
 
 class ConnectorTests(TestCase):
