@@ -367,6 +367,14 @@ class _ProxyNodeConnection(connection.SSHConnection):
         )
 
 
+class _NodeUserAuth(userauth.SSHUserAuthServer):
+    """Conch's user authentication, timed by the node's clock, not the global reactor."""
+
+    def serviceStarted(self) -> None:
+        self.clock = self.transport.factory.node.reactor
+        super().serviceStarted()
+
+
 class _OneProtocol(Factory):
     noisy = False
 
@@ -424,7 +432,7 @@ class FakeProxyNode:
         self.factory.publicKeys = {self.host_key.sshType(): self.host_key.public()}
         self.factory.privateKeys = {self.host_key.sshType(): self.host_key}
         self.factory.services = {
-            b"ssh-userauth": userauth.SSHUserAuthServer,
+            b"ssh-userauth": _NodeUserAuth,
             b"ssh-connection": _ProxyNodeConnection,
         }
         self.factory.node = self
