@@ -579,7 +579,8 @@ class MemoryNetwork:
         node = self.nodes.get(address)
         if node is None or address in self.down:
             return defer.fail(ConnectionRefusedError(proxy.host, proxy.port))
-        return defer.succeed(self._join(factory.buildProtocol(None), node.factory, IPv4Address("TCP", *address)))
+        peer = IPv4Address("TCP", *address)
+        return defer.succeed(self._join(factory.buildProtocol(peer), node.factory, peer))
 
     def _dial(self, target: str, protocol: Protocol) -> defer.Deferred:
         if target not in self.destinations:

@@ -291,6 +291,17 @@ class FailbackTests(MemoryClusterTestCase):
         self.assertNotIn(fallback, cluster.links)
 
 
+    def test_after_failback_a_loss_rotates_on_from_the_preferred_candidate(self):
+        cluster = self.cluster_
+        self.net.bring_back(*A)
+        self.net.advance(0.5)
+        self.assertEqual(self.up_on(cluster), "10.0.0.1:22")
+        self.net.take_down(*A)
+        self.net.advance(0.5)
+        self.assertEqual(self.net.attempts[-1], (1.5, "10.0.0.2:22"))
+        self.assertEqual(self.up_on(cluster), "10.0.0.2:22")
+
+
 class RetirementTests(MemoryClusterTestCase):
     def test_a_retired_cluster_stops_after_its_last_stream(self):
         cluster = self.cluster()
