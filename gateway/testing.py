@@ -26,19 +26,24 @@ import os
 import shlex
 import struct
 import tempfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from twisted.conch.avatar import ConchUser
 from twisted.conch.checkers import InMemorySSHKeyDB, SSHPublicKeyChecker
 from twisted.conch.ssh import common, connection, factory, forwarding, keys, userauth
 from twisted.cred.portal import Portal
+from twisted.internet import defer
+from twisted.internet.address import IPv4Address
 from twisted.internet.endpoints import clientFromString, serverFromString
 from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.interfaces import IHalfCloseableProtocol, IListeningPort, IPushProducer
 from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from twisted.test import iosim
+from twisted.test.iosim import IOPump
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 from zope.interface import implementer
@@ -242,9 +247,7 @@ class _ServerSession(_ServerStream):
         if target is None:
             return self._refused(host, port, "Connection refused")
         self.destination = _DestinationProtocol(self)
-        connecting = clientFromString(self.node.reactor, target).connect(
-            _OneProtocol(self.destination)
-        )
+        connecting = self.node.dial(target, self.destination)
 
         def failed(f: Failure) -> None:
             self.destination = None
@@ -342,9 +345,7 @@ class _ProxyNodeConnection(connection.SSHConnection):
         tunnel = _ServerTunnel(remoteWindow=window, remoteMaxPacket=max_packet, conn=self)
         destination = _DestinationProtocol(tunnel)
         tunnel.destination = destination
-        connecting = clientFromString(node.reactor, target).connect(
-            _OneProtocol(destination)
-        )
+        connecting = node.dial(target, destination)
 
         def connected(_: object) -> None:
             local = self.localChannelID
@@ -365,6 +366,14 @@ class _ProxyNodeConnection(connection.SSHConnection):
             connected,
             lambda f: fail(connection.OPEN_CONNECT_FAILED, f.getErrorMessage()),
         )
+
+
+class _NodeUserAuth(userauth.SSHUserAuthServer):
+    """Conch's user authentication, timed by the node's clock, not the global reactor."""
+
+    def serviceStarted(self) -> None:
+        self.clock = self.transport.factory.node.reactor
+        super().serviceStarted()
 
 
 class _OneProtocol(Factory):
@@ -392,6 +401,8 @@ class FakeProxyNode:
         "administratively prohibited", like sshd's C{AllowTcpForwarding no};
         C{exec nc HOST PORT} in a session channel still reaches C{routes}.
     @param allow_exec: False refuses every C{exec} request.
+    @param dial: connects a protocol to a route's target; by default the
+        target is a client endpoint string (L{MemoryNetwork} passes its own).
     """
 
     def __init__(
@@ -404,8 +415,11 @@ class FakeProxyNode:
         host_key: keys.Key | None = None,
         allow_tcp_forwarding: bool = True,
         allow_exec: bool = True,
+        dial: Callable[[str, Protocol], defer.Deferred] | None = None,
     ) -> None:
         self.reactor = reactor
+        #: How the node reaches a route's target: C{dial(target, protocol)}.
+        self.dial = dial or self._dial_endpoint
         self.routes = dict(routes or {})
         self.prohibited = set(prohibited)
         self.allow_tcp_forwarding = allow_tcp_forwarding
@@ -419,12 +433,16 @@ class FakeProxyNode:
         self.factory.publicKeys = {self.host_key.sshType(): self.host_key.public()}
         self.factory.privateKeys = {self.host_key.sshType(): self.host_key}
         self.factory.services = {
-            b"ssh-userauth": userauth.SSHUserAuthServer,
+            b"ssh-userauth": _NodeUserAuth,
             b"ssh-connection": _ProxyNodeConnection,
         }
         self.factory.node = self
         self.factory.noisy = False
         quiet_conch_logs("gateway.testing.proxy_node")(_ProxyNodeConnection)
+
+    def _dial_endpoint(self, target: str, protocol: Protocol) -> defer.Deferred:
+        """Connect C{protocol} to a route's target, an endpoint string."""
+        return clientFromString(self.reactor, target).connect(_OneProtocol(protocol))
 
     def listen(self, description: str = "tcp:0:interface=127.0.0.1"):
         """Listen on an endpoint string; fires with the IListeningPort."""
@@ -521,3 +539,103 @@ class DemoCluster:
             "host_keys": [public_line(self.node.host_key)],
             "networks": [DEMO_NETWORK],
         }
+
+
+class MemoryNetwork:
+    """
+    Fake proxy nodes and their destinations, reached in memory.
+
+    The tier below the real sockets, like Conch's C{test_endpoints} and
+    C{treq.testing}: L{connect} is a cluster's C{Connector} that wires the
+    gateway's real SSH client (L{GatewayClientTransport} and
+    L{TunnelConnection}) to a L{FakeProxyNode}'s Conch server through
+    C{twisted.test.iosim}, and each node reaches L{destinations} the same
+    way.  Everything runs on one C{MemoryReactorClock}: a test calls
+    L{advance} (time passes, then the bytes it caused are delivered) and
+    needs no sleep and no socket.
+    """
+
+    def __init__(self, clock: MemoryReactorClock) -> None:
+        self.clock = clock
+        self.nodes: dict[tuple[str, int], FakeProxyNode] = {}
+        #: Route target -> factory of the service there; None: a destination
+        #: that never answers (a firewall dropping the SYN).
+        self.destinations: dict[str, Factory | None] = {}
+        self.down: set[tuple[str, int]] = set()
+        #: (clock time, "host:port") of every connection attempt to a node.
+        self.attempts: list[tuple[float, str]] = []
+        self._pumps: list[IOPump] = []
+
+    def add_node(self, host: str, port: int, authorized_keys: Iterable[keys.Key], **options) -> FakeProxyNode:
+        """A proxy node at C{host:port}; C{options} as for L{FakeProxyNode}."""
+        node = FakeProxyNode(self.clock, authorized_keys, dial=self._dial, **options)
+        node.factory.doStart()  # what listening would do: SSHFactory reads its moduli there
+        self.nodes[(host, port)] = node
+        return node
+
+    def connect(self, proxy, factory: Factory) -> defer.Deferred:
+        """A cluster's C{Connector}: refused for an unknown or downed node."""
+        address = (proxy.host, proxy.port)
+        self.attempts.append((self.clock.seconds(), f"{proxy.host}:{proxy.port}"))
+        node = self.nodes.get(address)
+        if node is None or address in self.down:
+            return defer.fail(ConnectionRefusedError(proxy.host, proxy.port))
+        peer = IPv4Address("TCP", *address)
+        return defer.succeed(self._join(factory.buildProtocol(peer), node.factory, peer))
+
+    def _dial(self, target: str, protocol: Protocol) -> defer.Deferred:
+        if target not in self.destinations:
+            return defer.fail(ConnectionRefusedError())
+        service = self.destinations[target]
+        if service is None:
+            return defer.Deferred()
+        return defer.succeed(self._join(protocol, service, IPv4Address("TCP", "127.0.0.1", 0)))
+
+    def _join(self, client: Protocol, server_factory: Factory, address: IPv4Address) -> Protocol:
+        server = server_factory.buildProtocol(address)
+        self._pumps.append(
+            iosim.connect(
+                server, iosim.FakeTransport(server, isServer=True),
+                client, iosim.FakeTransport(client, isServer=False),
+                greet=False, clock=self.clock,
+            )
+        )
+        return client
+
+    def take_down(self, host: str, port: int) -> None:
+        """The node at C{host:port} crashes: its connections drop, new ones are refused."""
+        self.down.add((host, port))
+        node = self.nodes[(host, port)]
+        for pump in self._pumps:
+            if pump.server.factory is node.factory:
+                pump.serverIO.abortConnection()
+
+    def bring_back(self, host: str, port: int) -> None:
+        """The node at C{host:port} accepts connections again."""
+        self.down.discard((host, port))
+
+    def flush(self) -> None:
+        """Deliver bytes (and disconnects) until nothing moves."""
+        for _ in range(10_000):
+            moved = [pump for pump in list(self._pumps) if pump.pump()]
+            self._pumps = [p for p in self._pumps if not (p.clientIO.disconnected and p.serverIO.disconnected)]
+            if not moved:
+                return
+        raise AssertionError("the in-memory network never went quiet")
+
+    def advance(self, seconds: float = 0.0) -> None:
+        """
+        Let C{seconds} pass, delivering what each timer causes before the
+        next one is due -- as a running reactor would: one jump of the clock
+        would fire a keepalive once, late, and find its answers missing.
+        """
+        end = self.clock.seconds() + seconds
+        self.flush()
+        for _ in range(100_000):
+            due = [call.getTime() for call in self.clock.getDelayedCalls() if call.getTime() <= end]
+            step_to = min(due, default=end)
+            self.clock.advance(max(0.0, step_to - self.clock.seconds()))
+            self.flush()
+            if not due:
+                return
+        raise AssertionError("timers kept firing without the clock reaching its end")

@@ -1,8 +1,10 @@
 """
 In-process resilience tests: keepalive and dead-peer detection, failover and
 failback between proxy candidates, limits, rekeying and draining -- with Conch
-proxy nodes on loopback and short timers.  (The same behaviours against real
-OpenSSH in namespaces are in tests/system/test_faults.py.)
+proxy nodes on loopback and short timers, seen from a client of the
+listeners.  (The cluster alone, in memory with a fake clock, is in
+tests/test_cluster.py; against real OpenSSH in namespaces, in
+tests/system/test_faults.py.)
 """
 
 from __future__ import annotations
@@ -10,7 +12,6 @@ from __future__ import annotations
 import socket
 import time
 
-from twisted.conch.ssh import transport
 from twisted.internet import reactor
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
@@ -63,13 +64,6 @@ class KeepaliveFailoverTests(TestCase):
         self.addCleanup(globalLogPublisher.removeObserver, self.events.append)
 
     @inline
-    async def test_keepalives_keep_a_quiet_connection_up(self):
-        link = next(iter(self.cluster.links))
-        await sleep(INTERVAL * COUNT * 3)
-        self.assertEqual(self.cluster.links, {link})
-        self.assertEqual(self.cluster.state, "up")
-
-    @inline
     async def test_silent_peer_detected_streams_end_and_second_candidate_serves(self):
         sock, code = await deferToThread(socks5_open, self.harness.socks_port, *ECHO)
         self.addCleanup(sock.close)
@@ -111,24 +105,6 @@ class KeepaliveFailoverTests(TestCase):
         sock, code = await deferToThread(socks5_open, self.harness.socks_port, *WEB)
         sock.close()
         self.assertEqual(code, 0x04)
-
-
-class LostConnectionTests(TestCase):
-    @inline
-    async def test_why_an_established_connection_ended_is_logged(self):
-        # Conch's own "Disconnecting with error" line is filtered out (too
-        # chatty at hundreds of clusters), so the cluster's event says it.
-        harness = GatewayHarness(self)
-        await harness.start()
-        cluster = harness.service.clusters["demo"]
-        events: list[dict] = []
-        globalLogPublisher.addObserver(events.append)
-        self.addCleanup(globalLogPublisher.removeObserver, events.append)
-        link = next(iter(cluster.links))
-        link.transport.sendDisconnect(transport.DISCONNECT_MAC_ERROR, b"bad MAC")
-        await until(lambda: cluster.last_error is not None and "bad MAC" in cluster.last_error, 5.0)
-        self.assertIn(f"connection to {link.proxy} lost: bad MAC", cluster.last_error)
-        self.assertTrue(any("bad MAC" in str(e.get("error")) for e in events), events)
 
 
 class LimitTests(TestCase):
@@ -298,22 +274,3 @@ class JumpCarrierTests(TestCase):
         started = time.monotonic()
         await harness.service.stopService()  # nothing to drain: no waiting for drain_timeout
         self.assertLess(time.monotonic() - started, 2.0)
-
-
-class SeveralConnectionsTests(TestCase):
-    @inline
-    async def test_links_spread_over_candidates_and_streams_over_links(self):
-        harness = GatewayHarness(self, connections=2)
-        await harness.start(nodes=2)
-        cluster = harness.service.clusters["demo"]
-        await until(lambda: len([link for link in cluster.links if link.connection]) == 2, 5.0)
-        self.assertEqual(
-            sorted(str(link.proxy) for link in cluster.links),
-            sorted(f"127.0.0.1:{port.getHost().port}" for port in harness.ports),
-        )
-        first, code1 = await deferToThread(socks5_open, harness.socks_port, *ECHO)
-        second, code2 = await deferToThread(socks5_open, harness.socks_port, *ECHO)
-        self.addCleanup(first.close)
-        self.addCleanup(second.close)
-        self.assertEqual((code1, code2), (0, 0))
-        self.assertEqual(sorted(link.open_channels for link in cluster.links), [1, 1])

@@ -7,7 +7,6 @@ with fake transports and clocks.
 from __future__ import annotations
 
 import errno
-import os
 import socket
 import struct
 
@@ -16,7 +15,7 @@ from twisted.conch.client.knownhosts import KnownHostsFile
 from twisted.conch.ssh import connection, keys, userauth
 from twisted.conch.ssh.common import NS, getNS
 from twisted.conch.ssh.transport import DISCONNECT_NO_MORE_AUTH_METHODS_AVAILABLE
-from twisted.internet.defer import Deferred, fail
+from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
@@ -24,8 +23,6 @@ from twisted.python.failure import Failure
 from twisted.python.filepath import FilePath
 from twisted.trial.unittest import SkipTest, TestCase
 
-from gateway.cluster.connection import ClusterConnection, backoff_delay
-from gateway.config import parse_cluster
 from gateway.errors import Reason, StreamError
 from gateway.ssh import transport as client_module
 from gateway.ssh.auth import KeyAuthClient, signature_algorithm
@@ -33,7 +30,7 @@ from gateway.ssh.channel import TunnelChannel, open_failure_reason
 from gateway.ssh.connection import TunnelConnection
 from gateway.ssh.hostkeys import HostKeyError, HostKeyPolicy, known_hosts_name
 from gateway.ssh.transport import GatewayClientTransport, SSHConnectError
-from gateway.testing import generate_key, private_pem, public_line
+from gateway.testing import generate_key, public_line
 from tests.support import FakeSSHTransport
 
 
@@ -332,72 +329,6 @@ class OpenFailureTests(TestCase):
         self.assertNotIn("\x1b", detail)
         self.assertIn("refused\\n2026", detail)
         self.assertLess(len(detail), 300)
-
-
-class BackoffTests(TestCase):
-    def test_doubling_capped_with_jitter(self):
-        top = [backoff_delay(n, jitter=lambda: 0.999999) for n in range(1, 10)]
-        self.assertEqual([round(d, 2) for d in top], [0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 30.0, 30.0, 30.0])
-        self.assertEqual(backoff_delay(1, jitter=lambda: 0.0), 0.25)
-
-
-class ClusterConnectionTests(TestCase):
-    def setUp(self):
-        self.clock = Clock()
-        self.attempts: list[str] = []
-        key_dir = self.mktemp()
-        os.makedirs(key_dir)
-        self.config = parse_cluster(
-            "c1",
-            {
-                "proxies": ["10.0.0.1:22", "10.0.0.2:2222"],
-                "user": "root",
-                "key": private_pem(generate_key()),
-                "insecure_accept_any_host_key": True,
-                "networks": ["10.1.0.0/24"],
-                "connect_timeout": 3.0,
-            },
-            "(test)",
-            "clusters.c1",
-        )
-
-    def _failing_connector(self, proxy, factory):
-        self.attempts.append(str(proxy))
-        return fail(SSHConnectError(f"cannot reach {proxy}"))
-
-    def test_candidates_rotate_with_backoff(self):
-        cluster = ClusterConnection(self.config, self.clock, self._failing_connector, jitter=lambda: 0.999999)
-        cluster.startService()
-        self.assertEqual(cluster.state, "backoff")
-        self.assertEqual(self.attempts, ["10.0.0.1:22"])
-        self.clock.advance(0.49)
-        self.assertEqual(len(self.attempts), 1)
-        self.clock.advance(0.01)
-        self.assertEqual(self.attempts, ["10.0.0.1:22", "10.0.0.2:2222"])
-        self.clock.advance(1.0)
-        self.assertEqual(self.attempts[-1], "10.0.0.1:22")
-        self.assertEqual(cluster.last_error, "cannot reach 10.0.0.1:22")
-        cluster.stopService()
-        self.assertEqual(cluster.state, "stopped")
-        self.clock.advance(60)
-        self.assertEqual(len(self.attempts), 3)
-
-    def test_waiting_stream_fails_unavailable_after_connect_timeout(self):
-        cluster = ClusterConnection(self.config, self.clock, self._failing_connector)
-        cluster.startService()
-        waiting = cluster.open_stream("10.1.0.5", 22, ("127.0.0.1", 0))
-        self.assertNoResult(waiting)
-        self.clock.advance(3.0)
-        error = self.failureResultOf(waiting, StreamError).value
-        self.assertEqual(error.reason, Reason.UNAVAILABLE)
-        self.assertIn("within 3 s", error.detail)
-        self.assertIn("cannot reach", error.detail)
-        cluster.stopService()
-
-    def test_stopped_cluster_is_unavailable_at_once(self):
-        cluster = ClusterConnection(self.config, self.clock, self._failing_connector)
-        error = self.failureResultOf(cluster.connection(), StreamError).value
-        self.assertEqual(error.reason, Reason.UNAVAILABLE)
 
 
 class KnownHostsLikeOpenSSHTests(TestCase):

@@ -22,7 +22,8 @@ from twisted.internet.protocol import Factory
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
-from gateway.cluster.connection import ClusterConnection, Connector, tcp_connector
+from gateway.cluster.connection import ClusterConnection
+from gateway.cluster.connectors import Connector, tcp_connector
 from gateway.config import ClusterConfig, GatewayConfig
 from gateway.errors import Reason, StreamError
 from gateway.proxy.frontend import ClientLimit

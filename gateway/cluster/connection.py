@@ -2,18 +2,12 @@
 A cluster's SSH connections, kept up for as long as the cluster is configured.
 
 L{ClusterConnection} is a service holding C{connections} slots (one by
-default).  Each slot keeps one L{_Link} -- an SSH connection to one proxy
-candidate -- up:
-
- - connecting is time-limited (C{connect_timeout} for TCP + SSH handshake);
- - a link sends C{keepalive@openssh.com} every C{keepalive_interval} and is
-   declared dead after C{keepalive_count_max} unanswered probes (a silent peer:
-   VM gone, packets dropped); its streams then end at once;
- - a failed or lost link is replaced after a back-off (0.5 s doubling to 30 s,
-   jittered) by one to the *next* candidate in C{proxies};
- - a slot running on a fallback candidate probes its preferred one (slot i
-   prefers candidate i) on the same back-off, moves back when it answers, and
-   retires the fallback link once its streams have finished.
+default).  Each slot keeps one L{Link} (gateway.cluster.link: an SSH
+connection with its keepalive) up; which candidate it tries next and when --
+rotation, back-off, failback to the preferred candidate -- is its
+L{SlotPolicy}'s answer (gateway.cluster.slots), carried out here on the
+clock.  A fallback link is retired once the preferred one is back and its
+streams have finished.
 
 States (C{connecting}, C{up}, C{backoff}, C{stopped}) are logged per slot and
 summarised per cluster for status and metrics.
@@ -33,75 +27,28 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from twisted.application.service import Service
-from twisted.conch.error import ConchError
-from twisted.internet.abstract import isIPAddress, isIPv6Address
 from twisted.internet.defer import Deferred, TimeoutError, fail, gatherResults, maybeDeferred, succeed
-from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint
-from twisted.internet.interfaces import IDelayedCall, IReactorTime, IStreamClientEndpoint
-from twisted.internet.protocol import Factory
-from twisted.internet.task import LoopingCall
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from gateway.cluster.connectors import Connector, host_key_policy, tcp_connector
+from gateway.cluster.link import Link
+from gateway.cluster.slots import SlotPolicy, Step
 from gateway.config import ClusterConfig, ProxyAddress
 from gateway.errors import Reason, StreamError
 from gateway.ssh.channel import TunnelChannel, exec_command_line
 from gateway.ssh.connection import TunnelConnection
-from gateway.ssh.hostkeys import HostKeyPolicy
-from gateway.ssh.transport import GatewayClientTransport, SSHConnectError, client_factory
+from gateway.ssh.transport import SSHConnectError
 
 log = Logger()
 
-INITIAL_BACKOFF = 0.5
-MAX_BACKOFF = 30.0
-#: Seconds a closing SSH connection gets to say goodbye before it is cut: a
-#: silent peer would otherwise hold it until TCP retransmission gives up.
-CLOSE_GRACE = 5.0
 #: Streams one SSH connection may carry.  OpenSSH's sshd allows 16384
 #: channels per connection (CHANNELS_MAX_CHANNELS) and, past that, ends the
 #: whole connection with a fatal error, resetting every stream on it.  The
 #: margin covers channels still closing, which sshd counts until both sides
 #: have closed them.
 MAX_CHANNELS_PER_CONNECTION = 16000
-
-
-def backoff_delay(failures: int, jitter: Callable[[], float] = random.random) -> float:
-    """
-    Seconds to wait after C{failures} consecutive failed attempts.
-
-    Doubling from L{INITIAL_BACKOFF} up to L{MAX_BACKOFF}, then scaled by a
-    random factor in [0.5, 1.0) so that many clusters behind one broken
-    network do not reconnect in lock-step.
-    """
-    delay = min(MAX_BACKOFF, INITIAL_BACKOFF * 2 ** max(0, failures - 1))
-    return delay * (0.5 + jitter() / 2)
-
-
-def host_key_policy(config: ClusterConfig) -> HostKeyPolicy:
-    return HostKeyPolicy(
-        known_hosts=config.known_hosts,
-        pinned=config.host_keys,
-        accept_any=config.insecure_accept_any_host_key,
-    )
-
-
-Connector = Callable[[ProxyAddress, Factory], Deferred]
-
-
-def tcp_connector(reactor, timeout: float) -> Connector:
-    """Connect straight to the proxy candidate over TCP."""
-
-    def connect(proxy: ProxyAddress, factory: Factory) -> Deferred:
-        endpoint: IStreamClientEndpoint
-        if isIPAddress(proxy.host):
-            endpoint = TCP4ClientEndpoint(reactor, proxy.host, proxy.port, timeout)
-        elif isIPv6Address(proxy.host):
-            endpoint = TCP6ClientEndpoint(reactor, proxy.host, proxy.port, timeout)
-        else:
-            endpoint = HostnameEndpoint(reactor, proxy.host, proxy.port, timeout)
-        return endpoint.connect(factory)
-
-    return connect
 
 
 @dataclass
@@ -119,151 +66,16 @@ class ClusterStats:
     connected_since: float | None = None
 
 
-class _Link:
-    """One SSH connection to one proxy candidate, with its keepalive."""
-
-    def __init__(self, cluster: ClusterConnection, proxy: ProxyAddress) -> None:
-        self._cluster = cluster
-        self.proxy = proxy
-        self.connection: TunnelConnection | None = None
-        self.transport: GatewayClientTransport | None = None
-        self.lost: Deferred[str] = Deferred()
-        self.retiring = False
-        self._keepalive: LoopingCall | None = None
-        self._last_answer = 0.0
-        self._death: str | None = None
-        self._grace: IDelayedCall | None = None
-        cluster.links.add(self)
-
-    @property
-    def open_channels(self) -> int:
-        return len(self.connection.channels) if self.connection is not None else 0
-
-    def start(self) -> Deferred[_Link]:
-        """Connect and authenticate; fires with self, or fails saying why."""
-        cluster = self._cluster
-        config = cluster.config
-        factory = client_factory(
-            self.proxy.host,
-            self.proxy.port,
-            config.user,
-            config.private_key,
-            cluster.host_keys,
-            cluster.reactor,
-            rekey_bytes=config.rekey_bytes,
-            rekey_interval=config.rekey_interval,
-            allow_sha1_signatures=config.allow_sha1_signatures,
-        )
-
-        def connected(transport: GatewayClientTransport) -> Deferred[TunnelConnection]:
-            self.transport = transport
-            transport.lost.addCallback(self._transport_lost)
-
-            def too_slow() -> None:
-                transport.note_failure(
-                    f"SSH handshake with {self.proxy} did not finish within {config.connect_timeout:g} s"
-                )
-                transport.transport.abortConnection()
-
-            timer = cluster.reactor.callLater(config.connect_timeout, too_slow)
-
-            def settled(result):
-                if timer.active():
-                    timer.cancel()
-                return result
-
-            return transport.ready.addBoth(settled)
-
-        return cluster.connector(self.proxy, factory).addCallback(connected).addCallback(self._up)
-
-    def _up(self, connection: TunnelConnection) -> _Link:
-        self.connection = connection
-        self._last_answer = self._cluster.reactor.seconds()
-        interval = self._cluster.config.keepalive_interval
-        if interval > 0:
-            self._keepalive = LoopingCall(self._probe)
-            self._keepalive.clock = self._cluster.reactor
-            self._keepalive.start(interval, now=False)
-        return self
-
-    def _probe(self) -> None:
-        """
-        Send a keepalive; declare the peer dead once nothing has answered for
-        C{keepalive_interval * keepalive_count_max} seconds.
-        """
-        config = self._cluster.config
-        silent = self._cluster.reactor.seconds() - self._last_answer
-        if silent >= config.keepalive_interval * config.keepalive_count_max - 1e-9:
-            self._death = f"{self.proxy} answered no keepalive for {silent:.1f} s"
-            self.abort()
-            return
-        probe = self.connection.sendGlobalRequest(b"keepalive@openssh.com", b"", wantReply=1)
-        # OpenSSH answers REQUEST_FAILURE: any answer proves the peer alive.
-        probe.addBoth(self._answered)
-
-    def _answered(self, result: object) -> None:
-        if isinstance(result, Failure) and not result.check(ConchError):
-            return
-        self._last_answer = self._cluster.reactor.seconds()
-
-    def _stop_keepalive(self) -> None:
-        if self._keepalive is not None and self._keepalive.running:
-            self._keepalive.stop()
-        self._keepalive = None
-
-    def _transport_lost(self, why: str | None) -> None:
-        self._stop_keepalive()
-        if self._grace is not None and self._grace.active():
-            self._grace.cancel()
-        self.connection = None
-        self._cluster.links.discard(self)
-        # A dead peer (keepalive) first; then what the SSH layer said, such as
-        # a bad MAC or the node's own disconnect message.
-        lost = f"connection to {self.proxy} lost"
-        self.lost.callback(self._death or (f"{lost}: {why}" if why else lost))
-
-    def failed(self) -> None:
-        """The attempt failed before a transport existed (or after it went)."""
-        if self.transport is None:
-            self._cluster.links.discard(self)
-
-    def abort(self) -> None:
-        """Drop the connection now: its streams end, the slot reconnects."""
-        self._stop_keepalive()
-        if self.transport is not None and self.transport.transport is not None:
-            self.transport.transport.abortConnection()
-
-    def close(self) -> None:
-        """Close the connection cleanly (SSH disconnect), cut after CLOSE_GRACE."""
-        self._stop_keepalive()
-        if self.transport is not None and not self.lost.called:
-            self.transport.loseConnection()
-            if self._grace is None:
-                self._grace = self._cluster.reactor.callLater(CLOSE_GRACE, self.abort)
-
-    def retire(self) -> None:
-        """Close once the streams still using this link have finished."""
-        self.retiring = True
-        self.channel_closed()
-
-    def channel_closed(self) -> None:
-        if self.retiring and self.open_channels == 0:
-            self.close()
-
-
 class _Slot:
-    """A place for one link: its reconnect and failback state."""
+    """A place for one link: what it runs now, and its policy for what comes next."""
 
-    def __init__(self, index: int, candidates: int) -> None:
+    def __init__(self, index: int, policy: SlotPolicy) -> None:
         self.index = index
-        self.preferred = index % candidates
-        self.candidate = self.preferred
+        self.policy = policy
         self.state = "stopped"
-        self.link: _Link | None = None
+        self.link: Link | None = None
         self.attempt: Deferred | None = None
-        self.failures = 0
         self.timer: IDelayedCall | None = None
-        self.failback_failures = 0
 
     def cancel_timer(self) -> None:
         if self.timer is not None and self.timer.active():
@@ -286,11 +98,10 @@ class ClusterConnection(Service):
         self.reactor = reactor
         self.connector = connector or tcp_connector(reactor, config.connect_timeout)
         self.host_keys = host_key_policy(config)
-        self._jitter = jitter
-        self._slots = [_Slot(i, len(config.proxies)) for i in range(config.connections)]
-        self._waiters: list[Deferred[_Link]] = []
+        self._slots = [_Slot(i, SlotPolicy(i, len(config.proxies), jitter)) for i in range(config.connections)]
+        self._waiters: list[Deferred[Link]] = []
         #: Every link with a live transport (up, connecting, or retiring).
-        self.links: set[_Link] = set()
+        self.links: set[Link] = set()
         self.last_error: str | None = None
         self.open_streams = 0
         self.exec_mode = config.mode == "exec"
@@ -328,8 +139,15 @@ class ClusterConnection(Service):
             last_error=self.last_error,
         )
 
-    def _candidate(self, index: int) -> ProxyAddress:
-        return self.config.proxies[index % len(self.config.proxies)]
+    def _new_link(self, candidate: int) -> Link:
+        proxy = self.config.proxies[candidate]
+        return Link(proxy, self.config, self.reactor, self.connector, self.host_keys, self.links)
+
+    def _follow(self, slot: _Slot, step: Step | None) -> None:
+        """Carry out the slot policy's next step when it is due."""
+        if step is not None:
+            action = self._connect if step.action == "connect" else self._try_failback
+            slot.timer = self.reactor.callLater(step.delay, action, slot)
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -354,9 +172,9 @@ class ClusterConnection(Service):
 
     def _connect(self, slot: _Slot) -> None:
         slot.timer = None
-        proxy = self._candidate(slot.candidate)
+        proxy = self.config.proxies[slot.policy.candidate]
         self._set_state(slot, "connecting", proxy)
-        link = _Link(self, proxy)
+        link = self._new_link(slot.policy.candidate)
         attempt = link.start()
         slot.attempt = attempt
         attempt.addCallbacks(lambda _: self._up(slot, link), lambda f: self._failed(slot, link, f))
@@ -369,38 +187,36 @@ class ClusterConnection(Service):
         if self.state != "up":
             stats.connected_since = self.reactor.seconds()
 
-    def _up(self, slot: _Slot, link: _Link) -> None:
+    def _up(self, slot: _Slot, link: Link) -> None:
         slot.attempt = None
         if not self.running:
             link.close()
             return
         self._count_up()
         slot.link = link
-        slot.failures = 0
         self.last_error = None
         link.lost.addCallback(lambda why: self._lost(slot, link, why))
         self._set_state(slot, "up", link.proxy)
         waiters, self._waiters = self._waiters, []
         for waiter in waiters:
             waiter.callback(link)
-        if slot.candidate % len(self.config.proxies) != slot.preferred:
-            self._schedule_failback(slot)
+        self._follow(slot, slot.policy.link_up())
 
     def _describe(self, proxy: ProxyAddress, failure: Failure) -> str:
         if failure.check(SSHConnectError):
             return str(failure.value)
         return f"cannot connect to {proxy}: {failure.getErrorMessage()}"
 
-    def _failed(self, slot: _Slot, link: _Link, failure: Failure) -> None:
+    def _failed(self, slot: _Slot, link: Link, failure: Failure) -> None:
         slot.attempt = None
         link.failed()
         if not self.running:
             return
         self.last_error = self._describe(link.proxy, failure)
         log.warn("cluster {cluster}: {error}", cluster=self.name, error=self.last_error, proxy=str(link.proxy))
-        self._retry(slot)
+        self._retry(slot, slot.policy.attempt_failed())
 
-    def _lost(self, slot: _Slot, link: _Link, why: str) -> None:
+    def _lost(self, slot: _Slot, link: Link, why: str) -> None:
         if slot.link is not link:
             return  # a retired fallback link, or after stop
         slot.link = None
@@ -408,26 +224,19 @@ class ClusterConnection(Service):
             return
         self.last_error = why
         log.warn("cluster {cluster}: {error}", cluster=self.name, error=why, proxy=str(link.proxy))
-        self._retry(slot)
+        self._retry(slot, slot.policy.link_lost())
 
-    def _retry(self, slot: _Slot) -> None:
-        """Back off, then try the next candidate."""
+    def _retry(self, slot: _Slot, step: Step) -> None:
+        """Back off, then try the candidate the policy names."""
         slot.cancel_timer()
-        slot.failures += 1
-        slot.candidate += 1
         self._set_state(slot, "backoff")
-        slot.timer = self.reactor.callLater(backoff_delay(slot.failures, self._jitter), self._connect, slot)
-
-    def _schedule_failback(self, slot: _Slot) -> None:
-        slot.failback_failures += 1
-        delay = backoff_delay(slot.failback_failures, self._jitter)
-        slot.timer = self.reactor.callLater(delay, self._try_failback, slot)
+        self._follow(slot, step)
 
     def _try_failback(self, slot: _Slot) -> None:
         """While on a fallback, see whether the preferred candidate is back."""
         slot.timer = None
-        preferred = self._candidate(slot.preferred)
-        probe = _Link(self, preferred)
+        probe = self._new_link(slot.policy.preferred)
+        preferred = probe.proxy
 
         def back(_: object) -> None:
             old = slot.link
@@ -444,15 +253,14 @@ class ClusterConnection(Service):
             )
             self._count_up()
             slot.link = probe
-            slot.candidate = slot.preferred
-            slot.failback_failures = 0
+            slot.policy.probe_succeeded()
             probe.lost.addCallback(lambda why: self._lost(slot, probe, why))
             old.retire()
 
         def still_down(failure: Failure) -> None:
             probe.failed()
             if self.running and slot.link is not None:
-                self._schedule_failback(slot)
+                self._follow(slot, slot.policy.probe_failed())
 
         attempt = probe.start()
         slot.attempt = attempt
@@ -472,18 +280,18 @@ class ClusterConnection(Service):
         for waiter in waiters:
             waiter.errback(error)
 
-    def _least_loaded(self) -> _Link | None:
+    def _least_loaded(self) -> Link | None:
         links = [slot.link for slot in self._slots if slot.link is not None and slot.link.connection is not None]
         return min(links, key=lambda link: link.open_channels, default=None)
 
-    def _link(self) -> Deferred[_Link]:
+    def _link(self) -> Deferred[Link]:
         """A link that is up, waiting up to C{connect_timeout} for one."""
         link = self._least_loaded()
         if link is not None:
             return succeed(link)
         if not self.running:
             return fail(StreamError(Reason.UNAVAILABLE, f"cluster {self.name!r} is not running"))
-        waiter: Deferred[_Link] = Deferred(lambda d: self._waiters.remove(d))
+        waiter: Deferred[Link] = Deferred(lambda d: self._waiters.remove(d))
         self._waiters.append(waiter)
         timeout = self.config.connect_timeout
 
@@ -539,7 +347,7 @@ class ClusterConnection(Service):
         return failure
 
     def _open_on(
-        self, link: _Link, host: str, port: int, origin: tuple[str, int], carrier: bool = False
+        self, link: Link, host: str, port: int, origin: tuple[str, int], carrier: bool = False
     ) -> Deferred[TunnelChannel]:
         if link.open_channels >= MAX_CHANNELS_PER_CONNECTION:
             # The least loaded link is full, so all are: refuse this stream
@@ -583,7 +391,7 @@ class ClusterConnection(Service):
             opening.addErrback(prohibited)
         return opening.addCallback(opened)
 
-    def _open_channel(self, link: _Link, host: str, port: int, origin: tuple[str, int]) -> Deferred[TunnelChannel]:
+    def _open_channel(self, link: Link, host: str, port: int, origin: tuple[str, int]) -> Deferred[TunnelChannel]:
         connection = link.connection
         if connection is None:
             return fail(StreamError(Reason.UNAVAILABLE, f"connection to {link.proxy} lost"))
