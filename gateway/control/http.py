@@ -80,9 +80,6 @@ _LOOPBACK_HOST_NAMES = {"localhost", "localhost.", "ip6-localhost"}
 _HOST_PORT_RE = re.compile(r"[0-9]{0,5}")  # RFC 3986: port = *DIGIT
 _MUTATING = {b"PUT", b"DELETE", b"POST", b"PATCH"}
 
-_CLUSTER_METHODS = (b"GET", b"PUT", b"DELETE")
-_GET_ONLY = (b"GET",)
-
 
 # --- token -------------------------------------------------------------------------
 

@@ -266,10 +266,6 @@ class TunnelConnection(connection.SSHConnection):
         self.openChannel(channel, channel.open_request_data())
         return channel.opened
 
-    @property
-    def open_channels(self) -> int:
-        return len(self.channels)
-
 
 _SEQUENCE_MASK = 0xFFFFFFFF
 #: Conch's client, whose algorithm lists say what it implements.
