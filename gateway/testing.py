@@ -31,7 +31,7 @@ from collections.abc import Iterable, Mapping
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from twisted.conch.avatar import ConchUser
 from twisted.conch.checkers import InMemorySSHKeyDB, SSHPublicKeyChecker
-from twisted.conch.ssh import common, connection, factory, forwarding, keys, userauth
+from twisted.conch.ssh import common, connection, factory, forwarding, keys, transport, userauth
 from twisted.cred.portal import Portal
 from twisted.internet.endpoints import clientFromString, serverFromString
 from twisted.internet.error import ConnectionRefusedError
@@ -46,6 +46,10 @@ from zope.interface import implementer
 from gateway.ssh.channel import OrderedEOFChannel, quiet_logger
 
 log = Logger()
+
+#: The node's own Conch events (each step of every key exchange and login at
+#: debug or info level) would bury the demo's instructions: warnings only.
+_NODE_LOG = quiet_logger("gateway.testing.proxy_node")
 
 DEMO_USER = "demo"
 DEMO_NETWORK = "10.99.0.0/24"
@@ -293,6 +297,8 @@ class _ProxyNodeConnection(connection.SSHConnection):
     for exec.
     """
 
+    _log = _NODE_LOG
+
     def ssh_CHANNEL_DATA(self, packet: bytes) -> None:
         # Conch re-opens the window before delivering, whatever the
         # destination's pace; the stream grants it itself (_grant_window).
@@ -366,6 +372,19 @@ class _ProxyNodeConnection(connection.SSHConnection):
         )
 
 
+class _NodeTransport(transport.SSHServerTransport):
+    _log = _NODE_LOG
+
+
+class _NodeUserAuth(userauth.SSHUserAuthServer):
+    _log = _NODE_LOG
+
+
+class _NodeFactory(factory.SSHFactory):
+    protocol = _NodeTransport
+    _log = _NODE_LOG
+
+
 class _OneProtocol(Factory):
     noisy = False
 
@@ -413,17 +432,16 @@ class FakeProxyNode:
         self.frozen = False
         self.host_key = host_key or generate_key()
         db = InMemorySSHKeyDB({user.encode(): [k.public() for k in authorized_keys]})
-        self.factory = factory.SSHFactory()
+        self.factory = _NodeFactory()
         self.factory.portal = Portal(_Realm(), [SSHPublicKeyChecker(db)])
         self.factory.publicKeys = {self.host_key.sshType(): self.host_key.public()}
         self.factory.privateKeys = {self.host_key.sshType(): self.host_key}
         self.factory.services = {
-            b"ssh-userauth": userauth.SSHUserAuthServer,
+            b"ssh-userauth": _NodeUserAuth,
             b"ssh-connection": _ProxyNodeConnection,
         }
         self.factory.node = self
         self.factory.noisy = False
-        _ProxyNodeConnection._log = quiet_logger("gateway.testing.proxy_node")
 
     def listen(self, description: str = "tcp:0:interface=127.0.0.1"):
         """Listen on an endpoint string; fires with the IListeningPort."""
