@@ -96,10 +96,11 @@ class ListenerService(StreamServerEndpointService):
 
 class GatewayService(MultiService):
     """
-    The gateway's service tree: a L{ClusterRegistry} and one listener service
-    per endpoint string (SOCKS, HTTP, then control).  A plain
-    C{MultiService}: the registry drains the streams in its own
-    C{stopService} while its sibling listeners stop accepting.
+    The gateway's service tree: a L{ClusterRegistry}, then one listener
+    service per endpoint string (SOCKS, HTTP; C{makeService} adds the demo and
+    the control listeners).  A plain C{MultiService}, which stops its
+    children last-first: the listeners stop accepting, then the registry
+    drains the streams in its own C{stopService}.
     """
 
     def __init__(self, config: GatewayConfig, reactor) -> None:
