@@ -14,7 +14,7 @@ DEBS   := openssh-server openssh-client curl netcat-openbsd socat iproute2
 $(STAMP): setup.py
 	@$(PYTHON) -m venv --help >/dev/null 2>&1 || $(MAKE) --no-print-directory _apt PKGS=python3-venv
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[test]' --config-settings editable_mode=compat
+	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[test]'
 	rm -f $(VENV)/.installed-*
 	touch $@
 
@@ -42,7 +42,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check gateway tests bench twisted
 
 bench: $(STAMP) system-deps
-	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[test,bench]' --config-settings editable_mode=compat
+	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[test,bench]'
 	$(BIN)/python -m bench
 
 clean:

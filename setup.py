@@ -12,6 +12,12 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.11",
+    # Every package sits where its name says under the project root, and
+    # saying so (package_dir) makes a plain `pip install -e .` put that root on
+    # sys.path, as a wheel puts site-packages: Twisted finds the dropin in
+    # <root>/twisted/plugins.  Without it setuptools installs an import hook
+    # that only knows package names, and twistd never sees the dropin.
+    package_dir={"": "."},
     packages=find_packages(include=["gateway", "gateway.*"]) + ["twisted.plugins"],
     package_data={"twisted.plugins": ["gateway_plugin.py"]},
     install_requires=[

@@ -31,7 +31,7 @@ from collections.abc import Callable, Iterable, Mapping
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from twisted.conch.avatar import ConchUser
 from twisted.conch.checkers import InMemorySSHKeyDB, SSHPublicKeyChecker
-from twisted.conch.ssh import common, connection, factory, forwarding, keys, userauth
+from twisted.conch.ssh import common, connection, factory, forwarding, keys, transport, userauth
 from twisted.cred.portal import Portal
 from twisted.internet import defer
 from twisted.internet.address import IPv4Address
@@ -52,6 +52,10 @@ from gateway.ssh._conch import quiet_conch_logs
 from gateway.ssh.channel import OrderedEOFChannel
 
 log = Logger()
+
+#: The node's own Conch events (each step of every key exchange and login at
+#: debug or info level) would bury the demo's instructions: warnings only.
+_quiet = quiet_conch_logs("gateway.testing.proxy_node")
 
 DEMO_USER = "demo"
 DEMO_NETWORK = "10.99.0.0/24"
@@ -290,12 +294,14 @@ class _ServerSession(_ServerStream):
         self.after_data(exit)
 
 
+@_quiet
 class _ProxyNodeConnection(connection.SSHConnection):
     """
     Opens direct-tcpip channels the way OpenSSH does (connect, then confirm;
     "administratively prohibited" when forwarding is off) and session channels
     for exec.
     """
+
 
     def ssh_CHANNEL_DATA(self, packet: bytes) -> None:
         # Conch re-opens the window before delivering, whatever the
@@ -368,12 +374,23 @@ class _ProxyNodeConnection(connection.SSHConnection):
         )
 
 
+@_quiet
+class _NodeTransport(transport.SSHServerTransport):
+    pass
+
+
+@_quiet
 class _NodeUserAuth(userauth.SSHUserAuthServer):
     """Conch's user authentication, timed by the node's clock, not the global reactor."""
 
     def serviceStarted(self) -> None:
         self.clock = self.transport.factory.node.reactor
         super().serviceStarted()
+
+
+@_quiet
+class _NodeFactory(factory.SSHFactory):
+    protocol = _NodeTransport
 
 
 class _OneProtocol(Factory):
@@ -428,7 +445,7 @@ class FakeProxyNode:
         self.frozen = False
         self.host_key = host_key or generate_key()
         db = InMemorySSHKeyDB({user.encode(): [k.public() for k in authorized_keys]})
-        self.factory = factory.SSHFactory()
+        self.factory = _NodeFactory()
         self.factory.portal = Portal(_Realm(), [SSHPublicKeyChecker(db)])
         self.factory.publicKeys = {self.host_key.sshType(): self.host_key.public()}
         self.factory.privateKeys = {self.host_key.sshType(): self.host_key}
@@ -438,7 +455,6 @@ class FakeProxyNode:
         }
         self.factory.node = self
         self.factory.noisy = False
-        quiet_conch_logs("gateway.testing.proxy_node")(_ProxyNodeConnection)
 
     def _dial_endpoint(self, target: str, protocol: Protocol) -> defer.Deferred:
         """Connect C{protocol} to a route's target, an endpoint string."""

@@ -28,7 +28,7 @@ from zope.interface import implementer
 
 from gateway.config import GatewaySettings
 from gateway.control.contract import ClusterView, ControlError
-from gateway.control.http import IDLE_TIMEOUT, MAX_BODY_BYTES, TOKEN_ENV, control_site, control_token, requires_token
+from gateway.control.http import IDLE_TIMEOUT, MAX_BODY_BYTES, TOKEN_ENV, control_site, control_token
 from tests.support import capture_events
 
 TOKEN = "tok-3f9a1c77e2b04d5a"
@@ -594,44 +594,6 @@ class TokenTests(ApiTestCase):
     async def test_too_large_without_token(self) -> None:
         answer = await self.raw(b"PUT /v1/clusters/big HTTP/1.1\r\nHost: localhost\r\nContent-Length: 10000000\r\n\r\n")
         self.assertTrue(answer.startswith(b"HTTP/1.1 401 "), answer)
-
-
-class RequiresTokenTests(SynchronousTestCase):
-    def test_loopback_tcp(self) -> None:
-        for description in [
-            "tcp:8080:interface=127.0.0.1",
-            "tcp:8080:interface=127.1.2.3",
-            "tcp:8080:interface=localhost",
-            "tcp6:8080:interface=\\:\\:1",
-            "tcp:8080:127.0.0.1",
-        ]:
-            self.assertFalse(requires_token(description), description)
-
-    def test_tcp_other_interfaces(self) -> None:
-        for description in [
-            "tcp:8080",
-            "tcp6:8080",
-            "tcp:8080:interface=0.0.0.0",
-            "tcp6:8080:interface=\\:\\:",
-            "tcp:8080:interface=10.0.0.1",
-            "tcp:8080:interface=",
-            "tcp:8080:backlog=5",
-        ]:
-            self.assertTrue(requires_token(description), description)
-
-    def test_unix(self) -> None:
-        self.assertFalse(requires_token("unix:/run/gateway/control.sock:mode=600"))
-        self.assertFalse(requires_token("unix:address=/run/gateway/control.sock"))
-        self.assertTrue(requires_token("unix:\0gateway-control"))
-
-    def test_ssl(self) -> None:
-        self.assertFalse(requires_token("ssl:8443:privateKey=k.pem:certKey=c.pem:interface=127.0.0.1"))
-        self.assertTrue(requires_token("ssl:8443:privateKey=k.pem:certKey=c.pem"))
-        self.assertTrue(requires_token("ssl:8443:privateKey=k.pem:interface=0.0.0.0"))
-
-    def test_anything_else(self) -> None:
-        for description in ["systemd:domain=INET:index=0", "8080", "", "le:/certs:tcp:443", "tcp:0:interface=::1"]:
-            self.assertTrue(requires_token(description), description)
 
 
 class ControlTokenTests(SynchronousTestCase):

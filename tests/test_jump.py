@@ -292,7 +292,7 @@ class SSHOverSSHTests(TestCase):
         self.assertEqual(str(inner.transport.getPeer()), "10.99.0.20:22 via channel")
         self.assertEqual(await fetch(inner_conn), DEMO_PAGE)
         self.assertEqual(await fetch(inner_conn), DEMO_PAGE)
-        self.assertEqual(self.outer_conn.open_channels, 1)
+        self.assertEqual(len(self.outer_conn.channels), 1)
 
     @inline
     async def test_closing_the_inner_connection_closes_the_channel(self):
@@ -303,7 +303,7 @@ class SSHOverSSHTests(TestCase):
         inner.loseConnection()
         await within(inner.lost)
         self.assertEqual(closed, [True])
-        self.assertEqual(self.outer_conn.open_channels, 0)
+        self.assertEqual(len(self.outer_conn.channels), 0)
         self.assertFalse(self.outer.lost.called)
         # The jump connection carries on.
         again, again_conn = await self._ssh(ChannelEndpoint(self._open, *JUMP), *JUMP, self.inner_node)
@@ -317,4 +317,4 @@ class SSHOverSSHTests(TestCase):
         with self.assertRaises(StreamError) as caught:
             await within(ChannelEndpoint(self._open, "10.99.0.21", 22).connect(factory))
         self.assertEqual(caught.exception.reason, Reason.REFUSED)
-        self.assertEqual(self.outer_conn.open_channels, 0)
+        self.assertEqual(len(self.outer_conn.channels), 0)

@@ -11,14 +11,22 @@ import subprocess
 import sys
 
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred
+from twisted.internet.address import IPv4Address, UNIXAddress
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IAddress, IListeningPort
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.logger import LogLevel, globalLogPublisher
 from twisted.trial.unittest import TestCase
+from zope.interface import implementer
 
+from gateway.app.clusters import ClusterRegistry
+from gateway.app.demo import DemoService
 from gateway.app.service import GatewayService, ListenerService
-from gateway.app.tap import DemoService, Options, makeService
+from gateway.app.tap import Options, makeService
 from gateway.config import load_config, parse_cluster
+from gateway.control.http import TOKEN_ENV
 from gateway.routing import Router
-from gateway.testing import DEMO_API_WEB, DEMO_WEB, DemoCluster, generate_key, private_pem, public_line
+from gateway.testing import DEMO_API_WEB, DEMO_WEB, DemoCluster, FakeProxyNode, generate_key, private_pem, public_line
 
 TWISTD = os.path.join(os.path.dirname(sys.executable), "twistd")
 
@@ -68,11 +76,15 @@ class TapTests(TestCase):
         self.assertEqual(done.stdout, b"")
 
     def test_control_listener_off_loopback_needs_a_token(self):
+        """Refused once bound (0.0.0.0), with one critical line in the log, before any cluster connects."""
         config = self.write("gw.toml", '[listen]\ncontrol = "tcp:0"\n' + self.cluster())
         done = self.twistd(f"--config={config}")
         self.assertEqual(done.returncode, 1)
-        self.assertIn("listen.control", done.stderr.decode())
-        self.assertIn("control_token_file", done.stderr.decode())
+        refusals = [line for line in done.stdout.decode().splitlines() if "#critical]" in line]
+        self.assertEqual(len(refusals), 1, done.stdout)
+        self.assertIn("listen.control: 'tcp:0' listens on 0.0.0.0:", refusals[0])
+        self.assertIn("control_token_file", refusals[0])
+        self.assertNotIn("cluster a connecting", done.stdout.decode())
 
     def test_corrupt_state_file_stops_start_up_and_is_kept(self):
         state = self.write("state.json", '{"version": 1, "clusters": {')
@@ -136,6 +148,7 @@ class TapTests(TestCase):
         )
         service = makeService(options)
         self.assertIsInstance(service, GatewayService)
+        self.assertIsInstance(list(service)[0], ClusterRegistry)
         listeners = sorted((c.kind, c.description) for c in service if isinstance(c, ListenerService))
         self.assertEqual(listeners, [("control", "unix:c.sock"), ("socks", "tcp:0:interface=127.0.0.1")])
         self.assertEqual(sorted(service.clusters), ["a"])
@@ -147,6 +160,100 @@ class TapTests(TestCase):
         service = makeService(options)
         self.assertTrue(any(isinstance(c, DemoService) for c in service))
         self.assertEqual(service.clusters, {})  # "demo" is added when the service starts
+
+
+@implementer(IListeningPort)
+class _BoundPort:
+    """A listening port that reports the interface it was bound to, as a real bind does."""
+
+    def __init__(self, address: IAddress) -> None:
+        self.address = address
+        self.listening = True
+
+    def startListening(self) -> None:
+        self.listening = True
+
+    def stopListening(self) -> Deferred[None]:
+        self.listening = False
+        return succeed(None)
+
+    def getHost(self) -> IAddress:
+        return self.address
+
+
+class _BindingReactor(MemoryReactorClock):
+    """L{MemoryReactorClock} reports every TCP port on 0.0.0.0; this one tells where it was asked to bind."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bound: list[_BoundPort] = []
+
+    def listenTCP(self, port, factory, backlog=50, interface=""):
+        super().listenTCP(port, factory, backlog, interface)
+        port = port or 40000 + len(self.bound)  # what the kernel picks for port 0
+        bound = _BoundPort(IPv4Address("TCP", interface or "0.0.0.0", port))
+        self.bound.append(bound)
+        return bound
+
+    def listenUNIX(self, address, factory, backlog=50, mode=0o666, wantPID=0):
+        super().listenUNIX(address, factory, backlog, mode, wantPID)
+        bound = _BoundPort(UNIXAddress(address))
+        self.bound.append(bound)
+        return bound
+
+
+class ServiceTreeTests(TestCase):
+    """The tree C{makeService} builds, started and stopped in memory."""
+
+    def setUp(self) -> None:
+        self.reactor = _BindingReactor()
+        self.set_token(None)
+
+    def set_token(self, token: str | None) -> None:
+        """Set or clear C{GATEWAY_CONTROL_TOKEN} for this test (in place: control_token holds os.environ)."""
+        saved = os.environ.pop(TOKEN_ENV, None)
+        if token is not None:
+            os.environ[TOKEN_ENV] = token
+        self.addCleanup(lambda: os.environ.__setitem__(TOKEN_ENV, saved) if saved else os.environ.pop(TOKEN_ENV, None))
+
+    def service(self, *args: str) -> GatewayService:
+        options = Options()
+        options.parseOptions(["--demo", "--socks=tcp:0:interface=127.0.0.1", "--http=", *args])
+        return makeService(options, reactor=self.reactor)
+
+    def test_the_demo_cluster_is_started_once(self) -> None:
+        """
+        The demo adds its cluster while the tree starts: one SSH connection,
+        not one per start (the old tree started a child added during its
+        own start a second time).
+        """
+        service = self.service("--control=")
+        service.privilegedStartService()
+        service.startService()
+        self.assertEqual([(host, port) for host, port, *_ in self.reactor.tcpClients], [("127.0.0.1", 40002)])
+        self.assertEqual(sorted(service.clusters), ["demo"])
+        self.successResultOf(service.stopService())
+        self.assertEqual([port.listening for port in self.reactor.bound], [False, False, False])
+
+    def test_control_listener_on_loopback_without_token(self) -> None:
+        service = self.service("--control=tcp:0:interface=127.0.0.1")
+        service.privilegedStartService()
+        self.assertEqual(service.listening_address("control"), "127.0.0.1:40001")
+        self.successResultOf(service.stopService())
+
+    def test_control_listener_off_loopback_without_token_stops_start_up(self) -> None:
+        service = self.service("--control=tcp:0")
+        self.assertRaises(SystemExit, service.privilegedStartService)
+        control = [c for c in service if isinstance(c, ListenerService) and c.kind == "control"][0]
+        self.assertTrue(control.refused)
+        self.assertIsNone(control.port)
+        self.assertFalse(self.reactor.bound[-1].listening)  # closed at once, never served
+
+    def test_control_listener_off_loopback_with_token(self) -> None:
+        self.set_token("secret")
+        service = self.service("--control=tcp:0")
+        service.privilegedStartService()
+        self.assertEqual(service.listening_address("control"), "0.0.0.0:40001")
 
 
 class DemoWalkThroughTests(TestCase):
@@ -161,3 +268,18 @@ class DemoWalkThroughTests(TestCase):
         self.assertEqual(router.route(*DEMO_WEB).cluster.name, "demo")
         route = router.route(*DEMO_API_WEB, "demo-api", "demo-token")
         self.assertEqual((route.cluster.name, route.host), ("demo-api", DEMO_API_WEB[0]))
+
+    def test_the_demo_proxy_node_logs_only_warnings(self) -> None:
+        """Its Conch server's info and debug events (a dozen per login) would bury the demo's instructions."""
+        events: list[dict] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        node = FakeProxyNode(MemoryReactorClock(), [generate_key()])
+        node.factory.startFactory()
+        server = node.factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 50000))
+        server.makeConnection(StringTransport())
+        server.dataReceived(b"SSH-2.0-OpenSSH_9.6\r\n")
+        server.receiveError(11, b"gateway closing the connection")  # logged at error: kept
+        below = [e for e in events if e.get("log_level", LogLevel.critical) < LogLevel.warn]
+        self.assertEqual(below, [])
+        self.assertEqual(len(events), 1)

@@ -1,38 +1,30 @@
 """
 The gateway as a service tree.
 
-L{GatewayService} is a C{MultiService} whose children are one
-L{ClusterConnection} per cluster and one listener service per endpoint string
-(SOCKS and HTTP).  Clusters can be added and removed while it runs; the
-router is rebuilt from the current set so routing always matches what is
-connected.
+L{GatewayService} is a plain C{MultiService}: a L{ClusterRegistry} holding
+the cluster connections, then one L{ListenerService} per endpoint string
+(SOCKS, HTTP, control).  Clusters can be added and removed while it runs.
 """
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 from twisted.application.internet import StreamServerEndpointService
-from twisted.application.service import MultiService, Service
-from twisted.internet.defer import Deferred, fail, gatherResults, maybeDeferred, succeed
+from twisted.application.service import MultiService
+from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import CannotListenError
-from twisted.internet.interfaces import IReactorCore
+from twisted.internet.interfaces import IListeningPort, IReactorCore
 from twisted.internet.protocol import Factory
-from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
+from gateway.app.clusters import ClusterRegistry
 from gateway.cluster.connection import ClusterConnection
-from gateway.cluster.connectors import Connector, tcp_connector
 from gateway.config import ClusterConfig, GatewayConfig
-from gateway.errors import Reason, StreamError
+from gateway.control.loopback import is_local_address
 from gateway.proxy.frontend import ClientLimit
 from gateway.proxy.http.protocol import HttpProxyFactory
-from gateway.proxy.opener import StreamOpener
+from gateway.proxy.opener import peer_origin
 from gateway.proxy.socks.protocol import SocksFactory
-from gateway.routing import Router
-from gateway.ssh.jump import ChannelEndpoint
-from gateway.ssh.proxycommand import command_endpoint
 
 log = Logger()
 
@@ -43,15 +35,24 @@ class ListenerService(StreamServerEndpointService):
 
     A gateway that silently runs without its SOCKS port is worse than one
     that refuses to start, so listening errors are raised, not just logged.
+    With C{local_only} (a control API without a token), a listener whose
+    bound address is reachable beyond this host stops start-up too: the bound
+    address, not the endpoint string, says where it listens (C{localhost},
+    C{systemd:}, ...).
     """
 
     _raiseSynchronously = True
 
-    def __init__(self, reactor: IReactorCore, kind: str, description: str, factory: Factory) -> None:
+    def __init__(
+        self, reactor: IReactorCore, kind: str, description: str, factory: Factory, local_only: bool = False
+    ) -> None:
         super().__init__(serverFromString(reactor, description), factory)
         self.kind = kind
         self.description = description
-        self.port = None
+        self.local_only = local_only
+        self.port: IListeningPort | None = None
+        #: True once the bound address refused this listener (see C{local_only}).
+        self.refused = False
 
     def privilegedStartService(self) -> None:
         try:
@@ -66,8 +67,24 @@ class ListenerService(StreamServerEndpointService):
             )
             raise SystemExit(1) from None
         self._waitingForPort.addCallback(self._listening)
+        if self.refused:
+            # Stream endpoints listen at once, so this is still start-up.
+            raise SystemExit(1)
 
-    def _listening(self, port):
+    def _listening(self, port: IListeningPort) -> IListeningPort | None:
+        address = port.getHost()
+        if self.local_only and not is_local_address(address):
+            log.critical(
+                "listen.{kind}: {description!r} listens on {address}, reachable beyond this host: "
+                "set [gateway] control_token_file or GATEWAY_CONTROL_TOKEN (or listen on loopback or a unix socket)",
+                kind=self.kind,
+                description=self.description,
+                address=peer_origin(address)[0],
+            )
+            # Never serve without a token beyond this host, even for a moment.
+            self.refused = True
+            port.stopListening()
+            return None
         self.port = port
         log.info(
             "{kind} listener on {description}",
@@ -78,50 +95,40 @@ class ListenerService(StreamServerEndpointService):
 
 
 class GatewayService(MultiService):
-    """Listeners plus the connections of every cluster."""
+    """
+    The gateway's service tree: a L{ClusterRegistry}, then one listener
+    service per endpoint string (SOCKS, HTTP; C{makeService} adds the demo and
+    the control listeners).  A plain C{MultiService}, which stops its
+    children last-first: the listeners stop accepting, then the registry
+    drains the streams in its own C{stopService}.
+    """
 
     def __init__(self, config: GatewayConfig, reactor) -> None:
         super().__init__()
         self._reactor = reactor
         self.settings = config.settings
-        self.clusters: dict[str, ClusterConnection] = {}
-        #: Hidden clusters for C{jump = "user@host:port"} hops, by cluster name.
-        self._hops: dict[str, ClusterConnection] = {}
-        self.gateway = StreamOpener(Router(()), self.clusters, config.settings)
+        self.registry = ClusterRegistry(config.settings, reactor)
+        self.registry.setServiceParent(self)
+        #: The routed connection of each cluster, by cluster name.
+        self.clusters = self.registry.clusters
+        self.gateway = self.registry.opener
         for cluster in config.clusters.values():
             self.add_cluster(cluster)
         clients = ClientLimit(config.settings.max_clients)
-        self._factories = [
+        factories = [
             SocksFactory(self.gateway, reactor, clients),
             HttpProxyFactory(self.gateway, reactor, clients),
         ]
+        self.registry.frontends.extend(factories)
         for kind, descriptions, factory in zip(
-            ("socks", "http"), (config.listen.socks, config.listen.http), self._factories, strict=True
+            ("socks", "http"), (config.listen.socks, config.listen.http), factories, strict=True
         ):
             for description in descriptions:
                 self.add_listener(kind, description, factory)
 
-    def add_listener(self, kind: str, description: str, factory: Factory) -> None:
-        """Listen on endpoint string C{description} with C{factory}."""
-        ListenerService(self._reactor, kind, description, factory).setServiceParent(self)
-
-    def addService(self, service) -> None:
-        # Cluster connections are found through self.clusters, not by service
-        # name: while a replaced cluster's old connection drains, two
-        # connections of the same cluster are children at once.
-        if isinstance(service, ClusterConnection):
-            self.services.append(service)
-            if self.running:
-                service.privilegedStartService()
-                service.startService()
-            return
-        super().addService(service)
-
-    def removeService(self, service):
-        if isinstance(service, ClusterConnection):
-            self.services.remove(service)
-            return service.stopService() if self.running else None
-        return super().removeService(service)
+    def add_listener(self, kind: str, description: str, factory: Factory, local_only: bool = False) -> None:
+        """Listen on endpoint string C{description} with C{factory} (see L{ListenerService})."""
+        ListenerService(self._reactor, kind, description, factory, local_only).setServiceParent(self)
 
     def listening_address(self, kind: str) -> str | None:
         """C{host:port} of the first TCP listener of C{kind}, for messages."""
@@ -132,116 +139,17 @@ class GatewayService(MultiService):
                     return f"{address.host}:{address.port}"
         return None
 
-    def _reroute(self) -> None:
-        self.gateway.router = Router(c.config for c in self.clusters.values())
-
-    def _connector(self, config: ClusterConfig) -> Connector:
-        """How this cluster reaches its proxy node: TCP, a command, or another SSH connection."""
-        if config.proxy_command:
-            template = config.proxy_command
-            return lambda proxy, factory: command_endpoint(self._reactor, template, proxy.host, proxy.port).connect(
-                factory
-            )
-        if config.jump_cluster:
-            return self._channel_connector(lambda: self.clusters.get(config.jump_cluster), config)
-        if config.jump_address:
-            hop = replace(
-                config,
-                name=f"{config.name}~jump",
-                aliases=(),
-                proxies=(config.jump_address,),
-                user=config.jump_user or config.user,
-                jump=None,
-                jump_address=None,
-                jump_user=None,
-                connections=1,
-                token=None,
-            )
-            hop_connection = ClusterConnection(hop, self._reactor)
-            hop_connection.setServiceParent(self)
-            self._hops[config.name] = hop_connection
-            return self._channel_connector(lambda: hop_connection, config)
-        return tcp_connector(self._reactor, config.connect_timeout)
-
-    def _channel_connector(self, carrier, config: ClusterConfig) -> Connector:
-        def connect(proxy, factory):
-            via = carrier()
-            if via is None:
-                return fail(StreamError(Reason.UNAVAILABLE, f"jump cluster {config.jump_cluster!r} is not configured"))
-            return ChannelEndpoint(
-                lambda host, port: via.open_stream(host, port, ("127.0.0.1", 0), carrier=True), proxy.host, proxy.port
-            ).connect(factory)
-
-        return connect
-
     def add_cluster(self, config: ClusterConfig) -> ClusterConnection:
-        """Start keeping connections to C{config}'s proxy nodes and route to it."""
-        connection = ClusterConnection(config, self._reactor, self._connector(config))
-        connection.setServiceParent(self)
-        self.clusters[config.name] = connection
-        self._reroute()
-        return connection
+        """See L{ClusterRegistry.add}."""
+        return self.registry.add(config)
 
     def replace_cluster(self, config: ClusterConfig) -> ClusterConnection:
-        """
-        Route cluster C{config.name} to new connections built from C{config};
-        the old connection keeps its open streams until they end, then stops.
-        """
-        old = self.clusters.pop(config.name)
-        old_hop = self._hops.pop(config.name, None)
-        connection = self.add_cluster(config)
-        retired = old.retire()
-        if old_hop is not None:
-            retired.addBoth(lambda _: old_hop.disownServiceParent())
-        return connection
+        """See L{ClusterRegistry.replace}."""
+        return self.registry.replace(config)
 
     def remove_cluster(self, name: str) -> Deferred:
-        """Stop routing to cluster C{name} and close its connections."""
-        connection = self.clusters.pop(name)
-        self._reroute()
-        stopping = [maybeDeferred(connection.disownServiceParent)]
-        hop = self._hops.pop(name, None)
-        if hop is not None:
-            stopping.append(maybeDeferred(hop.disownServiceParent))
-        return gatherResults(stopping)
+        """See L{ClusterRegistry.remove}."""
+        return self.registry.remove(name)
 
     def open_streams(self) -> int:
-        return sum(c.open_streams for c in self.clusters.values())
-
-    def stopService(self) -> Deferred:
-        """
-        Stop accepting, let open streams finish for up to C{drain_timeout},
-        then close the SSH connections cleanly.
-        """
-        Service.stopService(self)
-        listeners = [child for child in self if isinstance(child, ListenerService)]
-        others = [child for child in reversed(list(self)) if not isinstance(child, ListenerService)]
-        stopped = gatherResults([maybeDeferred(listener.stopService) for listener in listeners])
-        stopped.addCallback(lambda _: [factory.drain() for factory in self._factories])
-        stopped.addCallback(lambda _: self._drain())
-        stopped.addCallback(lambda _: gatherResults([maybeDeferred(child.stopService) for child in others]))
-        return stopped.addCallback(lambda _: None)
-
-    def _drain(self) -> Deferred:
-        open_streams = self.open_streams()
-        timeout = self.settings.drain_timeout
-        if open_streams == 0 or timeout <= 0:
-            return succeed(None)
-        log.info("draining {streams} open streams for up to {timeout:g} s", streams=open_streams, timeout=timeout)
-        deadline = self._reactor.seconds() + timeout
-        drained: Deferred[None] = Deferred()
-
-        def check() -> None:
-            left = self.open_streams()
-            if left == 0 or self._reactor.seconds() >= deadline:
-                poll.stop()
-                if left:
-                    log.info("drain time-out: closing {streams} streams", streams=left)
-                    for cluster in self.clusters.values():
-                        cluster.cut_streams("cut at the drain time-out")
-                drained.callback(None)
-
-        poll = LoopingCall(check)
-        poll.clock = self._reactor
-        poll.start(0.1, now=False)
-        return drained
+        return self.registry.open_streams()

@@ -16,9 +16,8 @@ import sys
 import tempfile
 from dataclasses import replace
 
-from twisted.application.service import IService, Service
+from twisted.application.service import IService
 from twisted.internet.endpoints import serverFromString
-from twisted.logger import Logger
 from twisted.python import usage
 
 from gateway.app.service import GatewayService
@@ -30,14 +29,10 @@ from gateway.config import (
     ListenConfig,
     check_jump_cycles,
     load_config,
-    parse_cluster,
 )
-from gateway.control.http import control_site, control_token, requires_token
+from gateway.control.http import control_site, control_token
 from gateway.control.registry import GatewayControl
 from gateway.control.store import ClusterStore, StoreError, validate_body
-from gateway.testing import DEMO_API_WEB, DemoCluster
-
-log = Logger()
 
 
 class Options(usage.Options):
@@ -74,14 +69,8 @@ class Options(usage.Options):
             token = control_token(config.settings.control_token_file)
         except ValueError as e:
             raise ConfigError(config.source, "gateway.control_token_file", str(e)) from None
-        for description in config.listen.control:
-            if token is None and requires_token(description):
-                raise ConfigError(
-                    config.source,
-                    "listen.control",
-                    f"{description!r} is reachable beyond this host: set [gateway] control_token_file "
-                    "or GATEWAY_CONTROL_TOKEN (or listen on loopback or a unix socket)",
-                )
+        # Whether the control listener needs it is known once it listens (its
+        # bound address): see ListenerService.
         return token
 
     def _load_api_clusters(self) -> dict[str, tuple[dict, ClusterConfig]]:
@@ -143,63 +132,22 @@ class Options(usage.Options):
         return replace(config, listen=listen)
 
 
-class DemoService(Service):
-    """Runs the in-process demo cluster and registers it as cluster C{demo}."""
-
-    def __init__(self, gateway: GatewayService, reactor) -> None:
-        self._gateway = gateway
-        self._reactor = reactor
-        self._demo = DemoCluster(reactor)
-
-    def startService(self) -> None:
-        super().startService()
-        from twisted.internet.defer import Deferred
-
-        Deferred.fromCoroutine(self._start()).addErrback(
-            lambda f: log.failure("demo cluster failed to start", f)
-        )
-
-    async def _start(self) -> None:
-        await self._demo.start()
-        cluster = parse_cluster("demo", self._demo.cluster_settings(), "(demo)", "clusters.demo")
-        self._gateway.add_cluster(cluster)
-        socks = self._gateway.listening_address("socks")
-        http = self._gateway.listening_address("http")
-        lines = ["demo cluster ready; fetch its internal web page with:"]
-        if socks:
-            lines.append(f"  curl --socks5-hostname {socks} http://10.99.0.10/")
-        if http:
-            lines.append(f"  curl --proxy http://{http} http://10.99.0.10/")
-        control = self._gateway.listening_address("control")
-        if control:
-            cluster_file = self._demo.write_cluster_file()
-            lines += [
-                "register another cluster at runtime (same proxy node, with a token) and use it:",
-                f"  .venv/bin/gateway-ctl --url http://{control} add demo-api --file {cluster_file}",
-                f"  .venv/bin/gateway-ctl --url http://{control} list",
-                f"  curl --socks5-hostname {socks} -U demo-api:demo-token http://{DEMO_API_WEB[0]}/",
-            ]
-        log.info("\n".join(lines))
-
-    def stopService(self):
-        super().stopService()
-        from twisted.internet.defer import Deferred
-
-        return Deferred.fromCoroutine(self._demo.stop())
-
-
-def makeService(options: Options) -> IService:
-    from twisted.internet import reactor
-
+def makeService(options: Options, reactor=None) -> IService:
+    """The service tree of parsed C{options}; C{reactor} defaults to the global one."""
+    if reactor is None:
+        from twisted.internet import reactor
     config = options.gateway_config
     service = GatewayService(config, reactor)
     for _, cluster in options.api_clusters.values():
         service.add_cluster(cluster)
     if options["demo"]:
+        from gateway.app.demo import DemoService
+
         DemoService(service, reactor).setServiceParent(service)
     for description in config.listen.control:
         config_names = set(config.clusters) | ({"demo"} if options["demo"] else set())
         bodies = {name: body for name, (body, _) in options.api_clusters.items()}
         control = GatewayControl(service, options.store, config_names, bodies)
-        service.add_listener("control", description, control_site(control, options.control_token, config.settings))
+        site = control_site(control, options.control_token, config.settings)
+        service.add_listener("control", description, site, local_only=options.control_token is None)
     return service

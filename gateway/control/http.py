@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import hmac
 import io
-import ipaddress
 import json
 import os
 import re
@@ -46,6 +45,7 @@ from gateway.config import NAME_RULE, GatewaySettings, is_valid_name
 from gateway.config.secrets import read_secret_file
 from gateway.control import strictjson
 from gateway.control.contract import ClusterControl, ClusterView, ControlError
+from gateway.control.loopback import is_loopback_host
 from gateway.proxy.frontend import ClientLimit
 
 __all__ = [
@@ -53,7 +53,6 @@ __all__ = [
     "TOKEN_ENV",
     "control_site",
     "control_token",
-    "requires_token",
 ]
 
 log = Logger()
@@ -74,15 +73,11 @@ METRICS_TYPE = b"text/plain; version=0.0.4; charset=utf-8"
 WWW_AUTHENTICATE = b'Bearer realm="gateway"'
 
 _TOKEN_RE = re.compile(r"[\x21-\x7e]+")  # visible ASCII: it must fit an HTTP header
-_LOOPBACK_NAMES = {"localhost"}
 #: Host header names that always mean this host (RFC 6761, and Debian's
 #: /etc/hosts name of ::1): no DNS server, so no rebinding attacker, decides them.
 _LOOPBACK_HOST_NAMES = {"localhost", "localhost.", "ip6-localhost"}
 _HOST_PORT_RE = re.compile(r"[0-9]{0,5}")  # RFC 3986: port = *DIGIT
 _MUTATING = {b"PUT", b"DELETE", b"POST", b"PATCH"}
-
-_CLUSTER_METHODS = (b"GET", b"PUT", b"DELETE")
-_GET_ONLY = (b"GET",)
 
 
 # --- token -------------------------------------------------------------------------
@@ -120,96 +115,6 @@ def _read_token_file(path: str) -> str:
         return data.decode("ascii")
     except UnicodeDecodeError:
         raise ValueError(f"control token file {path!r}: the token must be printable ASCII") from None
-
-
-# --- endpoints ---------------------------------------------------------------------
-
-
-def _split_endpoint(description: str) -> tuple[list[str], dict[str, str]]:
-    """
-    Split a Twisted endpoint string as L{twisted.internet.endpoints} does:
-    C{:} separates arguments, C{\\} escapes the next character, C{key=value}
-    arguments are keyword arguments.
-    """
-    args: list[str] = []
-    kwargs: dict[str, str] = {}
-    for raw in _raw_arguments(description):
-        key, sep, value = _split_unescaped(raw, "=")
-        if sep:
-            kwargs[_unescape(key)] = _unescape(value)
-        else:
-            args.append(_unescape(raw))
-    return args, kwargs
-
-
-def _raw_arguments(description: str) -> list[str]:
-    parts: list[str] = []
-    current: list[str] = []
-    escaped = False
-    for char in description:
-        if escaped:
-            current.append(char)
-            escaped = False
-        elif char == "\\":
-            current.append(char)
-            escaped = True
-        elif char == ":":
-            parts.append("".join(current))
-            current = []
-        else:
-            current.append(char)
-    parts.append("".join(current))
-    return parts
-
-
-def _split_unescaped(text: str, separator: str) -> tuple[str, str, str]:
-    escaped = False
-    for index, char in enumerate(text):
-        if escaped:
-            escaped = False
-        elif char == "\\":
-            escaped = True
-        elif char == separator:
-            return text[:index], separator, text[index + 1 :]
-    return text, "", ""
-
-
-def _unescape(text: str) -> str:
-    return re.sub(r"\\(.)", r"\1", text, flags=re.DOTALL)
-
-
-def _is_loopback(interface: str) -> bool:
-    if interface.lower() in _LOOPBACK_NAMES:
-        return True
-    try:
-        address = ipaddress.ip_address(interface)
-    except ValueError:
-        return False
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        return address.ipv4_mapped.is_loopback
-    return address.is_loopback
-
-
-def requires_token(endpoint_description: str) -> bool:
-    """
-    Whether a control API listening on C{endpoint_description} must require
-    a token: False only for C{unix:} sockets (not abstract ones) and for C{tcp:}, C{tcp6:} and
-    C{ssl:} listeners bound to a loopback interface (C{127.0.0.0/8}, C{::1},
-    C{localhost}).  A TCP endpoint without C{interface=} listens on every
-    interface, so it needs a token, as does anything else.
-    """
-    args, kwargs = _split_endpoint(endpoint_description.strip())
-    kind = args[0].strip().lower() if args else ""
-    if kind == "unix":
-        # A Linux abstract socket ("\0name") has no file permissions at all.
-        path = kwargs.get("address", args[1] if len(args) > 1 else "")
-        return path.startswith("\0")
-    if kind in ("tcp", "tcp6", "ssl"):
-        interface = kwargs.get("interface")
-        if interface is None and kind in ("tcp", "tcp6") and len(args) > 2:
-            interface = args[2]  # tcp:PORT:INTERFACE, positionally
-        return not (interface and _is_loopback(interface.strip()))
-    return True
 
 
 # --- HTTP ------------------------------------------------------------------------------
@@ -295,7 +200,7 @@ def _local_host_header(request: http.Request) -> bool:
         host, _, port = text.partition(":")
     if not _HOST_PORT_RE.fullmatch(port):
         return False
-    return host.lower() in _LOOPBACK_HOST_NAMES or _is_loopback(host)
+    return host.lower() in _LOOPBACK_HOST_NAMES or is_loopback_host(host)
 
 
 def _refusal(request: http.Request, token: bytes | None) -> _Response | None:

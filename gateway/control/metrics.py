@@ -41,8 +41,6 @@ STATES = ("up", "connecting", "backoff", "stopped")
 #: Front ends whose handshake-error series exist (at 0) from the start.
 FRONTENDS = ("socks", "http")
 
-CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
-
 
 class GatewayCollector(Collector):
     """Reads the gateway's live counters on every C{collect()}."""
@@ -111,7 +109,8 @@ class GatewayCollector(Collector):
 
 def metrics_text(gateway: StreamOpener, clusters: Callable[[], Iterable[ClusterConnection]]) -> bytes:
     """
-    One scrape of the gateway's metrics, as Prometheus text (L{CONTENT_TYPE}).
+    One scrape of the gateway's metrics, as Prometheus text format 0.0.4 (the control API serves it as
+    L{gateway.control.http.METRICS_TYPE}).
 
     C{clusters} is called once per scrape, so clusters added or removed at
     run time (through the control API) appear and disappear.

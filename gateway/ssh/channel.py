@@ -20,8 +20,8 @@ HTTP forwarding protocol that reads responses itself.
 Proxy nodes that forbid TCP forwarding (C{AllowTcpForwarding no},
 C{PermitOpen}) still run commands: L{ExecTunnelChannel} is the same stream
 carried over the stdin/stdout of C{nc HOST PORT} in a C{session} channel, with
-the command's stderr and exit status turned into C{close_reason} and
-C{exit_failure} when it ends badly.
+the command's stderr and exit status turned into C{close_reason} when it
+ends badly.
 """
 
 from __future__ import annotations
@@ -78,36 +78,6 @@ def open_failure_reason(code: int, description: str) -> Reason:
     if "timed out" in text:
         return Reason.TIMEOUT
     if code == connection.OPEN_CONNECT_FAILED:
-        return Reason.HOST_UNREACHABLE
-    return Reason.GENERAL
-
-
-def exec_failure_reason(text: str, status: int | None = None) -> Reason:
-    """
-    Map what a forwarding command (netcat) said on stderr to our vocabulary.
-
-    Covers netcat-openbsd (C{nc: connect to H port P (tcp) failed: Connection
-    refused}, C{nc: getaddrinfo for host ...: Name or service not known}),
-    BusyBox (C{bad address}) and ncat (C{Could not resolve hostname}); a
-    missing command (status 126/127, C{command not found}) is C{GENERAL}.
-    """
-    lower = text.lower()
-    if status in (126, 127) or "command not found" in lower or lower.endswith(": not found"):
-        return Reason.GENERAL
-    reason = open_failure_reason(0, text)
-    if reason is not Reason.GENERAL:
-        return reason
-    unreachable = (
-        "no route to host",
-        "host is unreachable",
-        "name",
-        "resolve",
-        "getaddrinfo",
-        "unknown host",
-        "lookup",
-        "bad address",
-    )
-    if any(word in lower for word in unreachable):
         return Reason.HOST_UNREACHABLE
     return Reason.GENERAL
 
@@ -240,8 +210,6 @@ class TunnelChannel(OrderedEOFChannel):
     #: Why the stream ended badly, in words (None for a normal end); set
     #: before C{closed_hooks} run and before the peer's C{tunnel_closed}.
     close_reason: str | None = None
-    #: The same as a L{StreamError}, when the end was a failure (exec).
-    exit_failure: StreamError | None = None
 
     # -- opening ---------------------------------------------------------
 
@@ -391,8 +359,8 @@ class ExecTunnelChannel(TunnelChannel):
 
     C{opened} fires once the proxy node has agreed to run the command (which
     says nothing yet about reaching the destination: netcat reports that on
-    stderr and in its exit status, which become C{close_reason} and
-    C{exit_failure} when the channel closes).  Flow control, half-close and
+    stderr and in its exit status, which become C{close_reason} when the
+    channel closes).  Flow control, half-close and
     byte counting are L{TunnelChannel}'s.
     """
 
@@ -490,13 +458,10 @@ class ExecTunnelChannel(TunnelChannel):
         return True
 
     def _settle_exit(self) -> None:
-        """Turn exit status, signal and stderr into close_reason/exit_failure."""
+        """Turn exit status, signal and stderr into close_reason."""
         stderr = self.stderr
         if self.exit_signal is None and self.exit_status in (None, 0) and not stderr:
             return  # a normal end, or a channel that closed without a word
-        # Stderr without any exit status counts as a failure; status 0 with
-        # stderr output is reported (close_reason) but is no failure.
-        failed = self.exit_signal is not None or self.exit_status != 0
         if self.exit_signal is not None:
             reason = f"{self.program} killed by signal {self.exit_signal}"
             details = [d for d in (self._exit_signal_message, stderr) if d]
@@ -510,11 +475,6 @@ class ExecTunnelChannel(TunnelChannel):
             # The proxy node's words, for a log line: escaped and cut.
             reason += ": " + "; ".join(peer_text(detail.encode()) for detail in details)
         self.close_reason = reason
-        if failed:
-            self.exit_failure = StreamError(
-                exec_failure_reason(stderr, self.exit_status),
-                f"proxy node could not carry {self.destination}: {reason}",
-            )
 
     # -- end -------------------------------------------------------------
 

@@ -178,7 +178,3 @@ class TunnelConnection(connection.SSHConnection):
         channel = ExecTunnelChannel(command, host, port, origin, window_size, clock=self._clock)
         self.openChannel(channel, channel.open_request_data())
         return channel.opened
-
-    @property
-    def open_channels(self) -> int:
-        return len(self.channels)
