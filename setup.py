@@ -13,7 +13,9 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.11",
     packages=find_packages(include=["gateway", "gateway.*"]) + ["twisted.plugins"],
-    package_data={"twisted.plugins": ["gateway_plugin.py"]},
+    # py.typed: the package's annotations are checked (`make lint`), so its
+    # users' type checkers may read them (PEP 561).
+    package_data={"twisted.plugins": ["gateway_plugin.py"], "gateway": ["py.typed"]},
     install_requires=[
         # Tested against 26.10.  gateway/ssh/_conch.py relies on Conch internals
         # that Twisted's deprecation policy does not cover, so the range stops
@@ -26,7 +28,7 @@ setup(
         "prometheus_client",
     ],
     extras_require={
-        "test": ["hypothesis", "requests[socks]", "paramiko", "ruff"],
+        "test": ["hypothesis", "requests[socks]", "paramiko", "ruff", "mypy", "mypy-zope"],
         # A third proxy for bench/ to compare with (bench/asyncssh_socks.py).
         "bench": ["asyncssh"],
     },
