@@ -38,8 +38,11 @@ run: $(STAMP)
 test: $(STAMP) system-deps
 	$(BIN)/trial --temp-directory=/tmp/_trial_gateway_$$$$ tests
 
+# The gate: lint, formatting and types (mypy's settings are in pyproject.toml).
 lint: $(STAMP)
 	$(BIN)/ruff check gateway tests bench twisted
+	$(BIN)/ruff format --check gateway tests bench twisted
+	$(BIN)/mypy gateway
 
 bench: $(STAMP) system-deps
 	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[test,bench]'

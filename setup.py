@@ -19,7 +19,9 @@ setup(
     # that only knows package names, and twistd never sees the dropin.
     package_dir={"": "."},
     packages=find_packages(include=["gateway", "gateway.*"]) + ["twisted.plugins"],
-    package_data={"twisted.plugins": ["gateway_plugin.py"]},
+    # py.typed: the package's annotations are checked (`make lint`), so its
+    # users' type checkers may read them (PEP 561).
+    package_data={"twisted.plugins": ["gateway_plugin.py"], "gateway": ["py.typed"]},
     install_requires=[
         # Tested against 26.10.  gateway/ssh/_conch.py relies on Conch internals
         # that Twisted's deprecation policy does not cover, so the range stops
@@ -32,7 +34,7 @@ setup(
         "prometheus_client",
     ],
     extras_require={
-        "test": ["hypothesis", "requests[socks]", "paramiko", "ruff"],
+        "test": ["hypothesis", "requests[socks]", "paramiko", "ruff", "mypy", "mypy-zope"],
         # A third proxy for bench/ to compare with (bench/asyncssh_socks.py).
         "bench": ["asyncssh"],
     },

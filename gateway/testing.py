@@ -27,27 +27,33 @@ import shlex
 import struct
 import tempfile
 from collections.abc import Callable, Iterable, Mapping
+from typing import Any, TypeVar
 
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from twisted.conch.avatar import ConchUser
 from twisted.conch.checkers import InMemorySSHKeyDB, SSHPublicKeyChecker
 from twisted.conch.ssh import common, connection, factory, forwarding, keys, transport, userauth
-from twisted.cred.portal import Portal
+from twisted.conch.ssh.channel import SSHChannel
+from twisted.conch.ssh.service import SSHService
+from twisted.conch.ssh.transport import SSHServerTransport
+from twisted.cred.portal import IRealm, Portal
 from twisted.internet import defer
 from twisted.internet.address import IPv4Address
 from twisted.internet.endpoints import clientFromString, serverFromString
 from twisted.internet.error import ConnectionRefusedError
-from twisted.internet.interfaces import IHalfCloseableProtocol, IListeningPort, IPushProducer
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.interfaces import IHalfCloseableProtocol, IListeningPort, IPushProducer, IReactorTime
+from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.test import iosim
 from twisted.test.iosim import IOPump
 from twisted.web.resource import Resource
-from twisted.web.server import Site
-from zope.interface import implementer
+from twisted.web.server import Request, Site
+from zope.interface import Interface, implementer
 
+from gateway.config import ProxyAddress
+from gateway.proxy.splice import IClientTransport
 from gateway.ssh._conch import quiet_conch_logs
 from gateway.ssh.channel import OrderedEOFChannel
 
@@ -56,6 +62,9 @@ log = Logger()
 #: The node's own Conch events (each step of every key exchange and login at
 #: debug or info level) would bury the demo's instructions: warnings only.
 _quiet = quiet_conch_logs("gateway.testing.proxy_node")
+
+#: The client protocol L{MemoryNetwork} joins to a server, handed back as it came.
+_Client = TypeVar("_Client")
 
 DEMO_USER = "demo"
 DEMO_NETWORK = "10.99.0.0/24"
@@ -83,6 +92,10 @@ def public_line(key: keys.Key) -> str:
 class _DestinationProtocol(Protocol):
     """The proxy node's TCP connection to a destination, joined to a channel."""
 
+    #: Set by C{makeConnection}; as a listener's client connection, the
+    #: destination's is a consumer and a push producer that can half-close.
+    transport: IClientTransport
+
     def __init__(self, tunnel: _ServerStream) -> None:
         self._tunnel = tunnel
         self._halves_done = 0
@@ -104,7 +117,7 @@ class _DestinationProtocol(Protocol):
     def writeConnectionLost(self) -> None:
         self._half_done()
 
-    def connectionLost(self, reason: object) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.read_closed = True
         self._tunnel.destination_lost()
 
@@ -123,7 +136,7 @@ class _ServerStream(OrderedEOFChannel):
     what one read brings.
     """
 
-    def __init__(self, destination: _DestinationProtocol | None = None, **kw) -> None:
+    def __init__(self, destination: _DestinationProtocol | None = None, **kw: Any) -> None:
         super().__init__(**kw)
         self.destination = destination
         self._connected = destination is not None
@@ -148,14 +161,20 @@ class _ServerStream(OrderedEOFChannel):
         if self._connected and not self._paused and consumed >= self.localWindowSize // 2 and not self.localClosed:
             self.conn.adjustWindow(self, consumed)
 
-    def _destination_transport(self):
+    def _destination_transport(self) -> IClientTransport | None:
         if self.destination is None:
             return None
         return self.destination.transport
 
+    def _connected_transport(self) -> IClientTransport:
+        """The destination's transport, once C{destination_connected} has said it is there."""
+        transport = self._destination_transport()
+        assert transport is not None, "connected, so there is a destination"
+        return transport
+
     def destination_connected(self) -> None:
         self._connected = True
-        transport = self._destination_transport()
+        transport = self._connected_transport()
         if self.localClosed or self.remoteClosed:
             transport.loseConnection()
             return
@@ -171,7 +190,7 @@ class _ServerStream(OrderedEOFChannel):
 
     def dataReceived(self, data: bytes) -> None:
         if self._connected:
-            self.destination.transport.write(data)
+            self._connected_transport().write(data)
         else:
             self._queued.append(data)
         self._grant_window()
@@ -179,7 +198,7 @@ class _ServerStream(OrderedEOFChannel):
     def eofReceived(self) -> None:
         self._client_eof = True
         if self._connected:
-            self.destination.transport.loseWriteConnection()
+            self._connected_transport().loseWriteConnection()
 
     def stopWriting(self) -> None:
         transport = self._destination_transport() if self._connected else None
@@ -188,7 +207,7 @@ class _ServerStream(OrderedEOFChannel):
 
     def startWriting(self) -> None:
         transport = self._destination_transport() if self._connected else None
-        if transport is not None and not self.destination.read_closed:
+        if transport is not None and self.destination is not None and not self.destination.read_closed:
             transport.resumeProducing()
 
     def destination_eof(self) -> None:
@@ -217,7 +236,7 @@ class _ServerSession(_ServerStream):
 
     name = b"session"
 
-    def __init__(self, node: FakeProxyNode, **kw) -> None:
+    def __init__(self, node: FakeProxyNode, **kw: Any) -> None:
         super().__init__(**kw)
         self.node = node
         self._started = False
@@ -302,6 +321,8 @@ class _ProxyNodeConnection(connection.SSHConnection):
     for exec.
     """
 
+    #: Set by the transport's C{setService}, before the service starts.
+    transport: SSHServerTransport
 
     def ssh_CHANNEL_DATA(self, packet: bytes) -> None:
         # Conch re-opens the window before delivering, whatever the
@@ -315,13 +336,13 @@ class _ProxyNodeConnection(connection.SSHConnection):
 
     def ssh_GLOBAL_REQUEST(self, packet: bytes) -> None:
         # A frozen peer (VM gone, packets dropped) answers nothing at all.
-        if not self.transport.factory.node.frozen:
+        if not _node_of(self).frozen:
             super().ssh_GLOBAL_REQUEST(packet)
 
-    def getChannel(self, channelType, windowSize, maxPacket, data):
+    def getChannel(self, channelType: bytes, windowSize: int, maxPacket: int, data: bytes) -> SSHChannel:
         if channelType == b"session":
             return _ServerSession(
-                self.transport.factory.node,
+                _node_of(self),
                 remoteWindow=windowSize,
                 remoteMaxPacket=maxPacket,
                 conn=self,
@@ -335,7 +356,7 @@ class _ProxyNodeConnection(connection.SSHConnection):
         sender, window, max_packet = struct.unpack(">3L", rest[:12])
         (host, port), _origin = forwarding.unpackOpen_direct_tcpip(rest[12:])
         host = host.decode("utf-8") if isinstance(host, bytes) else host
-        node: FakeProxyNode = self.transport.factory.node
+        node = _node_of(self)
 
         def fail(code: int, text: str) -> None:
             self.transport.sendPacket(
@@ -356,7 +377,8 @@ class _ProxyNodeConnection(connection.SSHConnection):
         def connected(_: object) -> None:
             local = self.localChannelID
             self.localChannelID += 1
-            tunnel.id = local
+            # Conch's SSHChannel.__init__ sets id = None, which mypy reads as the type.
+            tunnel.id = local  # type: ignore[assignment]
             self.channels[local] = tunnel
             self.channelsToRemoteChannel[tunnel] = sender
             self.localToRemoteChannel[local] = sender
@@ -384,7 +406,7 @@ class _NodeUserAuth(userauth.SSHUserAuthServer):
     """Conch's user authentication, timed by the node's clock, not the global reactor."""
 
     def serviceStarted(self) -> None:
-        self.clock = self.transport.factory.node.reactor
+        self.clock = _node_of(self).reactor
         super().serviceStarted()
 
 
@@ -403,9 +425,26 @@ class _OneProtocol(Factory):
         return self._protocol
 
 
+@implementer(IRealm)
 class _Realm:
-    def requestAvatar(self, avatarId, mind, *interfaces):
+    def requestAvatar(
+        self, avatarId: bytes | tuple[()], mind: object, *interfaces: type[Interface]
+    ) -> tuple[type[Interface], object, Callable[[], None]]:
         return interfaces[0], ConchUser(), lambda: None
+
+
+class _NodeFactory(factory.SSHFactory):
+    """The node's C{SSHFactory}: its services find their node through it."""
+
+    node: FakeProxyNode
+    portal: Portal
+
+
+def _node_of(service: SSHService) -> FakeProxyNode:
+    """The fake node whose SSH server runs C{service}."""
+    transport = service.transport
+    assert transport is not None and isinstance(transport.factory, _NodeFactory), "a service of a node's server"
+    return transport.factory.node
 
 
 class FakeProxyNode:
@@ -424,7 +463,7 @@ class FakeProxyNode:
 
     def __init__(
         self,
-        reactor,
+        reactor: IReactorTime,
         authorized_keys: Iterable[keys.Key],
         user: str = DEMO_USER,
         routes: Mapping[tuple[str, int], str] | None = None,
@@ -460,7 +499,7 @@ class FakeProxyNode:
         """Connect C{protocol} to a route's target, an endpoint string."""
         return clientFromString(self.reactor, target).connect(_OneProtocol(protocol))
 
-    def listen(self, description: str = "tcp:0:interface=127.0.0.1"):
+    def listen(self, description: str = "tcp:0:interface=127.0.0.1") -> defer.Deferred[IListeningPort]:
         """Listen on an endpoint string; fires with the IListeningPort."""
         return serverFromString(self.reactor, description).listen(self.factory)
 
@@ -472,7 +511,7 @@ class _Page(Resource):
         super().__init__()
         self._page = page
 
-    def render_GET(self, request) -> bytes:
+    def render_GET(self, request: Request) -> bytes:
         request.setHeader(b"content-type", b"text/plain; charset=utf-8")
         return self._page
 
@@ -491,7 +530,7 @@ class DemoCluster:
     unix socket in a private directory, reachable only through that node.
     """
 
-    def __init__(self, reactor) -> None:
+    def __init__(self, reactor: IReactorTime) -> None:
         self.reactor = reactor
         self.client_key = generate_key()
         self._dir = tempfile.mkdtemp(prefix="gateway-demo-")
@@ -546,7 +585,7 @@ class DemoCluster:
         self._files.append(path)
         return path
 
-    def cluster_settings(self) -> dict:
+    def cluster_settings(self) -> dict[str, Any]:
         """The demo cluster as a C{[clusters.demo]} table would give it."""
         return {
             "proxies": [f"127.0.0.1:{self.ssh_port}"],
@@ -582,14 +621,14 @@ class MemoryNetwork:
         self.attempts: list[tuple[float, str]] = []
         self._pumps: list[IOPump] = []
 
-    def add_node(self, host: str, port: int, authorized_keys: Iterable[keys.Key], **options) -> FakeProxyNode:
+    def add_node(self, host: str, port: int, authorized_keys: Iterable[keys.Key], **options: Any) -> FakeProxyNode:
         """A proxy node at C{host:port}; C{options} as for L{FakeProxyNode}."""
         node = FakeProxyNode(self.clock, authorized_keys, dial=self._dial, **options)
         node.factory.doStart()  # what listening would do: SSHFactory reads its moduli there
         self.nodes[(host, port)] = node
         return node
 
-    def connect(self, proxy, factory: Factory) -> defer.Deferred:
+    def connect(self, proxy: ProxyAddress, factory: Factory) -> defer.Deferred:
         """A cluster's C{Connector}: refused for an unknown or downed node."""
         address = (proxy.host, proxy.port)
         self.attempts.append((self.clock.seconds(), f"{proxy.host}:{proxy.port}"))
@@ -597,7 +636,9 @@ class MemoryNetwork:
         if node is None or address in self.down:
             return defer.fail(ConnectionRefusedError(proxy.host, proxy.port))
         peer = IPv4Address("TCP", *address)
-        return defer.succeed(self._join(factory.buildProtocol(peer), node.factory, peer))
+        client = factory.buildProtocol(peer)
+        assert client is not None, "a cluster's SSH client factory builds a protocol for every connection"
+        return defer.succeed(self._join(client, node.factory, peer))
 
     def _dial(self, target: str, protocol: Protocol) -> defer.Deferred:
         if target not in self.destinations:
@@ -607,7 +648,7 @@ class MemoryNetwork:
             return defer.Deferred()
         return defer.succeed(self._join(protocol, service, IPv4Address("TCP", "127.0.0.1", 0)))
 
-    def _join(self, client: Protocol, server_factory: Factory, address: IPv4Address) -> Protocol:
+    def _join(self, client: _Client, server_factory: Factory, address: IPv4Address) -> _Client:
         server = server_factory.buildProtocol(address)
         self._pumps.append(
             iosim.connect(

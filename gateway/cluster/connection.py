@@ -28,11 +28,11 @@ from dataclasses import dataclass, field
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, TimeoutError, fail, gatherResults, maybeDeferred, succeed
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from gateway.cluster.connectors import Connector, host_key_policy, tcp_connector
+from gateway.cluster.connectors import Connector, IConnectingReactor, host_key_policy, tcp_connector
 from gateway.cluster.link import Link
 from gateway.cluster.slots import SlotPolicy, Step
 from gateway.config import ClusterConfig, ProxyAddress
@@ -86,10 +86,13 @@ class _Slot:
 class ClusterConnection(Service):
     """Keeps a cluster's SSH connection(s) to its proxy node(s)."""
 
+    #: The cluster's name (C{Service.name} may be None; a cluster's is not).
+    name: str
+
     def __init__(
         self,
         config: ClusterConfig,
-        reactor: IReactorTime,
+        reactor: IConnectingReactor,
         connector: Connector | None = None,
         jitter: Callable[[], float] = random.random,
     ) -> None:
@@ -104,6 +107,8 @@ class ClusterConnection(Service):
         self.links: set[Link] = set()
         self.last_error: str | None = None
         self.open_streams = 0
+        #: Set by C{retire}: fires once the last stream has ended.
+        self._retired: Deferred[None] | None = None
         self.exec_mode = config.mode == "exec"
         self.stats = ClusterStats()
 
@@ -309,7 +314,7 @@ class ClusterConnection(Service):
 
     def connection(self) -> Deferred[TunnelConnection]:
         """The least loaded SSH connection, waiting up to C{connect_timeout}."""
-        return self._link().addCallback(lambda link: link.connection)
+        return self._link().addCallback(_connection_of)
 
     def open_stream(
         self, host: str, port: int, origin: tuple[str, int], *, carrier: bool = False
@@ -448,8 +453,14 @@ class ClusterConnection(Service):
         return self._retired
 
     def _maybe_retired(self) -> None:
-        retired = getattr(self, "_retired", None)
+        retired = self._retired
         if retired is None or retired.called or self.open_streams:
             return
         stopping = self.disownServiceParent() if self.parent is not None else self.stopService()
         maybeDeferred(lambda: stopping).chainDeferred(retired)
+
+
+def _connection_of(link: Link) -> TunnelConnection:
+    """The SSH connection of a link that is up (what C{_link} fires with)."""
+    assert link.connection is not None, "a link is up only with its connection"
+    return link.connection

@@ -93,7 +93,7 @@ class Link:
 
         timer = self._clock.callLater(limit, too_slow)
 
-        def settled(result):
+        def settled(result: TunnelConnection | Failure) -> TunnelConnection | Failure:
             if timer.active():
                 timer.cancel()
             return result
@@ -121,6 +121,7 @@ class Link:
             self._death = f"{self.proxy} answered no keepalive for {silent:.1f} s"
             self.abort()
             return
+        assert self.connection is not None, "the keepalive runs only while the link is up"
         probe = self.connection.sendGlobalRequest(b"keepalive@openssh.com", b"", wantReply=1)
         # OpenSSH answers REQUEST_FAILURE: any answer proves the peer alive.
         probe.addBoth(self._answered)

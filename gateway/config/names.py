@@ -18,7 +18,7 @@ _NAME_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
 _HOST_LABEL_RE = re.compile(r"[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?")
 _PORT_RE = re.compile(r"[0-9]{1,5}")
 _PATTERN_RE = re.compile(r"[a-z0-9._*?\[\]!-]+")
-_IPV4_MAPPED = ipaddress.ip_network("::ffff:0:0/96")
+_IPV4_MAPPED = ipaddress.IPv6Network("::ffff:0:0/96")
 
 #: What is wrong with a name that L{is_valid_name} refuses.
 NAME_RULE = "use 1 to 64 characters of A-Z a-z 0-9 . _ - (not . or ..)"

@@ -9,14 +9,14 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from twisted.internet.interfaces import IDelayedCall, IHalfCloseableProtocol, IReactorTime
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from gateway.errors import Reason, StreamError
 from gateway.proxy.opener import StreamOpener, peer_origin
-from gateway.proxy.splice import Splice, set_no_delay
+from gateway.proxy.splice import IClientTransport, Splice, set_no_delay
 from gateway.ssh.channel import TunnelChannel
 
 log = Logger()
@@ -44,6 +44,9 @@ class FrontendProtocol(Protocol):
     """
 
     kind = "client"
+    #: Set by C{makeConnection}: a listener's protocols only ever get a
+    #: client connection, and use it only from C{connectionMade} on.
+    transport: IClientTransport
 
     def __init__(self, gateway: StreamOpener, clock: IReactorTime) -> None:
         self._gateway = gateway
@@ -125,7 +128,7 @@ class FrontendProtocol(Protocol):
         if self._splice is None and not self._opening:
             self.transport.loseConnection()
 
-    def connectionLost(self, reason: Failure) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._gone = True
         self._stop_timer()
         if self._splice is not None:

@@ -118,14 +118,16 @@ class StreamOpener:
             return channel
 
         def failed(failure: Failure) -> Failure:
-            if not failure.check(StreamError):
+            error = failure.value
+            if not isinstance(error, StreamError):
                 log.failure(
                     "unexpected error opening {destination}",
                     failure,
                     destination=destination,
                 )
-                failure = Failure(StreamError(Reason.GENERAL, "internal error"))
-            self._refused(request, cluster.name, destination, failure.value)
+                error = StreamError(Reason.GENERAL, "internal error")
+                failure = Failure(error)
+            self._refused(request, cluster.name, destination, error)
             return failure
 
         return (

@@ -11,9 +11,21 @@ channel does: closed after an EOF, reset when the channel was cut.
 
 from __future__ import annotations
 
-from twisted.internet.interfaces import ISSLTransport, ITransport
+from twisted.internet.interfaces import IConsumer, IPushProducer, ISSLTransport, ITCPTransport
 
 from gateway.ssh.channel import TunnelChannel
+
+
+class IClientTransport(ITCPTransport, IConsumer, IPushProducer):
+    """
+    A listener's client connection as the splice and the frontends use it: a
+    TCP (or TLS over TCP) transport that can be reset, half-closed, paused
+    and given the channel as its streaming producer.
+
+    Twisted's TCP and TLS transports provide each of these interfaces but
+    declare none that unites them, so this one names the combination for the
+    type checker; nothing checks it at run time.
+    """
 
 
 def set_no_delay(transport: object) -> None:
@@ -29,7 +41,7 @@ def set_no_delay(transport: object) -> None:
         set_tcp_no_delay(True)
 
 
-def half_close(transport: ITransport) -> None:
+def half_close(transport: ITCPTransport) -> None:
     """
     Shut the write side of C{transport} if it can; otherwise leave it open.
 
@@ -47,7 +59,7 @@ def half_close(transport: ITransport) -> None:
 class Splice:
     """Joins a client transport and a L{TunnelChannel} in both directions."""
 
-    def __init__(self, transport: ITransport, channel: TunnelChannel) -> None:
+    def __init__(self, transport: IClientTransport, channel: TunnelChannel) -> None:
         self._transport = transport
         self.channel = channel
         self._client_done = False

@@ -43,7 +43,6 @@ redirects.
 from __future__ import annotations
 
 import argparse
-import functools
 import http.client
 import json
 import os
@@ -54,7 +53,10 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Callable, Mapping
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from _typeshed import SupportsWrite
 
 DEFAULT_URL = "http://127.0.0.1:8765"
 DEFAULT_TIMEOUT = 30.0
@@ -73,6 +75,10 @@ MAX_FILE_BYTES = 1024 * 1024
 #: Top-level tables of a gateway configuration file that say nothing about
 #: one cluster, ignored next to C{[clusters.NAME]}.
 _IGNORED_TABLES = ("listen", "gateway")
+
+#: C{refused(status, reason, field)}: the message for a refusal a command
+#: expects (a 404 for a name), or None for the generic one.
+Refusal = Callable[[int, str, str | None], str | None]
 
 
 class CtlError(Exception):
@@ -97,10 +103,10 @@ class _Parser(argparse.ArgumentParser):
         self._out = out
         self._err = err
 
-    def print_usage(self, file: IO[str] | None = None) -> None:
+    def print_usage(self, file: SupportsWrite[str] | None = None) -> None:
         super().print_usage(file or self._out)
 
-    def print_help(self, file: IO[str] | None = None) -> None:
+    def print_help(self, file: SupportsWrite[str] | None = None) -> None:
         super().print_help(file or self._out)
 
     def exit(self, status: int = 0, message: str | None = None) -> None:  # type: ignore[override]
@@ -155,20 +161,25 @@ def _common_options(parser: argparse.ArgumentParser, top: bool) -> None:
 
 
 def parse_args(argv: list[str], out: IO[str], err: IO[str]) -> argparse.Namespace:
-    make = functools.partial(_Parser, out=out, err=err)
-    parser = make(
+    parser = _Parser(
         prog="gateway-ctl",
         description="Manage the clusters of a running gateway through its control API.",
+        out=out,
+        err=err,
     )
     _common_options(parser, top=True)
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=make)
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=_Parser)
 
-    sub = commands.add_parser("list", help="list the clusters and their state")
+    def command(name: str, help: str) -> _Parser:
+        """A command's parser, writing to the same streams."""
+        return commands.add_parser(name, help=help, out=out, err=err)
+
+    sub = command("list", "list the clusters and their state")
     _common_options(sub, top=False)
-    sub = commands.add_parser("show", help="show one cluster's settings and status")
+    sub = command("show", "show one cluster's settings and status")
     sub.add_argument("name", metavar="NAME")
     _common_options(sub, top=False)
-    sub = commands.add_parser("add", help="create or replace a cluster from a TOML or JSON file")
+    sub = command("add", "create or replace a cluster from a TOML or JSON file")
     sub.add_argument("name", metavar="NAME")
     sub.add_argument(
         "--file",
@@ -178,10 +189,10 @@ def parse_args(argv: list[str], out: IO[str], err: IO[str]) -> argparse.Namespac
         help="cluster.toml or cluster.json: the cluster's keys, or a [clusters.NAME] table",
     )
     _common_options(sub, top=False)
-    sub = commands.add_parser("remove", help="remove a cluster added through the API")
+    sub = command("remove", "remove a cluster added through the API")
     sub.add_argument("name", metavar="NAME")
     _common_options(sub, top=False)
-    sub = commands.add_parser("health", help="check that the gateway answers; count clusters up and down")
+    sub = command("health", "check that the gateway answers; count clusters up and down")
     _common_options(sub, top=False)
 
     args = parser.parse_args(argv)
@@ -364,6 +375,7 @@ def _to_json(body: Mapping[str, Any], path: str) -> bytes:
 def _token(args: argparse.Namespace) -> str | None:
     if args.token is not None and args.token_file is not None:
         raise CtlError("give --token or --token-file, not both", EXIT_USAGE)
+    token: str | None
     if args.token_file:
         data = _read_secret(os.path.expanduser(args.token_file), "token file", "--token-file")
         try:
@@ -404,7 +416,7 @@ class Client:
         method: str,
         path: str,
         body: bytes | None = None,
-        refused: Callable[[int, str, str | None], str] | None = None,
+        refused: Refusal | None = None,
     ) -> tuple[int, Any]:
         """
         Send the request; return (status, parsed JSON or None) for a 2xx
@@ -458,7 +470,7 @@ class Client:
         status: int,
         http_reason: object,
         raw: bytes,
-        refused: Callable[[int, str, str | None], str] | None,
+        refused: Refusal | None,
     ) -> CtlError:
         reason, field = "", None
         try:
@@ -493,7 +505,7 @@ def _cluster_path(name: str) -> str:
     return "/v1/clusters/" + urllib.parse.quote(name, safe="")
 
 
-def _no_such(name: str) -> Callable[[int, str, str | None], str | None]:
+def _no_such(name: str) -> Refusal:
     def refused(status: int, reason: str, field: str | None) -> str | None:
         if status == 404:
             return f"no cluster named {name}"
@@ -531,7 +543,7 @@ def cmd_list(client: Client, args: argparse.Namespace, out: IO[str]) -> int:
         return EXIT_OK
     clusters = _expect(data, dict, "no clusters list", client.url).get("clusters")
     clusters = _expect(clusters, list, "no clusters list", client.url)
-    rows = [("NAME", "STATE", "PROXY", "STREAMS", "LAST ERROR")]
+    rows: list[tuple[str, ...]] = [("NAME", "STATE", "PROXY", "STREAMS", "LAST ERROR")]
     for cluster in clusters:
         cluster = _expect(cluster, dict, "a cluster is not an object", client.url)
         rows.append(

@@ -39,10 +39,12 @@ method a C{gateway.ssh} class overrides, for the pin test.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
+from cryptography.hazmat.primitives.ciphers import Cipher
 from twisted.conch.client.knownhosts import PlainEntry
 from twisted.conch.ssh import _kex, channel, connection, transport, userauth
+from twisted.internet.interfaces import ITransport
 from twisted.logger import Logger, LogLevel
 
 #: Sequence numbers wrap at 2**32 (RFC 4253 6.4); Conch's never wrap.
@@ -97,7 +99,7 @@ def is_elliptic_curve(kex_algorithm: bytes) -> bool:
     return _kex.isEllipticCurve(kex_algorithm)
 
 
-def conch_cipher(ciphers: transport.SSHCiphers, name: bytes, iv: bytes, key: bytes):
+def conch_cipher(ciphers: transport.SSHCiphers, name: bytes, iv: bytes, key: bytes) -> Cipher[Any]:
     """
     Conch's C{cryptography} C{Cipher} for the classic cipher C{name}
     (C{SSHCiphers._getCipher}): for one direction of a key exchange whose
@@ -147,6 +149,8 @@ class ConchClientTransport(transport.SSHClientTransport):
     """
 
     ciphers_class: type[transport.SSHCiphers] = transport.SSHCiphers
+    #: Set by C{makeConnection}, before any packet is sent or read.
+    transport: ITransport
 
     # -- hooks ------------------------------------------------------------
 

@@ -16,6 +16,7 @@ from twisted.conch.ssh import userauth
 from twisted.conch.ssh.common import NS
 from twisted.conch.ssh.keys import Key
 from twisted.conch.ssh.service import SSHService
+from twisted.conch.ssh.transport import SSHTransportBase
 from twisted.internet.defer import Deferred, succeed
 
 from gateway.ssh._conch import quiet_conch_logs
@@ -49,6 +50,9 @@ def signature_algorithm(key: Key, server_sig_algs: bytes | None, allow_sha1: boo
 class KeyAuthClient(userauth.SSHUserAuthClient):
     """Authenticate as C{user} with one private key, then start C{instance}."""
 
+    #: Set by the transport's C{setService}, before the service starts.
+    transport: SSHTransportBase
+
     preferredOrder = [b"publickey"]
 
     def __init__(
@@ -79,8 +83,10 @@ class KeyAuthClient(userauth.SSHUserAuthClient):
         if algorithm in _RSA_SHA2 and algorithm not in (listed or b"").split(b","):
             self.unlisted_algorithm = algorithm
         blob = key.public().blob()
+        session_id = self.transport.sessionID
+        assert session_id is not None, "user authentication follows the first key exchange"
         signed = (
-            NS(self.transport.sessionID)
+            NS(session_id)
             + bytes((userauth.MSG_USERAUTH_REQUEST,))
             + NS(self.user)
             + NS(self.instance.name)

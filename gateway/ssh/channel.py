@@ -102,6 +102,19 @@ def _program_name(command: bytes) -> str:
     return os.path.basename(words[0]) if words else "command"
 
 
+def clock_or_reactor(clock: IReactorTime | None) -> IReactorTime:
+    """
+    C{clock}, or else the global reactor: imported only then, because
+    importing it installs the default reactor, which an in-memory test (or
+    C{twistd}, choosing its own) must be free to avoid.
+    """
+    if clock is not None:
+        return clock
+    from twisted.internet import reactor
+
+    return IReactorTime(reactor)
+
+
 @quiet_conch_logs("gateway.ssh.channel")
 class OrderedEOFChannel(channel.SSHChannel):
     """
@@ -115,6 +128,8 @@ class OrderedEOFChannel(channel.SSHChannel):
 
     _after_data: list[Callable[[], None]] | None = None
     _close_after_data = False
+    #: Set by C{SSHConnection.openChannel}, before anything here is called.
+    conn: connection.SSHConnection
 
     def after_data(self, action: Callable[[], None]) -> None:
         """Run C{action} once everything written so far has been sent."""
@@ -185,9 +200,7 @@ class TunnelChannel(OrderedEOFChannel):
         clock: IReactorTime | None = None,
     ) -> None:
         super().__init__(localWindow=window_size, localMaxPacket=MAX_PACKET)
-        if clock is None:
-            from twisted.internet import reactor as clock
-        self._clock = clock
+        self._clock = clock_or_reactor(clock)
         self.host = host
         self.port = port
         self.origin = origin
@@ -223,11 +236,10 @@ class TunnelChannel(OrderedEOFChannel):
         self.opened.callback(self)
 
     def openFailed(self, reason: Failure | BaseException) -> None:
-        if isinstance(reason, Failure):
-            reason = reason.value
-        if isinstance(reason, ConchError):
-            code = reason.data if isinstance(reason.data, int) else 0
-            raw = reason.value if isinstance(reason.value, bytes) else str(reason.value).encode()
+        why = reason.value if isinstance(reason, Failure) else reason
+        if isinstance(why, ConchError):
+            code = why.data if isinstance(why.data, int) else 0
+            raw = why.value if isinstance(why.value, bytes) else str(why.value).encode()
             text = peer_text(raw)  # the proxy node's words: escaped and cut
             error = StreamError(
                 open_failure_reason(code, text),

@@ -41,6 +41,9 @@ class TunnelConnection(connection.SSHConnection):
     re-open the receive window (see L{TunnelChannel}).
     """
 
+    #: Set by the transport's C{setService}, before the service starts.
+    transport: transport.SSHTransportBase
+
     def __init__(self, ready: Deferred[TunnelConnection], clock: IReactorTime) -> None:
         super().__init__()
         self._ready = ready

@@ -29,14 +29,19 @@ _ALGORITHMS_FOR_TYPE = {
 }
 
 
-def read_known_hosts(path: str) -> tuple[list, list]:
+#: A known_hosts line Conch can read (C{@cert-authority} lines are skipped).
+KnownHostsEntry = HashedEntry | PlainEntry
+
+
+def read_known_hosts(path: str) -> tuple[list[KnownHostsEntry], list[KnownHostsEntry]]:
     """
     The entries of an OpenSSH known_hosts file, and its C{@revoked} entries.
 
     Conch's parser skips marker lines; a revoked key must refuse, not be
     ignored.  C{@cert-authority} lines are not supported (skipped).
     """
-    entries, revoked = [], []
+    entries: list[KnownHostsEntry] = []
+    revoked: list[KnownHostsEntry] = []
     with open(path, "rb") as f:
         for line in f:
             marker = None
@@ -44,6 +49,7 @@ def read_known_hosts(path: str) -> tuple[list, list]:
                 marker, _, line = line.partition(b" ")
             if marker not in (None, b"@revoked"):
                 continue
+            entry: KnownHostsEntry
             try:
                 if line.startswith(HashedEntry.MAGIC):
                     entry = HashedEntry.fromString(line)
@@ -60,7 +66,7 @@ def _pattern(text: str) -> re.Pattern[str]:
     return re.compile("".join(".*" if c == "*" else "." if c == "?" else re.escape(c) for c in text))
 
 
-def host_matches(entry, name: str) -> bool:
+def host_matches(entry: KnownHostsEntry, name: str) -> bool:
     """
     Whether a known_hosts entry names C{name}, with OpenSSH's patterns for
     plain entries (C{*}, C{?}, and C{!} negation), which Conch lacks.

@@ -10,8 +10,9 @@ over the channel, with the channel's flow control and half-close.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import cast
 
 from twisted.internet import error
 from twisted.internet.defer import CancelledError, Deferred, fail
@@ -19,8 +20,10 @@ from twisted.internet.interfaces import (
     IAddress,
     IConsumer,
     IHalfCloseableProtocol,
+    IProducer,
     IProtocol,
     IProtocolFactory,
+    IPullProducer,
     IPushProducer,
     IReactorTime,
     IStreamClientEndpoint,
@@ -30,7 +33,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from gateway.ssh.channel import TunnelChannel
+from gateway.ssh.channel import TunnelChannel, clock_or_reactor
 
 log = Logger()
 
@@ -63,18 +66,17 @@ class ChannelTransport:
         port: int,
         clock: IReactorTime | None = None,
     ) -> None:
-        if clock is None:
-            from twisted.internet import reactor as clock
         self.channel = channel
         self.protocol = protocol
         self._address = ChannelAddress(host, port)
-        self._clock = clock
+        self._clock = clock_or_reactor(clock)
         self.connected = True
         self.disconnecting = False
         self._write_closed = False
         self._eof_received = False
         self._lost = False
-        self._producer = None
+        #: Streaming (C{_streaming}): an C{IPushProducer}, as C{IConsumer} has it.
+        self._producer: IPushProducer | IPullProducer | None = None
         self._streaming = True
         self._writing_paused = False
         self._pull_scheduled = False
@@ -88,7 +90,7 @@ class ChannelTransport:
         if self._producer is not None and not self._streaming:
             self._schedule_pull()
 
-    def writeSequence(self, data) -> None:
+    def writeSequence(self, data: Iterable[bytes]) -> None:
         self.write(b"".join(data))
 
     def loseConnection(self) -> None:
@@ -125,18 +127,20 @@ class ChannelTransport:
 
     # -- IConsumer (data toward the channel) --------------------------------
 
-    def registerProducer(self, producer, streaming: bool) -> None:
+    def registerProducer(self, producer: IProducer, streaming: bool) -> None:
         if self._producer is not None:
             raise RuntimeError(f"producer {self._producer!r} already registered")
         if self._lost:
             producer.stopProducing()
             return
-        self._producer = producer
+        # IConsumer's contract: a streaming producer is an IPushProducer, any
+        # other an IPullProducer; both can be resumed.
+        self._producer = cast("IPushProducer | IPullProducer", producer)
         self._streaming = bool(streaming)
         if not self._streaming:
             self._schedule_pull()
         elif self._writing_paused:
-            producer.pauseProducing()
+            cast(IPushProducer, producer).pauseProducing()
 
     def unregisterProducer(self) -> None:
         self._producer = None
@@ -190,7 +194,7 @@ class ChannelTransport:
     def tunnel_pause_writing(self) -> None:
         self._writing_paused = True
         if self._producer is not None and self._streaming:
-            self._producer.pauseProducing()
+            cast(IPushProducer, self._producer).pauseProducing()
 
     def tunnel_resume_writing(self) -> None:
         self._writing_paused = False

@@ -52,9 +52,10 @@ import hmac
 import os
 import struct
 from collections.abc import Callable
+from typing import Any, cast
 
 from cryptography.exceptions import InvalidSignature, InvalidTag
-from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
+from cryptography.hazmat.primitives.ciphers import BlockCipherAlgorithm, Cipher, algorithms
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.poly1305 import Poly1305
 from twisted.conch.ssh import transport
@@ -222,7 +223,7 @@ class ChaCha20Poly1305PacketCipher:
         return main.update(packet[4:end])
 
 
-def _aes_gcm(key_size: int):
+def _aes_gcm(key_size: int) -> Callable[[bytes, bytes], AESGCMPacketCipher]:
     def make(iv: bytes, key: bytes) -> AESGCMPacketCipher:
         return AESGCMPacketCipher(key[:key_size], iv[:12])
 
@@ -234,7 +235,7 @@ def _chacha20_poly1305(iv: bytes, key: bytes) -> ChaCha20Poly1305PacketCipher:
 
 
 #: AEAD cipher name -> factory taking (IV, key) from key exchange.
-AEAD_CIPHERS = {
+AEAD_CIPHERS: dict[bytes, Callable[[bytes, bytes], AESGCMPacketCipher | ChaCha20Poly1305PacketCipher]] = {
     AES128_GCM: _aes_gcm(16),
     AES256_GCM: _aes_gcm(32),
     CHACHA20_POLY1305: _chacha20_poly1305,
@@ -274,11 +275,25 @@ class PacketError(Exception):
         self.description = description
 
 
+def _block_bytes(cipher: Cipher[Any]) -> int:
+    """The block size in bytes of one of Conch's classic ciphers: each is a block cipher (AES-CTR and the like)."""
+    return cast(BlockCipherAlgorithm, cipher.algorithm).block_size // 8
+
+
+def _unkeyed(seqnr: int, message_type: int, payload: bytes) -> bytes:
+    raise RuntimeError("keys not set")
+
+
 class FastSSHCiphers(transport.SSHCiphers):
     """
     C{SSHCiphers} for one key exchange: AEAD ciphers as well as Conch's, HMAC
     state prepared once per key exchange, and whole-packet sealing.
     """
+
+    #: C{seal(seqnr, message_type, payload)}: the wire form of an outgoing
+    #: packet, framed, padded and protected.  An attribute, not a method:
+    #: C{setKeys} sets the direction's sealer itself, one call less per packet.
+    seal: Callable[[int, int, bytes], bytes] = staticmethod(_unkeyed)
 
     _out_hmac = None
     _in_hmac = None
@@ -286,7 +301,9 @@ class FastSSHCiphers(transport.SSHCiphers):
     out_aead: AESGCMPacketCipher | ChaCha20Poly1305PacketCipher | None = None
     in_aead: AESGCMPacketCipher | ChaCha20Poly1305PacketCipher | None = None
 
-    def setKeys(self, outIV, outKey, inIV, inKey, outInteg, inInteg) -> None:
+    def setKeys(
+        self, outIV: bytes, outKey: bytes, inIV: bytes, inKey: bytes, outInteg: bytes, inInteg: bytes
+    ) -> None:
         out_aead = AEAD_CIPHERS.get(self.outCipType)
         in_aead = AEAD_CIPHERS.get(self.inCipType)
         if out_aead is None and in_aead is None:
@@ -296,7 +313,7 @@ class FastSSHCiphers(transport.SSHCiphers):
             if out_aead is None:
                 o = conch_cipher(self, self.outCipType, outIV, outKey)
                 self.encryptor = o.encryptor()
-                self.encBlockSize = o.algorithm.block_size // 8
+                self.encBlockSize = _block_bytes(o)
                 self.outMAC = conch_mac(self, self.outMACType, outInteg)
             else:
                 self.out_aead = out_aead(outIV, outKey)
@@ -304,7 +321,7 @@ class FastSSHCiphers(transport.SSHCiphers):
             if in_aead is None:
                 o = conch_cipher(self, self.inCipType, inIV, inKey)
                 self.decryptor = o.decryptor()
-                self.decBlockSize = o.algorithm.block_size // 8
+                self.decBlockSize = _block_bytes(o)
                 self.inMAC = conch_mac(self, self.inMACType, inInteg)
                 if self.inMAC:
                     self.verifyDigestSize = self.inMAC[3]
@@ -317,10 +334,6 @@ class FastSSHCiphers(transport.SSHCiphers):
         if self.inMAC[0]:
             self._in_hmac = hmac.new(mac_key(self.inMAC), digestmod=self.inMAC[0])
         self.seal = self.out_aead.seal if self.out_aead is not None else self._seal_classic
-
-    def seal(self, seqnr: int, message_type: int, payload: bytes) -> bytes:
-        """The wire form of outgoing packet C{seqnr}: framed, padded, protected."""
-        raise RuntimeError("keys not set")  # replaced per instance by setKeys
 
     def _seal_classic(self, seqnr: int, message_type: int, payload: bytes) -> bytes:
         # RFC 4253 section 6, as Conch's sendPacket frames it, in one join.
@@ -394,7 +407,9 @@ class PacketReader:
             return self._read_aead(aead, seqnr)
         return self._read_classic(ciphers, seqnr)
 
-    def _read_aead(self, aead, seqnr: int) -> tuple[bytes, int, int] | None:
+    def _read_aead(
+        self, aead: AESGCMPacketCipher | ChaCha20Poly1305PacketCipher, seqnr: int
+    ) -> tuple[bytes, int, int] | None:
         buffer = self.buffer
         pos = self._pos
         length = self._length

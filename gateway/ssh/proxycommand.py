@@ -20,7 +20,7 @@ import shlex
 import shutil
 import signal
 import string
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from twisted.internet import error
@@ -30,6 +30,8 @@ from twisted.internet.interfaces import (
     IConsumer,
     IDelayedCall,
     IHalfCloseableProtocol,
+    IProcessTransport,
+    IProducer,
     IProtocol,
     IProtocolFactory,
     IPushProducer,
@@ -108,8 +110,29 @@ class CommandAddress:
         return f"proxy_command {self.command!r} (pid {self.pid})"
 
 
+class IProcessReactor(IReactorProcess, IReactorTime):
+    """
+    A reactor that spawns processes and keeps time: the command endpoint
+    spawns the command and times its stop (SIGTERM, then SIGKILL).
+
+    Every real reactor provides both interfaces but declares none that
+    unites them, so this one names the combination for the type checker;
+    nothing checks it at run time.
+    """
+
+
+class IProcessPipes(IProcessTransport, IConsumer, IPushProducer):
+    """
+    A spawned process as L{CommandTransport} uses it: its stdin a consumer
+    (flow control from the SSH side), its stdout a push producer.
+
+    Twisted's C{Process} has those methods but declares only
+    C{IProcessTransport}; this interface names them for the type checker.
+    """
+
+
 def command_endpoint(
-    reactor: IReactorProcess,
+    reactor: IProcessReactor,
     template: str,
     host: str,
     port: int,
@@ -144,7 +167,7 @@ class CommandEndpoint:
 
     def __init__(
         self,
-        reactor: IReactorProcess,
+        reactor: IProcessReactor,
         command: str,
         *,
         stop_timeout: float = STOP_TIMEOUT,
@@ -199,7 +222,7 @@ class CommandTransport:
         if not self.disconnecting and not self._owner.ended:
             self._owner.transport.write(data)
 
-    def writeSequence(self, data) -> None:
+    def writeSequence(self, data: Iterable[bytes]) -> None:
         self.write(b"".join(data))
 
     def loseConnection(self) -> None:
@@ -224,7 +247,7 @@ class CommandTransport:
         return self.getPeer()
 
     # IConsumer: the command's stdin.
-    def registerProducer(self, producer, streaming: bool) -> None:
+    def registerProducer(self, producer: IProducer, streaming: bool) -> None:
         self._owner.transport.registerProducer(producer, streaming)
 
     def unregisterProducer(self) -> None:
@@ -249,6 +272,9 @@ class CommandProcessProtocol(ProcessProtocol):
     the log, the process's end to C{connectionLost}; and stops the command,
     within a bounded time, when the protocol closes the connection.
     """
+
+    #: Set by the reactor's C{spawnProcess}, before C{connectionMade}.
+    transport: IProcessPipes
 
     def __init__(
         self,
@@ -344,8 +370,9 @@ class CommandProcessProtocol(ProcessProtocol):
             why = Failure(error.ConnectionDone())
         else:
             value = reason.value
-            if getattr(value, "signal", None):
-                text = f"killed by signal {value.signal}"
+            signum = getattr(value, "signal", None)
+            if signum:
+                text = f"killed by signal {signum}"
             else:
                 text = f"exited with status {getattr(value, 'exitCode', '?')}"
             log.info(

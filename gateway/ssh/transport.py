@@ -21,7 +21,7 @@ from twisted.conch.ssh import connection, transport
 from twisted.conch.ssh.common import NS, ffs, getNS
 from twisted.conch.ssh.keys import Key
 from twisted.internet.defer import Deferred, fail, succeed
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IReactorTime, ITransport
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -107,6 +107,22 @@ def quick_ack(transport: object) -> Callable[[], None] | None:
     return partial(sock.setsockopt, socket.IPPROTO_TCP, _TCP_QUICKACK, 1)
 
 
+class ICarrierTransport(ITransport):
+    """
+    The byte stream an SSH connection to a proxy node runs over: TCP, a
+    proxy command's stdio (L{gateway.ssh.proxycommand.CommandTransport}) or
+    a channel of a jump host's connection
+    (L{gateway.ssh.jump.ChannelTransport}).  Each can be cut at once, which
+    a handshake time-out and a dead keepalive do.
+
+    All three have C{abortConnection} (TCP's from C{ITCPTransport}) but none
+    declares this interface: it names what they share for the type checker.
+    """
+
+    def abortConnection() -> None:
+        """Close now, dropping what is still buffered."""
+
+
 class SSHConnectError(Exception):
     """The SSH connection to a proxy node could not be established."""
 
@@ -131,6 +147,7 @@ class GatewayClientTransport(ConchClientTransport):
     """
 
     ciphers_class = FastSSHCiphers
+    transport: ICarrierTransport
 
     # Every list explicit, in our order, and only what Conch (or the
     # backend, for AEAD) implements: Conch's own lists end in CBC, 3DES,
@@ -168,7 +185,7 @@ class GatewayClientTransport(ConchClientTransport):
         self._rekey_bytes = rekey_bytes
         self._rekey_interval = rekey_interval
         self._bytes_since_kex = 0
-        self._rekey_timer = None
+        self._rekey_timer: IDelayedCall | None = None
         #: Key exchanges this side started after the first (for tests, status).
         self.rekeys = 0
         self._secured = False
@@ -433,16 +450,16 @@ class GatewayClientTransport(ConchClientTransport):
         # cluster logs this text when the connection is gone.
         self.note_failure(f"proxy node disconnected: {peer_text(description)}")
 
-    def connectionLost(self, reason: Failure) -> None:
+    def connectionLost(self, reason: Failure | None = None) -> None:
         if self._rekey_timer is not None and self._rekey_timer.active():
             self._rekey_timer.cancel()
         super().connectionLost(reason)
         if not self.ready.called:
             if self._failure is None and not self.gotVersion and self.buf:
                 self._failure = "not an SSH server: no SSH version line"
-            why = self._failure or (
-                f"connection closed before authentication: {reason.getErrorMessage()}"
-            )
+            # Conch's signature allows None; a transport always passes a Failure.
+            lost = f": {reason.getErrorMessage()}" if reason is not None else ""
+            why = self._failure or f"connection closed before authentication{lost}"
             self.ready.errback(SSHConnectError(why))
         self.lost.callback(self._failure)
 
@@ -454,16 +471,25 @@ def client_factory(
     private_key: Key,
     host_keys: HostKeyPolicy,
     clock: IReactorTime,
-    **options: float | bool,
+    *,
+    rekey_bytes: int = DEFAULT_REKEY_BYTES,
+    rekey_interval: float = DEFAULT_REKEY_INTERVAL,
+    allow_sha1_signatures: bool = False,
 ) -> Factory:
-    """
-    A factory of L{GatewayClientTransport}s for one proxy node address.
-
-    C{options} are passed on: C{rekey_bytes}, C{rekey_interval},
-    C{allow_sha1_signatures}.
-    """
-    factory = Factory.forProtocol(
-        partial(GatewayClientTransport, host, port, user, private_key, host_keys, clock, **options)
+    """A factory of L{GatewayClientTransport}s for one proxy node address."""
+    factory: Factory = Factory.forProtocol(
+        partial(
+            GatewayClientTransport,
+            host,
+            port,
+            user,
+            private_key,
+            host_keys,
+            clock,
+            rekey_bytes=rekey_bytes,
+            rekey_interval=rekey_interval,
+            allow_sha1_signatures=allow_sha1_signatures,
+        )
     )
     factory.noisy = False
     return factory

@@ -34,6 +34,7 @@ from __future__ import annotations
 from http import HTTPStatus
 
 from twisted.internet.interfaces import IReactorTime
+from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -150,7 +151,7 @@ class HttpProxyProtocol(FrontendProtocol):
             self._client_keep_alive = False
             self._eof_pending = True
 
-    def connectionLost(self, reason: Failure) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         super().connectionLost(reason)
         self._drop_upstream()
 
