@@ -129,10 +129,22 @@ def start_ssh_d(lab: Lab, port: int, extra: list[str] = ()) -> subprocess.Popen:
     proc = lab.spawn(
         lab.ctl_ns,
         [
-            "ssh", "-N", "-F", "/dev/null", "-D", f"127.0.0.1:{port}",
-            "-i", lab.client_key_ed25519, "-o", "BatchMode=yes",
-            "-o", f"UserKnownHostsFile={lab.known_hosts}", "-o", "StrictHostKeyChecking=yes",
-            *extra, f"root@{lab.proxy_addr['a']}",
+            "ssh",
+            "-N",
+            "-F",
+            "/dev/null",
+            "-D",
+            f"127.0.0.1:{port}",
+            "-i",
+            lab.client_key_ed25519,
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            f"UserKnownHostsFile={lab.known_hosts}",
+            "-o",
+            "StrictHostKeyChecking=yes",
+            *extra,
+            f"root@{lab.proxy_addr['a']}",
         ],
     )
     wait_for_port(lab, lab.ctl_ns, "127.0.0.1", port, timeout=20)
@@ -150,8 +162,13 @@ def run_load_client(
     done = lab.run(
         lab.ctl_ns,
         [
-            sys.executable, os.path.join(HERE, script),
-            f"127.0.0.1:{proxy_port}", target, path, str(concurrency), str(count),
+            sys.executable,
+            os.path.join(HERE, script),
+            f"127.0.0.1:{proxy_port}",
+            target,
+            path,
+            str(concurrency),
+            str(count),
         ],
         timeout=180,
         capture_output=True,

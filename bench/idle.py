@@ -126,8 +126,12 @@ class Client:
             self.proc = lab.spawn(
                 lab.ctl_ns,
                 [
-                    sys.executable, os.path.join(HERE, "idleclient.py"),
-                    f"127.0.0.1:{port}", f"{INTERNAL}:{HOLD_PORT}", str(count), str(CONCURRENCY),
+                    sys.executable,
+                    os.path.join(HERE, "idleclient.py"),
+                    f"127.0.0.1:{port}",
+                    f"{INTERNAL}:{HOLD_PORT}",
+                    str(count),
+                    str(CONCURRENCY),
                     str(CLIENT_DEADLINE),
                 ],
                 stdin=subprocess.PIPE,
@@ -223,15 +227,26 @@ def measure_idle(lab: Lab, workdir: str, count: int = 10_000) -> dict[str, dict]
         with open(hold_log, "ab") as logf:
             hold = lab.spawn(
                 lab.internal_ns["a"],
-                [sys.executable, "-I", os.path.join(HERE, "holdserver.py"), INTERNAL, str(HOLD_PORT),
-                 str(HOLD_DEADLINE)],
+                [
+                    sys.executable,
+                    "-I",
+                    os.path.join(HERE, "holdserver.py"),
+                    INTERNAL,
+                    str(HOLD_PORT),
+                    str(HOLD_DEADLINE),
+                ],
                 stdout=logf,
                 stderr=logf,
             )
         wait_for_port(lab, lab.proxy_ns["a"], INTERNAL, HOLD_PORT, timeout=15)
         gateway = start_gateway(
-            lab, workdir, name="idle-gateway", socks_port=GATEWAY_PORT, http_port=None,
-            gateway_settings="max_clients = 20000", cluster_settings="max_streams = 20000",
+            lab,
+            workdir,
+            name="idle-gateway",
+            socks_port=GATEWAY_PORT,
+            http_port=None,
+            gateway_settings="max_clients = 20000",
+            cluster_settings="max_streams = 20000",
             listen_options=":backlog=1024",
         )
         ssh = start_ssh_d(lab, SSH_PORT)
@@ -268,22 +283,62 @@ def rows(results: dict[str, dict], count: int) -> list[Row]:
 
     ok = gw["loaded"] < RSS_TARGET_MB * MB
     return [
-        (f"{count} idle streams: RSS MB", mb(gw["loaded"]), mb(ssh["loaded"]), ratio(gw["loaded"], ssh["loaded"]),
-         f"target < {RSS_TARGET_MB} MB: {'ok' if ok else 'MISSED'}"),
-        ("idle streams: RSS MB before (1 warm-up stream)", mb(gw["base"]), mb(ssh["base"]),
-         ratio(gw["base"], ssh["base"]), "after the warm-up stream closed"),
-        ("idle streams: bytes per stream", f"{per_stream(gw):.0f}", f"{per_stream(ssh):.0f}",
-         ratio(per_stream(gw), per_stream(ssh)), "(RSS with all open - before) / streams"),
-        ("idle streams: RSS MB after all closed", mb(gw["after"]), mb(ssh["after"]), ratio(gw["after"], ssh["after"]),
-         "2 s after the last close"),
-        ("idle streams: proxy sshd bytes per stream", f"{(gw['sshd_loaded'] - gw['sshd_base']) / count:.0f}",
-         f"{(ssh['sshd_loaded'] - ssh['sshd_base']) / count:.0f}", "-", "the node's sshd sessions, for each"),
-        ("idle streams: seconds to open all", f"{gw['open_seconds']:.1f}", f"{ssh['open_seconds']:.1f}",
-         ratio(gw["open_seconds"], ssh["open_seconds"]), f"{CONCURRENCY} at a time, each pinged"),
-        ("idle streams: open fds with all open", str(gw["fds"]), str(ssh["fds"]), ratio(gw["fds"], ssh["fds"]),
-         f"limit {gw['limit']} / {ssh['limit']}; sshd {gw['sshd_limit']}"),
-        ("idle streams: opened / alive after idle", f"{gw['opened']}/{gw['alive']}", f"{ssh['opened']}/{ssh['alive']}",
-         "-", f"of {count}"),
+        (
+            f"{count} idle streams: RSS MB",
+            mb(gw["loaded"]),
+            mb(ssh["loaded"]),
+            ratio(gw["loaded"], ssh["loaded"]),
+            f"target < {RSS_TARGET_MB} MB: {'ok' if ok else 'MISSED'}",
+        ),
+        (
+            "idle streams: RSS MB before (1 warm-up stream)",
+            mb(gw["base"]),
+            mb(ssh["base"]),
+            ratio(gw["base"], ssh["base"]),
+            "after the warm-up stream closed",
+        ),
+        (
+            "idle streams: bytes per stream",
+            f"{per_stream(gw):.0f}",
+            f"{per_stream(ssh):.0f}",
+            ratio(per_stream(gw), per_stream(ssh)),
+            "(RSS with all open - before) / streams",
+        ),
+        (
+            "idle streams: RSS MB after all closed",
+            mb(gw["after"]),
+            mb(ssh["after"]),
+            ratio(gw["after"], ssh["after"]),
+            "2 s after the last close",
+        ),
+        (
+            "idle streams: proxy sshd bytes per stream",
+            f"{(gw['sshd_loaded'] - gw['sshd_base']) / count:.0f}",
+            f"{(ssh['sshd_loaded'] - ssh['sshd_base']) / count:.0f}",
+            "-",
+            "the node's sshd sessions, for each",
+        ),
+        (
+            "idle streams: seconds to open all",
+            f"{gw['open_seconds']:.1f}",
+            f"{ssh['open_seconds']:.1f}",
+            ratio(gw["open_seconds"], ssh["open_seconds"]),
+            f"{CONCURRENCY} at a time, each pinged",
+        ),
+        (
+            "idle streams: open fds with all open",
+            str(gw["fds"]),
+            str(ssh["fds"]),
+            ratio(gw["fds"], ssh["fds"]),
+            f"limit {gw['limit']} / {ssh['limit']}; sshd {gw['sshd_limit']}",
+        ),
+        (
+            "idle streams: opened / alive after idle",
+            f"{gw['opened']}/{gw['alive']}",
+            f"{ssh['opened']}/{ssh['alive']}",
+            "-",
+            f"of {count}",
+        ),
         ("idle streams: errors", str(errors(gw)), str(errors(ssh)), "-", "open + ping after idle + close; must be 0"),
     ]
 
@@ -310,8 +365,15 @@ def main() -> int:
             errs = r[f"{kind}_errors"]
             if errs:
                 print(f"{name} {kind} errors: {errs}")
-    bad = [name for name, r in results.items() if r["open_errors"] or r["check_errors"] or r["close_errors"]
-           or r["alive"] != args.count or not r["alive_after"]]
+    bad = [
+        name
+        for name, r in results.items()
+        if r["open_errors"]
+        or r["check_errors"]
+        or r["close_errors"]
+        or r["alive"] != args.count
+        or not r["alive_after"]
+    ]
     if bad or results["gateway"]["loaded"] >= RSS_TARGET_MB * MB:
         return 1
     return 0

@@ -98,8 +98,12 @@ class Idle:
 
         started = time.perf_counter()
         await asyncio.gather(*(one() for _ in range(self.count)))
-        return {"phase": "open", "opened": len(self.streams), "errors": errors,
-                "seconds": round(time.perf_counter() - started, 3)}
+        return {
+            "phase": "open",
+            "opened": len(self.streams),
+            "errors": errors,
+            "seconds": round(time.perf_counter() - started, 3),
+        }
 
     async def check_and_close(self) -> dict:
         errors: dict[str, int] = {}
@@ -128,8 +132,13 @@ class Idle:
         for _, writer in self.streams:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(writer.wait_closed(), 1)
-        return {"phase": "close", "alive": alive, "errors": errors, "close_errors": close_errors,
-                "seconds": round(time.perf_counter() - started, 3)}
+        return {
+            "phase": "close",
+            "alive": alive,
+            "errors": errors,
+            "close_errors": close_errors,
+            "seconds": round(time.perf_counter() - started, 3),
+        }
 
     async def run(self) -> None:
         emit(await self.open_all())

@@ -274,11 +274,7 @@ class _ServerSession(_ServerStream):
 
         def failed(f: Failure) -> None:
             self.destination = None
-            text = (
-                "Connection refused"
-                if f.check(ConnectionRefusedError)
-                else f.getErrorMessage()
-            )
+            text = "Connection refused" if f.check(ConnectionRefusedError) else f.getErrorMessage()
             self._refused(host, port, text)
 
         connecting.addCallbacks(lambda _: self.destination_connected(), failed)
@@ -384,9 +380,7 @@ class _ProxyNodeConnection(connection.SSHConnection):
             self.localToRemoteChannel[local] = sender
             self.transport.sendPacket(
                 connection.MSG_CHANNEL_OPEN_CONFIRMATION,
-                struct.pack(
-                    ">4L", sender, local, tunnel.localWindowSize, tunnel.localMaxPacket
-                ),
+                struct.pack(">4L", sender, local, tunnel.localWindowSize, tunnel.localMaxPacket),
             )
             tunnel.destination_connected()
 
@@ -652,9 +646,12 @@ class MemoryNetwork:
         server = server_factory.buildProtocol(address)
         self._pumps.append(
             iosim.connect(
-                server, iosim.FakeTransport(server, isServer=True),
-                client, iosim.FakeTransport(client, isServer=False),
-                greet=False, clock=self.clock,
+                server,
+                iosim.FakeTransport(server, isServer=True),
+                client,
+                iosim.FakeTransport(client, isServer=False),
+                greet=False,
+                clock=self.clock,
             )
         )
         return client

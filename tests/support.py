@@ -281,9 +281,7 @@ class GatewayHarness:
             routes[address] = f"unix:{path}"
         host_key = generate_key()
         for _ in range(nodes):
-            node = FakeProxyNode(
-                reactor, [self.client_key], routes=routes, prohibited=[PROHIBITED], host_key=host_key
-            )
+            node = FakeProxyNode(reactor, [self.client_key], routes=routes, prohibited=[PROHIBITED], host_key=host_key)
             self.nodes.append(node)
             self.ports.append(await node.listen())
         self.testcase.addCleanup(self._stop_nodes)
@@ -291,9 +289,7 @@ class GatewayHarness:
         self.ssh_port = self.ports[0].getHost().port
         cluster = parse_cluster("demo", self.cluster_settings(), "(test)", "clusters.demo")
         config = GatewayConfig(
-            listen=ListenConfig(
-                socks=("tcp:0:interface=127.0.0.1",), http=("tcp:0:interface=127.0.0.1",), control=()
-            ),
+            listen=ListenConfig(socks=("tcp:0:interface=127.0.0.1",), http=("tcp:0:interface=127.0.0.1",), control=()),
             clusters={"demo": cluster},
             source="(test)",
             settings=self.settings,

@@ -290,7 +290,6 @@ class FailbackTests(MemoryClusterTestCase):
         self.assertEqual([str(link.proxy) for link in cluster.links], ["10.0.0.1:22"])
         self.assertNotIn(fallback, cluster.links)
 
-
     def test_after_failback_a_loss_rotates_on_from_the_preferred_candidate(self):
         cluster = self.cluster_
         self.net.bring_back(*A)

@@ -1012,7 +1012,11 @@ class ConnectionSettingsTests(ConfigTestCase):
             "allow_sha1_signatures = true\n"
             + self.cluster_toml("a")
             + self.cluster_toml(
-                "b", mode='"exec"', connections="3", proxy_command='"none"', rekey_bytes="1048576",
+                "b",
+                mode='"exec"',
+                connections="3",
+                proxy_command='"none"',
+                rekey_bytes="1048576",
                 allow_sha1_signatures="false",
             )
         )

@@ -28,8 +28,14 @@ class GatewayConnectTests(TestCase):
         await self.harness.start()
 
     async def _gateway_connect(self, *args: str, stdin: bytes = b"") -> tuple[bytes, bytes, int]:
-        argv = [sys.executable, "-m", "gateway.scripts.connect",
-                "--socks", f"127.0.0.1:{self.harness.socks_port}", *args]
+        argv = [
+            sys.executable,
+            "-m",
+            "gateway.scripts.connect",
+            "--socks",
+            f"127.0.0.1:{self.harness.socks_port}",
+            *args,
+        ]
 
         def run():
             done = subprocess.run(argv, input=stdin, capture_output=True, timeout=30)
@@ -63,7 +69,8 @@ class GatewayConnectTests(TestCase):
         def run():
             return subprocess.run(
                 [sys.executable, "-m", "gateway.scripts.connect", "--socks", "127.0.0.1:1", "10.0.0.1", "22"],
-                capture_output=True, timeout=30,
+                capture_output=True,
+                timeout=30,
             )
 
         done = await deferToThread(run)

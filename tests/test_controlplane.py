@@ -82,7 +82,6 @@ class ControlPlaneTestCase(TestCase):
         return response.code, content
 
 
-
 class ControlPlaneTests(ControlPlaneTestCase):
     @inline
     async def test_register_use_inspect_delete(self):
@@ -103,7 +102,7 @@ class ControlPlaneTests(ControlPlaneTestCase):
         self.assertGreater(view["status"]["bytes_down"], 0)
         self.assertTrue(view["settings"]["token_set"])
         self.assertNotIn(b"PRIVATE KEY", content)
-        self.assertNotIn(b"t1\"", content.replace(b'"token_set"', b""))
+        self.assertNotIn(b't1"', content.replace(b'"token_set"', b""))
 
         code, content = await self.call("GET", "/v1/clusters")
         self.assertEqual([c["name"] for c in json.loads(content)["clusters"]], ["api-1", "demo"])
@@ -197,9 +196,10 @@ class ControlPlaneTests(ControlPlaneTestCase):
         sock, refused = await deferToThread(socks5_open, self.harness.socks_port, "10.99.0.10", 81)
         sock.close()
         code, after = await self.call("GET", "/metrics")
-        self.assertEqual(metric(after, "gateway_streams_opened_total", cluster="demo"), 1 + metric(
-            before, "gateway_streams_opened_total", cluster="demo"
-        ))
+        self.assertEqual(
+            metric(after, "gateway_streams_opened_total", cluster="demo"),
+            1 + metric(before, "gateway_streams_opened_total", cluster="demo"),
+        )
         self.assertEqual(metric(after, "gateway_streams_failed_total", cluster="demo", reason="refused"), 1)
         self.assertEqual(metric(after, "gateway_cluster_up", cluster="demo"), 1)
         self.assertGreater(metric(after, "gateway_bytes_total", cluster="demo", direction="down"), 0)

@@ -440,9 +440,7 @@ class AddTests(CtlTestCase):
     async def test_invalid(self) -> None:
         """A 400 with a field names it."""
         path = self.write("conf/cluster.toml", BARE_TOML)
-        self.answer(
-            "PUT", "/v1/clusters/a", 400, {"error": "'10.99.0.0/33' is not a network", "field": "networks[0]"}
-        )
+        self.answer("PUT", "/v1/clusters/a", 400, {"error": "'10.99.0.0/33' is not a network", "field": "networks[0]"})
         code, out, err = await self.ctl("add", "a", "--file", path)
         self.assertEqual((code, out), (EXIT_REFUSED, ""))
         self.assertOneLine(err, "invalid cluster: networks[0]: '10.99.0.0/33' is not a network")

@@ -144,9 +144,7 @@ class SocksEndToEndTests(TestCase):
         self.assertEqual(code, 0)
         await sleep(1.0)
         cluster = self.harness.service.clusters["demo"]
-        (channel,) = [
-            c for link in cluster.links for c in link.connection.channels.values() if c.port == FLOOD[1]
-        ]
+        (channel,) = [c for link in cluster.links for c in link.connection.channels.values() if c.port == FLOOD[1]]
         received_before = channel.bytes_down
         await sleep(0.5)
         # Stalled: no more data is accepted once the window is used up ...
@@ -241,7 +239,8 @@ class HttpEndToEndTests(TestCase):
         body = b"POST http://10.99.0.10/ HTTP/1.1\r\nContent-Length: 5\r\n" + auth + b"\r\nhello"
         chunked = (
             b"POST http://10.99.0.10/ HTTP/1.1\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n"
-            + auth + b"\r\n5\r\nhello\r\n0\r\n\r\n"
+            + auth
+            + b"\r\n5\r\nhello\r\n0\r\n\r\n"
         )
         data = await deferToThread(http_exchange, self.harness.http_port, body + chunked)
         # twisted.web answers POST to a GET-only resource with 405 -- after reading

@@ -84,9 +84,7 @@ class ExecChannelTests(TestCase):
         self.conn.transport = self.transport
         self.conn.serviceStarted()
         self.command = exec_command_line("nc {host} {port}", "10.0.0.5", 81)
-        self.opened = self.conn.open_exec(
-            self.command, "10.0.0.5", 81, ("127.0.0.1", 5000), window_size=65536
-        )
+        self.opened = self.conn.open_exec(self.command, "10.0.0.5", 81, ("127.0.0.1", 5000), window_size=65536)
 
     def _confirm(self, remote_window: int = 100) -> None:
         # remote channel 7, max packet 32768
@@ -102,18 +100,13 @@ class ExecChannelTests(TestCase):
         self.conn.ssh_CHANNEL_REQUEST(struct.pack(">L", 0) + NS(kind) + b"\x00" + data)
 
     def _stderr(self, text: bytes) -> None:
-        self.conn.ssh_CHANNEL_EXTENDED_DATA(
-            struct.pack(">2L", 0, connection.EXTENDED_DATA_STDERR) + NS(text)
-        )
+        self.conn.ssh_CHANNEL_EXTENDED_DATA(struct.pack(">2L", 0, connection.EXTENDED_DATA_STDERR) + NS(text))
 
     def _data(self, size: int) -> None:
         self.conn.ssh_CHANNEL_DATA(struct.pack(">L", 0) + NS(b"x" * size))
 
     def _adjustments(self) -> list[int]:
-        return [
-            struct.unpack(">2L", p)[1]
-            for p in self.transport.of_kind(connection.MSG_CHANNEL_WINDOW_ADJUST)
-        ]
+        return [struct.unpack(">2L", p)[1] for p in self.transport.of_kind(connection.MSG_CHANNEL_WINDOW_ADJUST)]
 
     def _remote_close(self) -> None:
         self.conn.ssh_CHANNEL_CLOSE(struct.pack(">L", 0))

@@ -1227,9 +1227,7 @@ def mutated(draw: st.DrawFn, samples: list[bytes]) -> bytes:
 def generated_request(draw: st.DrawFn) -> tuple[bytes, str, int, bytes]:
     """A well-formed request: raw bytes, the host and port it names, its raw body."""
     host, expected_host = draw(
-        st.sampled_from(
-            [("example.com",) * 2, ("Example.COM.", "example.com"), ("10.0.0.1",) * 2, ("[::1]", "::1")]
-        )
+        st.sampled_from([("example.com",) * 2, ("Example.COM.", "example.com"), ("10.0.0.1",) * 2, ("[::1]", "::1")])
     )
     port = draw(st.none() | st.integers(1, 65535))
     authority = host if port is None else f"{host}:{port}"

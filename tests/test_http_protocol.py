@@ -223,8 +223,6 @@ class ChallengeTests(HttpAdapterTestCase):
         self.assertIn(b'\r\nProxy-Authenticate: Basic realm="gateway"\r\n', output)
 
 
-
-
 class CutShortTests(HttpAdapterTestCase):
     """
     An upstream that closes in the middle of a framed response body.  With

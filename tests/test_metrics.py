@@ -97,9 +97,7 @@ class MetricsTextTests(SynchronousTestCase):
 
         m = scrape(self.gateway, self.clusters)
 
-        self.assertEqual(
-            m["gateway_streams_opened_total"], {lbl(cluster="cluster-a"): 10, lbl(cluster="cluster-b"): 0}
-        )
+        self.assertEqual(m["gateway_streams_opened_total"], {lbl(cluster="cluster-a"): 10, lbl(cluster="cluster-b"): 0})
         self.assertEqual(
             m["gateway_streams_failed_total"],
             {
@@ -119,13 +117,9 @@ class MetricsTextTests(SynchronousTestCase):
             },
         )
         self.assertEqual(m["gateway_cluster_up"], {lbl(cluster="cluster-a"): 1, lbl(cluster="cluster-b"): 0})
-        self.assertEqual(
-            m["gateway_cluster_links_up"], {lbl(cluster="cluster-a"): 2, lbl(cluster="cluster-b"): 0}
-        )
+        self.assertEqual(m["gateway_cluster_links_up"], {lbl(cluster="cluster-a"): 2, lbl(cluster="cluster-b"): 0})
         self.assertEqual(m["gateway_reconnects_total"], {lbl(cluster="cluster-a"): 4, lbl(cluster="cluster-b"): 0})
-        self.assertEqual(
-            m["gateway_handshake_errors_total"], {lbl(frontend="socks"): 7, lbl(frontend="http"): 0}
-        )
+        self.assertEqual(m["gateway_handshake_errors_total"], {lbl(frontend="socks"): 7, lbl(frontend="http"): 0})
 
     def test_state(self) -> None:
         """One 1 per cluster for its state, 0 for the other three."""
@@ -154,20 +148,14 @@ class MetricsTextTests(SynchronousTestCase):
 
         second = scrape(self.gateway, self.clusters)
         self.assertEqual(second["gateway_streams_opened_total"][lbl(cluster="cluster-a")], 2)
-        self.assertEqual(
-            second["gateway_streams_failed_total"], {lbl(cluster="cluster-a", reason="prohibited"): 1}
-        )
+        self.assertEqual(second["gateway_streams_failed_total"], {lbl(cluster="cluster-a", reason="prohibited"): 1})
         self.assertEqual(second["gateway_bytes_total"][lbl(cluster="cluster-a", direction="down")], 100)
         self.assertEqual(second["gateway_cluster_up"], {lbl(cluster="cluster-a"): 0, lbl(cluster="cluster-b"): 1})
         self.assertEqual(second["gateway_cluster_state"][lbl(cluster="cluster-a", state="connecting")], 1)
         self.assertEqual(second["gateway_cluster_state"][lbl(cluster="cluster-a", state="up")], 0)
-        self.assertEqual(
-            second["gateway_cluster_links_up"], {lbl(cluster="cluster-a"): 0, lbl(cluster="cluster-b"): 1}
-        )
+        self.assertEqual(second["gateway_cluster_links_up"], {lbl(cluster="cluster-a"): 0, lbl(cluster="cluster-b"): 1})
         self.assertEqual(second["gateway_reconnects_total"][lbl(cluster="cluster-b")], 1)
-        self.assertEqual(
-            second["gateway_handshake_errors_total"], {lbl(frontend="socks"): 2, lbl(frontend="http"): 1}
-        )
+        self.assertEqual(second["gateway_handshake_errors_total"], {lbl(frontend="socks"): 2, lbl(frontend="http"): 1})
 
     def test_clusters_asked_each_scrape(self) -> None:
         """Clusters added or removed between scrapes appear and disappear."""

@@ -186,9 +186,7 @@ class Peer:
 
 def client_transport(ciphers: FastSSHCiphers, seqnr: int = 0) -> tuple[GatewayClientTransport, list]:
     """A client transport past key exchange under C{ciphers}, recording the messages it gets."""
-    client = GatewayClientTransport(
-        "127.0.0.1", 22, "root", generate_key(), HostKeyPolicy(accept_any=True), Clock()
-    )
+    client = GatewayClientTransport("127.0.0.1", 22, "root", generate_key(), HostKeyPolicy(accept_any=True), Clock())
     client.makeConnection(StringTransport())
     client.transport.clear()
     client.gotVersion = True
@@ -625,11 +623,22 @@ class TransportPacketTests(TestCase):
 
 #: Algorithms the client must never offer unless a cluster opts in.
 WEAK = {
-    b"3des-cbc", b"3des-ctr", b"aes128-cbc", b"aes192-cbc", b"aes256-cbc",
-    b"hmac-md5", b"hmac-sha1", b"hmac-sha2-384",
-    b"diffie-hellman-group1-sha1", b"diffie-hellman-group14-sha1", b"diffie-hellman-group-exchange-sha1",
+    b"3des-cbc",
+    b"3des-ctr",
+    b"aes128-cbc",
+    b"aes192-cbc",
+    b"aes256-cbc",
+    b"hmac-md5",
+    b"hmac-sha1",
+    b"hmac-sha2-384",
+    b"diffie-hellman-group1-sha1",
+    b"diffie-hellman-group14-sha1",
+    b"diffie-hellman-group-exchange-sha1",
     b"diffie-hellman-group-exchange-sha256",
-    b"ssh-rsa", b"ssh-dss", b"zlib", b"zlib@openssh.com",
+    b"ssh-rsa",
+    b"ssh-dss",
+    b"zlib",
+    b"zlib@openssh.com",
 }
 
 
@@ -700,15 +709,26 @@ class NegotiationTests(TestCase):
         self.assertEqual(kex[-1], b"ext-info-c")  # RFC 8308: the signal, not an exchange
         self.assertEqual(
             host_keys,
-            [b"ssh-ed25519", b"ecdsa-sha2-nistp256", b"ecdsa-sha2-nistp384", b"ecdsa-sha2-nistp521",
-             b"rsa-sha2-512", b"rsa-sha2-256"],
+            [
+                b"ssh-ed25519",
+                b"ecdsa-sha2-nistp256",
+                b"ecdsa-sha2-nistp384",
+                b"ecdsa-sha2-nistp521",
+                b"rsa-sha2-512",
+                b"rsa-sha2-256",
+            ],
         )
         self.assertEqual(macs, [b"hmac-sha2-256", b"hmac-sha2-512"])
         self.assertEqual(compression, [b"none"])
 
     def test_ssh_rsa_host_keys_only_for_a_cluster_that_opts_in(self):
         client = GatewayClientTransport(
-            "127.0.0.1", 22, "root", generate_key(), HostKeyPolicy(accept_any=True), Clock(),
+            "127.0.0.1",
+            22,
+            "root",
+            generate_key(),
+            HostKeyPolicy(accept_any=True),
+            Clock(),
             allow_sha1_signatures=True,
         )
         client.makeConnection(StringTransport())
@@ -786,9 +806,7 @@ class OpenSSHServer:
     def start(self) -> None:
         os.makedirs("/run/sshd", mode=0o755, exist_ok=True)  # privilege separation
         host_key = os.path.join(self.workdir, "host_ed25519")
-        subprocess.run(
-            [SSH_KEYGEN, "-q", "-t", "ed25519", "-N", "", "-f", host_key], check=True, timeout=30
-        )
+        subprocess.run([SSH_KEYGEN, "-q", "-t", "ed25519", "-N", "", "-f", host_key], check=True, timeout=30)
         self.host_key = Key.fromFile(host_key + ".pub")
         authorized = os.path.join(self.workdir, "authorized_keys")
         with open(authorized, "w") as f:

@@ -53,9 +53,7 @@ async def until(predicate, timeout: float, step: float = 0.05) -> float:
 class KeepaliveFailoverTests(TestCase):
     @inline
     async def setUp(self):
-        self.harness = GatewayHarness(
-            self, keepalive_interval=INTERVAL, keepalive_count_max=COUNT, connect_timeout=2.0
-        )
+        self.harness = GatewayHarness(self, keepalive_interval=INTERVAL, keepalive_count_max=COUNT, connect_timeout=2.0)
         await self.harness.start(nodes=2)
         self.cluster = self.harness.service.clusters["demo"]
         self.first = f"127.0.0.1:{self.harness.ports[0].getHost().port}"
@@ -84,9 +82,7 @@ class KeepaliveFailoverTests(TestCase):
         body = await deferToThread(fetch, self.harness.socks_port)
         self.assertTrue(body.endswith(DEMO_PAGE), body)
         self.assertLessEqual(time.monotonic() - started, INTERVAL * COUNT + 2.0)
-        self.assertTrue(
-            any("answered no keepalive" in str(e.get("error")) for e in self.events), self.events
-        )
+        self.assertTrue(any("answered no keepalive" in str(e.get("error")) for e in self.events), self.events)
 
         # The first candidate comes back: the cluster returns to it, and the
         # fallback link is retired once idle.
@@ -248,7 +244,6 @@ class DrainTests(TestCase):
         self.assertEqual(await deferToThread(recv_all, sock), b"")  # a FIN, not a reset
         outcomes = [e["outcome"] for e in events if e.get("log_namespace") == "gateway.proxy.opener"]
         self.assertEqual(outcomes, ["closed"])
-
 
 
 class JumpCarrierTests(TestCase):

@@ -46,9 +46,7 @@ def v5_fail(code: int) -> bytes:
     return bytes([0x05, code, 0x00, 0x01, 0, 0, 0, 0, 0, 0])
 
 
-def v5_request(
-    atyp: int, address: bytes, port: int, cmd: int = 1, rsv: int = 0
-) -> bytes:
+def v5_request(atyp: int, address: bytes, port: int, cmd: int = 1, rsv: int = 0) -> bytes:
     return bytes([0x05, cmd, rsv, atyp]) + address + struct.pack("!H", port)
 
 
@@ -62,14 +60,10 @@ def v5_domain(name: bytes, port: int) -> bytes:
 
 
 def userpass(username: bytes, password: bytes, version: int = 1) -> bytes:
-    return (
-        bytes([version, len(username)]) + username + bytes([len(password)]) + password
-    )
+    return bytes([version, len(username)]) + username + bytes([len(password)]) + password
 
 
-def v4_request(
-    ip: str, port: int, userid: bytes = b"", domain: bytes | None = None, cd: int = 1
-) -> bytes:
+def v4_request(ip: str, port: int, userid: bytes = b"", domain: bytes | None = None, cd: int = 1) -> bytes:
     head = struct.pack("!BBH", 4, cd, port) + ipaddress.IPv4Address(ip).packed
     return head + userid + b"\0" + (b"" if domain is None else domain + b"\0")
 
@@ -191,9 +185,7 @@ class FlowTests(unittest.TestCase):
 
     def test_userpass_accepted(self) -> None:
         request = ConnectRequest(5, "192.0.2.10", 80, "cluster", "s3cret")
-        self.assertFlow(
-            USERPASS_OK, [CHOSE_USERPASS, AUTH_OK, request], check_credentials
-        )
+        self.assertFlow(USERPASS_OK, [CHOSE_USERPASS, AUTH_OK, request], check_credentials)
 
     def test_userpass_rejected(self) -> None:
         for chunks in splittings(USERPASS_BAD):
@@ -282,9 +274,7 @@ class Socks5ErrorTests(unittest.TestCase):
     def test_userpass_failure_hides_password(self) -> None:
         data = GREET_USERPASS + userpass(b"cluster", b"hunter2") + IPV4_REQUEST
         sends = [b"\x05\x02", AUTH_FAIL]
-        rejected = self.assertRejected(
-            data, sends, Reason.AUTH_FAILED, lambda u, p: False
-        )
+        rejected = self.assertRejected(data, sends, Reason.AUTH_FAILED, lambda u, p: False)
         self.assertNotIn("hunter2", repr(rejected))
 
     def test_authenticator_may_choose_reason(self) -> None:
@@ -324,9 +314,7 @@ class Socks5ErrorTests(unittest.TestCase):
             (b"s3cret token", "a username of 12 bytes"),
         ]:
             data = GREET_USERPASS + userpass(username, b"s3cret-password")
-            rejected = self.assertRejected(
-                data, [b"\x05\x02", AUTH_FAIL], Reason.AUTH_FAILED, check_credentials
-            )
+            rejected = self.assertRejected(data, [b"\x05\x02", AUTH_FAIL], Reason.AUTH_FAILED, check_credentials)
             self.assertEqual(rejected.detail, f"{shown} not accepted")
 
     def test_utf8_credentials(self) -> None:
@@ -437,9 +425,7 @@ class Socks4ErrorTests(unittest.TestCase):
 
     def test_unsupported_commands(self) -> None:
         for cd in [0, 2, 3]:
-            self.assertRejected(
-                v4_request("10.0.0.1", 80, cd=cd), Reason.UNSUPPORTED_COMMAND
-            )
+            self.assertRejected(v4_request("10.0.0.1", 80, cd=cd), Reason.UNSUPPORTED_COMMAND)
 
     def test_bind_rejected_early(self) -> None:
         events, server = feed([b"\x04\x02"])
@@ -448,9 +434,7 @@ class Socks4ErrorTests(unittest.TestCase):
 
     def test_port_zero(self) -> None:
         self.assertRejected(v4_request("10.0.0.1", 0), Reason.BAD_REQUEST)
-        self.assertRejected(
-            v4_request("0.0.0.1", 0, domain=b"x.example"), Reason.BAD_REQUEST
-        )
+        self.assertRejected(v4_request("0.0.0.1", 0, domain=b"x.example"), Reason.BAD_REQUEST)
 
     def test_userid_length(self) -> None:
         events, _ = feed([v4_request("10.0.0.1", 80, b"u" * 255)])
@@ -477,9 +461,7 @@ class Socks4ErrorTests(unittest.TestCase):
             (b"a:b:c", "a", "b:c"),
         ]:
             events, _ = feed([v4_request("10.0.0.1", 80, userid)])
-            self.assertEqual(
-                events, [ConnectRequest(4, "10.0.0.1", 80, username, password)]
-            )
+            self.assertEqual(events, [ConnectRequest(4, "10.0.0.1", 80, username, password)])
 
     def test_userid_naming_no_cluster_is_no_credentials(self) -> None:
         """
@@ -506,9 +488,7 @@ class Socks4ErrorTests(unittest.TestCase):
         events, _ = feed([v4_request("0.0.0.9", 80, domain=b"10.9.8.7")])
         self.assertEqual(events[-1].host, "10.9.8.7")
         for domain in [b"", b"d" * 256, b"bad name", b"ctl\x01"]:
-            self.assertRejected(
-                v4_request("0.0.0.1", 80, domain=domain), Reason.BAD_REQUEST
-            )
+            self.assertRejected(v4_request("0.0.0.1", 80, domain=domain), Reason.BAD_REQUEST)
 
     def test_zero_address_is_not_socks4a(self) -> None:
         """0.0.0.0 is a (useless) IPv4 address; only 0.0.0.x, x != 0, means 4a."""
@@ -663,9 +643,7 @@ class BufferTests(unittest.TestCase):
         self.assertEqual(events[-1].reason, Reason.BAD_REQUEST)  # 255 bytes is no host name
         request = v5_domain(LONGEST_NAME.encode() + b".", 80)
         events = self.assertBounded(greeting + auth + request)
-        self.assertEqual(
-            events[-1], ConnectRequest(5, LONGEST_NAME, 80, "u" * 255, "p" * 255)
-        )
+        self.assertEqual(events[-1], ConnectRequest(5, LONGEST_NAME, 80, "u" * 255, "p" * 255))
 
     def test_largest_socks4a_handshake(self) -> None:
         events = self.assertBounded(v4_request("0.0.0.1", 80, b"u" * 255, b"d" * 255))
@@ -697,9 +675,9 @@ def mutated_handshakes(draw: st.DrawFn) -> bytes:
     return bytes(data)
 
 
-prefixed_noise = st.sampled_from(
-    [b"", b"\x04", b"\x05", b"\x04\x01", GREET_NOAUTH, GREET_USERPASS]
-).flatmap(lambda prefix: st.binary(max_size=700).map(lambda tail: prefix + tail))
+prefixed_noise = st.sampled_from([b"", b"\x04", b"\x05", b"\x04\x01", GREET_NOAUTH, GREET_USERPASS]).flatmap(
+    lambda prefix: st.binary(max_size=700).map(lambda tail: prefix + tail)
+)
 
 
 class PropertyTests(unittest.TestCase):
@@ -740,9 +718,7 @@ class PropertyTests(unittest.TestCase):
         points=st.lists(st.integers(0, 1500), max_size=12),
         checked=st.booleans(),
     )
-    def test_arbitrary_bytes(
-        self, data: bytes, points: list[int], checked: bool
-    ) -> None:
+    def test_arbitrary_bytes(self, data: bytes, points: list[int], checked: bool) -> None:
         self.assertWellBehaved(data, points, checked)
 
     @settings(max_examples=200, deadline=None)
@@ -751,7 +727,5 @@ class PropertyTests(unittest.TestCase):
         points=st.lists(st.integers(0, 600), max_size=12),
         checked=st.booleans(),
     )
-    def test_mutated_handshakes(
-        self, data: bytes, points: list[int], checked: bool
-    ) -> None:
+    def test_mutated_handshakes(self, data: bytes, points: list[int], checked: bool) -> None:
         self.assertWellBehaved(data, points, checked)

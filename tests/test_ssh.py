@@ -45,9 +45,7 @@ def ecdsa_key() -> keys.Key:
 class SignatureAlgorithmTests(TestCase):
     def test_rsa_prefers_sha512(self):
         key = rsa_key()
-        self.assertEqual(
-            signature_algorithm(key, b"ssh-ed25519,rsa-sha2-256,rsa-sha2-512"), b"rsa-sha2-512"
-        )
+        self.assertEqual(signature_algorithm(key, b"ssh-ed25519,rsa-sha2-256,rsa-sha2-512"), b"rsa-sha2-512")
 
     def test_rsa_sha256_when_only_offered(self):
         self.assertEqual(signature_algorithm(rsa_key(), b"rsa-sha2-256,ssh-rsa"), b"rsa-sha2-256")

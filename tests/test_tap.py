@@ -70,8 +70,7 @@ class TapTests(TestCase):
         self.assertEqual(done.returncode, 1)
         self.assertEqual(
             done.stderr.decode().strip(),
-            f"gateway: {config}: clusters.a.networks[0]: '10.0.0.1/24' has host bits set "
-            "(did you mean 10.0.0.0/24?)",
+            f"gateway: {config}: clusters.a.networks[0]: '10.0.0.1/24' has host bits set (did you mean 10.0.0.0/24?)",
         )
         self.assertEqual(done.stdout, b"")
 

@@ -44,9 +44,9 @@ class Options(usage.Options):
     )
     optParameters = [
         ["config", "c", None, "TOML configuration file."],
-        ["socks", None, None, "SOCKS listener endpoint, overriding [listen] socks (\"\" disables)."],
-        ["http", None, None, "HTTP proxy listener endpoint, overriding [listen] http (\"\" disables)."],
-        ["control", None, None, "Control API endpoint, overriding [listen] control (\"\" disables)."],
+        ["socks", None, None, 'SOCKS listener endpoint, overriding [listen] socks ("" disables).'],
+        ["http", None, None, 'HTTP proxy listener endpoint, overriding [listen] http ("" disables).'],
+        ["control", None, None, 'Control API endpoint, overriding [listen] control ("" disables).'],
         ["state-file", None, None, "Where API-registered clusters are kept, overriding [gateway] state_file."],
     ]
     optFlags = [
@@ -124,9 +124,7 @@ class Options(usage.Options):
                 try:
                     serverFromString(reactor, description)
                 except Exception as e:  # the parser raises many kinds
-                    raise ConfigError(
-                        config.source, f"listen.{kind}", f"bad endpoint {description!r}: {e}"
-                    ) from None
+                    raise ConfigError(config.source, f"listen.{kind}", f"bad endpoint {description!r}: {e}") from None
         if self["demo"] and "demo" in config.clusters:
             raise ConfigError(config.source, "clusters.demo", "--demo adds a cluster of that name")
         return replace(config, listen=listen)

@@ -112,9 +112,7 @@ class StreamOpener:
         def opened(channel: TunnelChannel) -> TunnelChannel:
             cluster.stats.streams_opened += 1
             channel.cluster = cluster
-            channel.closed_hooks.append(
-                lambda: self._closed(request, cluster.name, destination, channel)
-            )
+            channel.closed_hooks.append(lambda: self._closed(request, cluster.name, destination, channel))
             return channel
 
         def failed(failure: Failure) -> Failure:
@@ -130,11 +128,7 @@ class StreamOpener:
             self._refused(request, cluster.name, destination, error)
             return failure
 
-        return (
-            cluster.open_stream(route.host, route.port, request.origin)
-            .addCallback(opened)
-            .addErrback(failed)
-        )
+        return cluster.open_stream(route.host, route.port, request.origin).addCallback(opened).addErrback(failed)
 
     def _refused(
         self,

@@ -52,8 +52,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument(
         "--socks",
         default=os.environ.get("GATEWAY_SOCKS", DEFAULT_SOCKS),
-        help="gateway SOCKS listener, HOST:PORT or unix:PATH "
-        "(default: $GATEWAY_SOCKS or %(default)s)",
+        help="gateway SOCKS listener, HOST:PORT or unix:PATH (default: $GATEWAY_SOCKS or %(default)s)",
     )
     parser.add_argument(
         "--cluster",
@@ -65,9 +64,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         default=os.environ.get("GATEWAY_TOKEN"),
         help="the cluster's token (default: $GATEWAY_TOKEN)",
     )
-    parser.add_argument(
-        "--timeout", type=float, default=30.0, help="seconds for the handshake (default: 30)"
-    )
+    parser.add_argument("--timeout", type=float, default=30.0, help="seconds for the handshake (default: 30)")
     parser.add_argument("host")
     parser.add_argument("port", type=int)
     return parser.parse_args(argv)
@@ -169,8 +166,7 @@ def socks5_connect(sock: socket.socket, handshake: Handshake) -> None:
         _, status = _read_exactly(sock, 2)
         if status != 0:
             raise ConnectError(
-                f"the gateway rejected the credentials for cluster {cluster!r} "
-                "(unknown cluster or wrong token)",
+                f"the gateway rejected the credentials for cluster {cluster!r} (unknown cluster or wrong token)",
                 EXIT_REFUSED,
             )
     sock.sendall(handshake.request)

@@ -546,12 +546,7 @@ def cmd_list(client: Client, args: argparse.Namespace, out: IO[str]) -> int:
     rows: list[tuple[str, ...]] = [("NAME", "STATE", "PROXY", "STREAMS", "LAST ERROR")]
     for cluster in clusters:
         cluster = _expect(cluster, dict, "a cluster is not an object", client.url)
-        rows.append(
-            tuple(
-                _text(cluster.get(key))
-                for key in ("name", "state", "proxy", "open_streams", "last_error")
-            )
-        )
+        rows.append(tuple(_text(cluster.get(key)) for key in ("name", "state", "proxy", "open_streams", "last_error")))
     widths = [max(len(row[i]) for row in rows) for i in range(4)]
     for row in rows:
         cells = [cell.ljust(width) for cell, width in zip(row[:4], widths, strict=True)]

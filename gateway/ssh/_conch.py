@@ -197,10 +197,7 @@ class ConchClientTransport(transport.SSHClientTransport):
         Conch's own C{sendPacket} queues, and its C{_newKeys} sends the
         queue through C{sendPacket} again once the exchange is done.
         """
-        return (
-            self._keyExchangeState == self._KEY_EXCHANGE_NONE
-            or self._allowedKeyExchangeMessageType(messageType)
-        )
+        return self._keyExchangeState == self._KEY_EXCHANGE_NONE or self._allowedKeyExchangeMessageType(messageType)
 
     @property
     def key_exchange_running(self) -> bool:

@@ -55,9 +55,7 @@ class KeyAuthClient(userauth.SSHUserAuthClient):
 
     preferredOrder = [b"publickey"]
 
-    def __init__(
-        self, user: str, private_key: Key, instance: SSHService, allow_sha1_signatures: bool = False
-    ) -> None:
+    def __init__(self, user: str, private_key: Key, instance: SSHService, allow_sha1_signatures: bool = False) -> None:
         super().__init__(user.encode("utf-8"), instance)
         self._private_key = private_key
         self._allow_sha1 = allow_sha1_signatures
@@ -96,7 +94,5 @@ class KeyAuthClient(userauth.SSHUserAuthClient):
             + NS(blob)
         )
         signature = key.sign(signed, signatureType=algorithm)
-        self.askForAuth(
-            b"publickey", b"\x01" + NS(algorithm) + NS(blob) + NS(signature)
-        )
+        self.askForAuth(b"publickey", b"\x01" + NS(algorithm) + NS(blob) + NS(signature))
         return succeed(True)

@@ -228,9 +228,7 @@ class TunnelChannel(OrderedEOFChannel):
 
     def open_request_data(self) -> bytes:
         """The type-specific part of the CHANNEL_OPEN request."""
-        return forwarding.packOpen_direct_tcpip(
-            (self.host, self.port), (self.origin[0], self.origin[1])
-        )
+        return forwarding.packOpen_direct_tcpip((self.host, self.port), (self.origin[0], self.origin[1]))
 
     def channelOpen(self, specificData: bytes) -> None:
         self.opened.callback(self)
@@ -439,8 +437,7 @@ class ExecTunnelChannel(TunnelChannel):
             self.opened.errback(
                 StreamError(
                     Reason.UNAVAILABLE,
-                    f"channel closed before the proxy node ran {self.program} "
-                    f"for {self.destination}",
+                    f"channel closed before the proxy node ran {self.program} for {self.destination}",
                 )
             )
 

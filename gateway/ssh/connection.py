@@ -26,9 +26,7 @@ log = Logger()
 _CHANNEL_DATA_HEADER = struct.Struct(">2L")  # recipient channel, data length
 _CHANNEL_ID = struct.Struct(">L")
 #: The messages addressed to one of our channels (RFC 4254 5.1-5.4).
-_CHANNEL_MESSAGES = frozenset(
-    range(connection.MSG_CHANNEL_OPEN_CONFIRMATION, connection.MSG_CHANNEL_FAILURE + 1)
-)
+_CHANNEL_MESSAGES = frozenset(range(connection.MSG_CHANNEL_OPEN_CONFIRMATION, connection.MSG_CHANNEL_FAILURE + 1))
 
 
 @quiet_conch_logs("gateway.ssh.connection")

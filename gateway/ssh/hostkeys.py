@@ -132,9 +132,7 @@ class HostKeyPolicy:
         name = known_hosts_name(host, port)
         return [entry.publicKey for entry in entries if host_matches(entry, name)]
 
-    def preferred_algorithms(
-        self, host: str, port: int, supported: Iterable[bytes]
-    ) -> list[bytes]:
+    def preferred_algorithms(self, host: str, port: int, supported: Iterable[bytes]) -> list[bytes]:
         """
         Reorder C{supported} so the algorithms of keys we hold come first.
 

@@ -194,8 +194,10 @@ class ChaCha20Poly1305PacketCipher:
         if padding < 4:
             padding += 8
         nonce = _CHACHA_COUNTER_0 + _CHACHA_SEQUENCE.pack(seqnr)
-        length = Cipher(algorithms.ChaCha20(self._length_key, nonce), None).encryptor().update(
-            _LENGTH.pack(2 + len(payload) + padding)
+        length = (
+            Cipher(algorithms.ChaCha20(self._length_key, nonce), None)
+            .encryptor()
+            .update(_LENGTH.pack(2 + len(payload) + padding))
         )
         main = Cipher(algorithms.ChaCha20(self._main_key, nonce), None).encryptor()
         mac = Poly1305(main.update(_ZERO_BLOCK)[:32])  # the rest of block 0 is discarded
@@ -206,8 +208,8 @@ class ChaCha20Poly1305PacketCipher:
 
     def packet_length(self, seqnr: int, buffer: bytearray, pos: int) -> int:
         nonce = _CHACHA_COUNTER_0 + _CHACHA_SEQUENCE.pack(seqnr)
-        clear = Cipher(algorithms.ChaCha20(self._length_key, nonce), None).decryptor().update(
-            bytes(buffer[pos : pos + 4])
+        clear = (
+            Cipher(algorithms.ChaCha20(self._length_key, nonce), None).decryptor().update(bytes(buffer[pos : pos + 4]))
         )
         return _LENGTH.unpack(clear)[0]
 
@@ -301,9 +303,7 @@ class FastSSHCiphers(transport.SSHCiphers):
     out_aead: AESGCMPacketCipher | ChaCha20Poly1305PacketCipher | None = None
     in_aead: AESGCMPacketCipher | ChaCha20Poly1305PacketCipher | None = None
 
-    def setKeys(
-        self, outIV: bytes, outKey: bytes, inIV: bytes, inKey: bytes, outInteg: bytes, inInteg: bytes
-    ) -> None:
+    def setKeys(self, outIV: bytes, outKey: bytes, inIV: bytes, inKey: bytes, outInteg: bytes, inInteg: bytes) -> None:
         out_aead = AEAD_CIPHERS.get(self.outCipType)
         in_aead = AEAD_CIPHERS.get(self.inCipType)
         if out_aead is None and in_aead is None:

@@ -80,6 +80,8 @@ SHA1_RSA = b"ssh-rsa"
 
 #: Linux only; not sticky, so it is set again after every read.
 _TCP_QUICKACK: int | None = getattr(socket, "TCP_QUICKACK", None)
+
+
 def quick_ack(transport: object) -> Callable[[], None] | None:
     """
     A call that sets C{TCP_QUICKACK} on C{transport}'s TCP socket; None
@@ -357,9 +359,7 @@ class GatewayClientTransport(ConchClientTransport):
             return True  # malformed: Conch's parser says so
         if algorithm == self.keyAlg:
             return True
-        self.note_failure(
-            f"the proxy node signed the key exchange with another algorithm than {self.keyAlg.decode()}"
-        )
+        self.note_failure(f"the proxy node signed the key exchange with another algorithm than {self.keyAlg.decode()}")
         self.sendDisconnect(transport.DISCONNECT_KEY_EXCHANGE_FAILED, b"host key signature algorithm mismatch")
         return False
 
@@ -392,14 +392,11 @@ class GatewayClientTransport(ConchClientTransport):
             self._host_keys.verify(self.host, self.port, offered)
         except HostKeyError as e:
             self.note_failure(str(e))
-            log.error(
-                "refusing proxy node {address}: {why}", address=self.address, why=e
-            )
+            log.error("refusing proxy node {address}: {why}", address=self.address, why=e)
             return fail(e)
         if self._host_keys.accept_any:
             log.warn(
-                "accepting unverified host key of {address} "
-                "(insecure_accept_any_host_key)",
+                "accepting unverified host key of {address} (insecure_accept_any_host_key)",
                 address=self.address,
             )
         return succeed(True)

@@ -945,8 +945,7 @@ class Lab:
         # extra settings go before the lab defaults and win over them.
         extra = textwrap.dedent(extra_config).strip()
         conf = (
-            (f"{extra}\n" if extra else "")
-            + f"ListenAddress {listen}:{port or self.ssh_port}\n"
+            (f"{extra}\n" if extra else "") + f"ListenAddress {listen}:{port or self.ssh_port}\n"
             f"{hostkeys}"
             f'PidFile "{os.path.join(w, f"sshd-{name}.pid")}"\n'
             f'AuthorizedKeysFile "{self.authorized_keys}"\n'

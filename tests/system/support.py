@@ -120,5 +120,3 @@ class GatewayProcess:
             except OSError:
                 pass
         return "".join(text)
-
-

@@ -241,7 +241,13 @@ class _LabTestCase(TestCase):
     # -- clients -----------------------------------------------------------
 
     def client(
-        self, mode: str, cluster: str, token: str, port: int, *args: object, socks: int | None = None,
+        self,
+        mode: str,
+        cluster: str,
+        token: str,
+        port: int,
+        *args: object,
+        socks: int | None = None,
         timeout: float = 60,
     ):
         """Start the CLIENT script (see there) in the ctl namespace; stdout is a pipe."""
@@ -251,8 +257,18 @@ class _LabTestCase(TestCase):
                 f.write(CLIENT)
         proc = self.lab.spawn(
             self.lab.ctl_ns,
-            [sys.executable, "-I", script, mode, str(socks or self.gateway.socks), INTERNAL, str(port), cluster, token,
-             *map(str, args)],
+            [
+                sys.executable,
+                "-I",
+                script,
+                mode,
+                str(socks or self.gateway.socks),
+                INTERNAL,
+                str(port),
+                cluster,
+                token,
+                *map(str, args),
+            ],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             env=dict(os.environ, CLIENT_TIMEOUT=str(timeout)),
@@ -331,12 +347,12 @@ class FailoverTests(_LabTestCase):
             [clusters.fo]
             proxies = ["{a}:22", "{b}:22"]
             networks = ["10.251.0.0/24"]
-            token = "{cls.TOKENS['fo']}"
+            token = "{cls.TOKENS["fo"]}"
 
             [clusters.rb]
             proxies = ["{b}:22"]
             networks = ["10.251.0.0/24"]
-            token = "{cls.TOKENS['rb']}"
+            token = "{cls.TOKENS["rb"]}"
             """,
             1080,
             3128,
@@ -366,8 +382,18 @@ class FailoverTests(_LabTestCase):
         download = lab.spawn(
             lab.ctl_ns,
             [
-                "curl", "-sS", "-o", "/dev/null", "--max-time", "60", "--limit-rate", "1M",
-                "-w", "%{size_download}", *self.socks_args("fo", token), _url("/bytes/2000000000"),
+                "curl",
+                "-sS",
+                "-o",
+                "/dev/null",
+                "--max-time",
+                "60",
+                "--limit-rate",
+                "1M",
+                "-w",
+                "%{size_download}",
+                *self.socks_args("fo", token),
+                _url("/bytes/2000000000"),
             ],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -486,8 +512,7 @@ class FailoverTests(_LabTestCase):
         self.wait_served("rb", token, BODY["b"], timeout=20, interval=0.1)
         total = time.monotonic() - t0
         print(
-            f"\nsshd restart: sshd back after {restarted:.2f} s, cluster rb serving again "
-            f"{total:.2f} s after the kill"
+            f"\nsshd restart: sshd back after {restarted:.2f} s, cluster rb serving again {total:.2f} s after the kill"
         )
         self.assertLess(total, 10)
         # it really lost the connection and made a new one
@@ -733,7 +758,7 @@ print(json.dumps({
             drain_timeout = {DRAIN_TIMEOUT}
 
             [clusters.d]
-            proxies = ["{lab.proxy_addr['b']}:22"]
+            proxies = ["{lab.proxy_addr["b"]}:22"]
             user = "root"
             key_file = "{lab.client_key_ed25519}"
             known_hosts = "{lab.known_hosts}"

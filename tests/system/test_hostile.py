@@ -362,7 +362,7 @@ keepalive_timeout = {KEEPALIVE_TIMEOUT}
 {defaults_table(self.lab)}
 
 [clusters.h]
-proxies = ["{self.lab.proxy_addr['a']}:22"]
+proxies = ["{self.lab.proxy_addr["a"]}:22"]
 networks = ["10.251.0.0/24"]
 """,
             SOCKS,
@@ -397,8 +397,20 @@ networks = ["10.251.0.0/24"]
         return self.lab.spawn(
             self.lab.ctl_ns,
             [
-                "curl", "-sS", "--max-time", "60", "--limit-rate", str(RATE), "-o", output,
-                "-w", "%{size_download} %{time_total}", "--socks5-hostname", f"127.0.0.1:{SOCKS}", "-U", "h:",
+                "curl",
+                "-sS",
+                "--max-time",
+                "60",
+                "--limit-rate",
+                str(RATE),
+                "-o",
+                output,
+                "-w",
+                "%{size_download} %{time_total}",
+                "--socks5-hostname",
+                f"127.0.0.1:{SOCKS}",
+                "-U",
+                "h:",
                 f"http://{INTERNAL}:{self.lab.http_port}{path}",
             ],
             stdout=subprocess.PIPE,
@@ -510,7 +522,8 @@ networks = ["10.251.0.0/24"]
         # the attackers did what they meant to, and each silent one was cut in time
         self.assertEqual(len(report["attackers"]), sum(ATTACKERS.values()))
         wrong = [
-            r for r in report["attackers"]
+            r
+            for r in report["attackers"]
             if r["outcome"] != EXPECTED.get(f"{r['kind']}/{r['via']}", EXPECTED.get(r["kind"], "cut"))
         ]
         self.assertEqual(len(wrong), 0, f"{len(wrong)} attackers saw the unexpected, e.g. {wrong[:3]}")

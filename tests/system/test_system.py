@@ -87,26 +87,26 @@ class SystemTests(TestCase):
 
                     [clusters.cluster-a]
                     aliases = ["net-aaaa"]
-                    proxies = ["{lab.proxy_addr['a']}:22"]
+                    proxies = ["{lab.proxy_addr["a"]}:22"]
                     user = "root"
                     key_file = "{lab.client_key_rsa}"
                     known_hosts = "{lab.known_hosts}"
                     networks = ["10.251.0.0/24"]
                     hostnames = ["*.cluster.internal"]
-                    token = "{TOKENS['a']}"
+                    token = "{TOKENS["a"]}"
 
                     [clusters.cluster-b]
                     aliases = ["net-bbbb"]
-                    proxies = ["{lab.proxy_addr['b']}:22"]
+                    proxies = ["{lab.proxy_addr["b"]}:22"]
                     user = "root"
                     key_file = "{lab.client_key_ed25519}"
                     known_hosts = "{lab.known_hosts_hashed}"
                     networks = ["10.251.0.0/24"]
                     hostnames = ["*.cluster.internal"]
-                    token = "{TOKENS['b']}"
+                    token = "{TOKENS["b"]}"
 
                     [clusters.cluster-r]
-                    proxies = ["{lab.proxy_addr['a']}:22"]
+                    proxies = ["{lab.proxy_addr["a"]}:22"]
                     user = "root"
                     key_file = "{lab.client_key_ed25519}"
                     known_hosts = "{lab.known_hosts}"
@@ -114,10 +114,10 @@ class SystemTests(TestCase):
                     rekey_bytes = "1M"
 
                     [clusters.cluster-x]
-                    proxies = ["{lab.proxy_addr['a']}:22"]
+                    proxies = ["{lab.proxy_addr["a"]}:22"]
                     user = "root"
                     key_file = "{lab.client_key_ed25519}"
-                    host_keys = {lab.host_key_lines['proxy-b']!r}
+                    host_keys = {lab.host_key_lines["proxy-b"]!r}
                     networks = ["10.252.0.0/24"]
                     connect_timeout = 2.0
                     """
@@ -160,11 +160,21 @@ class SystemTests(TestCase):
         """OpenSSH to the internal host with C{command} as ProxyCommand: what it prints there."""
         done = self.ctl(
             [
-                "ssh", "-F", "/dev/null", "-i", self.lab.client_key_rsa,
-                "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=yes",
-                "-o", f"UserKnownHostsFile={self.lab.known_hosts}",
-                "-o", f"ProxyCommand={command}",
-                f"root@{INTERNAL}", f"curl -s http://{INTERNAL}:8080/",
+                "ssh",
+                "-F",
+                "/dev/null",
+                "-i",
+                self.lab.client_key_rsa,
+                "-o",
+                "BatchMode=yes",
+                "-o",
+                "StrictHostKeyChecking=yes",
+                "-o",
+                f"UserKnownHostsFile={self.lab.known_hosts}",
+                "-o",
+                f"ProxyCommand={command}",
+                f"root@{INTERNAL}",
+                f"curl -s http://{INTERNAL}:8080/",
             ],
             timeout=20,
         )
@@ -196,7 +206,11 @@ class SystemTests(TestCase):
         self.assertTrue(out.endswith(b"403"), out)
         # A name the proxy node cannot resolve is 'host unreachable': SOCKS 0x04, HTTP 502.
         status, out, err = self.curl(
-            "-x", f"http://cluster-b:{TOKENS['b']}@127.0.0.1:3128", "-w", "%{http_code}", "http://nope.cluster.internal/"
+            "-x",
+            f"http://cluster-b:{TOKENS['b']}@127.0.0.1:3128",
+            "-w",
+            "%{http_code}",
+            "http://nope.cluster.internal/",
         )
         self.assertTrue(out.endswith(b"502"), out)
 
@@ -218,9 +232,7 @@ class SystemTests(TestCase):
         self.assertNotEqual(status, 0)
 
     def test_wrong_token_is_refused(self):
-        status, out, err = self.curl(
-            "-x", "http://cluster-a:wrong@127.0.0.1:3128", "-w", "%{http_code}", self.url()
-        )
+        status, out, err = self.curl("-x", "http://cluster-a:wrong@127.0.0.1:3128", "-w", "%{http_code}", self.url())
         self.assertTrue(out.endswith(b"407"), out)
         self.assertNotIn(b"wrong", self.read_log().encode())
         self.assertNotIn(TOKENS["a"].encode(), self.read_log().encode())
@@ -255,9 +267,7 @@ class SystemTests(TestCase):
         self.assertGreaterEqual(self.read_log().count(f"rekeying with {self.lab.proxy_addr['a']}:22"), 10)
 
     def test_unverifiable_host_key_is_refused_with_fingerprint(self):
-        status, out, err = self.curl(
-            "--socks5-hostname", "127.0.0.1:1080", "-U", "cluster-x:", "http://10.252.0.1/"
-        )
+        status, out, err = self.curl("--socks5-hostname", "127.0.0.1:1080", "-U", "cluster-x:", "http://10.252.0.1/")
         self.assertEqual(status, 97, err)
         self.assertIn(b"(4)", err)  # host unreachable: no SSH connection
         log = self.read_log()
@@ -270,13 +280,13 @@ class SystemTests(TestCase):
         out = self.python(
             f"""
             import requests
-            for proxy in ("socks5h://cluster-a:{TOKENS['a']}@127.0.0.1:1080",
-                          "http://cluster-b:{TOKENS['b']}@127.0.0.1:3128"):
+            for proxy in ("socks5h://cluster-a:{TOKENS["a"]}@127.0.0.1:1080",
+                          "http://cluster-b:{TOKENS["b"]}@127.0.0.1:3128"):
                 s = requests.Session()
                 s.proxies = {{"http": proxy}}
                 texts = [s.get("{self.url()}", timeout=20).text for _ in range(3)]
-                echo = s.post("{self.url('/echo')}", data=b"x" * 100000, timeout=20).content
-                chunked = s.post("{self.url('/echo')}", data=iter([b"ab", b"cd"]), timeout=20).content
+                echo = s.post("{self.url("/echo")}", data=b"x" * 100000, timeout=20).content
+                chunked = s.post("{self.url("/echo")}", data=iter([b"ab", b"cd"]), timeout=20).content
                 print(texts[0].strip(), len(set(texts)), len(echo), chunked.decode())
             """
         )
@@ -289,7 +299,7 @@ class SystemTests(TestCase):
         out = self.python(
             f"""
             import paramiko
-            for cluster, token in (("cluster-a", "{TOKENS['a']}"), ("net-bbbb", "{TOKENS['b']}")):
+            for cluster, token in (("cluster-a", "{TOKENS["a"]}"), ("net-bbbb", "{TOKENS["b"]}")):
                 client = paramiko.SSHClient()
                 client.load_host_keys("{self.lab.known_hosts}")
                 client.set_missing_host_key_policy(paramiko.RejectPolicy())
@@ -371,7 +381,6 @@ class SystemTests(TestCase):
         )
         self.assertEqual(out, b"internal-b\n", err)
 
-
     def test_node_exiting_with_open_sockets_cuts_no_other_stream(self):
         """
         A Node program that exits (or is killed) with kept-alive sockets and
@@ -415,8 +424,17 @@ class SystemTests(TestCase):
         reconnects = self.read_log().count("cluster cluster-a connecting")
         victim = self.lab.spawn(
             self.lab.ctl_ns,
-            ["curl", "-sS", "--max-time", "30", "--limit-rate", "5M", "-x",
-             f"http://cluster-a:{TOKENS['a']}@127.0.0.1:3128", self.url("/big")],
+            [
+                "curl",
+                "-sS",
+                "--max-time",
+                "30",
+                "--limit-rate",
+                "5M",
+                "-x",
+                f"http://cluster-a:{TOKENS['a']}@127.0.0.1:3128",
+                self.url("/big"),
+            ],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
         )

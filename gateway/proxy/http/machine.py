@@ -347,9 +347,7 @@ class RequestParser(_Parser):
         keep_alive = _persistent(version, options | set(_tokens(headers, "proxy-connection")))
         self._upgrading = upgrade is not None
         self._state = _State.TUNNEL if is_connect else _State.BODY
-        return RequestHead(
-            method, target, version, headers, host, port, is_connect, credentials, keep_alive, upgrade
-        )
+        return RequestHead(method, target, version, headers, host, port, is_connect, credentials, keep_alive, upgrade)
 
     def _end_event(self) -> RequestEnd:
         return RequestEnd()

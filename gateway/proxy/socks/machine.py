@@ -308,9 +308,7 @@ class SocksMachine:
             raise _malformed("destination port 0")
         self._buffer = self._buffer[length:]
         self._state = _State.REQUESTED
-        return [
-            ConnectRequest(self._version, host, port, self._username, self._password)
-        ]
+        return [ConnectRequest(self._version, host, port, self._username, self._password)]
 
     def _read_version(self) -> list[Event]:
         version = self._need(1)[0]
