@@ -404,11 +404,6 @@ class _NodeUserAuth(userauth.SSHUserAuthServer):
         super().serviceStarted()
 
 
-@_quiet
-class _NodeFactory(factory.SSHFactory):
-    protocol = _NodeTransport
-
-
 class _OneProtocol(Factory):
     noisy = False
 
@@ -427,9 +422,11 @@ class _Realm:
         return interfaces[0], ConchUser(), lambda: None
 
 
+@_quiet
 class _NodeFactory(factory.SSHFactory):
     """The node's C{SSHFactory}: its services find their node through it."""
 
+    protocol = _NodeTransport
     node: FakeProxyNode
     portal: Portal
 
@@ -544,11 +541,13 @@ class DemoCluster:
         self._ports.append(await web.listen(demo_web_site()))
         ssh = await self.node.listen()
         self._ports.append(ssh)
-        self.ssh_port = ssh.getHost().port
+        address = ssh.getHost()
+        assert isinstance(address, IPv4Address)
+        self.ssh_port = address.port
 
     async def stop(self) -> None:
         for port in self._ports:
-            await port.stopListening()
+            await defer.maybeDeferred(port.stopListening)
         self._ports.clear()
         for path in [self.web_socket, *self._files]:
             if os.path.exists(path):

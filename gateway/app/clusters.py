@@ -12,24 +12,26 @@ every change so the router always matches what is connected.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from typing import Protocol
 
 from twisted.application.service import IService, IServiceCollection, Service
 from twisted.internet.defer import Deferred, fail, gatherResults, maybeDeferred, succeed
+from twisted.internet.interfaces import IProtocol, IReactorCore
+from twisted.internet.protocol import Factory
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from zope.interface import implementer
 
 from gateway.cluster.connection import ClusterConnection
-from gateway.cluster.connectors import Connector, tcp_connector
-from gateway.config import ClusterConfig, GatewaySettings
+from gateway.cluster.connectors import Connector, IConnectingReactor, tcp_connector
+from gateway.config import ClusterConfig, GatewaySettings, ProxyAddress
 from gateway.errors import Reason, StreamError
 from gateway.proxy.opener import StreamOpener
 from gateway.routing import Router
 from gateway.ssh.jump import ChannelEndpoint
-from gateway.ssh.proxycommand import command_endpoint
+from gateway.ssh.proxycommand import IProcessReactor, command_endpoint
 
 log = Logger()
 
@@ -40,11 +42,20 @@ class Drainable(Protocol):
     def drain(self) -> None: ...
 
 
+class IGatewayReactor(IConnectingReactor, IProcessReactor, IReactorCore):
+    """
+    What the application needs of its reactor: to listen and to connect, to
+    run proxy commands, and the clock.  Twisted's reactors provide each of
+    these interfaces but declare no combination; this one is for the type
+    checker only.
+    """
+
+
 @implementer(IServiceCollection)
 class ClusterRegistry(Service):
     """Adds, replaces and removes clusters; drains their streams when stopped."""
 
-    def __init__(self, settings: GatewaySettings, reactor) -> None:
+    def __init__(self, settings: GatewaySettings, reactor: IGatewayReactor) -> None:
         self._reactor = reactor
         self.settings = settings
         #: The routed connection of each cluster, by cluster name.
@@ -69,11 +80,13 @@ class ClusterRegistry(Service):
         return self.clusters[name]
 
     def addService(self, service: IService) -> None:
+        assert isinstance(service, ClusterConnection), "the registry holds cluster connections only"
         self._connections.append(service)
         if self.running:
             service.startService()
 
     def removeService(self, service: IService) -> Deferred[None] | None:
+        assert isinstance(service, ClusterConnection), "the registry holds cluster connections only"
         self._connections.remove(service)
         return service.stopService() if self.running else None
 
@@ -123,8 +136,9 @@ class ClusterRegistry(Service):
             return lambda proxy, factory: command_endpoint(self._reactor, template, proxy.host, proxy.port).connect(
                 factory
             )
-        if config.jump_cluster:
-            return self._channel_connector(lambda: self.clusters.get(config.jump_cluster), config)
+        jump_cluster = config.jump_cluster
+        if jump_cluster:
+            return self._channel_connector(lambda: self.clusters.get(jump_cluster), config)
         if config.jump_address:
             hop = replace(
                 config,
@@ -144,8 +158,8 @@ class ClusterRegistry(Service):
             return self._channel_connector(lambda: hop_connection, config)
         return tcp_connector(self._reactor, config.connect_timeout)
 
-    def _channel_connector(self, carrier, config: ClusterConfig) -> Connector:
-        def connect(proxy, factory):
+    def _channel_connector(self, carrier: Callable[[], ClusterConnection | None], config: ClusterConfig) -> Connector:
+        def connect(proxy: ProxyAddress, factory: Factory) -> Deferred[IProtocol]:
             via = carrier()
             if via is None:
                 return fail(StreamError(Reason.UNAVAILABLE, f"jump cluster {config.jump_cluster!r} is not configured"))
@@ -191,7 +205,7 @@ class ClusterRegistry(Service):
         self._stop_waiters.append(waiter)
         return waiter
 
-    def _stopped(self, result):
+    def _stopped(self, result: object) -> object:
         self._stopping = False
         waiters, self._stop_waiters = self._stop_waiters, []
         for waiter in waiters:

@@ -11,6 +11,7 @@ from twisted.application.service import Service
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
+from gateway.app.clusters import IGatewayReactor
 from gateway.app.service import GatewayService
 from gateway.config import parse_cluster
 from gateway.testing import DEMO_API_WEB, DemoCluster
@@ -21,7 +22,7 @@ log = Logger()
 class DemoService(Service):
     """Runs the in-process demo cluster and registers it as cluster C{demo}."""
 
-    def __init__(self, gateway: GatewayService, reactor) -> None:
+    def __init__(self, gateway: GatewayService, reactor: IGatewayReactor) -> None:
         self._gateway = gateway
         self._demo = DemoCluster(reactor)
 

@@ -10,14 +10,14 @@ from __future__ import annotations
 
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService
+from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import CannotListenError
-from twisted.internet.interfaces import IListeningPort, IReactorCore
-from twisted.internet.protocol import Factory
+from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IReactorCore
 from twisted.logger import Logger
 
-from gateway.app.clusters import ClusterRegistry
+from gateway.app.clusters import ClusterRegistry, IGatewayReactor
 from gateway.cluster.connection import ClusterConnection
 from gateway.config import ClusterConfig, GatewayConfig
 from gateway.control.loopback import is_local_address
@@ -44,7 +44,7 @@ class ListenerService(StreamServerEndpointService):
     _raiseSynchronously = True
 
     def __init__(
-        self, reactor: IReactorCore, kind: str, description: str, factory: Factory, local_only: bool = False
+        self, reactor: IReactorCore, kind: str, description: str, factory: IProtocolFactory, local_only: bool = False
     ) -> None:
         super().__init__(serverFromString(reactor, description), factory)
         self.kind = kind
@@ -66,6 +66,7 @@ class ListenerService(StreamServerEndpointService):
                 why=why,
             )
             raise SystemExit(1) from None
+        assert self._waitingForPort is not None  # set by privilegedStartService
         self._waitingForPort.addCallback(self._listening)
         if self.refused:
             # Stream endpoints listen at once, so this is still start-up.
@@ -103,7 +104,7 @@ class GatewayService(MultiService):
     drains the streams in its own C{stopService}.
     """
 
-    def __init__(self, config: GatewayConfig, reactor) -> None:
+    def __init__(self, config: GatewayConfig, reactor: IGatewayReactor) -> None:
         super().__init__()
         self._reactor = reactor
         self.settings = config.settings
@@ -126,7 +127,7 @@ class GatewayService(MultiService):
             for description in descriptions:
                 self.add_listener(kind, description, factory)
 
-    def add_listener(self, kind: str, description: str, factory: Factory, local_only: bool = False) -> None:
+    def add_listener(self, kind: str, description: str, factory: IProtocolFactory, local_only: bool = False) -> None:
         """Listen on endpoint string C{description} with C{factory} (see L{ListenerService})."""
         ListenerService(self._reactor, kind, description, factory, local_only).setServiceParent(self)
 
@@ -135,7 +136,7 @@ class GatewayService(MultiService):
         for child in self:
             if isinstance(child, ListenerService) and child.kind == kind:
                 address = child.port.getHost() if child.port is not None else None
-                if hasattr(address, "port"):
+                if isinstance(address, (IPv4Address, IPv6Address)):
                     return f"{address.host}:{address.port}"
         return None
 

@@ -15,11 +15,13 @@ import shutil
 import sys
 import tempfile
 from dataclasses import replace
+from typing import cast
 
 from twisted.application.service import IService
 from twisted.internet.endpoints import serverFromString
 from twisted.python import usage
 
+from gateway.app.clusters import IGatewayReactor
 from gateway.app.service import GatewayService
 from gateway.config import (
     DEFAULT_CONTROL_LISTEN,
@@ -130,10 +132,12 @@ class Options(usage.Options):
         return replace(config, listen=listen)
 
 
-def makeService(options: Options, reactor=None) -> IService:
+def makeService(options: Options, reactor: IGatewayReactor | None = None) -> IService:
     """The service tree of parsed C{options}; C{reactor} defaults to the global one."""
     if reactor is None:
-        from twisted.internet import reactor
+        from twisted.internet import reactor as global_reactor
+
+        reactor = cast(IGatewayReactor, global_reactor)
     config = options.gateway_config
     service = GatewayService(config, reactor)
     for _, cluster in options.api_clusters.values():

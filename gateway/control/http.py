@@ -31,11 +31,12 @@ import os
 import re
 from collections.abc import Callable, Mapping, Set
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 from urllib.parse import unquote_to_bytes
 
 from twisted.internet.defer import Deferred, maybeDeferred
-from twisted.internet.interfaces import IAddress, IDelayedCall, IReactorTime
+from twisted.internet.interfaces import IAddress, IDelayedCall, IReactorTime, ITCPTransport
+from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import http, server
@@ -236,6 +237,8 @@ class _ControlRequest(server.Request):
     too_large = False
     skipped_body = False
     _received = 0
+    #: Made in gotLength, before any body byte (Twisted's own type is an optional IO).
+    content: io.BytesIO
 
     def __init__(self, channel: Any, *args: Any, **kw: Any) -> None:
         kw["parsePOSTFormSubmission"] = False
@@ -246,7 +249,7 @@ class _ControlRequest(server.Request):
         if length is not None and length > MAX_BODY_BYTES:
             self.too_large = True
             self._skip_body()
-        elif length != 0 and _refusal(self, self.channel.site.control_token) is not None:
+        elif length != 0 and _refusal(self, _channel_of(self).site.control_token) is not None:
             self._skip_body()
 
     def _skip_body(self) -> None:
@@ -269,6 +272,13 @@ class _ControlRequest(server.Request):
             self.content = io.BytesIO()
             return
         self.content.write(data)
+
+
+def _channel_of(request: http.Request) -> _ControlChannel:
+    """The control channel a request came on (Twisted types it as any channel)."""
+    channel = request.channel
+    assert isinstance(channel, _ControlChannel)
+    return channel
 
 
 class _ControlChannel(http.HTTPChannel):
@@ -316,7 +326,7 @@ class _ControlChannel(http.HTTPChannel):
         self._answering = False  # before the next pipelined request is parsed
         super().requestDone(request)
 
-    def connectionLost(self, reason: Failure) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._disarm()
         super().connectionLost(reason)
         self.site.clients.release()
@@ -332,20 +342,23 @@ class _ControlChannel(http.HTTPChannel):
 
     def _timed_out(self, stage: str, seconds: float) -> None:
         self._deadline = None
+        transport = cast(ITCPTransport, self.transport)
         log.info(
             "control API client {client} sent no complete request {stage} in {timeout:g} s",
-            client=str(self.transport.getPeer()),
+            client=str(transport.getPeer()),
             stage=stage,
             timeout=seconds,
             outcome=f"{stage}-timeout",
         )
-        self.transport.abortConnection()
+        transport.abortConnection()
 
 
 class _ControlSite(server.Site):
     displayTracebacks = False
     noisy = False
-    protocol = _ControlChannel  # HTTP/1.1 only: no HTTP/2 negotiation
+    # HTTP/1.1 only: no HTTP/2 negotiation.  (Twisted's stubs type this as a
+    # factory of its private HTTP/2-capable wrapper; any HTTPChannel works.)
+    protocol = _ControlChannel  # type: ignore[assignment]
 
     def __init__(self, resource: _ControlResource, settings: GatewaySettings, reactor: IReactorTime | None) -> None:
         super().__init__(resource, requestFactory=_ControlRequest, timeout=IDLE_TIMEOUT, reactor=reactor)
@@ -356,7 +369,7 @@ class _ControlSite(server.Site):
         #: proxies' slots, nor the proxies theirs.
         self.clients = ClientLimit(settings.control_max_clients, "control_max_clients")
 
-    def buildProtocol(self, addr: IAddress) -> _ControlChannel | None:
+    def buildProtocol(self, addr: IAddress | None) -> Any:
         """A channel, or None (the connection is closed at once) beyond the cap."""
         if not self.clients.admit():
             return None
@@ -390,7 +403,7 @@ class _ControlResource(Resource):
 
     def render(self, request: server.Request) -> int:
         finished: list[bool] = []
-        request.notifyFinish().addBoth(finished.append)  # errback: client gone
+        request.notifyFinish().addBoth(lambda _: finished.append(True))  # errback: client gone
         d = Deferred.fromCoroutine(self._respond(request, finished))
         d.addErrback(lambda f: log.failure("control API: cannot answer", failure=f))
         return server.NOT_DONE_YET
@@ -521,6 +534,7 @@ class _ControlResource(Resource):
         )
 
     async def _put(self, name: str, request: server.Request) -> _Response:
+        assert isinstance(request.content, io.BytesIO)  # made by _ControlRequest.gotLength
         body = _json_object(request.content.getvalue())
         created = bool(await maybeDeferred(self.control.put_cluster, name, body))
         if created:

@@ -40,8 +40,7 @@ def is_local_address(address: IAddress) -> bool:
     if isinstance(address, (IPv4Address, IPv6Address)):
         return is_loopback_host(address.host)
     if isinstance(address, UNIXAddress):
-        name = address.name
-        if isinstance(name, bytes):
-            name = name.decode("utf-8", "surrogateescape")
-        return bool(name) and not name.startswith("\0")
+        raw = address.name
+        name = raw.decode("utf-8", "surrogateescape") if isinstance(raw, bytes) else raw
+        return name is not None and name != "" and not name.startswith("\0")
     return False
