@@ -242,59 +242,73 @@ class Router:
         canonical = str(dest)  # the route's host and the errors' (canonical_host)
 
         if username is not None:
-            cluster = self.lookup(username)
-            if cluster is None:
+            cluster = self._by_credentials(username, password)
+        else:
+            cluster = self._by_destination(dest, canonical)
+        self._check_allowed(cluster, dest, canonical)
+        return Route(cluster=cluster, host=canonical, port=port)
+
+    def _by_credentials(self, username: str, password: str | None) -> ClusterConfig:
+        """The cluster the credentials name, its token checked."""
+        cluster = self.lookup(username)
+        if cluster is None:
+            raise StreamError(
+                Reason.AUTH_FAILED,
+                _CREDENTIALS_REFUSED,
+                log_detail=f"{show_username(username)} names no cluster",
+            )
+        if cluster.token is not None:
+            if password is None:
+                raise StreamError(
+                    Reason.AUTH_REQUIRED,
+                    "proxy credentials required: the cluster name and its token",
+                    log_detail=f"cluster {cluster.name!r} needs its token as the proxy password",
+                )
+            if not _tokens_equal(password, cluster.token):
                 raise StreamError(
                     Reason.AUTH_FAILED,
                     _CREDENTIALS_REFUSED,
-                    log_detail=f"{show_username(username)} names no cluster",
+                    log_detail=f"wrong password for cluster {cluster.name!r}",
                 )
-            if cluster.token is not None:
-                if password is None:
-                    raise StreamError(
-                        Reason.AUTH_REQUIRED,
-                        "proxy credentials required: the cluster name and its token",
-                        log_detail=f"cluster {cluster.name!r} needs its token as the proxy password",
-                    )
-                if not _tokens_equal(password, cluster.token):
-                    raise StreamError(
-                        Reason.AUTH_FAILED,
-                        _CREDENTIALS_REFUSED,
-                        log_detail=f"wrong password for cluster {cluster.name!r}",
-                    )
+        return cluster
+
+    def _by_destination(self, dest: IPAddress | str, canonical: str) -> ClusterConfig:
+        """Without credentials: the one cluster whose networks (or hostnames) hold C{dest}, if it has no token."""
+        if isinstance(dest, str):
+            matches = [c for c in self._clusters if _matches_hostnames(dest, c)]
+            where = "hostnames"
         else:
-            if isinstance(dest, str):
-                matches = [c for c in self._clusters if _matches_hostnames(dest, c)]
-                where = "hostnames"
-            else:
-                matches = [c for c in self._clusters if _in_networks(dest, c)]
-                where = "networks"
-            if not matches:
-                raise StreamError(Reason.NO_ROUTE, f"{canonical} is in no cluster's {where}")
-            if len(matches) > 1:
-                names = ", ".join(sorted(c.name for c in matches))
-                verb = "is in the networks of" if where == "networks" else "matches the hostnames of"
-                raise StreamError(
-                    Reason.AMBIGUOUS,
-                    f"{canonical} is in several clusters' {where}: name one with proxy credentials",
-                    log_detail=f"{canonical} {verb} clusters {names}: name one with proxy credentials",
-                )
-            cluster = matches[0]
-            if cluster.token is not None:
-                raise StreamError(
-                    Reason.AUTH_REQUIRED,
-                    f"{canonical} needs proxy credentials: the cluster name and its token",
-                    log_detail=f"cluster {cluster.name!r} needs credentials",
-                )
+            matches = [c for c in self._clusters if _in_networks(dest, c)]
+            where = "networks"
+        if not matches:
+            raise StreamError(Reason.NO_ROUTE, f"{canonical} is in no cluster's {where}")
+        if len(matches) > 1:
+            names = ", ".join(sorted(c.name for c in matches))
+            verb = "is in the networks of" if where == "networks" else "matches the hostnames of"
+            raise StreamError(
+                Reason.AMBIGUOUS,
+                f"{canonical} is in several clusters' {where}: name one with proxy credentials",
+                log_detail=f"{canonical} {verb} clusters {names}: name one with proxy credentials",
+            )
+        cluster = matches[0]
+        if cluster.token is not None:
+            raise StreamError(
+                Reason.AUTH_REQUIRED,
+                f"{canonical} needs proxy credentials: the cluster name and its token",
+                log_detail=f"cluster {cluster.name!r} needs credentials",
+            )
+        return cluster
 
-        if not _allowed(dest, cluster):
-            where = f"cluster {cluster.name!r}"
-            if isinstance(dest, str):
-                detail = f"{canonical} does not match {where} hostnames ({_listing(cluster.hostnames)})"
-            else:
-                detail = f"{canonical} is outside {where} networks ({_listing(cluster.networks)})"
-            # Only a client that proved the token may read the cluster's policy.
-            public = detail if cluster.token is not None else f"{canonical} is not allowed through {where}"
-            raise StreamError(Reason.NOT_ALLOWED, public, log_detail=detail)
-
-        return Route(cluster=cluster, host=canonical, port=port)
+    @staticmethod
+    def _check_allowed(cluster: ClusterConfig, dest: IPAddress | str, canonical: str) -> None:
+        """The destination must lie inside the chosen cluster's networks or hostnames: no open relay."""
+        if _allowed(dest, cluster):
+            return
+        where = f"cluster {cluster.name!r}"
+        if isinstance(dest, str):
+            detail = f"{canonical} does not match {where} hostnames ({_listing(cluster.hostnames)})"
+        else:
+            detail = f"{canonical} is outside {where} networks ({_listing(cluster.networks)})"
+        # Only a client that proved the token may read the cluster's policy.
+        public = detail if cluster.token is not None else f"{canonical} is not allowed through {where}"
+        raise StreamError(Reason.NOT_ALLOWED, public, log_detail=detail)
