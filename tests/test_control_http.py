@@ -716,7 +716,7 @@ class ListenerLimitTests(SynchronousTestCase):
         )
 
     def outcomes(self) -> list[str]:
-        ours = [e for e in self.events if e.get("log_namespace") == "gateway.control.http"]
+        ours = [e for e in self.events if e.get("log_namespace") == "gateway.control.listener"]
         return [e["outcome"] for e in ours if "outcome" in e]
 
     def test_connection_cap(self) -> None:
