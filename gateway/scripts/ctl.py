@@ -43,50 +43,32 @@ redirects.
 from __future__ import annotations
 
 import argparse
-import http.client
 import json
 import os
-import stat
 import sys
-import tomllib
-import urllib.error
 import urllib.parse
-import urllib.request
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import IO, TYPE_CHECKING, Any
+
+from gateway.scripts.ctl_client import Client, Refusal
+from gateway.scripts.ctl_errors import EXIT_OK, EXIT_REFUSED, EXIT_UNREACHABLE, EXIT_USAGE, CtlError, one_line
+from gateway.scripts.ctl_files import load_cluster, read_token, to_json
 
 if TYPE_CHECKING:
     from _typeshed import SupportsWrite
 
+__all__ = [
+    "EXIT_OK",
+    "EXIT_REFUSED",
+    "EXIT_UNREACHABLE",
+    "EXIT_USAGE",
+    "CtlError",
+    "load_cluster",
+    "main",
+]
+
 DEFAULT_URL = "http://127.0.0.1:8765"
 DEFAULT_TIMEOUT = 30.0
-
-EXIT_OK = 0
-#: The gateway answered but refused (400, 401, 404, 409, 5xx, ...).
-EXIT_REFUSED = 1
-#: Bad command line, or a local file that cannot be read or parsed.
-EXIT_USAGE = 2
-#: Nothing (or no HTTP) answered at the URL.
-EXIT_UNREACHABLE = 3
-
-#: Secret files larger than this are refused (as by the gateway's loader).
-MAX_FILE_BYTES = 1024 * 1024
-
-#: Top-level tables of a gateway configuration file that say nothing about
-#: one cluster, ignored next to C{[clusters.NAME]}.
-_IGNORED_TABLES = ("listen", "gateway")
-
-#: C{refused(status, reason, field)}: the message for a refusal a command
-#: expects (a 404 for a name), or None for the generic one.
-Refusal = Callable[[int, str, str | None], str | None]
-
-
-class CtlError(Exception):
-    """A failure to report on one line, with the exit status to return."""
-
-    def __init__(self, message: str, status: int) -> None:
-        super().__init__(message)
-        self.status = status
 
 
 class _Exit(Exception):
@@ -206,296 +188,18 @@ def parse_args(argv: list[str], out: IO[str], err: IO[str]) -> argparse.Namespac
     return args
 
 
-# -- local files ---------------------------------------------------------------
-
-
-def _one_line(text: object) -> str:
-    return " ".join(str(text).split())
-
-
-def _resolve(path: str, base_dir: str) -> str:
-    path = os.path.expanduser(path)
-    if not os.path.isabs(path):
-        path = os.path.join(base_dir, path)
-    return os.path.normpath(path)
-
-
-def _read_secret(path: str, what: str, where: str) -> bytes:
-    """
-    Read a secret file, refusing one that other users can read.
-
-    The gateway's reader is L{gateway.config.secrets.read_secret_file}; this
-    twin stays because gateway-ctl runs on the standard library alone, and
-    importing C{gateway.config} loads Twisted.
-    """
-    try:
-        mode = os.stat(path).st_mode
-        if stat.S_ISREG(mode) and mode & 0o077:
-            raise CtlError(
-                f"{where}: {what} {path!r} is accessible by other users (mode {stat.S_IMODE(mode):04o}): chmod 600 it",
-                EXIT_USAGE,
-            )
-        with open(path, "rb") as f:
-            data = f.read(MAX_FILE_BYTES + 1)
-    except OSError as e:
-        raise CtlError(f"{where}: cannot read {what} {path!r}: {e.strerror or type(e).__name__}", EXIT_USAGE) from None
-    if len(data) > MAX_FILE_BYTES:
-        raise CtlError(f"{where}: {what} {path!r} is larger than {MAX_FILE_BYTES} bytes", EXIT_USAGE)
-    return data
-
-
-def _parse_file(path: str) -> Any:
-    try:
-        with open(path, "rb") as f:
-            raw = f.read()
-    except OSError as e:
-        raise CtlError(f"cannot read {path}: {e.strerror or type(e).__name__}", EXIT_USAGE) from None
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise CtlError(f"{path}: not UTF-8 text (byte {e.start})", EXIT_USAGE) from None
-    if path.lower().endswith(".json"):
-        try:
-            return json.loads(text)
-        except json.JSONDecodeError as e:
-            raise CtlError(
-                f"{path}: invalid JSON: {e.msg} (at line {e.lineno}, column {e.colno})", EXIT_USAGE
-            ) from None
-    try:
-        return tomllib.loads(text)
-    except tomllib.TOMLDecodeError as e:
-        raise CtlError(f"{path}: invalid TOML: {e}", EXIT_USAGE) from None
-
-
-def _cluster_table(data: Any, path: str, name: str) -> tuple[dict[str, Any], str]:
-    """The cluster's table in the parsed file, and the dotted prefix of its keys."""
-    if not isinstance(data, dict):
-        raise CtlError(f"{path}: expected a table (JSON object) of cluster keys", EXIT_USAGE)
-    if "clusters" not in data:
-        return data, ""
-    clusters = data["clusters"]
-    if not isinstance(clusters, dict):
-        raise CtlError(f"{path}: clusters: expected a table of clusters", EXIT_USAGE)
-    if "defaults" in data:
-        raise CtlError(
-            f"{path}: defaults: [defaults] is not applied by gateway-ctl add: "
-            f"copy the keys the cluster needs into [clusters.{name}]",
-            EXIT_USAGE,
-        )
-    others = sorted(k for k in data if k not in ("clusters", *_IGNORED_TABLES))
-    if others:
-        raise CtlError(f"{path}: {others[0]}: unexpected key next to [clusters]", EXIT_USAGE)
-    if name not in clusters:
-        have = ", ".join(sorted(clusters)) or "none"
-        raise CtlError(f"{path}: no [clusters.{name}] table (clusters in the file: {have})", EXIT_USAGE)
-    table = clusters[name]
-    if not isinstance(table, dict):
-        raise CtlError(f"{path}: clusters.{name}: expected a table of cluster keys", EXIT_USAGE)
-    return table, f"clusters.{name}."
-
-
-def load_cluster(path: str, name: str) -> dict[str, Any]:
-    """
-    The body to PUT for cluster C{name} from the TOML or JSON file C{path}:
-    its cluster table, with C{key_file}, C{passphrase_file} and C{token_file}
-    replaced by the contents they name and C{known_hosts} made absolute.
-
-    Raise L{CtlError} (L{EXIT_USAGE}) naming the file and key.
-    """
-    table, prefix = _cluster_table(_parse_file(path), path, name)
-    body = dict(table)
-    base_dir = os.path.dirname(os.path.abspath(path))
-
-    def where(key: str) -> str:
-        return f"{path}: {prefix}{key}"
-
-    def file_value(key: str, inline_as: str) -> str | None:
-        if key not in body:
-            return None
-        if inline_as in body:
-            raise CtlError(
-                f"{where(inline_as)}: {inline_as} and {key} are mutually exclusive: set only one", EXIT_USAGE
-            )
-        value = body.pop(key)
-        if not isinstance(value, str) or not value:
-            raise CtlError(f"{where(key)}: expected a file path (a non-empty string)", EXIT_USAGE)
-        return _resolve(value, base_dir)
-
-    key_path = file_value("key_file", "key")
-    if key_path is not None:
-        data = _read_secret(key_path, "key file", where("key_file"))
-        try:
-            text = data.decode("ascii")
-        except UnicodeDecodeError:
-            raise CtlError(f"{where('key_file')}: key file {key_path!r} is not a text (PEM) key", EXIT_USAGE) from None
-        if "PRIVATE KEY-----" not in text:
-            public = "PUBLIC KEY-----" in text or text.lstrip().startswith(("ssh-", "ecdsa-"))
-            why = "this is a public key: a private key is needed" if public else "not an OpenSSH or PEM private key"
-            raise CtlError(f"{where('key_file')}: key file {key_path!r}: {why}", EXIT_USAGE)
-        body["key"] = text
-
-    passphrase_path = file_value("passphrase_file", "passphrase")
-    if passphrase_path is not None:
-        data = _read_secret(passphrase_path, "passphrase file", where("passphrase_file"))
-        try:
-            passphrase = data.decode("utf-8").rstrip("\r\n")
-        except UnicodeDecodeError:
-            raise CtlError(
-                f"{where('passphrase_file')}: passphrase file {passphrase_path!r} is not UTF-8 text", EXIT_USAGE
-            ) from None
-        if not passphrase:
-            raise CtlError(f"{where('passphrase_file')}: passphrase file {passphrase_path!r} is empty", EXIT_USAGE)
-        body["passphrase"] = passphrase
-
-    token_path = file_value("token_file", "token")
-    if token_path is not None:
-        data = _read_secret(token_path, "token file", where("token_file"))
-        try:
-            token = data.decode("utf-8").strip()
-        except UnicodeDecodeError:
-            raise CtlError(f"{where('token_file')}: token file {token_path!r} is not UTF-8 text", EXIT_USAGE) from None
-        if not token:
-            raise CtlError(f"{where('token_file')}: token file {token_path!r} is empty", EXIT_USAGE)
-        body["token"] = token
-
-    known_hosts = body.get("known_hosts")
-    if isinstance(known_hosts, str) and known_hosts:
-        body["known_hosts"] = _resolve(known_hosts, base_dir)
-
-    return body
-
-
-def _to_json(body: Mapping[str, Any], path: str) -> bytes:
-    def refuse(value: object) -> object:
-        raise CtlError(f"{path}: a value of type {type(value).__name__} cannot be sent as JSON", EXIT_USAGE)
-
-    return json.dumps(body, default=refuse).encode("utf-8")
-
-
 def _token(args: argparse.Namespace) -> str | None:
     if args.token is not None and args.token_file is not None:
         raise CtlError("give --token or --token-file, not both", EXIT_USAGE)
     token: str | None
     if args.token_file:
-        data = _read_secret(os.path.expanduser(args.token_file), "token file", "--token-file")
-        try:
-            token = data.decode("utf-8").strip()
-        except UnicodeDecodeError:
-            raise CtlError(f"--token-file: token file {args.token_file!r} is not UTF-8 text", EXIT_USAGE) from None
-        if not token:
-            raise CtlError(f"--token-file: token file {args.token_file!r} is empty", EXIT_USAGE)
+        token = read_token(os.path.expanduser(args.token_file), "--token-file", shown=args.token_file)
     else:
         token = (args.token if args.token is not None else os.environ.get("GATEWAY_CONTROL_TOKEN")) or None
     if token is not None and (not token.isprintable() or any(c.isspace() for c in token)):
         # http.client would refuse the header, quoting the token in its error.
         raise CtlError("the token contains white space or control characters", EXIT_USAGE)
     return token
-
-
-# -- HTTP ----------------------------------------------------------------------
-
-
-class _NoRedirect(urllib.request.HTTPRedirectHandler):
-    """Do not follow redirects: the Authorization header would go along."""
-
-    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
-        return None
-
-
-class Client:
-    """The control API at C{url}, spoken to with C{token}."""
-
-    def __init__(self, url: str, token: str | None, timeout: float) -> None:
-        self.url = url.rstrip("/")
-        self.token = token
-        self.timeout = timeout
-        self._opener = urllib.request.build_opener(urllib.request.ProxyHandler({}), _NoRedirect())
-
-    def request(
-        self,
-        method: str,
-        path: str,
-        body: bytes | None = None,
-        refused: Refusal | None = None,
-    ) -> tuple[int, Any]:
-        """
-        Send the request; return (status, parsed JSON or None) for a 2xx
-        answer, else raise L{CtlError} with the message C{refused(status,
-        reason, field)} gives (or a generic one).
-        """
-        request = urllib.request.Request(self.url + path, data=body, method=method)
-        request.add_header("Accept", "application/json")
-        if body is not None:
-            request.add_header("Content-Type", "application/json")
-        if self.token is not None:
-            request.add_header("Authorization", f"Bearer {self.token}")
-        try:
-            with self._opener.open(request, timeout=self.timeout) as response:
-                status, raw = response.status, response.read()
-        except urllib.error.HTTPError as e:
-            status = e.code
-            try:
-                raw = e.read()
-            except (OSError, http.client.HTTPException):
-                raw = b""
-            finally:
-                e.close()
-            raise self._refusal(status, e.reason, raw, refused) from None
-        except urllib.error.URLError as e:
-            raise self._unreachable(e.reason) from None
-        except (OSError, http.client.HTTPException) as e:
-            raise self._unreachable(e) from None
-        if not raw.strip():
-            return status, None
-        try:
-            return status, json.loads(raw)
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            raise CtlError(
-                f"unexpected answer from {self.url}{path}: HTTP {status} with a body that is not JSON", EXIT_REFUSED
-            ) from None
-
-    def _unreachable(self, reason: object) -> CtlError:
-        if isinstance(reason, TimeoutError):
-            text = f"no answer within {self.timeout:g} s"
-        elif isinstance(reason, http.client.RemoteDisconnected):
-            text = "the connection closed without an answer"
-        elif isinstance(reason, OSError) and reason.strerror:
-            text = reason.strerror
-        else:
-            text = str(reason) or type(reason).__name__
-        return CtlError(f"cannot reach the gateway control API at {self.url}: {_one_line(text)}", EXIT_UNREACHABLE)
-
-    def _refusal(
-        self,
-        status: int,
-        http_reason: object,
-        raw: bytes,
-        refused: Refusal | None,
-    ) -> CtlError:
-        reason, field = "", None
-        try:
-            answer = json.loads(raw) if raw.strip() else None
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            answer = None
-        if isinstance(answer, dict):
-            reason = _one_line(answer.get("error") or "")
-            field = _one_line(answer["field"]) if answer.get("field") else None
-        if status == 401:
-            if self.token is None:
-                return CtlError("authentication failed: give --token or GATEWAY_CONTROL_TOKEN", EXIT_REFUSED)
-            return CtlError(
-                "authentication failed: the gateway refused the token (check --token or GATEWAY_CONTROL_TOKEN)",
-                EXIT_REFUSED,
-            )
-        message = refused(status, reason, field) if refused is not None else None
-        if not message:
-            detail = reason or _one_line(http_reason) or "no reason given"
-            if field:
-                detail = f"{field}: {detail}"
-            if 300 <= status < 400:
-                detail = f"redirected ({detail}); is --url the gateway control API?"
-            message = f"the gateway refused the request (HTTP {status}): {detail}"
-        return CtlError(message, EXIT_REFUSED)
 
 
 # -- commands ------------------------------------------------------------------
@@ -527,7 +231,7 @@ def _text(value: Any) -> str:
         return ", ".join(_text(v) for v in value) if value else "-"
     if isinstance(value, dict):
         return ", ".join(f"{k}={_text(v)}" for k, v in value.items()) if value else "-"
-    return _one_line(value)
+    return one_line(value)
 
 
 def _expect(data: Any, kind: type, what: str, url: str) -> Any:
@@ -574,7 +278,7 @@ def cmd_show(client: Client, args: argparse.Namespace, out: IO[str]) -> int:
 
 
 def cmd_add(client: Client, args: argparse.Namespace, out: IO[str]) -> int:
-    body = _to_json(load_cluster(args.file, args.name), args.file)
+    body = to_json(load_cluster(args.file, args.name), args.file)
     name = args.name
 
     def refused(status: int, reason: str, field: str | None) -> str | None:
