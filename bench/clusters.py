@@ -30,7 +30,7 @@ import subprocess
 import sys
 import time
 
-from bench.common import VENV_BIN, Row, cpu_seconds, rss_bytes, run_in_lab, stop_processes, table, tail
+from bench.common import VENV_BIN, Row, cpu_seconds, rss_bytes, run_in_lab, ssh_d_argv, stop_processes, table, tail
 from tests.system.netlab import Lab
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -276,27 +276,9 @@ def measure_ssh(lab: Lab, workdir: str, name: str, nodes: list[dict], farm_pid: 
                 procs.append(
                     lab.spawn(
                         lab.ctl_ns,
-                        [
-                            "ssh",
-                            "-N",
-                            "-F",
-                            "/dev/null",
-                            "-D",
-                            f"127.0.0.1:{port}",
-                            "-i",
-                            lab.client_key_ed25519,
-                            "-o",
-                            "BatchMode=yes",
-                            "-o",
-                            f"UserKnownHostsFile={known_hosts}",
-                            "-o",
-                            "StrictHostKeyChecking=yes",
-                            "-o",
-                            "LogLevel=ERROR",
-                            "-p",
-                            str(node["port"]),
-                            "root@127.0.0.1",
-                        ],
+                        ssh_d_argv(
+                            lab, port, known_hosts, "root@127.0.0.1", "-o", "LogLevel=ERROR", "-p", str(node["port"])
+                        ),
                         stdout=subprocess.DEVNULL,
                         stderr=logf,
                     )

@@ -124,29 +124,31 @@ def start_gateway(
     return proc
 
 
+def ssh_d_argv(lab: Lab, port: int, known_hosts: str, destination: str, *extra: str) -> list[str]:
+    """OpenSSH C{ssh -N -D 127.0.0.1:port DESTINATION} with the gateway's key, checking C{known_hosts}."""
+    return [
+        "ssh",
+        "-N",
+        "-F",
+        "/dev/null",
+        "-D",
+        f"127.0.0.1:{port}",
+        "-i",
+        lab.client_key_ed25519,
+        "-o",
+        "BatchMode=yes",
+        "-o",
+        f"UserKnownHostsFile={known_hosts}",
+        "-o",
+        "StrictHostKeyChecking=yes",
+        *extra,
+        destination,
+    ]
+
+
 def start_ssh_d(lab: Lab, port: int, extra: list[str] = ()) -> subprocess.Popen:
     """OpenSSH C{ssh -N -D 127.0.0.1:port} to proxy-a with the gateway's key and known_hosts."""
-    proc = lab.spawn(
-        lab.ctl_ns,
-        [
-            "ssh",
-            "-N",
-            "-F",
-            "/dev/null",
-            "-D",
-            f"127.0.0.1:{port}",
-            "-i",
-            lab.client_key_ed25519,
-            "-o",
-            "BatchMode=yes",
-            "-o",
-            f"UserKnownHostsFile={lab.known_hosts}",
-            "-o",
-            "StrictHostKeyChecking=yes",
-            *extra,
-            f"root@{lab.proxy_addr['a']}",
-        ],
-    )
+    proc = lab.spawn(lab.ctl_ns, ssh_d_argv(lab, port, lab.known_hosts, f"root@{lab.proxy_addr['a']}", *extra))
     wait_for_port(lab, lab.ctl_ns, "127.0.0.1", port, timeout=20)
     return proc
 

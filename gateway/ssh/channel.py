@@ -186,7 +186,39 @@ class OrderedEOFChannel(channel.SSHChannel):
 
 
 @implementer(IPushProducer)
-class TunnelChannel(OrderedEOFChannel):
+class ConsumerPacedWindow(channel.SSHChannel):
+    """
+    Receive-side flow control for a channel whose connection leaves the
+    window alone (Conch's own re-opens it on arrival, whatever the consumer
+    does): the channel is an C{IPushProducer} for whatever consumes its data
+    and grants the peer window only while that consumer is not paused, so at
+    most one window per channel is ever in flight toward us.  The gateway's
+    tunnels and the fake proxy node's streams both receive this way.
+    """
+
+    _paused = False
+    #: Set by the connection when the channel opens (Conch types it optional).
+    conn: connection.SSHConnection
+
+    def pauseProducing(self) -> None:
+        self._paused = True
+
+    def resumeProducing(self) -> None:
+        self._paused = False
+        self._grant_window()
+
+    def stopProducing(self) -> None:
+        self.loseConnection()
+
+    def _grant_window(self) -> None:
+        """Give back what was consumed, once that is half the window (fewer WINDOW_ADJUSTs)."""
+        consumed = self.localWindowSize - self.localWindowLeft
+        if not self._paused and consumed >= self.localWindowSize // 2 and not self.localClosed:
+            self.conn.adjustWindow(self, consumed)
+
+
+@implementer(IPushProducer)
+class TunnelChannel(ConsumerPacedWindow, OrderedEOFChannel):
     """A C{direct-tcpip} channel carrying one client stream."""
 
     name = b"direct-tcpip"
@@ -216,7 +248,6 @@ class TunnelChannel(OrderedEOFChannel):
     # kept as class defaults: CPython shares one key table among the
     # instances of a class for up to 30 attributes and gives every instance a
     # full dictionary beyond that -- about 1.2 KB more per open stream.
-    _paused = False
     _closed = False
     #: The cluster connection that opened it (set by the gateway).
     cluster: object | None = None
@@ -299,29 +330,16 @@ class TunnelChannel(OrderedEOFChannel):
             except Exception:
                 pass  # the peer may be what failed; it is cut off either way
 
-    # -- flow control toward us (IPushProducer) -----------------------------
-
-    def pauseProducing(self) -> None:
-        self._paused = True
-
-    def resumeProducing(self) -> None:
-        self._paused = False
-        self._grant_window()
+    # -- flow control toward us (IPushProducer: ConsumerPacedWindow) ---------
 
     def stopProducing(self) -> None:
         self.close()
-
-    def _grant_window(self) -> None:
-        consumed = self.localWindowSize - self.localWindowLeft
-        if consumed >= self.localWindowSize // 2 and not self.localClosed:
-            self.conn.adjustWindow(self, consumed)
 
     def dataReceived(self, data: bytes) -> None:
         self.bytes_down += len(data)
         if self._peer is not None:
             self._peer.tunnel_data(data)
-        if not self._paused:
-            self._grant_window()
+        self._grant_window()
 
     def extReceived(self, dataType: int, data: bytes) -> None:
         # Nothing buffers extended data for the peer: return its window at

@@ -19,7 +19,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from gateway.proxy.splice import IClientTransport
-from gateway.ssh.channel import OrderedEOFChannel
+from gateway.ssh.channel import ConsumerPacedWindow, OrderedEOFChannel
 
 if TYPE_CHECKING:
     from gateway.testing.node import FakeProxyNode
@@ -60,7 +60,7 @@ class DestinationProtocol(Protocol):
 
 
 @implementer(IPushProducer)
-class ServerStream(OrderedEOFChannel):
+class ServerStream(ConsumerPacedWindow, OrderedEOFChannel):
     """
     Server side of a channel joined to a destination connection.
 
@@ -79,24 +79,8 @@ class ServerStream(OrderedEOFChannel):
         self._connected = destination is not None
         self._queued: list[bytes] = []
         self._client_eof = False
-        self._paused = False
-
-    # -- window toward the gateway (IPushProducer of the destination transport)
-
-    def pauseProducing(self) -> None:
-        self._paused = True
-
-    def resumeProducing(self) -> None:
-        self._paused = False
-        self._grant_window()
-
-    def stopProducing(self) -> None:
-        self.loseConnection()
-
-    def _grant_window(self) -> None:
-        consumed = self.localWindowSize - self.localWindowLeft
-        if self._connected and not self._paused and consumed >= self.localWindowSize // 2 and not self.localClosed:
-            self.conn.adjustWindow(self, consumed)
+        #: No window is granted back until the destination is there to take the data.
+        self._paused = not self._connected
 
     def _destination_transport(self) -> IClientTransport | None:
         if self.destination is None:
@@ -111,6 +95,7 @@ class ServerStream(OrderedEOFChannel):
 
     def destination_connected(self) -> None:
         self._connected = True
+        self._paused = False
         transport = self._connected_transport()
         if self.localClosed or self.remoteClosed:
             transport.loseConnection()
