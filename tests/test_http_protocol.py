@@ -15,6 +15,7 @@ from twisted.trial.unittest import TestCase
 from gateway.config import GatewaySettings
 from gateway.errors import Reason, StreamError
 from gateway.proxy.http.protocol import HttpProxyFactory
+from gateway.ssh.channel import TunnelChannel
 from tests.support import MemoryClient, MemoryProxyNode, capture_events
 
 SETTINGS = GatewaySettings(handshake_timeout=10, body_timeout=3, response_timeout=7, keepalive_timeout=20)
@@ -274,3 +275,56 @@ class DrainTests(HttpAdapterTestCase):
         self.node.reply(self.node.channels[0], OK)
         self.assertIn(b"\r\nConnection: close\r\n", self.client.output())
         self.assertGone()
+
+
+class SlowDestinationTests(HttpAdapterTestCase):
+    """A destination that reads slowly (a full window) and a client that is slow or gone (found in review)."""
+
+    POST = b"POST http://10.0.0.5/x HTTP/1.1\r\nHost: h\r\nContent-Length: 100000\r\n\r\n"
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.node.auto_open = False
+
+    def open(self, window: int = 1 << 20) -> TunnelChannel:
+        (channel,) = self.node.channels
+        self.node.confirm(channel, window=window)
+        return channel
+
+    def test_no_408_while_the_destination_window_is_full(self) -> None:
+        self.client.send(self.POST)
+        self.open(window=1000)
+        self.client.send(b"x" * 5000)  # more than the destination's window
+        self.assertEqual(self.client.transport.producerState, "paused")  # the client waits: not its fault
+        self.clock.advance(3)
+        self.assertEqual(self.client.output(), b"")
+
+    def test_a_gone_client_frees_a_channel_with_queued_body(self) -> None:
+        self.client.send(self.POST)
+        channel = self.open(window=1000)
+        self.client.send(b"x" * 5000)
+        self.client.half_close()
+        self.client.lose()
+        self.assertTrue(channel.localClosed)
+
+    def test_a_response_timeout_frees_a_channel_with_queued_request(self) -> None:
+        self.client.send(b"GET http://10.0.0.5/x HTTP/1.1\r\nHost: h\r\nX: " + b"a" * 3000 + b"\r\n\r\n")
+        channel = self.open(window=1000)
+        self.clock.advance(7)
+        self.client.lose()
+        self.assertTrue(channel.localClosed)
+
+    def test_an_idle_close_unregisters_the_tunnel_first(self) -> None:
+        """A paused producer still registered would be resumed by the drained transport instead of the close."""
+        self.client.send(GET)
+        self.node.reply(self.open(), OK)
+        self.clock.advance(20)
+        self.assertTrue(self.client.transport.disconnecting)
+        self.assertIsNone(self.client.transport.producer)
+
+    def test_a_half_close_between_requests_unregisters_the_tunnel_first(self) -> None:
+        self.client.send(GET)
+        self.node.reply(self.open(), OK)
+        self.client.half_close()
+        self.assertTrue(self.client.transport.disconnecting)
+        self.assertIsNone(self.client.transport.producer)

@@ -119,6 +119,9 @@ class HttpProxyProtocol(FrontendProtocol):
         self._client_keep_alive = True
         #: Bytes of a request arrived since the last exchange ended.
         self._head_begun = False
+        #: The upstream's window is full: the client is paused, and no body
+        #: deadline runs (a destination that reads slowly is not the client's fault).
+        self._upstream_full = False
 
     # -- connection --------------------------------------------------------
 
@@ -133,7 +136,11 @@ class HttpProxyProtocol(FrontendProtocol):
 
     def readConnectionLost(self) -> None:
         exchange = self._exchange
-        if exchange is None or self._splice is not None:
+        if exchange is None and self._splice is None and not self._opening:
+            # Between requests: a kept-alive tunnel goes first (see _drop_upstream).
+            self._drop_upstream()
+            super().readConnectionLost()
+        elif exchange is None or self._splice is not None:
             super().readConnectionLost()
         elif not exchange.request_done:
             # The request can never be completed: free its tunnel and the
@@ -281,9 +288,10 @@ class HttpProxyProtocol(FrontendProtocol):
         self.transport.registerProducer(channel, True)
         pending, self._pending = self._pending, []
         for data in pending:
-            channel.send(data)
-        self.transport.resumeProducing()
-        self._await_body()
+            channel.send(data)  # may fill the window: tunnel_pause_writing
+        if not self._upstream_full:
+            self.transport.resumeProducing()
+            self._await_body()
 
     def _send_upstream(self, data: bytes) -> None:
         if self._opening:
@@ -293,7 +301,17 @@ class HttpProxyProtocol(FrontendProtocol):
         # else: the upstream already answered and went away; drop the rest
 
     def _drop_upstream(self) -> None:
+        """
+        Let go of the upstream tunnel.  Before any close of the client
+        connection: a transport whose (paused) producer is still registered
+        resumes it when its buffer drains, instead of finishing the close.
+        A tunnel whose exchange is finished closes after what it queued; one
+        whose exchange is cut short (or whose client is gone) drops what it
+        queued and closes at once, since a destination that stopped reading
+        would otherwise hold the channel open for ever.
+        """
         upstream, self._upstream = self._upstream, None
+        self._upstream_full = False
         if upstream is not None:
             upstream.channel.attach(None)
             if not self._gone:
@@ -301,7 +319,11 @@ class HttpProxyProtocol(FrontendProtocol):
                 # The upstream may have paused the client (full window); the
                 # rest of a request body is now read and dropped instead.
                 self.transport.resumeProducing()
-            upstream.channel.close()
+            exchange = self._exchange
+            if self._gone or (exchange is not None and not (exchange.request_done and exchange.response_done)):
+                upstream.channel.abort()
+            else:
+                upstream.channel.close()
 
     def _request_done(self) -> None:
         exchange = self._exchange
@@ -334,7 +356,7 @@ class HttpProxyProtocol(FrontendProtocol):
     def _await_body(self) -> None:
         """The request body is still to come: it must keep arriving."""
         exchange = self._exchange
-        if exchange is not None and not exchange.request_done and not self._opening:
+        if exchange is not None and not exchange.request_done and not self._opening and not self._upstream_full:
             self._arm_timer(self._gateway.settings.body_timeout, self._body_timed_out)
 
     def _give_up(self, status: int, seconds: float, what: str, outcome: str) -> None:
@@ -364,6 +386,7 @@ class HttpProxyProtocol(FrontendProtocol):
         if self._head_begun:
             self._timed_out(seconds)  # a request head begun and never finished
         else:
+            self._drop_upstream()
             self.transport.loseConnection()  # an idle kept-alive connection
 
     # -- responses (TunnelPeer of the upstream channel) -----------------------
@@ -493,11 +516,13 @@ class HttpProxyProtocol(FrontendProtocol):
             self._upstream_broken(channel.close_reason or "upstream closed the connection")
 
     def tunnel_pause_writing(self) -> None:
+        self._upstream_full = True
         self.transport.pauseProducing()
         if self._exchange is not None and not self._exchange.request_done:
             self._stop_timer()  # a full window is not the client's fault
 
     def tunnel_resume_writing(self) -> None:
+        self._upstream_full = False
         self.transport.resumeProducing()
         self._await_body()
 
