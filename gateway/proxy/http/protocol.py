@@ -40,6 +40,7 @@ from twisted.python.failure import Failure
 
 from gateway.errors import Reason, StreamError
 from gateway.proxy.frontend import ClientLimit, FrontendFactory, FrontendProtocol, stream_error
+from gateway.proxy.http.exchange import Exchange, Upstream, UpstreamKey
 from gateway.proxy.http.machine import (
     RequestBody,
     RequestEnd,
@@ -54,52 +55,13 @@ from gateway.proxy.http.machine import (
     error_response,
     status_for,
 )
-from gateway.proxy.opener import StreamOpener, StreamRequest, format_destination
+from gateway.proxy.opener import StreamOpener, StreamRequest
 from gateway.ssh.channel import TunnelChannel
 
 log = Logger()
 
 #: Buffered client bytes above which the client is paused until we catch up.
 MAX_BUFFERED = 256 * 1024
-#: Methods that may be sent again on a new tunnel when a reused one closed
-#: before any answer: idempotent (RFC 9110 9.2.2), and only without a body.
-RETRYABLE_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
-
-_UpstreamKey = tuple[str, int, tuple[str, str] | None]
-
-
-class _Upstream:
-    """An open tunnel used for absolute-form requests, and what it is for."""
-
-    __slots__ = ("key", "channel")
-
-    def __init__(self, key: _UpstreamKey, channel: TunnelChannel) -> None:
-        self.key = key
-        self.channel = channel
-
-
-class _Exchange:
-    """One absolute-form request and its response."""
-
-    __slots__ = ("head", "response", "request_done", "response_done", "answered", "heard", "reused", "replay")
-
-    def __init__(self, head: RequestHead, upstream_head: bytes) -> None:
-        self.head = head
-        self.response = ResponseParser(head.method, upgrade=head.upgrade is not None)
-        self.request_done = False
-        self.response_done = False
-        #: A final response head went to the client: a failure now is a reset.
-        self.answered = False
-        #: The upstream sent something for this request.
-        self.heard = False
-        #: It went over a tunnel that had carried an earlier request.
-        self.reused = False
-        #: The bytes to send again on a new tunnel, while that is allowed.
-        self.replay: bytes | None = upstream_head if head.method in RETRYABLE_METHODS else None
-
-    @property
-    def destination(self) -> str:
-        return format_destination(self.head.host, self.head.port)
 
 
 class HttpProxyProtocol(FrontendProtocol):
@@ -113,8 +75,8 @@ class HttpProxyProtocol(FrontendProtocol):
         self._version = "HTTP/1.1"
         #: The credentials of the request being answered.
         self._credentials: tuple[str, str] | None = None
-        self._exchange: _Exchange | None = None
-        self._upstream: _Upstream | None = None
+        self._exchange: Exchange | None = None
+        self._upstream: Upstream | None = None
         self._pending: list[bytes] = []
         self._client_keep_alive = True
         #: Bytes of a request arrived since the last exchange ended.
@@ -251,7 +213,7 @@ class HttpProxyProtocol(FrontendProtocol):
 
     def _forward(self, head: RequestHead) -> None:
         data = head.upstream_head()
-        exchange = self._exchange = _Exchange(head, data)
+        exchange = self._exchange = Exchange(head, data)
         self._client_keep_alive = self._client_keep_alive and head.keep_alive
         key = (head.host, head.port, head.credentials)
         if self._upstream is not None and self._upstream.key == key:
@@ -270,7 +232,7 @@ class HttpProxyProtocol(FrontendProtocol):
         self._drop_upstream()
         self._open_upstream(key, data)
 
-    def _open_upstream(self, key: _UpstreamKey, data: bytes) -> None:
+    def _open_upstream(self, key: UpstreamKey, data: bytes) -> None:
         assert self._exchange is not None
         self._opening = True
         self._pending = [data]
@@ -278,12 +240,12 @@ class HttpProxyProtocol(FrontendProtocol):
         opening = self._gateway.open_stream(self._stream_request(self._exchange.head, "http"))
         opening.addCallbacks(lambda channel: self._upstream_open(key, channel), self._refused)
 
-    def _upstream_open(self, key: _UpstreamKey, channel: TunnelChannel) -> None:
+    def _upstream_open(self, key: UpstreamKey, channel: TunnelChannel) -> None:
         self._opening = False
         if self._gone:
             channel.close()
             return
-        self._upstream = _Upstream(key, channel)
+        self._upstream = Upstream(key, channel)
         channel.attach(self)
         self.transport.registerProducer(channel, True)
         pending, self._pending = self._pending, []
@@ -418,7 +380,7 @@ class HttpProxyProtocol(FrontendProtocol):
                 self._upstream_broken(f"bad response from upstream: {event.detail}")
                 return
 
-    def _switch_protocols(self, exchange: _Exchange, head: ResponseHead) -> None:
+    def _switch_protocols(self, exchange: Exchange, head: ResponseHead) -> None:
         """C{101}: from now on the client connection is a splice with the tunnel."""
         upstream = self._upstream
         if upstream is None or not exchange.request_done:
