@@ -21,7 +21,8 @@ from gateway.cluster import connection as connection_module
 from gateway.cluster.connection import ClusterConnection
 from gateway.config import parse_cluster
 from gateway.errors import Reason, StreamError
-from gateway.ssh.channel import ExecTunnelChannel, TunnelChannel
+from gateway.ssh.channel import TunnelChannel
+from gateway.ssh.exec_channel import ExecTunnelChannel
 from gateway.ssh.transport import SSHConnectError
 from gateway.testing import DEMO_USER, MemoryNetwork, generate_key, private_pem, public_line
 

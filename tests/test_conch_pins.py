@@ -23,6 +23,7 @@ from gateway.ssh import _conch
 from gateway.ssh import auth as auth_module
 from gateway.ssh import channel as channel_module
 from gateway.ssh import connection as connection_module
+from gateway.ssh import exec_channel as exec_channel_module
 from gateway.ssh import packets as packets_module
 from gateway.ssh import transport as transport_module
 from gateway.testing import generate_key, public_line
@@ -34,8 +35,9 @@ OUR_CONCH_SUBCLASSES = (
     connection_module.TunnelConnection,
     packets_module.FastSSHCiphers,
     channel_module.OrderedEOFChannel,
+    channel_module.ConsumerPacedWindow,
     channel_module.TunnelChannel,
-    channel_module.ExecTunnelChannel,
+    exec_channel_module.ExecTunnelChannel,
     auth_module.KeyAuthClient,
 )
 

@@ -25,13 +25,9 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import TestCase
 
 from gateway.errors import Reason, StreamError
-from gateway.ssh.channel import (
-    STDERR_LIMIT,
-    ExecTunnelChannel,
-    TunnelChannel,
-    exec_command_line,
-)
+from gateway.ssh.channel import TunnelChannel
 from gateway.ssh.connection import TunnelConnection
+from gateway.ssh.exec_channel import STDERR_LIMIT, ExecTunnelChannel, exec_command_line
 from gateway.ssh.hostkeys import HostKeyPolicy
 from gateway.ssh.transport import client_factory
 from gateway.testing import FakeProxyNode, generate_key

@@ -37,8 +37,9 @@ from gateway.cluster.link import Link
 from gateway.cluster.slots import SlotPolicy, Step
 from gateway.config import ClusterConfig, ProxyAddress
 from gateway.errors import Reason, StreamError
-from gateway.ssh.channel import TunnelChannel, exec_command_line
+from gateway.ssh.channel import TunnelChannel
 from gateway.ssh.connection import TunnelConnection
+from gateway.ssh.exec_channel import exec_command_line
 from gateway.ssh.transport import SSHConnectError
 
 log = Logger()

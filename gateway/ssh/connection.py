@@ -19,7 +19,8 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from gateway.ssh._conch import quiet_conch_logs
-from gateway.ssh.channel import DEFAULT_WINDOW, ExecTunnelChannel, TunnelChannel
+from gateway.ssh.channel import DEFAULT_WINDOW, TunnelChannel
+from gateway.ssh.exec_channel import ExecTunnelChannel
 
 log = Logger()
 
