@@ -24,7 +24,7 @@ from twisted.python.filepath import FilePath
 from twisted.trial.unittest import SkipTest, TestCase
 
 from gateway.errors import Reason, StreamError
-from gateway.ssh import transport as client_module
+from gateway.ssh import quickack as quickack_module
 from gateway.ssh.auth import KeyAuthClient, signature_algorithm
 from gateway.ssh.channel import TunnelChannel, open_failure_reason
 from gateway.ssh.connection import TunnelConnection
@@ -397,7 +397,7 @@ class QuickAckTests(TestCase):
         return client
 
     def test_set_after_each_read_with_one_socket_lookup(self):
-        if client_module._TCP_QUICKACK is None:
+        if quickack_module._TCP_QUICKACK is None:
             raise SkipTest("no TCP_QUICKACK on this platform")
         sock = _SocketStub()
         tcp = _TCPTransport(sock)
@@ -408,22 +408,22 @@ class QuickAckTests(TestCase):
         self.assertEqual(tcp.handles, 1)
 
     def test_not_attempted_where_not_available(self):
-        self.patch(client_module, "_TCP_QUICKACK", 12)
+        self.patch(quickack_module, "_TCP_QUICKACK", 12)
         not_tcp = [_SocketStub(family=socket.AF_UNIX), _SocketStub(kind=socket.SOCK_DGRAM)]
         for sock in not_tcp:
             self.transport_over(_TCPTransport(sock)).dataReceived(b"SSH-2.0-x\r\n")
             self.assertEqual(sock.options, [])
         # No socket at all: a proxy command's pipes, a channel of a jump connection.
-        self.assertIsNone(client_module.quick_ack(StringTransport()))
+        self.assertIsNone(quickack_module.quick_ack(StringTransport()))
         self.transport_over(StringTransport()).dataReceived(b"SSH-2.0-x\r\n")
         # Not Linux.
-        self.patch(client_module, "_TCP_QUICKACK", None)
+        self.patch(quickack_module, "_TCP_QUICKACK", None)
         sock = _SocketStub()
         self.transport_over(_TCPTransport(sock)).dataReceived(b"SSH-2.0-x\r\n")
         self.assertEqual(sock.options, [])
 
     def test_a_failing_socket_is_not_asked_again(self):
-        self.patch(client_module, "_TCP_QUICKACK", 12)
+        self.patch(quickack_module, "_TCP_QUICKACK", 12)
         sock = _SocketStub(fails=True)
         client = self.transport_over(_TCPTransport(sock))
         client.dataReceived(b"SSH-2.0-x\r\n")

@@ -12,7 +12,6 @@ a reconnecting service needs to log and what a waiting client is told.
 
 from __future__ import annotations
 
-import socket
 import struct
 from collections.abc import Callable
 from functools import partial
@@ -42,6 +41,7 @@ from gateway.ssh.packets import (
     PacketReader,
     offered,
 )
+from gateway.ssh.quickack import quick_ack
 
 log = Logger()
 
@@ -77,36 +77,6 @@ HOST_KEY_ALGORITHMS = (
     b"rsa-sha2-256",
 )
 SHA1_RSA = b"ssh-rsa"
-
-#: Linux only; not sticky, so it is set again after every read.
-_TCP_QUICKACK: int | None = getattr(socket, "TCP_QUICKACK", None)
-
-
-def quick_ack(transport: object) -> Callable[[], None] | None:
-    """
-    A call that sets C{TCP_QUICKACK} on C{transport}'s TCP socket; None
-    where there is no such socket (a proxy command's pipes, a channel of a
-    jump connection) or no such option (not Linux).
-
-    sshd sets no C{TCP_NODELAY} on a forwarding-only connection, so a small
-    packet it sends right after another (an open confirmation, a channel
-    close, the last segment of a reply) waits until we acknowledge the one
-    before -- and Linux delays that ACK by up to 40 ms once the connection
-    looks interactive.  Every short stream would stall by that much.
-    QUICKACK acknowledges at once; the kernel drops back to delayed ACKs by
-    itself, hence one call per read.
-    """
-    if _TCP_QUICKACK is None:
-        return None
-    get_handle = getattr(transport, "getHandle", None)
-    if get_handle is None:
-        return None
-    sock = get_handle()
-    if getattr(sock, "family", None) not in (socket.AF_INET, socket.AF_INET6):
-        return None
-    if getattr(sock, "type", None) != socket.SOCK_STREAM:
-        return None
-    return partial(sock.setsockopt, socket.IPPROTO_TCP, _TCP_QUICKACK, 1)
 
 
 class ICarrierTransport(ITransport):
