@@ -328,3 +328,30 @@ class SlowDestinationTests(HttpAdapterTestCase):
         self.client.half_close()
         self.assertTrue(self.client.transport.disconnecting)
         self.assertIsNone(self.client.transport.producer)
+
+
+class ExchangeOrderTests(HttpAdapterTestCase):
+    """Pipelined requests and early responses, in memory."""
+
+    def test_pipelined_requests_are_answered_in_order_on_one_tunnel(self) -> None:
+        second = GET.replace(b"/x", b"/y")
+        self.client.send(GET + second)
+        (channel,) = self.node.channels
+        # The second request waits until the first exchange is over.
+        self.assertNotIn(b"GET /y", self.node.received(channel))
+        self.node.reply(channel, OK)
+        self.assertIn(b"GET /y", self.node.received(channel))
+        self.node.reply(channel, b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nyes")
+        answer = self.client.output()
+        self.assertLess(answer.index(b"\r\n\r\nok"), answer.index(b"\r\n\r\nyes"))
+        self.assertEqual(len(self.node.channels), 1)
+
+    def test_an_early_response_ends_the_exchange_and_the_rest_of_the_body_is_dropped(self) -> None:
+        self.client.send(b"POST http://10.0.0.5/up HTTP/1.1\r\nHost: h\r\nContent-Length: 1000\r\n\r\nabc")
+        (channel,) = self.node.channels
+        self.node.reply(channel, b"HTTP/1.1 413 Content Too Large\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+        self.assertTrue(self.client.output().startswith(b"HTTP/1.1 413 Content Too Large\r\n"))
+        sent = self.node.received(channel)
+        self.client.send(b"x" * 997)  # the rest of the body goes nowhere
+        self.assertEqual(self.node.received(channel), sent)
+        self.assertTrue(channel.localClosed)
