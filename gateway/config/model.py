@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 
 from twisted.conch.ssh import keys
 
+from gateway.addresses import host_port
+
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 # --- defaults and limits ------------------------------------------------------------
@@ -90,9 +92,7 @@ class ProxyAddress:
     port: int = DEFAULT_PROXY_PORT
 
     def __str__(self) -> str:
-        if ":" in self.host:
-            return f"[{self.host}]:{self.port}"
-        return f"{self.host}:{self.port}"
+        return host_port(self.host, self.port)
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,7 @@ from twisted.internet.interfaces import IAddress
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from gateway.addresses import host_port
 from gateway.cluster.connection import ClusterConnection
 from gateway.config import GatewaySettings
 from gateway.errors import Reason, StreamError
@@ -62,10 +63,6 @@ def peer_origin(address: IAddress) -> tuple[str, tuple[str, int]]:
     return text, ("127.0.0.1", 0)
 
 
-def format_destination(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
 class StreamOpener:
     """Routes stream requests to cluster connections."""
 
@@ -102,7 +99,7 @@ class StreamOpener:
 
     def open_stream(self, request: StreamRequest) -> Deferred[TunnelChannel]:
         """Open a tunnel for C{request}, or fail with L{StreamError}."""
-        destination = format_destination(request.host, request.port)
+        destination = host_port(request.host, request.port)
         try:
             route, cluster = self.route(request)
         except StreamError as e:

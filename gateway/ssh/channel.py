@@ -34,6 +34,7 @@ from twisted.internet.interfaces import IPushProducer, IReactorTime
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from gateway.addresses import host_port
 from gateway.errors import Reason, StreamError, peer_text
 from gateway.ssh._conch import quiet_conch_logs
 
@@ -255,8 +256,7 @@ class TunnelChannel(ConsumerPacedWindow, OrderedEOFChannel):
 
     @property
     def destination(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{host}:{self.port}"
+        return host_port(self.host, self.port)
 
     # -- local side ------------------------------------------------------
 

@@ -33,6 +33,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from gateway.addresses import host_port
 from gateway.ssh.channel import TunnelChannel, clock_or_reactor
 
 log = Logger()
@@ -47,8 +48,7 @@ class ChannelAddress:
     port: int
 
     def __str__(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{host}:{self.port} via channel"
+        return f"{host_port(self.host, self.port)} via channel"
 
 
 @implementer(ITransport, IPushProducer, IConsumer)

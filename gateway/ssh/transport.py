@@ -25,6 +25,7 @@ from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from gateway.addresses import host_port
 from gateway.errors import peer_text
 from gateway.proxy.splice import set_no_delay
 from gateway.ssh._conch import SEQUENCE_MASK, ConchClientTransport, quiet_conch_logs
@@ -298,8 +299,7 @@ class GatewayClientTransport(ConchClientTransport):
 
     @property
     def address(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{host}:{self.port}"
+        return host_port(self.host, self.port)
 
     def connectionMade(self) -> None:
         algorithms = list(self.supportedPublicKeys)

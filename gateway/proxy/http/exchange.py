@@ -6,8 +6,8 @@ adapter's event handlers read as the protocol's steps.
 
 from __future__ import annotations
 
+from gateway.addresses import host_port
 from gateway.proxy.http.machine import RequestHead, ResponseParser
-from gateway.proxy.opener import format_destination
 from gateway.ssh.channel import TunnelChannel
 
 #: Methods that may be sent again on a new tunnel when a reused one closed
@@ -48,4 +48,4 @@ class Exchange:
 
     @property
     def destination(self) -> str:
-        return format_destination(self.head.host, self.head.port)
+        return host_port(self.head.host, self.head.port)
