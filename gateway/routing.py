@@ -8,51 +8,59 @@ either receive a L{Route} or a L{StreamError} whose reason they translate.
 The rules, in order:
 
   0. A port outside 1..65535 or a malformed host is C{BAD_REQUEST}.
-  1. A username names the cluster (by name or alias).  Unknown name:
+  1. A cluster-qualified name C{HOST.CLUSTER.<domain>}
+     (L{gateway.destinations.split_qualified}) names its cluster (name or
+     alias, in any case) and its real destination C{HOST}: none is
+     C{NO_ROUTE}.  The cluster still needs consent as in 2 or 3: the
+     listener's (it must be the listener's cluster), the credentials' (they
+     must name it), or no token (else C{AUTH_REQUIRED}).
+  2. A per-cluster listener (C{socks}/C{http} in a cluster table) serves
+     its cluster only and asks no credentials; a username sent there must
+     name that cluster (C{AUTH_FAILED}), and its password is not checked.
+  3. A username names the cluster (by name or alias).  Unknown name:
      C{AUTH_FAILED}.  (Empty credentials never get here: the front ends
      report them as none; a SOCKS4 user id that names no cluster and carries
-     no token is none too, see L{gateway.proxy.socks.machine}.)  If the cluster has a token, the password must equal it
-     (C{AUTH_REQUIRED} when missing, C{AUTH_FAILED} when wrong; compared in
-     constant time).  A cluster without a token ignores the password.
-  2. Without a username, an IP destination picks the one cluster whose
-     networks contain it, a host name the one cluster whose C{hostnames}
-     patterns match it: several is C{AMBIGUOUS}, none is C{NO_ROUTE}, and a
-     cluster with a token is C{AUTH_REQUIRED}.
-  3. The destination must lie inside the chosen cluster's networks (IP) or
+     no token is none too, see L{gateway.proxy.socks.machine}.)  If the
+     cluster has a token, the password must equal it (C{AUTH_REQUIRED} when
+     missing, C{AUTH_FAILED} when wrong; compared in constant time).  A
+     cluster without a token ignores the password.
+  4. Otherwise an IP destination picks the one cluster whose networks
+     contain it, a host name the one cluster whose C{hostnames} patterns
+     match it: several is C{AMBIGUOUS}, none is C{NO_ROUTE}, and a cluster
+     with a token is C{AUTH_REQUIRED}.
+  5. The destination must lie inside the chosen cluster's networks (IP) or
      match its hostnames patterns (name), else C{NOT_ALLOWED}.
 
-Overlapping networks between clusters are normal: they only make rule 2
-ambiguous, which credentials resolve.
+Overlapping networks between clusters are normal: they only make rule 4
+ambiguous, which qualified names, per-cluster listeners and credentials
+resolve.
 
-A client that has not proved a token learns nothing about clusters from an
-error's C{detail}: not which exist (an unknown name and a wrong token read
-the same), not which of them match, not their networks.  The log gets the
-full story in C{log_detail}, with usernames shown by L{show_username} only.
+A client that has not proved a token learns nothing about a cluster's
+policy from an error's C{detail}: not its networks, not its patterns, not
+which clusters a destination matches, and a wrong token reads like an
+unknown name.  Cluster names themselves are not secret (they are in
+qualified names, PAC files and browser histories): a qualified name that
+names no cluster says so.  The log gets the full story in C{log_detail},
+with usernames shown by L{show_username} only.
 """
 
 from __future__ import annotations
 
-import functools
 import hmac
-import ipaddress
-import re
-import socket
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from typing import TYPE_CHECKING
 
 from gateway.config import is_valid_name
-from gateway.errors import Reason, StreamError, shown
+from gateway.destinations import DEFAULT_CLUSTER_DOMAIN, IPAddress, QualifiedName, normalise_host, split_qualified
+from gateway.errors import Reason, StreamError
 
 if TYPE_CHECKING:
     from gateway.config import ClusterConfig
 
-__all__ = ["Route", "Router", "canonical_host", "normalise_host", "show_username"]
+__all__ = ["Route", "Router", "show_username"]
 
-IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
-
-_LABEL_RE = re.compile(r"[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?")
 #: How many networks / patterns a NOT_ALLOWED detail lists before "...".
 _LIST_LIMIT = 8
 #: What a client that has not proved a token hears when credentials fail.
@@ -64,7 +72,7 @@ class Route:
     """
     Open the stream to C{host}:C{port} through C{cluster}'s proxy node.
 
-    C{host} is L{canonical_host}'s text: what the proxy node is asked to
+    C{host} is L{gateway.destinations.canonical_host}'s text: what the proxy node is asked to
     connect to, so it can resolve C{API.Example.} as C{api.example}.
     """
 
@@ -95,79 +103,6 @@ def _listing(items: Iterable[object]) -> str:
     return ", ".join(texts)
 
 
-@functools.lru_cache(maxsize=4096)
-def normalise_host(host: str) -> IPAddress | str:
-    """
-    Parse a destination host.
-
-    Cached: clients ask for the same few destinations again and again, and
-    parsing an address with C{ipaddress} is a noticeable part of a short
-    stream's CPU.  Refusals raise, and are not cached.
-
-    @return: an IP address (IPv4-mapped IPv6 addresses as IPv4, C{[v6]}
-        brackets accepted) or the lower-cased host name without trailing dot,
-        for matching.
-    @raise StreamError: C{BAD_REQUEST} if C{host} is neither, or an IPv6
-        address with a zone id (C{fe80::1%eth0}): a zone names an interface
-        of whoever reads it, and must not reach the proxy node.
-    """
-    if not isinstance(host, str) or not host:
-        raise StreamError(Reason.BAD_REQUEST, "empty destination host")
-    text = host
-    bracketed = text.startswith("[") and text.endswith("]")
-    if bracketed:
-        text = text[1:-1]
-    try:
-        address = ipaddress.ip_address(text)
-    except ValueError:
-        if bracketed or ":" in text:
-            raise StreamError(
-                Reason.BAD_REQUEST,
-                f"{shown(host)} is not a valid IPv6 address or host name",
-            ) from None
-    else:
-        if isinstance(address, ipaddress.IPv6Address):
-            if address.scope_id is not None:
-                raise StreamError(Reason.BAD_REQUEST, f"{shown(host)}: IPv6 zone ids are not accepted")
-            if address.ipv4_mapped:
-                return address.ipv4_mapped
-        elif bracketed:
-            raise StreamError(Reason.BAD_REQUEST, f"{shown(host)}: only IPv6 addresses go in brackets")
-        return address
-    name = text.removesuffix(".")
-    if not name or len(name) > 253 or not all(_LABEL_RE.fullmatch(label) for label in name.split(".")):
-        raise StreamError(Reason.BAD_REQUEST, f"{shown(host)} is not a valid host name")
-    # Resolvers read "10.1", "0x0a000001" or "167772161" as IPv4 addresses;
-    # such a "name" must not slip past the networks check.
-    if name.rsplit(".", 1)[-1].isdigit() or _inet_aton_accepts(name):
-        raise StreamError(
-            Reason.BAD_REQUEST,
-            f"{shown(host)} looks like a numeric address: write IPv4 addresses as a.b.c.d",
-        )
-    return name.lower()
-
-
-@functools.lru_cache(maxsize=4096)
-def canonical_host(host: str) -> str:
-    """
-    The one text of a destination host that is matched, logged and sent to
-    the proxy node: an IP address's canonical form, or the host name in lower
-    case without its trailing dot.  Both front ends call it while parsing
-    (cached like L{normalise_host}: it is on every request's path).
-
-    @raise StreamError: C{BAD_REQUEST}, as L{normalise_host}.
-    """
-    return str(normalise_host(host))
-
-
-def _inet_aton_accepts(name: str) -> bool:
-    try:
-        socket.inet_aton(name)
-    except OSError:
-        return False
-    return True
-
-
 def _tokens_equal(password: str, token: str) -> bool:
     # Constant time; surrogatepass so that no str can make encoding fail.
     return hmac.compare_digest(password.encode("utf-8", "surrogatepass"), token.encode("utf-8", "surrogatepass"))
@@ -190,15 +125,23 @@ def _allowed(dest: IPAddress | str, cluster: ClusterConfig) -> bool:
 class Router:
     """Chooses the cluster for a stream and checks that it may carry it."""
 
-    def __init__(self, clusters: Iterable[ClusterConfig]) -> None:
+    def __init__(self, clusters: Iterable[ClusterConfig], domain: str = DEFAULT_CLUSTER_DOMAIN) -> None:
         self._clusters: tuple[ClusterConfig, ...] = tuple(clusters)
+        #: The suffix of cluster-qualified names (C{[gateway] cluster_domain}).
+        self.domain = domain
         self._by_name: dict[str, ClusterConfig] = {}
+        #: Names and aliases in lower case, as host names arrive; None where
+        #: two clusters' names differ only in case (no qualified name reaches them).
+        self._by_label: dict[str, ClusterConfig | None] = {}
         for cluster in self._clusters:
             for name in cluster.names():
                 other = self._by_name.get(name)
                 if other is not None:
                     raise ValueError(f"name {name!r} is used by clusters {other.name!r} and {cluster.name!r}")
                 self._by_name[name] = cluster
+                label = name.lower()
+                known = self._by_label.get(label, cluster)
+                self._by_label[label] = cluster if known is cluster else None
 
     @property
     def clusters(self) -> tuple[ClusterConfig, ...]:
@@ -209,19 +152,23 @@ class Router:
         """The cluster called C{name} (its name or an alias), if any."""
         return self._by_name.get(name)
 
-    def authenticate(self, username: str, password: str | None) -> bool:
+    def authenticate(self, username: str, password: str | None, cluster: str | None = None) -> bool:
         """
         Check SOCKS5 / HTTP proxy credentials: C{username} names a cluster,
-        and the password equals that cluster's token if it has one.
+        and the password equals that cluster's token if it has one.  On the
+        listener of C{cluster} (which asks no credentials), a username must
+        name that cluster, and the password is not checked.
         """
-        cluster = self.lookup(username)
-        if cluster is None:
+        named = self.lookup(username)
+        if named is None:
             return False
-        if cluster.token is None:
+        if cluster is not None:
+            return named is self.lookup(cluster)
+        if named.token is None:
             return True
         if password is None:
             return False
-        return _tokens_equal(password, cluster.token)
+        return _tokens_equal(password, named.token)
 
     def route(
         self,
@@ -229,24 +176,84 @@ class Router:
         port: int,
         username: str | None = None,
         password: str | None = None,
+        cluster: str | None = None,
     ) -> Route:
         """
-        Choose the cluster for a stream to C{host}:C{port}.
+        Choose the cluster for a stream to C{host}:C{port}; C{cluster} is the
+        cluster of the listener the request came in on, if it serves one.
 
         @raise StreamError: with C{BAD_REQUEST}, C{AUTH_REQUIRED},
-            C{AUTH_FAILED}, C{NO_ROUTE}, C{AMBIGUOUS} or C{NOT_ALLOWED}.
+            C{AUTH_FAILED}, C{NO_ROUTE}, C{AMBIGUOUS}, C{NOT_ALLOWED} or
+            C{UNAVAILABLE} (the listener's cluster is gone).
         """
         if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
             raise StreamError(Reason.BAD_REQUEST, f"port {port!r} is not between 1 and 65535")
         dest = normalise_host(host)
-        canonical = str(dest)  # the route's host and the errors' (canonical_host)
-
-        if username is not None:
-            cluster = self._by_credentials(username, password)
+        readings = split_qualified(dest, self.domain) if isinstance(dest, str) else []
+        listener = self._listener_cluster(cluster, username) if cluster is not None else None
+        if readings:
+            chosen, dest = self._by_qualified_name(readings, str(dest))
+            self._check_qualified(chosen, listener, username, password)
+        elif listener is not None:
+            chosen = listener
+        elif username is not None:
+            chosen = self._by_credentials(username, password)
         else:
-            cluster = self._by_destination(dest, canonical)
-        self._check_allowed(cluster, dest, canonical)
-        return Route(cluster=cluster, host=canonical, port=port)
+            chosen = self._by_destination(dest, str(dest))
+        canonical = str(dest)  # the route's host and the errors' (canonical_host)
+        self._check_allowed(chosen, dest, canonical)
+        return Route(cluster=chosen, host=canonical, port=port)
+
+    def _listener_cluster(self, name: str, username: str | None) -> ClusterConfig:
+        """The cluster of a per-cluster listener; credentials, if sent, must name it."""
+        cluster = self.lookup(name)
+        if cluster is None:
+            raise StreamError(Reason.UNAVAILABLE, f"cluster {name!r} of this listener is not configured")
+        if username is not None and self.lookup(username) is not cluster:
+            raise StreamError(
+                Reason.AUTH_FAILED,
+                f"this listener serves cluster {name!r} only",
+                log_detail=f"{show_username(username)} does not name cluster {name!r}, which this listener serves",
+            )
+        return cluster
+
+    def _by_qualified_name(self, readings: Sequence[QualifiedName], name: str) -> tuple[ClusterConfig, IPAddress | str]:
+        """The cluster and destination of C{HOST.CLUSTER.<domain>}."""
+        matches = [(self._by_label.get(r.cluster), r) for r in readings if r.cluster in self._by_label]
+        if not matches:
+            raise StreamError(Reason.NO_ROUTE, f"{name} names no cluster")
+        if len(matches) > 1 or matches[0][0] is None:
+            raise StreamError(
+                Reason.AMBIGUOUS,
+                f"{name} may name several clusters",
+                log_detail=f"{name} reads as clusters {', '.join(repr(r.cluster) for _, r in matches)} "
+                "(names that differ only in case or dots): use another alias",
+            )
+        cluster, reading = matches[0]
+        assert cluster is not None
+        return cluster, reading.destination()
+
+    def _check_qualified(
+        self, chosen: ClusterConfig, listener: ClusterConfig | None, username: str | None, password: str | None
+    ) -> None:
+        """A qualified name's cluster still needs the listener's or the credentials' consent, or no token."""
+        if listener is not None:
+            if chosen is not listener:
+                raise StreamError(Reason.NOT_ALLOWED, f"this listener serves cluster {listener.name!r} only")
+        elif username is not None:
+            if self._by_credentials(username, password) is not chosen:
+                raise StreamError(
+                    Reason.AUTH_FAILED,
+                    _CREDENTIALS_REFUSED,
+                    log_detail=f"{show_username(username)} does not name cluster {chosen.name!r}, "
+                    "which the destination names",
+                )
+        elif chosen.token is not None:
+            raise StreamError(
+                Reason.AUTH_REQUIRED,
+                "proxy credentials required: the cluster name and its token",
+                log_detail=f"cluster {chosen.name!r} needs credentials",
+            )
 
     def _by_credentials(self, username: str, password: str | None) -> ClusterConfig:
         """The cluster the credentials name, its token checked."""

@@ -16,8 +16,9 @@ from twisted.conch.ssh import keys
 from twisted.trial.unittest import SynchronousTestCase
 
 from gateway.config import ClusterConfig, ProxyAddress
+from gateway.destinations import canonical_host, normalise_host
 from gateway.errors import Reason, StreamError
-from gateway.routing import Route, Router, canonical_host, normalise_host, show_username
+from gateway.routing import Route, Router, show_username
 
 
 @functools.cache
@@ -360,6 +361,102 @@ class OverlapTests(SynchronousTestCase):
                 self.assertEqual(e.detail, detail)
 
 
+class QualifiedNameTests(SynchronousTestCase):
+    """HOST.CLUSTER.gw.internal: a cluster for clients that cannot send credentials."""
+
+    def setUp(self) -> None:
+        self.a = cluster("cluster-a", ("10.0.0.0/24", "fd00::/64"), ("*.svc.test",), aliases=("Net-AAAA",))
+        self.b = cluster("cluster-b", ("10.0.0.0/24",), token="tok-b")
+        self.dotted = cluster("prod.x", ("10.9.0.0/16",))
+        self.router = Router([self.a, self.b, self.dotted])
+
+    def route(self, host: str, *args: str | None) -> Route:
+        return self.router.route(host, 8080, *args)
+
+    def test_overlapping_networks(self) -> None:
+        """The same 10.x address reaches either cluster by name: no ambiguity, no credentials."""
+        route = self.route("10-0-0-5.cluster-a.gw.internal")
+        self.assertEqual((route.cluster, route.host, route.port), (self.a, "10.0.0.5", 8080))
+        e = self.assertRaises(StreamError, self.route, "10.0.0.5")
+        self.assertEqual(e.reason, Reason.AMBIGUOUS)
+
+    def test_alias_case_and_ipv6(self) -> None:
+        self.assertIs(self.route("10-0-0-7.net-aaaa.gw.internal").cluster, self.a)
+        self.assertEqual(self.route("FD00--7.CLUSTER-A.GW.INTERNAL.").host, "fd00::7")
+
+    def test_names(self) -> None:
+        self.assertEqual(self.route("api.svc.test.cluster-a.gw.internal").host, "api.svc.test")
+        self.assertEqual(self.route("10-9-1-1.prod.x.gw.internal").cluster, self.dotted)
+
+    def test_still_no_open_relay(self) -> None:
+        for host in ("10-1-0-5.cluster-a.gw.internal", "evil.example.cluster-a.gw.internal"):
+            e = self.assertRaises(StreamError, self.route, host)
+            self.assertEqual(e.reason, Reason.NOT_ALLOWED, host)
+            self.assertNotIn("10.0.0.0", e.detail)
+
+    def test_token_still_needed(self) -> None:
+        e = self.assertRaises(StreamError, self.route, "10-0-0-5.cluster-b.gw.internal")
+        self.assertEqual(e.reason, Reason.AUTH_REQUIRED)
+        self.assertEqual(self.route("10-0-0-5.cluster-b.gw.internal", "cluster-b", "tok-b").cluster, self.b)
+        e = self.assertRaises(StreamError, self.route, "10-0-0-5.cluster-b.gw.internal", "cluster-b", "wrong")
+        self.assertEqual(e.reason, Reason.AUTH_FAILED)
+
+    def test_credentials_must_name_the_same_cluster(self) -> None:
+        e = self.assertRaises(StreamError, self.route, "10-0-0-5.cluster-b.gw.internal", "cluster-a", None)
+        self.assertEqual(e.reason, Reason.AUTH_FAILED)
+        self.assertIn("'cluster-b'", e.log_detail)
+
+    def test_unknown_cluster(self) -> None:
+        e = self.assertRaises(StreamError, self.route, "10-0-0-5.nope.gw.internal")
+        self.assertEqual((e.reason, e.detail), (Reason.NO_ROUTE, "10-0-0-5.nope.gw.internal names no cluster"))
+        e = self.assertRaises(StreamError, self.route, "cluster-a.gw.internal")
+        self.assertEqual(e.reason, Reason.BAD_REQUEST)
+
+    def test_names_differing_in_case(self) -> None:
+        router = Router([cluster("Lab", ("10.0.0.0/8",)), cluster("lab", ("10.0.0.0/8",))])
+        e = self.assertRaises(StreamError, router.route, "10-0-0-1.lab.gw.internal", 80)
+        self.assertEqual(e.reason, Reason.AMBIGUOUS)
+        self.assertIs(router.route("10.0.0.1", 80, "Lab").cluster, router.lookup("Lab"))
+
+    def test_other_domain(self) -> None:
+        router = Router([self.a], domain="clusters.example.org")
+        self.assertEqual(router.route("10-0-0-5.cluster-a.clusters.example.org", 80).host, "10.0.0.5")
+        self.assertRaises(StreamError, router.route, "10-0-0-5.cluster-a.gw.internal", 80)
+
+
+class ListenerClusterTests(SynchronousTestCase):
+    """A per-cluster listener serves its cluster only and asks no credentials."""
+
+    def setUp(self) -> None:
+        self.a = cluster("cluster-a", ("10.0.0.0/24",), token="tok-a")
+        self.b = cluster("cluster-b", ("10.0.0.0/24",))
+        self.router = Router([self.a, self.b])
+
+    def test_no_credentials_overlap_and_token(self) -> None:
+        route = self.router.route("10.0.0.5", 80, cluster="cluster-a")
+        self.assertIs(route.cluster, self.a)
+        self.assertIs(self.router.route("10-0-0-5.cluster-a.gw.internal", 80, cluster="cluster-a").cluster, self.a)
+
+    def test_only_its_cluster(self) -> None:
+        e = self.assertRaises(StreamError, self.router.route, "10-0-0-5.cluster-b.gw.internal", 80, cluster="cluster-a")
+        self.assertEqual(e.reason, Reason.NOT_ALLOWED)
+        e = self.assertRaises(StreamError, self.router.route, "10.0.0.5", 80, "cluster-b", None, "cluster-a")
+        self.assertEqual(e.reason, Reason.AUTH_FAILED)
+        e = self.assertRaises(StreamError, self.router.route, "10.1.0.5", 80, cluster="cluster-a")
+        self.assertEqual(e.reason, Reason.NOT_ALLOWED)
+
+    def test_credentials_naming_it_are_fine(self) -> None:
+        """Clients configured with credentials keep working; the password is not checked there."""
+        self.assertIs(self.router.route("10.0.0.5", 80, "cluster-a", "anything", "cluster-a").cluster, self.a)
+        self.assertTrue(self.router.authenticate("cluster-a", "anything", cluster="cluster-a"))
+        self.assertFalse(self.router.authenticate("cluster-b", None, cluster="cluster-a"))
+        self.assertFalse(self.router.authenticate("nope", None, cluster="cluster-a"))
+
+    def test_cluster_gone(self) -> None:
+        e = self.assertRaises(StreamError, self.router.route, "10.0.0.5", 80, cluster="gone")
+        self.assertEqual(e.reason, Reason.UNAVAILABLE)
+
+
 class BadRequestTests(RouterTestCase):
     def test_ports(self) -> None:
         for port in (0, -1, 65536, 10**9):
@@ -385,7 +482,7 @@ class BadRequestTests(RouterTestCase):
             "a" * 64 + ".example",
             "x." * 127 + "x",
             "host:22",
-            "ünïcode.example",
+            "☃.example",  # not a valid IDNA label (internationalised names are: see test_destinations)
             "a\x00b",
             "10.1",  # a resolver reads these as 10.0.0.1 etc.
             "10.251.0.1.",

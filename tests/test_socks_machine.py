@@ -348,11 +348,16 @@ class Socks5ErrorTests(unittest.TestCase):
             self.assertRejected(data, sends, Reason.UNSUPPORTED_ADDRESS)
 
     def test_bad_domains(self) -> None:
-        bad = [b"", b"a\0b", b"has space", b"tab\t", b"line\n", b"del\x7f", b"\xc3\xa9"]
+        bad = [b"", b"a\0b", b"has space", b"tab\t", b"line\n", b"del\x7f", b"\xc3", b"\xe2\x98\x83"]
         for name in bad:
             data = GREET_NOAUTH + v5_domain(name, 80)
             sends = [b"\x05\x00", v5_fail(1)]
             self.assertRejected(data, sends, Reason.BAD_REQUEST)
+
+    def test_utf8_domain(self) -> None:
+        """A name sent as UTF-8 is encoded as the A-label a resolver understands."""
+        events, _ = feed([GREET_NOAUTH + v5_domain("Bücher.example".encode(), 80)])
+        self.assertEqual(events[-1], ConnectRequest(5, "xn--bcher-kva.example", 80, None, None))
 
     def test_longest_domain(self) -> None:
         name = LONGEST_NAME.encode() + b"."

@@ -16,9 +16,9 @@ import base64
 import re
 from typing import NamedTuple
 
+from gateway.destinations import canonical_host
 from gateway.errors import StreamError, shown
 from gateway.proxy.http.framing import Headers, _Malformed, _single
-from gateway.routing import canonical_host
 
 _ABSOLUTE_URL = re.compile(r"([A-Za-z][A-Za-z0-9+.\-]*)://([^/?#]*)(.*)")
 _REG_NAME = re.compile(r"[A-Za-z0-9\-._~!$&'()*+,;=%]+")

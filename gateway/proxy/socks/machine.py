@@ -49,8 +49,9 @@ import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from gateway.destinations import canonical_host
 from gateway.errors import Reason, StreamError, shown
-from gateway.routing import canonical_host, show_username
+from gateway.routing import show_username
 
 #: How each failure is told to a SOCKS5 client (RFC 1928 section 6).
 SOCKS5_REPLY: dict[Reason, int] = {
@@ -168,9 +169,14 @@ def _domain_host(raw: bytes) -> str:
     """Validate a client-supplied name; the destination as L{canonical_host} writes it."""
     if not raw:
         raise _malformed("empty domain name")
-    if any(byte <= 0x20 or byte >= 0x7F for byte in raw):
+    if any(byte <= 0x20 or byte == 0x7F for byte in raw):
         raise _malformed(f"invalid domain name {shown(raw)}")
-    return canonical_host(raw.decode("ascii"))
+    try:
+        # Most clients send A-labels; some send UTF-8, which canonical_host encodes.
+        name = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise _malformed(f"invalid domain name {shown(raw)}") from None
+    return canonical_host(name)
 
 
 def _text(raw: bytes, what: str) -> str:
