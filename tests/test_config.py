@@ -1401,7 +1401,7 @@ class GatewaySettingsTests(ConfigTestCase):
                 "colour = 1",
                 "gateway.colour",
                 "unknown key (expected one of: api_file_paths, api_jump, api_proxy_command, body_timeout, "
-                "control_body_timeout, control_head_timeout, control_max_clients, control_token_file, drain_timeout, "
+                "cluster_domain, control_body_timeout, control_head_timeout, control_max_clients, control_token_file, drain_timeout, "
                 "handshake_timeout, keepalive_timeout, max_clients, response_timeout, state_file)",
             ),
             ("socks = 'tcp:1'", "gateway.socks", "unknown key"),
@@ -1410,3 +1410,65 @@ class GatewaySettingsTests(ConfigTestCase):
         for line, key, reason in cases:
             self.assertError(f"[gateway]\n{line}\n", key, reason)
         self.assertError("gateway = 1\n", "gateway", "expected a table, got integer")
+
+
+class ClusterListenerTests(ConfigTestCase):
+    """A cluster's own SOCKS and HTTP listeners (socks, http, remote_listeners) and [gateway] cluster_domain."""
+
+    def test_values(self) -> None:
+        config = self.load(
+            self.cluster_toml(
+                socks='"tcp:10801:interface=127.0.0.1"',
+                http='["tcp:31281:interface=127.0.0.1", "unix:/run/gw-a.sock"]',
+                remote_listeners="true",
+            )
+            + self.cluster_toml("b", networks='["10.251.0.0/24"]')
+        )
+        a, b = config.clusters["a"], config.clusters["b"]
+        self.assertEqual(a.socks, ("tcp:10801:interface=127.0.0.1",))
+        self.assertEqual(a.http, ("tcp:31281:interface=127.0.0.1", "unix:/run/gw-a.sock"))
+        self.assertTrue(a.remote_listeners)
+        self.assertEqual((b.socks, b.http, b.remote_listeners), ((), (), False))
+        self.assertEqual(self.load(self.cluster_toml(socks='""')).clusters["a"].socks, ())
+
+    def test_errors(self) -> None:
+        cases = [
+            ("socks", "1080", "expected a string or an array of strings, got integer"),
+            ("socks", '"tcp:nope"', "is not a valid server endpoint"),
+            ("remote_listeners", '"yes"', "expected a boolean (true or false), got string"),
+        ]
+        for name, value, reason in cases:
+            self.assertError(self.cluster_toml(**{name: value}), f"clusters.a.{name}", reason)
+        self.assertError(self.cluster_toml(http='["tcp:1", ""]'), "clusters.a.http[1]", "empty endpoint")
+        self.assertError(self.cluster_toml(http='["tcp:1", 2]'), "clusters.a.http[1]", "expected a string, got integer")
+        self.assertError(self.cluster_toml(http='["tcp:2000", "tcp:2000"]'), "clusters.a.http[1]", "is given twice")
+
+    def test_not_in_defaults(self) -> None:
+        for line in ('socks = "tcp:10801"', 'http = "tcp:31281"', "remote_listeners = true"):
+            key = line.split()[0]
+            self.assertError(f"[defaults]\n{line}\n" + self.cluster_toml(), f"defaults.{key}", "set it in each cluster")
+
+    def test_endpoint_used_twice(self) -> None:
+        self.assertError(
+            "[listen]\nsocks = 'tcp:1080'\n" + self.cluster_toml(http="'tcp:1080'"),
+            "clusters.a.http",
+            "'tcp:1080' is already used by listen.socks",
+        )
+        self.assertError(
+            self.cluster_toml(socks="'tcp:10801'") + self.cluster_toml("b", socks="['tcp:10802', 'tcp:10801']"),
+            "clusters.b.socks",
+            "'tcp:10801' is already used by clusters.a.socks",
+        )
+
+    def test_cluster_domain(self) -> None:
+        self.assertEqual(self.load("").settings.cluster_domain, "gw.internal")
+        settings = self.load("[gateway]\ncluster_domain = 'Clusters.Example.ORG.'\n").settings
+        self.assertEqual(settings.cluster_domain, "clusters.example.org")
+        for value, reason in (
+            ("''", "must not be empty"),
+            ("'a..b'", "is not a DNS domain"),
+            ("'under_score.internal'", "is not a DNS domain"),
+            ("'10.0.0.1'", "looks like an address"),
+            ("1", "expected a string, got integer"),
+        ):
+            self.assertError(f"[gateway]\ncluster_domain = {value}\n", "gateway.cluster_domain", reason)

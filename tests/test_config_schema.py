@@ -144,6 +144,9 @@ class ClusterTableTests(SynchronousTestCase):
                 "rekey_bytes",
                 "rekey_interval",
                 "allow_sha1_signatures",
+                "socks",
+                "http",
+                "remote_listeners",
             ],
         )
 

@@ -525,6 +525,16 @@ class ValidateBodyTests(SynchronousTestCase):
         data["usr"] = data.pop("user")
         self.assertField("a", data, "usr", "did you mean user?")
 
+    def test_listeners(self) -> None:
+        """API clusters get TCP listeners; files and privileged ports need the operator's consent."""
+        cluster = validate_body("a", body(socks="tcp:0:interface=127.0.0.1", http=["tcp:31281"]))
+        self.assertEqual((cluster.socks, cluster.http), (("tcp:0:interface=127.0.0.1",), ("tcp:31281",)))
+        self.assertField("a", body(socks="unix:/tmp/gw.sock"), "socks", "tcp: endpoints only", "api_file_paths")
+        self.assertField("a", body(http=["tcp:2000", "ssl:4443:privateKey=/etc/k.pem"]), "http", "tcp: endpoints only")
+        self.assertField("a", body(socks="tcp:80"), "socks", "privileged port 80")
+        allowed = GatewaySettings(api_file_paths=True)
+        self.assertEqual(validate_body("a", body(socks="unix:/tmp/gw.sock"), settings=allowed).socks, ("unix:/tmp/gw.sock",))
+
     def test_wrong_type(self) -> None:
         self.assertField("a", body(proxies="192.0.2.10"), "proxies", "got string")
         self.assertField("a", body(connections="4"), "connections")

@@ -27,37 +27,13 @@ from gateway.config.model import (
     ListenConfig,
 )
 from gateway.config.schema import GATEWAY_KEYS, GATEWAY_SCHEMA
-from gateway.config.values import Values, join, key_part, show, table, type_name, unknown
+from gateway.config.values import Values, endpoint_items, join, key_part, show, table, unknown
 
 __all__ = ["load_config", "parse_config"]
 
 _TOP_KEYS = ("clusters", "defaults", "gateway", "listen")
 _LISTEN_KEYS = ("control", "http", "socks")
 _LISTEN_DEFAULTS = {"socks": (DEFAULT_SOCKS_LISTEN,), "http": (DEFAULT_HTTP_LISTEN,), "control": ()}
-
-
-class _NoReactor:
-    """Stands in for the reactor while endpoint strings are only parsed."""
-
-
-def _check_endpoint(description: str) -> str | None:
-    """A reason why C{description} is not a server endpoint, or None."""
-    from twisted.internet.endpoints import serverFromString
-
-    try:
-        serverFromString(_NoReactor(), description)
-    except Exception as e:  # noqa: BLE001 - plugins raise anything
-        return f"{e.__class__.__name__}: {e}"
-    return None
-
-
-def _endpoints(value: object, key: str, source: str) -> list[tuple[str, str]]:
-    """(endpoint, its dotted key) of one C{[listen]} value: a string or an array."""
-    if isinstance(value, str):
-        return [(value, key)] if value else []
-    if isinstance(value, (list, tuple)):
-        return [(item, f"{key}[{i}]") for i, item in enumerate(value)]
-    raise ConfigError(source, key, f"expected a string or an array of strings, got {type_name(value)}")
 
 
 def _parse_listen(data: Mapping[str, Any], source: str) -> ListenConfig:
@@ -70,15 +46,8 @@ def _parse_listen(data: Mapping[str, Any], source: str) -> ListenConfig:
         if k not in data:
             result[k] = _LISTEN_DEFAULTS[k]
             continue
-        items = _endpoints(data[k], join("listen", k), source)
+        items = endpoint_items(data[k], join("listen", k), source)
         for item, item_key in items:
-            if not isinstance(item, str):
-                raise ConfigError(source, item_key, f"expected a string, got {type_name(item)}")
-            if not item:
-                raise ConfigError(source, item_key, 'empty endpoint (use [] or "" to disable the listener)')
-            problem = _check_endpoint(item)
-            if problem is not None:
-                raise ConfigError(source, item_key, f"{show(item)} is not a valid server endpoint ({problem})")
             if item in seen:
                 raise ConfigError(source, item_key, f"{show(item)} is already used by {seen[item]}")
             seen[item] = item_key
@@ -118,6 +87,18 @@ def _parse_clusters(
     return clusters
 
 
+def _check_listeners_unique(listen: ListenConfig, clusters: Mapping[str, ClusterConfig], source: str) -> None:
+    """No endpoint string serves twice: in [listen] and in a cluster's C{socks}/C{http}, or in two clusters."""
+    seen = {item: join("listen", k) for k in ("socks", "http", "control") for item in getattr(listen, k)}
+    for name, cluster in clusters.items():
+        for k in ("socks", "http"):
+            key = join(join("clusters", name), k)
+            for item in getattr(cluster, k):
+                if item in seen:
+                    raise ConfigError(source, key, f"{show(item)} is already used by {seen[item]}")
+                seen[item] = key
+
+
 def parse_config(data: Mapping[str, Any], source: str, base_dir: str | None = None) -> GatewayConfig:
     """
     Validate a decoded configuration.
@@ -138,6 +119,7 @@ def parse_config(data: Mapping[str, Any], source: str, base_dir: str | None = No
     check_defaults(defaults, source, base_dir, cache)
     tables = table(data.get("clusters", {}), source, "clusters")
     clusters = _parse_clusters(tables, defaults, source, base_dir, cache)
+    _check_listeners_unique(listen, clusters, source)
     return GatewayConfig(listen=listen, clusters=types.MappingProxyType(clusters), source=source, settings=settings)
 
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from twisted.conch.ssh import keys
 
 from gateway.addresses import host_port
+from gateway.destinations import DEFAULT_CLUSTER_DOMAIN
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -141,6 +142,14 @@ class ClusterConfig:
     #: Accept and make SHA-1 RSA signatures (C{ssh-rsa}), for proxy nodes too
     #: old for rsa-sha2 (OpenSSH < 7.2).
     allow_sha1_signatures: bool = False
+    #: Endpoint strings of this cluster's own SOCKS and HTTP proxy listeners,
+    #: which serve it alone and ask no credentials.
+    socks: tuple[str, ...] = ()
+    http: tuple[str, ...] = ()
+    #: Whether those listeners may be reachable beyond this host: a listener
+    #: without credentials is a trust decision, so loopback and unix: only
+    #: unless the cluster says so.
+    remote_listeners: bool = False
 
     def names(self) -> tuple[str, ...]:
         """The cluster's name followed by its aliases."""
@@ -201,6 +210,8 @@ class GatewaySettings:
     control_head_timeout: float = DEFAULT_CONTROL_HEAD_TIMEOUT
     #: Seconds a control API request body may go without a byte.
     control_body_timeout: float = DEFAULT_CONTROL_BODY_TIMEOUT
+    #: The suffix of cluster-qualified names (C{HOST.CLUSTER.gw.internal}).
+    cluster_domain: str = DEFAULT_CLUSTER_DOMAIN
 
 
 @dataclass(frozen=True)

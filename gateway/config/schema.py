@@ -24,6 +24,7 @@ shows them.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import partial
@@ -42,6 +43,8 @@ from gateway.config.values import (
     Reader,
     Values,
     read_boolean,
+    read_domain,
+    read_endpoints,
     read_exec_command,
     read_integer,
     read_mode,
@@ -148,6 +151,39 @@ class ClusterJump(ApiRule):
         )
 
 
+#: What an API body may give as a per-cluster listener without api_file_paths:
+#: TCP with a port and optionally an interface and backlog.
+_TCP_ENDPOINT = re.compile(r"(?:tcp6?:)?(?:port=)?([0-9]{1,5})(?::(?:interface|backlog)=(?:[^:\\]|\\:)*)*")
+
+
+class ApiListener(ApiRule):
+    """
+    The key opens a listener on the gateway's host.  An API client may ask
+    for TCP ports (1024 and up, or 0 for any free one); other endpoint types
+    name files (C{unix:}, C{ssl:}'s keys) or descriptors (C{systemd:}) of
+    the gateway's host, so they need C{[gateway] api_file_paths}.
+    """
+
+    setting = "api_file_paths"
+
+    def body_refusal(self, value: Any, allowed: bool) -> str | None:
+        if allowed:
+            return None
+        for item in [value] if isinstance(value, str) else value if isinstance(value, list) else []:
+            if not isinstance(item, str) or not item:
+                continue  # the reader says what is wrong with it
+            match = _TCP_ENDPOINT.fullmatch(item)
+            if match is None:
+                return (
+                    f"API clusters may listen on tcp: endpoints only, not {show(item)} "
+                    "(set [gateway] api_file_paths = true for unix:, ssl: and others)"
+                )
+            port = int(match.group(1))
+            if 0 < port < 1024:
+                return f"API clusters may not listen on privileged port {port} ({show(item)}): use 1024 or higher"
+        return None
+
+
 # --- status renderings --------------------------------------------------------------
 
 
@@ -238,6 +274,10 @@ CLUSTER_SCHEMA: tuple[ClusterKey, ...] = (
     ClusterKey("rekey_bytes", read_rekey_bytes),
     ClusterKey("rekey_interval", partial(read_seconds, zero="rekey by bytes only", minimum=MIN_REKEY_INTERVAL)),
     ClusterKey("allow_sha1_signatures", read_boolean),
+    # a listener is one cluster's own port: never shared through [defaults]
+    ClusterKey("socks", read_endpoints, defaultable=False, api=ApiListener(), render=lambda c: list(c.socks)),
+    ClusterKey("http", read_endpoints, defaultable=False, api=ApiListener(), render=lambda c: list(c.http)),
+    ClusterKey("remote_listeners", read_boolean, defaultable=False),
 )
 
 _BY_NAME = {row.name: row for row in CLUSTER_SCHEMA}
@@ -315,6 +355,7 @@ GATEWAY_SCHEMA: tuple[GatewayKey, ...] = (
     GatewayKey("control_max_clients", partial(read_integer, low=1, high=MAX_MAX_CLIENTS)),
     GatewayKey("control_head_timeout", read_seconds),
     GatewayKey("control_body_timeout", read_seconds),
+    GatewayKey("cluster_domain", read_domain),
 )
 #: Every C{[gateway]} key, sorted (as error messages list them).
 GATEWAY_KEYS = tuple(sorted(row.name for row in GATEWAY_SCHEMA))

@@ -173,6 +173,67 @@ Reader = Callable[[Values, str], Any]
 # --- readers ------------------------------------------------------------------------------
 
 
+class _NoReactor:
+    """Stands in for the reactor while endpoint strings are only parsed."""
+
+
+def _check_endpoint(description: str) -> str | None:
+    """A reason why C{description} is not a server endpoint, or None."""
+    from twisted.internet.endpoints import serverFromString
+
+    try:
+        serverFromString(_NoReactor(), description)
+    except Exception as e:  # noqa: BLE001 - plugins raise anything
+        return f"{e.__class__.__name__}: {e}"
+    return None
+
+
+def endpoint_items(value: object, key: str, source: str) -> list[tuple[str, str]]:
+    """
+    The server endpoint strings of a listener key (C{[listen] socks}, a
+    cluster's C{socks}): a string or an array of them, C{""} or C{[]} for
+    none; each with its dotted key, each a valid endpoint, none twice.
+    """
+    if isinstance(value, str):
+        items = [(value, key)] if value else []
+    elif isinstance(value, (list, tuple)):
+        items = [(item, f"{key}[{i}]") for i, item in enumerate(value)]
+    else:
+        raise ConfigError(source, key, f"expected a string or an array of strings, got {type_name(value)}")
+    seen: set[str] = set()
+    for item, item_key in items:
+        if not isinstance(item, str):
+            raise ConfigError(source, item_key, f"expected a string, got {type_name(item)}")
+        if not item:
+            raise ConfigError(source, item_key, 'empty endpoint (use [] or "" to disable the listener)')
+        problem = _check_endpoint(item)
+        if problem is not None:
+            raise ConfigError(source, item_key, f"{show(item)} is not a valid server endpoint ({problem})")
+        if item in seen:
+            raise ConfigError(source, item_key, f"{show(item)} is given twice")
+        seen.add(item)
+    return items
+
+
+def read_endpoints(values: Values, name: str) -> tuple[str, ...]:
+    return tuple(item for item, _ in endpoint_items(values.value(name), values.key(name), values.source))
+
+
+_DOMAIN_LABEL_RE = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
+
+
+def read_domain(values: Values, name: str) -> str:
+    """A DNS suffix such as C{gw.internal}: lower case, no trailing dot, LDH labels."""
+    text = values.string(name)
+    domain = text.lower().removesuffix(".")
+    labels = domain.split(".")
+    if len(domain) > 200 or not all(_DOMAIN_LABEL_RE.fullmatch(label) for label in labels):
+        raise values.error(name, f"{show(text)} is not a DNS domain (letters, digits and '-' in dot-separated labels)")
+    if labels[-1].isdigit():
+        raise values.error(name, f"{show(text)} looks like an address, not a DNS domain")
+    return domain
+
+
 def read_boolean(values: Values, name: str) -> bool:
     return values.boolean(name)
 
