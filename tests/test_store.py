@@ -533,7 +533,9 @@ class ValidateBodyTests(SynchronousTestCase):
         self.assertField("a", body(http=["tcp:2000", "ssl:4443:privateKey=/etc/k.pem"]), "http", "tcp: endpoints only")
         self.assertField("a", body(socks="tcp:80"), "socks", "privileged port 80")
         allowed = GatewaySettings(api_file_paths=True)
-        self.assertEqual(validate_body("a", body(socks="unix:/tmp/gw.sock"), settings=allowed).socks, ("unix:/tmp/gw.sock",))
+        self.assertEqual(
+            validate_body("a", body(socks="unix:/tmp/gw.sock"), settings=allowed).socks, ("unix:/tmp/gw.sock",)
+        )
 
     def test_wrong_type(self) -> None:
         self.assertField("a", body(proxies="192.0.2.10"), "proxies", "got string")
