@@ -204,6 +204,22 @@ class Router:
         self._check_allowed(chosen, dest, canonical)
         return Route(cluster=chosen, host=canonical, port=port)
 
+    def destination_host(self, host: str) -> str:
+        """
+        The real destination of C{host} (canonical): C{HOST}'s for a
+        cluster-qualified name, else C{host} itself -- what the origin must
+        see in C{Host}.  A name that routes nowhere is returned as it is (its
+        route fails anyway).
+        """
+        try:
+            dest = normalise_host(host)
+            readings = split_qualified(dest, self.domain) if isinstance(dest, str) else []
+            if not readings:
+                return str(dest)
+            return str(self._by_qualified_name(readings, str(dest))[1])
+        except StreamError:
+            return host
+
     def _listener_cluster(self, name: str, username: str | None) -> ClusterConfig:
         """The cluster of a per-cluster listener; credentials, if sent, must name it."""
         cluster = self.lookup(name)

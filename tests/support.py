@@ -116,11 +116,14 @@ class MemoryProxyNode:
 
     # what a front end calls (the StreamOpener's interface)
 
-    def authenticate(self, username: str, password: str) -> bool:
+    def authenticate(self, username: str, password: str, cluster: str | None = None) -> bool:
         return True
 
     def is_cluster(self, name: str) -> bool:
         return False
+
+    def destination_host(self, host: str) -> str:
+        return host
 
     def route(self, request: Any) -> tuple[None, MemoryProxyNode]:
         return None, self

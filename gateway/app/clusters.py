@@ -127,7 +127,7 @@ class ClusterRegistry(Service):
         return sum(c.open_streams for c in self.clusters.values())
 
     def _reroute(self) -> None:
-        self.opener.router = Router(c.config for c in self.clusters.values())
+        self.opener.router = Router((c.config for c in self.clusters.values()), self.settings.cluster_domain)
 
     def _connector(self, config: ClusterConfig) -> Connector:
         """How this cluster reaches its proxy node: TCP, a command, or another SSH connection."""

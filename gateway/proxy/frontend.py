@@ -48,9 +48,11 @@ class FrontendProtocol(Protocol):
     #: client connection, and use it only from C{connectionMade} on.
     transport: IClientTransport
 
-    def __init__(self, gateway: StreamOpener, clock: IReactorTime) -> None:
+    def __init__(self, gateway: StreamOpener, clock: IReactorTime, cluster: str | None = None) -> None:
         self._gateway = gateway
         self._clock = clock
+        #: The cluster of a per-cluster listener (which asks no credentials), or None.
+        self._cluster = cluster
         self._splice: Splice | None = None
         self._timer: IDelayedCall | None = None
         self._gone = False
@@ -182,14 +184,17 @@ class FrontendFactory(Factory):
 
     def __init__(
         self,
-        protocol: Callable[[StreamOpener, IReactorTime], FrontendProtocol],
+        protocol: Callable[[StreamOpener, IReactorTime, str | None], FrontendProtocol],
         gateway: StreamOpener,
         clock: IReactorTime,
         clients: ClientLimit | None = None,
+        cluster: str | None = None,
     ) -> None:
         self._protocol = protocol
         self._gateway = gateway
         self._clock = clock
+        #: The cluster this listener serves alone (C{socks}/C{http} in its table), or None: all.
+        self.cluster = cluster
         self.clients = clients or ClientLimit(DEFAULT_MAX_CLIENTS)
         #: The connections of this listener, to tell them of a drain.
         self.protocols: set[FrontendProtocol] = set()
@@ -197,7 +202,7 @@ class FrontendFactory(Factory):
     def buildProtocol(self, addr: object) -> FrontendProtocol | None:
         if not self.clients.admit():
             return None
-        protocol = self._protocol(self._gateway, self._clock)
+        protocol = self._protocol(self._gateway, self._clock, self.cluster)
         protocol.factory = self
         self.protocols.add(protocol)
         return protocol

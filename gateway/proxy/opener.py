@@ -50,6 +50,8 @@ class StreamRequest:
     username: str | None = None
     password: str | None = field(default=None, repr=False)
     origin: tuple[str, int] = ("127.0.0.1", 0)
+    #: The cluster of the per-cluster listener the request came in on, if any.
+    cluster: str | None = None
 
 
 def peer_origin(address: IAddress) -> tuple[str, tuple[str, int]]:
@@ -81,17 +83,21 @@ class StreamOpener:
         #: Malformed or timed-out client handshakes, by front end.
         self.handshake_errors: Counter[str] = Counter()
 
-    def authenticate(self, username: str, password: str) -> bool:
-        """Check SOCKS5 username/password: a cluster name and its token."""
-        return self.router.authenticate(username, password)
+    def authenticate(self, username: str, password: str, cluster: str | None = None) -> bool:
+        """Check SOCKS5 username/password: a cluster name and its token (see L{Router.authenticate})."""
+        return self.router.authenticate(username, password, cluster)
 
     def is_cluster(self, name: str) -> bool:
         """Whether C{name} is a cluster's name or alias (a SOCKS4 user id may be neither)."""
         return self.router.lookup(name) is not None
 
+    def destination_host(self, host: str) -> str:
+        """The host an origin must see for C{host} (see L{Router.destination_host})."""
+        return self.router.destination_host(host)
+
     def route(self, request: StreamRequest) -> tuple[Route, ClusterConnection]:
         """The route and running cluster for C{request}; L{StreamError} if none."""
-        route = self.router.route(request.host, request.port, request.username, request.password)
+        route = self.router.route(request.host, request.port, request.username, request.password, request.cluster)
         cluster = self.clusters.get(route.cluster.name)
         if cluster is None:
             raise StreamError(Reason.UNAVAILABLE, f"cluster {route.cluster.name!r} is not running")

@@ -104,10 +104,12 @@ class RequestHead:
     #: The Upgrade value of an HTTP/1.1 request whose Connection lists "upgrade".
     upgrade: str | None = None
 
-    def upstream_head(self) -> bytes:
+    def upstream_head(self, host: str | None = None) -> bytes:
         """
         The head to send through the tunnel: origin-form, end-to-end headers,
-        C{Host} from the URL first (RFC 9112 3.2, 3.2.2) and C{Connection:
+        C{Host} from the URL first (RFC 9112 3.2, 3.2.2) -- with C{host} for
+        its host when given: the real destination of a cluster-qualified
+        name, which the origin knows nothing of -- and C{Connection:
         keep-alive} so the upstream keeps the tunnel for the next request --
         or, for an upgrade, C{Upgrade} and C{Connection: Upgrade}: both are
         hop-by-hop, so a proxy that asks for the switch must say so itself.
@@ -118,7 +120,10 @@ class RequestHead:
         path = url.rest or ("*" if self.method == "OPTIONS" else "/")
         if path.startswith("?"):
             path = "/" + path
-        lines = [f"{self.method} {path} {self.version}", f"Host: {url.authority}"]
+        authority = url.authority
+        if host is not None and host != url.host:
+            authority = (f"[{host}]" if ":" in host else host) + (f":{url.port}" if url.port != 80 else "")
+        lines = [f"{self.method} {path} {self.version}", f"Host: {authority}"]
         lines += [f"{name}: {value}" for name, value in _end_to_end(self.headers) if name.lower() != "host"]
         lines += _upgrade_lines(self.upgrade) if self.upgrade else ["Connection: keep-alive"]
         return _head_bytes(lines)

@@ -69,8 +69,8 @@ class HttpProxyProtocol(FrontendProtocol):
 
     kind = "HTTP"
 
-    def __init__(self, gateway: StreamOpener, clock: IReactorTime) -> None:
-        super().__init__(gateway, clock)
+    def __init__(self, gateway: StreamOpener, clock: IReactorTime, cluster: str | None = None) -> None:
+        super().__init__(gateway, clock, cluster)
         self._parser = RequestParser()
         self._version = "HTTP/1.1"
         #: The credentials of the request being answered.
@@ -174,6 +174,7 @@ class HttpProxyProtocol(FrontendProtocol):
             username=username,
             password=password,
             origin=self._origin,
+            cluster=self._cluster,
         )
 
     def _fail(self, status: int, detail: str) -> None:
@@ -212,7 +213,7 @@ class HttpProxyProtocol(FrontendProtocol):
     # absolute-form
 
     def _forward(self, head: RequestHead) -> None:
-        data = head.upstream_head()
+        data = head.upstream_head(self._gateway.destination_host(head.host))
         exchange = self._exchange = Exchange(head, data)
         self._client_keep_alive = self._client_keep_alive and head.keep_alive
         key = (head.host, head.port, head.credentials)
@@ -489,6 +490,8 @@ class HttpProxyProtocol(FrontendProtocol):
         self._await_body()
 
 
-def HttpProxyFactory(gateway: StreamOpener, clock: IReactorTime, clients: ClientLimit | None = None) -> FrontendFactory:
-    """The factory of an HTTP proxy listener."""
-    return FrontendFactory(HttpProxyProtocol, gateway, clock, clients)
+def HttpProxyFactory(
+    gateway: StreamOpener, clock: IReactorTime, clients: ClientLimit | None = None, cluster: str | None = None
+) -> FrontendFactory:
+    """The factory of an HTTP proxy listener (of C{cluster} alone, if given)."""
+    return FrontendFactory(HttpProxyProtocol, gateway, clock, clients, cluster)

@@ -26,9 +26,12 @@ class SocksProtocol(FrontendProtocol):
 
     kind = "SOCKS"
 
-    def __init__(self, gateway: StreamOpener, clock: IReactorTime) -> None:
-        super().__init__(gateway, clock)
-        self._machine = SocksMachine(authenticate=gateway.authenticate, is_cluster=gateway.is_cluster)
+    def __init__(self, gateway: StreamOpener, clock: IReactorTime, cluster: str | None = None) -> None:
+        super().__init__(gateway, clock, cluster)
+        self._machine = SocksMachine(
+            authenticate=lambda username, password: gateway.authenticate(username, password, cluster),
+            is_cluster=gateway.is_cluster,
+        )
 
     def dataReceived(self, data: bytes) -> None:
         if self._splice is not None:
@@ -64,6 +67,7 @@ class SocksProtocol(FrontendProtocol):
                 username=request.username,
                 password=request.password,
                 origin=self._origin,
+                cluster=self._cluster,
             )
         )
         opening.addCallbacks(self._opened, self._refused)
@@ -82,6 +86,8 @@ class SocksProtocol(FrontendProtocol):
             self.transport.loseConnection()
 
 
-def SocksFactory(gateway: StreamOpener, clock: IReactorTime, clients: ClientLimit | None = None) -> FrontendFactory:
-    """The factory of a SOCKS listener."""
-    return FrontendFactory(SocksProtocol, gateway, clock, clients)
+def SocksFactory(
+    gateway: StreamOpener, clock: IReactorTime, clients: ClientLimit | None = None, cluster: str | None = None
+) -> FrontendFactory:
+    """The factory of a SOCKS listener (of C{cluster} alone, if given)."""
+    return FrontendFactory(SocksProtocol, gateway, clock, clients, cluster)
