@@ -387,7 +387,11 @@ def socks5_open(
         sock.sendall(bytes([1, len(user)]) + user + bytes([len(pw)]) + pw)
         if sock.recv(2) != b"\x01\x00":
             return sock, -2
-    sock.sendall(b"\x05\x01\x00\x01" + socket.inet_aton(host) + struct.pack(">H", dest_port))
+    try:
+        address = b"\x01" + socket.inet_aton(host)
+    except OSError:  # a name, sent for the gateway to route and resolve
+        address = b"\x03" + bytes([len(host.encode())]) + host.encode()
+    sock.sendall(b"\x05\x01\x00" + address + struct.pack(">H", dest_port))
     reply = b""
     while len(reply) < 10:
         chunk = sock.recv(10 - len(reply))

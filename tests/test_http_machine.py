@@ -205,6 +205,18 @@ class RequestKindTests(_SplitMixin, TestCase):
         upstream = self.head(b"GET http://API.Example./ HTTP/1.1\r\n\r\n").upstream_head()
         self.assertIn(b"\r\nHost: API.Example.\r\n", upstream)
 
+    def test_host_of_a_qualified_name(self) -> None:
+        """The origin sees the real destination in Host, with the URL's port if it had one."""
+        head = self.head(b"GET http://10-0-0-5.cluster-a.gw.internal:8080/x HTTP/1.1\r\nHost: whatever\r\n\r\n")
+        upstream = head.upstream_head("10.0.0.5")
+        self.assertTrue(upstream.startswith(b"GET /x HTTP/1.1\r\nHost: 10.0.0.5:8080\r\n"), upstream)
+        self.assertNotIn(b"gw.internal", upstream)
+        head = self.head(b"GET http://fd00--5.cluster-a.gw.internal/ HTTP/1.1\r\n\r\n")
+        self.assertIn(b"\r\nHost: [fd00::5]\r\n", head.upstream_head("fd00::5"))
+        # the same host: the URL's authority as the client wrote it
+        head = self.head(b"GET http://API.Example./ HTTP/1.1\r\n\r\n")
+        self.assertIn(b"\r\nHost: API.Example.\r\n", head.upstream_head("api.example"))
+
     def test_query_string(self) -> None:
         event = self.head(b"GET http://example.com/search?q=a%20b&x HTTP/1.1\r\n\r\n")
         self.assertEqual(event.target, "http://example.com/search?q=a%20b&x")

@@ -418,6 +418,13 @@ class QualifiedNameTests(SynchronousTestCase):
         self.assertEqual(e.reason, Reason.AMBIGUOUS)
         self.assertIs(router.route("10.0.0.1", 80, "Lab").cluster, router.lookup("Lab"))
 
+    def test_destination_host(self) -> None:
+        """What an origin must see in Host: the real destination; anything else as it is."""
+        self.assertEqual(self.router.destination_host("10-0-0-5.Cluster-A.gw.internal"), "10.0.0.5")
+        self.assertEqual(self.router.destination_host("fd00--5.cluster-a.gw.internal"), "fd00::5")
+        self.assertEqual(self.router.destination_host("API.svc.test"), "api.svc.test")
+        self.assertEqual(self.router.destination_host("x.nope.gw.internal"), "x.nope.gw.internal")
+
     def test_other_domain(self) -> None:
         router = Router([self.a], domain="clusters.example.org")
         self.assertEqual(router.route("10-0-0-5.cluster-a.clusters.example.org", 80).host, "10.0.0.5")

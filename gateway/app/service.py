@@ -11,13 +11,14 @@ from __future__ import annotations
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService
 from twisted.internet.address import IPv4Address, IPv6Address
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IReactorCore
 from twisted.logger import Logger
 
 from gateway.app.clusters import ClusterRegistry, IGatewayReactor
+from gateway.app.listeners import ClusterListeners, ListenerChange
 from gateway.cluster.connection import ClusterConnection
 from gateway.config import ClusterConfig, GatewayConfig
 from gateway.control.loopback import is_local_address
@@ -113,9 +114,13 @@ class GatewayService(MultiService):
         #: The routed connection of each cluster, by cluster name.
         self.clusters = self.registry.clusters
         self.gateway = self.registry.opener
-        for cluster in config.clusters.values():
-            self.add_cluster(cluster)
         clients = ClientLimit(config.settings.max_clients)
+        #: Each cluster's own listeners (C{socks}/C{http} in its table).
+        self.listeners = ClusterListeners(reactor, self.gateway, clients)
+        self.listeners.setServiceParent(self)
+        self.registry.frontends.append(self.listeners)
+        for cluster in config.clusters.values():
+            self.add_cluster(cluster, config.source)
         factories = [
             SocksFactory(self.gateway, reactor, clients),
             HttpProxyFactory(self.gateway, reactor, clients),
@@ -140,17 +145,36 @@ class GatewayService(MultiService):
                     return f"{address.host}:{address.port}"
         return None
 
-    def add_cluster(self, config: ClusterConfig) -> ClusterConnection:
-        """See L{ClusterRegistry.add}."""
-        return self.registry.add(config)
+    def add_cluster(
+        self, config: ClusterConfig, source: str = "(api)", listeners: ListenerChange | None = None
+    ) -> ClusterConnection:
+        """
+        See L{ClusterRegistry.add}; and open the cluster's own listeners:
+        C{listeners} if the caller prepared them (the API, which must refuse
+        a port in use before anything changes), else as
+        L{ClusterListeners.want} does, failures naming C{source}.
+        """
+        connection = self.registry.add(config)
+        self._listen_for(config, source, listeners)
+        return connection
 
-    def replace_cluster(self, config: ClusterConfig) -> ClusterConnection:
-        """See L{ClusterRegistry.replace}."""
-        return self.registry.replace(config)
+    def replace_cluster(
+        self, config: ClusterConfig, source: str = "(api)", listeners: ListenerChange | None = None
+    ) -> ClusterConnection:
+        """See L{ClusterRegistry.replace} and L{add_cluster}."""
+        connection = self.registry.replace(config)
+        self._listen_for(config, source, listeners)
+        return connection
+
+    def _listen_for(self, config: ClusterConfig, source: str, listeners: ListenerChange | None) -> None:
+        if listeners is None:
+            self.listeners.want(config, source)
+        else:
+            listeners.commit()
 
     def remove_cluster(self, name: str) -> Deferred:
-        """See L{ClusterRegistry.remove}."""
-        return self.registry.remove(name)
+        """See L{ClusterRegistry.remove}; its listeners close too."""
+        return gatherResults([self.listeners.close(name), self.registry.remove(name)])
 
     def open_streams(self) -> int:
         return self.registry.open_streams()

@@ -141,7 +141,7 @@ def makeService(options: Options, reactor: IGatewayReactor | None = None) -> ISe
     config = options.gateway_config
     service = GatewayService(config, reactor)
     for _, cluster in options.api_clusters.values():
-        service.add_cluster(cluster)
+        service.add_cluster(cluster, options.store.path)
     if options["demo"]:
         from gateway.app.demo import DemoService
 

@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NoReturn
 
-from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.defer import Deferred, fail
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
+from gateway.app.listeners import ListenerChange, ListenError
 from gateway.app.service import GatewayService
 from gateway.cluster.connection import ClusterConnection
 from gateway.config import ConfigError, jump_cycle
@@ -74,7 +76,8 @@ class GatewayControl:
 
     def _view(self, cluster: ClusterConnection) -> ClusterView:
         source = "config" if cluster.name in self._config_names else "api"
-        return ClusterView(cluster.name, source, safe_settings(cluster.config), cluster_status(cluster))
+        status = {**cluster_status(cluster), "listeners": self._service.listeners.bound(cluster.name)}
+        return ClusterView(cluster.name, source, safe_settings(cluster.config), status)
 
     def list_clusters(self) -> list[ClusterView]:
         return [self._view(self._service.clusters[name]) for name in sorted(self._service.clusters)]
@@ -114,29 +117,42 @@ class GatewayControl:
         if name in known:
             return fail(ControlError(409, f"{name!r} is already an alias of cluster {known[name]!r}"))
         created = name not in self._service.clusters
-        previous = dict(self._bodies)
-        self._bodies[name] = dict(body)
-        try:
-            self._save()
-        except Exception:
-            self._bodies = previous
-            raise
-        try:
-            if created:
-                self._service.add_cluster(config)
-            else:
-                self._service.replace_cluster(config)
-        except Exception:
-            # Keep the file saying what runs.
-            self._bodies = previous
-            self._save()
-            raise
-        log.info(
-            "cluster {cluster} {action} through the control API",
-            cluster=name,
-            action="registered" if created else "replaced",
-        )
-        return succeed(created)
+
+        def apply(listeners: ListenerChange) -> bool:
+            previous = dict(self._bodies)
+            self._bodies[name] = dict(body)
+            try:
+                self._save()
+            except Exception:
+                self._bodies = previous
+                listeners.rollback()
+                raise
+            try:
+                if created:
+                    self._service.add_cluster(config, listeners=listeners)
+                else:
+                    self._service.replace_cluster(config, listeners=listeners)
+            except Exception:
+                # Keep the file saying what runs.
+                self._bodies = previous
+                self._save()
+                listeners.rollback()
+                raise
+            log.info(
+                "cluster {cluster} {action} through the control API",
+                cluster=name,
+                action="registered" if created else "replaced",
+            )
+            return created
+
+        def refused(failure: Failure) -> NoReturn:
+            failure.trap(ListenError)
+            error = failure.value
+            assert isinstance(error, ListenError)
+            raise ControlError(400, error.reason, error.key)
+
+        # A port in use is refused before anything changes.
+        return self._service.listeners.prepare(config).addCallbacks(apply, refused)
 
     def delete_cluster(self, name: str) -> Deferred[None]:
         if name in self._config_names:

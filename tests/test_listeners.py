@@ -1,0 +1,187 @@
+"""
+Per-cluster listeners and cluster-qualified names, in-process: the real
+service tree and control API on loopback, a fake proxy node, blocking
+SOCKS5 and HTTP clients in threads.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+
+from twisted.internet import reactor
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.protocol import Factory
+from twisted.internet.threads import deferToThread
+from twisted.trial.unittest import TestCase
+
+from gateway.app.service import GatewayService
+from gateway.config import GatewayConfig, ListenConfig, parse_cluster
+from gateway.testing import DEMO_PAGE
+from gateway.testing.keys import generate_key, private_pem
+from tests.support import WEB, WEB2, WEB2_PAGE, capture_events, http_exchange, inline, socks_get
+from tests.test_controlplane import ControlPlaneTestCase
+
+LOOPBACK_ANY = "tcp:0:interface=127.0.0.1"
+
+
+def bound_port(view: dict, kind: str, index: int = 0) -> int:
+    return int(view["status"]["listeners"][kind][index].rsplit(":", 1)[1])
+
+
+class ListenerTests(ControlPlaneTestCase):
+    async def put(self, name: str, **more) -> tuple[int, dict]:
+        code, content = await self.call("PUT", f"/v1/clusters/{name}", self.body(**more))
+        return code, json.loads(content)
+
+    async def view(self, name: str) -> dict:
+        code, content = await self.call("GET", f"/v1/clusters/{name}")
+        self.assertEqual(code, 200, content)
+        return json.loads(content)
+
+    @inline
+    async def test_no_credentials(self):
+        """The cluster has a token; its own listeners ask none, for SOCKS5 and the HTTP proxy alike."""
+        code, content = await self.put("api-1", socks=LOOPBACK_ANY, http=[LOOPBACK_ANY])
+        self.assertEqual(code, 201, content)
+        await self.harness.cluster_up("api-1")
+        view = await self.view("api-1")
+        self.assertEqual(view["settings"]["socks"], [LOOPBACK_ANY])
+        socks, http = bound_port(view, "socks"), bound_port(view, "http")
+
+        code, page = await deferToThread(socks_get, socks, *WEB)
+        self.assertEqual(code, 0)
+        self.assertTrue(page.endswith(DEMO_PAGE))
+        reply = await deferToThread(
+            http_exchange, http, b"GET http://10.99.0.11/ HTTP/1.1\r\nHost: 10.99.0.11\r\nConnection: close\r\n\r\n"
+        )
+        self.assertTrue(reply.startswith(b"HTTP/1.1 200"), reply[:100])
+        self.assertTrue(reply.endswith(WEB2_PAGE))
+
+        # the shared listener still wants the token for the same destination
+        code, _ = await deferToThread(socks_get, self.harness.socks_port, *WEB, username="api-1")
+        self.assertNotEqual(code, 0)
+
+    @inline
+    async def test_only_its_cluster(self):
+        code, content = await self.put("api-1", socks=LOOPBACK_ANY, networks=["10.99.0.10/32"])
+        self.assertEqual(code, 201, content)
+        await self.harness.cluster_up("api-1")
+        socks = bound_port(await self.view("api-1"), "socks")
+        code, _ = await deferToThread(socks_get, socks, *WEB2)  # outside api-1's networks
+        self.assertEqual(code, 2)  # not allowed by ruleset
+        code, _ = await deferToThread(socks_get, socks, "10-99-0-10.demo.gw.internal", 80)
+        self.assertEqual(code, 2)  # another cluster's qualified name
+        code, _ = await deferToThread(socks_get, socks, *WEB, username="demo")
+        self.assertEqual(code, -2)  # credentials naming another cluster
+
+    @inline
+    async def test_port_in_use(self):
+        taken = await serverFromString(reactor, LOOPBACK_ANY).listen(Factory())
+        self.addCleanup(taken.stopListening)
+        endpoint = f"tcp:{taken.getHost().port}:interface=127.0.0.1"
+        code, body = await self.put("api-1", socks=LOOPBACK_ANY, http=[LOOPBACK_ANY, endpoint])
+        self.assertEqual(code, 400)
+        self.assertEqual(body["field"], "http[1]")
+        self.assertIn("Address already in use", body["error"])
+        code, _ = await self.call("GET", "/v1/clusters/api-1")
+        self.assertEqual(code, 404)  # nothing registered, no port left open
+        self.assertEqual(self.harness.service.listeners.bound("api-1"), {"socks": [], "http": []})
+
+    @inline
+    async def test_beyond_loopback(self):
+        code, body = await self.put("api-1", socks="tcp:0:interface=0.0.0.0")
+        self.assertEqual(code, 400)
+        self.assertEqual(body["field"], "socks")
+        self.assertIn("remote_listeners", body["error"])
+        code, body = await self.put("api-1", socks="tcp:0:interface=0.0.0.0", remote_listeners=True)
+        self.assertEqual(code, 201, body)
+
+    @inline
+    async def test_replace_delete(self):
+        fixed = await self._free_port()
+        code, _ = await self.put("api-1", socks=fixed, http=LOOPBACK_ANY)
+        self.assertEqual(code, 201)
+        first = await self.view("api-1")
+        code, _ = await self.put("api-1", socks=fixed)  # http dropped
+        self.assertEqual(code, 200)
+        second = await self.view("api-1")
+        self.assertEqual(second["status"]["listeners"]["socks"], first["status"]["listeners"]["socks"])
+        self.assertEqual(second["status"]["listeners"]["http"], [])
+        await self._refused(bound_port(first, "http"))
+        await self.harness.cluster_up("api-1")
+        code, _ = await deferToThread(socks_get, bound_port(second, "socks"), *WEB)
+        self.assertEqual(code, 0)
+
+        code, _ = await self.call("DELETE", "/v1/clusters/api-1")
+        self.assertEqual(code, 204)
+        await self._refused(bound_port(second, "socks"))
+
+    async def _free_port(self) -> str:
+        probe = await serverFromString(reactor, LOOPBACK_ANY).listen(Factory())
+        port = probe.getHost().port
+        await probe.stopListening()
+        return f"tcp:{port}:interface=127.0.0.1"
+
+    async def _refused(self, port: int) -> None:
+        def connect() -> None:
+            with socket.create_connection(("127.0.0.1", port), timeout=5):
+                pass
+
+        await self.assertFailure(deferToThread(connect), ConnectionRefusedError)
+
+
+class QualifiedTests(ControlPlaneTestCase):
+    @inline
+    async def test_socks5_http(self):
+        """HOST.CLUSTER.gw.internal through the shared listeners; Host upstream is the real one."""
+        code, page = await deferToThread(socks_get, self.harness.socks_port, "10-99-0-10.demo.gw.internal", 80)
+        self.assertEqual(code, 0)
+        self.assertTrue(page.endswith(DEMO_PAGE))
+        reply = await deferToThread(
+            http_exchange,
+            self.harness.http_port,
+            b"GET http://10-99-0-11.DEMO.gw.internal/ HTTP/1.1\r\nHost: 10-99-0-11.demo.gw.internal\r\n"
+            b"Connection: close\r\n\r\n",
+        )
+        self.assertTrue(reply.startswith(b"HTTP/1.1 200"), reply[:200])
+        self.assertTrue(reply.endswith(WEB2_PAGE))
+
+    @inline
+    async def test_token(self):
+        code, content = await self.call("PUT", "/v1/clusters/api-1", self.body())
+        self.assertEqual(code, 201, content)
+        await self.harness.cluster_up("api-1")
+        name = "10-99-0-10.net-api.gw.internal"
+        code, _ = await deferToThread(socks_get, self.harness.socks_port, name, 80)
+        self.assertEqual(code, 2)
+        code, _ = await deferToThread(socks_get, self.harness.socks_port, name, 80, username="api-1", password="t1")
+        self.assertEqual(code, 0)
+
+
+class StartupTests(TestCase):
+    def test_port_in_use(self):
+        """A TOML cluster whose port is taken: one critical line naming file and key, then exit."""
+        taken = socket.socket()
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        self.addCleanup(taken.close)
+        endpoint = f"tcp:{taken.getsockname()[1]}:interface=127.0.0.1"
+        data = {
+            "proxies": ["127.0.0.1:1"],
+            "user": "u",
+            "key": private_pem(generate_key()),
+            "insecure_accept_any_host_key": True,
+            "networks": ["10.0.0.0/24"],
+            "http": endpoint,
+        }
+        cluster = parse_cluster("a", data, "/etc/gw.toml", "clusters.a")
+        config = GatewayConfig(ListenConfig(socks=(), http=(), control=()), {"a": cluster}, "/etc/gw.toml")
+        service = GatewayService(config, reactor)
+        events = capture_events(self)
+        self.assertRaises(SystemExit, service.privilegedStartService)
+        [critical] = [e for e in events if e["log_level"].name == "critical"]
+        self.assertEqual(
+            critical["log_format"].format(**critical),
+            f"/etc/gw.toml: clusters.a.http: cannot listen on {endpoint!r}: Address already in use",
+        )
