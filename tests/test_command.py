@@ -138,12 +138,17 @@ class CommandChannelTests(SynchronousTestCase):
         self.assertEqual(self.conn.channels, {})
 
     def test_refused_session_is_prohibited(self):
-        """sshd with C{MaxSessions 0} refuses the session itself."""
-        self.conn.ssh_CHANNEL_OPEN_FAILURE(struct.pack(">2L", 0, 1) + NS(b"open failed") + NS(b""))
+        """sshd with C{MaxSessions 0} refuses the session itself, with code 2 ("connect failed")."""
+        self.conn.ssh_CHANNEL_OPEN_FAILURE(struct.pack(">2L", 0, 2) + NS(b"open failed") + NS(b""))
         error = self._error(Reason.PROHIBITED)
         self.assertEqual(error.detail, "proxy node could not open a session for getent: open failed")
         self.assertEqual(self.closed, [None])
         self.assertEqual(self.conn.channels, {})
+        for code in (1, 4):
+            refused = self.conn.run_command(COMMAND, TIMEOUT)
+            (local,) = self.conn.channels
+            self.conn.ssh_CHANNEL_OPEN_FAILURE(struct.pack(">2L", local, code) + NS(b"no") + NS(b""))
+            self.assertEqual(self.failureResultOf(refused, StreamError).value.reason, Reason.PROHIBITED)
 
     def test_output_over_the_limit_fails_and_closes(self):
         self._started()

@@ -233,7 +233,9 @@ class CommandChannel(CommandExit):
 
     def openFailed(self, reason: Failure | BaseException) -> None:
         error = open_failure(reason, f"a session for {self.program}")
-        self._fail(error.reason, error.detail)
+        # A session reaches nothing on the network: whatever the code (sshd
+        # with MaxSessions 0 answers 2, "open failed"), the node refuses it.
+        self._fail(Reason.UNAVAILABLE if error.reason is Reason.UNAVAILABLE else Reason.PROHIBITED, error.detail)
         self._ended()
 
     def _exec_started(self, _: object) -> None:
