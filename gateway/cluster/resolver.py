@@ -226,8 +226,11 @@ class Resolver:
                 return StreamError(Reason.HOST_UNREACHABLE, f"{shown_name}: the proxy node's resolver gave no address")
         if result.signal is None and result.status == NOT_FOUND_STATUS:
             return StreamError(Reason.HOST_UNREACHABLE, f"{shown_name} not found by the proxy node's resolver")
+        # The command's own words (stderr) go to the log only: a client that
+        # proved no token learns nothing of the proxy node's set-up.
         problem = result.problem() or f"{result.program} ended without an exit status"
-        return StreamError(Reason.GENERAL, f"{shown_name}: the proxy node's resolver failed: {problem}")
+        failed = f"{shown_name}: the proxy node's resolver failed"
+        return StreamError(Reason.GENERAL, failed, log_detail=f"{failed}: {problem}")
 
     def _failure(self, name: str, failure: Failure) -> StreamError:
         error = failure.value
