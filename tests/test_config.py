@@ -33,6 +33,7 @@ from gateway.config import (
     parse_proxy_address,
     parse_size,
 )
+from gateway.config.model import DEFAULT_RESOLVE_TTL, DEFAULT_RESOLVER_COMMAND
 
 PASSPHRASE = "correct horse battery staple"
 TOKEN = "tok-7a1b9c3d5e"
@@ -871,6 +872,8 @@ NEW_DEFAULTS = {
     "keepalive_count_max": 3,
     "mode": "auto",
     "exec_command": "nc {host} {port}",
+    "resolver_command": "getent ahosts {host}",
+    "resolve_ttl": 60.0,
     "proxy_command": None,
     "jump": None,
     "jump_cluster": None,
@@ -1178,6 +1181,85 @@ class ConnectionSettingsTests(ConfigTestCase):
             self.assertError(f"[defaults]\n{line}\n", key, reason)
             # ... and named as defaults.KEY when a cluster inherits them
             self.assertError(f"[defaults]\n{line}\n" + self.cluster_toml(), key, reason)
+
+
+class ResolverSettingsTests(ConfigTestCase):
+    """resolver_command and resolve_ttl: names resolved on the proxy node."""
+
+    def cluster(self, **overrides: str | None) -> ClusterConfig:
+        return self.load(self.cluster_toml("a", **overrides)).clusters["a"]
+
+    def test_defaults(self) -> None:
+        c = self.cluster()
+        self.assertEqual((c.resolver_command, c.resolve_ttl), (DEFAULT_RESOLVER_COMMAND, DEFAULT_RESOLVE_TTL))
+        self.assertEqual((DEFAULT_RESOLVER_COMMAND, DEFAULT_RESOLVE_TTL), ("getent ahosts {host}", 60.0))
+
+    def test_values(self) -> None:
+        c = self.cluster(resolver_command='"dig +short {host} # {{x}}"', resolve_ttl="2.5")
+        self.assertEqual(c.resolver_command.format(host="h"), "dig +short h # {x}")
+        self.assertEqual(c.resolve_ttl, 2.5)
+        self.assertEqual(self.cluster(resolve_ttl="300").resolve_ttl, 300.0)
+        self.assertIsInstance(self.cluster(resolve_ttl="300").resolve_ttl, float)
+
+    def test_off_and_no_caching(self) -> None:
+        """An empty resolver_command turns resolution on the proxy node off; a TTL of 0 caches nothing."""
+        c = self.cluster(resolver_command='""', resolve_ttl="0")
+        self.assertEqual((c.resolver_command, c.resolve_ttl), ("", 0.0))
+
+    def test_in_defaults(self) -> None:
+        text = (
+            '[defaults]\nresolver_command = "resolve-name {host}"\nresolve_ttl = 5\n'
+            + self.cluster_toml("a")
+            + self.cluster_toml("b", resolver_command='""', resolve_ttl="10")
+        )
+        config = self.load(text)
+        a, b = config.clusters["a"], config.clusters["b"]
+        self.assertEqual((a.resolver_command, a.resolve_ttl), ("resolve-name {host}", 5.0))
+        self.assertEqual((b.resolver_command, b.resolve_ttl), ("", 10.0))
+
+    def test_errors(self) -> None:
+        hint = "(only {host} is replaced; write {{ and }} for literal braces)"
+        cases = [
+            ("resolver_command", "true", "expected a string, got boolean"),
+            ("resolver_command", '["getent", "{host}"]', "expected a string, got array"),
+            ("resolver_command", '" "', 'must not be blank (write "" to resolve no names on the proxy node)'),
+            ("resolver_command", '"getent ahosts {host} {port}"', f"unknown placeholder '{{port}}' {hint}"),
+            ("resolver_command", '"getent ahosts {name}"', "unknown placeholder '{name}'"),
+            (
+                "resolver_command",
+                '"getent ahosts {host"',
+                f"unmatched '{{' at character 15 of 'getent ahosts {{host' {hint}",
+            ),
+            ("resolver_command", '"getent ahosts localhost"', "'getent ahosts localhost' lacks the {host} placeholder"),
+            ("resolver_command", '"getent ahosts {{host}}"', "lacks the {host} placeholder"),
+            ("resolve_ttl", '"60"', "expected a number of seconds, got string"),
+            ("resolve_ttl", "true", "expected a number of seconds, got boolean"),
+            ("resolve_ttl", "-1", "must be 0 (no caching) or a positive number of seconds, got -1"),
+            ("resolve_ttl", "inf", "must be 0 (no caching) or a positive number of seconds, got inf"),
+            ("resolve_ttl", "nan", "got nan"),
+        ]
+        for name, value, reason in cases:
+            self.assertError(self.cluster_toml(**{name: value}), f"clusters.a.{name}", reason)
+        self.assertError("[defaults]\nresolve_ttl = -5\n", "defaults.resolve_ttl", "no caching")
+
+    def test_api_body(self) -> None:
+        """An API body sets them like any other key, and its errors name the body field."""
+        from gateway.control.store import validate_body
+
+        body = {
+            "proxies": ["p"],
+            "networks": ["10.0.0.0/8"],
+            "insecure_accept_any_host_key": True,
+            "key": self.m.files["id_ed25519"].decode(),
+            "user": "u",
+        }
+        c = validate_body("a", {**body, "resolver_command": "", "resolve_ttl": 1})
+        self.assertEqual((c.resolver_command, c.resolve_ttl), ("", 1.0))
+        c = validate_body("a", {**body, "resolver_command": "dig +short {host}"})
+        self.assertEqual((c.resolver_command, c.resolve_ttl), ("dig +short {host}", 60.0))
+        e = self.assertRaises(ConfigError, validate_body, "a", {**body, "resolver_command": "x {port}"})
+        self.assertEqual(e.key, "resolver_command")
+        self.assertIn("unknown placeholder '{port}'", e.reason)
 
 
 class JumpTests(ConfigTestCase):

@@ -26,8 +26,9 @@ from twisted.trial.unittest import TestCase
 
 from gateway.errors import Reason, StreamError
 from gateway.ssh.channel import TunnelChannel
+from gateway.ssh.command import STDERR_LIMIT
 from gateway.ssh.connection import TunnelConnection
-from gateway.ssh.exec_channel import STDERR_LIMIT, ExecTunnelChannel, exec_command_line
+from gateway.ssh.exec_channel import ExecTunnelChannel, exec_command_line
 from gateway.ssh.hostkeys import HostKeyPolicy
 from gateway.ssh.transport import client_factory
 from gateway.testing import FakeProxyNode, generate_key

@@ -78,6 +78,8 @@ class MetricsTextTests(SynchronousTestCase):
                 "gateway_cluster_state": "gauge",
                 "gateway_cluster_links_up": "gauge",
                 "gateway_reconnects": "counter",
+                "gateway_resolver_lookups": "counter",
+                "gateway_resolver_failures": "counter",
                 "gateway_handshake_errors": "counter",
             },
         )
@@ -120,6 +122,21 @@ class MetricsTextTests(SynchronousTestCase):
         self.assertEqual(m["gateway_cluster_links_up"], {lbl(cluster="cluster-a"): 2, lbl(cluster="cluster-b"): 0})
         self.assertEqual(m["gateway_reconnects_total"], {lbl(cluster="cluster-a"): 4, lbl(cluster="cluster-b"): 0})
         self.assertEqual(m["gateway_handshake_errors_total"], {lbl(frontend="socks"): 7, lbl(frontend="http"): 0})
+
+    def test_resolver(self) -> None:
+        """Names resolved on the proxy node: lookups by answer, failed runs by reason."""
+        resolver = self.a.stats.resolver
+        resolver.cache_hits, resolver.joined, resolver.runs = 5, 2, 3
+        resolver.failures["host-unreachable"] += 1
+        m = scrape(self.gateway, self.clusters)
+        self.assertEqual(
+            m["gateway_resolver_lookups_total"],
+            {
+                **{lbl(cluster="cluster-a", answer=a): n for a, n in (("cache", 5), ("joined", 2), ("run", 3))},
+                **{lbl(cluster="cluster-b", answer=a): 0 for a in ("cache", "joined", "run")},
+            },
+        )
+        self.assertEqual(m["gateway_resolver_failures_total"], {lbl(cluster="cluster-a", reason="host-unreachable"): 1})
 
     def test_state(self) -> None:
         """One 1 per cluster for its state, 0 for the other three."""

@@ -34,10 +34,13 @@ from twisted.python.failure import Failure
 
 from gateway.cluster.connectors import Connector, IConnectingReactor, host_key_policy, tcp_connector
 from gateway.cluster.link import Link
+from gateway.cluster.resolver import Resolver, ResolverStats
 from gateway.cluster.slots import SlotPolicy, Step
 from gateway.config import ClusterConfig, ProxyAddress
 from gateway.errors import Reason, StreamError
+from gateway.routing import IPAddress
 from gateway.ssh.channel import TunnelChannel
+from gateway.ssh.command import CommandResult
 from gateway.ssh.connection import TunnelConnection
 from gateway.ssh.exec_channel import exec_command_line
 from gateway.ssh.transport import SSHConnectError
@@ -65,6 +68,7 @@ class ClusterStats:
     links_up: int = 0
     #: reactor.seconds() when the cluster last went from no link to a link.
     connected_since: float | None = None
+    resolver: ResolverStats = field(default_factory=ResolverStats)
 
 
 class _Slot:
@@ -112,6 +116,7 @@ class ClusterConnection(Service):
         self._retired: Deferred[None] | None = None
         self.exec_mode = config.mode == "exec"
         self.stats = ClusterStats()
+        self.resolver = Resolver(config, self.run_command, reactor, self.stats.resolver)
 
     # -- state -------------------------------------------------------------
 
@@ -352,19 +357,20 @@ class ClusterConnection(Service):
         self._maybe_retired()
         return failure
 
+    def _with_room(self, link: Link) -> Link:
+        """C{link}, the least loaded one, unless it is full: then all are, and sshd would drop one and its streams."""
+        if link.open_channels >= MAX_CHANNELS_PER_CONNECTION:
+            raise StreamError(
+                Reason.OVERLOADED,
+                f"cluster {self.name!r}: every SSH connection carries {MAX_CHANNELS_PER_CONNECTION} streams "
+                "(raise `connections`)",
+            )
+        return link
+
     def _open_on(
         self, link: Link, host: str, port: int, origin: tuple[str, int], carrier: bool = False
     ) -> Deferred[TunnelChannel]:
-        if link.open_channels >= MAX_CHANNELS_PER_CONNECTION:
-            # The least loaded link is full, so all are: refuse this stream
-            # rather than have sshd drop the connection and every stream on it.
-            return fail(
-                StreamError(
-                    Reason.OVERLOADED,
-                    f"cluster {self.name!r}: every SSH connection carries {MAX_CHANNELS_PER_CONNECTION} streams "
-                    "(raise `connections`)",
-                )
-            )
+        self._with_room(link)
 
         def opened(channel: TunnelChannel) -> TunnelChannel:
             if not carrier:
@@ -430,6 +436,15 @@ class ClusterConnection(Service):
 
         opening.addBoth(settle)
         return result
+
+    def resolve(self, name: str) -> Deferred[tuple[IPAddress, ...]]:
+        """The addresses of C{name} from the proxy node's resolver, cached (see L{Resolver.resolve})."""
+        return self.resolver.resolve(name)
+
+    def run_command(self, command: bytes) -> Deferred[CommandResult]:
+        """Run C{command} on the least loaded link's proxy node within C{open_timeout} (L{Link.run_command})."""
+        running = self._link().addCallback(self._with_room)
+        return running.addCallback(Link.run_command, command, self.config.open_timeout)
 
     def cut_streams(self, reason: str) -> None:
         """Say why the streams still open are about to be cut: their log events show it."""

@@ -19,6 +19,7 @@ from twisted.python.failure import Failure
 
 from gateway.cluster.connectors import Connector
 from gateway.config import ClusterConfig, ProxyAddress
+from gateway.ssh.command import CommandResult
 from gateway.ssh.hostkeys import HostKeyPolicy
 from gateway.ssh.transport import GatewayClientTransport, TunnelConnection, client_factory
 
@@ -165,6 +166,14 @@ class Link:
             self.transport.loseConnection()
             if self._grace is None:
                 self._grace = self._clock.callLater(CLOSE_GRACE, self.abort)
+
+    def run_command(self, command: bytes, timeout: float) -> Deferred[CommandResult]:
+        """
+        Run C{command} on this link's proxy node (L{TunnelConnection.run_command}):
+        no client's stream, but a channel a retiring link waits for.
+        """
+        assert self.connection is not None, "a command runs on a link that is up"
+        return self.connection.run_command(command, timeout, on_closed=self.channel_closed)
 
     def retire(self) -> None:
         """Close once the streams still using this link have finished."""

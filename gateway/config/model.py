@@ -41,6 +41,10 @@ DEFAULT_MODE = "auto"
 DEFAULT_EXEC_COMMAND = "nc {host} {port}"
 #: Placeholders of exec_command and proxy_command.
 PLACEHOLDERS = ("host", "port")
+DEFAULT_RESOLVER_COMMAND = "getent ahosts {host}"
+#: The one placeholder of resolver_command (the name to resolve).
+RESOLVER_PLACEHOLDERS = ("host",)
+DEFAULT_RESOLVE_TTL = 60.0
 DEFAULT_CONNECTIONS = 1
 MAX_CONNECTIONS = 16
 DEFAULT_MAX_STREAMS = 1024
@@ -122,6 +126,13 @@ class ClusterConfig:
     #: Command run on the proxy node in exec mode; a C{str.format} template
     #: with exactly the placeholders C{{host}} and C{{port}}.
     exec_command: str = DEFAULT_EXEC_COMMAND
+    #: Command run on the proxy node to resolve a destination name that
+    #: matches no C{hostnames} pattern (see L{gateway.cluster.resolver}); a
+    #: template with exactly the placeholder C{{host}}; "": names are not
+    #: resolved on the proxy node.
+    resolver_command: str = DEFAULT_RESOLVER_COMMAND
+    #: Seconds a name's resolved addresses are reused; 0: not cached.
+    resolve_ttl: float = DEFAULT_RESOLVE_TTL
     #: Command run locally to reach the proxy node (OpenSSH's ProxyCommand);
     #: a template with the optional placeholders C{{host}} and C{{port}}.
     proxy_command: str | None = None

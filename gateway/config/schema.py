@@ -51,6 +51,7 @@ from gateway.config.values import (
     read_path,
     read_proxy_command,
     read_rekey_bytes,
+    read_resolver_command,
     read_seconds,
     read_window_size,
     show,
@@ -265,6 +266,8 @@ CLUSTER_SCHEMA: tuple[ClusterKey, ...] = (
     ClusterKey("keepalive_count_max", partial(read_integer, low=1, high=MAX_KEEPALIVE_COUNT_MAX)),
     ClusterKey("mode", read_mode),
     ClusterKey("exec_command", read_exec_command),
+    ClusterKey("resolver_command", read_resolver_command),
+    ClusterKey("resolve_ttl", partial(read_seconds, zero="no caching")),
     ClusterKey("proxy_command", read_proxy_command, api=LocalCommand()),
     # a cluster that jumps through another connection does not use the
     # defaults' proxy_command (the two are mutually exclusive)

@@ -26,6 +26,7 @@ from gateway.config.model import (
     MIN_WINDOW_SIZE,
     MODES,
     PLACEHOLDERS,
+    RESOLVER_PLACEHOLDERS,
     ConfigError,
 )
 
@@ -330,13 +331,17 @@ def read_mode(values: Values, name: str) -> str:
     return mode
 
 
-def _check_template(values: Values, name: str, text: str, required: tuple[str, ...]) -> str:
+def _check_template(
+    values: Values, name: str, text: str, required: tuple[str, ...], placeholders: tuple[str, ...] = PLACEHOLDERS
+) -> str:
     """
-    Check a command template: C{{host}} and C{{port}} are the only
-    placeholders, C{{{} and C{}}} literal braces; C{required} must be used.
-    What passes is safe for C{text.format(host=..., port=...)}.
+    Check a command template: C{placeholders} (C{{host}} and C{{port}}
+    unless told otherwise) are the only placeholders, C{{{} and C{}}}
+    literal braces; C{required} must be used.  What passes is safe for
+    C{text.format(...)} with the values of C{placeholders}.
     """
-    hint = "only {host} and {port} are replaced; write {{ and }} for literal braces"
+    names = " and ".join("{" + p + "}" for p in placeholders)
+    hint = f"only {names} {'is' if len(placeholders) == 1 else 'are'} replaced; write {{{{ and }}}} for literal braces"
     found: set[str] = set()
     i = 0
     while i < len(text):
@@ -351,7 +356,7 @@ def _check_template(values: Values, name: str, text: str, required: tuple[str, .
             if end == -1 or text[end] == "{":
                 raise values.error(name, f"unmatched '{{' at character {i + 1} of {show(text)} ({hint})")
             placeholder = text[i + 1 : end]
-            if placeholder not in PLACEHOLDERS:
+            if placeholder not in placeholders:
                 raise values.error(name, f"unknown placeholder {show('{' + placeholder + '}')} ({hint})")
             found.add(placeholder)
             i = end + 1
@@ -377,3 +382,12 @@ def read_proxy_command(values: Values, name: str) -> str | None:
     if text == "none":
         return None
     return _check_template(values, name, text, ())
+
+
+def read_resolver_command(values: Values, name: str) -> str:
+    text = values.string(name, nonempty=False)
+    if not text:
+        return ""  # names are not resolved on the proxy node
+    if not text.strip():
+        raise values.error(name, 'must not be blank (write "" to resolve no names on the proxy node)')
+    return _check_template(values, name, text, RESOLVER_PLACEHOLDERS, RESOLVER_PLACEHOLDERS)

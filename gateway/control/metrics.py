@@ -21,6 +21,11 @@ Metrics (per-cluster ones labelled C{cluster}):
  - C{gateway_cluster_links_up{cluster}} (SSH connections established)
  - C{gateway_reconnects_total{cluster}}
  - C{gateway_handshake_errors_total{frontend}}
+ - C{gateway_resolver_lookups_total{cluster,answer="cache"|"joined"|"run"}}:
+   names resolved on the proxy node, by where the answer came from (the
+   cache, a run already under way for the name, a run of its own)
+ - C{gateway_resolver_failures_total{cluster,reason}}: resolver runs that
+   gave no address (C{host-unreachable}: the name was not found)
 """
 
 from __future__ import annotations
@@ -76,6 +81,16 @@ class GatewayCollector(Collector):
         reconnects = CounterMetricFamily(
             "gateway_reconnects", "SSH connections established after the first one.", labels=["cluster"]
         )
+        lookups = CounterMetricFamily(
+            "gateway_resolver_lookups",
+            "Names resolved on the proxy node, by where the answer came from.",
+            labels=["cluster", "answer"],
+        )
+        resolver_failed = CounterMetricFamily(
+            "gateway_resolver_failures",
+            "Resolver runs on the proxy node that gave no address, by reason.",
+            labels=["cluster", "reason"],
+        )
         handshake = CounterMetricFamily(
             "gateway_handshake_errors",
             "Malformed or timed-out client handshakes, by front end.",
@@ -97,6 +112,11 @@ class GatewayCollector(Collector):
                 state.add_metric([name, each], 1 if each == current else 0)
             links.add_metric([name], sum(1 for link in list(cluster.links) if link.connection is not None))
             reconnects.add_metric([name], stats.reconnects)
+            resolver = stats.resolver
+            for answer, count in (("cache", resolver.cache_hits), ("joined", resolver.joined), ("run", resolver.runs)):
+                lookups.add_metric([name, answer], count)
+            for reason, count in sorted(resolver.failures.items()):
+                resolver_failed.add_metric([name, reason], count)
 
         for reason, count in sorted(self._gateway.unrouted_failures.items()):
             failed.add_metric(["", reason], count)
@@ -104,7 +124,19 @@ class GatewayCollector(Collector):
         for frontend in sorted(set(FRONTENDS) | set(errors)):
             handshake.add_metric([frontend], errors.get(frontend, 0))
 
-        yield from (opened, failed, open_, transferred, up, state, links, reconnects, handshake)
+        yield from (
+            opened,
+            failed,
+            open_,
+            transferred,
+            up,
+            state,
+            links,
+            reconnects,
+            lookups,
+            resolver_failed,
+            handshake,
+        )
 
 
 def metrics_text(gateway: StreamOpener, clusters: Callable[[], Iterable[ClusterConnection]]) -> bytes:

@@ -74,6 +74,22 @@ def open_failure_reason(code: int, description: str) -> Reason:
     return Reason.GENERAL
 
 
+def open_failure(reason: Failure | BaseException, what: str) -> StreamError:
+    """
+    Why opening a channel for C{what} (a destination, "a session for getent")
+    failed: the proxy node's answer (a C{ConchError} with its code and text),
+    or the SSH connection lost meanwhile.
+    """
+    why = reason.value if isinstance(reason, Failure) else reason
+    if isinstance(why, ConchError):
+        code = why.data if isinstance(why.data, int) else 0
+        raw = why.value if isinstance(why.value, bytes) else str(why.value).encode()
+        text = peer_text(raw)  # the proxy node's words: escaped and cut
+        detail = f"proxy node could not open {what}: {text or 'no reason given'}"
+        return StreamError(open_failure_reason(code, text), detail)
+    return StreamError(Reason.UNAVAILABLE, f"SSH connection lost while opening {what}")
+
+
 def clock_or_reactor(clock: IReactorTime | None) -> IReactorTime:
     """
     C{clock}, or else the global reactor: imported only then, because
@@ -237,22 +253,8 @@ class TunnelChannel(ConsumerPacedWindow, OrderedEOFChannel):
         self.opened.callback(self)
 
     def openFailed(self, reason: Failure | BaseException) -> None:
-        why = reason.value if isinstance(reason, Failure) else reason
-        if isinstance(why, ConchError):
-            code = why.data if isinstance(why.data, int) else 0
-            raw = why.value if isinstance(why.value, bytes) else str(why.value).encode()
-            text = peer_text(raw)  # the proxy node's words: escaped and cut
-            error = StreamError(
-                open_failure_reason(code, text),
-                f"proxy node could not open {self.destination}: {text or 'no reason given'}",
-            )
-        else:
-            error = StreamError(
-                Reason.UNAVAILABLE,
-                f"SSH connection lost while opening {self.destination}",
-            )
         self._closed = True
-        self.opened.errback(error)
+        self.opened.errback(open_failure(reason, self.destination))
 
     @property
     def destination(self) -> str:

@@ -10,6 +10,7 @@ and data delivery is the channel's to pace (see L{TunnelChannel}).
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 
 from twisted.conch.ssh import connection, transport
 from twisted.conch.ssh.channel import SSHChannel
@@ -20,6 +21,7 @@ from twisted.python.failure import Failure
 
 from gateway.ssh._conch import quiet_conch_logs
 from gateway.ssh.channel import DEFAULT_WINDOW, TunnelChannel
+from gateway.ssh.command import OUTPUT_LIMIT, CommandChannel, CommandResult
 from gateway.ssh.exec_channel import ExecTunnelChannel
 
 log = Logger()
@@ -34,7 +36,8 @@ _CHANNEL_MESSAGES = frozenset(range(connection.MSG_CHANNEL_OPEN_CONFIRMATION, co
 class TunnelConnection(connection.SSHConnection):
     """
     The C{ssh-connection} service, opening C{direct-tcpip} tunnels (or
-    C{session} channels running netcat, L{open_exec}).
+    C{session} channels running netcat, L{open_exec}), and running commands
+    for the gateway itself (L{run_command}).
 
     Data delivery is overridden so the channel, not Conch, decides when to
     re-open the receive window (see L{TunnelChannel}).
@@ -129,9 +132,10 @@ class TunnelConnection(connection.SSHConnection):
 
     def serviceStopped(self) -> None:
         # The SSH connection is gone: every channel still open was cut, and
-        # its stream's log event must say so rather than read as a normal end.
+        # its stream's log event (or command's result) must say so rather
+        # than read as a normal end.
         for open_channel in self.channelsToRemoteChannel:
-            if isinstance(open_channel, TunnelChannel) and open_channel.close_reason is None:
+            if isinstance(open_channel, (TunnelChannel, CommandChannel)) and open_channel.close_reason is None:
                 open_channel.close_reason = "SSH connection lost"
         super().serviceStopped()
 
@@ -180,3 +184,20 @@ class TunnelConnection(connection.SSHConnection):
         channel = ExecTunnelChannel(command, host, port, origin, window_size, clock=self._clock)
         self.openChannel(channel, channel.open_request_data())
         return channel.opened
+
+    def run_command(
+        self,
+        command: bytes,
+        timeout: float,
+        output_limit: int = OUTPUT_LIMIT,
+        on_closed: Callable[[], None] | None = None,
+    ) -> Deferred[CommandResult]:
+        """
+        Run C{command} on the proxy node (a C{session} channel, no client
+        stream: see L{CommandChannel}) and collect what it prints; gives up
+        after C{timeout} seconds.  C{on_closed} is called once the channel no
+        longer counts on this connection.
+        """
+        channel = CommandChannel(command, self._clock, timeout, output_limit, on_closed)
+        self.openChannel(channel)
+        return channel.result

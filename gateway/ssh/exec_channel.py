@@ -10,43 +10,23 @@ C{close_reason} when it ends badly.
 
 from __future__ import annotations
 
-import os.path
-import shlex
-import struct
-
-from twisted.conch.ssh import connection
-from twisted.conch.ssh.common import NS, getNS
 from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
 
-from gateway.errors import Reason, StreamError, peer_text
+from gateway.errors import Reason, StreamError
 from gateway.ssh.channel import DEFAULT_WINDOW, TunnelChannel
-
-#: At most this much of an exec command's stderr is kept (for close_reason).
-STDERR_LIMIT = 4096
+from gateway.ssh.command import CommandExit, command_line, program_name
 
 
 def exec_command_line(template: str, host: str, port: int) -> bytes:
     """
     The command that carries a stream to C{host:port}, e.g. from
-    C{"nc {host} {port}"}; both values are shell-quoted, so a hostile host
-    name stays one word.
+    C{"nc {host} {port}"}; both values are shell-quoted (L{command_line}).
     """
-    return template.format(host=shlex.quote(host), port=shlex.quote(str(port))).encode("utf-8")
+    return command_line(template, host=host, port=port)
 
 
-def _program_name(command: bytes) -> str:
-    """C{nc} for C{b"exec /usr/bin/nc -w 5 h 80"}: for messages only."""
-    try:
-        words = shlex.split(command.decode("utf-8", "replace"))
-    except ValueError:
-        words = command.decode("utf-8", "replace").split()
-    while words and words[0] in ("exec", "command", "env"):
-        words.pop(0)
-    return os.path.basename(words[0]) if words else "command"
-
-
-class ExecTunnelChannel(TunnelChannel):
+class ExecTunnelChannel(CommandExit, TunnelChannel):
     """
     A client stream carried over a command's stdin/stdout in a C{session}
     channel: C{exec nc HOST PORT} for proxy nodes that forbid TCP forwarding.
@@ -71,18 +51,7 @@ class ExecTunnelChannel(TunnelChannel):
     ) -> None:
         super().__init__(host, port, origin, window_size, clock)
         self.command = command
-        self.program = _program_name(command)
-        #: From the C{exit-status} request, if any.
-        self.exit_status: int | None = None
-        #: From the C{exit-signal} request: the signal name, e.g. C{"TERM"}.
-        self.exit_signal: str | None = None
-        self._exit_signal_message = ""
-        self._stderr = b""
-
-    @property
-    def stderr(self) -> str:
-        """What the command wrote to stderr (at most 4 KiB), stripped."""
-        return self._stderr.decode("utf-8", "replace").strip()
+        self.program = program_name(command)
 
     # -- opening ---------------------------------------------------------
 
@@ -90,7 +59,7 @@ class ExecTunnelChannel(TunnelChannel):
         return b""
 
     def channelOpen(self, specificData: bytes) -> None:
-        requested = self.conn.sendRequest(self, b"exec", NS(self.command), wantReply=True)
+        requested = self.request_exec()
         if requested is None:  # closed already
             self._open_lost()
             return
@@ -128,46 +97,14 @@ class ExecTunnelChannel(TunnelChannel):
     # -- what the command says -----------------------------------------
 
     def extReceived(self, dataType: int, data: bytes) -> None:
-        if dataType == connection.EXTENDED_DATA_STDERR:
-            room = STDERR_LIMIT - len(self._stderr)
-            if room > 0:
-                self._stderr += data[:room]
+        self.keep_stderr(dataType, data)
         super().extReceived(dataType, data)
-
-    def request_exit_status(self, data: bytes) -> bool:
-        if len(data) < 4:
-            return False
-        (self.exit_status,) = struct.unpack(">L", data[:4])
-        return True
-
-    def request_exit_signal(self, data: bytes) -> bool:
-        name, rest = getNS(data)
-        self.exit_signal = peer_text(name, limit=32)
-        try:
-            message, _ = getNS(rest[1:])
-            self._exit_signal_message = message.decode("utf-8", "replace").strip()
-        except (struct.error, IndexError):
-            pass
-        return True
 
     def _settle_exit(self) -> None:
         """Turn exit status, signal and stderr into close_reason."""
-        stderr = self.stderr
-        if self.exit_signal is None and self.exit_status in (None, 0) and not stderr:
-            return  # a normal end, or a channel that closed without a word
-        if self.exit_signal is not None:
-            reason = f"{self.program} killed by signal {self.exit_signal}"
-            details = [d for d in (self._exit_signal_message, stderr) if d]
-        elif self.exit_status is not None:
-            reason = f"{self.program} exited with status {self.exit_status}"
-            details = [stderr] if stderr else []
-        else:
-            reason = f"{self.program} ended without an exit status"
-            details = [stderr]
-        if details:
-            # The proxy node's words, for a log line: escaped and cut.
-            reason += ": " + "; ".join(peer_text(detail.encode()) for detail in details)
-        self.close_reason = reason
+        problem = self.exit_result().problem()
+        if problem is not None:
+            self.close_reason = problem
 
     # -- end -------------------------------------------------------------
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import shlex
 import struct
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from twisted.conch.ssh import common, connection
@@ -150,10 +151,16 @@ class ServerTunnel(ServerStream):
     name = b"direct-tcpip"
 
 
+#: A program the fake node can run in a session: called with the session and
+#: the command's words, it answers through the session (L{ServerSession.finish}).
+Program = Callable[["ServerSession", list[str]], None]
+
+
 class ServerSession(ServerStream):
     """
-    Server side of a C{session} channel: runs C{nc HOST PORT} (exec) the way
-    netcat-openbsd under OpenSSH would, and nothing else.
+    Server side of a C{session} channel: runs one of the node's C{programs}
+    (C{nc HOST PORT}, C{getent ahosts NAME}) the way they would under
+    OpenSSH, and nothing else.
     """
 
     name = b"session"
@@ -182,8 +189,13 @@ class ServerSession(ServerStream):
             argv = argv[1:]
         if not argv:
             return self.finish(0)
-        if os.path.basename(argv[0]) not in ("nc", "netcat"):
+        program = self.node.programs.get(os.path.basename(argv[0]))
+        if program is None:
             return self.finish(127, f"sh: 1: {argv[0]}: command not found\n")
+        program(self, argv)
+
+    def run_netcat(self, argv: list[str]) -> None:
+        """netcat-openbsd: joins the session to C{routes[(HOST, PORT)]}."""
         # Options (-N, -w 5 ...) are accepted and ignored: HOST PORT come last.
         if len(argv) < 3 or not argv[-1].isdigit():
             return self.finish(1, "usage: nc [-46CDdFhklNnrStUuvZz] destination [port]\n")
@@ -200,6 +212,24 @@ class ServerSession(ServerStream):
             self._refused(host, port, text)
 
         connecting.addCallbacks(lambda _: self.destination_connected(), failed)
+
+    def run_getent(self, argv: list[str]) -> None:
+        """
+        glibc's C{getent ahosts NAME} over the node's C{names}: one line per
+        address and socket type, the name on the first; status 2 for a name
+        it does not know.
+        """
+        if len(argv) != 3 or argv[1] != "ahosts":
+            return self.finish(1, "Usage: getent [OPTION...] database [key ...]\n")
+        addresses = self.node.names.get(argv[2])
+        if not addresses:
+            return self.finish(2)
+        lines: list[str] = []
+        for address in addresses:
+            for kind in ("STREAM", "DGRAM", "RAW"):
+                lines.append(f"{address:<15} {kind:<6} {argv[2] if not lines else ''}\n")
+        self.write("".join(lines).encode())
+        self.finish(0)
 
     def _refused(self, host: str, port: int, text: str) -> None:
         self.finish(1, f"nc: connect to {host} port {port} (tcp) failed: {text}\n")

@@ -1,14 +1,14 @@
 """
 L{FakeProxyNode}: a Conch SSH server playing a cluster's proxy node, the way
 OpenSSH answers where the gateway can tell the difference (open failures and
-their codes, C{AllowTcpForwarding no}, C{exec nc HOST PORT}, keepalives).
-Its channels are in L{gateway.testing.channels}.
+their codes, C{AllowTcpForwarding no}, C{exec nc HOST PORT}, C{getent ahosts
+NAME}, keepalives).  Its channels are in L{gateway.testing.channels}.
 """
 
 from __future__ import annotations
 
 import struct
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 from twisted.conch.avatar import ConchUser
 from twisted.conch.checkers import InMemorySSHKeyDB, SSHPublicKeyChecker
@@ -24,7 +24,7 @@ from twisted.internet.protocol import Factory, Protocol
 from zope.interface import Interface, implementer
 
 from gateway.ssh._conch import quiet_conch_logs
-from gateway.testing.channels import DestinationProtocol, ServerSession, ServerStream, ServerTunnel
+from gateway.testing.channels import DestinationProtocol, Program, ServerSession, ServerStream, ServerTunnel
 from gateway.testing.keys import generate_key
 
 #: The node's own Conch events (each step of every key exchange and login at
@@ -174,6 +174,8 @@ class FakeProxyNode:
         "administratively prohibited", like sshd's C{AllowTcpForwarding no};
         C{exec nc HOST PORT} in a session channel still reaches C{routes}.
     @param allow_exec: False refuses every C{exec} request.
+    @param names: what C{getent ahosts NAME} answers: name -> addresses (a
+        name not there is not found, status 2).
     @param dial: connects a protocol to a route's target; by default the
         target is a client endpoint string (L{MemoryNetwork} passes its own).
     """
@@ -188,6 +190,7 @@ class FakeProxyNode:
         host_key: keys.Key | None = None,
         allow_tcp_forwarding: bool = True,
         allow_exec: bool = True,
+        names: Mapping[str, Sequence[str]] | None = None,
         dial: Callable[[str, Protocol], defer.Deferred] | None = None,
     ) -> None:
         self.reactor = reactor
@@ -197,6 +200,14 @@ class FakeProxyNode:
         self.prohibited = set(prohibited)
         self.allow_tcp_forwarding = allow_tcp_forwarding
         self.allow_exec = allow_exec
+        self.names = dict(names or {})
+        #: The commands a session can run, by program name; a test may add
+        #: its own (one that never finishes, one that floods stdout).
+        self.programs: dict[str, Program] = {
+            "nc": ServerSession.run_netcat,
+            "netcat": ServerSession.run_netcat,
+            "getent": ServerSession.run_getent,
+        }
         #: True: ignore keepalives, like a peer whose packets are dropped.
         self.frozen = False
         self.host_key = host_key or generate_key()

@@ -66,6 +66,13 @@ BIG_SHA256 = "682ae520c78c53c0812d98ba24e1e68d8c36c819180790e57e8fd6ede723733e"
 SSHD_NAMES = ("proxy-a", "proxy-b", "internal-a", "internal-b")
 #: Resolves to the internal host only inside the proxy namespaces.
 INTERNAL_NAME = "master.cluster.internal"
+#: Names of the proxy namespaces' hosts files outside any cluster's
+#: ``hostnames`` (for names resolved on the proxy node): one resolving to
+#: the internal host, one outside the tenant network (to the proxy node's
+#: own loopback), one with an address on each side.
+RESOLVED_NAME = "web.tenant.test"
+OUTSIDE_NAME = "evil.tenant.test"
+MIXED_NAME = "mixed.tenant.test"
 
 _counter = itertools.count(1)
 _HOST_KEY_TYPES = (("ed25519", []), ("ecdsa", ["-b", "256"]), ("rsa", ["-b", "2048"]))
@@ -402,6 +409,7 @@ def cleanup_stale_labs() -> list[str]:
                 for pid in pids:
                     _kill_in_ns(pid, keys, signal.SIGKILL)
                 time.sleep(0.05)
+        shutil.rmtree(os.path.join("/etc/netns", name), ignore_errors=True)  # its hosts file
         try:
             _sh(["ip", "netns", "del", name], timeout=10)
             removed.append(name)
@@ -979,14 +987,18 @@ class Lab:
 
     def _write_proxy_hosts(self) -> None:
         # `ip netns exec NS` bind-mounts /etc/netns/NS/hosts over /etc/hosts, so
-        # each proxy node resolves INTERNAL_NAME to its own internal host: a
-        # name that only the proxy side can resolve, like a cluster's own DNS.
+        # each proxy node resolves INTERNAL_NAME (and RESOLVED_NAME) to its own
+        # internal host: names that only the proxy side can resolve, like a
+        # cluster's own DNS.
         for t in ("a", "b"):
             directory = os.path.join("/etc/netns", self.proxy_ns[t])
             os.makedirs(directory, exist_ok=True)
             self._etc_dirs.append(directory)
             with open(os.path.join(directory, "hosts"), "w") as f:
-                f.write(f"127.0.0.1 localhost\n{self.internal_addr} {INTERNAL_NAME}\n")
+                f.write(
+                    f"127.0.0.1 localhost {OUTSIDE_NAME} {MIXED_NAME}\n"
+                    f"{self.internal_addr} {INTERNAL_NAME} {RESOLVED_NAME} {MIXED_NAME}\n"
+                )
 
     def _start_daemons(self) -> None:
         self._write_proxy_hosts()
