@@ -79,6 +79,10 @@ class Route:
     cluster: ClusterConfig
     host: str
     port: int
+    #: C{host} is a name that matches none of the cluster's C{hostnames}:
+    #: it must be resolved on the proxy node, and every address checked
+    #: (L{Router.check_resolved}) before the channel opens to one of them.
+    resolve: bool = False
 
 
 def show_username(username: str) -> str:
@@ -201,8 +205,35 @@ class Router:
         else:
             chosen = self._by_destination(dest, str(dest))
         canonical = str(dest)  # the route's host and the errors' (canonical_host)
+        named = bool(readings) or listener is not None or username is not None
+        if named and isinstance(dest, str) and chosen.resolver_command and not _matches_hostnames(dest, chosen):
+            # The client named the cluster, so the name is its proxy node's to
+            # resolve: the addresses decide (the opener asks, then check_resolved).
+            return Route(cluster=chosen, host=canonical, port=port, resolve=True)
         self._check_allowed(chosen, dest, canonical)
         return Route(cluster=chosen, host=canonical, port=port)
+
+    @staticmethod
+    def check_resolved(route: Route, addresses: Sequence[IPAddress]) -> IPAddress:
+        """
+        The address to open a resolved route's channel to: the first, once
+        every address lies inside the cluster's networks -- a name with one
+        address outside them is refused whole, so no answer order or second
+        lookup (DNS rebinding) can lead the stream out.
+
+        @raise StreamError: C{NOT_ALLOWED}.
+        """
+        cluster = route.cluster
+        outside = [a for a in addresses if not _in_networks(a, cluster)]
+        if not addresses or outside:
+            where = f"cluster {cluster.name!r}"
+            detail = (
+                f"{route.host} resolves to {_listing(outside or ['nothing'])}, outside {where} networks "
+                f"({_listing(cluster.networks)})"
+            )
+            public = detail if cluster.token is not None else f"{route.host} is not allowed through {where}"
+            raise StreamError(Reason.NOT_ALLOWED, public, log_detail=detail)
+        return addresses[0]
 
     def destination_host(self, host: str) -> str:
         """

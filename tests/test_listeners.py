@@ -185,3 +185,34 @@ class StartupTests(TestCase):
             critical["log_format"].format(**critical),
             f"/etc/gw.toml: clusters.a.http: cannot listen on {endpoint!r}: Address already in use",
         )
+
+
+class ResolvedNameTests(ControlPlaneTestCase):
+    """Names the proxy node resolves: opened to the checked address, refused when any lies outside."""
+
+    @inline
+    async def test_inside_and_outside(self):
+        self.harness.node.names.update(
+            {
+                "web.tenant.test": ["10.99.0.10"],
+                "evil.tenant.test": ["127.0.0.1"],
+                "mixed.tenant.test": ["10.99.0.10", "127.0.0.1"],
+            }
+        )
+        events = capture_events(self)
+        port = self.harness.socks_port
+        code, page = await deferToThread(socks_get, port, "web.tenant.test", 80, username="demo")
+        self.assertEqual(code, 0)
+        self.assertTrue(page.endswith(DEMO_PAGE))
+        code, page = await deferToThread(socks_get, port, "WEB.tenant.test.demo.gw.internal.", 80)
+        self.assertEqual(code, 0)
+        for name in ("evil.tenant.test", "mixed.tenant.test"):
+            code, _ = await deferToThread(socks_get, port, name, 80, username="demo")
+            self.assertEqual(code, 2, name)
+        code, _ = await deferToThread(socks_get, port, "nowhere.tenant.test", 80, username="demo")
+        self.assertEqual(code, 4)  # host unreachable: not found by the proxy node
+        await self.harness.until_no_streams()
+        summaries = [e.get("summary", "") for e in events]
+        self.assertIn("stream to web.tenant.test:80 (10.99.0.10) via demo closed", " ".join(summaries))
+        refused = [e for e in events if e.get("outcome") == "refused"]
+        self.assertIn("127.0.0.1, outside cluster 'demo' networks", refused[0]["detail"])

@@ -32,7 +32,9 @@ def cluster(
     hostnames: tuple[str, ...] = (),
     token: str | None = None,
     aliases: tuple[str, ...] = (),
+    resolver: str = "",
 ) -> ClusterConfig:
+    """A cluster; names are resolved on its proxy node only when C{resolver} says how (see ResolvedNameTests)."""
     return ClusterConfig(
         name=name,
         aliases=aliases,
@@ -45,6 +47,7 @@ def cluster(
         networks=tuple(ipaddress.ip_network(n) for n in networks),
         hostnames=hostnames,
         token=token,
+        resolver_command=resolver,
     )
 
 
@@ -429,6 +432,48 @@ class QualifiedNameTests(SynchronousTestCase):
         router = Router([self.a], domain="clusters.example.org")
         self.assertEqual(router.route("10-0-0-5.cluster-a.clusters.example.org", 80).host, "10.0.0.5")
         self.assertRaises(StreamError, router.route, "10-0-0-5.cluster-a.gw.internal", 80)
+
+
+class ResolvedNameTests(SynchronousTestCase):
+    """A name outside the hostnames of a cluster the client named: its proxy node resolves it."""
+
+    def setUp(self) -> None:
+        self.a = cluster("a", ("10.0.0.0/24",), ("*.glob.test",), resolver="getent ahosts {host}")
+        self.b = cluster("b", ("10.0.0.0/24",), token="tok-b", resolver="getent ahosts {host}")
+        self.router = Router([self.a, self.b])
+
+    def test_named_clusters_resolve(self) -> None:
+        for args in (("a",), (None, None, "a")):
+            route = self.router.route("API.Svc.Test.", 80, *args)
+            self.assertEqual(route, Route(self.a, "api.svc.test", 80, resolve=True))
+        route = self.router.route("api.svc.test.a.gw.internal", 80)
+        self.assertEqual(route, Route(self.a, "api.svc.test", 80, resolve=True))
+
+    def test_globs_are_trusted_as_before(self) -> None:
+        self.assertEqual(self.router.route("x.glob.test", 80, "a"), Route(self.a, "x.glob.test", 80))
+
+    def test_unnamed_clusters_do_not(self) -> None:
+        """Without a named cluster, which proxy node would answer? As before: the globs decide."""
+        e = self.assertRaises(StreamError, self.router.route, "api.svc.test", 80)
+        self.assertEqual(e.reason, Reason.NO_ROUTE)
+
+    def test_every_address_inside(self) -> None:
+        route = self.router.route("api.svc.test", 80, "a")
+        inside = [ipaddress.ip_address("10.0.0.5"), ipaddress.ip_address("10.0.0.6")]
+        self.assertEqual(self.router.check_resolved(route, inside), inside[0])
+        for answer in ([*inside, ipaddress.ip_address("127.0.0.1")], [ipaddress.ip_address("fd00::1")], []):
+            e = self.assertRaises(StreamError, self.router.check_resolved, route, answer)
+            self.assertEqual(
+                (e.reason, e.detail), (Reason.NOT_ALLOWED, "api.svc.test is not allowed through cluster 'a'")
+            )
+        e = self.assertRaises(StreamError, self.router.check_resolved, route, [ipaddress.ip_address("127.0.0.1")])
+        self.assertEqual(e.log_detail, "api.svc.test resolves to 127.0.0.1, outside cluster 'a' networks (10.0.0.0/24)")
+
+    def test_policy_shown_to_token_holders_only(self) -> None:
+        route = self.router.route("api.svc.test", 80, "b", "tok-b")
+        e = self.assertRaises(StreamError, self.router.check_resolved, route, [ipaddress.ip_address("127.0.0.1")])
+        self.assertEqual(e.detail, e.log_detail)
+        self.assertIn("10.0.0.0/24", e.detail)
 
 
 class ListenerClusterTests(SynchronousTestCase):

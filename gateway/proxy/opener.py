@@ -25,6 +25,7 @@ from twisted.python.failure import Failure
 from gateway.addresses import host_port
 from gateway.cluster.connection import ClusterConnection
 from gateway.config import GatewaySettings
+from gateway.destinations import IPAddress
 from gateway.errors import Reason, StreamError
 from gateway.routing import Route, Router
 from gateway.ssh.channel import TunnelChannel
@@ -112,10 +113,13 @@ class StreamOpener:
             self._refused(request, None, destination, e)
             return fail(e)
 
+        destination = host_port(route.host, route.port)  # the real one, of a qualified name too
+
         def opened(channel: TunnelChannel) -> TunnelChannel:
             cluster.stats.streams_opened += 1
             channel.cluster = cluster
-            channel.closed_hooks.append(lambda: self._closed(request, cluster.name, destination, channel))
+            shown = destination if channel.host == route.host else f"{destination} ({channel.host})"
+            channel.closed_hooks.append(lambda: self._closed(request, cluster.name, shown, channel))
             return channel
 
         def failed(failure: Failure) -> Failure:
@@ -131,7 +135,32 @@ class StreamOpener:
             self._refused(request, cluster.name, destination, error)
             return failure
 
-        return cluster.open_stream(route.host, route.port, request.origin).addCallback(opened).addErrback(failed)
+        if route.resolve:
+            opening = self._resolve(route, cluster).addCallback(
+                lambda address: cluster.open_stream(str(address), route.port, request.origin)
+            )
+        else:
+            opening = cluster.open_stream(route.host, route.port, request.origin)
+        return opening.addCallback(opened).addErrback(failed)
+
+    def _resolve(self, route: Route, cluster: ClusterConnection) -> Deferred[IPAddress]:
+        """The checked address of a route to a name that its proxy node must resolve."""
+
+        def unresolved(failure: Failure) -> Failure:
+            error = failure.value
+            if isinstance(error, StreamError) and error.reason is Reason.PROHIBITED:
+                # The proxy node will not run the resolver: the name stays
+                # what it is without it, outside the cluster's hostnames.
+                raise StreamError(
+                    Reason.NOT_ALLOWED,
+                    f"{route.host} matches no hostnames pattern of cluster {route.cluster.name!r}, and the proxy "
+                    "node does not resolve names for the gateway",
+                    log_detail=error.log_detail,
+                )
+            return failure
+
+        resolving = cluster.resolve(route.host).addErrback(unresolved)
+        return resolving.addCallback(lambda addresses: self.router.check_resolved(route, addresses))
 
     def _refused(
         self,
