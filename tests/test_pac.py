@@ -15,7 +15,7 @@ import subprocess
 from collections.abc import Sequence
 from fnmatch import fnmatchcase
 from itertools import product
-from typing import Any, ClassVar
+from typing import ClassVar
 
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -347,14 +347,14 @@ class StubSource:
 class FetchTests(SynchronousTestCase):
     def test_views(self) -> None:
         source = StubSource()
-        self.assertEqual(fetch_pac(source, "", "gw.example:3128"), b"pac")
-        self.assertEqual(fetch_pac(source, "cluster=beta", None), b"pac")
-        self.assertEqual(fetch_pac(source, "cluster=a%2Db", "[::1]:1"), b"pac")
+        self.assertEqual(fetch_pac(source.pac_file, "", "gw.example:3128"), b"pac")
+        self.assertEqual(fetch_pac(source.pac_file, "cluster=beta", None), b"pac")
+        self.assertEqual(fetch_pac(source.pac_file, "cluster=a%2Db", "[::1]:1"), b"pac")
         self.assertEqual(source.calls, [("gw.example", None), (None, "beta"), ("::1", "a-b")])
 
-    def refused(self, source: Any, query: str) -> int:
+    def refused(self, source: StubSource | None, query: str) -> int:
         with self.assertRaises(PacRefused) as caught:
-            fetch_pac(source, query, None)
+            fetch_pac(source and source.pac_file, query, None)
         return caught.exception.status
 
     def test_refusals(self) -> None:

@@ -47,7 +47,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 from urllib.parse import parse_qsl
@@ -316,12 +316,13 @@ def pac_request_host(value: str | None) -> str | None:
         return None
 
 
-def fetch_pac(source: PacSource | None, query: str, host: str | None) -> bytes:
+def fetch_pac(pac_file: Callable[[str | None, str | None], bytes | None] | None, query: str, host: str | None) -> bytes:
     """
     The PAC file for a request with C{query} (the URL's query, without C{?})
-    and C{Host} header C{host}.
+    and C{Host} header C{host}, from C{pac_file} (a L{PacSource}'s, or the
+    control API's C{proxy_pac}: same arguments).
 
-    @raise PacRefused: 404 without a source or for an unknown cluster, 400
+    @raise PacRefused: 404 without C{pac_file} or for an unknown cluster, 400
         for a query other than C{cluster=NAME}.
     """
     cluster = None
@@ -335,9 +336,9 @@ def fetch_pac(source: PacSource | None, query: str, host: str | None) -> bytes:
         cluster = pairs[0][1]
         if not is_valid_name(cluster):
             raise PacRefused(404, "no such cluster")
-    if source is None:
+    if pac_file is None:
         raise PacRefused(404, "this gateway serves no PAC file")
-    body = source.pac_file(pac_request_host(host), cluster)
+    body = pac_file(pac_request_host(host), cluster)
     if body is None:
         raise PacRefused(404, f"no cluster named {cluster!r}" if cluster else "no PAC file")
     return body

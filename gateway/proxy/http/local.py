@@ -75,7 +75,9 @@ def _pac_file(head: RequestHead, pac: PacSource | None) -> tuple[int, str, bytes
     if _values(head.headers, "transfer-encoding") or _content_length(head.headers):  # checked by the parser
         return 400, "a request for the PAC file has no body", None
     try:
-        return 200, "", fetch_pac(pac, head.target.partition("?")[2], _single(head.headers, "host"))
+        pac_file = pac.pac_file if pac is not None else None
+        body = fetch_pac(pac_file, head.target.partition("?")[2], _single(head.headers, "host"))
+        return 200, "", body
     except PacRefused as e:
         return e.status, e.reason, None
     except Exception:
