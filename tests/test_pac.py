@@ -26,6 +26,7 @@ from gateway.proxy.pac import (
     PacCluster,
     PacRefused,
     PacScript,
+    _Overlaps,
     fetch_pac,
     pac_request_host,
     render_pac,
@@ -308,6 +309,33 @@ class OverlapTests(SynchronousTestCase):
         self.assertTrue(globs_overlap("web*", "*.a"))
         self.assertFalse(globs_overlap("*.a", "*.b"))
         self.assertFalse(globs_overlap("[!a-z0-9._-]x", "*"))  # nothing a host name can hold
+
+
+class NetworkOverlapTests(SynchronousTestCase):
+    def test_index_against_every_pair(self) -> None:
+        """The supernet / start-range index finds exactly the clusters whose networks overlap."""
+        rng = random.Random(7)
+
+        def network(version: int) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+            bits = 32 if version == 4 else 128
+            length = rng.randint(bits - 10, bits)  # within 1024 addresses: many overlaps and shared edges
+            address = (0x0A000000 if version == 4 else 0xFD << 120) + rng.randrange(1 << 10)
+            return ipaddress.ip_network((address >> (bits - length) << (bits - length), length))
+
+        clusters = [PacCluster(f"c{i}", tuple(network(rng.choice((4, 6))) for _ in range(30))) for i in range(8)]
+        index = _Overlaps(clusters)
+        queries = [network(rng.choice((4, 6))) for _ in range(400)] + [n for c in clusters for n in c.networks]
+        for query in queries:
+            expected = {
+                c.name for c in clusters if any(n.version == query.version and n.overlaps(query) for n in c.networks)
+            }
+            self.assertEqual(index.owners(query), expected, query)
+
+    def test_edges(self) -> None:
+        index = _Overlaps([PacCluster("last", (N("10.0.0.3/32"),)), PacCluster("next", (N("10.0.0.4/32"),))])
+        self.assertEqual(index.owners(N("10.0.0.0/30")), {"last"})
+        self.assertEqual(index.owners(N("10.0.0.0/8")), {"last", "next"})
+        self.assertEqual(index.owners(N("::/0")), set())
 
 
 class RenderTests(SynchronousTestCase):

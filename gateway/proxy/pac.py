@@ -47,12 +47,14 @@ from __future__ import annotations
 import ipaddress
 import json
 import re
+from bisect import bisect_left, bisect_right
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 from urllib.parse import parse_qsl
 
 from gateway.config import is_valid_name
+from gateway.config.model import Network
 from gateway.errors import StreamError
 from gateway.proxy.globs import glob_test, globs_overlap
 from gateway.routing import canonical_host
@@ -73,8 +75,6 @@ PAC_CONTENT_TYPE = b"application/x-ns-proxy-autoconfig"
 
 #: Chromium refuses a PAC script above this many bytes (kDefaultMaxResponseBytes).
 MAX_PAC_BYTES = 1024 * 1024
-
-Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 #: A PAC proxy address: host or [IPv6] and a port; nothing that could add a directive.
 _ADDRESS_RE = re.compile(r"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._-]+):[0-9]{1,5}")
@@ -193,7 +193,8 @@ def _cluster_rules(ordered: Sequence[PacCluster], only: str | None, shared: str)
     """The variables (one proxy list per cluster with listeners) and the rules of the view."""
     variables: list[str] = []
     rules: list[str] = []
-    earlier: list[PacCluster] = []  # clusters with listeners already listed
+    overlaps = _Overlaps(ordered)
+    earlier: set[str] = set()  # clusters with listeners already listed
     for cluster in ordered:
         if only is not None and cluster.name != only:
             continue
@@ -203,26 +204,24 @@ def _cluster_rules(ordered: Sequence[PacCluster], only: str | None, shared: str)
             directives = _directives(cluster.socks, cluster.http)
             variables.append(f"var {variable} = {json.dumps(directives)};  {_comment(label)}")
             rules.append(_comment(f"{label}: its per-cluster listeners", "  "))
-            for network in cluster.networks:
-                rules.append(_network_rule(network, variable) + _first_wins(cluster, network, earlier))
-            for pattern in cluster.hostnames:
-                rules.append(_pattern_rule(pattern, variable) + _first_wins(cluster, pattern, earlier))
-            earlier.append(cluster)
+            for route in (*cluster.networks, *cluster.hostnames):
+                rule = _pattern_rule(route, variable) if isinstance(route, str) else _network_rule(route, variable)
+                rules.append(rule + _first_wins(cluster, overlaps.owners(route) & earlier if earlier else set()))
+            earlier.add(cluster.name)
         elif cluster.token:
             rules.append(_comment(f"{label} is left out: it has a token and no per-cluster listener.", "  "))
         elif not shared:
             rules.append(_comment(f"{label} is left out: no per-cluster or shared listener.", "  "))
         else:
             # The shared listeners choose by destination: one another cluster also holds is AMBIGUOUS there.
-            others = [c for c in ordered if c is not cluster]
             rules.append(_comment(f"{label}: the shared listeners, which route by destination", "  "))
             for route in (*cluster.networks, *cluster.hostnames):
-                if _overlapping(route, others):
+                if overlaps.owners(route) - {cluster.name}:
                     rules.append(_comment(f"left out, other clusters overlap (use qualified names): {route}", "  "))
-                elif isinstance(route, str):
-                    rules.append(_pattern_rule(route, "shared"))
                 else:
-                    rules.append(_network_rule(route, "shared"))
+                    rules.append(
+                        _pattern_rule(route, "shared") if isinstance(route, str) else _network_rule(route, "shared")
+                    )
     return variables, rules
 
 
@@ -252,23 +251,53 @@ def _pattern_rule(pattern: str, proxies: str) -> str:
     return f"  if (name && {glob_test(pattern, 'h')}) return {proxies};"
 
 
-def _first_wins(cluster: PacCluster, route: Network | str, earlier: Sequence[PacCluster]) -> str:
-    """For a later cluster's overlapping network or pattern: the comment that says who wins."""
-    names = [c.name for c in earlier if _overlapping(route, [c])]
-    if not names:
+def _first_wins(cluster: PacCluster, earlier: set[str]) -> str:
+    """For a later cluster's network or pattern that C{earlier} clusters overlap: who wins."""
+    if not earlier:
         return ""
-    first = ", ".join(_quoted(n) for n in names)
+    first = ", ".join(_quoted(name) for name in sorted(earlier))
     return "  " + _comment(f"overlaps {first}, listed first: use ?cluster={cluster.name}")
 
 
-def _overlapping(route: Network | str, others: Iterable[PacCluster]) -> bool:
-    for other in others:
+class _Overlaps:
+    """
+    Which clusters' networks or patterns overlap a network or pattern.  Two
+    CIDR blocks overlap only when one holds the other, so a network's
+    overlaps are its supernets (one lookup per shorter prefix length) and the
+    blocks starting inside it (a range of a sorted list): thousands of
+    networks per cluster cost milliseconds, not a comparison of every pair.
+    """
+
+    def __init__(self, clusters: Iterable[PacCluster]) -> None:
+        self._blocks: dict[tuple[int, int, int], set[str]] = {}  # (version, prefix length, first address)
+        self._starts: dict[int, list[tuple[int, str]]] = {4: [], 6: []}
+        self._lengths: dict[int, set[int]] = {4: set(), 6: set()}  # the prefix lengths there are
+        self._patterns: list[tuple[str, str]] = []
+        for cluster in clusters:
+            for net in cluster.networks:
+                first = int(net.network_address)
+                self._blocks.setdefault((net.version, net.prefixlen, first), set()).add(cluster.name)
+                self._starts[net.version].append((first, cluster.name))
+                self._lengths[net.version].add(net.prefixlen)
+            self._patterns += [(pattern, cluster.name) for pattern in cluster.hostnames]
+        for starts in self._starts.values():
+            starts.sort()
+
+    def owners(self, route: Network | str) -> set[str]:
+        """The clusters (C{route}'s own among them) with a network or pattern overlapping C{route}."""
         if isinstance(route, str):
-            if any(globs_overlap(route, pattern) for pattern in other.hostnames):
-                return True
-        elif any(net.version == route.version and net.overlaps(route) for net in other.networks):
-            return True
-    return False
+            return {owner for pattern, owner in self._patterns if globs_overlap(route, pattern)}
+        bits = route.max_prefixlen
+        first = int(route.network_address)
+        last = first | ((1 << (bits - route.prefixlen)) - 1)
+        found: set[str] = set()
+        for length in self._lengths[route.version]:
+            if length <= route.prefixlen:
+                found |= self._blocks.get((route.version, length, first >> (bits - length) << (bits - length)), set())
+        starts = self._starts[route.version]
+        low, high = bisect_left(starts, (first, "")), bisect_right(starts, (last, "\U0010ffff"))
+        found.update(owner for _, owner in starts[low:high])
+        return found
 
 
 def _quoted(name: str) -> str:
