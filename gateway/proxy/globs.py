@@ -11,8 +11,9 @@ A glob with a class or a bracket becomes a regular expression of its own.
 
 from __future__ import annotations
 
+import functools
 import json
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from fnmatch import fnmatchcase
 from typing import NamedTuple
 
@@ -126,10 +127,13 @@ def globs_overlap(a: str, b: str) -> bool:
     """
     Whether some host name matches both globs: a search over pairs of
     positions (a product automaton), each C{*} matching empty or one more
-    character of the other side.
+    character of the other side -- unless their literal ends already
+    disagree (C{*.a.internal}, C{*.b.internal}), as is usual.
     """
-    x = _host_positions(a)
-    y = _host_positions(b)
+    x, x_ends = _host_positions(a)
+    y, y_ends = _host_positions(b)
+    if not all(p.startswith(q) or q.startswith(p) for p, q in zip(x_ends, y_ends, strict=True)):
+        return False
     nothing: frozenset[str] = frozenset()  # past the end: no character, like an empty class
     seen: set[tuple[int, int]] = set()
     todo = [(0, 0)]
@@ -155,6 +159,20 @@ def globs_overlap(a: str, b: str) -> bool:
     return False
 
 
-def _host_positions(pattern: str) -> list[frozenset[str] | None]:
-    """The glob's positions as the host name characters each matches (None: C{*})."""
-    return [None if t is _STAR else t.ascii & _HOST_CHARS for t in _glob_tokens(pattern)]
+@functools.lru_cache(maxsize=4096)
+def _host_positions(pattern: str) -> tuple[tuple[frozenset[str] | None, ...], tuple[str, str]]:
+    """
+    The glob's positions as the host name characters each matches (None:
+    C{*}), and its literal prefix and (reversed) suffix.
+    """
+    positions = tuple(None if t is _STAR else t.ascii & _HOST_CHARS for t in _glob_tokens(pattern))
+
+    def literal(run: Iterable[frozenset[str] | None]) -> str:
+        chars: list[str] = []
+        for position in run:
+            if position is None or len(position) != 1:
+                break
+            chars += position
+        return "".join(chars)
+
+    return positions, (literal(positions), literal(reversed(positions)))
