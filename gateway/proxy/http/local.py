@@ -35,7 +35,6 @@ class LocalAnswer:
     """A complete response; C{keep_alive} false: the connection closes after it."""
 
     data: bytes
-    status: int
     keep_alive: bool
 
 
@@ -57,7 +56,7 @@ def answer_local(head: RequestHead, pac: PacSource | None, keep_alive: bool, cli
     )
     if body is None:
         allow = ", ".join(_METHODS) if status == 405 else None
-        return LocalAnswer(error_response(status, detail, version=head.version, allow=allow), status, False)
+        return LocalAnswer(error_response(status, detail, version=head.version, allow=allow), keep_alive=False)
     lines = [
         f"{head.version} 200 OK",
         f"Content-Type: {PAC_CONTENT_TYPE.decode('ascii')}",
@@ -65,7 +64,7 @@ def answer_local(head: RequestHead, pac: PacSource | None, keep_alive: bool, cli
         "Cache-Control: no-cache",
         "Connection: keep-alive" if keep_alive else "Connection: close",
     ]
-    return LocalAnswer(_head_bytes(lines) + (b"" if head.method == "HEAD" else body), 200, keep_alive)
+    return LocalAnswer(_head_bytes(lines) + (b"" if head.method == "HEAD" else body), keep_alive)
 
 
 def _pac_file(head: RequestHead, pac: PacSource | None) -> tuple[int, str, bytes | None]:
