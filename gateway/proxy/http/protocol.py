@@ -16,6 +16,9 @@ Two modes share one client connection:
    asks to upgrade (WebSocket) and gets C{101} turns the connection into a
    splice with that tunnel.
 
+An origin-form C{GET /proxy.pac} is for the listener itself: answered by
+L{gateway.proxy.http.local} without a tunnel, and the connection goes on.
+
 Every stage of an exchange has a deadline (L{gateway.config.GatewaySettings}):
 the request head (C{handshake_timeout}, then C{keepalive_timeout} between
 requests), the request body (C{body_timeout}, idle between bytes), the
