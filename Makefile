@@ -6,8 +6,8 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cat setup.py | cksum | cut -d' ' -f1)
-# Debian packages the system tests drive (real sshd, curl, nc, ip netns).
-DEBS   := openssh-server openssh-client curl netcat-openbsd socat iproute2
+# Debian packages the tests drive (real sshd, curl, nc, ip netns; node runs the PAC file).
+DEBS   := openssh-server openssh-client curl netcat-openbsd socat iproute2 nodejs
 
 .PHONY: run test lint bench system-deps clean
 

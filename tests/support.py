@@ -111,6 +111,8 @@ class MemoryProxyNode:
         self.requests: list[Any] = []
         self.channels: list[TunnelChannel] = []
         self.handshake_errors: Counter[str] = Counter()
+        #: What serves /proxy.pac (the StreamOpener's C{pac}); a test sets it.
+        self.pac: Any = None
         self._remote_ids = itertools.count(100)
         self._remote: dict[TunnelChannel, bytes] = {}
 

@@ -37,6 +37,7 @@ PRIVATE_KEY = (
 )
 JSON = "application/json"
 METRICS = b'# TYPE gateway_clusters gauge\ngateway_clusters{state="up"} 1\n'
+PAC = b'function FindProxyForURL(url, host) { return "DIRECT"; }\n'
 
 
 def status(state: str = "up", proxy: str | None = "10.250.1.2:22", last_error: str | None = None) -> dict[str, Any]:
@@ -88,6 +89,7 @@ class FakeControl:
         self.failure: Exception | None = None
         self.put_started: Deferred[None] = Deferred()
         self.pending: Deferred[bool] | None = None
+        self.pac_calls: list[tuple[str | None, str | None]] = []
 
     def _check(self) -> None:
         if self.failure is not None:
@@ -155,6 +157,11 @@ class FakeControl:
     def metrics(self) -> bytes:
         self._check()
         return METRICS
+
+    def proxy_pac(self, host: str | None, cluster: str | None) -> bytes | None:
+        self._check()
+        self.pac_calls.append((host, cluster))
+        return PAC if cluster in (None, "cluster-a") else None
 
 
 @implementer(IBodyProducer)
@@ -663,6 +670,73 @@ class HostHeaderWithTokenTests(ApiTestCase):
             b"Connection: close\r\n\r\n"
         )
         self.assertTrue(answer.startswith(b"HTTP/1.1 200"), answer)
+
+
+class ProxyPacTests(ApiTestCase):
+    """GET /v1/proxy.pac: no token (browsers send none), every other route still needs one."""
+
+    token = TOKEN
+
+    async def test_served_without_the_token(self) -> None:
+        response = await self.request("GET", "/v1/proxy.pac", authorize=False)
+        self.assertEqual(response.code, 200)
+        self.assertEqual(response.headers.getRawHeaders("content-type"), ["application/x-ns-proxy-autoconfig"])
+        self.assertEqual(response.headers.getRawHeaders("cache-control"), ["no-cache"])
+        self.assertEqual(await treq.content(response), PAC)
+        self.assertEqual(response.length, len(PAC))  # Content-Length (the client takes it out of the headers)
+        self.assertEqual(self.control.pac_calls, [("127.0.0.1", None)])  # the Host header without port
+
+    async def test_cluster_view_and_host(self) -> None:
+        answer = await self.raw(
+            b"GET /v1/proxy.pac?cluster=cluster-a HTTP/1.1\r\nHost: Gateway.Example:8765\r\nConnection: close\r\n\r\n"
+        )
+        self.assertTrue(answer.startswith(b"HTTP/1.1 200 "), answer)
+        self.assertTrue(answer.endswith(PAC))
+        self.assertEqual(self.control.pac_calls, [("gateway.example", "cluster-a")])
+
+    async def test_head(self) -> None:
+        answer = await self.raw(b"HEAD /v1/proxy.pac HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        head, _, body = answer.partition(b"\r\n\r\n")
+        self.assertTrue(head.startswith(b"HTTP/1.1 200 "), head)
+        self.assertIn(b"\r\nContent-Length: %d" % len(PAC), head)
+        self.assertEqual(body, b"")
+
+    async def test_unknown_cluster_and_bad_query(self) -> None:
+        self.assertError(await self.call("GET", "/v1/proxy.pac?cluster=nope", authorize=False), 404)
+        self.assertError(await self.call("GET", "/v1/proxy.pac?cluster=a/b", authorize=False), 404)
+        self.assertError(await self.call("GET", "/v1/proxy.pac?x=1", authorize=False), 400)
+        self.assertEqual(self.control.pac_calls, [("127.0.0.1", "nope")])  # an invalid name is not asked for
+
+    async def test_only_reads_of_the_pac_file_are_public(self) -> None:
+        for method, path in [
+            ("PUT", "/v1/proxy.pac"),
+            ("POST", "/v1/proxy.pac"),
+            ("GET", "/v1/proxy.pac/x"),
+            ("GET", "/v1//proxy.pac"),
+            ("GET", "/v1/proxy%2epac"),
+            ("GET", "/v1/health"),
+        ]:
+            response, body = await self.call(method, path, authorize=False)
+            self.assertError((response, body), 401)
+        response, body = await self.call("POST", "/v1/proxy.pac")
+        self.assertError((response, body), 405)
+        self.assertEqual(response.headers.getRawHeaders("allow"), ["GET, HEAD"])
+        self.assertEqual(self.control.pac_calls, [])
+
+    async def test_a_failing_gateway_is_a_500(self) -> None:
+        self.control.failure = RuntimeError("secret detail 42")
+        response, body = await self.call("GET", "/v1/proxy.pac", authorize=False)
+        self.assertEqual((response.code, body), (500, {"error": "internal error"}))
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+
+
+class ProxyPacWithoutTokenTests(ApiTestCase):
+    async def test_any_host_may_read_the_pac_file(self) -> None:
+        """The Host check keeps DNS-rebinding pages off the API; the PAC file is public anyway."""
+        answer = await self.raw(b"GET /v1/proxy.pac HTTP/1.1\r\nHost: gateway.example\r\nConnection: close\r\n\r\n")
+        self.assertTrue(answer.startswith(b"HTTP/1.1 200 "), answer)
+        answer = await self.raw(b"GET /v1/health HTTP/1.1\r\nHost: gateway.example\r\nConnection: close\r\n\r\n")
+        self.assertTrue(answer.startswith(b"HTTP/1.1 403 "), answer)
 
 
 class MemoryConnection:

@@ -212,6 +212,20 @@ class ControlPlaneTests(ControlPlaneTestCase):
         self.assertEqual(code, 401)
 
     @inline
+    async def test_proxy_pac_from_the_gateway(self):
+        class Pac:
+            def pac_file(self, host, cluster):
+                return b"pac " + repr((host, cluster)).encode() if cluster != "nope" else None
+
+        self.harness.service.gateway.pac = Pac()
+        self.assertEqual(
+            await self.call("GET", "/v1/proxy.pac?cluster=demo", token=""), (200, b"pac ('127.0.0.1', 'demo')")
+        )
+        self.assertEqual((await self.call("GET", "/v1/proxy.pac?cluster=nope", token=""))[0], 404)
+        self.harness.service.gateway.pac = None
+        self.assertEqual((await self.call("GET", "/v1/proxy.pac", token=""))[0], 404)
+
+    @inline
     async def test_replace_keeps_open_streams_and_routes_new_ones(self):
         code, _ = await self.call("PUT", "/v1/clusters/api-r", self.body())
         self.assertEqual(code, 201)

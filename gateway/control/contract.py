@@ -74,3 +74,10 @@ class ClusterControl(Protocol):
 
     def metrics(self) -> bytes:
         """The Prometheus text exposition of the gateway's metrics."""
+
+    def proxy_pac(self, host: str | None, cluster: str | None) -> bytes | None:
+        """
+        The PAC file (L{gateway.proxy.pac.PacSource.pac_file}: C{host} from
+        the C{Host} header, C{cluster} the C{?cluster=} view); None when the
+        gateway serves none or the cluster is unknown (404).
+        """

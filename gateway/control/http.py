@@ -9,10 +9,13 @@ Routes::
     DELETE /v1/clusters/NAME     forget an API cluster (204)
     GET    /v1/health            the gateway's health
     GET    /metrics              Prometheus text exposition
+    GET    /v1/proxy.pac         the PAC file (?cluster=NAME: one cluster's view); also HEAD
 
 Every JSON answer is compact with sorted keys and ends with a newline; errors
 are C{{"error": REASON, "field": KEY-OR-NULL}} (C{{"error": "internal error"}}
-for a 500).  With a token, every request needs C{Authorization: Bearer TOKEN}.
+for a 500).  With a token, every request needs C{Authorization: Bearer TOKEN},
+except a read of the PAC file: browsers fetch it without credentials
+(L{gateway.control.listener.PUBLIC_PATH}).
 
 The listener (L{gateway.control.listener}) has limits of its own (C{[gateway]
 control_*}): a cap on connections, a deadline for each request head and an
@@ -46,6 +49,7 @@ from gateway.control import strictjson
 from gateway.control.contract import ClusterControl, ClusterView, ControlError
 from gateway.control.listener import IDLE_TIMEOUT, MAX_BODY_BYTES, ControlSite, refusal
 from gateway.control.responses import INTERNAL_ERROR, Response
+from gateway.proxy.pac import PAC_CONTENT_TYPE, PacRefused, fetch_pac
 
 __all__ = [
     "IDLE_TIMEOUT",
@@ -227,6 +231,8 @@ class _ControlResource(Resource):
                 handlers = {b"GET": self._health}
             case [b"", b"metrics"]:
                 handlers = {b"GET": self._metrics}
+            case [b"", b"v1", b"proxy.pac"]:
+                handlers = {b"GET": lambda: self._proxy_pac(request), b"HEAD": lambda: self._proxy_pac(request)}
             case _:
                 return Response.error(http.NOT_FOUND, "no such resource")
 
@@ -236,7 +242,7 @@ class _ControlResource(Resource):
 
         handler = handlers.get(request.method)
         if handler is None:
-            allowed = b", ".join(method for method in (b"GET", b"PUT", b"DELETE") if method in handlers)
+            allowed = b", ".join(method for method in (b"GET", b"HEAD", b"PUT", b"DELETE") if method in handlers)
             return Response.error(
                 http.NOT_ALLOWED,
                 f"method not allowed (allowed: {allowed.decode('ascii')})",
@@ -295,6 +301,16 @@ class _ControlResource(Resource):
         if not isinstance(text, bytes):
             raise TypeError(f"metrics() returned {type(text).__name__}, not bytes")
         return Response(http.OK, text, METRICS_TYPE)
+
+    async def _proxy_pac(self, request: server.Request) -> Response:
+        hosts = request.requestHeaders.getRawHeaders(b"host") or []
+        host = hosts[0].decode("latin-1") if len(hosts) == 1 else None
+        query = request.uri.partition(b"?")[2].decode("latin-1")
+        try:
+            body = fetch_pac(self.control.proxy_pac, query, host)
+        except PacRefused as e:
+            return Response.error(e.status, e.reason)
+        return Response(http.OK, body, PAC_CONTENT_TYPE, ((b"cache-control", b"no-cache"),))
 
 
 def _cluster_name(raw: bytes) -> str:

@@ -175,3 +175,7 @@ class GatewayControl:
 
     def metrics(self) -> bytes:
         return metrics_text(self._service.gateway, lambda: list(self._service.clusters.values()))
+
+    def proxy_pac(self, host: str | None, cluster: str | None) -> bytes | None:
+        pac = self._service.gateway.pac
+        return None if pac is None else pac.pac_file(host, cluster)

@@ -27,6 +27,7 @@ from gateway.cluster.connection import ClusterConnection
 from gateway.config import GatewaySettings
 from gateway.destinations import IPAddress
 from gateway.errors import Reason, StreamError
+from gateway.proxy.pac import PacSource
 from gateway.routing import Route, Router
 from gateway.ssh.channel import TunnelChannel
 
@@ -83,6 +84,9 @@ class StreamOpener:
         self.unrouted_failures: Counter[str] = Counter()
         #: Malformed or timed-out client handshakes, by front end.
         self.handshake_errors: Counter[str] = Counter()
+        #: What serves the PAC file (C{GET /proxy.pac} on the HTTP listener,
+        #: C{/v1/proxy.pac} on the control API); None: 404 there.
+        self.pac: PacSource | None = None
 
     def authenticate(self, username: str, password: str, cluster: str | None = None) -> bool:
         """Check SOCKS5 username/password: a cluster name and its token (see L{Router.authenticate})."""

@@ -26,6 +26,10 @@ lists it: L{RequestHead.upgrade} and L{ResponseParser}'s C{upgrade} say so, a
 it (L{ResponseParser.take_leftover}, L{RequestParser.take_upgrade_leftover});
 a 101 nobody asked for is an upstream error.
 
+An origin-form request for one of L{LOCAL_PATHS} (C{GET /proxy.pac}) is
+addressed to the proxy itself, not forwarded: its head says C{local} and
+L{gateway.proxy.http.local} answers it.  Other origin-form targets are errors.
+
 Choices the RFCs leave open (framing's own are in its module):
 
   - C{Proxy-Connection} counts like Connection for a request's C{keep_alive};
@@ -71,6 +75,12 @@ _REQUEST_LINE = re.compile(rb"(" + _TOKEN + rb") ([^\x00-\x20\x7f]+) (HTTP/[0-9]
 _STATUS_LINE = re.compile(rb"(HTTP/[0-9]\.[0-9]) ([1-5][0-9][0-9])(?: ([^\x00-\x08\x0a-\x1f\x7f]*))?")
 _VERSIONS = ("HTTP/1.0", "HTTP/1.1")
 
+#: The PAC file's path: an origin-form request for it is addressed to the proxy itself.
+PAC_PATH = "/proxy.pac"
+#: The origin-form paths the listener answers (L{gateway.proxy.http.local}); any
+#: other origin-form target is not a proxy request (400).
+LOCAL_PATHS = frozenset({PAC_PATH})
+
 
 #: The status an HTTP client sees for each failure.
 HTTP_STATUS: dict[Reason, int] = {
@@ -103,6 +113,9 @@ class RequestHead:
     keep_alive: bool
     #: The Upgrade value of an HTTP/1.1 request whose Connection lists "upgrade".
     upgrade: str | None = None
+    #: An origin-form request for one of L{LOCAL_PATHS}: addressed to the
+    #: proxy itself (L{gateway.proxy.http.local}), with no host or port.
+    local: bool = False
 
     def upstream_head(self, host: str | None = None) -> bytes:
         """
@@ -114,8 +127,8 @@ class RequestHead:
         or, for an upgrade, C{Upgrade} and C{Connection: Upgrade}: both are
         hop-by-hop, so a proxy that asks for the switch must say so itself.
         """
-        if self.is_connect:
-            raise ValueError("a CONNECT request is tunnelled, not forwarded")
+        if self.is_connect or self.local:
+            raise ValueError("a CONNECT request is tunnelled, a local one answered, neither forwarded")
         url = _parse_absolute(self.target)
         path = url.rest or ("*" if self.method == "OPTIONS" else "/")
         if path.startswith("?"):
@@ -339,20 +352,26 @@ class RequestParser(_Parser):
         is_connect = method == "CONNECT"
         options = set(_tokens(headers, "connection"))
         upgrade = None
+        local = not is_connect and target.partition("?")[0] in LOCAL_PATHS
         if is_connect:
             host, port = _parse_authority(target, None)
         else:
-            url = _parse_absolute(target)
-            host, port = url.host, url.port
+            if local:
+                host, port = "", 0
+            else:
+                url = _parse_absolute(target)
+                host, port = url.host, url.port
             _single(headers, "host")  # RFC 9112 3.2: several Host lines are an error
             self._body = _message_body(headers, version, request=True)
-            if version == "HTTP/1.1" and "upgrade" in options:  # RFC 9110 7.8: HTTP/1.1 only
+            if version == "HTTP/1.1" and "upgrade" in options and not local:  # RFC 9110 7.8: HTTP/1.1 only
                 upgrade = _upgrade(headers)
         credentials = _credentials(headers)
         keep_alive = _persistent(version, options | set(_tokens(headers, "proxy-connection")))
         self._upgrading = upgrade is not None
         self._state = _State.TUNNEL if is_connect else _State.BODY
-        return RequestHead(method, target, version, headers, host, port, is_connect, credentials, keep_alive, upgrade)
+        return RequestHead(
+            method, target, version, headers, host, port, is_connect, credentials, keep_alive, upgrade, local
+        )
 
     def _end_event(self) -> RequestEnd:
         return RequestEnd()
@@ -461,7 +480,9 @@ def status_for(error: StreamError) -> int:
     return HTTP_STATUS[error.reason]
 
 
-def error_response(status: int, detail: str, *, version: str = "HTTP/1.1", realm: str = "gateway") -> bytes:
+def error_response(
+    status: int, detail: str, *, version: str = "HTTP/1.1", realm: str = "gateway", allow: str | None = None
+) -> bytes:
     """
     A complete response the gateway answers itself: short text body, explicit
     length, and C{Connection: close}, since after an error the client's
@@ -474,6 +495,8 @@ def error_response(status: int, detail: str, *, version: str = "HTTP/1.1", realm
         f"Content-Length: {len(body)}",
         "Connection: close",
     ]
+    if allow is not None:  # a 405 says what is allowed (RFC 9110 15.5.6)
+        lines.append(f"Allow: {allow}")
     if status == HTTPStatus.PROXY_AUTHENTICATION_REQUIRED:
         quoted = realm.replace("\\", "\\\\").replace('"', '\\"')
         lines.append(f'Proxy-Authenticate: Basic realm="{quoted}"')

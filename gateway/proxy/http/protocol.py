@@ -16,6 +16,9 @@ Two modes share one client connection:
    asks to upgrade (WebSocket) and gets C{101} turns the connection into a
    splice with that tunnel.
 
+An origin-form C{GET /proxy.pac} is for the listener itself: answered by
+L{gateway.proxy.http.local} without a tunnel, and the connection goes on.
+
 Every stage of an exchange has a deadline (L{gateway.config.GatewaySettings}):
 the request head (C{handshake_timeout}, then C{keepalive_timeout} between
 requests), the request body (C{body_timeout}, idle between bytes), the
@@ -41,6 +44,7 @@ from twisted.python.failure import Failure
 from gateway.errors import Reason, StreamError
 from gateway.proxy.frontend import ClientLimit, FrontendFactory, FrontendProtocol, stream_error
 from gateway.proxy.http.exchange import Exchange, Upstream, UpstreamKey
+from gateway.proxy.http.local import answer_local
 from gateway.proxy.http.machine import (
     RequestBody,
     RequestEnd,
@@ -84,6 +88,8 @@ class HttpProxyProtocol(FrontendProtocol):
         #: The upstream's window is full: the client is paused, and no body
         #: deadline runs (a destination that reads slowly is not the client's fault).
         self._upstream_full = False
+        #: The request being parsed was answered by the listener itself (the PAC file).
+        self._answered_locally = False
 
     # -- connection --------------------------------------------------------
 
@@ -142,7 +148,9 @@ class HttpProxyProtocol(FrontendProtocol):
                 self._stop_timer()
                 self._version = event.version
                 self._credentials = event.credentials
-                if event.is_connect:
+                if event.local:
+                    self._answer_local(event)
+                elif event.is_connect:
                     self._connect(event)
                 else:
                     self._forward(event)
@@ -152,7 +160,11 @@ class HttpProxyProtocol(FrontendProtocol):
                 self._send_upstream(event.data)
                 self._await_body()
             elif isinstance(event, RequestEnd):
-                self._request_done()
+                if self._answered_locally:
+                    self._answered_locally = False
+                    self._next_request()
+                else:
+                    self._request_done()
             elif isinstance(event, RequestError):
                 self.handshake_failed()
                 log.info(
@@ -192,6 +204,18 @@ class HttpProxyProtocol(FrontendProtocol):
                 # and curl --proxy-anyauth offer theirs only when challenged.
                 status = HTTPStatus.PROXY_AUTHENTICATION_REQUIRED
             self._fail(status, error.detail)
+
+    def _answer_local(self, head: RequestHead) -> None:
+        """A request for the listener itself (L{gateway.proxy.http.local}): answered at once."""
+        self._client_keep_alive = self._client_keep_alive and head.keep_alive
+        answer = answer_local(head, self._gateway.pac, self._client_keep_alive, self._client)
+        if answer.keep_alive:
+            self.transport.write(answer.data)
+            self._answered_locally = True  # the next request once this one's (empty) body is parsed
+        else:
+            self._drop_upstream()
+            self.transport.write(answer.data)
+            self.transport.loseConnection()
 
     # CONNECT
 
@@ -308,6 +332,10 @@ class HttpProxyProtocol(FrontendProtocol):
             self._drop_upstream()
             self.transport.loseConnection()
             return
+        self._next_request()
+
+    def _next_request(self) -> None:
+        """The connection stays for another request: wait for it, or parse what came already."""
         self._exchange = None
         self._head_begun = False
         self._arm_timer(self._gateway.settings.keepalive_timeout, self._idle_timed_out)

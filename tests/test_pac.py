@@ -1,0 +1,412 @@
+"""
+Tests for L{gateway.proxy.pac}: the generated script evaluated by a real
+JavaScript engine (Node, with the PAC helpers of tests/pac_eval.js, whose
+dnsResolve fails the case), one Node process per test class.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import random
+import shutil
+import subprocess
+from collections.abc import Sequence
+from fnmatch import fnmatchcase
+from itertools import product
+from typing import ClassVar
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from gateway.config.names import parse_pattern
+from gateway.proxy.globs import globs_overlap
+from gateway.proxy.pac import (
+    MAX_PAC_BYTES,
+    PacCluster,
+    PacRefused,
+    PacScript,
+    _Overlaps,
+    fetch_pac,
+    pac_request_host,
+    render_pac,
+)
+
+NODE = shutil.which("node") or "/usr/bin/node"
+HARNESS = os.path.join(os.path.dirname(__file__), "pac_eval.js")
+NODE_MISSING = None if os.access(NODE, os.X_OK) else f"{NODE} not found: install Debian's nodejs (make test does)"
+
+N = ipaddress.ip_network
+ALPHA = PacCluster(
+    "alpha",
+    (N("10.0.0.0/24"), N("fd00:a::/64")),
+    ("*.alpha.internal", "web[0-9].alpha"),
+    socks=("127.0.0.1:10801",),
+    http=("127.0.0.1:31281",),
+)
+BETA = PacCluster("beta", (N("10.0.0.0/24"),), ("*.beta.internal", "node[!0-4].beta"), socks=("[::1]:10802",))
+GAMMA = PacCluster("gamma", (N("10.1.0.0/16"), N("10.0.0.0/8")), ("*.gamma.test", "*.internal"))
+TOKEN = PacCluster("tok", (N("10.2.0.0/16"),), ("*.tok.test",), token=True)
+CLUSTERS = (TOKEN, GAMMA, BETA, ALPHA)  # any order: the script lists them by name
+SHARED = {"shared_socks": ("127.0.0.1:1080",), "shared_http": ("127.0.0.1:3128", "127.0.0.1:3128")}
+
+TO_ALPHA = "SOCKS5 127.0.0.1:10801; PROXY 127.0.0.1:31281"
+TO_BETA = "SOCKS5 [::1]:10802"
+TO_SHARED = "SOCKS5 127.0.0.1:1080; PROXY 127.0.0.1:3128"
+DIRECT = "DIRECT"
+
+Case = tuple[str, str]  # (url, host) as the browser passes them
+
+
+def evaluate(jobs: Sequence[tuple[str, Sequence[Case], bool]]) -> list[list[str]]:
+    """FindProxyForURL of each (script, cases, with isInNetEx) job, in one Node process."""
+    data = json.dumps([{"pac": pac, "cases": list(cases), "isInNetEx": ex} for pac, cases, ex in jobs])
+    done = subprocess.run([NODE, HARNESS], input=data, capture_output=True, text=True, timeout=120, check=False)
+    if done.returncode != 0:
+        raise AssertionError(f"node failed ({done.returncode}): {done.stderr}")
+    results: list[list[str]] = json.loads(done.stdout)
+    return results
+
+
+def url_of(host: str, scheme: str = "http") -> Case:
+    shown = f"[{host}]" if ":" in host else host
+    return (f"{scheme}://{shown}/path?q=1" if scheme == "http" else f"{scheme}://{shown}/", host)
+
+
+class PacTableTestCase(SynchronousTestCase):
+    """
+    Each subclass names views (script, with isInNetEx) and a table of
+    host -> expected answer per view; the first test of the class evaluates
+    them all at once (trial has no setUpClass).
+    """
+
+    skip = NODE_MISSING
+    views: ClassVar[dict[str, tuple[PacScript, bool]]] = {}
+    tables: ClassVar[dict[str, dict[str, str]]] = {}
+    _answers: ClassVar[dict[str, dict[str, str]]]
+
+    @classmethod
+    def answers(cls) -> dict[str, dict[str, str]]:
+        if "_answers" not in cls.__dict__:
+            names = list(cls.tables)
+            jobs = []
+            for name in names:
+                script, ex = cls.views[name]
+                jobs.append((script.text, [url_of(host) for host in cls.tables[name]], ex))
+            cls._answers = {
+                name: dict(zip(cls.tables[name], results, strict=True))
+                for name, results in zip(names, evaluate(jobs), strict=True)
+            }
+        return cls._answers
+
+    def check(self, view: str) -> None:
+        answers = self.answers()[view]
+        wrong = {host: (answers[host], want) for host, want in self.tables[view].items() if answers[host] != want}
+        self.assertEqual(wrong, {}, f"host: (answer, expected) in view {view!r}:\n{self.views[view][0].text}")
+
+
+class DefaultViewTests(PacTableTestCase):
+    """All clusters: two on 10.0.0.0/24 with listeners, one without a listener or token, one with a token."""
+
+    views = {
+        "all": (render_pac(CLUSTERS, **SHARED), True),
+        "no-isInNetEx": (render_pac(CLUSTERS, **SHARED), False),
+    }
+    tables = {
+        "all": {
+            # qualified names, any case, with the trailing dot of an FQDN
+            "10-0-0-5.alpha.gw.internal": TO_SHARED,
+            "10-0-0-5.Alpha.GW.Internal": TO_SHARED,
+            "api.svc.BETA.gw.internal.": TO_SHARED,
+            "fd00--1.gamma.gw.internal": TO_SHARED,
+            "gw.internal": DIRECT,
+            "gw.internal.example": DIRECT,
+            # overlapping per-cluster networks: the first in name order wins
+            "10.0.0.5": TO_ALPHA,
+            "10.0.0.255": TO_ALPHA,
+            # the cluster without listener or token: what nobody else has goes to the shared listeners
+            "10.1.2.3": TO_SHARED,
+            "10.3.0.1": DIRECT,  # its 10.0.0.0/8 overlaps 10.0.0.0/24: left out
+            "10.2.0.1": DIRECT,  # the cluster with a token and no listener
+            "x.tok.test": DIRECT,
+            # IPv6
+            "fd00:a::5": TO_ALPHA,
+            "FD00:A:0:0::5": TO_ALPHA,
+            "fd00:b::1": DIRECT,
+            # host name globs, * ? and [...] as fnmatch reads them
+            "api.alpha.internal": TO_ALPHA,
+            "API.ALPHA.INTERNAL": TO_ALPHA,
+            "api.alpha.internal.": TO_ALPHA,
+            "web3.alpha": TO_ALPHA,
+            "weba.alpha": DIRECT,
+            "web3xalpha": DIRECT,  # the dot is literal
+            "web33.alpha": DIRECT,
+            "node7.beta": TO_BETA,
+            "node3.beta": DIRECT,
+            "x.beta.internal": TO_BETA,
+            "foo.gamma.test": TO_SHARED,
+            "other.internal": DIRECT,  # gamma's *.internal overlaps alpha's and beta's: left out
+            # everything else, and never a DNS lookup (dnsResolve fails the case)
+            "example.com": DIRECT,
+            "8.8.8.8": DIRECT,
+            "10.0.0.5.nip.io": DIRECT,
+            "1234.0.0.1": DIRECT,
+            "10.0.0": DIRECT,
+            "localhost": DIRECT,
+            "": DIRECT,
+        },
+        "no-isInNetEx": {
+            # a browser without Microsoft's IPv6 extension: IPv6 literals go DIRECT, the rest as before
+            "fd00:a::5": DIRECT,
+            "10.0.0.5": TO_ALPHA,
+            "api.alpha.internal": TO_ALPHA,
+        },
+    }
+
+    def test_default_view(self) -> None:
+        self.check("all")
+
+    def test_without_isInNetEx(self) -> None:
+        self.check("no-isInNetEx")
+
+
+class ClusterViewTests(PacTableTestCase):
+    """?cluster=NAME: that cluster's rules and the qualified names only."""
+
+    views = {name: (render_pac(CLUSTERS, only=name, **SHARED), True) for name in ("beta", "gamma", "tok")}
+    tables = {
+        "beta": {
+            "10.0.0.5": TO_BETA,
+            "node7.beta": TO_BETA,
+            "api.alpha.internal": DIRECT,
+            "fd00:a::5": DIRECT,
+            "10.1.2.3": DIRECT,
+            "10-0-0-5.alpha.gw.internal": TO_SHARED,
+        },
+        "gamma": {
+            "10.1.2.3": TO_SHARED,
+            "foo.gamma.test": TO_SHARED,
+            "10.0.0.5": DIRECT,
+            "10.3.0.1": DIRECT,  # still ambiguous at the shared listeners
+            "x.gamma.gw.internal": TO_SHARED,
+        },
+        "tok": {"10.2.0.1": DIRECT, "x.tok.test": DIRECT, "x.tok.gw.internal": TO_SHARED},
+    }
+
+    def test_view_of_a_cluster_with_listeners(self) -> None:
+        self.check("beta")
+
+    def test_view_of_a_cluster_without_listener(self) -> None:
+        self.check("gamma")
+
+    def test_view_of_a_cluster_with_a_token(self) -> None:
+        self.check("tok")
+
+
+#: Over 1 MB of rules: 70000 /32 networks of one cluster with a listener.
+HUGE = PacCluster(
+    "huge",
+    tuple(ipaddress.IPv4Network((0x0A000000 + i, 32)) for i in range(70000)),
+    socks=("127.0.0.1:10801",),
+)
+
+
+class EdgeTests(PacTableTestCase):
+    """No shared listener; rules too large for browsers; names that are not nice."""
+
+    big = render_pac([HUGE], **SHARED)
+    odd = PacCluster('we"ird\n*/name\u2028', (N("192.0.2.0/24"),), socks=("127.0.0.1:10809",))
+    views = {
+        "no-shared": (render_pac(CLUSTERS), True),
+        "too-large": (big, True),
+        "odd-name": (render_pac([odd], **SHARED), True),
+    }
+    tables = {
+        "no-shared": {
+            "10-0-0-5.alpha.gw.internal": DIRECT,
+            "10.0.0.5": TO_ALPHA,
+            "10.1.2.3": DIRECT,
+            "foo.gamma.test": DIRECT,
+        },
+        "too-large": {"10.0.0.5": DIRECT, "x.huge.gw.internal": TO_SHARED},
+        "odd-name": {"192.0.2.1": "SOCKS5 127.0.0.1:10809", "example.com": DIRECT},
+    }
+
+    def test_no_shared_listener(self) -> None:
+        self.check("no-shared")
+        self.assertIn("// No shared listener", self.views["no-shared"][0].text)
+
+    def test_over_one_megabyte_keeps_the_qualified_names_only(self) -> None:
+        self.assertTrue(self.big.too_large)
+        self.assertLess(len(self.big.body), 4096)
+        self.assertIn("larger than browsers accept", self.big.text)
+        self.assertGreater(len(render_pac([HUGE], limit=10**8).body), MAX_PAC_BYTES)
+        self.check("too-large")
+
+    def test_names_cannot_break_out_of_comments_or_strings(self) -> None:
+        self.check("odd-name")
+        text = self.views["odd-name"][0].text
+        self.assertTrue(text.isascii())
+        self.assertNotIn("*/", text)
+        self.assertEqual(text.count("\n"), len(text.splitlines()))
+
+
+def _random_globs() -> tuple[list[str], list[str]]:
+    """Patterns from the config's glob alphabet (brackets of every kind) and names to match them with."""
+    rng = random.Random(12)
+    pieces = ["a", "b", "0", ".", "-", "_", "*", "?", "[ab]", "[!a]", "[a-c]", "[!.-9]", "[]a]", "[!]]", "[", "]"]
+    patterns = {"".join(rng.choice(pieces) for _ in range(rng.randint(1, 6))) for _ in range(300)}
+    names = {"".join(rng.choice("ab0.-_c9") for _ in range(rng.randint(1, 6))) for _ in range(120)}
+    usable = set()
+    for pattern in patterns:
+        try:
+            usable.add(parse_pattern(pattern))  # as the config holds it
+        except ValueError:
+            pass
+    return sorted(usable), sorted(names)
+
+
+GLOBS, GLOB_NAMES = _random_globs()
+
+
+class GlobTests(PacTableTestCase):
+    """The script's reading of every glob is fnmatch's, the router's: shExpMatch or a translated regex."""
+
+    views = {p: (render_pac([PacCluster("g", hostnames=(p,), socks=("127.0.0.1:1",))]), True) for p in GLOBS}
+    # as the router matches: the name without its trailing dot
+    tables = {
+        p: {n: "SOCKS5 127.0.0.1:1" if fnmatchcase(n.removesuffix("."), p) else DIRECT for n in GLOB_NAMES}
+        for p in GLOBS
+    }
+
+    def test_every_glob_reads_as_fnmatch_reads_it(self) -> None:
+        wrong = [p for p in GLOBS if self.answers()[p] != self.tables[p]]
+        self.assertEqual(wrong, [])
+
+    def test_classes_become_regular_expressions(self) -> None:
+        self.assertIn(
+            'shExpMatch(h, "web?.*")', render_pac([PacCluster("g", hostnames=("web?.*",), socks=("h:1",))]).text
+        )
+        self.assertIn(
+            "/^web[0-9]\\x2ea$/.test(h)", render_pac([PacCluster("g", hostnames=("web[0-9].a",), socks=("h:1",))]).text
+        )
+
+
+class OverlapTests(SynchronousTestCase):
+    """Whether two globs share a host name, against a brute-force search."""
+
+    def test_against_brute_force(self) -> None:
+        pieces = ["a", "b", ".", "*", "?", "[ab]", "[!a]"]
+        patterns = ["".join(p) for k in range(1, 4) for p in product(pieces, repeat=k)]
+        names = ["".join(p) for k in range(0, 7) for p in product("ab.c", repeat=k)]
+        rng = random.Random(5)
+        for a, b in (rng.sample(patterns, 2) for _ in range(1500)):
+            expected = any(fnmatchcase(n, a) and fnmatchcase(n, b) for n in names)
+            self.assertEqual(globs_overlap(a, b), expected, (a, b))
+
+    def test_examples(self) -> None:
+        self.assertTrue(globs_overlap("*.internal", "*.alpha.internal"))
+        self.assertTrue(globs_overlap("web*", "*.a"))
+        self.assertFalse(globs_overlap("*.a", "*.b"))
+        self.assertFalse(globs_overlap("[!a-z0-9._-]x", "*"))  # nothing a host name can hold
+
+
+class NetworkOverlapTests(SynchronousTestCase):
+    def test_index_against_every_pair(self) -> None:
+        """The supernet / start-range index finds exactly the clusters whose networks overlap."""
+        rng = random.Random(7)
+
+        def network(version: int) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+            bits = 32 if version == 4 else 128
+            length = rng.randint(bits - 10, bits)  # within 1024 addresses: many overlaps and shared edges
+            address = (0x0A000000 if version == 4 else 0xFD << 120) + rng.randrange(1 << 10)
+            return ipaddress.ip_network((address >> (bits - length) << (bits - length), length))
+
+        clusters = [PacCluster(f"c{i}", tuple(network(rng.choice((4, 6))) for _ in range(30))) for i in range(8)]
+        index = _Overlaps(clusters)
+        queries = [network(rng.choice((4, 6))) for _ in range(400)] + [n for c in clusters for n in c.networks]
+        for query in queries:
+            expected = {
+                c.name for c in clusters if any(n.version == query.version and n.overlaps(query) for n in c.networks)
+            }
+            self.assertEqual(index.owners(query), expected, query)
+
+    def test_edges(self) -> None:
+        index = _Overlaps([PacCluster("last", (N("10.0.0.3/32"),)), PacCluster("next", (N("10.0.0.4/32"),))])
+        self.assertEqual(index.owners(N("10.0.0.0/30")), {"last"})
+        self.assertEqual(index.owners(N("10.0.0.0/8")), {"last", "next"})
+        self.assertEqual(index.owners(N("::/0")), set())
+
+
+class RenderTests(SynchronousTestCase):
+    def test_deterministic_whatever_the_order(self) -> None:
+        self.assertEqual(render_pac(CLUSTERS, **SHARED), render_pac(list(reversed(CLUSTERS)), **SHARED))
+
+    def test_overlap_comment_names_the_view(self) -> None:
+        text = render_pac(CLUSTERS, **SHARED).text
+        self.assertIn('overlaps "alpha", listed first: use ?cluster=beta', text)
+        self.assertIn('cluster "tok" is left out: it has a token and no per-cluster listener', text)
+        self.assertIn("left out, other clusters overlap (use qualified names): 10.0.0.0/8", text)
+
+    def test_each_address_once_socks_first(self) -> None:
+        pac = render_pac([], shared_http=("127.0.0.1:3128", "[::1]:3128", "127.0.0.1:3128"), shared_socks=("h:1",))
+        self.assertIn('var shared = "SOCKS5 h:1; PROXY 127.0.0.1:3128; PROXY [::1]:3128";', pac.text)
+
+    def test_refuses_what_it_cannot_write_safely(self) -> None:
+        for address in ("127.0.0.1:1; DIRECT", "127.0.0.1", 'a"b:1', "h:1\n"):
+            self.assertRaises(ValueError, render_pac, [], shared_socks=(address,))
+        self.assertRaises(ValueError, render_pac, [PacCluster("x", hostnames=("a/b",), socks=("h:1",))])
+        self.assertRaises(ValueError, render_pac, [], domain='gw"; alert(1); "')
+        self.assertRaises(ValueError, render_pac, [ALPHA], only="beta")
+
+    def test_domain_case_and_dots(self) -> None:
+        self.assertIn('dnsDomainIs(h, ".corp.example")', render_pac([], domain=".Corp.Example.", **SHARED).text)
+
+
+class StubSource:
+    def __init__(self) -> None:
+        self.calls: list[tuple[str | None, str | None]] = []
+
+    def pac_file(self, host: str | None, cluster: str | None) -> bytes | None:
+        self.calls.append((host, cluster))
+        return None if cluster == "nope" else b"pac"
+
+
+class FetchTests(SynchronousTestCase):
+    def test_views(self) -> None:
+        source = StubSource()
+        self.assertEqual(fetch_pac(source.pac_file, "", "gw.example:3128"), b"pac")
+        self.assertEqual(fetch_pac(source.pac_file, "cluster=beta", None), b"pac")
+        self.assertEqual(fetch_pac(source.pac_file, "cluster=a%2Db", "[::1]:1"), b"pac")
+        self.assertEqual(source.calls, [("gw.example", None), (None, "beta"), ("::1", "a-b")])
+
+    def refused(self, source: StubSource | None, query: str) -> int:
+        with self.assertRaises(PacRefused) as caught:
+            fetch_pac(source and source.pac_file, query, None)
+        return caught.exception.status
+
+    def test_refusals(self) -> None:
+        source = StubSource()
+        self.assertEqual(self.refused(source, "cluster=nope"), 404)
+        self.assertEqual(self.refused(source, "cluster=a/b"), 404)
+        self.assertEqual(self.refused(source, "cluster="), 404)
+        self.assertEqual(self.refused(None, ""), 404)
+        for query in ("x=1", "cluster=a&cluster=b", "cluster", "cluster=%ff", "cluster=a&x=1"):
+            self.assertEqual(self.refused(source, query), 400, query)
+        self.assertEqual(source.calls, [(None, "nope")])
+
+    def test_request_host(self) -> None:
+        cases = {
+            "GW.Example.:3128": "gw.example",
+            "127.0.0.1": "127.0.0.1",
+            "[::1]:3128": "::1",
+            "[::FFFF:127.0.0.1]": "127.0.0.1",
+            "[fe80::1%25eth0]": None,
+            "[127.0.0.1]": None,
+            "gw.example:x": None,
+            "a b": None,
+            "a;b": None,
+            "": None,
+        }
+        self.assertEqual({value: pac_request_host(value) for value in cases}, cases)
+        self.assertIsNone(pac_request_host(None))
