@@ -216,3 +216,44 @@ class ResolvedNameTests(ControlPlaneTestCase):
         self.assertIn("stream to web.tenant.test:80 (10.99.0.10) via demo closed", " ".join(summaries))
         refused = [e for e in events if e.get("outcome") == "refused"]
         self.assertIn("127.0.0.1, outside cluster 'demo' networks", refused[0]["detail"])
+
+
+class PacProviderTests(ControlPlaneTestCase):
+    """The PAC file the running gateway serves follows its clusters and their bound listeners."""
+
+    async def pac(self, query: str = "") -> bytes:
+        request = f"GET /proxy.pac{query} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n".encode()
+        return await deferToThread(http_exchange, self.harness.http_port, request)
+
+    @inline
+    async def test_follows_registrations(self):
+        reply = await self.pac()
+        self.assertTrue(reply.startswith(b"HTTP/1.1 200"), reply[:200])
+        self.assertIn(b"application/x-ns-proxy-autoconfig", reply)
+        shared = f"SOCKS5 127.0.0.1:{self.harness.socks_port}; PROXY 127.0.0.1:{self.harness.http_port}"
+        self.assertIn(shared.encode(), reply)
+        self.assertNotIn(b"api-1", reply)
+
+        code, content = await self.call("PUT", "/v1/clusters/api-1", self.body(socks=LOOPBACK_ANY))
+        self.assertEqual(code, 201, content)
+        socks = self.harness.service.listeners.bound("api-1")["socks"][0]
+        for query in ("", "?cluster=net-api"):
+            reply = await self.pac(query)
+            self.assertIn(f"SOCKS5 {socks}".encode(), reply, query)
+        self.assertNotIn(b'"demo"', await self.pac("?cluster=api-1"))
+        self.assertTrue((await self.pac("?cluster=nope")).startswith(b"HTTP/1.1 404"))
+
+        code, _ = await self.call("DELETE", "/v1/clusters/api-1")
+        self.assertEqual(code, 204)
+        self.assertNotIn(socks.encode(), await self.pac())
+
+    @inline
+    async def test_wildcard_listener_written_with_the_request_host(self):
+        code, content = await self.call(
+            "PUT", "/v1/clusters/api-1", self.body(socks="tcp:0:interface=0.0.0.0", remote_listeners=True)
+        )
+        self.assertEqual(code, 201, content)
+        port = self.harness.service.listeners.bound("api-1")["socks"][0].rsplit(":", 1)[1]
+        request = b"GET /proxy.pac HTTP/1.1\r\nHost: gw.example:3128\r\nConnection: close\r\n\r\n"
+        reply = await deferToThread(http_exchange, self.harness.http_port, request)
+        self.assertIn(f"SOCKS5 gw.example:{port}".encode(), reply)

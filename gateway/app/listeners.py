@@ -81,6 +81,7 @@ class ListenerChange:
 
     def commit(self) -> Deferred[None]:
         self.owner._listeners[self.name] = {**self.kept, **self.opened}
+        self.owner.version += 1
         for key in self.opened:
             self.owner._log_listening(self.name, key, self.opened[key].port)
         return _stop(self.closing.values())
@@ -115,6 +116,8 @@ class ClusterListeners(Service):
         self._listeners: dict[str, dict[ListenerKey, _Listener]] = {}
         #: Clusters whose listeners open at start-up, with where they were configured.
         self._pending: dict[str, tuple[ClusterConfig, str]] = {}
+        #: Counts the changes of the open listeners (what the PAC file caches by).
+        self.version = 0
 
     # -- what the gateway asks -------------------------------------------------
 
@@ -154,6 +157,7 @@ class ClusterListeners(Service):
     def close(self, name: str) -> Deferred[None]:
         """Close cluster C{name}'s listeners (it was removed)."""
         self._pending.pop(name, None)
+        self.version += 1
         return _stop(self._listeners.pop(name, {}).values())
 
     def addresses(self, name: str, kind: str) -> list[IAddress]:

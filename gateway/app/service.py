@@ -14,11 +14,12 @@ from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import CannotListenError
-from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IReactorCore
+from twisted.internet.interfaces import IAddress, IListeningPort, IProtocolFactory, IReactorCore
 from twisted.logger import Logger
 
 from gateway.app.clusters import ClusterRegistry, IGatewayReactor
 from gateway.app.listeners import ClusterListeners, ListenerChange
+from gateway.app.pac import GatewayPac
 from gateway.cluster.connection import ClusterConnection
 from gateway.config import ClusterConfig, GatewayConfig
 from gateway.control.loopback import is_local_address
@@ -119,6 +120,7 @@ class GatewayService(MultiService):
         self.listeners = ClusterListeners(reactor, self.gateway, clients)
         self.listeners.setServiceParent(self)
         self.registry.frontends.append(self.listeners)
+        self.gateway.pac = GatewayPac(self)
         for cluster in config.clusters.values():
             self.add_cluster(cluster, config.source)
         factories = [
@@ -136,13 +138,19 @@ class GatewayService(MultiService):
         """Listen on endpoint string C{description} with C{factory} (see L{ListenerService})."""
         ListenerService(self._reactor, kind, description, factory, local_only).setServiceParent(self)
 
+    def listening_addresses(self, kind: str) -> list[IAddress]:
+        """Where the shared listeners of C{kind} are bound, in the order configured."""
+        return [
+            child.port.getHost()
+            for child in self
+            if isinstance(child, ListenerService) and child.kind == kind and child.port is not None
+        ]
+
     def listening_address(self, kind: str) -> str | None:
         """C{host:port} of the first TCP listener of C{kind}, for messages."""
-        for child in self:
-            if isinstance(child, ListenerService) and child.kind == kind:
-                address = child.port.getHost() if child.port is not None else None
-                if isinstance(address, (IPv4Address, IPv6Address)):
-                    return f"{address.host}:{address.port}"
+        for address in self.listening_addresses(kind):
+            if isinstance(address, (IPv4Address, IPv6Address)):
+                return f"{address.host}:{address.port}"
         return None
 
     def add_cluster(

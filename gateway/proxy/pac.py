@@ -55,9 +55,9 @@ from urllib.parse import parse_qsl
 
 from gateway.config import is_valid_name
 from gateway.config.model import Network
+from gateway.destinations import DEFAULT_CLUSTER_DOMAIN, canonical_host
 from gateway.errors import StreamError
 from gateway.proxy.globs import glob_test, globs_overlap
-from gateway.routing import canonical_host
 
 __all__ = [
     "MAX_PAC_BYTES",
@@ -136,7 +136,7 @@ def render_pac(
     *,
     shared_socks: Sequence[str] = (),
     shared_http: Sequence[str] = (),
-    domain: str = "gw.internal",
+    domain: str = DEFAULT_CLUSTER_DOMAIN,
     only: str | None = None,
     limit: int = MAX_PAC_BYTES,
 ) -> PacScript:
