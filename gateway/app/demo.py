@@ -44,6 +44,14 @@ class DemoService(Service):
             lines.append(f"  curl --socks5-hostname {socks} http://10.99.0.10/")
         if http:
             lines.append(f"  curl --proxy http://{http} http://10.99.0.10/")
+        if socks:
+            qualified = f"10-99-0-10.demo.{self._gateway.settings.cluster_domain}"
+            lines.append(f"  curl --socks5-hostname {socks} http://{qualified}/   (a cluster-qualified name)")
+        if http:
+            lines += [
+                "a browser, which sends no proxy credentials, with the gateway's PAC file (docs/browsers.md):",
+                f"  chromium --proxy-pac-url=http://{http}/proxy.pac http://10.99.0.10/",
+            ]
         control = self._gateway.listening_address("control")
         if control:
             cluster_file = self._demo.write_cluster_file()
