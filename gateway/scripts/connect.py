@@ -17,15 +17,13 @@ standard error in words, with the SOCKS reason, and a non-zero exit status.
 from __future__ import annotations
 
 import argparse
-import ipaddress
 import os
 import selectors
 import socket
 import struct
 import sys
-from dataclasses import dataclass
 
-from gateway.proxy.socks.machine import SOCKS5_REPLY_TEXT
+from gateway.proxy.socks.replies import SOCKS5_REPLY_TEXT
 
 DEFAULT_SOCKS = "127.0.0.1:1080"
 
@@ -96,6 +94,8 @@ def _read_exactly(sock: socket.socket, count: int) -> bytes:
 
 def _address(host: str) -> bytes:
     """The SOCKS5 address of C{host}: an IP literal, else an IDNA-encoded name."""
+    import ipaddress  # here, not at the top: --help and usage errors need not load it
+
     try:
         ip = ipaddress.ip_address(host.strip("[]"))
     except ValueError:
@@ -122,19 +122,22 @@ def _field(value: str, what: str) -> bytes:
     return bytes([len(data)]) + data
 
 
-@dataclass(frozen=True)
 class Handshake:
     """
     What gateway-connect will send, encoded before any connection is made, so
     that arguments SOCKS5 cannot carry are a usage error and not a traceback
-    halfway through the handshake.
+    halfway through the handshake.  (A plain class: importing dataclasses
+    would cost more than this whole script's start.)
     """
 
-    destination: str
-    cluster: str | None
-    #: The RFC 1929 subnegotiation, or C{None} for "no authentication".
-    credentials: bytes | None
-    request: bytes
+    __slots__ = ("destination", "cluster", "credentials", "request")
+
+    def __init__(self, destination: str, cluster: str | None, credentials: bytes | None, request: bytes) -> None:
+        self.destination = destination
+        self.cluster = cluster
+        #: The RFC 1929 subnegotiation, or C{None} for "no authentication".
+        self.credentials = credentials
+        self.request = request
 
     @classmethod
     def build(cls, host: str, port: int, cluster: str | None, token: str | None) -> Handshake:
