@@ -127,6 +127,29 @@ class GatewayConnectArgumentTests(TestCase):
             os.close(stdout_write)
         self.assertEqual(ours.fileno(), -1)  # closed
 
+    def test_stdin_from_a_file(self):
+        """
+        stdin may be a file or /dev/null (C{gateway-connect HOST PORT < request}),
+        which epoll refuses (EPERM): relay() copies it like a pipe.
+        """
+        ours, theirs = socket.socketpair()
+        theirs.sendall(b"reply")
+        theirs.shutdown(socket.SHUT_WR)
+        request = self.mktemp()
+        with open(request, "wb") as f:
+            f.write(b"request")
+        stdout_read, stdout_write = os.pipe()
+        stdin = os.open(request, os.O_RDONLY)
+        try:
+            connect.relay(ours, stdin, stdout_write)  # closes stdout_write at the socket's end
+            self.assertEqual(os.read(stdout_read, 100), b"reply")
+        finally:
+            os.close(stdin)
+            os.close(stdout_read)
+        self.assertEqual(theirs.recv(100), b"request")
+        self.assertEqual(theirs.recv(100), b"")
+        theirs.close()
+
 
 USAGE = """\
 usage: gateway-connect [-h] [--socks SOCKS] [--cluster CLUSTER]

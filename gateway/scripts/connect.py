@@ -17,7 +17,7 @@ standard error in words, with the SOCKS reason, and a non-zero exit status.
 from __future__ import annotations
 
 import os
-import selectors
+import select
 import socket
 import struct
 import sys
@@ -371,19 +371,20 @@ def relay(sock: socket.socket, stdin: int = 0, stdout: int = 1) -> None:
     """
     sock.setblocking(True)
     sock.settimeout(None)
-    selector = selectors.DefaultSelector()
-    selector.register(sock, selectors.EVENT_READ, "socket")
-    selector.register(stdin, selectors.EVENT_READ, "stdin")
+    # poll, not epoll (selectors' default): epoll refuses a file or /dev/null as stdin.
+    poller = select.poll()
+    poller.register(sock, select.POLLIN)
+    poller.register(stdin, select.POLLIN)
     open_directions = 2
     try:
         while open_directions:
-            for key, _ in selector.select():
-                if key.data == "stdin":
+            for fd, _ in poller.poll():
+                if fd == stdin:
                     data = os.read(stdin, 65536)
                     if data:
                         sock.sendall(data)
                     else:
-                        selector.unregister(stdin)
+                        poller.unregister(stdin)
                         sock.shutdown(socket.SHUT_WR)
                         open_directions -= 1
                 else:
@@ -392,11 +393,10 @@ def relay(sock: socket.socket, stdin: int = 0, stdout: int = 1) -> None:
                         if not _write_all(stdout, data):
                             return
                     else:
-                        selector.unregister(sock)
+                        poller.unregister(sock)
                         os.close(stdout)
                         open_directions -= 1
     finally:
-        selector.close()
         sock.close()
 
 
