@@ -9,23 +9,23 @@ output, so it works as OpenSSH's C{ProxyCommand}, as
 C{paramiko.ProxyCommand(...)}, and as Sahara's
 C{proxy_command = gateway-connect --cluster {network_id} {host} {port}}.
 
-It is started once per SSH connection, so it uses only the standard library
-(no reactor to import) and starts in a few milliseconds.  Failures go to
-standard error in words, with the SOCKS reason, and a non-zero exit status.
+It is started once per SSH connection, so it imports only the standard
+library and L{gateway.proxy.socks.replies} (no reactor, no SOCKS machine, no
+argparse, no dataclasses; ipaddress when the destination is parsed): a start
+takes ~17-20 ms, ~8 ms of it the interpreter's own (tests/test_connect.py pins
+the import set).  Failures go to standard error in words, with the SOCKS
+reason, and a non-zero exit status.
 """
 
 from __future__ import annotations
 
-import argparse
-import ipaddress
 import os
-import selectors
+import select
 import socket
 import struct
 import sys
-from dataclasses import dataclass
 
-from gateway.proxy.socks.machine import SOCKS5_REPLY_TEXT
+from gateway.proxy.socks.replies import SOCKS5_REPLY_TEXT
 
 DEFAULT_SOCKS = "127.0.0.1:1080"
 
@@ -44,30 +44,196 @@ class ConnectError(Exception):
         self.status = status
 
 
-def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="gateway-connect",
-        description="Relay stdin/stdout to HOST:PORT through the gateway's SOCKS5 listener.",
-    )
-    parser.add_argument(
-        "--socks",
-        default=os.environ.get("GATEWAY_SOCKS", DEFAULT_SOCKS),
-        help="gateway SOCKS listener, HOST:PORT or unix:PATH (default: $GATEWAY_SOCKS or %(default)s)",
-    )
-    parser.add_argument(
-        "--cluster",
-        default=os.environ.get("GATEWAY_CLUSTER"),
-        help="cluster name or alias (default: $GATEWAY_CLUSTER; route by address)",
-    )
-    parser.add_argument(
-        "--token",
-        default=os.environ.get("GATEWAY_TOKEN"),
-        help="the cluster's token (default: $GATEWAY_TOKEN)",
-    )
-    parser.add_argument("--timeout", type=float, default=30.0, help="seconds for the handshake (default: 30)")
-    parser.add_argument("host")
-    parser.add_argument("port", type=int)
-    return parser.parse_args(argv)
+#: The options in argparse's order, which abbreviations and "ambiguous option" follow.
+_LONG_OPTIONS = ("--help", "--socks", "--cluster", "--token", "--timeout")
+_OPTIONS = frozenset(("-h", *_LONG_OPTIONS))
+_SEPARATOR = "--"
+
+_USAGE = """\
+usage: gateway-connect [-h] [--socks SOCKS] [--cluster CLUSTER]
+                       [--token TOKEN] [--timeout TIMEOUT]
+                       host port
+"""
+
+_HELP = (
+    _USAGE
+    + """
+Relay stdin/stdout to HOST:PORT through the gateway's SOCKS5 listener.
+
+positional arguments:
+  host
+  port
+
+options:
+  -h, --help         show this help message and exit
+  --socks SOCKS      gateway SOCKS listener, HOST:PORT or unix:PATH (default:
+                     $GATEWAY_SOCKS or {socks})
+  --cluster CLUSTER  cluster name or alias (default: $GATEWAY_CLUSTER; route
+                     by address)
+  --token TOKEN      the cluster's token (default: $GATEWAY_TOKEN)
+  --timeout TIMEOUT  seconds for the handshake (default: 30)
+"""
+)
+
+
+class _UsageError(Exception):
+    """A command line argparse would refuse; the message is argparse's."""
+
+
+class Arguments:
+    """What the command line asked for, with the environment's defaults."""
+
+    __slots__ = ("socks", "cluster", "token", "timeout", "host", "port")
+    host: str
+    port: int
+
+    def __init__(self) -> None:
+        self.socks = os.environ.get("GATEWAY_SOCKS", DEFAULT_SOCKS)
+        self.cluster = os.environ.get("GATEWAY_CLUSTER")
+        self.token = os.environ.get("GATEWAY_TOKEN")
+        self.timeout = 30.0
+
+
+def _is_negative_number(arg: str) -> bool:
+    """argparse's C{^-\\d+$|^-\\d*\\.\\d+$} (C{\\d} is C{isdecimal}), without importing re."""
+    whole, dot, fraction = arg[1:].partition(".")
+    if dot:
+        return (not whole or whole.isdecimal()) and fraction.isdecimal()
+    return whole.isdecimal()
+
+
+def _classify(arg: str) -> tuple[str, str | None] | None:
+    """
+    What argparse makes of C{arg} before it consumes any: C{None} for a
+    positional, else the option and the value after its C{=} (or after
+    C{-h}), the option C{""} for one it does not know.
+
+    @raise _UsageError: an abbreviation that fits several options.
+    """
+    if not arg.startswith("-") or arg == "-":
+        return None
+    if arg in _OPTIONS:
+        return arg, None
+    name, equals, value = arg.partition("=")
+    if equals and name in _OPTIONS:
+        return name, value
+    if arg.startswith("--"):
+        matches = [option for option in _LONG_OPTIONS if option.startswith(name)]
+        if len(matches) > 1:
+            raise _UsageError(f"ambiguous option: {arg} could match {', '.join(matches)}")
+        if matches:
+            return matches[0], value if equals else None
+    elif arg.startswith("-h"):
+        return "-h", arg[2:]
+    if _is_negative_number(arg) or " " in arg:
+        return None
+    return "", None
+
+
+def _help_requested(option: str, explicit: str | None) -> bool:
+    """
+    C{-h}/C{--help}, also with a value after C{=} or C{-h}: argparse reads
+    C{-hh} as C{-h -h} and refuses any other value.
+
+    @raise _UsageError: for a value.
+    """
+    if explicit is None:
+        return True
+    rest = explicit.lstrip("h") if option == "-h" else explicit
+    if explicit and not rest:
+        return True
+    raise _UsageError(f"argument -h/--help: ignored explicit argument {rest!r}")
+
+
+def _parse(argv: list[str]) -> Arguments:
+    """argparse's reading of C{argv} for gateway-connect's options, errors in its order."""
+    items: list[tuple[str, tuple[str, str | None] | None]] = []
+    for i, arg in enumerate(argv):
+        if arg == _SEPARATOR:  # the rest are positionals, whatever they look like
+            items += [(arg, (_SEPARATOR, None))] + [(rest, None) for rest in argv[i + 1 :]]
+            break
+        items.append((arg, _classify(arg)))
+    args = Arguments()
+    default_socks = args.socks  # what the help shows, whatever --socks said before -h
+    host: str | None = None
+    port: int | None = None
+    extras = []
+    position = 0
+    filled = False  # whether the item before took the host or the port
+    while position < len(items):
+        arg, option = items[position]
+        position += 1
+        if option is None:
+            filled = host is None or port is None
+            if host is None:
+                host = arg
+            elif port is None:
+                try:
+                    port = int(arg)
+                except ValueError:
+                    raise _invalid("port", "int", arg) from None
+            else:
+                extras.append(arg)
+            continue
+        name, value = option
+        if name == _SEPARATOR:
+            # argparse drops it when it sits next to the host or the port, else it is left over.
+            if not (filled or (position < len(items) and (host is None or port is None))):
+                extras.append(arg)
+            continue
+        filled = False
+        if not name:
+            extras.append(arg)
+        elif name in ("-h", "--help"):
+            if _help_requested(name, value):
+                _write(_HELP.format(socks=default_socks))
+                raise SystemExit(0)
+        else:
+            if value is None:
+                if position == len(items) or items[position][1] is not None:
+                    raise _UsageError(f"argument {name}: expected one argument")
+                value = items[position][0]
+                position += 1
+            if name == "--timeout":
+                try:
+                    args.timeout = float(value)
+                except ValueError:
+                    raise _invalid(name, "float", value) from None
+            else:
+                setattr(args, name[2:], value)  # --socks, --cluster, --token: the attribute's name
+    if host is None or port is None:
+        missing = [name for name, given in (("host", host), ("port", port)) if given is None]
+        raise _UsageError(f"the following arguments are required: {', '.join(missing)}")
+    if extras:
+        raise _UsageError(f"unrecognized arguments: {' '.join(extras)}")
+    args.host, args.port = host, port
+    return args
+
+
+def _invalid(name: str, kind: str, text: str) -> _UsageError:
+    return _UsageError(f"argument {name}: invalid {kind} value: {text!r}")
+
+
+def _write(text: str, stream: str = "stdout") -> None:
+    """Write like argparse does: a reader that is gone is no error."""
+    try:
+        getattr(sys, stream).write(text)
+    except OSError:
+        pass
+
+
+def parse_args(argv: list[str]) -> Arguments:
+    """
+    The command line, read as argparse read it (same options, abbreviations,
+    help and messages; a usage error exits with status 2) -- by hand,
+    because importing and running argparse (with re, gettext, shutil) took
+    4-8 ms of a ~25 ms start.  The help is argparse's at 80 columns.
+    """
+    try:
+        return _parse(argv)
+    except _UsageError as e:
+        _write(f"{_USAGE}gateway-connect: error: {e}\n", "stderr")
+        raise SystemExit(EXIT_USAGE) from None
 
 
 def _socks_socket(spec: str, timeout: float) -> socket.socket:
@@ -96,6 +262,8 @@ def _read_exactly(sock: socket.socket, count: int) -> bytes:
 
 def _address(host: str) -> bytes:
     """The SOCKS5 address of C{host}: an IP literal, else an IDNA-encoded name."""
+    import ipaddress  # here, not at the top: --help and usage errors need not load it
+
     try:
         ip = ipaddress.ip_address(host.strip("[]"))
     except ValueError:
@@ -122,19 +290,22 @@ def _field(value: str, what: str) -> bytes:
     return bytes([len(data)]) + data
 
 
-@dataclass(frozen=True)
 class Handshake:
     """
     What gateway-connect will send, encoded before any connection is made, so
     that arguments SOCKS5 cannot carry are a usage error and not a traceback
-    halfway through the handshake.
+    halfway through the handshake.  (A plain class: importing dataclasses
+    would cost more than this whole script's start.)
     """
 
-    destination: str
-    cluster: str | None
-    #: The RFC 1929 subnegotiation, or C{None} for "no authentication".
-    credentials: bytes | None
-    request: bytes
+    __slots__ = ("destination", "cluster", "credentials", "request")
+
+    def __init__(self, destination: str, cluster: str | None, credentials: bytes | None, request: bytes) -> None:
+        self.destination = destination
+        self.cluster = cluster
+        #: The RFC 1929 subnegotiation, or C{None} for "no authentication".
+        self.credentials = credentials
+        self.request = request
 
     @classmethod
     def build(cls, host: str, port: int, cluster: str | None, token: str | None) -> Handshake:
@@ -203,19 +374,20 @@ def relay(sock: socket.socket, stdin: int = 0, stdout: int = 1) -> None:
     """
     sock.setblocking(True)
     sock.settimeout(None)
-    selector = selectors.DefaultSelector()
-    selector.register(sock, selectors.EVENT_READ, "socket")
-    selector.register(stdin, selectors.EVENT_READ, "stdin")
+    # poll, not epoll (selectors' default): epoll refuses a file or /dev/null as stdin.
+    poller = select.poll()
+    poller.register(sock, select.POLLIN)
+    poller.register(stdin, select.POLLIN)
     open_directions = 2
     try:
         while open_directions:
-            for key, _ in selector.select():
-                if key.data == "stdin":
+            for fd, _ in poller.poll():
+                if fd == stdin:
                     data = os.read(stdin, 65536)
                     if data:
                         sock.sendall(data)
                     else:
-                        selector.unregister(stdin)
+                        poller.unregister(stdin)
                         sock.shutdown(socket.SHUT_WR)
                         open_directions -= 1
                 else:
@@ -224,11 +396,10 @@ def relay(sock: socket.socket, stdin: int = 0, stdout: int = 1) -> None:
                         if not _write_all(stdout, data):
                             return
                     else:
-                        selector.unregister(sock)
+                        poller.unregister(sock)
                         os.close(stdout)
                         open_directions -= 1
     finally:
-        selector.close()
         sock.close()
 
 

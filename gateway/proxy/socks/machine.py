@@ -51,6 +51,10 @@ from dataclasses import dataclass
 
 from gateway.destinations import canonical_host
 from gateway.errors import Reason, StreamError, shown
+
+# Re-exported beside SOCKS5_REPLY for importers of the machine; the table lives in replies.py so that
+# gateway-connect can print it without importing this module.
+from gateway.proxy.socks.replies import SOCKS5_REPLY_TEXT as SOCKS5_REPLY_TEXT
 from gateway.routing import show_username
 
 #: How each failure is told to a SOCKS5 client (RFC 1928 section 6).
@@ -71,19 +75,6 @@ SOCKS5_REPLY: dict[Reason, int] = {
     Reason.OVERLOADED: 0x01,
     Reason.BAD_REQUEST: 0x01,
     Reason.GENERAL: 0x01,
-}
-
-#: RFC 1928's words for each reply code, for clients that print them.
-SOCKS5_REPLY_TEXT: dict[int, str] = {
-    0x00: "succeeded",
-    0x01: "general SOCKS server failure",
-    0x02: "connection not allowed by ruleset",
-    0x03: "network unreachable",
-    0x04: "host unreachable",
-    0x05: "connection refused",
-    0x06: "TTL expired",
-    0x07: "command not supported",
-    0x08: "address type not supported",
 }
 
 _NO_AUTH = 0x00
