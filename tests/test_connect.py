@@ -96,6 +96,7 @@ class GatewayConnectArgumentTests(TestCase):
             (("a..b.example", "22"), "is not a valid host name"),
             (("x" * 64 + ".example", "22"), "is not a valid host name"),
             (("a." * 128 + "b", "22"), "host name is longer than 255 bytes"),
+            (("", "22"), "the host name is empty"),
             (("fe80::1%eth0", "22"), "zone ids are not accepted"),
             (("10.0.0.1", "0"), "port 0 is not between 1 and 65535"),
             (("10.0.0.1", "70000"), "port 70000 is not between 1 and 65535"),

@@ -264,6 +264,8 @@ def _address(host: str) -> bytes:
     """The SOCKS5 address of C{host}: an IP literal, else an IDNA-encoded name."""
     import ipaddress  # here, not at the top: --help and usage errors need not load it
 
+    if not host:
+        raise ConnectError("the host name is empty", EXIT_USAGE)
     try:
         ip = ipaddress.ip_address(host.strip("[]"))
     except ValueError:
