@@ -248,6 +248,19 @@ class PacProviderTests(ControlPlaneTestCase):
         self.assertNotIn(socks.encode(), await self.pac())
 
     @inline
+    async def test_cluster_listener_serves_its_view(self):
+        """GET /proxy.pac on a cluster's own HTTP listener: that cluster's view unless asked for another."""
+        code, content = await self.call("PUT", "/v1/clusters/api-1", self.body(socks=LOOPBACK_ANY, http=LOOPBACK_ANY))
+        self.assertEqual(code, 201, content)
+        http = int(self.harness.service.listeners.bound("api-1")["http"][0].rsplit(":", 1)[1])
+        request = b"GET /proxy.pac HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+        reply = await deferToThread(http_exchange, http, request)
+        self.assertIn(b"api-1", reply)
+        self.assertNotIn(b'"demo"', reply)
+        request = b"GET /proxy.pac?cluster=demo HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+        self.assertIn(b'"demo"', await deferToThread(http_exchange, http, request))
+
+    @inline
     async def test_wildcard_listener_written_with_the_request_host(self):
         code, content = await self.call(
             "PUT", "/v1/clusters/api-1", self.body(socks="tcp:0:interface=0.0.0.0", remote_listeners=True)

@@ -345,16 +345,22 @@ def pac_request_host(value: str | None) -> str | None:
         return None
 
 
-def fetch_pac(pac_file: Callable[[str | None, str | None], bytes | None] | None, query: str, host: str | None) -> bytes:
+def fetch_pac(
+    pac_file: Callable[[str | None, str | None], bytes | None] | None,
+    query: str,
+    host: str | None,
+    view: str | None = None,
+) -> bytes:
     """
     The PAC file for a request with C{query} (the URL's query, without C{?})
     and C{Host} header C{host}, from C{pac_file} (a L{PacSource}'s, or the
-    control API's C{proxy_pac}: same arguments).
+    control API's C{proxy_pac}: same arguments).  Without C{?cluster=}, the
+    view of cluster C{view} (a per-cluster listener's), or of all.
 
     @raise PacRefused: 404 without C{pac_file} or for an unknown cluster, 400
         for a query other than C{cluster=NAME}.
     """
-    cluster = None
+    cluster = view
     if query:
         try:
             pairs = parse_qsl(query, keep_blank_values=True, strict_parsing=True, errors="strict")

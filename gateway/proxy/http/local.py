@@ -38,12 +38,16 @@ class LocalAnswer:
     keep_alive: bool
 
 
-def answer_local(head: RequestHead, pac: PacSource | None, keep_alive: bool, client: str) -> LocalAnswer:
+def answer_local(
+    head: RequestHead, pac: PacSource | None, keep_alive: bool, client: str, cluster: str | None = None
+) -> LocalAnswer:
     """
     The answer to C{head}, a request for the PAC file; C{keep_alive} is what
-    the client connection may do after a C{200}.  Logged, once.
+    the client connection may do after a C{200}.  On the listener of
+    C{cluster}, the file is that cluster's view unless the query names
+    another.  Logged, once.
     """
-    status, detail, body = _pac_file(head, pac)
+    status, detail, body = _pac_file(head, pac, cluster)
     query = head.target.partition("?")[2]
     log.info(
         "PAC file{view} for {client}: {status}{detail}",
@@ -67,7 +71,7 @@ def answer_local(head: RequestHead, pac: PacSource | None, keep_alive: bool, cli
     return LocalAnswer(_head_bytes(lines) + (b"" if head.method == "HEAD" else body), keep_alive)
 
 
-def _pac_file(head: RequestHead, pac: PacSource | None) -> tuple[int, str, bytes | None]:
+def _pac_file(head: RequestHead, pac: PacSource | None, cluster: str | None) -> tuple[int, str, bytes | None]:
     """(status, detail for the client and the log, the PAC file or None)."""
     if head.method not in _METHODS:
         return 405, f"the PAC file is read with {' or '.join(_METHODS)}", None
@@ -75,7 +79,7 @@ def _pac_file(head: RequestHead, pac: PacSource | None) -> tuple[int, str, bytes
         return 400, "a request for the PAC file has no body", None
     try:
         pac_file = pac.pac_file if pac is not None else None
-        body = fetch_pac(pac_file, head.target.partition("?")[2], _single(head.headers, "host"))
+        body = fetch_pac(pac_file, head.target.partition("?")[2], _single(head.headers, "host"), cluster)
         return 200, "", body
     except PacRefused as e:
         return e.status, e.reason, None

@@ -208,7 +208,7 @@ class HttpProxyProtocol(FrontendProtocol):
     def _answer_local(self, head: RequestHead) -> None:
         """A request for the listener itself (L{gateway.proxy.http.local}): answered at once."""
         self._client_keep_alive = self._client_keep_alive and head.keep_alive
-        answer = answer_local(head, self._gateway.pac, self._client_keep_alive, self._client)
+        answer = answer_local(head, self._gateway.pac, self._client_keep_alive, self._client, self._cluster)
         if answer.keep_alive:
             self.transport.write(answer.data)
             self._answered_locally = True  # the next request once this one's (empty) body is parsed
