@@ -7,9 +7,9 @@ protocol goes over a pipe (C{--remote-debugging-pipe}: fd 3 carries commands
 in, fd 4 answers and events out, each message JSON ended by a NUL byte), which
 crosses namespaces where a loopback port would not.  It is also what makes
 the test bounded and readable: C{Page.navigate} says why a page failed
-(C{net::ERR_...}), and the DOM is read when the page says it is done, not
-when a virtual-time budget runs out (which a WebSocket's answer does not
-hold up).
+(C{net::ERR_...}), and the DOM is read when the page says it is done (a
+condition in JavaScript, polled with a time-out), not whenever a
+C{--dump-dom --virtual-time-budget} run decides the page has settled.
 
 Each L{Chromium} has a fresh profile and C{HOME} (crash reports and caches
 land there, not in root's home); L{Chromium.close} kills the browser's whole
