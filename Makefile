@@ -6,8 +6,9 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cat setup.py | cksum | cut -d' ' -f1)
-# Debian packages the tests drive (real sshd, curl, nc, ip netns; node runs the PAC file).
-DEBS   := openssh-server openssh-client curl netcat-openbsd socat iproute2 nodejs
+# Debian packages the tests drive (real sshd, curl, nc, ip netns; node runs the PAC file,
+# headless chromium browses through it).
+DEBS   := openssh-server openssh-client curl netcat-openbsd socat iproute2 nodejs chromium
 
 .PHONY: run test lint bench system-deps clean
 

@@ -11,7 +11,9 @@ Topology built by :class:`Lab` (all names carry a unique per-run suffix)::
 
 Each internal namespace runs an sshd on 10.251.0.10:22 and an HTTP/1.1
 server on 10.251.0.10:8080 (``/`` names the namespace, ``/big`` is a
-deterministic 20 MiB body, ``/echo`` echoes a POSTed body).  The internal
+deterministic 20 MiB body, ``/echo`` echoes a POSTed body, ``/host`` answers
+the ``Host`` header it got; for browsers, ``/ws`` is a WebSocket echo and
+``/ws-page`` a page whose script talks to it).  The internal
 networks are reachable only from their own proxy namespace: no default
 routes anywhere and IPv4 forwarding is off in every namespace.
 
@@ -97,13 +99,32 @@ def big_body() -> bytes:
 # argv: NAME HOST PORT SEED_HEX SIZE
 # --------------------------------------------------------------------------
 HTTP_SERVER_SCRIPT = r"""
+import base64
 import hashlib
+import struct
 import sys
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 NAME, HOST, PORT = sys.argv[1], sys.argv[2], int(sys.argv[3])
 BIG = hashlib.shake_256(bytes.fromhex(sys.argv[4])).digest(int(sys.argv[5]))
 ZEROS = bytes(1 << 20)
+WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+WS_MAX_PAYLOAD = 1 << 15  # its echo still fits a 16-bit length
+# What a browser loads: the script opens a WebSocket to the server the page
+# came from, sends one message and writes the echo (or the failure) into
+# #echo, then sets the title to "done", the sign a reader waits for.
+WS_PAGE = '''<!DOCTYPE html>
+<html><head><title>waiting</title></head><body>
+<p id="served">%s</p><p id="echo">no answer</p>
+<script>
+const out = document.getElementById("echo");
+const done = (text) => { out.textContent = text; document.title = "done"; };
+const ws = new WebSocket("ws://" + location.host + "/ws");
+ws.onopen = () => ws.send("hello from " + location.host);
+ws.onmessage = (event) => { done("echo: " + event.data); ws.close(); };
+ws.onerror = () => done("websocket error");
+</script></body></html>
+'''
 
 
 class BadRequest(Exception):
@@ -147,6 +168,12 @@ class Handler(BaseHTTPRequestHandler):
         path = self._path()
         if path == "/":
             self._send(200, (NAME + "\n").encode())
+        elif path == "/host":
+            self._send(200, (self.headers.get("Host", "") + "\n").encode())
+        elif path == "/ws-page":
+            self._send(200, (WS_PAGE % NAME).encode(), "text/html; charset=utf-8")
+        elif path == "/ws" and self.command == "GET":
+            self._websocket()
         elif path == "/big":
             self._send(200, BIG, "application/octet-stream")
         elif path.startswith("/bytes/") and path[7:].isdigit():
@@ -155,6 +182,69 @@ class Handler(BaseHTTPRequestHandler):
             self._send(404, b"not found\n")
 
     do_HEAD = do_GET
+
+    def _websocket(self):
+        # RFC 6455, as much as a browser needs: the handshake, then each text
+        # message comes back as "NAME: message" (the echo names the tenant),
+        # a ping gets its pong, a close is answered; anything else ends it.
+        key = self.headers.get("Sec-WebSocket-Key", "")
+        if "websocket" not in self.headers.get("Upgrade", "").lower() or not key:
+            self.close_connection = True
+            self._send(400, b"not a websocket handshake\n")
+            return
+        self.close_connection = True
+        self.send_response(101)
+        self.send_header("Upgrade", "websocket")
+        self.send_header("Connection", "Upgrade")
+        accept = base64.b64encode(hashlib.sha1(key.encode() + WS_GUID).digest())
+        self.send_header("Sec-WebSocket-Accept", accept.decode())
+        self.end_headers()
+        self.wfile.flush()
+        while True:
+            frame = self._ws_frame()
+            if frame is None:
+                return
+            opcode, payload = frame
+            if opcode == 1:
+                self._ws_send(1, NAME.encode() + b": " + payload)
+            elif opcode == 9:
+                self._ws_send(10, payload)
+            elif opcode == 8:
+                self._ws_send(8, payload[:2])
+                return
+            elif opcode != 10:  # binary, continuation, reserved: "unsupported data"
+                self._ws_send(8, struct.pack("!H", 1003))
+                return
+
+    def _ws_frame(self):
+        # One whole client frame as (opcode, unmasked payload); None when the
+        # client closed, or sent a fragment, an unmasked or an oversized frame.
+        head = self._read_exactly(2)
+        if head is None or not head[0] & 0x80 or not head[1] & 0x80:
+            return None
+        size = head[1] & 0x7F
+        if size >= 126:
+            extended = self._read_exactly(2 if size == 126 else 8)
+            if extended is None:
+                return None
+            size = int.from_bytes(extended, "big")
+        if size > WS_MAX_PAYLOAD:
+            return None
+        mask = self._read_exactly(4)
+        data = self._read_exactly(size)
+        if mask is None or data is None:
+            return None
+        return head[0] & 0x0F, bytes(b ^ mask[i % 4] for i, b in enumerate(data))
+
+    def _read_exactly(self, size):
+        data = self.rfile.read(size)
+        return data if len(data) == size else None
+
+    def _ws_send(self, opcode, payload):
+        size = len(payload)
+        head = bytes([0x80 | opcode, size]) if size < 126 else bytes([0x80 | opcode, 126]) + struct.pack("!H", size)
+        self.wfile.write(head + payload)
+        self.wfile.flush()
 
     def _line(self):
         line = self.rfile.readline(65537)
