@@ -540,6 +540,9 @@ class LogTests(ApiTestCase):
             ],
         )
         self.assertEqual(formatEvent(self.mutation_logs()[0]), "control API: PUT /v1/clusters/cluster-b -> 201")
+        refused = formatEvent(self.mutation_logs()[1])
+        self.assertTrue(refused.startswith("control API: PUT /v1/clusters/cluster-b -> 400: "), refused)
+        self.assertEqual(self.mutation_logs()[1]["refusal"], refused.split(" -> 400: ", 1)[1])
         everything = repr(self.events) + "".join(formatEvent(e) for e in self.events)
         self.assertNotIn("OPENSSH", everything)
         self.assertNotIn("sekrit-token", everything)

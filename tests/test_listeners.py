@@ -230,7 +230,7 @@ class PacProviderTests(ControlPlaneTestCase):
         reply = await self.pac()
         self.assertTrue(reply.startswith(b"HTTP/1.1 200"), reply[:200])
         self.assertIn(b"application/x-ns-proxy-autoconfig", reply)
-        shared = f"SOCKS5 127.0.0.1:{self.harness.socks_port}; PROXY 127.0.0.1:{self.harness.http_port}"
+        shared = f"PROXY 127.0.0.1:{self.harness.http_port}; SOCKS5 127.0.0.1:{self.harness.socks_port}"
         self.assertIn(shared.encode(), reply)
         self.assertNotIn(b"api-1", reply)
 

@@ -50,9 +50,9 @@ TOKEN = PacCluster("tok", (N("10.2.0.0/16"),), ("*.tok.test",), token=True)
 CLUSTERS = (TOKEN, GAMMA, BETA, ALPHA)  # any order: the script lists them by name
 SHARED = {"shared_socks": ("127.0.0.1:1080",), "shared_http": ("127.0.0.1:3128", "127.0.0.1:3128")}
 
-TO_ALPHA = "SOCKS5 127.0.0.1:10801; PROXY 127.0.0.1:31281"
+TO_ALPHA = "PROXY 127.0.0.1:31281; SOCKS5 127.0.0.1:10801"
 TO_BETA = "SOCKS5 [::1]:10802"
-TO_SHARED = "SOCKS5 127.0.0.1:1080; PROXY 127.0.0.1:3128"
+TO_SHARED = "PROXY 127.0.0.1:3128; SOCKS5 127.0.0.1:1080"
 DIRECT = "DIRECT"
 
 Case = tuple[str, str]  # (url, host) as the browser passes them
@@ -350,7 +350,7 @@ class RenderTests(SynchronousTestCase):
 
     def test_each_address_once_socks_first(self) -> None:
         pac = render_pac([], shared_http=("127.0.0.1:3128", "[::1]:3128", "127.0.0.1:3128"), shared_socks=("h:1",))
-        self.assertIn('var shared = "SOCKS5 h:1; PROXY 127.0.0.1:3128; PROXY [::1]:3128";', pac.text)
+        self.assertIn('var shared = "PROXY 127.0.0.1:3128; PROXY [::1]:3128; SOCKS5 h:1";', pac.text)
 
     def test_refuses_what_it_cannot_write_safely(self) -> None:
         for address in ("127.0.0.1:1; DIRECT", "127.0.0.1", 'a"b:1', "h:1\n"):

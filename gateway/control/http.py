@@ -128,6 +128,8 @@ class _Call:
     method: str
     path: str
     cluster: str | None = None
+    #: Why the request was refused (a reason never holds a secret: see ControlError).
+    refusal: str | None = None
 
 
 def _path_for_log(path: bytes) -> str:
@@ -155,8 +157,10 @@ class _ControlResource(Resource):
         try:
             response = await self._dispatch(request, call)
         except ControlError as e:
+            call.refusal = f"{e.field}: {e.reason}" if e.field else str(e.reason)
             response = self._control_error(e, call)
         except _BadRequest as e:
+            call.refusal = e.reason
             response = Response.error(http.BAD_REQUEST, e.reason, e.field)
         except Exception:
             log.failure(
@@ -171,10 +175,13 @@ class _ControlResource(Resource):
             self._write(request, response)
         if request.method in _MUTATING:
             log.info(
-                "control API: {method} {path} -> {status}" + (" (client gone)" if disconnected else ""),
+                "control API: {method} {path} -> {status}"
+                + (": {refusal}" if call.refusal else "")
+                + (" (client gone)" if disconnected else ""),
                 method=call.method,
                 path=call.path,
                 status=response.status,
+                refusal=call.refusal,
                 cluster=call.cluster,
                 client=str(request.getClientAddress()),
                 disconnected=disconnected,

@@ -226,8 +226,15 @@ def _cluster_rules(ordered: Sequence[PacCluster], only: str | None, shared: str)
 
 
 def _directives(socks: Iterable[str], http: Iterable[str]) -> str:
-    """C{"SOCKS5 a; PROXY b"}: SOCKS5 first (https and WebSockets without a CONNECT per host), each once."""
-    entries = [f"SOCKS5 {_address(a)}" for a in socks] + [f"PROXY {_address(a)}" for a in http]
+    """
+    C{"PROXY b; SOCKS5 a"}, each once.  The HTTP proxy first: it sends an
+    origin the real destination in C{Host} (a SOCKS5 or CONNECT stream
+    carries the browser's own head, with the qualified name), and a refusal
+    there is a page the browser shows, where Chromium takes a refused SOCKS5
+    stream for a broken proxy, retries it through the next entry and avoids
+    that listener for minutes.
+    """
+    entries = [f"PROXY {_address(a)}" for a in http] + [f"SOCKS5 {_address(a)}" for a in socks]
     return "; ".join(dict.fromkeys(entries))
 
 

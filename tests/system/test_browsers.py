@@ -86,9 +86,9 @@ class BrowserTests(TestCase):
         # The plain address is in both clusters' networks: the whole file sends it to the first in name order.
         a = TENANTS["a"]
         self.assertEqual(browser.text(a.url()), a.served)
-        # A name the proxy node resolves outside the networks: refused over SOCKS5, then over the HTTP
-        # listener (the file's fallback), whose 403 the browser shows. Last: Chromium then takes that SOCKS5
-        # listener for a bad proxy, and goes through the HTTP one for a while (seen with /host).
+        # Through the file's first entry, the HTTP listener: the origin sees the real destination.
+        self.assertEqual(browser.text(f"http://{a.qualified()}:8080/host"), f"{INTERNAL}:8080")
+        # A name the proxy node resolves outside the networks: the HTTP listener's 403, shown.
         refused = browser.text(f"http://{a.qualified(OUTSIDE_NAME)}:8080/")
         self.assertEqual(refused, f"{OUTSIDE_NAME} is not allowed through cluster '{a.name}'")
         self.timing("one browser, qualified names")
