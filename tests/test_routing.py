@@ -141,7 +141,9 @@ class ExplicitClusterTests(RouterTestCase):
 
     def test_unknown(self) -> None:
         refused = "proxy credentials not accepted"
-        self.assertStreamError(Reason.AUTH_FAILED, refused, "10.251.0.1", 22, "x", log="username 'x' names no cluster")
+        self.assertStreamError(
+            Reason.AUTH_FAILED, refused, "10.251.0.1", 22, "x", log="a username of 1 bytes names no cluster"
+        )
         self.assertStreamError(
             Reason.AUTH_FAILED, refused, "10.251.0.1", 22, "", "p", log="a username of 0 bytes names no cluster"
         )
@@ -152,7 +154,7 @@ class ExplicitClusterTests(RouterTestCase):
     def test_unknown_never_echoes_a_token(self) -> None:
         """A SOCKS4-style "cluster:token" sent as a username: the log shows the cluster part only."""
         self.assertStreamError(
-            Reason.AUTH_FAILED, None, "10.251.0.1", 22, "nope:tok-b", "p", log="username 'nope:...' names no cluster"
+            Reason.AUTH_FAILED, None, "10.251.0.1", 22, "nope:tok-b", "p", log="a username of 10 bytes names no cluster"
         )
         e = self.assertStreamError(Reason.AUTH_FAILED, None, "10.251.0.1", 22, "b:tok-b", "tok-b")
         self.assertEqual(e.log_detail, "username 'b:...' names no cluster")
@@ -571,6 +573,17 @@ class RedactionTests(RouterTestCase):
         self.assertEqual(show_username("bad name:s3cret"), "a username of 15 bytes")
         self.assertEqual(show_username("ü"), "a username of 2 bytes")
         self.assertEqual(show_username("x" * 65), "a username of 65 bytes")
+
+    def test_token_in_the_username_field_is_not_logged(self) -> None:
+        """A username that names no cluster may be a token typed into the wrong field, cluster-shaped or not."""
+        listener = Router([A, B, cluster("l", ("10.0.0.0/8",))])
+        for router, cluster_name in ((self.router, None), (listener, "l")):
+            e = self.assertRaises(StreamError, router.route, "10.251.0.5", 22, "Zm9vYmFyVG9rZW4", None, cluster_name)
+            self.assertEqual(e.reason, Reason.AUTH_FAILED)
+            self.assertNotIn("Zm9vYmFyVG9rZW4", e.log_detail + e.detail)
+            self.assertIn("a username of 15 bytes", e.log_detail)
+        e = self.assertRaises(StreamError, listener.route, "10.251.0.5", 22, "a", None, "l")
+        self.assertIn("username 'a'", e.log_detail)  # a cluster's name is no secret
 
     def test_unauthenticated_replies_name_no_cluster(self) -> None:
         """Cluster names and networks stay in the log; the client gets a generic text."""
