@@ -257,8 +257,8 @@ class Router:
 
     def _listener_cluster(self, name: str, username: str | None) -> ClusterConfig:
         """The cluster of a per-cluster listener; credentials, if sent, must name it."""
-        cluster = self.lookup(name)
-        if cluster is None:
+        cluster = self._by_name.get(name)
+        if cluster is None or cluster.name != name:  # not an alias taken since the cluster went
             raise StreamError(Reason.UNAVAILABLE, f"cluster {name!r} of this listener is not configured")
         if username is not None and self.lookup(username) is not cluster:
             raise StreamError(

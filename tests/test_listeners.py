@@ -22,12 +22,12 @@ from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IListeningPort
 from twisted.internet.protocol import Factory
 from twisted.internet.task import deferLater
-from twisted.internet.testing import MemoryReactorClock
+from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface import implementer
 
-from gateway.app.listeners import ClusterListeners, ListenError
+from gateway.app.listeners import KINDS, ClusterListeners, ListenError
 from gateway.app.service import GatewayService
 from gateway.config import ClusterConfig, GatewayConfig, ListenConfig, parse_cluster
 from gateway.proxy.frontend import ClientLimit
@@ -303,6 +303,7 @@ class _ListenReactor(MemoryReactorClock):
     def __init__(self, taken: tuple[int, ...] = ()) -> None:
         super().__init__()
         self.bound: set[int] = set(taken)
+        self.factories: dict[int, Any] = {}
         self._ephemeral = itertools.count(40000)
 
     def listenTCP(self, port: int, factory: Any, backlog: int = 50, interface: str = "") -> _Port:
@@ -310,6 +311,7 @@ class _ListenReactor(MemoryReactorClock):
             raise CannotListenError(interface, port, OSError(errno.EADDRINUSE, os.strerror(errno.EADDRINUSE)))
         port = port or next(self._ephemeral)
         self.bound.add(port)
+        self.factories[port] = factory
         if ":" in interface:
             return _Port(self, IPv6Address("TCP", interface, port))
         return _Port(self, IPv4Address("TCP", interface or "0.0.0.0", port))
@@ -354,3 +356,24 @@ class ClusterListenersTests(SynchronousTestCase):
         self.assertEqual(failure.value.key, "socks")
         self.assertIn("reachable beyond this host", failure.value.reason)
         self.assertEqual(len(self.listeners.addresses("a", "socks")), 1)  # nothing changed
+
+    def test_closed_listener_drops_its_idle_clients(self) -> None:
+        """
+        A listener that closes (dropped by a replacement, or its cluster
+        deleted) must not leave its clients a way in: an idle kept-alive
+        connection would go on without credentials -- and, once another
+        cluster takes the name as an alias, into that cluster.
+        """
+        self.listeners.startService()
+        config = _config(socks=("tcp:0:interface=127.0.0.1",), http=("tcp:0:interface=127.0.0.1",))
+        self.successResultOf(self.listeners.prepare(config)).commit()
+        clients = {}
+        for kind in KINDS:
+            [address] = self.listeners.addresses("a", kind)
+            protocol = self.reactor.factories[address.port].buildProtocol(address)
+            protocol.makeConnection(StringTransport())
+            clients[kind] = protocol.transport
+        self.successResultOf(self.listeners.prepare(replace(config, http=()))).commit()
+        self.assertEqual((clients["http"].disconnecting, clients["socks"].disconnecting), (True, False))
+        self.listeners.close("a")
+        self.assertTrue(clients["socks"].disconnecting)

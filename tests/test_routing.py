@@ -510,6 +510,12 @@ class ListenerClusterTests(SynchronousTestCase):
         e = self.assertRaises(StreamError, self.router.route, "10.0.0.5", 80, cluster="gone")
         self.assertEqual(e.reason, Reason.UNAVAILABLE)
 
+    def test_cluster_gone_and_its_name_an_alias(self) -> None:
+        """A listener serves the cluster of that name: not another one that has taken the name as an alias since."""
+        router = Router([cluster("b", ("10.0.0.0/24",), token="tok-b", aliases=("cluster-a",))])
+        e = self.assertRaises(StreamError, router.route, "10.0.0.5", 80, cluster="cluster-a")
+        self.assertEqual(e.reason, Reason.UNAVAILABLE)
+
 
 class BadRequestTests(RouterTestCase):
     def test_ports(self) -> None:

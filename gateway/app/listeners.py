@@ -91,7 +91,15 @@ class ListenerChange:
 
 
 def _stop(listeners: Iterable[_Listener]) -> Deferred[None]:
-    stopping = [maybeDeferred(listener.port.stopListening) for listener in listeners]
+    """
+    Close C{listeners}, and drain their connections: a port that closes
+    keeps the connections it accepted, and an idle kept-alive one would go
+    on using a listener that is gone (and that asks no credentials).
+    """
+    stopping = []
+    for listener in listeners:
+        listener.factory.drain()
+        stopping.append(maybeDeferred(listener.port.stopListening))
     return gatherResults(stopping).addCallback(lambda _: None)
 
 
