@@ -47,7 +47,7 @@ with usernames shown by L{show_username} only.
 from __future__ import annotations
 
 import hmac
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from typing import TYPE_CHECKING
@@ -85,15 +85,16 @@ class Route:
     resolve: bool = False
 
 
-def show_username(username: str) -> str:
+def show_username(username: str, is_cluster: Callable[[str], bool] | None = None) -> str:
     """
     A proxy username as logs may show it: only its cluster part (before the
     first ":", where clients that mean SOCKS4's C{cluster:token} put a
-    token), and only if that has the shape of a cluster name; otherwise just
-    its size, since it may be a token typed into the wrong field.
+    token), and only if that has the shape of a cluster name and (given
+    C{is_cluster}) names one; otherwise just its size, since it may be a
+    token typed into the wrong field -- and random tokens have that shape.
     """
     cluster, colon, _ = username.partition(":")
-    if is_valid_name(cluster):
+    if is_valid_name(cluster) and (is_cluster is None or is_cluster(cluster)):
         return f"username {repr(cluster + ':...' if colon else cluster)}"
     return f"a username of {len(username.encode('utf-8', 'surrogatepass'))} bytes"
 
@@ -251,16 +252,19 @@ class Router:
         except StreamError:
             return host
 
+    def _show_username(self, username: str) -> str:
+        return show_username(username, lambda name: self.lookup(name) is not None)
+
     def _listener_cluster(self, name: str, username: str | None) -> ClusterConfig:
         """The cluster of a per-cluster listener; credentials, if sent, must name it."""
-        cluster = self.lookup(name)
-        if cluster is None:
+        cluster = self._by_name.get(name)
+        if cluster is None or cluster.name != name:  # not an alias taken since the cluster went
             raise StreamError(Reason.UNAVAILABLE, f"cluster {name!r} of this listener is not configured")
         if username is not None and self.lookup(username) is not cluster:
             raise StreamError(
                 Reason.AUTH_FAILED,
                 f"this listener serves cluster {name!r} only",
-                log_detail=f"{show_username(username)} does not name cluster {name!r}, which this listener serves",
+                log_detail=f"{self._show_username(username)} does not name cluster {name!r}, the listener's",
             )
         return cluster
 
@@ -309,7 +313,7 @@ class Router:
             raise StreamError(
                 Reason.AUTH_FAILED,
                 _CREDENTIALS_REFUSED,
-                log_detail=f"{show_username(username)} names no cluster",
+                log_detail=f"{self._show_username(username)} names no cluster",
             )
         if cluster.token is not None:
             if password is None:

@@ -6,19 +6,36 @@ SOCKS5 and HTTP clients in threads.
 
 from __future__ import annotations
 
+import errno
+import itertools
 import json
+import os
 import socket
+from dataclasses import replace
+from typing import Any
 
 from twisted.internet import reactor
+from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import serverFromString
+from twisted.internet.error import CannotListenError
+from twisted.internet.interfaces import IListeningPort
 from twisted.internet.protocol import Factory
+from twisted.internet.task import deferLater
+from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.internet.threads import deferToThread
-from twisted.trial.unittest import TestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+from zope.interface import implementer
 
+from gateway.app.listeners import KINDS, ClusterListeners, ListenError
 from gateway.app.service import GatewayService
-from gateway.config import GatewayConfig, ListenConfig, parse_cluster
+from gateway.config import ClusterConfig, GatewayConfig, ListenConfig, parse_cluster
+from gateway.proxy.frontend import ClientLimit
+from gateway.proxy.opener import StreamOpener
+from gateway.routing import Router
 from gateway.testing import DEMO_PAGE
 from gateway.testing.keys import generate_key, private_pem
+from tests import test_routing
 from tests.support import WEB, WEB2, WEB2_PAGE, capture_events, http_exchange, inline, socks_get
 from tests.test_controlplane import ControlPlaneTestCase
 
@@ -270,3 +287,106 @@ class PacProviderTests(ControlPlaneTestCase):
         request = b"GET /proxy.pac HTTP/1.1\r\nHost: gw.example:3128\r\nConnection: close\r\n\r\n"
         reply = await deferToThread(http_exchange, self.harness.http_port, request)
         self.assertIn(f"SOCKS5 gw.example:{port}".encode(), reply)
+
+
+# --- in memory ------------------------------------------------------------------------------
+
+
+@implementer(IListeningPort)
+class _Port:
+    """A listening port of L{_ListenReactor}: stopping it ends a reactor turn later, as a real TCP port does."""
+
+    def __init__(self, reactor: _ListenReactor, address: IPv4Address | IPv6Address) -> None:
+        self._reactor = reactor
+        self._address = address
+
+    def startListening(self) -> None:
+        pass
+
+    def stopListening(self) -> Deferred[None]:
+        return deferLater(self._reactor, 0, self._reactor.bound.discard, self._address.port)
+
+    def getHost(self) -> IPv4Address | IPv6Address:
+        return self._address
+
+
+class _ListenReactor(MemoryReactorClock):
+    """listenTCP as the kernel answers it: a port in use (or in C{taken}) is refused, 0 picks a free one."""
+
+    def __init__(self, taken: tuple[int, ...] = ()) -> None:
+        super().__init__()
+        self.bound: set[int] = set(taken)
+        self.factories: dict[int, Any] = {}
+        self._ephemeral = itertools.count(40000)
+
+    def listenTCP(self, port: int, factory: Any, backlog: int = 50, interface: str = "") -> _Port:
+        if port in self.bound:
+            raise CannotListenError(interface, port, OSError(errno.EADDRINUSE, os.strerror(errno.EADDRINUSE)))
+        port = port or next(self._ephemeral)
+        self.bound.add(port)
+        self.factories[port] = factory
+        if ":" in interface:
+            return _Port(self, IPv6Address("TCP", interface, port))
+        return _Port(self, IPv4Address("TCP", interface or "0.0.0.0", port))
+
+
+def _config(name: str = "a", **listeners: Any) -> ClusterConfig:
+    return replace(test_routing.cluster(name, ("10.0.0.0/24",)), **listeners)
+
+
+class ClusterListenersTests(SynchronousTestCase):
+    """L{ClusterListeners} on a reactor that binds like the kernel, without sockets."""
+
+    def setUp(self) -> None:
+        self.reactor = _ListenReactor(taken=(2001,))
+        opener = StreamOpener(Router([]), {})
+        self.listeners = ClusterListeners(self.reactor, opener, ClientLimit(8))  # type: ignore[arg-type]
+
+    def test_start_up_refusal_after_a_first_listener(self) -> None:
+        """
+        The second listener's port is taken: start-up stops, naming it, even
+        though closing the first one takes a reactor turn.
+        """
+        self.listeners.want(
+            _config(socks=("tcp:0:interface=127.0.0.1",), http=("tcp:2001:interface=127.0.0.1",)), "gw.toml"
+        )
+        events = capture_events(self)
+        self.assertRaises(SystemExit, self.listeners.privilegedStartService)
+        [critical] = [e for e in events if e["log_level"].name == "critical"]
+        self.assertIn("gw.toml: clusters.a.http: cannot listen", critical["log_format"].format(**critical))
+        self.reactor.advance(0)
+        self.assertEqual(self.reactor.bound, {2001})  # the first one closed again
+
+    def test_kept_listener_checked_again(self) -> None:
+        """
+        A replacement that turns remote_listeners off does not keep a listener
+        reachable beyond this host (same endpoint string or not).
+        """
+        self.listeners.startService()
+        remote = _config(socks=("tcp6:0:interface=\\:\\:",), remote_listeners=True)
+        self.successResultOf(self.listeners.prepare(remote)).commit()
+        failure = self.failureResultOf(self.listeners.prepare(replace(remote, remote_listeners=False)), ListenError)
+        self.assertEqual(failure.value.key, "socks")
+        self.assertIn("reachable beyond this host", failure.value.reason)
+        self.assertEqual(len(self.listeners.addresses("a", "socks")), 1)  # nothing changed
+
+    def test_closed_listener_drops_its_idle_clients(self) -> None:
+        """
+        A listener that closes (dropped by a replacement, or its cluster
+        deleted) must not leave its clients a way in: an idle kept-alive
+        connection would go on without credentials -- and, once another
+        cluster takes the name as an alias, into that cluster.
+        """
+        self.listeners.startService()
+        config = _config(socks=("tcp:0:interface=127.0.0.1",), http=("tcp:0:interface=127.0.0.1",))
+        self.successResultOf(self.listeners.prepare(config)).commit()
+        clients = {}
+        for kind in KINDS:
+            [address] = self.listeners.addresses("a", kind)
+            protocol = self.reactor.factories[address.port].buildProtocol(address)
+            protocol.makeConnection(StringTransport())
+            clients[kind] = protocol.transport
+        self.successResultOf(self.listeners.prepare(replace(config, http=()))).commit()
+        self.assertEqual((clients["http"].disconnecting, clients["socks"].disconnecting), (True, False))
+        self.listeners.close("a")
+        self.assertTrue(clients["socks"].disconnecting)

@@ -15,10 +15,18 @@ import subprocess
 from collections.abc import Sequence
 from fnmatch import fnmatchcase
 from itertools import product
-from typing import ClassVar
+from types import SimpleNamespace
+from typing import Any, ClassVar
 
+from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.internet.interfaces import IAddress
 from twisted.trial.unittest import SynchronousTestCase
 
+import gateway.app.pac
+import gateway.proxy.globs
+import gateway.proxy.pac
+from gateway.app.pac import CACHE_SIZE, GatewayPac
+from gateway.config import GatewaySettings
 from gateway.config.names import parse_pattern
 from gateway.proxy.globs import globs_overlap
 from gateway.proxy.pac import (
@@ -31,6 +39,8 @@ from gateway.proxy.pac import (
     pac_request_host,
     render_pac,
 )
+from gateway.routing import Router
+from tests import test_routing
 
 NODE = shutil.which("node") or "/usr/bin/node"
 HARNESS = os.path.join(os.path.dirname(__file__), "pac_eval.js")
@@ -311,6 +321,45 @@ class OverlapTests(SynchronousTestCase):
         self.assertFalse(globs_overlap("[!a-z0-9._-]x", "*"))  # nothing a host name can hold
 
 
+class PatternOverlapTests(SynchronousTestCase):
+    def test_index_against_every_pair(self) -> None:
+        """The suffix index finds exactly the clusters whose patterns overlap."""
+        rng = random.Random(11)
+        pieces = ["a", "b", ".", "*", "?", "[ab]", ".a", ".b.a", "x"]
+
+        def pattern() -> str:
+            return "".join(rng.choice(pieces) for _ in range(rng.randint(1, 5)))
+
+        clusters = [PacCluster(f"c{i}", hostnames=tuple(pattern() for _ in range(20))) for i in range(8)]
+        index = _Overlaps(clusters)
+        for query in [pattern() for _ in range(400)] + [p for c in clusters for p in c.hostnames]:
+            expected = {c.name for c in clusters if any(globs_overlap(query, p) for p in c.hostnames)}
+            self.assertEqual(index.owners(query), expected, query)
+
+    def test_not_every_pair(self) -> None:
+        """
+        Thousands of patterns (a cluster's own suffix each, as usual) are not
+        compared pairwise: that took the reactor 4 s for 100 clusters of 20.
+        """
+        calls = 0
+        real = gateway.proxy.globs.globs_overlap
+
+        def counting(a: str, b: str) -> bool:
+            nonlocal calls
+            calls += 1
+            return real(a, b)
+
+        for module in (gateway.proxy.globs, gateway.proxy.pac):
+            if hasattr(module, "globs_overlap"):
+                self.patch(module, "globs_overlap", counting)
+        clusters = [
+            PacCluster(f"c{i}", hostnames=tuple(f"*.h{k}.c{i}.internal" for k in range(20)), socks=("h:1",))
+            for i in range(50)
+        ]
+        render_pac([*clusters, PacCluster("wide", hostnames=("*.internal",), socks=("h:2",))])
+        self.assertLess(calls, 10 * 1001)
+
+
 class NetworkOverlapTests(SynchronousTestCase):
     def test_index_against_every_pair(self) -> None:
         """The supernet / start-range index finds exactly the clusters whose networks overlap."""
@@ -410,3 +459,75 @@ class FetchTests(SynchronousTestCase):
         }
         self.assertEqual({value: pac_request_host(value) for value in cases}, cases)
         self.assertIsNone(pac_request_host(None))
+
+
+class _StubListeners:
+    """The per-cluster listeners a L{GatewayPac} reads: C{bound[(cluster, kind)]}."""
+
+    def __init__(self, bound: dict[tuple[str, str], list[IAddress]]) -> None:
+        self.bound = bound
+        self.version = 0
+
+    def addresses(self, name: str, kind: str) -> list[IAddress]:
+        return self.bound.get((name, kind), [])
+
+
+class _StubService:
+    """What L{GatewayPac} reads off the running gateway."""
+
+    def __init__(self, shared: dict[str, list[IAddress]], listeners: _StubListeners, clusters: list[str]) -> None:
+        self._shared = shared
+        self.listeners = listeners
+        self.settings = GatewaySettings()
+        self.gateway = SimpleNamespace(
+            router=Router([test_routing.cluster(name, ("10.0.0.0/24",)) for name in clusters])
+        )
+
+    def listening_addresses(self, kind: str) -> list[IAddress]:
+        return self._shared.get(kind, [])
+
+
+class ProviderTests(SynchronousTestCase):
+    """L{GatewayPac}: the script of the running gateway, cached."""
+
+    def setUp(self) -> None:
+        self.renders = 0
+        real = gateway.app.pac.render_pac
+
+        def counting(*args: Any, **kwargs: Any) -> PacScript:
+            self.renders += 1
+            return real(*args, **kwargs)
+
+        self.patch(gateway.app.pac, "render_pac", counting)
+        wildcard = {"socks": [IPv4Address("TCP", "0.0.0.0", 1080)], "http": [IPv4Address("TCP", "127.0.0.1", 3128)]}
+        own = _StubListeners({("a", "socks"): [IPv6Address("TCP", "::", 10801)]})
+        self.pac = GatewayPac(_StubService(wildcard, own, ["a", "b"]))  # type: ignore[arg-type]
+
+    def test_one_render_for_every_request_host(self) -> None:
+        """
+        A wildcard listener is written with each request's host, yet the
+        script is rendered once: an unauthenticated client sending a new Host
+        each time must not make the reactor render a large file per request.
+        """
+        for i in range(3 * CACHE_SIZE):
+            body = self.pac.pac_file(f"gw-{i}.example", None)
+            assert body is not None
+            self.assertIn(f'"SOCKS5 gw-{i}.example:1080; PROXY 127.0.0.1:3128"'.encode(), body)
+            self.assertIn(f'"SOCKS5 gw-{i}.example:10801"'.encode(), body)
+        body = self.pac.pac_file("fd00::1", None)
+        assert body is not None
+        self.assertIn(b'"SOCKS5 [fd00::1]:1080; PROXY 127.0.0.1:3128"', body)
+        self.assertEqual(self.renders, 1)
+        self.assertEqual(self.pac.pac_file(None, None), self.pac.pac_file(None, None))
+        self.assertNotIn(b":1080", self.pac.pac_file(None, None) or b"")  # no host: no wildcard address
+        self.assertEqual(self.renders, 2)
+
+    def test_long_hosts_stay_under_the_limit(self) -> None:
+        """The room a host takes in place of the mark is kept free: a long Host cannot push the file past the limit."""
+        size = len(self.pac.pac_file("h", None) or b"")
+        self.patch(gateway.app.pac, "MAX_PAC_BYTES", size + 100)
+        self.pac._service.listeners.version += 1
+        host = ".".join(["x" * 63] * 3) + ".example"
+        body = self.pac.pac_file(host, None) or b""
+        self.assertLessEqual(len(body), size + 100)
+        self.assertIn(f'"SOCKS5 {host}:1080; PROXY 127.0.0.1:3128"'.encode(), body)  # qualified names still go

@@ -141,7 +141,9 @@ class ExplicitClusterTests(RouterTestCase):
 
     def test_unknown(self) -> None:
         refused = "proxy credentials not accepted"
-        self.assertStreamError(Reason.AUTH_FAILED, refused, "10.251.0.1", 22, "x", log="username 'x' names no cluster")
+        self.assertStreamError(
+            Reason.AUTH_FAILED, refused, "10.251.0.1", 22, "x", log="a username of 1 bytes names no cluster"
+        )
         self.assertStreamError(
             Reason.AUTH_FAILED, refused, "10.251.0.1", 22, "", "p", log="a username of 0 bytes names no cluster"
         )
@@ -152,7 +154,7 @@ class ExplicitClusterTests(RouterTestCase):
     def test_unknown_never_echoes_a_token(self) -> None:
         """A SOCKS4-style "cluster:token" sent as a username: the log shows the cluster part only."""
         self.assertStreamError(
-            Reason.AUTH_FAILED, None, "10.251.0.1", 22, "nope:tok-b", "p", log="username 'nope:...' names no cluster"
+            Reason.AUTH_FAILED, None, "10.251.0.1", 22, "nope:tok-b", "p", log="a username of 10 bytes names no cluster"
         )
         e = self.assertStreamError(Reason.AUTH_FAILED, None, "10.251.0.1", 22, "b:tok-b", "tok-b")
         self.assertEqual(e.log_detail, "username 'b:...' names no cluster")
@@ -508,6 +510,12 @@ class ListenerClusterTests(SynchronousTestCase):
         e = self.assertRaises(StreamError, self.router.route, "10.0.0.5", 80, cluster="gone")
         self.assertEqual(e.reason, Reason.UNAVAILABLE)
 
+    def test_cluster_gone_and_its_name_an_alias(self) -> None:
+        """A listener serves the cluster of that name: not another one that has taken the name as an alias since."""
+        router = Router([cluster("b", ("10.0.0.0/24",), token="tok-b", aliases=("cluster-a",))])
+        e = self.assertRaises(StreamError, router.route, "10.0.0.5", 80, cluster="cluster-a")
+        self.assertEqual(e.reason, Reason.UNAVAILABLE)
+
 
 class BadRequestTests(RouterTestCase):
     def test_ports(self) -> None:
@@ -571,6 +579,17 @@ class RedactionTests(RouterTestCase):
         self.assertEqual(show_username("bad name:s3cret"), "a username of 15 bytes")
         self.assertEqual(show_username("ü"), "a username of 2 bytes")
         self.assertEqual(show_username("x" * 65), "a username of 65 bytes")
+
+    def test_token_in_the_username_field_is_not_logged(self) -> None:
+        """A username that names no cluster may be a token typed into the wrong field, cluster-shaped or not."""
+        listener = Router([A, B, cluster("l", ("10.0.0.0/8",))])
+        for router, cluster_name in ((self.router, None), (listener, "l")):
+            e = self.assertRaises(StreamError, router.route, "10.251.0.5", 22, "Zm9vYmFyVG9rZW4", None, cluster_name)
+            self.assertEqual(e.reason, Reason.AUTH_FAILED)
+            self.assertNotIn("Zm9vYmFyVG9rZW4", e.log_detail + e.detail)
+            self.assertIn("a username of 15 bytes", e.log_detail)
+        e = self.assertRaises(StreamError, listener.route, "10.251.0.5", 22, "a", None, "l")
+        self.assertIn("username 'a'", e.log_detail)  # a cluster's name is no secret
 
     def test_unauthenticated_replies_name_no_cluster(self) -> None:
         """Cluster names and networks stay in the log; the client gets a generic text."""
@@ -666,3 +685,74 @@ class PropertyTests(SynchronousTestCase):
         if route.cluster.token is not None:
             self.assertEqual(password, route.cluster.token)
             self.assertIsNotNone(username)
+
+
+# Qualified names, per-cluster listeners and names resolved on the proxy node, with
+# the spellings a hostile client may try: dashed addresses (v4-mapped too), fullwidth
+# digits and dots, soft hyphens UTS 46 maps away, numeric look-alikes, mixed case.
+RESOLVER = "getent ahosts {host}"
+NAMED_CLUSTERS = [
+    cluster("a", ("10.0.0.0/24", "fd00::/64"), ("*.a.internal",), aliases=("net-a",), resolver=RESOLVER),
+    cluster("b", ("10.0.0.0/16",), ("*.internal", "db"), token="tb", resolver=RESOLVER),
+    cluster("c", ("192.168.0.0/16",), token="tc"),
+    cluster("d", (), ("?.d.example", "x[0-9].d.example")),
+    cluster("e.x", ("127.0.0.0/30",), resolver=RESOLVER),
+    cluster("x", ("172.16.0.0/12",), token="tx", aliases=("E",)),
+]
+NAMED_ROUTER = Router(NAMED_CLUSTERS)
+qualified_labels = st.sampled_from(
+    ["a", "b", "c", "d", "e", "x", "net-a", "NET-A", "E", "gw", "internal", "db", "10-0-0-5", "10-0-0-300"]
+    + ["fd00--1", "0-0-0-0-0-ffff-a00-5", "0-0-0-0-0-ffff-7f00-1", "127-0-0-1", "192-168-1-1", "172-16-0-1"]
+    + ["１０-０-０-５", "ａ", "ｇｗ", "1", "0x7f", "10", "ß", "a\u00ad", "_", "xn--zca", "evil"]
+)
+dots = st.sampled_from([".", ".", "．", "。"])
+qualified_hosts = st.one_of(
+    # HOST.CLUSTER.gw.internal as a client means it ...
+    st.tuples(
+        st.lists(qualified_labels, min_size=1, max_size=2).map(".".join),
+        dots,
+        st.sampled_from(["a", "net-a", "NET-A", "ａ", "b", "c", "d", "e.x", "E", "x", "nope"]),
+        st.sampled_from([".gw.internal", ".GW.INTERNAL", ".gw.internal.", ".gw．internal"]),
+    ).map("".join),
+    # ... and any mix of the same labels
+    st.tuples(
+        st.lists(st.tuples(qualified_labels, dots), min_size=1, max_size=6),
+        st.sampled_from(["", ".gw.internal", ".gw.internal."]),
+    ).map(lambda t: "".join(label + dot for label, dot in t[0])[:-1] + t[1]),
+)
+
+
+class NamedClusterPropertyTests(SynchronousTestCase):
+    @settings(max_examples=2000, deadline=None)
+    @given(
+        host=st.one_of(qualified_hosts, hosts),
+        username=st.one_of(st.none(), st.sampled_from(["a", "net-a", "b", "c", "d", "e.x", "x", "E", "zz"])),
+        password=st.one_of(st.none(), st.sampled_from(["tb", "tc", "tx", "", "no"])),
+        listener=st.one_of(st.none(), st.sampled_from(["a", "b", "c", "d", "e.x", "x", "gone"])),
+    )
+    def test_no_open_relay(self, host: str, username: str | None, password: str | None, listener: str | None) -> None:
+        """
+        Every Route lies inside its cluster's networks or hostnames, or is a
+        name its proxy node must resolve (and check_resolved then checks);
+        the text sent is the text checked; a cluster with a token is reached
+        with it, or on its own listener.
+        """
+        try:
+            route = NAMED_ROUTER.route(host, 80, username, password, listener)
+        except StreamError:
+            return
+        chosen = route.cluster
+        dest = normalise_host(route.host)
+        self.assertEqual(str(dest), route.host)
+        if route.resolve:
+            self.assertIsInstance(dest, str)
+            self.assertTrue(chosen.resolver_command)
+        elif isinstance(dest, str):
+            self.assertTrue(any(fnmatchcase(dest, p) for p in chosen.hostnames), (host, route))
+        else:
+            self.assertTrue(any(dest.version == n.version and dest in n for n in chosen.networks), (host, route))
+        if listener is not None:
+            self.assertIs(chosen, NAMED_ROUTER.lookup(listener))
+        elif chosen.token is not None:
+            self.assertIs(NAMED_ROUTER.lookup(username or ""), chosen)
+            self.assertEqual(password, chosen.token)

@@ -317,6 +317,14 @@ class Socks5ErrorTests(unittest.TestCase):
             rejected = self.assertRejected(data, [b"\x05\x02", AUTH_FAIL], Reason.AUTH_FAILED, check_credentials)
             self.assertEqual(rejected.detail, f"{shown} not accepted")
 
+    def test_token_in_the_username_field_is_not_echoed(self) -> None:
+        """A username naming no cluster may be a token typed into the wrong field: shown by size, shape or not."""
+        for username, shown in [(b"Zm9vYmFyVG9rZW4", "a username of 15 bytes"), (b"cluster", "username 'cluster'")]:
+            data = GREET_USERPASS + userpass(username, b"wrong")
+            events, _ = feed([data], check_credentials, is_cluster=lambda name: name == "cluster")
+            self.assertIsInstance(events[-1], Rejected)
+            self.assertEqual(events[-1].detail, f"{shown} not accepted")
+
     def test_utf8_credentials(self) -> None:
         name = "clüster"
         data = GREET_USERPASS + userpass(name.encode(), "pässwörd".encode())

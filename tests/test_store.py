@@ -537,6 +537,15 @@ class ValidateBodyTests(SynchronousTestCase):
             validate_body("a", body(socks="unix:/tmp/gw.sock"), settings=allowed).socks, ("unix:/tmp/gw.sock",)
         )
 
+    def test_privileged_ports_refused_whatever_the_setting(self) -> None:
+        """api_file_paths is about files: a port below 1024 stays the host's (control-api.md), in any spelling."""
+        for endpoint in ("tcp:0080", "tcp:port=443", "tcp6:22:interface=\\:\\:1", "tcp:interface=127.0.0.1:port=80"):
+            self.assertField("a", body(socks=endpoint), "socks", settings=GatewaySettings())
+        allowed = GatewaySettings(api_file_paths=True)
+        for endpoint in ("tcp:80", "tcp:interface=127.0.0.1:port=80", "ssl:443:privateKey=/etc/k.pem", "ssl:port=1"):
+            self.assertField("a", body(http=[endpoint]), "http", "privileged port", settings=allowed)
+        self.assertEqual(validate_body("a", body(socks="tcp:port=1080"), settings=allowed).socks, ("tcp:port=1080",))
+
     def test_wrong_type(self) -> None:
         self.assertField("a", body(proxies="192.0.2.10"), "proxies", "got string")
         self.assertField("a", body(connections="4"), "connections")

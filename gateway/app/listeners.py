@@ -91,7 +91,15 @@ class ListenerChange:
 
 
 def _stop(listeners: Iterable[_Listener]) -> Deferred[None]:
-    stopping = [maybeDeferred(listener.port.stopListening) for listener in listeners]
+    """
+    Close C{listeners}, and drain their connections: a port that closes
+    keeps the connections it accepted, and an idle kept-alive one would go
+    on using a listener that is gone (and that asks no credentials).
+    """
+    stopping = []
+    for listener in listeners:
+        listener.factory.drain()
+        stopping.append(maybeDeferred(listener.port.stopListening))
     return gatherResults(stopping).addCallback(lambda _: None)
 
 
@@ -137,22 +145,18 @@ class ClusterListeners(Service):
         )
 
     def prepare(self, config: ClusterConfig) -> Deferred[ListenerChange]:
-        """Bind the listeners C{config} adds; fails with L{ListenError}, leaving everything as it was."""
-        current = self._listeners.get(config.name, {})
-        wanted = _listener_keys(config)
+        """
+        Bind the listeners C{config} adds; fails with L{ListenError} once
+        the ports it opened have closed again, leaving everything as it was.
+        """
         opened: dict[ListenerKey, _Listener] = {}
         try:
-            for listener_key, key in wanted.items():
-                if listener_key not in current:
-                    opened[listener_key] = self._listen(config, listener_key, key)
+            return succeed(self._bind(config, opened))
         except ListenError as e:
             error = e
-            refused: Deferred[ListenerChange] = Deferred()
-            _stop(opened.values()).addBoth(lambda _: refused.errback(error))
-            return refused
-        kept = {k: v for k, v in current.items() if k in wanted}
-        closing = {k: v for k, v in current.items() if k not in wanted}
-        return succeed(ListenerChange(self, config.name, kept, opened, closing))
+        refused: Deferred[ListenerChange] = Deferred()
+        _stop(opened.values()).addBoth(lambda _: refused.errback(error))
+        return refused
 
     def close(self, name: str) -> Deferred[None]:
         """Close cluster C{name}'s listeners (it was removed)."""
@@ -181,12 +185,15 @@ class ClusterListeners(Service):
         super().privilegedStartService()
         pending, self._pending = self._pending, {}
         for config, source in pending.values():
-            change = self.prepare(config)
-            failure: list[Failure] = []
-            change.addCallbacks(lambda change: change.commit(), failure.append)
-            if failure:
-                self._log_refused(config.name, source, failure[0])
-                raise SystemExit(1)
+            # Not through prepare: its refusal waits for ports to close, a
+            # reactor turn that start-up does not have.
+            opened: dict[ListenerKey, _Listener] = {}
+            try:
+                self._bind(config, opened).commit()
+            except ListenError as e:
+                _stop(opened.values())
+                self._log_refused(config.name, source, Failure(e))
+                raise SystemExit(1) from None
 
     def stopService(self) -> Deferred[None]:
         super().stopService()
@@ -195,6 +202,31 @@ class ClusterListeners(Service):
         return _stop(listeners)
 
     # -- helpers ------------------------------------------------------------------
+
+    def _bind(self, config: ClusterConfig, opened: dict[ListenerKey, _Listener]) -> ListenerChange:
+        """
+        The change to C{config}'s listeners, the new ones bound (and put in
+        C{opened} as they are, for the caller to close on L{ListenError}).
+        A listener kept across a replacement is checked against the new
+        configuration too: turning C{remote_listeners} off must close a
+        listener reachable beyond this host, not keep it.
+        """
+        current = self._listeners.get(config.name, {})
+        wanted = _listener_keys(config)
+        for listener_key, key in wanted.items():
+            listener = current.get(listener_key)
+            if listener is None:
+                listener = opened[listener_key] = self._listen(config, listener_key, key)
+            address = listener.port.getHost()
+            if not config.remote_listeners and not is_local_address(address):
+                raise ListenError(
+                    key,
+                    f"{listener_key[1]!r} listens on {peer_origin(address)[0]}, reachable beyond this host, and asks "
+                    "no credentials: listen on loopback or a unix socket, or set remote_listeners = true",
+                )
+        kept = {k: v for k, v in current.items() if k in wanted}
+        closing = {k: v for k, v in current.items() if k not in wanted}
+        return ListenerChange(self, config.name, kept, opened, closing)
 
     def _listen(self, config: ClusterConfig, listener_key: ListenerKey, key: str) -> _Listener:
         kind, description = listener_key
@@ -212,14 +244,6 @@ class ClusterListeners(Service):
             error = result.value
             why = error.socketError.strerror if isinstance(error, CannotListenError) and error.socketError else error
             raise ListenError(key, f"cannot listen on {description!r}: {why}")
-        address = result.getHost()
-        if not config.remote_listeners and not is_local_address(address):
-            result.stopListening()
-            raise ListenError(
-                key,
-                f"{description!r} listens on {peer_origin(address)[0]}, reachable beyond this host, and asks no "
-                "credentials: listen on loopback or a unix socket, or set remote_listeners = true",
-            )
         return _Listener(result, factory)
 
     def _log_listening(self, name: str, listener_key: ListenerKey, port: IListeningPort) -> None:

@@ -9,10 +9,13 @@ with the host the browser fetched the PAC from: that host reached this
 gateway, so it is the one address known to work for that browser.  Unix
 socket listeners are not in it (browsers speak TCP).
 
-Rendering is cached per view (cluster, request host) until the clusters or
-their listeners change, so a client fetching the file in a loop costs a
-dictionary lookup, not a script; the cache holds at most L{CACHE_SIZE}
-views, as the request host is the client's to choose.
+Rendering is cached per view (cluster, with a request host or without)
+until the clusters or their listeners change, so a client fetching the file
+in a loop costs a dictionary lookup, not a script.  The request host is the
+client's to choose, and a large script takes the reactor a second to
+render: so the script is rendered once for every host, with L{_HOST_MARK}
+where the host goes, and each request's host replaces the mark.  The cache
+holds at most L{CACHE_SIZE} views (API clusters are many).
 """
 
 from __future__ import annotations
@@ -35,6 +38,14 @@ log = Logger()
 #: Views kept rendered at once.
 CACHE_SIZE = 64
 _WILDCARDS = ("0.0.0.0", "::")
+#: Stands for the request host in a rendered script: RFC 6666's discard-only
+#: prefix, where no listener is bound, and nothing else in a script is an
+#: address in brackets (networks are written without them).
+_HOST_MARK = "100::"
+_MARKED = f"[{_HOST_MARK}]"
+#: The most a request host (a DNS name, an IPv6 address in brackets) adds
+#: to the script in place of one mark: the limit leaves that much room.
+_HOST_GROWTH = 256
 
 
 def pac_address(address: IAddress, request_host: str | None) -> str | None:
@@ -54,7 +65,8 @@ class GatewayPac:
 
     def __init__(self, service: GatewayService) -> None:
         self._service = service
-        self._cache: OrderedDict[tuple[str | None, str | None], bytes] = OrderedDict()
+        #: (with a request host, the cluster of the view) -> the script.
+        self._cache: OrderedDict[tuple[bool, str | None], bytes] = OrderedDict()
         self._state: object = None
         self._warned = False
 
@@ -71,24 +83,31 @@ class GatewayPac:
             self._cache.clear()
             self._state = state
             self._warned = False
-        key = (host, only)
+        key = (host is not None, only)
         body = self._cache.get(key)
         if body is None:
-            body = self._render(host, only)
+            body = self._render(None if host is None else _HOST_MARK, only)
             self._cache[key] = body
             if len(self._cache) > CACHE_SIZE:
                 self._cache.popitem(last=False)
         else:
             self._cache.move_to_end(key)
-        return body
+        if host is None:
+            return body
+        # The host is canonical (pac_request_host): it cannot add a directive.
+        return body.replace(_MARKED.encode("ascii"), host_port(host, 0).rpartition(":")[0].encode("ascii"))
 
     def _render(self, host: str | None, only: str | None) -> bytes:
         service = self._service
         listeners = service.listeners
+        marks = 0
 
         def addresses(bound: list[IAddress]) -> tuple[str, ...]:
+            nonlocal marks
             written = (pac_address(address, host) for address in bound)
-            return tuple(dict.fromkeys(a for a in written if a is not None))
+            unique = tuple(dict.fromkeys(a for a in written if a is not None))
+            marks += sum(1 for a in unique if a.startswith(_MARKED))
+            return unique
 
         clusters = [
             PacCluster(
@@ -107,6 +126,7 @@ class GatewayPac:
             shared_http=addresses(service.listening_addresses("http")),
             domain=service.settings.cluster_domain,
             only=only,
+            limit=MAX_PAC_BYTES - _HOST_GROWTH * marks,
         )
         if script.too_large and not self._warned:
             self._warned = True

@@ -154,7 +154,28 @@ class ClusterJump(ApiRule):
 
 #: What an API body may give as a per-cluster listener without api_file_paths:
 #: TCP with a port and optionally an interface and backlog.
-_TCP_ENDPOINT = re.compile(r"(?:tcp6?:)?(?:port=)?([0-9]{1,5})(?::(?:interface|backlog)=(?:[^:\\]|\\:)*)*")
+_TCP_ENDPOINT = re.compile(r"(?:tcp6?:)?(?:port=)?[0-9]{1,5}(?::(?:interface|backlog)=(?:[^:\\]|\\:)*)*")
+#: The endpoint types that listen on a port of the gateway's host.
+_PORT_TYPES = frozenset({"tcp", "tcp6", "ssl"})
+
+
+def _endpoint_port(description: str) -> int | None:
+    """
+    The port a C{tcp:}, C{tcp6:} or C{ssl:} endpoint string listens on, or
+    None (another type, no port, malformed: the reader says what is wrong).
+    Read with Twisted's own tokenizer (escapes, C{port=} anywhere), so this
+    check cannot read a port other than the one that is bound.
+    """
+    from twisted.internet.endpoints import _parse
+
+    try:
+        args, kwargs = _parse(description)
+    except Exception:  # noqa: BLE001 - whatever it is, the endpoint reader refuses it
+        return None
+    if len(args) < 1 or args[0] not in _PORT_TYPES:
+        return None
+    port = kwargs.get("port", args[1] if len(args) > 1 else None)
+    return int(port) if isinstance(port, str) and port.isascii() and port.isdigit() else None
 
 
 class ApiListener(ApiRule):
@@ -162,25 +183,23 @@ class ApiListener(ApiRule):
     The key opens a listener on the gateway's host.  An API client may ask
     for TCP ports (1024 and up, or 0 for any free one); other endpoint types
     name files (C{unix:}, C{ssl:}'s keys) or descriptors (C{systemd:}) of
-    the gateway's host, so they need C{[gateway] api_file_paths}.
+    the gateway's host, so they need C{[gateway] api_file_paths}.  That
+    setting is about files: a privileged port stays the host's even then.
     """
 
     setting = "api_file_paths"
 
     def body_refusal(self, value: Any, allowed: bool) -> str | None:
-        if allowed:
-            return None
         for item in [value] if isinstance(value, str) else value if isinstance(value, list) else []:
             if not isinstance(item, str) or not item:
                 continue  # the reader says what is wrong with it
-            match = _TCP_ENDPOINT.fullmatch(item)
-            if match is None:
+            if not allowed and _TCP_ENDPOINT.fullmatch(item) is None:
                 return (
                     f"API clusters may listen on tcp: endpoints only, not {show(item)} "
                     "(set [gateway] api_file_paths = true for unix:, ssl: and others)"
                 )
-            port = int(match.group(1))
-            if 0 < port < 1024:
+            port = _endpoint_port(item)
+            if port is not None and 0 < port < 1024:
                 return f"API clusters may not listen on privileged port {port} ({show(item)}): use 1024 or higher"
         return None
 

@@ -57,7 +57,7 @@ from gateway.config import is_valid_name
 from gateway.config.model import Network
 from gateway.destinations import DEFAULT_CLUSTER_DOMAIN, canonical_host
 from gateway.errors import StreamError
-from gateway.proxy.globs import glob_test, globs_overlap
+from gateway.proxy.globs import GlobIndex, glob_test
 
 __all__ = [
     "MAX_PAC_BYTES",
@@ -271,29 +271,32 @@ class _Overlaps:
     Which clusters' networks or patterns overlap a network or pattern.  Two
     CIDR blocks overlap only when one holds the other, so a network's
     overlaps are its supernets (one lookup per shorter prefix length) and the
-    blocks starting inside it (a range of a sorted list): thousands of
-    networks per cluster cost milliseconds, not a comparison of every pair.
+    blocks starting inside it (a range of a sorted list); a pattern's are
+    found by literal suffix (L{GlobIndex}): thousands of networks or
+    patterns cost milliseconds, not a comparison of every pair.
     """
 
     def __init__(self, clusters: Iterable[PacCluster]) -> None:
         self._blocks: dict[tuple[int, int, int], set[str]] = {}  # (version, prefix length, first address)
         self._starts: dict[int, list[tuple[int, str]]] = {4: [], 6: []}
         self._lengths: dict[int, set[int]] = {4: set(), 6: set()}  # the prefix lengths there are
-        self._patterns: list[tuple[str, str]] = []
+        self._pattern_owners: dict[str, set[str]] = {}
         for cluster in clusters:
             for net in cluster.networks:
                 first = int(net.network_address)
                 self._blocks.setdefault((net.version, net.prefixlen, first), set()).add(cluster.name)
                 self._starts[net.version].append((first, cluster.name))
                 self._lengths[net.version].add(net.prefixlen)
-            self._patterns += [(pattern, cluster.name) for pattern in cluster.hostnames]
+            for pattern in cluster.hostnames:
+                self._pattern_owners.setdefault(pattern, set()).add(cluster.name)
         for starts in self._starts.values():
             starts.sort()
+        self._patterns = GlobIndex(self._pattern_owners)
 
     def owners(self, route: Network | str) -> set[str]:
         """The clusters (C{route}'s own among them) with a network or pattern overlapping C{route}."""
         if isinstance(route, str):
-            return {owner for pattern, owner in self._patterns if globs_overlap(route, pattern)}
+            return {owner for pattern in self._patterns.overlapping(route) for owner in self._pattern_owners[pattern]}
         bits = route.max_prefixlen
         first = int(route.network_address)
         last = first | ((1 << (bits - route.prefixlen)) - 1)

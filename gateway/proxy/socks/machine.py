@@ -361,7 +361,7 @@ class SocksMachine:
         self._buffer = buf[end:]
         if username:
             if self._authenticate and not self._authenticate(username, password):
-                raise StreamError(Reason.AUTH_FAILED, f"{show_username(username)} not accepted")
+                raise StreamError(Reason.AUTH_FAILED, f"{show_username(username, self._is_cluster)} not accepted")
             self._username, self._password = username, password or None
         self._state = _State.SOCKS5_REQUEST
         return [Send(b"\x01\x00")]
