@@ -1482,9 +1482,10 @@ class GatewaySettingsTests(ConfigTestCase):
             (
                 "colour = 1",
                 "gateway.colour",
-                "unknown key (expected one of: api_file_paths, api_jump, api_proxy_command, body_timeout, "
-                "cluster_domain, control_body_timeout, control_head_timeout, control_max_clients, control_token_file, "
-                "drain_timeout, handshake_timeout, keepalive_timeout, max_clients, response_timeout, state_file)",
+                "unknown key (expected one of: api_file_paths, api_jump, api_proxy_command, api_remote_listeners, "
+                "body_timeout, cluster_domain, control_body_timeout, control_head_timeout, control_max_clients, "
+                "control_token_file, drain_timeout, handshake_timeout, keepalive_timeout, max_clients, "
+                "response_timeout, state_file)",
             ),
             ("socks = 'tcp:1'", "gateway.socks", "unknown key"),
             ("[gateway.sub]", "gateway.sub", "unknown key"),

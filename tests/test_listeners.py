@@ -29,7 +29,7 @@ from zope.interface import implementer
 
 from gateway.app.listeners import KINDS, ClusterListeners, ListenError
 from gateway.app.service import GatewayService
-from gateway.config import ClusterConfig, GatewayConfig, ListenConfig, parse_cluster
+from gateway.config import ClusterConfig, GatewayConfig, GatewaySettings, ListenConfig, parse_cluster
 from gateway.proxy.frontend import ClientLimit
 from gateway.proxy.opener import StreamOpener
 from gateway.routing import Router
@@ -111,8 +111,10 @@ class ListenerTests(ControlPlaneTestCase):
         self.assertEqual(code, 400)
         self.assertEqual(body["field"], "socks")
         self.assertIn("remote_listeners", body["error"])
+        # ... which an API client may not set unless the operator allows it
         code, body = await self.put("api-1", socks="tcp:0:interface=0.0.0.0", remote_listeners=True)
-        self.assertEqual(code, 201, body)
+        self.assertEqual((code, body["field"]), (400, "remote_listeners"))
+        self.assertIn("api_remote_listeners", body["error"])
 
     @inline
     async def test_replace_delete(self):
@@ -276,6 +278,19 @@ class PacProviderTests(ControlPlaneTestCase):
         self.assertNotIn(b'"demo"', reply)
         request = b"GET /proxy.pac?cluster=demo HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
         self.assertIn(b'"demo"', await deferToThread(http_exchange, http, request))
+
+
+class RemoteListenerTests(ControlPlaneTestCase):
+    """With [gateway] api_remote_listeners, an API cluster may listen beyond loopback."""
+
+    settings = GatewaySettings(api_remote_listeners=True)
+
+    @inline
+    async def test_beyond_loopback_allowed(self):
+        code, content = await self.call(
+            "PUT", "/v1/clusters/api-1", self.body(socks="tcp:0:interface=0.0.0.0", remote_listeners=True)
+        )
+        self.assertEqual(code, 201, content)
 
     @inline
     async def test_wildcard_listener_written_with_the_request_host(self):

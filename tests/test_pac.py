@@ -512,11 +512,11 @@ class ProviderTests(SynchronousTestCase):
         for i in range(3 * CACHE_SIZE):
             body = self.pac.pac_file(f"gw-{i}.example", None)
             assert body is not None
-            self.assertIn(f'"SOCKS5 gw-{i}.example:1080; PROXY 127.0.0.1:3128"'.encode(), body)
+            self.assertIn(f'"PROXY 127.0.0.1:3128; SOCKS5 gw-{i}.example:1080"'.encode(), body)
             self.assertIn(f'"SOCKS5 gw-{i}.example:10801"'.encode(), body)
         body = self.pac.pac_file("fd00::1", None)
         assert body is not None
-        self.assertIn(b'"SOCKS5 [fd00::1]:1080; PROXY 127.0.0.1:3128"', body)
+        self.assertIn(b'"PROXY 127.0.0.1:3128; SOCKS5 [fd00::1]:1080"', body)
         self.assertEqual(self.renders, 1)
         self.assertEqual(self.pac.pac_file(None, None), self.pac.pac_file(None, None))
         self.assertNotIn(b":1080", self.pac.pac_file(None, None) or b"")  # no host: no wildcard address
@@ -530,4 +530,4 @@ class ProviderTests(SynchronousTestCase):
         host = ".".join(["x" * 63] * 3) + ".example"
         body = self.pac.pac_file(host, None) or b""
         self.assertLessEqual(len(body), size + 100)
-        self.assertIn(f'"SOCKS5 {host}:1080; PROXY 127.0.0.1:3128"'.encode(), body)  # qualified names still go
+        self.assertIn(f'"PROXY 127.0.0.1:3128; SOCKS5 {host}:1080"'.encode(), body)  # qualified names still go

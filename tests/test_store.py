@@ -546,6 +546,12 @@ class ValidateBodyTests(SynchronousTestCase):
             self.assertField("a", body(http=[endpoint]), "http", "privileged port", settings=allowed)
         self.assertEqual(validate_body("a", body(socks="tcp:port=1080"), settings=allowed).socks, ("tcp:port=1080",))
 
+    def test_remote_listeners_need_the_operator(self) -> None:
+        self.assertField("a", body(remote_listeners=True), "remote_listeners", "api_remote_listeners")
+        self.assertFalse(validate_body("a", body(remote_listeners=False)).remote_listeners)
+        allowed = GatewaySettings(api_remote_listeners=True)
+        self.assertTrue(validate_body("a", body(remote_listeners=True), settings=allowed).remote_listeners)
+
     def test_wrong_type(self) -> None:
         self.assertField("a", body(proxies="192.0.2.10"), "proxies", "got string")
         self.assertField("a", body(connections="4"), "connections")

@@ -215,6 +215,9 @@ class GatewaySettings:
     #: Whether API bodies may set jump to another cluster: off, so an API
     #: client cannot make another cluster's proxy node connect anywhere.
     api_jump: bool = False
+    #: Whether API bodies may set remote_listeners: off, so an API client
+    #: cannot open listeners without credentials beyond this host.
+    api_remote_listeners: bool = False
     #: Connections the control listener accepts at once (its own count).
     control_max_clients: int = DEFAULT_CONTROL_MAX_CLIENTS
     #: Seconds a control API client has to send a whole request head.

@@ -204,6 +204,20 @@ class ApiListener(ApiRule):
         return None
 
 
+class RemoteListeners(ApiRule):
+    """The key exposes listeners that ask no credentials beyond this host: the operator's decision."""
+
+    setting = "api_remote_listeners"
+
+    def body_refusal(self, value: Any, allowed: bool) -> str | None:
+        if value is not True or allowed:
+            return None
+        return (
+            "remote_listeners opens listeners without credentials beyond this host and is off for API clusters "
+            "(set [gateway] api_remote_listeners = true to allow it)"
+        )
+
+
 # --- status renderings --------------------------------------------------------------
 
 
@@ -299,7 +313,7 @@ CLUSTER_SCHEMA: tuple[ClusterKey, ...] = (
     # a listener is one cluster's own port: never shared through [defaults]
     ClusterKey("socks", read_endpoints, defaultable=False, api=ApiListener(), render=lambda c: list(c.socks)),
     ClusterKey("http", read_endpoints, defaultable=False, api=ApiListener(), render=lambda c: list(c.http)),
-    ClusterKey("remote_listeners", read_boolean, defaultable=False),
+    ClusterKey("remote_listeners", read_boolean, defaultable=False, api=RemoteListeners()),
 )
 
 _BY_NAME = {row.name: row for row in CLUSTER_SCHEMA}
@@ -374,6 +388,7 @@ GATEWAY_SCHEMA: tuple[GatewayKey, ...] = (
     GatewayKey("api_proxy_command", read_boolean),
     GatewayKey("api_file_paths", read_boolean),
     GatewayKey("api_jump", read_boolean),
+    GatewayKey("api_remote_listeners", read_boolean),
     GatewayKey("control_max_clients", partial(read_integer, low=1, high=MAX_MAX_CLIENTS)),
     GatewayKey("control_head_timeout", read_seconds),
     GatewayKey("control_body_timeout", read_seconds),
