@@ -7,7 +7,8 @@ adapter's event handlers read as the protocol's steps.
 from __future__ import annotations
 
 from gateway.addresses import host_port
-from gateway.proxy.http.machine import RequestHead, ResponseParser
+from gateway.proxy.http.events import RequestHead
+from gateway.proxy.http.machine import ResponseParser
 from gateway.ssh.channel import TunnelChannel
 
 #: Methods that may be sent again on a new tunnel when a reused one closed

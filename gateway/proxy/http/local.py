@@ -20,8 +20,9 @@ from dataclasses import dataclass
 
 from twisted.logger import Logger
 
+from gateway.proxy.http.events import RequestHead
 from gateway.proxy.http.framing import _content_length, _head_bytes, _single, _values
-from gateway.proxy.http.machine import RequestHead, error_response
+from gateway.proxy.http.machine import error_response
 from gateway.proxy.pac import PAC_CONTENT_TYPE, PacRefused, PacSource, fetch_pac
 
 log = Logger()

@@ -43,22 +43,19 @@ from twisted.python.failure import Failure
 
 from gateway.errors import Reason, StreamError
 from gateway.proxy.frontend import ClientLimit, FrontendFactory, FrontendProtocol, stream_error
-from gateway.proxy.http.exchange import Exchange, Upstream, UpstreamKey
-from gateway.proxy.http.local import answer_local
-from gateway.proxy.http.machine import (
+from gateway.proxy.http.events import (
     RequestBody,
     RequestEnd,
     RequestError,
     RequestHead,
-    RequestParser,
     ResponseBody,
     ResponseEnd,
     ResponseError,
     ResponseHead,
-    ResponseParser,
-    error_response,
-    status_for,
 )
+from gateway.proxy.http.exchange import Exchange, Upstream, UpstreamKey
+from gateway.proxy.http.local import answer_local
+from gateway.proxy.http.machine import RequestParser, ResponseParser, error_response, status_for
 from gateway.proxy.opener import StreamOpener, StreamRequest
 from gateway.ssh.channel import TunnelChannel
 
