@@ -192,7 +192,7 @@ class ControlPlaneTests(ControlPlaneTestCase):
         code, before = await self.call("GET", "/metrics")
         self.assertEqual(code, 200)
         await deferToThread(fetch, self.harness.socks_port, "demo")
-        await deferToThread(fetch, self.harness.socks_port, "nobody")
+        await deferToThread(fetch, self.harness.socks_port, "nobody", "x")  # refused at authentication
         sock, refused = await deferToThread(socks5_open, self.harness.socks_port, "10.99.0.10", 81)
         sock.close()
         code, after = await self.call("GET", "/metrics")

@@ -116,7 +116,7 @@ class SocksEndToEndTests(TestCase):
 
     @inline
     async def test_unknown_cluster_fails_authentication(self):
-        code, _ = await deferToThread(self._get, *WEB, username="nope")
+        code, _ = await deferToThread(self._get, *WEB, username="nope", password="x")
         self.assertEqual(code, -2)
 
     @inline

@@ -425,6 +425,31 @@ class Socks5ErrorTests(unittest.TestCase):
         for data in [b"\x00", b"\x06", b"GET / HTTP/1.1\r\n", b"\x16\x03\x01"]:
             self.assertRejected(data, [], Reason.BAD_REQUEST)
 
+    def test_java_username_without_password_is_no_credentials(self) -> None:
+        """
+        Java's SOCKS client offers no-auth and username/password, and answers the latter with its user.name
+        and an empty password: a username that names no cluster, without a password, is no credentials.
+        """
+        clusters = {"cluster"}
+        java_greeting = b"\x05\x02\x00\x02"
+        request = v5_request(1, ipaddress.IPv4Address("10.0.0.1").packed, 80)
+        for username, password, expected in [
+            (b"root", b"", (None, None)),
+            (b"cluster", b"", ("cluster", None)),  # a claim the router checks
+            (b"root", b"token", ("root", "token")),
+        ]:
+            events, _ = feed(
+                [java_greeting + userpass(username, password) + request],
+                authenticate=lambda u, p: True,
+                is_cluster=clusters.__contains__,
+            )
+            self.assertEqual(events[-1], ConnectRequest(5, "10.0.0.1", 80, *expected), username)
+        # without the exemption, the shared listener refused Java outright
+        events, _ = feed(
+            [java_greeting + userpass(b"root", b"")], authenticate=lambda u, p: False, is_cluster=clusters.__contains__
+        )
+        self.assertEqual(events[-1], AUTH_OK)
+
 
 class Socks4ErrorTests(unittest.TestCase):
     """SOCKS4 answers every failure with 0x5B."""

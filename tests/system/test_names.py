@@ -14,8 +14,9 @@ Needs root; skipped with the reason otherwise.
 from __future__ import annotations
 
 import os
+import shutil
 
-from twisted.trial.unittest import TestCase
+from twisted.trial.unittest import SkipTest, TestCase
 
 from tests.system.names_gateway import HTTP, SOCKS, TENANTS, TOKEN, TOKEN_CLUSTER, NamesGateway, Tenant
 from tests.system.netlab import MIXED_NAME, OUTSIDE_NAME, RESOLVED_NAME
@@ -36,6 +37,19 @@ for proxy, url in zip(sys.argv[1::2], sys.argv[2::2]):
         texts = {session.get(url, timeout=15).text.strip() for _ in range(3)}  # kept alive
         echo = session.post(url + "echo", data=b"x" * 70000, timeout=15).content
         print(proxy.split(":")[0], *sorted(texts), len(echo))
+"""
+
+JAVA_FETCH = """
+import java.io.InputStream;
+import java.net.URL;
+
+public class Fetch {
+    public static void main(String[] args) throws Exception {
+        try (InputStream in = new URL(args[0]).openStream()) {
+            System.out.print(new String(in.readAllBytes(), "UTF-8"));
+        }
+    }
+}
 """
 
 PARAMIKO_CHECK = """
@@ -125,6 +139,47 @@ class NamesSystemTests(TestCase):
             out.decode().splitlines(),
             ["socks5h internal-a 70000", "http internal-b 70000", "socks5h internal-b 70000"],
         )
+
+    def test_socat_and_netcat_without_credentials(self):
+        """
+        Clients that cannot send a cluster's credentials (issue 12's list): socat's SOCKS4 and SOCKS4A (it
+        sends $USER as the user id) and OpenBSD netcat's SOCKS5 and SOCKS4, each on a per-cluster listener,
+        and with a qualified name on the shared one.
+        """
+        a, b = TENANTS["a"], TENANTS["b"]
+        cases = [
+            (a, ["socat", "-", f"SOCKS4:127.0.0.1:{INTERNAL}:8080,socksport={a.socks}"]),
+            (b, ["socat", "-", f"SOCKS4A:127.0.0.1:{INTERNAL}:8080,socksport={b.socks}"]),
+            (b, ["socat", "-", f"SOCKS4A:127.0.0.1:{b.qualified()}:8080,socksport={SOCKS}"]),
+            (a, ["nc", "-X", "5", "-x", f"127.0.0.1:{a.socks}", INTERNAL, "8080"]),
+            (b, ["nc", "-X", "4", "-x", f"127.0.0.1:{b.socks}", INTERNAL, "8080"]),
+            (a, ["nc", "-X", "5", "-x", f"127.0.0.1:{SOCKS}", a.qualified(), "8080"]),
+        ]
+        for tenant, argv in cases:
+            done = self.names.lab.run(
+                self.names.lab.ctl_ns, argv, timeout=20, input=b"GET / HTTP/1.0\r\nHost: x\r\n\r\n"
+            )
+            self.assertEqual(done.returncode, 0, (argv, done.stderr))
+            self.assertTrue(done.stdout.startswith(b"HTTP/1.1 200"), (argv, done.stdout[:200]))
+            self.assertTrue(done.stdout.rstrip().endswith(tenant.served.encode()), (argv, done.stdout[-200:]))
+
+    def test_java_socks_proxy_host(self):
+        """
+        Java's own SOCKS client (-DsocksProxyHost, what JDBC drivers and JVM tools use): it can send no
+        cluster credentials, so a per-cluster listener or a qualified name picks the cluster.
+        """
+        java = shutil.which("java")
+        if java is None:
+            raise SkipTest("java is not installed (Debian's default-jre-headless)")
+        a, b = TENANTS["a"], TENANTS["b"]
+        source = os.path.join(self.mktemp() + "-java", "Fetch.java")
+        os.makedirs(os.path.dirname(source))
+        with open(source, "w") as f:
+            f.write(JAVA_FETCH)
+        for port, tenant, url in ((a.socks, a, a.url()), (SOCKS, b, f"http://{b.qualified()}:8080/")):
+            argv = [java, "-DsocksProxyHost=127.0.0.1", f"-DsocksProxyPort={port}", source, url]
+            done = self.names.lab.run(self.names.lab.ctl_ns, argv, timeout=60)
+            self.assertEqual((done.returncode, done.stdout.decode().strip()), (0, tenant.served), done.stderr)
 
     # -- qualified names ---------------------------------------------------------
 

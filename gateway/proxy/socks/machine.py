@@ -36,7 +36,9 @@ Choices the RFCs leave open:
     or C{anonymous}): one that names no cluster (asked through
     C{is_cluster}) and carries no C{:token} is no credentials, and the
     destination picks the cluster.  A cluster with a token still needs it,
-    and C{name:token} is always a claim the router checks.
+    and C{name:token} is always a claim the router checks.  The same holds
+    for an RFC 1929 username with an empty password: Java's SOCKS client
+    sends its C{user.name} so when the server picks username/password.
   - Details never echo a credential, and client bytes only as
     L{gateway.errors.shown} renders them: they are logged.
 """
@@ -359,6 +361,11 @@ class SocksMachine:
         username = _text(buf[2:user_end], "username")
         password = _text(buf[user_end + 1 : end], "password")
         self._buffer = buf[end:]
+        if username and not password and self._is_cluster is not None and not self._is_cluster(username):
+            # Java's SOCKS client (socksProxyHost, JDBC drivers) answers the
+            # username/password method with the user.name property and no
+            # password: like a SOCKS4 user id, no credentials.
+            username = ""
         if username:
             if self._authenticate and not self._authenticate(username, password):
                 raise StreamError(Reason.AUTH_FAILED, f"{show_username(username, self._is_cluster)} not accepted")
