@@ -7,6 +7,7 @@ SOCKS5 and HTTP clients in threads.
 from __future__ import annotations
 
 import errno
+import gc
 import itertools
 import json
 import os
@@ -16,7 +17,7 @@ from typing import Any
 
 from twisted.internet import reactor
 from twisted.internet.address import IPv4Address, IPv6Address
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, fail
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IListeningPort
@@ -405,3 +406,20 @@ class ClusterListenersTests(SynchronousTestCase):
         self.assertEqual((clients["http"].disconnecting, clients["socks"].disconnecting), (True, False))
         self.listeners.close("a")
         self.assertTrue(clients["socks"].disconnecting)
+
+    def test_port_that_will_not_close(self) -> None:
+        """
+        A port whose close fails is logged once, naming its cluster; closing
+        the cluster's listeners still succeeds (it is gone either way), and
+        no Deferred is left holding the error for the garbage collector to
+        report again as "Unhandled error in Deferred".
+        """
+        self.listeners.startService()
+        config = _config(socks=("tcp:0:interface=127.0.0.1",), http=("tcp:0:interface=127.0.0.1",))
+        self.successResultOf(self.listeners.prepare(config)).commit()
+        self.patch(_Port, "stopListening", lambda port: fail(OSError(errno.EBADF, "Bad file descriptor")))
+        events = capture_events(self)
+        self.successResultOf(self.listeners.close("a"))
+        gc.collect()
+        self.assertEqual(len(self.flushLoggedErrors(OSError)), 2)
+        self.assertEqual([e.get("cluster") for e in events if e.get("outcome") == "close-failed"], ["a", "a"])

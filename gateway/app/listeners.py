@@ -95,12 +95,26 @@ def _stop(listeners: Iterable[_Listener]) -> Deferred[None]:
     Close C{listeners}, and drain their connections: a port that closes
     keeps the connections it accepted, and an idle kept-alive one would go
     on using a listener that is gone (and that asks no credentials).
+
+    Never fails: a port that will not close can only be reported, so it is
+    logged here, once, and none of the callers (a commit, a rollback, a
+    removal, start-up) has an error to lose or to report again.
     """
     stopping = []
     for listener in listeners:
         listener.factory.drain()
-        stopping.append(maybeDeferred(listener.port.stopListening))
+        stopping.append(maybeDeferred(listener.port.stopListening).addErrback(_not_closed, listener))
     return gatherResults(stopping).addCallback(lambda _: None)
+
+
+def _not_closed(failure: Failure, listener: _Listener) -> None:
+    log.failure(
+        "listener of cluster {cluster} on {address} did not close",
+        failure,
+        cluster=listener.factory.cluster,
+        address=peer_origin(listener.port.getHost())[0],
+        outcome="close-failed",
+    )
 
 
 def _listener_keys(config: ClusterConfig) -> dict[ListenerKey, str]:
