@@ -28,7 +28,7 @@ from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface import implementer
 
-from gateway.app.listeners import KINDS, ClusterListeners, ListenError
+from gateway.app.listeners import KINDS, ClusterListeners, ListenerChange, ListenError
 from gateway.app.service import GatewayService
 from gateway.config import ClusterConfig, GatewayConfig, GatewaySettings, ListenConfig, parse_cluster
 from gateway.proxy.frontend import ClientLimit
@@ -423,3 +423,16 @@ class ClusterListenersTests(SynchronousTestCase):
         gc.collect()
         self.assertEqual(len(self.flushLoggedErrors(OSError)), 2)
         self.assertEqual([e.get("cluster") for e in events if e.get("outcome") == "close-failed"], ["a", "a"])
+
+    def test_error_in_commit_of_a_running_change(self) -> None:
+        """
+        A cluster added while running (not through the API) whose commit
+        fails: the error is logged naming the cluster, not left in a
+        Deferred nobody holds.
+        """
+        self.listeners.startService()
+        self.patch(ListenerChange, "commit", lambda change: fail(RuntimeError("bug")))
+        events = capture_events(self)
+        self.listeners.want(_config(socks=("tcp:0:interface=127.0.0.1",)), "(api)")
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        self.assertEqual([e.get("cluster") for e in events if e.get("isError")], ["a"])

@@ -153,9 +153,9 @@ class ClusterListeners(Service):
         if not self.running:
             self._pending[config.name] = (config, source)
             return
-        self.prepare(config).addCallbacks(
-            lambda change: change.commit(),
-            lambda failure: self._log_refused(config.name, source, failure),
+        # Not addCallbacks: an error in commit itself must reach the log too.
+        self.prepare(config).addCallback(lambda change: change.commit()).addErrback(
+            lambda failure: self._log_refused(config.name, source, failure)
         )
 
     def prepare(self, config: ClusterConfig) -> Deferred[ListenerChange]:
