@@ -436,3 +436,18 @@ class ClusterListenersTests(SynchronousTestCase):
         self.listeners.want(_config(socks=("tcp:0:interface=127.0.0.1",)), "(api)")
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
         self.assertEqual([e.get("cluster") for e in events if e.get("isError")], ["a"])
+
+
+class RemoveClusterTests(SynchronousTestCase):
+    def test_failure_reported_once(self) -> None:
+        """
+        Removing a cluster whose connections fail to stop: the caller gets
+        the failure, and no Deferred is left holding it for the garbage
+        collector to log again ("Unhandled error in Deferred").
+        """
+        config = GatewayConfig(ListenConfig(socks=(), http=(), control=()), {"a": _config()}, "gw.toml")
+        service = GatewayService(config, MemoryReactorClock())  # type: ignore[arg-type]
+        self.patch(service.registry, "remove", lambda name: fail(RuntimeError("cannot stop")))
+        self.failureResultOf(service.remove_cluster("a"))
+        gc.collect()
+        self.assertEqual(self.flushLoggedErrors(), [])

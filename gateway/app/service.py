@@ -182,7 +182,8 @@ class GatewayService(MultiService):
 
     def remove_cluster(self, name: str) -> Deferred:
         """See L{ClusterRegistry.remove}; its listeners close too."""
-        return gatherResults([self.listeners.close(name), self.registry.remove(name)])
+        # consumeErrors: the caller gets a failure once, not also the garbage collector.
+        return gatherResults([self.listeners.close(name), self.registry.remove(name)], consumeErrors=True)
 
     def open_streams(self) -> int:
         return self.registry.open_streams()
