@@ -28,6 +28,7 @@ from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface import implementer
 
+from gateway.app.clusters import ClusterRegistry
 from gateway.app.listeners import KINDS, ClusterListeners, ListenerChange, ListenError
 from gateway.app.service import GatewayService
 from gateway.config import ClusterConfig, GatewayConfig, GatewaySettings, ListenConfig, parse_cluster
@@ -449,5 +450,15 @@ class RemoveClusterTests(SynchronousTestCase):
         service = GatewayService(config, MemoryReactorClock())  # type: ignore[arg-type]
         self.patch(service.registry, "remove", lambda name: fail(RuntimeError("cannot stop")))
         self.failureResultOf(service.remove_cluster("a"))
+        gc.collect()
+        self.assertEqual(self.flushLoggedErrors(), [])
+
+    def test_connection_that_fails_to_stop(self) -> None:
+        """The same one level down: the registry's own gathering of a cluster's connections."""
+        registry = ClusterRegistry(GatewaySettings(), MemoryReactorClock())  # type: ignore[arg-type]
+        connection = registry.add(_config())
+        registry.startService()
+        self.patch(connection, "stopService", lambda: fail(RuntimeError("cannot stop")))
+        self.failureResultOf(registry.remove("a"))
         gc.collect()
         self.assertEqual(self.flushLoggedErrors(), [])

@@ -121,7 +121,7 @@ class ClusterRegistry(Service):
         hop = self._hops.pop(name, None)
         if hop is not None:
             stopping.append(maybeDeferred(hop.disownServiceParent))
-        return gatherResults(stopping)
+        return gatherResults(stopping, consumeErrors=True)
 
     def open_streams(self) -> int:
         return sum(c.open_streams for c in self.clusters.values())
