@@ -10,6 +10,7 @@ import ipaddress
 import json
 import os
 import random
+import re
 import shutil
 import subprocess
 from collections.abc import Sequence
@@ -396,6 +397,19 @@ class RenderTests(SynchronousTestCase):
         self.assertIn('overlaps "alpha", listed first: use ?cluster=beta', text)
         self.assertIn('cluster "tok" is left out: it has a token and no per-cluster listener', text)
         self.assertIn("left out, other clusters overlap (use qualified names): 10.0.0.0/8", text)
+
+    def test_only_the_host_tests_the_rules_use(self) -> None:
+        """No dead JavaScript: a host test is written only where a rule reads it (C{name} reads C{v4})."""
+        names = PacCluster("n", hostnames=("*.n.test",), socks=("h:1",))
+        v4 = PacCluster("f", (N("10.0.0.0/8"),), socks=("h:1",))
+        for clusters, expected in (
+            ([], []),
+            ([v4], ["v4"]),
+            ([names], ["v4", "name"]),
+            ([ALPHA], ["v4", "v6", "name"]),
+        ):
+            text = render_pac(clusters, **SHARED).text
+            self.assertEqual(re.findall(r"var (v4|v6|name) =", text), expected, text)
 
     def test_each_address_once_socks_first(self) -> None:
         pac = render_pac([], shared_http=("127.0.0.1:3128", "[::1]:3128", "127.0.0.1:3128"), shared_socks=("h:1",))

@@ -171,14 +171,9 @@ def render_pac(
         start.append(f"  if (dnsDomainIs(h, {json.dumps('.' + domain)})) return shared;")
     else:
         start.append(_comment("No shared listener: qualified names are not routed.", "  "))
-    probes = [  # what kind of host: only an IPv4 literal may reach isInNet (it resolves names)
-        "  var v4 = /^[0-9]{1,3}(\\.[0-9]{1,3}){3}$/.test(h);",
-        '  var v6 = h.indexOf(":") >= 0 && typeof isInNetEx == "function";',
-        '  var name = !v4 && h.indexOf(":") < 0;',
-    ]
     variables, rules = _cluster_rules(ordered, only, shared)
     end = ['  return "DIRECT";', "}"]
-    script = PacScript("\n".join(head + top + variables + start + probes + rules + end) + "\n")
+    script = PacScript("\n".join(head + top + variables + start + _probes(rules) + rules + end) + "\n")
     if len(script.body) < limit:
         return script
     dropped = _comment(
@@ -223,6 +218,23 @@ def _cluster_rules(ordered: Sequence[PacCluster], only: str | None, shared: str)
                         _pattern_rule(route, "shared") if isinstance(route, str) else _network_rule(route, "shared")
                     )
     return variables, rules
+
+
+#: What kind of host C{h} is, for the rules to test: only an IPv4 literal
+#: may reach isInNet (it resolves names).  Variable, and the line defining it.
+_PROBES = (
+    ("v4", "  var v4 = /^[0-9]{1,3}(\\.[0-9]{1,3}){3}$/.test(h);"),
+    ("v6", '  var v6 = h.indexOf(":") >= 0 && typeof isInNetEx == "function";'),
+    ("name", '  var name = !v4 && h.indexOf(":") < 0;'),
+)
+
+
+def _probes(rules: Sequence[str]) -> list[str]:
+    """The lines of the L{_PROBES} that C{rules} test (C{name} is written with C{v4}), no others."""
+    used = {variable for variable, _ in _PROBES if any(rule.startswith(f"  if ({variable} && ") for rule in rules)}
+    if "name" in used:
+        used.add("v4")
+    return [line for variable, line in _PROBES if variable in used]
 
 
 def _directives(socks: Iterable[str], http: Iterable[str]) -> str:
