@@ -411,7 +411,7 @@ class RenderTests(SynchronousTestCase):
             text = render_pac(clusters, **SHARED).text
             self.assertEqual(re.findall(r"var (v4|v6|name) =", text), expected, text)
 
-    def test_each_address_once_socks_first(self) -> None:
+    def test_each_address_once_http_first(self) -> None:
         pac = render_pac([], shared_http=("127.0.0.1:3128", "[::1]:3128", "127.0.0.1:3128"), shared_socks=("h:1",))
         self.assertIn('var shared = "PROXY 127.0.0.1:3128; PROXY [::1]:3128; SOCKS5 h:1";', pac.text)
 
