@@ -6,6 +6,8 @@ stub L{PacSource}, its headers and keep-alive, and every refusal.
 
 from __future__ import annotations
 
+import functools
+
 from twisted.internet.task import Clock
 from twisted.trial.unittest import TestCase
 
@@ -98,6 +100,12 @@ class PacFileTests(LocalTestCase):
         self.client.send(b"GET /proxy.pac?cluster=beta HTTP/1.1\r\nHost: [::1]:3128\r\n\r\n")
         self.assertTrue(self.client.output().startswith(b"HTTP/1.1 200 OK\r\n"))
         self.assertEqual(self.pac.calls, [("::1", "beta")])
+
+    def test_a_cluster_listener_logs_its_cluster(self) -> None:
+        factory = functools.partial(HttpProxyFactory, cluster="beta")
+        MemoryClient(factory, self.node, self.clock).send(GET_PAC)
+        self.assertEqual(self.pac.calls, [("gw.example", "beta")])
+        self.assertEqual([e["cluster"] for e in self.events if e.get("outcome") == "pac"], ["beta"])
 
     def test_head(self) -> None:
         self.client.send(b"HEAD /proxy.pac HTTP/1.1\r\nHost: h\r\n\r\n")

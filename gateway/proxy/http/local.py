@@ -55,6 +55,7 @@ def answer_local(
         # Not the query as sent: request lines are not logged (URLs carry tokens).
         view=f" ({query})" if _VIEW.fullmatch(query) else " (other query)" if query else "",
         client=client,
+        cluster=cluster,  # the listener's (None: a shared listener)
         status=status,
         detail=f" ({detail})" if detail else "",
         outcome="pac" if status == 200 else "pac-refused",
