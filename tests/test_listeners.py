@@ -371,6 +371,7 @@ class ClusterListenersTests(SynchronousTestCase):
         self.assertRaises(SystemExit, self.listeners.privilegedStartService)
         [critical] = [e for e in events if e["log_level"].name == "critical"]
         self.assertIn("gw.toml: clusters.a.http: cannot listen", critical["log_format"].format(**critical))
+        self.assertEqual((critical["cluster"], critical["outcome"]), ("a", "listen-refused"))
         self.reactor.advance(0)
         self.assertEqual(self.reactor.bound, {2001})  # the first one closed again
 
@@ -396,7 +397,10 @@ class ClusterListenersTests(SynchronousTestCase):
         """
         self.listeners.startService()
         config = _config(socks=("tcp:0:interface=127.0.0.1",), http=("tcp:0:interface=127.0.0.1",))
+        events = capture_events(self)
         self.successResultOf(self.listeners.prepare(config)).commit()
+        opened = [(e["cluster"], e["kind"]) for e in events if e.get("outcome") == "listening"]
+        self.assertEqual(opened, [("a", "socks"), ("a", "http")])
         clients = {}
         for kind in KINDS:
             [address] = self.listeners.addresses("a", kind)

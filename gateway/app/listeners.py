@@ -268,6 +268,7 @@ class ClusterListeners(Service):
             cluster=name,
             description=description,
             address=peer_origin(port.getHost())[0],
+            outcome="listening",
         )
 
     def _log_refused(self, name: str, source: str, failure: Failure) -> None:
@@ -281,4 +282,5 @@ class ClusterListeners(Service):
             cluster=name,
             key=error.key,
             reason=error.reason,
+            outcome="listen-refused",
         )
