@@ -32,11 +32,12 @@ from gateway.app.clusters import ClusterRegistry
 from gateway.app.listeners import KINDS, ClusterListeners, ListenerChange, ListenError
 from gateway.app.service import GatewayService
 from gateway.config import ClusterConfig, GatewayConfig, GatewaySettings, ListenConfig, parse_cluster
+from gateway.control.registry import GatewayControl
 from gateway.proxy.frontend import ClientLimit
 from gateway.proxy.opener import StreamOpener
 from gateway.routing import Router
 from gateway.testing import DEMO_PAGE
-from gateway.testing.keys import generate_key, private_pem
+from gateway.testing.keys import generate_key, private_pem, public_line
 from tests import test_routing
 from tests.support import WEB, WEB2, WEB2_PAGE, capture_events, http_exchange, inline, socks_get
 from tests.test_controlplane import ControlPlaneTestCase
@@ -466,3 +467,44 @@ class RemoveClusterTests(SynchronousTestCase):
         self.failureResultOf(registry.remove("a"))
         gc.collect()
         self.assertEqual(self.flushLoggedErrors(), [])
+
+
+class _StoreThatFailsAgain:
+    """A state file written once, then refused (the disk filled up meanwhile)."""
+
+    def __init__(self) -> None:
+        self.saves = 0
+
+    def save(self, clusters: Any) -> None:
+        self.saves += 1
+        if self.saves > 1:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+class PutRollbackTests(SynchronousTestCase):
+    def test_new_ports_close_even_when_the_state_file_cannot_be_restored(self) -> None:
+        """
+        A PUT whose apply fails after the file was saved, and whose restoring
+        save fails too: the ports it bound are closed all the same.
+        """
+        reactor = _ListenReactor()
+        config = GatewayConfig(ListenConfig(socks=(), http=(), control=()), {}, "gw.toml")
+        service = GatewayService(config, reactor)  # type: ignore[arg-type]
+        service.listeners.startService()
+        control = GatewayControl(service, _StoreThatFailsAgain(), set())  # type: ignore[arg-type]
+
+        def add_cluster(*args: Any, **kwargs: Any) -> None:
+            raise RuntimeError("cannot add")
+
+        self.patch(service, "add_cluster", add_cluster)
+        body = {
+            "proxies": ["127.0.0.1:1"],
+            "user": "u",
+            "key": private_pem(generate_key()),
+            "host_keys": [public_line(generate_key())],
+            "networks": ["10.0.0.0/24"],
+            "socks": LOOPBACK_ANY,
+        }
+        self.failureResultOf(control.put_cluster("api-1", body), OSError)
+        reactor.advance(0)
+        self.assertEqual(reactor.bound, set())

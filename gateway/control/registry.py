@@ -133,10 +133,12 @@ class GatewayControl:
                 else:
                     self._service.replace_cluster(config, listeners=listeners)
             except Exception:
+                # The new ports first: a state file that cannot be written
+                # back must not also leave them listening for ever.
+                listeners.rollback()
                 # Keep the file saying what runs.
                 self._bodies = previous
                 self._save()
-                listeners.rollback()
                 raise
             log.info(
                 "cluster {cluster} {action} through the control API",
