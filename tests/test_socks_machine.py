@@ -20,13 +20,13 @@ from twisted.trial import unittest
 from gateway.errors import Reason, StreamError
 from gateway.proxy.socks.machine import (
     SOCKS5_REPLY,
-    SOCKS5_REPLY_TEXT,
     ConnectRequest,
     Event,
     Rejected,
     Send,
     SocksMachine,
 )
+from gateway.proxy.socks.replies import SOCKS5_REPLY_TEXT
 
 GREET_NOAUTH = b"\x05\x01\x00"
 GREET_USERPASS = b"\x05\x01\x02"

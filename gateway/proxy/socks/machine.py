@@ -53,10 +53,6 @@ from dataclasses import dataclass
 
 from gateway.destinations import canonical_host
 from gateway.errors import Reason, StreamError, shown
-
-# Re-exported beside SOCKS5_REPLY for importers of the machine; the table lives in replies.py so that
-# gateway-connect can print it without importing this module.
-from gateway.proxy.socks.replies import SOCKS5_REPLY_TEXT as SOCKS5_REPLY_TEXT
 from gateway.routing import show_username
 
 #: How each failure is told to a SOCKS5 client (RFC 1928 section 6).
