@@ -296,7 +296,7 @@ class Router:
                 raise StreamError(
                     Reason.AUTH_FAILED,
                     _CREDENTIALS_REFUSED,
-                    log_detail=f"{show_username(username)} does not name cluster {chosen.name!r}, "
+                    log_detail=f"{self._show_username(username)} does not name cluster {chosen.name!r}, "
                     "which the destination names",
                 )
         elif chosen.token is not None:
