@@ -130,16 +130,18 @@ class DefaultViewTests(PacTableTestCase):
             "10-0-0-5.Alpha.GW.Internal": TO_SHARED,
             "api.svc.BETA.gw.internal.": TO_SHARED,
             "fd00--1.gamma.gw.internal": TO_SHARED,
-            "gw.internal": DIRECT,
+            "gw.internal": TO_SHARED,  # not qualified, but gamma's *.internal holds it
             "gw.internal.example": DIRECT,
             # overlapping per-cluster networks: the first in name order wins
             "10.0.0.5": TO_ALPHA,
             "10.0.0.255": TO_ALPHA,
             # the cluster without listener or token: what nobody else has goes to the shared listeners
             "10.1.2.3": TO_SHARED,
-            "10.3.0.1": DIRECT,  # its 10.0.0.0/8 overlaps 10.0.0.0/24: left out
-            "10.2.0.1": DIRECT,  # the cluster with a token and no listener
-            "x.tok.test": DIRECT,
+            # its 10.0.0.0/8 overlaps 10.0.0.0/24: the shared listeners refuse it as ambiguous, with a
+            # page that says so -- never DIRECT, which would send a cluster address to the browser's network
+            "10.3.0.1": TO_SHARED,
+            "10.2.0.1": TO_SHARED,  # the cluster with a token and no listener: the gateway asks for it
+            "x.tok.test": TO_SHARED,
             # IPv6
             "fd00:a::5": TO_ALPHA,
             "FD00:A:0:0::5": TO_ALPHA,
@@ -156,7 +158,7 @@ class DefaultViewTests(PacTableTestCase):
             "node3.beta": DIRECT,
             "x.beta.internal": TO_BETA,
             "foo.gamma.test": TO_SHARED,
-            "other.internal": DIRECT,  # gamma's *.internal overlaps alpha's and beta's: left out
+            "other.internal": TO_SHARED,  # gamma's *.internal overlaps alpha's and beta's: refused there
             # everything else, and never a DNS lookup (dnsResolve fails the case)
             "example.com": DIRECT,
             "8.8.8.8": DIRECT,
@@ -167,8 +169,12 @@ class DefaultViewTests(PacTableTestCase):
             "": DIRECT,
         },
         "no-isInNetEx": {
-            # a browser without Microsoft's IPv6 extension: IPv6 literals go DIRECT, the rest as before
-            "fd00:a::5": DIRECT,
+            # a browser without Microsoft's IPv6 extension (Firefox): the script tests IPv6 itself
+            "fd00:a::5": TO_ALPHA,
+            "fd00:a:0:0:0:0:0:5": TO_ALPHA,
+            "fd00:a::10.0.0.5": TO_ALPHA,
+            "fd00:a:0:1::5": DIRECT,
+            "fd00:a:::5": DIRECT,
             "10.0.0.5": TO_ALPHA,
             "api.alpha.internal": TO_ALPHA,
         },
@@ -179,6 +185,42 @@ class DefaultViewTests(PacTableTestCase):
 
     def test_without_isInNetEx(self) -> None:
         self.check("no-isInNetEx")
+
+
+def _ipv6_table() -> tuple[PacScript, dict[str, str]]:
+    """
+    The script's own IPv6 test against Python's ipaddress: random networks
+    of many prefix lengths, and an address inside and one outside each,
+    written compressed, exploded and with an IPv4 tail.
+    """
+    rng = random.Random(12)
+    clusters = []
+    texts: set[str] = set()
+    for i in range(24):
+        length = rng.choice([8, 16, 17, 31, 32, 48, 63, 64, 65, 96, 112, 127, 128])
+        network = ipaddress.IPv6Network((rng.getrandbits(128) >> (128 - length) << (128 - length), length))
+        clusters.append(PacCluster(f"v6-{i:02}", (network,), socks=(f"127.0.0.1:{20000 + i}",)))
+        inside = ipaddress.IPv6Address(int(network.network_address) | rng.getrandbits(128 - length))
+        outside = ipaddress.IPv6Address(int(network.network_address) ^ (1 << (128 - length)))
+        for address in (inside, outside):
+            tail = ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
+            texts |= {address.compressed, address.exploded, f"{address.exploded[:30]}{tail}"}
+    table = {}
+    for text in texts:  # the first cluster by name that holds it, as the script lists them
+        holders = [c for c in sorted(clusters, key=lambda c: c.name) if ipaddress.IPv6Address(text) in c.networks[0]]
+        table[text] = f"SOCKS5 {holders[0].socks[0]}" if holders else DIRECT
+    return render_pac(clusters), table
+
+
+class IPv6Tests(PacTableTestCase):
+    """The script tests IPv6 prefixes itself (Firefox has no isInNetEx), agreeing with ipaddress."""
+
+    _script, _table = _ipv6_table()
+    views = {"random": (_script, False)}
+    tables = {"random": _table}
+
+    def test_agrees_with_ipaddress(self) -> None:
+        self.check("random")
 
 
 class ClusterViewTests(PacTableTestCase):
@@ -197,11 +239,11 @@ class ClusterViewTests(PacTableTestCase):
         "gamma": {
             "10.1.2.3": TO_SHARED,
             "foo.gamma.test": TO_SHARED,
-            "10.0.0.5": DIRECT,
-            "10.3.0.1": DIRECT,  # still ambiguous at the shared listeners
+            "10.0.0.5": TO_SHARED,  # in gamma's 10.0.0.0/8 too
+            "10.3.0.1": TO_SHARED,  # ambiguous at the shared listeners: refused there, not sent DIRECT
             "x.gamma.gw.internal": TO_SHARED,
         },
-        "tok": {"10.2.0.1": DIRECT, "x.tok.test": DIRECT, "x.tok.gw.internal": TO_SHARED},
+        "tok": {"10.2.0.1": TO_SHARED, "x.tok.test": TO_SHARED, "x.tok.gw.internal": TO_SHARED},
     }
 
     def test_view_of_a_cluster_with_listeners(self) -> None:
@@ -395,8 +437,8 @@ class RenderTests(SynchronousTestCase):
     def test_overlap_comment_names_the_view(self) -> None:
         text = render_pac(CLUSTERS, **SHARED).text
         self.assertIn('overlaps "alpha", listed first: use ?cluster=beta', text)
-        self.assertIn('cluster "tok" is left out: it has a token and no per-cluster listener', text)
-        self.assertIn("left out, other clusters overlap (use qualified names): 10.0.0.0/8", text)
+        self.assertIn('cluster "tok": its token is needed there', text)
+        self.assertIn("other clusters overlap: refused as ambiguous (use qualified names)", text)
 
     def test_only_the_host_tests_the_rules_use(self) -> None:
         """No dead JavaScript: a host test is written only where a rule reads it (C{name} reads C{v4})."""

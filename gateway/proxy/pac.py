@@ -15,11 +15,13 @@ What the script decides, in order:
   2. Per cluster, in name order: a cluster with per-cluster listeners gets
      its networks and hostnames sent there; where two such clusters'
      networks or patterns overlap the first listed wins (a comment names the
-     C{?cluster=NAME} view that gives the other).  A cluster without one and
-     without a token gets the networks and patterns that no other cluster's
-     overlap sent to the shared listeners (they route by destination; an
-     overlap would be AMBIGUOUS there); the rest is left out, and so is a
-     cluster with a token (browsers cannot send it), each with a comment.
+     C{?cluster=NAME} view that gives the other).  A cluster without one gets
+     its networks and patterns sent to the shared listeners, which route by
+     destination -- also those another cluster overlaps (AMBIGUOUS there)
+     and those of a cluster with a token (browsers cannot send it), each
+     with a comment: the gateway's refusal is a page that says why, where
+     C{DIRECT} would send a cluster's address to the browser's own network
+     (Firefox did, before this rule).
   3. Everything else C{DIRECT}.
 
 Rules the script keeps, for browsers as they are (Chromium's
@@ -28,10 +30,10 @@ C{net/proxy_resolution}, read 2026):
   - It decides by host only: Chromium hands C{https://} and C{wss://} URLs to
     C{FindProxyForURL} with path and query stripped.
   - It never resolves a name: C{isInNet} resolves a host that is not a dotted
-    quad, so it is only called after a dotted-quad test; C{isInNetEx}
-    (Microsoft's IPv6 extension, Chromium has it, not every browser does) only
-    on an IPv6 literal and only where it exists.  Host name patterns apply to
-    names only, IP networks to addresses only, as the router matches them.
+    quad, so it is only called after a dotted-quad test; IPv6 literals are
+    tested by the script's own functions (L{_IPV6_HELPERS}), as Firefox has
+    no C{isInNetEx}.  Host name patterns apply to names only, IP networks to
+    addresses only, as the router matches them.
   - A host name glob is tested as the router's fnmatch reads it: with
     C{shExpMatch} when that reads it the same, else (classes, brackets) with a
     regular expression of its own (L{gateway.proxy.globs}).
@@ -173,7 +175,9 @@ def render_pac(
         start.append(_comment("No shared listener: qualified names are not routed.", "  "))
     variables, rules = _cluster_rules(ordered, only, shared)
     end = ['  return "DIRECT";', "}"]
-    script = PacScript("\n".join(head + top + variables + start + _probes(rules) + rules + end) + "\n")
+    probes = _probes(rules)
+    helpers = _IPV6_HELPERS if any(line.startswith("  var v6") for line in probes) else []
+    script = PacScript("\n".join(head + top + variables + helpers + start + probes + rules + end) + "\n")
     if len(script.body) < limit:
         return script
     dropped = _comment(
@@ -203,20 +207,21 @@ def _cluster_rules(ordered: Sequence[PacCluster], only: str | None, shared: str)
                 rule = _pattern_rule(route, variable) if isinstance(route, str) else _network_rule(route, variable)
                 rules.append(rule + _first_wins(cluster, overlaps.owners(route) & earlier if earlier else set()))
             earlier.add(cluster.name)
-        elif cluster.token:
-            rules.append(_comment(f"{label} is left out: it has a token and no per-cluster listener.", "  "))
         elif not shared:
             rules.append(_comment(f"{label} is left out: no per-cluster or shared listener.", "  "))
         else:
-            # The shared listeners choose by destination: one another cluster also holds is AMBIGUOUS there.
-            rules.append(_comment(f"{label}: the shared listeners, which route by destination", "  "))
+            # The shared listeners choose by destination.  What they cannot
+            # serve a browser -- a token, a destination another cluster also
+            # holds (AMBIGUOUS) -- still goes there: the gateway's refusal is
+            # a page that says why, where DIRECT would send a cluster address
+            # to whatever network the browser is on.
+            why = "its token is needed there" if cluster.token else "the shared listeners, which route by destination"
+            rules.append(_comment(f"{label}: {why}", "  "))
             for route in (*cluster.networks, *cluster.hostnames):
-                if overlaps.owners(route) - {cluster.name}:
-                    rules.append(_comment(f"left out, other clusters overlap (use qualified names): {route}", "  "))
-                else:
-                    rules.append(
-                        _pattern_rule(route, "shared") if isinstance(route, str) else _network_rule(route, "shared")
-                    )
+                rule = _pattern_rule(route, "shared") if isinstance(route, str) else _network_rule(route, "shared")
+                if not cluster.token and overlaps.owners(route) - {cluster.name}:
+                    rule += "  " + _comment("other clusters overlap: refused as ambiguous (use qualified names)")
+                rules.append(rule)
     return variables, rules
 
 
@@ -224,9 +229,43 @@ def _cluster_rules(ordered: Sequence[PacCluster], only: str | None, shared: str)
 #: may reach isInNet (it resolves names).  Variable, and the line defining it.
 _PROBES = (
     ("v4", "  var v4 = /^[0-9]{1,3}(\\.[0-9]{1,3}){3}$/.test(h);"),
-    ("v6", '  var v6 = h.indexOf(":") >= 0 && typeof isInNetEx == "function";'),
+    ("v6", "  var v6 = gwV6(h);"),
     ("name", '  var name = !v4 && h.indexOf(":") < 0;'),
 )
+
+
+#: IPv6 literals tested by the script itself: browsers' isInNetEx is
+#: Microsoft's extension, which Chromium has and Firefox has not.  String
+#: work only (never a lookup): C{gwV6} gives the eight groups of an IPv6
+#: literal (C{::}, an embedded IPv4 tail) or null, C{gwInNet6} tests a prefix.
+_IPV6_HELPERS = [
+    "function gwV6(h) {",
+    '  if (h.indexOf(":") < 0 || !/^[0-9a-f:.]+$/.test(h)) return null;',
+    "  var m = /^(.*:)([0-9]{1,3})\\.([0-9]{1,3})\\.([0-9]{1,3})\\.([0-9]{1,3})$/.exec(h);",
+    '  if (m) h = m[1] + ((m[2] << 8) | m[3]).toString(16) + ":" + ((m[4] << 8) | m[5]).toString(16);',
+    '  var halves = h.split("::");',
+    "  if (halves.length > 2) return null;",
+    '  var head = halves[0] ? halves[0].split(":") : [];',
+    '  var tail = halves.length == 2 && halves[1] ? halves[1].split(":") : [];',
+    "  var n = head.length + tail.length;",
+    "  if (halves.length == 1 ? n != 8 : n > 7) return null;",
+    "  var g = head.slice(0);",
+    '  for (var i = n; i < 8; i++) g.push("0");',
+    "  g = g.slice(0, 8 - tail.length).concat(tail);",
+    "  for (var j = 0; j < 8; j++) {",
+    "    if (!/^[0-9a-f]{1,4}$/.test(g[j])) return null;",
+    "    g[j] = parseInt(g[j], 16);",
+    "  }",
+    "  return g;",
+    "}",
+    "function gwInNet6(a, net, len) {",
+    "  for (var i = 0; i < 8 && len > 0; i++, len -= 16) {",
+    "    var mask = len >= 16 ? 0xffff : (0xffff << (16 - len)) & 0xffff;",
+    "    if ((a[i] & mask) != (net[i] & mask)) return false;",
+    "  }",
+    "  return true;",
+    "}",
+]
 
 
 def _probes(rules: Sequence[str]) -> list[str]:
@@ -260,7 +299,8 @@ def _network_rule(network: Network, proxies: str) -> str:
     if isinstance(network, ipaddress.IPv4Network):
         where = f"v4 && isInNet(h, {json.dumps(str(network.network_address))}, {json.dumps(str(network.netmask))})"
     else:
-        where = f"v6 && isInNetEx(h, {json.dumps(str(network))})"
+        groups = ",".join(str(int(network.network_address) >> (16 * (7 - i)) & 0xFFFF) for i in range(8))
+        where = f"v6 && gwInNet6(v6, [{groups}], {network.prefixlen})"
     return f"  if ({where}) return {proxies};"
 
 
