@@ -1,7 +1,7 @@
 """
-What the HTTP adapter (L{gateway.proxy.http.protocol}) knows of one
+What the HTTP forwarder (L{gateway.proxy.http.upstream}) knows of one
 absolute-form exchange and of the tunnel it travels: plain state, so the
-adapter's event handlers read as the protocol's steps.
+forwarder's event handlers read as the protocol's steps.
 """
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ from __future__ import annotations
 from gateway.addresses import host_port
 from gateway.proxy.http.events import RequestHead
 from gateway.proxy.http.machine import ResponseParser
+from gateway.proxy.opener import StreamRequest
 from gateway.ssh.channel import TunnelChannel
 
 #: Methods that may be sent again on a new tunnel when a reused one closed
@@ -31,11 +32,27 @@ class Upstream:
 class Exchange:
     """One absolute-form request and its response."""
 
-    __slots__ = ("head", "response", "request_done", "response_done", "answered", "heard", "reused", "replay")
+    __slots__ = (
+        "head",
+        "request",
+        "response",
+        "keep_alive",
+        "request_done",
+        "response_done",
+        "answered",
+        "heard",
+        "reused",
+        "replay",
+    )
 
-    def __init__(self, head: RequestHead, upstream_head: bytes) -> None:
+    def __init__(self, head: RequestHead, upstream_head: bytes, request: StreamRequest) -> None:
         self.head = head
+        #: The stream it asks for (each tunnel opened for it, each reuse checked).
+        self.request = request
         self.response = ResponseParser(head.method, upgrade=head.upgrade is not None)
+        #: The client connection stays for another request after this one:
+        #: until the client, its response's framing or a drain says otherwise.
+        self.keep_alive = head.keep_alive
         self.request_done = False
         self.response_done = False
         #: A final response head went to the client: a failure now is a reset.
