@@ -1484,7 +1484,7 @@ class GatewaySettingsTests(ConfigTestCase):
                 "gateway.colour",
                 "unknown key (expected one of: api_file_paths, api_jump, api_proxy_command, api_remote_listeners, "
                 "body_timeout, cluster_domain, control_body_timeout, control_head_timeout, control_max_clients, "
-                "control_token_file, drain_timeout, handshake_timeout, keepalive_timeout, max_clients, "
+                "control_token_file, drain_timeout, handshake_timeout, keepalive_timeout, max_clients, name, "
                 "response_timeout, state_file)",
             ),
             ("socks = 'tcp:1'", "gateway.socks", "unknown key"),

@@ -90,6 +90,7 @@ class FakeControl:
         self.put_started: Deferred[None] = Deferred()
         self.pending: Deferred[bool] | None = None
         self.pac_calls: list[tuple[str | None, str | None]] = []
+        self.ready = True
 
     def _check(self) -> None:
         if self.failure is not None:
@@ -152,7 +153,15 @@ class FakeControl:
     def health(self) -> Mapping[str, Any]:
         self._check()
         up = sum(1 for view in self.clusters.values() if view.status.get("state") == "up")
-        return {"status": "ok", "clusters": {"up": up, "down": len(self.clusters) - up}}
+        reasons = [] if self.ready else ["http listener 'tcp:3128' is not listening"]
+        return {
+            "status": "ok" if self.ready else "not-ready",
+            "gateway": "gw-a",
+            "live": True,
+            "ready": self.ready,
+            "not_ready": reasons,
+            "clusters": {"up": up, "down": len(self.clusters) - up},
+        }
 
     def metrics(self) -> bytes:
         self._check()
@@ -422,7 +431,7 @@ class RouteTests(ApiTestCase):
     async def test_health(self) -> None:
         response, body = await self.call("GET", "/v1/health")
         self.assertEqual(response.code, 200)
-        self.assertEqual(body, {"status": "ok", "clusters": {"up": 1, "down": 0}})
+        self.assertEqual(body, self.control.health())
 
     async def test_metrics(self) -> None:
         response = await self.request("GET", "/metrics")
@@ -731,6 +740,39 @@ class ProxyPacTests(ApiTestCase):
         response, body = await self.call("GET", "/v1/proxy.pac", authorize=False)
         self.assertEqual((response.code, body), (500, {"error": "internal error"}))
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+
+
+class HealthCheckTests(ApiTestCase):
+    """GET /v1/health/live and /ready: for load balancers, without the token; /v1/health still needs it."""
+
+    token = TOKEN
+
+    async def test_live_and_ready_without_the_token(self) -> None:
+        for path, answer in (
+            ("/v1/health/live", {"gateway": "gw-a", "live": True}),
+            ("/v1/health/ready", {"gateway": "gw-a", "ready": True}),
+        ):
+            response = await self.request("GET", path, authorize=False)
+            self.assertEqual((response.code, json.loads(await treq.content(response))), (200, answer), path)
+        response = await self.request("GET", "/v1/health", authorize=False)
+        self.assertEqual(response.code, 401)
+        await treq.content(response)
+
+    async def test_not_ready_is_a_503_without_the_reasons(self) -> None:
+        self.control.ready = False
+        response = await self.request("GET", "/v1/health/ready", authorize=False)
+        body = await treq.content(response)
+        self.assertEqual((response.code, json.loads(body)), (503, {"gateway": "gw-a", "ready": False}))
+        self.assertNotIn(b"3128", body)  # why is for token holders: GET /v1/health
+        response = await self.request("GET", "/v1/health/live", authorize=False)
+        self.assertEqual(response.code, 200)
+        await treq.content(response)
+
+    async def test_head_and_other_methods(self) -> None:
+        answer = await self.raw(b"HEAD /v1/health/ready HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        self.assertTrue(answer.startswith(b"HTTP/1.1 200 "), answer)
+        answer = await self.raw(b"POST /v1/health/ready HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        self.assertTrue(answer.startswith(b"HTTP/1.1 401 "), answer)  # only reads are public
 
 
 class ProxyPacWithoutTokenTests(ApiTestCase):

@@ -212,6 +212,28 @@ class ControlPlaneTests(ControlPlaneTestCase):
         self.assertEqual(code, 401)
 
     @inline
+    async def test_health_of_a_running_gateway(self):
+        """Its name, its bound listeners, ready while they listen; not ready once a listener is gone."""
+        code, content = await self.call("GET", "/v1/health")
+        health = json.loads(content)
+        service = self.harness.service
+        self.assertEqual((health["gateway"], health["ready"], health["not_ready"]), (self.settings.name, True, []))
+        self.assertEqual(health["listeners"]["socks"], [f"127.0.0.1:{self.harness.socks_port}"])
+        self.assertEqual(health["store"], {"backend": "file", "path": self.state_file, "synced": True})
+        code, content = await self.call("GET", "/v1/health/ready", token="")
+        self.assertEqual((code, json.loads(content)["ready"]), (200, True))
+
+        http = next(child for child in service if getattr(child, "kind", None) == "http")
+        port, http.port = http.port, None  # as if it had not bound
+        self.addCleanup(setattr, http, "port", port)
+        code, content = await self.call("GET", "/v1/health/ready", token="")
+        self.assertEqual((code, json.loads(content)["ready"]), (503, False))
+        code, content = await self.call("GET", "/v1/health")
+        health = json.loads(content)
+        self.assertEqual(health["status"], "not-ready")
+        self.assertIn("http listener", health["not_ready"][0])
+
+    @inline
     async def test_proxy_pac_from_the_gateway(self):
         class Pac:
             def pac_file(self, host, cluster):

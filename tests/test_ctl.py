@@ -293,6 +293,16 @@ class HealthTests(CtlTestCase):
         code, out, err = await self.ctl("health", "--json")
         self.assertEqual((code, err, json.loads(out)), (EXIT_OK, "", answer))
 
+    async def test_not_ready(self) -> None:
+        answer = {"status": "not-ready", "gateway": "gw-a", "not_ready": ["http listener 'tcp:3128' is not listening"]}
+        self.answer("GET", "/v1/health", 200, {**answer, "clusters": {"up": 1, "down": 0}})
+        code, out, err = await self.ctl("health")
+        self.assertEqual(code, EXIT_REFUSED)
+        self.assertEqual(
+            out,
+            "gateway gw-a not-ready: 1 clusters up, 0 down\n  not ready: http listener 'tcp:3128' is not listening\n",
+        )
+
     async def test_not_ok(self) -> None:
         self.answer("GET", "/v1/health", 200, {"status": "degraded", "clusters": {"up": 0, "down": 3}})
         code, out, err = await self.ctl("health")

@@ -11,6 +11,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from twisted.trial.unittest import SynchronousTestCase
 
 from gateway.cluster.connection import ClusterStats
+from gateway.config import GatewaySettings
 from gateway.control.metrics import metrics_text
 from gateway.proxy.opener import StreamOpener
 
@@ -35,6 +36,7 @@ class FakeGateway:
     def __init__(self) -> None:
         self.unrouted_failures: Counter[str] = Counter()
         self.handshake_errors: Counter[str] = Counter()
+        self.settings = GatewaySettings(name="gw-a")
 
 
 def scrape(gateway, clusters) -> dict[str, dict[tuple[tuple[str, str], ...], float]]:
@@ -70,6 +72,7 @@ class MetricsTextTests(SynchronousTestCase):
         self.assertEqual(
             types_of(self.gateway, self.clusters),
             {
+                "gateway_info": "gauge",
                 "gateway_streams_opened": "counter",
                 "gateway_streams_failed": "counter",
                 "gateway_streams_open": "gauge",
@@ -187,7 +190,8 @@ class MetricsTextTests(SynchronousTestCase):
     def test_no_clusters(self) -> None:
         """Without clusters only the gateway-wide series remain."""
         m = scrape(self.gateway, [])
-        self.assertEqual(set(m), {"gateway_handshake_errors_total"})
+        self.assertEqual(set(m), {"gateway_info", "gateway_handshake_errors_total"})
+        self.assertEqual(m["gateway_info"], {lbl(gateway="gw-a"): 1})
 
     def test_unknown_state(self) -> None:
         """A state outside the four known ones still gets its series."""

@@ -187,3 +187,26 @@ class GatewayService(MultiService):
 
     def open_streams(self) -> int:
         return self.registry.open_streams()
+
+    def not_ready(self) -> list[str]:
+        """
+        Why a load balancer should not send clients here now (empty: ready):
+        not running (starting, or stopping: the control listener closes
+        first on a stop, so a health check then fails to connect), or a
+        listener not bound.
+        Clusters that are down do not count: every gateway of a fleet
+        reaches the same proxy nodes, so taking one out of rotation for them
+        would only move the same failures elsewhere (the counts are in the
+        health answer for whoever decides otherwise).
+        """
+        if not self.running:
+            return ["not running"]
+        return [
+            f"{child.kind} listener {child.description!r} is not listening"
+            for child in self
+            if isinstance(child, ListenerService) and child.port is None
+        ]
+
+    def startService(self) -> None:
+        super().startService()
+        log.info("gateway {gateway} started", gateway=self.settings.name)

@@ -10,6 +10,8 @@ limits, and L{gateway.config.schema} says which key is read by which reader.
 from __future__ import annotations
 
 import ipaddress
+import re
+import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -69,6 +71,16 @@ DEFAULT_CONTROL_HEAD_TIMEOUT = 10.0
 DEFAULT_CONTROL_BODY_TIMEOUT = 10.0
 #: RFC 1929 (SOCKS5 username/password) carries at most 255 bytes of password.
 MAX_TOKEN_BYTES = 255
+
+
+def default_gateway_name() -> str:
+    """
+    This host's name, as a gateway name may be written (the first label,
+    other characters as C{-}, at most 64): what a fleet's status, metrics
+    and logs tell gateways apart by when C{[gateway] name} is not set.
+    """
+    label = socket.gethostname().split(".", 1)[0]
+    return re.sub(r"[^A-Za-z0-9_-]", "-", label)[:64].strip("-") or "gateway"
 
 
 class ConfigError(Exception):
@@ -226,6 +238,8 @@ class GatewaySettings:
     control_body_timeout: float = DEFAULT_CONTROL_BODY_TIMEOUT
     #: The suffix of cluster-qualified names (C{HOST.CLUSTER.gw.internal}).
     cluster_domain: str = DEFAULT_CLUSTER_DOMAIN
+    #: This gateway's identity in status, metrics and logs (one of a fleet).
+    name: str = field(default_factory=default_gateway_name)
 
 
 @dataclass(frozen=True)

@@ -42,6 +42,11 @@ def check_name(name: object, source: str, key: str, what: str) -> str:
     return name
 
 
+def read_gateway_name(values: Values, name: str) -> str:
+    """C{[gateway] name}: written like a cluster name (it labels metrics and log lines)."""
+    return check_name(values.value(name), values.source, values.key(name), "gateway name")
+
+
 def valid_user(user: str) -> bool:
     """Whether C{user} can be an SSH user name (and sit before an C{@})."""
     return bool(user) and not any(c.isspace() or not c.isprintable() or c in "@:" for c in user)

@@ -39,6 +39,7 @@ from gateway.config.model import (
     ClusterConfig,
     GatewaySettings,
 )
+from gateway.config.names import read_gateway_name
 from gateway.config.values import (
     Reader,
     Values,
@@ -393,6 +394,7 @@ GATEWAY_SCHEMA: tuple[GatewayKey, ...] = (
     GatewayKey("control_head_timeout", read_seconds),
     GatewayKey("control_body_timeout", read_seconds),
     GatewayKey("cluster_domain", read_domain),
+    GatewayKey("name", read_gateway_name),
 )
 #: Every C{[gateway]} key, sorted (as error messages list them).
 GATEWAY_KEYS = tuple(sorted(row.name for row in GATEWAY_SCHEMA))

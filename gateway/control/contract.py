@@ -70,7 +70,11 @@ class ClusterControl(Protocol):
         """Stop routing to it, close its connections, forget it (404, 409)."""
 
     def health(self) -> Mapping[str, Any]:
-        """C{{"status": "ok", "clusters": {"up": N, "down": M}}}."""
+        """
+        C{{"status": "ok" or "not-ready", "gateway": NAME, "live": true,
+        "ready": BOOL, "not_ready": [REASON...], "listeners": {"socks": [...],
+        "http": [...]}, "store": {...}, "clusters": {"up": N, "down": M}}}.
+        """
 
     def metrics(self) -> bytes:
         """The Prometheus text exposition of the gateway's metrics."""

@@ -8,14 +8,17 @@ Routes::
     PUT    /v1/clusters/NAME     create (201) or replace (200) an API cluster
     DELETE /v1/clusters/NAME     forget an API cluster (204)
     GET    /v1/health            the gateway's health
+    GET    /v1/health/live       200 while the process answers (no token); also HEAD
+    GET    /v1/health/ready      200 when it should get clients, else 503 (no token); also HEAD
     GET    /metrics              Prometheus text exposition
     GET    /v1/proxy.pac         the PAC file (?cluster=NAME: one cluster's view); also HEAD
 
 Every JSON answer is compact with sorted keys and ends with a newline; errors
 are C{{"error": REASON, "field": KEY-OR-NULL}} (C{{"error": "internal error"}}
 for a 500).  With a token, every request needs C{Authorization: Bearer TOKEN},
-except a read of the PAC file: browsers fetch it without credentials
-(L{gateway.control.listener.PUBLIC_PATH}).
+except a read of the PAC file (browsers fetch it without credentials) and of
+the live and ready answers (load balancers' checks often cannot send one):
+L{gateway.control.listener.PUBLIC_PATHS}.
 
 The listener (L{gateway.control.listener}) has limits of its own (C{[gateway]
 control_*}): a cap on connections, a deadline for each request head and an
@@ -236,6 +239,10 @@ class _ControlResource(Resource):
                 }
             case [b"", b"v1", b"health"]:
                 handlers = {b"GET": self._health}
+            case [b"", b"v1", b"health", b"live"]:
+                handlers = dict.fromkeys((b"GET", b"HEAD"), self._live)
+            case [b"", b"v1", b"health", b"ready"]:
+                handlers = dict.fromkeys((b"GET", b"HEAD"), self._ready)
             case [b"", b"metrics"]:
                 handlers = {b"GET": self._metrics}
             case [b"", b"v1", b"proxy.pac"]:
@@ -300,6 +307,18 @@ class _ControlResource(Resource):
 
     async def _health(self) -> Response:
         return Response.json(http.OK, await maybeDeferred(self.control.health))
+
+    async def _live(self) -> Response:
+        health = await maybeDeferred(self.control.health)
+        return Response.json(http.OK, {"gateway": health["gateway"], "live": True})
+
+    async def _ready(self) -> Response:
+        """200 or 503 for a load balancer; why not ready is in the token-protected C{/v1/health}."""
+        health = await maybeDeferred(self.control.health)
+        ready = bool(health["ready"])
+        return Response.json(
+            http.OK if ready else http.SERVICE_UNAVAILABLE, {"gateway": health["gateway"], "ready": ready}
+        )
 
     async def _metrics(self) -> Response:
         text = await maybeDeferred(self.control.metrics)

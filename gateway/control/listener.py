@@ -27,7 +27,7 @@ from gateway.control.loopback import is_loopback_host
 from gateway.control.responses import Response
 from gateway.proxy.frontend import ClientLimit
 
-__all__ = ["IDLE_TIMEOUT", "MAX_BODY_BYTES", "PUBLIC_PATH", "ControlSite", "refusal"]
+__all__ = ["IDLE_TIMEOUT", "MAX_BODY_BYTES", "PUBLIC_PATHS", "ControlSite", "refusal"]
 
 log = Logger()
 
@@ -90,17 +90,19 @@ def _local_host_header(request: http.Request) -> bool:
     return host.lower() in _LOOPBACK_HOST_NAMES or is_loopback_host(host)
 
 
-#: The one route anyone may read: browsers fetch a PAC file without
-#: credentials, and from whatever host name they were given.  It holds no
+#: The routes anyone may read.  Browsers fetch a PAC file without
+#: credentials, and from whatever host name they were given; it holds no
 #: secret (cluster names, networks, hostnames, listener addresses), and the
-#: proxy listeners serve the same file to any client.
-PUBLIC_PATH = b"/v1/proxy.pac"
+#: proxy listeners serve the same file to any client.  Load balancers'
+#: health checks (HAProxy, keepalived) often cannot send a token; the
+#: live and ready answers say only the gateway's name and a yes or no.
+PUBLIC_PATHS = frozenset({b"/v1/proxy.pac", b"/v1/health/live", b"/v1/health/ready"})
 
 
 def _public(request: http.Request) -> bool:
     # Known once the request line is (not yet in gotLength: a body sent with
-    # a PAC read is then skipped as a refused client's would be).
-    return request.path == PUBLIC_PATH and request.method in (b"GET", b"HEAD")
+    # a public read is then skipped as a refused client's would be).
+    return request.path in PUBLIC_PATHS and request.method in (b"GET", b"HEAD")
 
 
 def refusal(request: http.Request, token: bytes | None) -> Response | None:
@@ -108,7 +110,7 @@ def refusal(request: http.Request, token: bytes | None) -> Response | None:
     The answer for a client that may not use the API, from the head alone:
     403 for a foreign Host header when there is no token, 401 for a missing
     or wrong token.  None when the request may go on, and always for a
-    read of L{PUBLIC_PATH}.
+    read of one of L{PUBLIC_PATHS}.
     """
     if _public(request):
         return None

@@ -91,6 +91,12 @@ class GatewayCollector(Collector):
             "Resolver runs on the proxy node that gave no address, by reason.",
             labels=["cluster", "reason"],
         )
+        info = GaugeMetricFamily(
+            "gateway_info",
+            "1, labelled with this gateway's name ([gateway] name): join on it to tell a fleet's gateways apart.",
+            labels=["gateway"],
+        )
+        info.add_metric([self._gateway.settings.name], 1)
         handshake = CounterMetricFamily(
             "gateway_handshake_errors",
             "Malformed or timed-out client handshakes, by front end.",
@@ -125,6 +131,7 @@ class GatewayCollector(Collector):
             handshake.add_metric([frontend], errors.get(frontend, 0))
 
         yield from (
+            info,
             opened,
             failed,
             open_,

@@ -29,6 +29,7 @@ from gateway.config.schema import safe_settings
 from gateway.control.contract import ClusterView, ControlError
 from gateway.control.metrics import metrics_text
 from gateway.control.store import ClusterStore, validate_body
+from gateway.proxy.opener import peer_origin
 
 log = Logger()
 
@@ -171,9 +172,23 @@ class GatewayControl:
             self._store.save(self._bodies)
 
     def health(self) -> Mapping[str, Any]:
-        clusters = self._service.clusters.values()
+        service = self._service
+        clusters = service.clusters.values()
         up = sum(1 for c in clusters if c.state == "up")
-        return {"status": "ok", "clusters": {"up": up, "down": len(clusters) - up}}
+        not_ready = service.not_ready()
+        return {
+            "status": "ok" if not not_ready else "not-ready",
+            "gateway": service.settings.name,
+            "live": True,
+            "ready": not not_ready,
+            "not_ready": not_ready,
+            "listeners": {
+                kind: [peer_origin(address)[0] for address in service.listening_addresses(kind)]
+                for kind in ("socks", "http")
+            },
+            "store": {"backend": "file", "path": self._store.path if self._store else None, "synced": True},
+            "clusters": {"up": up, "down": len(clusters) - up},
+        }
 
     def metrics(self) -> bytes:
         return metrics_text(self._service.gateway, lambda: list(self._service.clusters.values()))

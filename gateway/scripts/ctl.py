@@ -323,10 +323,14 @@ def cmd_health(client: Client, args: argparse.Namespace, out: IO[str]) -> int:
         _print_json(data, out)
     else:
         counts = data.get("clusters") if isinstance(data.get("clusters"), dict) else {}
+        name = f"gateway {_text(data['gateway'])} " if "gateway" in data else ""
         out.write(
-            f"{_text(data.get('status'))}: {_text(counts.get('up', 0))} clusters up, "
+            f"{name}{_text(data.get('status'))}: {_text(counts.get('up', 0))} clusters up, "
             f"{_text(counts.get('down', 0))} down\n"
         )
+        reasons = data.get("not_ready")
+        for reason in reasons if isinstance(reasons, list) else []:
+            out.write(f"  not ready: {_text(reason)}\n")
     return EXIT_OK if healthy else EXIT_REFUSED
 
 
