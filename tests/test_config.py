@@ -509,7 +509,9 @@ class ErrorTests(ConfigTestCase):
         self.assertEqual(e.key, "(file)")
 
     def test_unknown_keys(self) -> None:
-        self.assertError("bogus = 1\n", "bogus", "unknown key (expected one of: clusters, defaults, gateway, listen)")
+        self.assertError(
+            "bogus = 1\n", "bogus", "unknown key (expected one of: clusters, defaults, gateway, listen, store)"
+        )
         self.assertError(
             "[listen]\nftp = 'tcp:21'\n", "listen.ftp", "unknown key (expected one of: control, http, socks)"
         )

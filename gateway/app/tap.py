@@ -19,6 +19,7 @@ from typing import cast
 
 from twisted.application.service import IService
 from twisted.internet.endpoints import serverFromString
+from twisted.logger import Logger
 from twisted.python import usage
 
 from gateway.app.clusters import IGatewayReactor
@@ -34,7 +35,10 @@ from gateway.config import (
 )
 from gateway.control.http import control_site, control_token
 from gateway.control.registry import GatewayControl
+from gateway.control.sealing import Sealer, has_plaintext_secrets, read_sealing_key
 from gateway.control.store import ClusterStore, StoreError, validate_body
+
+log = Logger()
 
 
 class Options(usage.Options):
@@ -80,8 +84,14 @@ class Options(usage.Options):
         config = self.gateway_config
         if not config.listen.control:
             return {}
-        self.store = ClusterStore(config.settings.state_file)
+        self.store = ClusterStore(config.settings.state_file, self._sealer())
         bodies = self.store.load()
+        if self.store.sealer is None and has_plaintext_secrets(bodies):
+            log.warn(
+                "the state file {path} holds private keys and tokens in plaintext: "
+                "set [store] secret_key_file to seal them (docs/configuration.md)",
+                path=self.store.path,
+            )
         known = {alias: c.name for c in config.clusters.values() for alias in c.names()}
         for name, body in bodies.items():
             for alias in [name, *body.get("aliases", [])]:
@@ -98,6 +108,15 @@ class Options(usage.Options):
         # Bodies stored before API registrations were checked for cycles.
         check_jump_cycles({**config.clusters, **{name: c for name, (_, c) in loaded.items()}}, self.store.path)
         return loaded
+
+    def _sealer(self) -> Sealer | None:
+        path = self.gateway_config.store.secret_key_file
+        if path is None:
+            return None
+        try:
+            return Sealer(read_sealing_key(path))
+        except ValueError as e:
+            raise ConfigError(self.gateway_config.source, "store.secret_key_file", str(e)) from None
 
     def _load(self) -> GatewayConfig:
         if self["config"]:

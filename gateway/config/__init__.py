@@ -37,6 +37,7 @@ from gateway.config.model import (
     GatewaySettings,
     ListenConfig,
     ProxyAddress,
+    StoreConfig,
 )
 from gateway.config.names import NAME_RULE, is_valid_name, parse_proxy_address
 from gateway.config.values import parse_size
@@ -55,6 +56,7 @@ __all__ = [
     "GatewayConfig",
     "GatewaySettings",
     "ListenConfig",
+    "StoreConfig",
     "ProxyAddress",
     "check_jump_cycles",
     "is_valid_name",

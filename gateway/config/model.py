@@ -242,6 +242,20 @@ class GatewaySettings:
     name: str = field(default_factory=default_gateway_name)
 
 
+#: The store backends there are ("file": the 0600 state file, [gateway] state_file).
+STORE_BACKENDS = ("file",)
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    """The C{[store]} table: where API-registered clusters are kept, and how."""
+
+    backend: str = "file"
+    #: 32 bytes as 64 hex digits (0600): the store's keys, passphrases and
+    #: tokens are sealed with it (AES-GCM); None: kept in plaintext.
+    secret_key_file: str | None = None
+
+
 @dataclass(frozen=True)
 class GatewayConfig:
     """The whole validated configuration."""
@@ -250,3 +264,4 @@ class GatewayConfig:
     clusters: Mapping[str, ClusterConfig]
     source: str
     settings: GatewaySettings = field(default_factory=GatewaySettings)
+    store: StoreConfig = field(default_factory=StoreConfig)

@@ -62,6 +62,7 @@ from gateway.config import ClusterConfig, ConfigError, GatewaySettings, parse_cl
 from gateway.config.schema import api_body_refusal, api_config_refusal
 from gateway.config.values import show as _show
 from gateway.control import strictjson
+from gateway.control.sealing import SEALED_FIELDS, Sealer, SealError, is_sealed
 
 __all__ = ["STORE_VERSION", "ClusterStore", "StoreError", "validate_body"]
 
@@ -128,8 +129,11 @@ class ClusterStore:
     @param path: the file, e.g. C{/var/lib/gateway/clusters.json}.
     """
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, sealer: Sealer | None = None) -> None:
         self.path = path
+        #: Seals the bodies' secrets before they are written, opens them when
+        #: read ([store] secret_key_file); None: they are kept in plaintext.
+        self.sealer = sealer
 
     def __repr__(self) -> str:
         return f"ClusterStore({self.path!r})"
@@ -171,7 +175,22 @@ class ClusterStore:
             raise self._refuse(f"cannot read: {e.strerror or type(e).__name__}") from None
         finally:
             os.close(fd)
-        return self._decode(raw)
+        return self._open_secrets(self._decode(raw))
+
+    def _open_secrets(self, clusters: dict[str, dict]) -> dict[str, dict]:
+        sealer = self.sealer
+        if sealer is None:
+            for name, body in clusters.items():
+                for field in SEALED_FIELDS:
+                    if is_sealed(body.get(field)):
+                        raise self._refuse(
+                            f"clusters.{name}.{field} is sealed: set [store] secret_key_file to the key that sealed it"
+                        )
+            return clusters
+        try:
+            return {name: sealer.open_body(name, body) for name, body in clusters.items()}
+        except SealError as e:
+            raise self._refuse(str(e)) from None
 
     def _decode(self, raw: bytes) -> dict[str, dict]:
         try:
@@ -224,6 +243,8 @@ class ClusterStore:
             old file is then left as it was and no temporary file remains.
         """
         try:
+            if self.sealer is not None:
+                clusters = {name: self.sealer.seal_body(name, body) for name, body in clusters.items()}
             plain = {"version": STORE_VERSION, "clusters": _plain(clusters, "clusters")}
             data = (json.dumps(plain, sort_keys=True, indent=2, allow_nan=False) + "\n").encode("utf-8")
         except (TypeError, ValueError) as e:
