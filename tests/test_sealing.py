@@ -11,8 +11,9 @@ import os
 from twisted.trial.unittest import SynchronousTestCase
 
 from gateway.app.tap import Options
+from gateway.config import ConfigError
 from gateway.control.sealing import Sealer, SealError, has_plaintext_secrets, read_sealing_key
-from gateway.control.store import ClusterStore, StoreError
+from gateway.control.store import ClusterStore, StoreError, validate_body
 from gateway.testing.keys import generate_key, private_pem, public_line
 from tests.support import capture_events
 
@@ -41,7 +42,7 @@ class SealerTests(SynchronousTestCase):
         for field in ("key", "token", "passphrase"):
             self.assertTrue(sealed[field].startswith("sealed:v1:"), field)
         self.assertEqual(sealed["networks"], original["networks"])
-        self.assertEqual(sealer.seal_body("a", sealed), sealed)  # sealed once
+        self.assertEqual(sealer.open_body("a", sealer.seal_body("a", sealed)), sealed)  # whatever it looks like
         self.assertEqual(sealer.open_body("a", sealed), original)
         self.assertNotEqual(sealer.seal_body("a", original)["token"], sealed["token"])  # a nonce each time
 
@@ -63,6 +64,15 @@ class SealerTests(SynchronousTestCase):
         self.assertTrue(has_plaintext_secrets({"a": body()}))
         self.assertFalse(has_plaintext_secrets({"a": Sealer(KEY_A).seal_body("a", body())}))
         self.assertFalse(has_plaintext_secrets({"a": {"networks": []}}))
+
+
+class SealedLookingValueTests(SynchronousTestCase):
+    def test_api_refuses_the_sealed_form(self) -> None:
+        """A client's token in the store's sealed form would stop the next start-up: 400, naming the field."""
+        sealed = Sealer(KEY_A).seal_body("a", body())["token"]
+        e = self.assertRaises(ConfigError, validate_body, "a", body(token=sealed))
+        self.assertEqual(e.key, "token")
+        self.assertIn("sealed form", e.reason)
 
 
 class KeyFileTests(SynchronousTestCase):

@@ -73,11 +73,15 @@ class Sealer:
         return "Sealer(<key>)"
 
     def seal_body(self, cluster: str, body: Mapping[str, Any]) -> dict[str, Any]:
-        """C{body} with each secret field sealed (sealed ones are left as they are)."""
+        """
+        C{body} (as the registry holds it: secrets in the clear) with each
+        secret field sealed -- every one, also one that looks sealed, so no
+        value a client chose is ever stored as if the store had sealed it.
+        """
         sealed = dict(body)
         for field in SEALED_FIELDS:
             value = sealed.get(field)
-            if isinstance(value, str) and not value.startswith(_PREFIX):
+            if isinstance(value, str):
                 nonce = os.urandom(_NONCE_BYTES)
                 box = self._aead.encrypt(nonce, value.encode("utf-8"), _aad(cluster, field))
                 sealed[field] = _PREFIX + base64.b64encode(nonce + box).decode("ascii")

@@ -358,6 +358,13 @@ def validate_body(
     refused = api_body_refusal(body, settings)
     if refused is not None:
         raise ConfigError(source, *refused)
+    for field in SEALED_FIELDS:
+        if is_sealed(body.get(field)):
+            # Stored as it is without a key, it would stop the next start-up
+            # (a sealed value nobody can open): the form is the store's own.
+            raise ConfigError(
+                source, field, "a value in the store's sealed form is not accepted: send the secret itself"
+            )
     try:
         config = parse_cluster(name, body, source, "", known_clusters=known_clusters)
     except ConfigError as e:
