@@ -165,6 +165,20 @@ class StartUpTests(SynchronousTestCase):
         options.parseOptions(self.options(table))
         self.assertEqual(list(options.api_clusters), ["a"])
 
+    def test_plaintext_store_sealed_at_start_up_with_a_key(self) -> None:
+        # Not left readable on disk until some API change happens to save it.
+        original = body()
+        ClusterStore(self.state).save({"a": original})
+        table = f'[store]\nsecret_key_file = "{self.key_file(KEY_A)}"\n'
+        events = capture_events(self)
+        Options().parseOptions(self.options(table))
+        with open(self.state) as f:
+            raw = f.read()
+        self.assertNotIn("tok-sealed-42", raw)
+        self.assertNotIn("PRIVATE KEY", raw)
+        self.assertEqual(ClusterStore(self.state, Sealer(KEY_A)).load(), {"a": original})
+        self.assertEqual([e for e in events if e["log_level"].name == "warn"], [])
+
     def test_plaintext_store_is_warned_of(self) -> None:
         ClusterStore(self.state).save({"a": body()})
         events = capture_events(self)

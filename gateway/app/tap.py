@@ -35,10 +35,25 @@ from gateway.config import (
 )
 from gateway.control.http import control_site, control_token
 from gateway.control.registry import GatewayControl
-from gateway.control.sealing import Sealer, has_plaintext_secrets, read_sealing_key
+from gateway.control.sealing import Sealer, read_sealing_key
 from gateway.control.store import ClusterStore, StoreError, validate_body
 
 log = Logger()
+
+
+def _seal_now(store: ClusterStore, bodies: dict[str, dict]) -> None:
+    """
+    Rewrite a plaintext store read with a key, sealed: waiting for the next
+    API change would leave its secrets readable on disk for as long as
+    nobody changes a cluster.  Called only for a store that loaded and
+    validated whole (a bad one is kept as it is for the operator).
+    """
+    try:
+        store.save(bodies)
+    except StoreError as e:
+        log.warn("cannot seal the state file's plaintext secrets yet (at the next change then): {error}", error=str(e))
+    else:
+        log.info("the state file {path} held plaintext secrets: sealed now", path=store.path)
 
 
 class Options(usage.Options):
@@ -86,7 +101,7 @@ class Options(usage.Options):
             return {}
         self.store = ClusterStore(config.settings.state_file, self._sealer())
         bodies = self.store.load()
-        if self.store.sealer is None and has_plaintext_secrets(bodies):
+        if self.store.sealer is None and self.store.plaintext_secrets:
             log.warn(
                 "the state file {path} holds private keys and tokens in plaintext: "
                 "set [store] secret_key_file to seal them (docs/configuration.md)",
@@ -107,6 +122,8 @@ class Options(usage.Options):
             loaded[name] = (body, cluster)
         # Bodies stored before API registrations were checked for cycles.
         check_jump_cycles({**config.clusters, **{name: c for name, (_, c) in loaded.items()}}, self.store.path)
+        if self.store.sealer is not None and self.store.plaintext_secrets:
+            _seal_now(self.store, bodies)
         return loaded
 
     def _sealer(self) -> Sealer | None:

@@ -9,8 +9,8 @@ sealed token copied into another cluster's body, or into another field,
 does not open.  Everything else stays readable (it is what an operator
 inspects).  A store read without the key that sealed it refuses to load
 with one message; a wrong key likewise; plaintext secrets in a store read
-with a key (a store from before the key) are taken as they are and sealed
-at the next save.
+with a key (a store from before the key) are taken as they are, and the
+gateway rewrites the store sealed at start-up (L{gateway.app.tap}).
 
 The key file holds 32 random bytes written as 64 hex digits (C{openssl rand
 -hex 32}), 0600 like every secret file.

@@ -62,7 +62,7 @@ from gateway.config import ClusterConfig, ConfigError, GatewaySettings, parse_cl
 from gateway.config.schema import api_body_refusal, api_config_refusal
 from gateway.config.values import show as _show
 from gateway.control import strictjson
-from gateway.control.sealing import SEALED_FIELDS, Sealer, SealError, is_sealed
+from gateway.control.sealing import SEALED_FIELDS, Sealer, SealError, has_plaintext_secrets, is_sealed
 
 __all__ = ["STORE_VERSION", "ClusterStore", "StoreError", "validate_body"]
 
@@ -134,6 +134,9 @@ class ClusterStore:
         #: Seals the bodies' secrets before they are written, opens them when
         #: read ([store] secret_key_file); None: they are kept in plaintext.
         self.sealer = sealer
+        #: Whether the file last loaded held a secret in plaintext (to warn
+        #: of without a sealer, to seal at once with one).
+        self.plaintext_secrets = False
 
     def __repr__(self) -> str:
         return f"ClusterStore({self.path!r})"
@@ -178,6 +181,7 @@ class ClusterStore:
         return self._open_secrets(self._decode(raw))
 
     def _open_secrets(self, clusters: dict[str, dict]) -> dict[str, dict]:
+        self.plaintext_secrets = has_plaintext_secrets(clusters)
         sealer = self.sealer
         if sealer is None:
             for name, body in clusters.items():
