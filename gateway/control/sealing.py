@@ -55,7 +55,7 @@ def read_sealing_key(path: str) -> bytes:
     except (binascii.Error, ValueError):
         key = b""
     if len(key) != 32:
-        raise ValueError(f"{path!r} must hold 32 bytes as 64 hex digits (openssl rand -hex 32 > FILE)")
+        raise ValueError(f"{path!r} must hold 32 bytes as 64 hex digits ((umask 077; openssl rand -hex 32 > FILE))")
     return key
 
 
