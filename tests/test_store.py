@@ -552,6 +552,12 @@ class ValidateBodyTests(SynchronousTestCase):
         allowed = GatewaySettings(api_remote_listeners=True)
         self.assertTrue(validate_body("a", body(remote_listeners=True), settings=allowed).remote_listeners)
 
+    def test_lone_surrogates_are_a_400(self) -> None:
+        """JSON may carry "\\ud800"; it is no text: refused naming the field, not a 500 with a traceback."""
+        for field in ("token", "passphrase", "user"):
+            self.assertField("a", body(**{field: "x\ud800"}), field, "lone UTF-16 surrogate")
+        self.assertField("a", body(networks=["10.20.0.0/24", "\udfff"]), "networks[1]", "lone UTF-16 surrogate")
+
     def test_wrong_type(self) -> None:
         self.assertField("a", body(proxies="192.0.2.10"), "proxies", "got string")
         self.assertField("a", body(connections="4"), "connections")

@@ -145,6 +145,8 @@ class Values:
             raise self.error(name, f"expected a string, got {type_name(value)}")
         if nonempty and not value:
             raise self.error(name, "must not be empty")
+        if not _encodable(value):
+            raise self.error(name, _NOT_TEXT)
         return value
 
     def boolean(self, name: str) -> bool:
@@ -158,13 +160,26 @@ class Values:
         if not isinstance(value, (list, tuple)):
             raise self.error(name, f"expected an array of strings, got {type_name(value)}")
         for i, item in enumerate(value):
-            if not isinstance(item, str):
+            if not isinstance(item, str) or not _encodable(item):
                 raise ConfigError(
                     self.source,
                     f"{self.key(name)}[{i}]",
-                    f"expected a string, got {type_name(item)}",
+                    f"expected a string, got {type_name(item)}" if not isinstance(item, str) else _NOT_TEXT,
                 )
         return list(value)
+
+
+#: Why a string with a lone surrogate (JSON's C{"\\ud800"}) is refused: it
+#: is no text, and a key, passphrase or token must be encoded to be used.
+_NOT_TEXT = "not valid text (it holds a lone UTF-16 surrogate)"
+
+
+def _encodable(value: str) -> bool:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 #: Reads key C{name} of C{values}; the result is the settings field C{name}.
