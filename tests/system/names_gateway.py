@@ -14,17 +14,14 @@ credentials); the control API on 8765 with a bearer token.
 
 from __future__ import annotations
 
-import atexit
 import json
 import os
 import sys
 import tempfile
 from dataclasses import dataclass
 
-from twisted.trial.unittest import SkipTest
-
-from tests.system.netlab import Lab, lab_skip_reason
-from tests.system.support import INTERNAL, VENV_BIN, GatewayProcess, curl, defaults_table
+from tests.system.netlab import Lab
+from tests.system.support import INTERNAL, VENV_BIN, GatewayProcess, curl, defaults_table, shared_lab
 
 SOCKS = 1080
 HTTP = 3128
@@ -67,9 +64,6 @@ TENANTS = {
 class NamesGateway:
     """The shared lab and gateway (see the module docstring); L{get} builds it once."""
 
-    _shared: NamesGateway | None = None
-    _error: BaseException | None = None
-
     def __init__(self, lab: Lab, gateway: GatewayProcess, workdir: str) -> None:
         self.lab = lab
         self.gateway = gateway
@@ -78,25 +72,8 @@ class NamesGateway:
     @classmethod
     def get(cls) -> NamesGateway:
         """The running lab and gateway; SkipTest without a lab, an error if it once failed to start."""
-        reason = lab_skip_reason()
-        if reason:
-            raise SkipTest(f"needs the namespace lab: {reason}")
-        if cls._error is not None:
-            raise AssertionError(f"lab did not start: {cls._error}")
-        if cls._shared is None:
-            workdir = os.path.abspath(f"_names_lab_{os.getpid()}")
-            os.makedirs(workdir, exist_ok=True)
-            lab = Lab(os.path.join(workdir, "lab"))
-            atexit.register(lab.stop)
-            try:
-                lab.start()
-                gateway = cls._start_gateway(lab, workdir)
-            except BaseException as e:
-                cls._error = e
-                lab.stop()
-                raise
-            cls._shared = cls(lab, gateway, workdir)
-        return cls._shared
+        lab, gateway, workdir = shared_lab("names_lab", "these tests", cls._start_gateway)
+        return cls(lab, gateway, workdir)
 
     @staticmethod
     def _start_gateway(lab: Lab, workdir: str) -> GatewayProcess:

@@ -7,15 +7,21 @@ namespace.  Test modules import these from here, never from each other.
 
 from __future__ import annotations
 
+import atexit
 import glob
 import os
 import re
 import sys
 import textwrap
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import TypeVar
 
-from tests.system.netlab import Lab, wait_for_port
+from twisted.trial.unittest import SkipTest
+
+from tests.system.netlab import Lab, lab_skip_reason, wait_for_port
+
+T = TypeVar("T")
 
 VENV_BIN = os.path.dirname(sys.executable)
 #: The internal host's address in every lab cluster (each cluster's host serves its own content).
@@ -26,6 +32,45 @@ KEEPALIVE_INTERVAL = 1.0
 KEEPALIVE_COUNT_MAX = 3
 CONNECT_TIMEOUT = 3.0
 HANDSHAKE_TIMEOUT = 2.0
+
+
+#: Labs started by L{shared_lab}, by key: (lab, what was built on it, workdir), or why they failed.
+_SHARED_LABS: dict[str, tuple[Lab, object, str] | BaseException] = {}
+
+
+def shared_lab(key: str, needs: str, build: Callable[[Lab, str], T]) -> tuple[Lab, T, str]:
+    """
+    The lab of C{key}, started once per test run with what C{build(lab,
+    workdir)} puts on it (a gateway, an extra sshd): labs take seconds to
+    build, and trial has no class fixtures.  Stopped at exit (the lab
+    registers its own atexit too), which runs after failures too.
+
+    @param needs: who needs it, for the skip reason (C{"fault tests"}).
+    @raise SkipTest: without the means to build a lab (not root, no sshd).
+    @raise AssertionError: for every test after a start that failed (the
+        first one saw the error itself).
+    """
+    reason = lab_skip_reason()
+    if reason:
+        raise SkipTest(f"{needs} need the namespace lab: {reason}")
+    shared = _SHARED_LABS.get(key)
+    if isinstance(shared, BaseException):
+        raise AssertionError(f"lab did not start: {shared}")
+    if shared is None:
+        workdir = os.path.abspath(f"_{key}_{os.getpid()}")
+        os.makedirs(workdir, exist_ok=True)
+        lab = Lab(os.path.join(workdir, "lab"))
+        atexit.register(lab.stop)
+        try:
+            lab.start()
+            built = build(lab, workdir)
+        except BaseException as e:
+            _SHARED_LABS[key] = e
+            lab.stop()
+            raise
+        shared = _SHARED_LABS[key] = (lab, built, workdir)
+    lab, built, workdir = shared
+    return lab, built, workdir  # type: ignore[return-value]  # built by this key's build
 
 
 def twistd_argv(config: str, logfile: str, *extra_args: str) -> list[str]:

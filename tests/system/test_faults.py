@@ -17,7 +17,6 @@ reason otherwise.
 
 from __future__ import annotations
 
-import atexit
 import hashlib
 import json
 import os
@@ -29,9 +28,9 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from twisted.trial.unittest import SkipTest, TestCase
+from twisted.trial.unittest import TestCase
 
-from tests.system.netlab import Lab, lab_skip_reason
+from tests.system.netlab import Lab
 from tests.system.support import (
     HANDSHAKE_TIMEOUT,
     INTERNAL,
@@ -40,6 +39,7 @@ from tests.system.support import (
     GatewayProcess,
     curl,
     defaults_table,
+    shared_lab,
 )
 
 BODY = {"a": b"internal-a\n", "b": b"internal-b\n"}
@@ -205,34 +205,13 @@ class _LabTestCase(TestCase):
     (the lab registers its own atexit too, which also runs after failures).
     """
 
-    #: per class: (lab, gateway, workdir), or the exception that stopped the build
-    _shared: dict[type, object] = {}
     lab: Lab
     gateway: GatewayProcess
     workdir: str
 
     def setUp(self) -> None:
-        reason = lab_skip_reason()
-        if reason:
-            raise SkipTest(f"fault tests need the namespace lab: {reason}")
         cls = type(self)
-        shared = _LabTestCase._shared.get(cls)
-        if isinstance(shared, BaseException):
-            raise AssertionError(f"lab did not start: {shared}")
-        if shared is None:
-            workdir = os.path.abspath(f"_faults_{cls.__name__}_{os.getpid()}")
-            os.makedirs(workdir, exist_ok=True)
-            lab = Lab(os.path.join(workdir, "lab"))
-            atexit.register(lab.stop)
-            try:
-                lab.start()
-                gateway = cls.build(lab, workdir)
-            except BaseException as e:
-                _LabTestCase._shared[cls] = e
-                lab.stop()
-                raise
-            shared = _LabTestCase._shared[cls] = (lab, gateway, workdir)
-        self.lab, self.gateway, self.workdir = shared
+        self.lab, self.gateway, self.workdir = shared_lab(f"faults_{cls.__name__}", "fault tests", cls.build)
 
     @classmethod
     def build(cls, lab: Lab, workdir: str) -> GatewayProcess:

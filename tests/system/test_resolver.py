@@ -12,53 +12,32 @@ Needs root; skipped with the reason otherwise.
 
 from __future__ import annotations
 
-import atexit
-import os
 import time
 from ipaddress import ip_address
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
-from twisted.trial.unittest import SkipTest, TestCase
+from twisted.trial.unittest import TestCase
 
 from gateway.cluster.connection import ClusterConnection
 from gateway.config import parse_cluster
 from gateway.errors import Reason, StreamError
 from gateway.ssh.proxycommand import command_endpoint
 from tests.support import inline
-from tests.system.netlab import INTERNAL_NAME, MIXED_NAME, OUTSIDE_NAME, RESOLVED_NAME, Lab, lab_skip_reason
-from tests.system.support import INTERNAL
+from tests.system.netlab import INTERNAL_NAME, MIXED_NAME, OUTSIDE_NAME, RESOLVED_NAME, Lab
+from tests.system.support import INTERNAL, shared_lab
 
 
-class _Shared:
-    """One lab for the tests of this module (trial has no class fixtures); stopped at exit."""
-
-    lab: Lab | None = None
-    error: BaseException | None = None
+def _without_sessions(lab: Lab, workdir: str) -> None:
+    """The same node and host keys, but no sessions: no command runs."""
+    lab.start_sshd("proxy-a-nosession", lab.proxy_ns["a"], lab.proxy_addr["a"], 2222, "MaxSessions 0")
 
 
 class ResolverSystemTests(TestCase):
     lab: Lab
 
     def setUp(self) -> None:
-        reason = lab_skip_reason()
-        if reason:
-            raise SkipTest(f"resolver system tests need the namespace lab: {reason}")
-        if _Shared.error is not None:
-            raise AssertionError(f"lab did not start: {_Shared.error}")
-        if _Shared.lab is None:
-            lab = Lab(os.path.abspath(f"_resolver_lab_{os.getpid()}"))
-            atexit.register(lab.stop)
-            try:
-                lab.start()
-                # the same node and host keys, but no sessions: no command runs
-                lab.start_sshd("proxy-a-nosession", lab.proxy_ns["a"], lab.proxy_addr["a"], 2222, "MaxSessions 0")
-            except BaseException as e:
-                _Shared.error = e
-                lab.stop()
-                raise
-            _Shared.lab = lab
-        self.lab = _Shared.lab
+        self.lab = shared_lab("resolver_lab", "resolver system tests", _without_sessions)[0]
 
     def cluster(self, port: int = 22, **settings: object) -> ClusterConnection:
         lab = self.lab
