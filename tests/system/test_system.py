@@ -12,7 +12,6 @@ otherwise.
 
 from __future__ import annotations
 
-import atexit
 import base64
 import hashlib
 import os
@@ -26,52 +25,27 @@ import time
 
 from twisted.trial.unittest import SkipTest, TestCase
 
-from tests.system.netlab import INTERNAL_NAME, Lab, lab_skip_reason, wait_for_port
-from tests.system.support import INTERNAL, VENV_BIN, curl, twistd_argv
+from tests.system.netlab import INTERNAL_NAME, Lab, wait_for_port
+from tests.system.support import INTERNAL, VENV_BIN, curl, shared_lab, twistd_argv
 
 TOKENS = {"a": "token-a", "b": "token-b"}
 
 
-class _SharedLab:
-    """
-    One lab and one gateway process for all system tests: they take seconds
-    to build, and trial has no class-level fixtures.  Stopped at interpreter
-    exit (the lab also registers its own atexit), which runs after failures too.
-    """
-
-    lab: Lab | None = None
-    error: BaseException | None = None
-
-
 class SystemTests(TestCase):
+    """
+    One lab and one gateway process for all system tests (L{shared_lab}):
+    built by the first test, kept on the class.
+    """
+
     lab: Lab
 
     def setUp(self) -> None:
-        reason = lab_skip_reason()
-        if reason:
-            raise SkipTest(f"system tests need the namespace lab: {reason}")
-        if _SharedLab.error is not None:
-            raise AssertionError(f"lab did not start: {_SharedLab.error}")
-        if _SharedLab.lab is None:
-            self._start_shared()
-        type(self).lab = _SharedLab.lab
+        type(self).lab = shared_lab("system_lab", "system tests", SystemTests._start_shared)[0]
 
     @classmethod
-    def _start_shared(cls) -> None:
-        workdir = os.path.abspath(f"_system_lab_{os.getpid()}")
-        os.makedirs(workdir, exist_ok=True)
-        cls.workdir = workdir
-        lab = Lab(os.path.join(workdir, "lab"))
-        atexit.register(lab.stop)
-        try:
-            lab.start()
-            cls.lab = lab
-            cls._start_gateway()
-        except BaseException as e:
-            _SharedLab.error = e
-            lab.stop()
-            raise
-        _SharedLab.lab = lab
+    def _start_shared(cls, lab: Lab, workdir: str) -> None:
+        cls.lab, cls.workdir = lab, workdir
+        cls._start_gateway()
 
     @classmethod
     def _start_gateway(cls) -> None:
@@ -467,7 +441,6 @@ class ControlPlaneSystemTests(TestCase):
     """
 
     setUp = SystemTests.setUp
-    _start_shared = SystemTests._start_shared
     ctl = SystemTests.ctl
     curl = SystemTests.curl
     python = SystemTests.python
