@@ -1246,7 +1246,7 @@ class ResolverSettingsTests(ConfigTestCase):
 
     def test_api_body(self) -> None:
         """An API body sets them like any other key, and its errors name the body field."""
-        from gateway.control.store import validate_body
+        from gateway.control.bodies import validate_body
 
         body = {
             "proxies": ["p"],

@@ -20,9 +20,10 @@ from twisted.trial.unittest import TestCase
 from twisted.web.client import HTTPConnectionPool
 
 from gateway.config import GatewaySettings
+from gateway.control.bodies import validate_body
 from gateway.control.http import control_site
 from gateway.control.registry import GatewayControl
-from gateway.control.store import ClusterStore, validate_body
+from gateway.store.statefile import StateFile
 from gateway.testing import DEMO_PAGE
 from tests.support import WEB, GatewayHarness, inline, recv_all, sleep, socks5_open, socks_get
 
@@ -55,7 +56,7 @@ class ControlPlaneTestCase(TestCase):
         await self._start_control()
 
     async def _start_control(self) -> None:
-        self.store = ClusterStore(self.state_file)
+        self.store = StateFile(self.state_file)
         bodies = self.store.load()
         for name, body in bodies.items():
             self.harness.service.add_cluster(validate_body(name, body))

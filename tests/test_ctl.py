@@ -21,7 +21,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
 from gateway.config import ConfigError, GatewaySettings
-from gateway.control.store import validate_body
+from gateway.control.bodies import validate_body
 from gateway.scripts.ctl import (
     EXIT_OK,
     EXIT_REFUSED,

@@ -12,8 +12,9 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from gateway.app.tap import Options
 from gateway.config import ConfigError
-from gateway.control.sealing import Sealer, SealError, has_plaintext_secrets, read_sealing_key
-from gateway.control.store import ClusterStore, StoreError, validate_body
+from gateway.control.bodies import validate_body
+from gateway.store.sealing import Sealer, SealError, has_plaintext_secrets, read_sealing_key
+from gateway.store.statefile import StateFile, StoreError
 from gateway.testing.keys import generate_key, private_pem, public_line
 from tests.support import capture_events
 
@@ -105,23 +106,23 @@ class SealedStoreTests(SynchronousTestCase):
 
     def test_written_sealed_read_open(self) -> None:
         original = body()
-        ClusterStore(self.path, Sealer(KEY_A)).save({"a": original})
+        StateFile(self.path, Sealer(KEY_A)).save({"a": original})
         with open(self.path) as f:
             raw = f.read()
         self.assertNotIn("PRIVATE KEY", raw)
         self.assertNotIn("tok-sealed-42", raw)
-        self.assertEqual(ClusterStore(self.path, Sealer(KEY_A)).load(), {"a": original})
+        self.assertEqual(StateFile(self.path, Sealer(KEY_A)).load(), {"a": original})
 
     def test_without_or_with_another_key(self) -> None:
-        ClusterStore(self.path, Sealer(KEY_A)).save({"a": body()})
-        e = self.assertRaises(StoreError, ClusterStore(self.path).load)
+        StateFile(self.path, Sealer(KEY_A)).save({"a": body()})
+        e = self.assertRaises(StoreError, StateFile(self.path).load)
         self.assertIn("clusters.a.key is sealed: set [store] secret_key_file", str(e))
-        e = self.assertRaises(StoreError, ClusterStore(self.path, Sealer(KEY_B)).load)
+        e = self.assertRaises(StoreError, StateFile(self.path, Sealer(KEY_B)).load)
         self.assertIn("does not open it", str(e))
 
     def test_plaintext_store_sealed_at_the_next_save(self) -> None:
-        ClusterStore(self.path).save({"a": body()})
-        store = ClusterStore(self.path, Sealer(KEY_A))
+        StateFile(self.path).save({"a": body()})
+        store = StateFile(self.path, Sealer(KEY_A))
         bodies = store.load()
         self.assertEqual(bodies["a"]["token"], "tok-sealed-42")
         store.save(bodies)
@@ -154,7 +155,7 @@ class StartUpTests(SynchronousTestCase):
         return path
 
     def test_sealed_store_needs_its_key(self) -> None:
-        ClusterStore(self.state, Sealer(KEY_A)).save({"a": body()})
+        StateFile(self.state, Sealer(KEY_A)).save({"a": body()})
         e = self.assertRaises(SystemExit, Options().parseOptions, self.options())
         self.assertIn("clusters.a.key is sealed", str(e.code))
         table = f'[store]\nsecret_key_file = "{self.key_file(KEY_B)}"\n'
@@ -168,7 +169,7 @@ class StartUpTests(SynchronousTestCase):
     def test_plaintext_store_sealed_at_start_up_with_a_key(self) -> None:
         # Not left readable on disk until some API change happens to save it.
         original = body()
-        ClusterStore(self.state).save({"a": original})
+        StateFile(self.state).save({"a": original})
         table = f'[store]\nsecret_key_file = "{self.key_file(KEY_A)}"\n'
         events = capture_events(self)
         Options().parseOptions(self.options(table))
@@ -176,11 +177,11 @@ class StartUpTests(SynchronousTestCase):
             raw = f.read()
         self.assertNotIn("tok-sealed-42", raw)
         self.assertNotIn("PRIVATE KEY", raw)
-        self.assertEqual(ClusterStore(self.state, Sealer(KEY_A)).load(), {"a": original})
+        self.assertEqual(StateFile(self.state, Sealer(KEY_A)).load(), {"a": original})
         self.assertEqual([e for e in events if e["log_level"].name == "warn"], [])
 
     def test_plaintext_store_is_warned_of(self) -> None:
-        ClusterStore(self.state).save({"a": body()})
+        StateFile(self.state).save({"a": body()})
         events = capture_events(self)
         Options().parseOptions(self.options())
         warnings = [e for e in events if e["log_level"].name == "warn"]

@@ -1,5 +1,5 @@
 """
-Tests for L{gateway.control.store}: the persistent registry of API-added clusters.
+Tests for L{gateway.store.statefile}: the persistent registry of API-added clusters.
 """
 
 from __future__ import annotations
@@ -13,8 +13,9 @@ import types
 from twisted.trial.unittest import SynchronousTestCase
 
 from gateway.config import ClusterConfig, ConfigError, GatewaySettings
-from gateway.control import store as store_module
-from gateway.control.store import STORE_VERSION, ClusterStore, StoreError, validate_body
+from gateway.control.bodies import validate_body
+from gateway.store import statefile as store_module
+from gateway.store.statefile import STORE_VERSION, StateFile, StoreError
 from gateway.testing import generate_key, private_pem, public_line
 
 TOKEN = "tok-3f9a0c7e-store"
@@ -56,7 +57,7 @@ class StoreTestCase(SynchronousTestCase):
         self.dir = os.path.abspath(self.mktemp())
         os.mkdir(self.dir, 0o700)
         self.path = os.path.join(self.dir, "clusters.json")
-        self.store = ClusterStore(self.path)
+        self.store = StateFile(self.path)
 
     def write(self, content: bytes | str, mode: int = 0o600, path: str | None = None) -> str:
         path = path or self.path
@@ -84,7 +85,7 @@ class SaveLoadTests(StoreTestCase):
         clusters = {"a": body(), "b": body(networks=["10.21.0.0/24"], aliases=["net-b"])}
         self.store.save(clusters)
         self.assertEqual(self.store.load(), clusters)
-        self.assertEqual(ClusterStore(self.path).load(), clusters)
+        self.assertEqual(StateFile(self.path).load(), clusters)
 
     def test_file_shape(self) -> None:
         """The file is {"version": 1, "clusters": {...}}, sorted, indented."""
@@ -113,7 +114,7 @@ class SaveLoadTests(StoreTestCase):
 
     def test_parent_directory_created_0700(self) -> None:
         path = os.path.join(self.dir, "var", "lib", "gateway", "clusters.json")
-        store = ClusterStore(path)
+        store = StateFile(path)
         old = os.umask(0o022)
         try:
             store.save({"a": body()})
@@ -161,7 +162,7 @@ class SaveLoadTests(StoreTestCase):
     def test_missing_directory(self) -> None:
         """Loading does not create anything."""
         path = os.path.join(self.dir, "nowhere", "clusters.json")
-        self.assertEqual(ClusterStore(path).load(), {})
+        self.assertEqual(StateFile(path).load(), {})
         self.assertFalse(os.path.exists(os.path.dirname(path)))
 
     def test_save_leaves_no_temp(self) -> None:
@@ -499,7 +500,7 @@ class ValidateBodyTests(SynchronousTestCase):
 
     def test_valid_after_store_round_trip(self) -> None:
         path = os.path.join(os.path.abspath(self.mktemp()), "clusters.json")
-        store = ClusterStore(path)
+        store = StateFile(path)
         store.save({"a": body()})
         ((name, loaded),) = store.load().items()
         self.assertEqual(validate_body(name, loaded, source=path).token, TOKEN)

@@ -33,15 +33,16 @@ from gateway.config import (
     check_jump_cycles,
     load_config,
 )
+from gateway.control.bodies import validate_body
 from gateway.control.http import control_site, control_token
 from gateway.control.registry import GatewayControl
-from gateway.control.sealing import Sealer, read_sealing_key
-from gateway.control.store import ClusterStore, StoreError, validate_body
+from gateway.store.sealing import Sealer, read_sealing_key
+from gateway.store.statefile import StateFile, StoreError
 
 log = Logger()
 
 
-def _seal_now(store: ClusterStore, bodies: dict[str, dict]) -> None:
+def _seal_now(store: StateFile, bodies: dict[str, dict]) -> None:
     """
     Rewrite a plaintext store read with a key, sealed: waiting for the next
     API change would leave its secrets readable on disk for as long as
@@ -99,7 +100,7 @@ class Options(usage.Options):
         config = self.gateway_config
         if not config.listen.control:
             return {}
-        self.store = ClusterStore(config.settings.state_file, self._sealer())
+        self.store = StateFile(config.settings.state_file, self._sealer())
         bodies = self.store.load()
         if self.store.sealer is None and self.store.plaintext_secrets:
             log.warn(

@@ -6,7 +6,7 @@ stands on its own.  The steps here read the keys that only make sense
 together (names, proxies, keys, routes, token, jump).
 
 The same code validates a cluster from the TOML file and one from the
-control API (L{gateway.control.store.validate_body}).
+control API (L{gateway.control.bodies.validate_body}).
 """
 
 from __future__ import annotations

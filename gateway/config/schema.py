@@ -15,7 +15,7 @@ For a cluster key (L{ClusterKey}) the row says
    it (L{ApiRule});
  - whether the status output (L{safe_settings}) shows it, and how.
 
-The TOML loader, L{gateway.control.store.validate_body} and the control API's
+The TOML loader, L{gateway.control.bodies.validate_body} and the control API's
 cluster view all read this table, so a new key is one row (plus its field in
 L{gateway.config.model}).  The rows are in the order the status output
 shows them.

@@ -4,7 +4,7 @@ L{gateway.control.contract.ClusterControl} on a running L{GatewayService}.
 
 Two sources of clusters live side by side: the TOML file (read-only here: the
 API answers 409 for them, so the two never fight) and the API, whose request
-bodies are kept in the state file (L{gateway.control.store.ClusterStore}) and loaded
+bodies are kept in the state file (L{gateway.store.statefile.StateFile}) and loaded
 again at start-up.  Every change is validated with the same code as the TOML
 loader before anything is touched, then applied, then saved -- all on the
 reactor thread, one after another, so the registry and the file never
@@ -26,10 +26,11 @@ from gateway.app.service import GatewayService
 from gateway.cluster.connection import ClusterConnection
 from gateway.config import ConfigError, jump_cycle
 from gateway.config.schema import safe_settings
+from gateway.control.bodies import validate_body
 from gateway.control.contract import ClusterView, ControlError
 from gateway.control.metrics import metrics_text
-from gateway.control.store import ClusterStore, validate_body
 from gateway.proxy.opener import peer_origin
+from gateway.store.statefile import StateFile
 
 log = Logger()
 
@@ -65,7 +66,7 @@ class GatewayControl:
     def __init__(
         self,
         service: GatewayService,
-        store: ClusterStore | None,
+        store: StateFile | None,
         config_names: set[str],
         api_bodies: Mapping[str, Mapping[str, Any]] | None = None,
     ) -> None:

@@ -4,7 +4,7 @@ The persistent registry of the clusters added through the control API.
 The store keeps the I{bodies} clients PUT, as they were sent: one JSON object
 per cluster, with the keys of a C{[clusters.NAME]} TOML table (C{key} as PEM
 text, possibly C{token} or C{passphrase}).  The file therefore holds secrets:
-it is written with mode 0600 in a directory created 0700, and L{ClusterStore.load}
+it is written with mode 0600 in a directory created 0700, and L{StateFile.load}
 refuses a file that group or others can access, as OpenSSH refuses such a
 private key.  The file is::
 
@@ -21,7 +21,7 @@ Concurrency model
 
 The gateway is single-threaded (the Twisted reactor): the API validates a
 body (L{validate_body}), updates the in-memory registry, then calls
-L{ClusterStore.save} with the I{whole} current registry.  Saves are therefore
+L{StateFile.save} with the I{whole} current registry.  Saves are therefore
 sequential and never interleave; each is synchronous and complete when it
 returns, so concurrent PUT/DELETE requests, handled one after the other,
 leave the file equal to the registry after the last one.  Only one gateway
@@ -30,7 +30,7 @@ process may use a given store file (there is no lock between processes).
 Crash safety
 ============
 
-L{ClusterStore.save} writes a temporary file next to the store
+L{StateFile.save} writes a temporary file next to the store
 (C{.NAME.RANDOM.tmp}, created with C{O_CREAT | O_EXCL} and mode 0600),
 fsyncs it, renames it onto the store with C{os.replace} (atomic within a
 file system) and fsyncs the directory.  A crash at any point leaves either
@@ -38,11 +38,11 @@ the old or the new complete file, never a mix.  On any error the temporary
 file is removed and the old file is left as it was.
 
 A temporary file left behind by a crash (between creating it and the
-rename) is never read: L{ClusterStore.load} ignores it, and the next
-successful L{ClusterStore.save} removes it.
+rename) is never read: L{StateFile.load} ignores it, and the next
+successful L{StateFile.save} removes it.
 
 A bad store file (unreadable, not JSON, wrong shape or version, too open
-permissions) is never overwritten, renamed or "repaired": L{ClusterStore.load}
+permissions) is never overwritten, renamed or "repaired": L{StateFile.load}
 raises L{StoreError} and the gateway refuses to start, so that an operator
 can look at the file; silently starting with no cluster would lose them all
 at the next save.
@@ -58,13 +58,11 @@ import stat
 from collections.abc import Mapping
 from typing import Any
 
-from gateway.config import ClusterConfig, ConfigError, GatewaySettings, parse_cluster
-from gateway.config.schema import api_body_refusal, api_config_refusal
 from gateway.config.values import show as _show
 from gateway.control import strictjson
-from gateway.control.sealing import SEALED_FIELDS, Sealer, SealError, has_plaintext_secrets, is_sealed
+from gateway.store.sealing import SEALED_FIELDS, Sealer, SealError, has_plaintext_secrets, is_sealed
 
-__all__ = ["STORE_VERSION", "ClusterStore", "StoreError", "validate_body"]
+__all__ = ["STORE_VERSION", "StateFile", "StoreError", "type_name"]
 
 #: The version of the file format written and accepted.
 STORE_VERSION = 1
@@ -90,7 +88,7 @@ class StoreError(Exception):
         return f"{self.path}: {self.reason}"
 
 
-def _type_name(value: object) -> str:
+def type_name(value: object) -> str:
     if value is None:
         return "null"
     if isinstance(value, bool):
@@ -112,17 +110,17 @@ def _plain(value: Any, where: str) -> Any:
         result = {}
         for k, v in value.items():
             if not isinstance(k, str):
-                raise TypeError(f"{where}: object keys must be strings, got {_type_name(k)}")
+                raise TypeError(f"{where}: object keys must be strings, got {type_name(k)}")
             result[k] = _plain(v, f"{where}.{k}")
         return result
     if isinstance(value, (list, tuple)):
         return [_plain(v, f"{where}[{i}]") for i, v in enumerate(value)]
     if value is None or isinstance(value, (str, bool, int, float)):
         return value
-    raise TypeError(f"{where}: {_type_name(value)} cannot be stored as JSON")
+    raise TypeError(f"{where}: {type_name(value)} cannot be stored as JSON")
 
 
-class ClusterStore:
+class StateFile:
     """
     The JSON file holding the API-registered clusters' bodies.
 
@@ -139,7 +137,7 @@ class ClusterStore:
         self.plaintext_secrets = False
 
     def __repr__(self) -> str:
-        return f"ClusterStore({self.path!r})"
+        return f"StateFile({self.path!r})"
 
     # --- reading ----------------------------------------------------------------------
 
@@ -212,7 +210,7 @@ class ClusterStore:
         except strictjson.ConstantError as e:
             raise self._refuse(f"not valid JSON: {e.name} is not a JSON value") from None
         if not isinstance(data, dict):
-            raise self._refuse(f'expected a JSON object {{"version": 1, "clusters": {{...}}}}, got {_type_name(data)}')
+            raise self._refuse(f'expected a JSON object {{"version": 1, "clusters": {{...}}}}, got {type_name(data)}')
         unknown = sorted(set(data) - {"version", "clusters"})
         if unknown:
             raise self._refuse(f'unknown top-level key {_show(unknown[0])} (expected "version" and "clusters")')
@@ -220,16 +218,16 @@ class ClusterStore:
             raise self._refuse('missing "version"')
         version = data["version"]
         if type(version) is not int or version != STORE_VERSION:
-            shown = repr(version) if type(version) in (int, float) else _type_name(version)
+            shown = repr(version) if type(version) in (int, float) else type_name(version)
             raise self._refuse(f"unsupported version {shown} (this gateway reads version {STORE_VERSION})")
         if "clusters" not in data:
             raise self._refuse('missing "clusters"')
         clusters = data["clusters"]
         if not isinstance(clusters, dict):
-            raise self._refuse(f'"clusters": expected a JSON object, got {_type_name(clusters)}')
+            raise self._refuse(f'"clusters": expected a JSON object, got {type_name(clusters)}')
         for name, body in clusters.items():
             if not isinstance(body, dict):
-                raise self._refuse(f'"clusters" -> {_show(name)}: expected a JSON object, got {_type_name(body)}')
+                raise self._refuse(f'"clusters" -> {_show(name)}: expected a JSON object, got {type_name(body)}')
         return clusters
 
     # --- writing ----------------------------------------------------------------------
@@ -326,56 +324,3 @@ class ClusterStore:
                     os.unlink(os.path.join(directory, name))
                 except OSError:
                     pass
-
-
-def validate_body(
-    name: str,
-    body: Mapping[str, Any],
-    source: str = "request body",
-    known_clusters: Mapping[str, str] | None = None,
-    settings: GatewaySettings | None = None,
-) -> ClusterConfig:
-    """
-    Validate the body of a cluster PUT (or one loaded from the store).
-
-    The body has the keys of a C{[clusters.NAME]} table, with no
-    C{[defaults]} applied; errors name the body field (C{networks[0]},
-    C{key}), C{(body)} when the body is not a JSON object, C{(name)} when the
-    name is invalid.
-
-    A body carries its secrets inline (C{key}, C{passphrase}, C{host_keys},
-    C{token}).  What would let an API client act with the gateway's own
-    rights is refused, naming the key, unless C{settings} (the C{[gateway]}
-    table; its defaults when None) allows it: the file keys (then as
-    absolute paths; C{api_file_paths}), C{proxy_command}
-    (C{api_proxy_command}) and a C{jump} through another cluster's
-    connection (C{api_jump}).  Which key is refused how is the C{api} column
-    of the key table, L{gateway.config.schema.CLUSTER_SCHEMA}.
-
-    @param known_clusters: the other clusters' names and aliases, each mapped
-        to its cluster's name, for C{jump} (see L{parse_cluster}).
-    @raise ConfigError: if anything is wrong.
-    """
-    if not isinstance(body, Mapping):
-        raise ConfigError(source, "(body)", f"expected a JSON object, got {_type_name(body)}")
-    settings = settings or GatewaySettings()
-    refused = api_body_refusal(body, settings)
-    if refused is not None:
-        raise ConfigError(source, *refused)
-    for field in SEALED_FIELDS:
-        if is_sealed(body.get(field)):
-            # Stored as it is without a key, it would stop the next start-up
-            # (a sealed value nobody can open): the form is the store's own.
-            raise ConfigError(
-                source, field, "a value in the store's sealed form is not accepted: send the secret itself"
-            )
-    try:
-        config = parse_cluster(name, body, source, "", known_clusters=known_clusters)
-    except ConfigError as e:
-        if e.key == "":  # the only error about the table itself: its name
-            raise ConfigError(e.source, "(name)", e.reason) from None
-        raise
-    refused = api_config_refusal(config, settings)
-    if refused is not None:
-        raise ConfigError(source, *refused)
-    return config
