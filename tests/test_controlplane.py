@@ -23,6 +23,7 @@ from gateway.config import GatewaySettings
 from gateway.control.bodies import validate_body
 from gateway.control.http import control_site
 from gateway.control.registry import GatewayControl
+from gateway.store.file import FileStore
 from gateway.store.statefile import StateFile
 from gateway.testing import DEMO_PAGE
 from tests.support import WEB, GatewayHarness, inline, recv_all, sleep, socks5_open, socks_get
@@ -60,7 +61,7 @@ class ControlPlaneTestCase(TestCase):
         bodies = self.store.load()
         for name, body in bodies.items():
             self.harness.service.add_cluster(validate_body(name, body))
-        self.control = GatewayControl(self.harness.service, self.store, {"demo"}, bodies)
+        self.control = GatewayControl(self.harness.service, FileStore(self.store, bodies), {"demo"})
         port = await serverFromString(reactor, "tcp:0:interface=127.0.0.1").listen(
             control_site(self.control, TOKEN, self.settings)
         )
@@ -220,7 +221,9 @@ class ControlPlaneTests(ControlPlaneTestCase):
         service = self.harness.service
         self.assertEqual((health["gateway"], health["ready"], health["not_ready"]), (self.settings.name, True, []))
         self.assertEqual(health["listeners"]["socks"], [f"127.0.0.1:{self.harness.socks_port}"])
-        self.assertEqual(health["store"], {"backend": "file", "path": self.state_file, "synced": True})
+        self.assertEqual(
+            health["store"], {"backend": "file", "path": self.state_file, "state": "synced", "synced": True}
+        )
         code, content = await self.call("GET", "/v1/health/ready", token="")
         self.assertEqual((code, json.loads(content)["ready"]), (200, True))
 

@@ -36,6 +36,7 @@ from gateway.control.registry import GatewayControl
 from gateway.proxy.frontend import ClientLimit
 from gateway.proxy.opener import StreamOpener
 from gateway.routing import Router
+from gateway.store.file import FileStore
 from gateway.testing import DEMO_PAGE
 from gateway.testing.keys import generate_key, private_pem, public_line
 from tests import test_routing
@@ -491,7 +492,7 @@ class PutRollbackTests(SynchronousTestCase):
         config = GatewayConfig(ListenConfig(socks=(), http=(), control=()), {}, "gw.toml")
         service = GatewayService(config, reactor)  # type: ignore[arg-type]
         service.listeners.startService()
-        control = GatewayControl(service, _StoreThatFailsAgain(), set())  # type: ignore[arg-type]
+        control = GatewayControl(service, FileStore(_StoreThatFailsAgain(), {}), set())  # type: ignore[arg-type]
 
         def add_cluster(*args: Any, **kwargs: Any) -> None:
             raise RuntimeError("cannot add")

@@ -14,7 +14,7 @@ from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import CannotListenError
-from twisted.internet.interfaces import IAddress, IListeningPort, IProtocolFactory, IReactorCore
+from twisted.internet.interfaces import IAddress, IListeningPort, IProtocolFactory, IReactorCore, IReactorTime
 from twisted.logger import Logger
 
 from gateway.app.clusters import ClusterRegistry, IGatewayReactor
@@ -109,6 +109,8 @@ class GatewayService(MultiService):
     def __init__(self, config: GatewayConfig, reactor: IGatewayReactor) -> None:
         super().__init__()
         self._reactor = reactor
+        #: For time-outs of the control plane's waits.
+        self.clock: IReactorTime = reactor
         self.settings = config.settings
         self.registry = ClusterRegistry(config.settings, reactor)
         self.registry.setServiceParent(self)

@@ -23,6 +23,7 @@ from twisted.logger import Logger
 from twisted.python import usage
 
 from gateway.app.clusters import IGatewayReactor
+from gateway.app.fleet import EtcdSettings, etcd_settings, etcd_store
 from gateway.app.service import GatewayService
 from gateway.config import (
     DEFAULT_CONTROL_LISTEN,
@@ -36,6 +37,8 @@ from gateway.config import (
 from gateway.control.bodies import validate_body
 from gateway.control.http import control_site, control_token
 from gateway.control.registry import GatewayControl
+from gateway.store.base import Store
+from gateway.store.file import FileStore
 from gateway.store.sealing import Sealer, read_sealing_key
 from gateway.store.statefile import StateFile, StoreError
 
@@ -96,35 +99,64 @@ class Options(usage.Options):
         return token
 
     def _load_api_clusters(self) -> dict[str, tuple[dict, ClusterConfig]]:
-        """Clusters registered through the API before the last stop."""
+        """Clusters registered through the API before the last stop (for etcd: the local cache's)."""
         config = self.gateway_config
-        if not config.listen.control:
+        self.store_rejected: dict[str, str] = {}
+        self.etcd: EtcdSettings | None = None
+        if config.store.backend == "etcd":
+            self.etcd = etcd_settings(config)
+            state = StateFile(self.etcd.cache_file, self._sealer())
+        elif config.listen.control:
+            state = StateFile(config.settings.state_file, self._sealer())
+        else:
+            self.state = None
             return {}
-        self.store = StateFile(config.settings.state_file, self._sealer())
-        bodies = self.store.load()
-        if self.store.sealer is None and self.store.plaintext_secrets:
+        self.state = state
+        bodies = state.load()
+        if state.sealer is None and state.plaintext_secrets:
             log.warn(
                 "the state file {path} holds private keys and tokens in plaintext: "
                 "set [store] secret_key_file to seal them (docs/configuration.md)",
-                path=self.store.path,
+                path=state.path,
             )
+        self.store_bodies = bodies
+        loaded = self._checked(bodies, state.path, strict=self.etcd is None)
+        if state.sealer is not None and state.plaintext_secrets:
+            _seal_now(state, bodies)
+        return loaded
+
+    def _checked(self, bodies: dict[str, dict], source: str, strict: bool) -> dict[str, tuple[dict, ClusterConfig]]:
+        """
+        C{bodies} validated as the API validates them.  C{strict} (the state
+        file): the first error stops the start-up.  Otherwise (etcd's cache,
+        which holds what the fleet registered): a body refused here is
+        logged and left out, as it would be when it arrived from etcd.
+        """
+        config = self.gateway_config
         known = {alias: c.name for c in config.clusters.values() for alias in c.names()}
         for name, body in bodies.items():
             for alias in [name, *body.get("aliases", [])]:
                 known.setdefault(alias, name)
         loaded = {}
         for name, body in bodies.items():
-            if name in config.clusters or (self["demo"] and name == "demo"):
-                raise ConfigError(self.store.path, f"clusters.{name}", "also defined in the configuration file")
             try:
-                cluster = validate_body(name, body, self.store.path, known_clusters=known, settings=config.settings)
+                if name in config.clusters or (self["demo"] and name == "demo"):
+                    raise ConfigError(source, f"clusters.{name}", "also defined in the configuration file")
+                try:
+                    cluster = validate_body(name, body, source, known_clusters=known, settings=config.settings)
+                except ConfigError as e:
+                    raise ConfigError(source, f"clusters.{name}.{e.key}", e.reason) from None
             except ConfigError as e:
-                raise ConfigError(self.store.path, f"clusters.{name}.{e.key}", e.reason) from None
+                if strict:
+                    raise
+                log.error(
+                    "cluster {cluster} of the local cache is not served here: {error}", cluster=name, error=str(e)
+                )
+                self.store_rejected[name] = f"{e.key}: {e.reason}"
+                continue
             loaded[name] = (body, cluster)
         # Bodies stored before API registrations were checked for cycles.
-        check_jump_cycles({**config.clusters, **{name: c for name, (_, c) in loaded.items()}}, self.store.path)
-        if self.store.sealer is not None and self.store.plaintext_secrets:
-            _seal_now(self.store, bodies)
+        check_jump_cycles({**config.clusters, **{name: c for name, (_, c) in loaded.items()}}, source)
         return loaded
 
     def _sealer(self) -> Sealer | None:
@@ -178,15 +210,27 @@ def makeService(options: Options, reactor: IGatewayReactor | None = None) -> ISe
     config = options.gateway_config
     service = GatewayService(config, reactor)
     for _, cluster in options.api_clusters.values():
-        service.add_cluster(cluster, options.store.path)
+        service.add_cluster(cluster, options.state.path if options.state else "(api)")
     if options["demo"]:
         from gateway.app.demo import DemoService
 
         DemoService(service, reactor).setServiceParent(service)
-    for description in config.listen.control:
+    store = _store(options, reactor, service)
+    if store is not None:
         config_names = set(config.clusters) | ({"demo"} if options["demo"] else set())
-        bodies = {name: body for name, (body, _) in options.api_clusters.items()}
-        control = GatewayControl(service, options.store, config_names, bodies)
-        site = control_site(control, options.control_token, config.settings)
-        service.add_listener("control", description, site, local_only=options.control_token is None)
+        control = GatewayControl(service, store, config_names)
+        for description in config.listen.control:
+            site = control_site(control, options.control_token, config.settings)
+            service.add_listener("control", description, site, local_only=options.control_token is None)
     return service
+
+
+def _store(options: Options, reactor: IGatewayReactor, service: GatewayService) -> Store | None:
+    """The API clusters' store: the state file's, or etcd's (a service of its own); None without a control API."""
+    state = options.state
+    if state is None:
+        return None
+    bodies = options.store_bodies
+    if options.etcd is None:
+        return FileStore(state, bodies)
+    return etcd_store(options.etcd, reactor, options.gateway_config, state, bodies, options.store_rejected, service)

@@ -20,21 +20,19 @@ from gateway.config.keys import KeyCache
 from gateway.config.model import (
     DEFAULT_HTTP_LISTEN,
     DEFAULT_SOCKS_LISTEN,
-    STORE_BACKENDS,
     ClusterConfig,
     ConfigError,
     GatewayConfig,
     GatewaySettings,
     ListenConfig,
-    StoreConfig,
 )
 from gateway.config.schema import GATEWAY_KEYS, GATEWAY_SCHEMA
+from gateway.config.store import parse_store
 from gateway.config.values import Values, endpoint_items, join, key_part, show, table, unknown
 
 __all__ = ["load_config", "parse_config"]
 
 _TOP_KEYS = ("clusters", "defaults", "gateway", "listen", "store")
-_STORE_KEYS = ("backend", "secret_key_file")
 _LISTEN_KEYS = ("control", "http", "socks")
 _LISTEN_DEFAULTS = {"socks": (DEFAULT_SOCKS_LISTEN,), "http": (DEFAULT_HTTP_LISTEN,), "control": ()}
 
@@ -102,19 +100,6 @@ def _check_listeners_unique(listen: ListenConfig, clusters: Mapping[str, Cluster
                 seen[item] = key
 
 
-def _parse_store(data: Mapping[str, Any], source: str, base_dir: str | None) -> StoreConfig:
-    for k in data:
-        if k not in _STORE_KEYS:
-            raise unknown(source, join("store", k), k, _STORE_KEYS)
-    values = Values(source, base_dir)
-    values.add(data, "store")
-    backend = values.string("backend") if "backend" in values else "file"
-    if backend not in STORE_BACKENDS:
-        raise values.error("backend", f"unknown backend {show(backend)} (expected one of: {', '.join(STORE_BACKENDS)})")
-    secret_key_file = values.path("secret_key_file") if "secret_key_file" in values else None
-    return StoreConfig(backend=backend, secret_key_file=secret_key_file)
-
-
 def parse_config(data: Mapping[str, Any], source: str, base_dir: str | None = None) -> GatewayConfig:
     """
     Validate a decoded configuration.
@@ -136,7 +121,7 @@ def parse_config(data: Mapping[str, Any], source: str, base_dir: str | None = No
     tables = table(data.get("clusters", {}), source, "clusters")
     clusters = _parse_clusters(tables, defaults, source, base_dir, cache)
     _check_listeners_unique(listen, clusters, source)
-    store = _parse_store(table(data.get("store", {}), source, "store"), source, base_dir)
+    store = parse_store(table(data.get("store", {}), source, "store"), source, base_dir)
     return GatewayConfig(
         listen=listen, clusters=types.MappingProxyType(clusters), source=source, settings=settings, store=store
     )

@@ -242,18 +242,36 @@ class GatewaySettings:
     name: str = field(default_factory=default_gateway_name)
 
 
-#: The store backends there are ("file": the 0600 state file, [gateway] state_file).
-STORE_BACKENDS = ("file",)
+#: [store] timeout: seconds one etcd member has to answer a call before the next is asked.
+DEFAULT_STORE_TIMEOUT = 2.0
+#: [store] probe_interval: seconds between the checks that etcd answers and the watch keeps up.
+DEFAULT_STORE_PROBE_INTERVAL = 1.0
 
 
 @dataclass(frozen=True)
 class StoreConfig:
-    """The C{[store]} table: where API-registered clusters are kept, and how."""
+    """The C{[store]} table: where API-registered clusters are kept, and how (L{gateway.config.store})."""
 
+    #: "file" (the 0600 state file, [gateway] state_file) or "etcd".
     backend: str = "file"
     #: 32 bytes as 64 hex digits (0600): the store's keys, passphrases and
     #: tokens are sealed with it (AES-GCM); None: kept in plaintext.
     secret_key_file: str | None = None
+    #: etcd's client URLs, tried in turn.
+    endpoints: tuple[str, ...] = ("http://127.0.0.1:2379",)
+    #: Every key of this gateway fleet's registry starts with it.
+    prefix: str = "/gateway/"
+    timeout: float = DEFAULT_STORE_TIMEOUT
+    probe_interval: float = DEFAULT_STORE_PROBE_INTERVAL
+    #: TLS: the CA of the members' certificates; a client certificate and its key.
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+    #: etcd authentication (both or neither); the password file is 0600.
+    user: str | None = None
+    password_file: str | None = None
+    #: The local cache of the last registry seen (0600); None: next to [gateway] state_file.
+    cache_file: str | None = None
 
 
 @dataclass(frozen=True)

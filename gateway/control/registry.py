@@ -4,35 +4,41 @@ L{gateway.control.contract.ClusterControl} on a running L{GatewayService}.
 
 Two sources of clusters live side by side: the TOML file (read-only here: the
 API answers 409 for them, so the two never fight) and the API, whose request
-bodies are kept in the state file (L{gateway.store.statefile.StateFile}) and loaded
-again at start-up.  Every change is validated with the same code as the TOML
-loader before anything is touched, then applied, then saved -- all on the
-reactor thread, one after another, so the registry and the file never
-disagree.
+bodies are kept in a store (L{gateway.store}: the state file, or etcd shared
+with other gateways) and loaded again at start-up.  Every change is validated
+with the same code as the TOML loader before anything is touched, then kept,
+then applied -- one after another under the store's lock, so the registry and
+the store never disagree.  With etcd, the changes other gateways make arrive
+through the same lock and the same checks (L{GatewayControl._apply_remote}).
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Mapping
-from typing import Any, NoReturn
+from typing import Any
 
-from twisted.internet.defer import Deferred, fail
+from twisted.internet.defer import Deferred, DeferredLock, fail
+from twisted.internet.error import TimeoutError
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 
 from gateway.app.listeners import ListenerChange, ListenError
 from gateway.app.service import GatewayService
 from gateway.cluster.connection import ClusterConnection
-from gateway.config import ConfigError, jump_cycle
+from gateway.config import ClusterConfig, ConfigError, jump_cycle
 from gateway.config.schema import safe_settings
 from gateway.control.bodies import validate_body
 from gateway.control.contract import ClusterView, ControlError
 from gateway.control.metrics import metrics_text
 from gateway.proxy.opener import peer_origin
-from gateway.store.statefile import StateFile
+from gateway.store.base import Store, StoreConflict, StoreUnavailable
 
 log = Logger()
+
+#: How often a change is tried again after another gateway changed the registry meanwhile.
+CONFLICT_ATTEMPTS = 8
+#: Seconds a change waits for the other gateway's change to reach this one.
+CATCH_UP_TIMEOUT = 5.0
 
 
 def _iso(seconds: float | None) -> str | None:
@@ -61,20 +67,19 @@ def cluster_status(cluster: ClusterConnection) -> dict[str, Any]:
 
 
 class GatewayControl:
-    """L{ClusterControl} on a running gateway, persisting API clusters."""
+    """
+    L{ClusterControl} on a running gateway, keeping API clusters in C{store}
+    (None: in memory only), and applying to the gateway the changes other
+    gateways make to a shared store.
+    """
 
-    def __init__(
-        self,
-        service: GatewayService,
-        store: StateFile | None,
-        config_names: set[str],
-        api_bodies: Mapping[str, Mapping[str, Any]] | None = None,
-    ) -> None:
+    def __init__(self, service: GatewayService, store: Store | None, config_names: set[str]) -> None:
         self._service = service
         self._store = store
+        self._lock = store.lock if store is not None else DeferredLock()
         self._config_names = set(config_names)
-        #: The request bodies of API-registered clusters, as persisted.
-        self._bodies: dict[str, Mapping[str, Any]] = dict(api_bodies or {})
+        if store is not None:
+            store.attach(self._apply_remote)
 
     def _view(self, cluster: ClusterConnection) -> ClusterView:
         source = "config" if cluster.name in self._config_names else "api"
@@ -98,85 +103,155 @@ class GatewayControl:
                     known[alias] = cluster.name
         return known
 
-    def put_cluster(self, name: str, body: Mapping[str, Any]) -> Deferred[bool]:
-        if name in self._config_names:
-            return fail(ControlError(409, f"cluster {name!r} is defined in the configuration file"))
+    def _check(self, name: str, body: Mapping[str, Any]) -> ClusterConfig:
+        """C{body} as cluster C{name}'s configuration, checked against the registry as it is; or ControlError."""
         known = self._known_names(excluding=name)
         try:
             # [gateway] says what API bodies may do beyond inline keys.
             config = validate_body(name, body, known_clusters=known, settings=self._service.settings)
         except ConfigError as e:
-            return fail(ControlError(400, e.reason, e.key or None))
+            raise ControlError(400, e.reason, e.key or None) from None
         configs = {cluster.name: cluster.config for cluster in self._service.clusters.values()}
         configs[name] = config
         cycle = jump_cycle(configs, name)
         if cycle is not None:
-            return fail(ControlError(400, f"jump cycle {cycle}", "jump"))
+            raise ControlError(400, f"jump cycle {cycle}", "jump")
         for alias in config.aliases:
             if alias in known:
-                used = f"alias {alias!r} is already used by cluster {known[alias]!r}"
-                return fail(ControlError(409, used, "aliases"))
+                raise ControlError(409, f"alias {alias!r} is already used by cluster {known[alias]!r}", "aliases")
         if name in known:
-            return fail(ControlError(409, f"{name!r} is already an alias of cluster {known[name]!r}"))
-        created = name not in self._service.clusters
+            raise ControlError(409, f"{name!r} is already an alias of cluster {known[name]!r}")
+        return config
 
-        def apply(listeners: ListenerChange) -> bool:
-            previous = dict(self._bodies)
-            self._bodies[name] = dict(body)
-            try:
-                self._save()
-            except Exception:
-                self._bodies = previous
-                listeners.rollback()
-                raise
-            try:
-                if created:
-                    self._service.add_cluster(config, listeners=listeners)
-                else:
-                    self._service.replace_cluster(config, listeners=listeners)
-            except Exception:
-                # The new ports first: a state file that cannot be written
-                # back must not also leave them listening for ever.
-                listeners.rollback()
-                # Keep the file saying what runs.
-                self._bodies = previous
-                self._save()
-                raise
-            log.info(
-                "cluster {cluster} {action} through the control API",
-                cluster=name,
-                action="registered" if created else "replaced",
-            )
-            return created
+    async def _prepare(self, config: ClusterConfig) -> ListenerChange:
+        """The cluster's new ports, bound: a port in use is refused before anything changes."""
+        try:
+            return await self._service.listeners.prepare(config)
+        except ListenError as error:
+            raise ControlError(400, error.reason, error.key) from None
 
-        def refused(failure: Failure) -> NoReturn:
-            failure.trap(ListenError)
-            error = failure.value
-            assert isinstance(error, ListenError)
-            raise ControlError(400, error.reason, error.key)
-
-        # A port in use is refused before anything changes.
-        return self._service.listeners.prepare(config).addCallbacks(apply, refused)
+    def put_cluster(self, name: str, body: Mapping[str, Any]) -> Deferred[bool]:
+        if name in self._config_names:
+            return fail(ControlError(409, f"cluster {name!r} is defined in the configuration file"))
+        return Deferred.fromCoroutine(self._change(name, dict(body)))
 
     def delete_cluster(self, name: str) -> Deferred[None]:
         if name in self._config_names:
             return fail(ControlError(409, f"cluster {name!r} is defined in the configuration file"))
-        if name not in self._service.clusters:
-            return fail(ControlError(404, f"no cluster named {name!r}"))
-        self._bodies.pop(name, None)
-        self._save()
-        log.info("cluster {cluster} removed through the control API", cluster=name)
-        return self._service.remove_cluster(name).addCallback(lambda _: None)
+        return Deferred.fromCoroutine(self._change(name, None)).addCallback(lambda _: None)
 
-    def _save(self) -> None:
-        if self._store is not None:
-            self._store.save(self._bodies)
+    async def _change(self, name: str, body: dict[str, Any] | None) -> bool:
+        """
+        Check, keep, apply; under the store's lock.  When another gateway
+        changed the registry meanwhile (a conflict), wait until that change
+        is applied here, and check again: the body may now be refused.
+        """
+        for _ in range(CONFLICT_ATTEMPTS):
+            await self._lock.acquire()
+            try:
+                return await self._change_locked(name, body)
+            except StoreConflict as conflict:
+                newest = conflict.newest
+            finally:
+                self._lock.release()
+            assert self._store is not None  # only a store has conflicts
+            waiting = self._store.caught_up(newest)
+            try:
+                await waiting.addTimeout(CATCH_UP_TIMEOUT, self._service.clock)
+            except TimeoutError:
+                raise ControlError(
+                    503,
+                    f"the registry changed elsewhere and this gateway has not caught up within {CATCH_UP_TIMEOUT:g} s",
+                ) from None
+        raise ControlError(503, f"the registry changed elsewhere {CONFLICT_ATTEMPTS} times while writing: try again")
+
+    async def _change_locked(self, name: str, body: dict[str, Any] | None) -> bool:
+        if body is None:
+            if name not in self._service.clusters:
+                raise ControlError(404, f"no cluster named {name!r}")
+            await self._keep(name, None)
+            log.info("cluster {cluster} removed through the control API", cluster=name)
+            await self._service.remove_cluster(name)
+            return False
+        config = self._check(name, body)
+        created = name not in self._service.clusters
+        listeners = await self._prepare(config)
+        previous = self._store.bodies.get(name) if self._store is not None else None
+        try:
+            await self._keep(name, body)
+        except BaseException:
+            listeners.rollback()
+            raise
+        try:
+            self._install(config, created, listeners)
+        except Exception:
+            # The new ports first: a store that cannot be written back must
+            # not also leave them listening for ever.
+            listeners.rollback()
+            await self._keep(name, previous)  # keep the store saying what runs
+            raise
+        log.info(
+            "cluster {cluster} {action} through the control API",
+            cluster=name,
+            action="registered" if created else "replaced",
+        )
+        return created
+
+    def _install(self, config: ClusterConfig, created: bool, listeners: ListenerChange) -> None:
+        if created:
+            self._service.add_cluster(config, listeners=listeners)
+        else:
+            self._service.replace_cluster(config, listeners=listeners)
+
+    async def _keep(self, name: str, body: Mapping[str, Any] | None) -> None:
+        if self._store is None:
+            return
+        try:
+            if body is None:
+                await self._store.delete(name)
+            else:
+                await self._store.put(name, body)
+        except StoreUnavailable as e:
+            raise ControlError(503, str(e)) from None
+
+    def _apply_remote(self, name: str, body: Mapping[str, Any] | None) -> Deferred[str | None]:
+        """The store's sink (see L{gateway.store.base.Sink}): a change another gateway made."""
+        return Deferred.fromCoroutine(self._apply_remote_locked(name, body))
+
+    async def _apply_remote_locked(self, name: str, body: Mapping[str, Any] | None) -> str | None:
+        if name in self._config_names:
+            refused = "a cluster of that name is defined in this gateway's configuration file"
+        elif body is None:
+            if name in self._service.clusters:
+                await self._service.remove_cluster(name)
+                log.info("cluster {cluster} removed through the shared store", cluster=name)
+            return None
+        else:
+            try:
+                config = self._check(name, body)
+                current = self._service.clusters.get(name)
+                if current is not None and current.config == config:
+                    return None
+                self._install(config, current is None, await self._prepare(config))
+            except ControlError as e:
+                refused = f"{e.field}: {e.reason}" if e.field else e.reason
+                if name in self._service.clusters:
+                    await self._service.remove_cluster(name)
+            else:
+                log.info(
+                    "cluster {cluster} {action} through the shared store",
+                    cluster=name,
+                    action="registered" if current is None else "replaced",
+                )
+                return None
+        log.error("cluster {cluster} in the shared store is not served here: {reason}", cluster=name, reason=refused)
+        return refused
 
     def health(self) -> Mapping[str, Any]:
         service = self._service
         clusters = service.clusters.values()
         up = sum(1 for c in clusters if c.state == "up")
-        not_ready = service.not_ready()
+        not_ready = service.not_ready() + (self._store.not_ready() if self._store else [])
         return {
             "status": "ok" if not not_ready else "not-ready",
             "gateway": service.settings.name,
@@ -187,7 +262,7 @@ class GatewayControl:
                 kind: [peer_origin(address)[0] for address in service.listening_addresses(kind)]
                 for kind in ("socks", "http")
             },
-            "store": {"backend": "file", "path": self._store.path if self._store else None, "synced": True},
+            "store": self._store.status() if self._store else {"backend": None, "state": "synced", "synced": True},
             "clusters": {"up": up, "down": len(clusters) - up},
         }
 

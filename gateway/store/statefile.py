@@ -135,6 +135,9 @@ class StateFile:
         #: Whether the file last loaded held a secret in plaintext (to warn
         #: of without a sealer, to seal at once with one).
         self.plaintext_secrets = False
+        #: The etcd revision the file was a snapshot of, when it is the etcd
+        #: backend's local cache (C{"revision"} in the file); None otherwise.
+        self.revision: int | None = None
 
     def __repr__(self) -> str:
         return f"StateFile({self.path!r})"
@@ -211,9 +214,13 @@ class StateFile:
             raise self._refuse(f"not valid JSON: {e.name} is not a JSON value") from None
         if not isinstance(data, dict):
             raise self._refuse(f'expected a JSON object {{"version": 1, "clusters": {{...}}}}, got {type_name(data)}')
-        unknown = sorted(set(data) - {"version", "clusters"})
+        unknown = sorted(set(data) - {"version", "clusters", "revision"})
         if unknown:
             raise self._refuse(f'unknown top-level key {_show(unknown[0])} (expected "version" and "clusters")')
+        revision = data.get("revision")
+        if revision is not None and (type(revision) is not int or revision < 0):
+            raise self._refuse('"revision": expected a revision number')
+        self.revision = revision
         if "version" not in data:
             raise self._refuse('missing "version"')
         version = data["version"]
@@ -235,11 +242,11 @@ class StateFile:
     def _temp_prefix(self) -> str:
         return f".{os.path.basename(self.path)}."
 
-    def save(self, clusters: Mapping[str, Mapping]) -> None:
+    def save(self, clusters: Mapping[str, Mapping], revision: int | None = None) -> None:
         """
         Replace the file's content with C{clusters} (C{{name: body}}),
         atomically: after a crash the file holds either the old or the new
-        registry, complete.
+        registry, complete.  C{revision}: the etcd revision of a cache.
 
         @raise StoreError: if the registry cannot be encoded or written; the
             old file is then left as it was and no temporary file remains.
@@ -247,7 +254,9 @@ class StateFile:
         try:
             if self.sealer is not None:
                 clusters = {name: self.sealer.seal_body(name, body) for name, body in clusters.items()}
-            plain = {"version": STORE_VERSION, "clusters": _plain(clusters, "clusters")}
+            plain: dict[str, Any] = {"version": STORE_VERSION, "clusters": _plain(clusters, "clusters")}
+            if revision is not None:
+                plain["revision"] = revision
             data = (json.dumps(plain, sort_keys=True, indent=2, allow_nan=False) + "\n").encode("utf-8")
         except (TypeError, ValueError) as e:
             raise StoreError(self.path, f"cannot encode the registry: {e}") from None

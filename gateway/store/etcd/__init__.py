@@ -1,0 +1,1 @@
+"""The etcd v3 backend: a fleet of gateways sharing one registry."""

@@ -1,0 +1,352 @@
+"""
+A small etcd v3 client over etcd's HTTP/JSON gateway, with C{treq}.
+
+Why not a client library: the maintained Python etcd3 clients speak gRPC
+from threads or asyncio, and gRPC's own event loop does not run inside
+Twisted's reactor; the JSON gateway is part of every etcd server since 3.4
+(C{/v3/...} paths), needs nothing but HTTP, and the store needs four calls
+of it: range, txn, watch and authenticate.  The messages are built and read
+in L{gateway.store.etcd.wire}, without I/O.
+
+Endpoints are tried in turn: a call goes to the member that answered last,
+and moves on to the next member when that one refuses the connection, does
+not answer within C{timeout} seconds, or answers that it has no leader or is
+unavailable.  Only when every member failed does the call fail, with
+L{EtcdUnavailable} naming the last reason.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import treq
+from twisted.internet.defer import Deferred
+from twisted.internet.error import ConnectError, ConnectionClosed, TimeoutError
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.protocol import Protocol as TwistedProtocol
+from twisted.internet.ssl import Certificate, PrivateCertificate, optionsForClientTLS
+from twisted.python.failure import Failure
+from twisted.web.client import Agent, HTTPConnectionPool, ResponseFailed
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import IResponse
+
+from gateway.config.secrets import SecretFileError, read_secret_file
+from gateway.store.etcd import wire
+from gateway.store.etcd.wire import EtcdProtocolError, KeyValue, WatchDecoder, WatchResponse
+
+__all__ = ["Etcd", "EtcdClient", "EtcdError", "EtcdUnavailable", "TlsFiles", "Watch"]
+
+#: Messages of answers that mean "ask another member" (etcd's rpctypes).
+_RETRY_ELSEWHERE = (
+    "no leader",
+    "leader changed",
+    "request timed out",
+    "not capable",
+    "unavailable",
+    "too many requests",
+)
+#: The answer to a token that expired or was revoked: authenticate again, once.
+_BAD_TOKEN = ("invalid auth token", "user name is empty", "revision of auth store is old")
+
+
+class EtcdUnavailable(Exception):
+    """No member of the cluster answered: the reason is the last member's."""
+
+
+class EtcdError(Exception):
+    """A member answered and refused the call (permission denied, a bad request): not worth retrying."""
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    """C{[store]}'s TLS files: the CA that signs the members' certificates, and the client certificate."""
+
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+
+
+class Watch(Protocol):
+    """A running watch: C{ended} fires with why it ended (never fails); L{cancel} ends it."""
+
+    ended: Deferred[str]
+
+    def cancel(self) -> None: ...
+
+
+class Etcd(Protocol):
+    """The calls the store makes; L{EtcdClient} over HTTP, L{gateway.testing.etcd.MemoryEtcd} in memory."""
+
+    @property
+    def endpoint(self) -> str: ...
+
+    def range(self, prefix: bytes) -> Deferred[tuple[int, list[KeyValue]]]:
+        """C{(revision, every key-value under prefix)}."""
+
+    def newest(self, prefix: bytes) -> Deferred[int]:
+        """The C{mod_revision} of the key under C{prefix} modified last (0: none); needs a quorum."""
+
+    def txn(
+        self, prefix: bytes, seen: int, puts: Mapping[bytes, bytes], deletes: Sequence[bytes]
+    ) -> Deferred[tuple[bool, int]]:
+        """See L{wire.txn_request} and L{wire.txn_outcome}."""
+
+    def watch(self, prefix: bytes, start_revision: int, receive: Callable[[WatchResponse], None]) -> Deferred[Watch]:
+        """Start watching; fires once the stream is open."""
+
+
+class _Stream(TwistedProtocol):
+    """A watch's response body: messages to C{receive}, the end to C{ended}."""
+
+    def __init__(self, receive: Callable[[WatchResponse], None]) -> None:
+        self._receive = receive
+        self._decoder = WatchDecoder()
+        self.ended: Deferred[str] = Deferred()
+        self._reason: str | None = None
+
+    def dataReceived(self, data: bytes) -> None:
+        try:
+            messages = self._decoder.feed(data)
+        except EtcdProtocolError as e:
+            self._end(f"bad watch message: {e}")
+            return
+        for message in messages:
+            if self._reason is None:
+                self._receive(message)
+
+    def _end(self, reason: str) -> None:
+        if self._reason is None:
+            self._reason = reason
+            if self.transport is not None:
+                self.transport.stopProducing()  # type: ignore[attr-defined]  # a response body's producer
+
+    def cancel(self) -> None:
+        self._end("cancelled")
+
+    def connectionLost(self, reason: Failure = Failure(ConnectionClosed())) -> None:  # noqa: B008
+        if not self.ended.called:
+            self.ended.callback(self._reason or f"the stream ended ({reason.getErrorMessage() or 'closed'})")
+
+
+def _read(path: str, key: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as e:
+        raise ValueError(key, f"cannot read {path!r}: {e.strerror or type(e).__name__}") from None
+
+
+def tls_policy(files: TlsFiles) -> Any:
+    """
+    An C{IPolicyForHTTPS} checking members against C{ca_file} (else the
+    system's CAs), presenting the client certificate when there is one.
+
+    @raise ValueError: C{(key, reason)} for a file that cannot be used.
+    """
+    trust = None
+    if files.ca_file:
+        try:
+            trust = Certificate.loadPEM(_read(files.ca_file, "store.ca_file"))
+        except ValueError:
+            raise
+        except Exception:  # pyOpenSSL's errors
+            raise ValueError("store.ca_file", f"{files.ca_file!r} holds no PEM certificate") from None
+    client = None
+    if files.cert_file and files.key_file:
+        try:
+            key = read_secret_file(files.key_file, "key file")
+        except SecretFileError as e:
+            raise ValueError("store.key_file", str(e)) from None
+        try:
+            client = PrivateCertificate.loadPEM(_read(files.cert_file, "store.cert_file") + b"\n" + key)
+        except ValueError:
+            raise
+        except Exception:
+            raise ValueError("store.cert_file", "not a PEM certificate matching store.key_file's key") from None
+
+    class Policy:
+        def creatorForNetloc(self, hostname: bytes, port: int) -> Any:
+            return optionsForClientTLS(hostname.decode("ascii"), trustRoot=trust, clientCertificate=client)
+
+    return Policy()
+
+
+class EtcdClient:
+    """
+    L{Etcd} over the JSON gateway of C{endpoints} (C{http://HOST:PORT} or
+    C{https://...}).
+
+    @param tls: an C{IPolicyForHTTPS} for https endpoints (L{tls_policy}).
+    @param password: with C{user}, etcd's authentication: a token is asked
+        for at the first call and again when etcd says it expired.
+    """
+
+    def __init__(
+        self,
+        reactor: Any,
+        endpoints: Sequence[str],
+        *,
+        timeout: float,
+        tls: Any = None,
+        user: str | None = None,
+        password: str | None = None,
+    ) -> None:
+        if not endpoints:
+            raise ValueError("no etcd endpoint")
+        self._clock: IReactorTime = reactor
+        self._endpoints = [e.rstrip("/") for e in endpoints]
+        self._current = 0
+        self._timeout = timeout
+        pool = HTTPConnectionPool(reactor, persistent=True)
+        pool.maxPersistentPerHost = 4
+        self._pool = pool
+        agent = Agent(reactor, tls, pool=pool) if tls is not None else Agent(reactor, pool=pool)
+        self._http = treq.client.HTTPClient(agent)
+        self._user = user
+        self._password = password
+        self._token: str | None = None
+
+    @property
+    def endpoint(self) -> str:
+        return self._endpoints[self._current]
+
+    def close(self) -> Deferred[None]:
+        return self._pool.closeCachedConnections()
+
+    # --- calls --------------------------------------------------------------------------
+
+    def range(self, prefix: bytes) -> Deferred[tuple[int, list[KeyValue]]]:
+        def read(answer: Mapping[str, Any]) -> tuple[int, list[KeyValue]]:
+            return wire.revision_of(answer), wire.range_kvs(answer)
+
+        return self._call("/v3/kv/range", wire.range_request(prefix)).addCallback(read)
+
+    def newest(self, prefix: bytes) -> Deferred[int]:
+        def read(answer: Mapping[str, Any]) -> int:
+            return max((kv.mod_revision for kv in wire.range_kvs(answer)), default=0)
+
+        return self._call("/v3/kv/range", wire.range_request(prefix, newest_only=True)).addCallback(read)
+
+    def txn(
+        self, prefix: bytes, seen: int, puts: Mapping[bytes, bytes], deletes: Sequence[bytes]
+    ) -> Deferred[tuple[bool, int]]:
+        request = wire.txn_request(prefix, seen, puts, deletes)
+        return self._call("/v3/kv/txn", request).addCallback(wire.txn_outcome)
+
+    def watch(self, prefix: bytes, start_revision: int, receive: Callable[[WatchResponse], None]) -> Deferred[Watch]:
+        return Deferred.fromCoroutine(self._watch(wire.watch_request(prefix, start_revision), receive))
+
+    # --- the transport ------------------------------------------------------------------
+
+    def _call(self, path: str, body: Mapping[str, Any]) -> Deferred[Mapping[str, Any]]:
+        return Deferred.fromCoroutine(self._try_members(path, body))
+
+    async def _try_members(self, path: str, body: Mapping[str, Any]) -> Mapping[str, Any]:
+        last = "no member tried"
+        for _ in range(len(self._endpoints)):
+            endpoint = self.endpoint
+            try:
+                status, data = await self._timed(self._post(endpoint, path, body))
+                if status == 401 or (status != 200 and _says(data, _BAD_TOKEN)):
+                    self._token = None
+                    status, data = await self._timed(self._post(endpoint, path, body))
+            except _Unreachable as e:
+                last = f"{endpoint}: {e}"
+            else:
+                if status == 200:
+                    return wire.decode_answer(data)
+                if not _says(data, _RETRY_ELSEWHERE):
+                    raise EtcdError(f"{endpoint}: {wire.error_message(data)}")
+                last = f"{endpoint}: {wire.error_message(data)}"
+            self._current = (self._current + 1) % len(self._endpoints)
+        raise EtcdUnavailable(last)
+
+    async def _post(self, endpoint: str, path: str, body: Mapping[str, Any]) -> tuple[int, bytes]:
+        response = await self._request(endpoint, path, body)
+        return response.code, await treq.content(response)
+
+    async def _request(self, endpoint: str, path: str, body: Mapping[str, Any], watch: bool = False) -> IResponse:
+        headers = Headers({b"content-type": [b"application/json"]})
+        if watch:
+            # gRPC metadata "hasleader": a member cut off from the quorum
+            # ends the watch instead of going silent (what etcdctl asks too).
+            headers.addRawHeader(b"grpc-metadata-hasleader", b"true")
+        if self._user is not None:
+            if self._token is None:
+                self._token = await self._authenticate(endpoint)
+            headers.addRawHeader(b"authorization", self._token.encode("ascii"))
+        try:
+            response: IResponse = await self._http.post(
+                endpoint + path, data=json.dumps(body).encode(), headers=headers
+            )
+        except (ConnectError, ResponseFailed, TimeoutError) as e:
+            raise _Unreachable(_why(e)) from None
+        return response
+
+    async def _authenticate(self, endpoint: str) -> str:
+        body = json.dumps({"name": self._user, "password": self._password}).encode()
+        try:
+            response = await self._http.post(endpoint + "/v3/auth/authenticate", data=body)
+            data = await treq.content(response)
+        except (ConnectError, ResponseFailed, TimeoutError) as e:
+            raise _Unreachable(_why(e)) from None
+        if response.code != 200:
+            # The reason etcd gives ("authentication failed, invalid user ID
+            # or password") names neither; the password is never in it.
+            raise EtcdError(f"{endpoint}: cannot authenticate as {self._user!r}: {wire.error_message(data)}")
+        token = wire.decode_answer(data).get("token")
+        if not isinstance(token, str) or not token.isascii():
+            raise EtcdProtocolError("authenticate: no token in the answer")
+        return token
+
+    async def _timed(self, call: Any) -> Any:
+        """C{call} (a coroutine), given up after C{timeout} seconds as unreachable."""
+        d = Deferred.fromCoroutine(call)
+        timer: IDelayedCall = self._clock.callLater(self._timeout, d.cancel)
+        try:
+            return await d
+        except Exception as e:
+            if isinstance(e, _Unreachable) or not d.called or timer.active():
+                raise
+            raise _Unreachable(f"no answer within {self._timeout:g} s") from None
+        finally:
+            if timer.active():
+                timer.cancel()
+
+    async def _watch(self, request: Mapping[str, Any], receive: Callable[[WatchResponse], None]) -> Watch:
+        last = "no member tried"
+        for _ in range(len(self._endpoints)):
+            endpoint = self.endpoint
+            try:
+                response = await self._timed(self._request(endpoint, "/v3/watch", request, watch=True))
+            except _Unreachable as e:
+                last = f"{endpoint}: {e}"
+            else:
+                if response.code == 200:
+                    stream = _Stream(receive)
+                    response.deliverBody(stream)
+                    return stream
+                data = await treq.content(response)
+                last = f"{endpoint}: {wire.error_message(data)}"
+                if response.code == 401:
+                    self._token = None
+            self._current = (self._current + 1) % len(self._endpoints)
+        raise EtcdUnavailable(last)
+
+
+class _Unreachable(Exception):
+    """This member did not answer (refused, reset, timed out): try the next one."""
+
+
+def _why(error: Exception) -> str:
+    if isinstance(error, ResponseFailed):
+        return "the connection failed mid-answer"
+    return str(error.__class__.__doc__ or type(error).__name__).strip().rstrip(".")
+
+
+def _says(data: bytes, phrases: Sequence[str]) -> bool:
+    message = wire.error_message(data).lower()
+    return any(phrase in message for phrase in phrases)

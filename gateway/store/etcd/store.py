@@ -1,0 +1,475 @@
+"""
+The etcd backend: one registry shared by a fleet of gateways.
+
+Layout under C{prefix} (default C{/gateway/})::
+
+    PREFIX clusters/NAME   the cluster's body, JSON, its secrets sealed with [store] secret_key_file
+    PREFIX meta/last-write which gateway wrote last (every write touches it: see below)
+
+Reading: at start and after a compaction, the whole prefix is read (one
+range) and the difference to what this gateway serves is applied; then a
+watch from the next revision streams every change.  A watch that ends (a
+member gone, a leader lost) is started again from the revision after the
+last one applied, on the next member; one whose revision was compacted
+away reads the whole prefix again.  Every change carries its revision, and
+one at or below the last applied is skipped: nothing is applied twice, and
+nothing between is missed.  A probe (the newest revision under the prefix,
+a linearizable read) runs every C{probe_interval} seconds: it says whether
+etcd is reachable, and restarts a watch that has fallen silent while the
+registry moved on.
+
+Writing: a write is one transaction that succeeds only if no key under the
+prefix changed after the revision this gateway last applied, so the body
+was checked against the registry it lands in.  Deletions change no key that
+stays, hence C{meta/last-write}, written by every transaction: a deletion
+through one gateway makes a concurrent write through another conflict.  The
+loser waits until its watch has applied the winner's change, checks again,
+and tries again (L{gateway.control.registry}).
+
+etcd is not on the data path: while it is unreachable the gateway serves
+the last registry it applied, answers writes with 503, and keeps trying.
+Each applied change is also written to a 0600 local cache file, from which a
+gateway starts when etcd is down at its start.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred, DeferredLock, succeed
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.task import LoopingCall, deferLater
+from twisted.logger import Logger
+
+from gateway.store.base import Body, Sink, StoreConflict, StoreUnavailable
+from gateway.store.etcd.client import Etcd, EtcdError, EtcdUnavailable, Watch
+from gateway.store.etcd.wire import EtcdProtocolError, Event, KeyValue, WatchResponse
+from gateway.store.sealing import Sealer, SealError, is_sealed
+from gateway.store.statefile import StateFile, StoreError
+
+__all__ = ["EtcdStore"]
+
+log = Logger()
+
+_CLUSTERS = "clusters/"
+_LAST_WRITE = "meta/last-write"
+#: Seconds between attempts while etcd is unreachable: from the first to the last.
+RETRY_DELAYS = (0.2, 0.5, 1.0, 2.0, 5.0)
+#: A watch that ends sooner than this many seconds counts as a failure (no busy loop).
+MIN_WATCH = 1.0
+#: Seconds the local cache may lag behind the registry (a burst of changes is written once).
+CACHE_DELAY = 0.2
+
+
+def _failure_text(error: Exception) -> str:
+    return str(error) or type(error).__name__
+
+
+class EtcdStore(Service):
+    """
+    L{gateway.store.base.Store} on etcd (see the module).
+
+    @param cache: the local cache; C{bodies} and its C{revision} as it was read at start-up.
+    @param on_fatal: called once if the registry holds secrets sealed with
+        another key at the first sync: this gateway cannot serve the fleet's
+        clusters and must not start as if it could.
+    """
+
+    backend = "etcd"
+
+    def __init__(
+        self,
+        etcd: Etcd,
+        clock: IReactorTime,
+        *,
+        prefix: str,
+        gateway: str,
+        sealer: Sealer | None,
+        cache: StateFile | None,
+        bodies: Mapping[str, Body] | None = None,
+        probe_interval: float = 1.0,
+        on_fatal: Callable[[str], None] | None = None,
+    ) -> None:
+        self._etcd = etcd
+        self._clock = clock
+        self._prefix = prefix.encode("utf-8")
+        self._gateway = gateway
+        self._sealer = sealer
+        self._cache = cache
+        self._probe_interval = probe_interval
+        self._on_fatal = on_fatal
+        self.lock = DeferredLock()
+        self.bodies: dict[str, Body] = dict(bodies or {})
+        #: Every change up to this revision is applied (0: never synced; the
+        #: cache's revision is not trusted for writes: etcd may have moved on).
+        self.revision = 0
+        #: "starting" (nothing read yet), "synced", or "degraded" (etcd unreachable).
+        self.state = "starting"
+        self.last_error: str | None = None
+        #: Clusters in the registry this gateway does not serve, with why.
+        self.rejected: dict[str, str] = {}
+        self._sink: Sink | None = None
+        self._loaded = bodies is not None
+        self._waiters: list[tuple[int, Deferred[None]]] = []
+        self._queue: list[WatchResponse] = []
+        self._draining: Deferred[None] | None = None
+        self._watch: Watch | None = None
+        self._resync = True
+        self._stale_probes = 0
+        self._probe = LoopingCall(self._check)
+        self._probe.clock = clock
+        self._cache_call: IDelayedCall | None = None
+        self._running: Deferred[None] | None = None
+
+    # --- the Store interface ------------------------------------------------------------
+
+    def attach(self, sink: Sink) -> None:
+        self._sink = sink
+
+    def put(self, name: str, body: Body) -> Deferred[None]:
+        return Deferred.fromCoroutine(self._write(name, body))
+
+    def delete(self, name: str) -> Deferred[None]:
+        return Deferred.fromCoroutine(self._write(name, None))
+
+    def caught_up(self, revision: int) -> Deferred[None]:
+        if revision <= self.revision:
+            return succeed(None)
+        d: Deferred[None] = Deferred(lambda d: self._waiters.remove((revision, d)))
+        self._waiters.append((revision, d))
+        return d
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "backend": "etcd",
+            "state": self.state,
+            "synced": self.state == "synced",
+            "endpoint": self._etcd.endpoint,
+            "revision": self.revision,
+            "last_error": self.last_error,
+            "cache": self._cache.path if self._cache else None,
+            "rejected": dict(self.rejected),
+        }
+
+    def not_ready(self) -> list[str]:
+        if self._loaded:
+            return []
+        return [f"store: the registry is not read yet (etcd: {self.last_error or 'connecting'})"]
+
+    # --- keys and values ----------------------------------------------------------------
+
+    def _key(self, name: str) -> bytes:
+        return self._prefix + (_CLUSTERS + name).encode("utf-8")
+
+    def _name(self, key: bytes) -> str | None:
+        """The cluster a key holds, or None for the store's other keys."""
+        head = self._prefix + _CLUSTERS.encode()
+        if not key.startswith(head):
+            return None
+        try:
+            return key[len(head) :].decode("utf-8")
+        except UnicodeDecodeError:
+            return None
+
+    def _encode(self, name: str, body: Body) -> bytes:
+        if self._sealer is not None:
+            body = self._sealer.seal_body(name, body)
+        return json.dumps(body, sort_keys=True, allow_nan=False).encode("utf-8")
+
+    def _decode(self, name: str, value: bytes) -> Body:
+        """The body of a value; ValueError saying why it cannot be served (never its content)."""
+        try:
+            body = json.loads(value)
+        except (UnicodeDecodeError, ValueError):
+            raise ValueError("its value in etcd is not JSON") from None
+        if not isinstance(body, dict):
+            raise ValueError("its value in etcd is not a JSON object")
+        if self._sealer is None:
+            if any(is_sealed(v) for v in body.values()):
+                raise ValueError("its secrets are sealed: set [store] secret_key_file to the key that sealed them")
+            return body
+        try:
+            return self._sealer.open_body(name, body)
+        except SealError as e:
+            raise _Sealed(str(e)) from None
+
+    # --- writing ------------------------------------------------------------------------
+
+    async def _write(self, name: str, body: Body | None) -> None:
+        """Under the lock (the caller holds it): one transaction on the registry as last applied."""
+        if self.revision == 0:
+            raise StoreUnavailable(self._unavailable(f"not synced with etcd yet ({self.last_error or 'connecting'})"))
+        key = self._key(name)
+        marker = json.dumps({"gateway": self._gateway, "cluster": name, "at": self._clock.seconds()}).encode()
+        puts = {self._prefix + _LAST_WRITE.encode(): marker}
+        if body is not None:
+            puts[key] = self._encode(name, body)
+        try:
+            succeeded, revision = await self._etcd.txn(self._prefix, self.revision, puts, [key] if body is None else [])
+        except (EtcdUnavailable, EtcdError, EtcdProtocolError) as e:
+            self._degraded(_failure_text(e))
+            raise StoreUnavailable(self._unavailable(_failure_text(e))) from None
+        if not succeeded:
+            raise StoreConflict(revision)
+        if body is None:
+            self.bodies.pop(name, None)
+        else:
+            self.bodies[name] = dict(body)
+        self.rejected.pop(name, None)
+        self._advance(revision)
+
+    def _unavailable(self, why: str) -> str:
+        return (
+            f"the registry cannot be changed now: {why}; this gateway keeps serving the registry"
+            f" as of revision {self.revision}"
+        )
+
+    # --- reading ------------------------------------------------------------------------
+
+    def startService(self) -> None:
+        super().startService()
+        if self._loaded and self._sink is not None:
+            log.info(
+                "etcd store: serving the {count} clusters of the local cache {path} until etcd answers",
+                count=len(self.bodies),
+                path=self._cache.path if self._cache else None,
+            )
+        self._probe.start(self._probe_interval, now=False)
+        self._running = Deferred.fromCoroutine(self._run())
+
+    def stopService(self) -> Deferred[None] | None:
+        super().stopService()
+        if self._probe.running:
+            self._probe.stop()
+        if self._watch is not None:
+            self._watch.cancel()
+        if self._cache_call is not None and self._cache_call.active():
+            self._cache_call.cancel()
+            self._save_cache()
+        running, self._running = self._running, None
+        if running is not None:
+            running.cancel()
+            running.addErrback(lambda _: None)
+        return None
+
+    async def _run(self) -> None:
+        """Sync, watch, and again, for as long as the service runs."""
+        failures = 0
+        while self.running:
+            started = self._clock.seconds()
+            try:
+                if self._resync:
+                    await self._sync()
+                await self._watch_once()
+            except (EtcdUnavailable, EtcdError, EtcdProtocolError) as e:
+                self._degraded(_failure_text(e))
+            else:
+                if self._clock.seconds() - started >= MIN_WATCH:
+                    failures = 0
+                    continue
+            # Unreachable, or a watch that ended at once: wait, longer each time.
+            await deferLater(self._clock, RETRY_DELAYS[min(failures, len(RETRY_DELAYS) - 1)])
+            failures += 1
+
+    async def _sync(self) -> None:
+        """Read the whole prefix and apply what differs from what is served here."""
+        revision, kvs = await self._etcd.range(self._prefix)
+        await self.lock.acquire()
+        try:
+            await self._apply_snapshot(revision, kvs)
+        finally:
+            self.lock.release()
+        self._resync = False
+
+    async def _apply_snapshot(self, revision: int, kvs: Sequence[KeyValue]) -> None:
+        first = self.revision == 0
+        found: dict[str, bytes] = {}
+        for kv in kvs:
+            name = self._name(kv.key)
+            if name is not None:
+                found[name] = kv.value
+        sealed_elsewhere = []
+        for name in sorted(set(found) | set(self.bodies)):
+            if name not in found:
+                await self._apply(name, None)
+                continue
+            try:
+                body = self._decode(name, found[name])
+            except _Sealed as e:
+                sealed_elsewhere.append(f"{name}: {e}")
+                await self._reject(name, str(e))
+                continue
+            except ValueError as e:
+                await self._reject(name, str(e))
+                continue
+            if body != self.bodies.get(name) or name in self.rejected:
+                await self._apply(name, body)
+        self._loaded = True
+        self._advance(revision)
+        self._set_state("synced")
+        log.info(
+            "etcd store: the registry read at revision {revision}: {count} clusters",
+            revision=revision,
+            count=len(found),
+        )
+        if first and sealed_elsewhere and self._on_fatal is not None:
+            self._on_fatal(f"etcd holds secrets this gateway cannot open ({sealed_elsewhere[0]})")
+
+    async def _watch_once(self) -> None:
+        """One watch, from the revision after the last applied, until it ends."""
+        self._watch = watch = await self._etcd.watch(self._prefix, self.revision + 1, self._received)
+        self._stale_probes = 0
+        self._set_state("synced")
+        try:
+            reason = await watch.ended
+        finally:
+            self._watch = None
+        # What arrived before the end is applied before the next watch starts.
+        if self._draining is not None:
+            await self._draining
+        if self.running and not self._resync:
+            log.info(
+                "etcd store: the watch ended ({reason}): resuming from revision {revision}",
+                reason=reason,
+                revision=self.revision + 1,
+            )
+
+    def _received(self, response: WatchResponse) -> None:
+        if response.canceled:
+            if response.compact_revision:
+                log.info(
+                    "etcd store: revision {revision} is compacted: reading the whole registry again",
+                    revision=self.revision + 1,
+                )
+                self._resync = True
+            if self._watch is not None:
+                self._watch.cancel()
+            return
+        if response.events:
+            self._queue.append(response)
+            if self._draining is None:
+                self._draining = Deferred.fromCoroutine(self._drain())
+
+    async def _drain(self) -> None:
+        try:
+            while self._queue:
+                response = self._queue.pop(0)
+                await self.lock.acquire()
+                try:
+                    await self._apply_events(response.events)
+                finally:
+                    self.lock.release()
+        finally:
+            self._draining = None
+
+    async def _apply_events(self, events: Sequence[Event]) -> None:
+        """Events in revision order; a revision's events all applied before the revision counts as applied."""
+        for index, event in enumerate(events):
+            revision = event.kv.mod_revision
+            if revision <= self.revision:
+                continue  # applied already: written by this gateway, or read by a resync
+            name = self._name(event.kv.key)
+            if name is not None:
+                if event.deleted:
+                    await self._apply(name, None)
+                else:
+                    try:
+                        body = self._decode(name, event.kv.value)
+                    except ValueError as e:
+                        await self._reject(name, str(e))
+                    else:
+                        await self._apply(name, body)
+            last_of_revision = index + 1 == len(events) or events[index + 1].kv.mod_revision != revision
+            if last_of_revision:
+                self._advance(revision)
+
+    async def _apply(self, name: str, body: Body | None) -> None:
+        """One change from elsewhere, to the sink; the body is kept whether this gateway serves it or not."""
+        if body is None:
+            self.bodies.pop(name, None)
+            self.rejected.pop(name, None)
+        else:
+            self.bodies[name] = body
+        refused = await self._sink(name, body) if self._sink is not None else None
+        if refused is None:
+            self.rejected.pop(name, None)
+        else:
+            self.rejected[name] = refused
+
+    async def _reject(self, name: str, reason: str) -> None:
+        log.error("etcd store: cluster {cluster} is not served by this gateway: {reason}", cluster=name, reason=reason)
+        self.bodies.pop(name, None)
+        if self._sink is not None:
+            await self._sink(name, None)
+        self.rejected[name] = reason
+
+    def _advance(self, revision: int) -> None:
+        if revision <= self.revision:
+            return
+        self.revision = revision
+        ready = [(r, d) for r, d in self._waiters if r <= revision]
+        self._waiters = [(r, d) for r, d in self._waiters if r > revision]
+        for _, d in ready:
+            d.callback(None)
+        if self._cache is not None and (self._cache_call is None or not self._cache_call.active()):
+            self._cache_call = self._clock.callLater(CACHE_DELAY, self._save_cache)
+
+    def _save_cache(self) -> None:
+        if self._cache is None:
+            return
+        try:
+            self._cache.save(self.bodies, revision=self.revision)
+        except StoreError as e:
+            log.warn("etcd store: cannot write the local cache: {error}", error=str(e))
+
+    # --- health -------------------------------------------------------------------------
+
+    def _check(self) -> Deferred[None]:
+        """The probe: is etcd reachable, and is the watch keeping up?"""
+        return Deferred.fromCoroutine(self._probe_once())
+
+    async def _probe_once(self) -> None:
+        try:
+            newest = await self._etcd.newest(self._prefix)
+        except (EtcdUnavailable, EtcdError, EtcdProtocolError) as e:
+            self._degraded(_failure_text(e))
+            if self._watch is not None:
+                self._watch.cancel()  # another member may still answer
+            return
+        if self._watch is None:
+            return
+        self._set_state("synced")
+        self._stale_probes = self._stale_probes + 1 if newest > self.revision else 0
+        if self._stale_probes >= 2:
+            log.warn("etcd store: the watch fell silent behind revision {newest}: restarting it", newest=newest)
+            self._watch.cancel()
+
+    def _set_state(self, state: str) -> None:
+        if state == self.state:
+            return
+        if state == "synced":
+            log.info(
+                "etcd store: synced with {endpoint} at revision {revision}",
+                endpoint=self._etcd.endpoint,
+                revision=self.revision,
+            )
+            self.last_error = None
+        self.state = state
+
+    def _degraded(self, error: str) -> None:
+        self.last_error = error
+        if self.state != "degraded":
+            log.warn(
+                "etcd store: etcd unreachable ({error}): serving the registry as of revision {revision},"
+                " refusing changes until it answers",
+                error=error,
+                revision=self.revision,
+            )
+        self.state = "degraded"
+
+
+class _Sealed(ValueError):
+    """A value sealed with another key than this gateway's."""
