@@ -267,7 +267,8 @@ class EtcdStore(Service):
             except (EtcdUnavailable, EtcdError, EtcdProtocolError) as e:
                 self._degraded(_failure_text(e))
             else:
-                if self._clock.seconds() - started >= MIN_WATCH:
+                # A compacted start revision is no failure: read everything at once.
+                if self._resync or self._clock.seconds() - started >= MIN_WATCH:
                     failures = 0
                     continue
             # Unreachable, or a watch that ended at once: wait, longer each time.
@@ -328,7 +329,7 @@ class EtcdStore(Service):
         finally:
             self._watch = None
         # What arrived before the end is applied before the next watch starts.
-        if self._draining is not None:
+        if self._draining is not None and not self._draining.called:
             await self._draining
         if self.running and not self._resync:
             log.info(
@@ -350,20 +351,17 @@ class EtcdStore(Service):
             return
         if response.events:
             self._queue.append(response)
-            if self._draining is None:
+            if self._draining is None or self._draining.called:
                 self._draining = Deferred.fromCoroutine(self._drain())
 
     async def _drain(self) -> None:
-        try:
-            while self._queue:
-                response = self._queue.pop(0)
-                await self.lock.acquire()
-                try:
-                    await self._apply_events(response.events)
-                finally:
-                    self.lock.release()
-        finally:
-            self._draining = None
+        while self._queue:
+            response = self._queue.pop(0)
+            await self.lock.acquire()
+            try:
+                await self._apply_events(response.events)
+            finally:
+                self.lock.release()
 
     async def _apply_events(self, events: Sequence[Event]) -> None:
         """Events in revision order; a revision's events all applied before the revision counts as applied."""

@@ -1,0 +1,328 @@
+"""
+Tests for L{gateway.store.etcd.store}: the etcd backend's sync, watch,
+resume, writes and cache, over L{gateway.testing.etcd.MemoryEtcd} and a
+fake clock.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+from typing import Any
+
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase
+
+from gateway.store.base import StoreConflict, StoreUnavailable
+from gateway.store.etcd.store import RETRY_DELAYS, EtcdStore
+from gateway.store.sealing import Sealer
+from gateway.store.statefile import StateFile
+from gateway.testing.etcd import MemoryEtcd
+
+PREFIX = b"/gw/"
+
+
+def key(name: str) -> bytes:
+    return PREFIX + b"clusters/" + name.encode()
+
+
+def value(body: dict[str, Any]) -> bytes:
+    return json.dumps(body).encode()
+
+
+class Gateway:
+    """What a store applies changes to: a registry of bodies, refusing some names."""
+
+    def __init__(self) -> None:
+        self.clusters: dict[str, Any] = {}
+        self.changes: list[tuple[str, Any]] = []
+        self.refuse: dict[str, str] = {}
+
+    def sink(self, name: str, body: Any) -> Deferred[str | None]:
+        self.changes.append((name, body))
+        if body is None:
+            self.clusters.pop(name, None)
+            return succeed(None)
+        if name in self.refuse:
+            self.clusters.pop(name, None)
+            return succeed(self.refuse[name])
+        self.clusters[name] = body
+        return succeed(None)
+
+
+class StoreTestCase(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.etcd = MemoryEtcd(self.clock)
+
+    def store(self, **kw: Any) -> tuple[EtcdStore, Gateway]:
+        gateway = Gateway()
+        kw.setdefault("sealer", None)
+        kw.setdefault("cache", None)
+        store = EtcdStore(self.etcd, self.clock, prefix=PREFIX.decode(), gateway="gw-a", **kw)
+        store.attach(gateway.sink)
+        store.startService()
+        self.addCleanup(store.stopService)
+        self.clock.advance(0)
+        return store, gateway
+
+    def settle(self) -> None:
+        for _ in range(5):
+            self.clock.advance(0)
+
+    def write(self, store: EtcdStore, name: str, body: Any) -> None:
+        """A write as the control API makes it: under the lock."""
+        store.lock.acquire()
+        try:
+            d = store.delete(name) if body is None else store.put(name, body)
+            self.successResultOf(d)
+        finally:
+            store.lock.release()
+
+
+class SyncTests(StoreTestCase):
+    def test_reads_the_registry_then_follows_it(self) -> None:
+        self.etcd.write({key("a"): value({"user": "u"}), PREFIX + b"meta/x": b"{}"})
+        store, gateway = self.store()
+        self.assertEqual(gateway.clusters, {"a": {"user": "u"}})
+        self.assertEqual(store.state, "synced")
+        self.assertEqual(store.not_ready(), [])
+        self.etcd.write({key("b"): value({"user": "v"})})
+        self.etcd.write({}, [key("a")])
+        self.settle()
+        self.assertEqual(gateway.clusters, {"b": {"user": "v"}})
+        self.assertEqual(store.revision, self.etcd.revision)
+
+    def test_not_ready_until_read(self) -> None:
+        self.etcd.go_down()
+        store, _ = self.store()
+        self.assertEqual(store.state, "degraded")
+        self.assertIn("store: the registry is not read yet", store.not_ready()[0])
+        self.etcd.come_back()
+        self.clock.advance(RETRY_DELAYS[0])
+        self.settle()
+        self.assertEqual(store.not_ready(), [])
+
+    def test_a_cache_is_served_while_etcd_is_down(self) -> None:
+        self.etcd.go_down()
+        store, gateway = self.store(bodies={"a": {"user": "u"}})
+        self.assertEqual(store.not_ready(), [])
+        self.assertEqual(store.status()["state"], "degraded")
+        self.assertEqual(gateway.changes, [])  # the cache was applied at start-up, not again
+        self.etcd.come_back()
+        self.etcd.write({key("b"): value({"user": "v"})})
+        self.clock.advance(RETRY_DELAYS[0])
+        self.settle()
+        # a was not in etcd: removed; b was: added.
+        self.assertEqual(gateway.changes, [("a", None), ("b", {"user": "v"})])
+
+    def test_the_same_body_is_not_applied_again(self) -> None:
+        self.etcd.write({key("a"): value({"user": "u"})})
+        store, gateway = self.store(bodies={"a": {"user": "u"}})
+        self.assertEqual(gateway.changes, [])
+
+    def test_refused_clusters_are_reported(self) -> None:
+        self.etcd.write({key("a"): value({"user": "u"}), key("bad"): b"not json"})
+        gateway_refuses = {"a": "socks[0]: port in use"}
+        store = EtcdStore(self.etcd, self.clock, prefix="/gw/", gateway="g", sealer=None, cache=None)
+        gateway = Gateway()
+        gateway.refuse = gateway_refuses
+        store.attach(gateway.sink)
+        store.startService()
+        self.addCleanup(store.stopService)
+        self.assertEqual(
+            store.status()["rejected"], {"a": "socks[0]: port in use", "bad": "its value in etcd is not JSON"}
+        )
+        self.assertEqual(gateway.clusters, {})
+
+
+class WatchTests(StoreTestCase):
+    def test_a_cut_watch_resumes_without_gaps_or_repeats(self) -> None:
+        store, gateway = self.store()
+        self.etcd.write({key("a"): value({"n": 1})})
+        self.settle()
+        self.etcd.cut_watches()
+        # Changed while no watch runs:
+        self.etcd.write({key("a"): value({"n": 2})})
+        self.etcd.write({key("b"): value({"n": 3})})
+        self.clock.advance(RETRY_DELAYS[0])  # a watch that ended at once waits before the next
+        self.settle()
+        self.assertEqual(gateway.changes, [("a", {"n": 1}), ("a", {"n": 2}), ("b", {"n": 3})])
+
+    def test_events_at_or_below_the_applied_revision_are_skipped(self) -> None:
+        store, gateway = self.store()
+        self.etcd.write({key("a"): value({"n": 1})})
+        self.settle()
+        self.etcd.cut_watches()
+        watch = self.etcd.watch
+        # A watch that starts too early (a member's history): the replay repeats revision 2.
+        self.patch(self.etcd, "watch", lambda prefix, start, receive: watch(prefix, 1, receive))
+        self.clock.advance(RETRY_DELAYS[0])
+        self.settle()
+        self.assertEqual(gateway.changes, [("a", {"n": 1})])
+
+    def test_one_revision_applies_every_event_it_holds(self) -> None:
+        store, gateway = self.store()
+        self.etcd.write({key("a"): value({"n": 1}), key("b"): value({"n": 2})})
+        self.settle()
+        self.assertEqual(gateway.clusters, {"a": {"n": 1}, "b": {"n": 2}})
+
+    def test_compaction_reads_everything_again(self) -> None:
+        store, gateway = self.store()
+        self.etcd.write({key("a"): value({"n": 1}), key("b"): value({"n": 2})})
+        self.settle()
+        self.etcd.cut_watches()
+        self.etcd.write({}, [key("a")])
+        self.etcd.write({key("c"): value({"n": 3})})
+        self.etcd.compact(self.etcd.revision)
+        self.clock.advance(RETRY_DELAYS[0])
+        self.settle()  # the watch is cancelled as compacted
+        self.clock.advance(RETRY_DELAYS[0])
+        self.settle()
+        self.assertEqual(gateway.clusters, {"b": {"n": 2}, "c": {"n": 3}})
+        self.assertEqual(store.revision, self.etcd.revision)
+        self.assertEqual(gateway.changes.count(("b", {"n": 2})), 1)
+
+    def test_a_silent_watch_is_restarted_by_the_probe(self) -> None:
+        store, gateway = self.store(probe_interval=1.0)
+        self.etcd.silence_watches()
+        self.etcd.write({key("a"): value({"n": 1})})
+        self.settle()
+        self.assertEqual(gateway.clusters, {})
+        self.clock.advance(1.0)
+        self.clock.advance(1.0)  # two probes saw the registry ahead: the watch restarts
+        self.clock.advance(RETRY_DELAYS[0])
+        self.settle()
+        self.assertEqual(gateway.clusters, {"a": {"n": 1}})
+
+    def test_unreachable_then_back(self) -> None:
+        store, gateway = self.store()
+        self.etcd.go_down()
+        self.settle()
+        self.clock.advance(1.0)  # the probe
+        self.assertEqual(store.state, "degraded")
+        self.assertIn("connection refused", store.status()["last_error"])
+        # Written meanwhile with etcdctl (once etcd is back, before this gateway retried):
+        self.etcd.come_back()
+        self.etcd.write({key("x"): value({"n": 9})})
+        self.clock.advance(max(RETRY_DELAYS))
+        self.settle()
+        self.assertEqual(store.state, "synced")
+        self.assertEqual(gateway.clusters, {"x": {"n": 9}})
+
+    def test_retries_back_off_and_stop_with_the_service(self) -> None:
+        self.etcd.go_down()
+        store, _ = self.store()
+        tries = len(self.clock.getDelayedCalls())
+        for delay in RETRY_DELAYS:
+            self.clock.advance(delay)
+        self.assertEqual(store.state, "degraded")
+        store.stopService()
+        self.clock.advance(max(RETRY_DELAYS))
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.assertGreater(tries, 0)
+
+
+class WriteTests(StoreTestCase):
+    def test_a_write_is_a_transaction_on_the_applied_revision(self) -> None:
+        store, gateway = self.store()
+        self.write(store, "a", {"user": "u"})
+        self.assertEqual(self.etcd.txns, [(PREFIX, 1)])
+        self.assertEqual(store.bodies, {"a": {"user": "u"}})
+        self.settle()
+        self.assertEqual(gateway.changes, [])  # the writer applies its own change; the watch skips it
+        self.assertEqual(store.revision, self.etcd.revision)
+        self.write(store, "a", None)
+        self.assertNotIn(key("a"), self.etcd.data)
+        self.assertIn(PREFIX + b"meta/last-write", self.etcd.data)
+
+    def test_a_concurrent_change_is_a_conflict(self) -> None:
+        store, gateway = self.store()
+        self.etcd.cut_watches()
+        other = self.etcd.write({key("b"): value({"n": 1})})
+        store.lock.acquire()
+        failure = self.failureResultOf(store.put("a", {"n": 2}), StoreConflict)
+        store.lock.release()
+        self.assertEqual(failure.value.newest, other)
+        waiting = store.caught_up(other)
+        self.assertNoResult(waiting)
+        self.clock.advance(RETRY_DELAYS[0])
+        self.settle()
+        self.successResultOf(waiting)
+        self.write(store, "a", {"n": 2})
+        self.assertEqual(set(store.bodies), {"a", "b"})
+
+    def test_a_deletion_elsewhere_is_a_conflict_too(self) -> None:
+        one, _ = self.store()
+        two, _ = self.store()
+        self.write(one, "a", {"n": 1})
+        self.settle()
+        self.write(one, "a", None)  # changes no key that stays: meta/last-write does
+        two.lock.acquire()
+        self.failureResultOf(two.put("b", {"n": 2}), StoreConflict)
+        two.lock.release()
+
+    def test_unreachable_writes_are_refused_with_the_reason(self) -> None:
+        store, _ = self.store()
+        self.etcd.go_down()
+        store.lock.acquire()
+        failure = self.failureResultOf(store.put("a", {"n": 1}), StoreUnavailable)
+        store.lock.release()
+        self.assertIn("connection refused", str(failure.value))
+        self.assertIn("keeps serving the registry as of revision 1", str(failure.value))
+
+    def test_no_write_before_the_first_read(self) -> None:
+        self.etcd.go_down()
+        store, _ = self.store(bodies={"a": {}})
+        self.etcd.come_back()
+        store.lock.acquire()
+        failure = self.failureResultOf(store.put("b", {}), StoreUnavailable)
+        store.lock.release()
+        self.assertIn("not synced with etcd yet", str(failure.value))
+        self.assertEqual(self.etcd.txns, [])
+
+
+class SealingTests(StoreTestCase):
+    def test_secrets_never_reach_etcd_in_plaintext(self) -> None:
+        store, _ = self.store(sealer=Sealer(b"k" * 32))
+        self.write(store, "a", {"key": "-----BEGIN OPENSSH PRIVATE KEY-----", "token": "t0ken", "user": "u"})
+        raw = self.etcd.data[key("a")].value
+        self.assertNotIn(b"BEGIN", raw)
+        self.assertNotIn(b"t0ken", raw)
+        self.assertIn(b"sealed:v1:", raw)
+        self.assertEqual(store.bodies["a"]["token"], "t0ken")
+
+    def test_another_key_stops_the_first_sync(self) -> None:
+        writer, _ = self.store(sealer=Sealer(b"k" * 32))
+        self.write(writer, "a", {"token": "t0ken"})
+        reasons: list[str] = []
+        reader, gateway = self.store(sealer=Sealer(b"j" * 32), on_fatal=reasons.append)
+        self.assertEqual(len(reasons), 1)
+        self.assertIn("etcd holds secrets this gateway cannot open (a: ", reasons[0])
+        self.assertNotIn("t0ken", reasons[0])
+        self.assertIn("a", reader.rejected)
+        self.assertEqual(gateway.clusters, {})
+
+    def test_sealed_values_without_a_key_are_refused(self) -> None:
+        writer, _ = self.store(sealer=Sealer(b"k" * 32))
+        self.write(writer, "a", {"token": "t0ken"})
+        reader, gateway = self.store()
+        self.assertIn("set [store] secret_key_file", reader.rejected["a"])
+
+
+class CacheTests(StoreTestCase):
+    def test_every_applied_revision_reaches_the_cache(self) -> None:
+        path = os.path.join(self.mktemp(), "cache.json")
+        cache = StateFile(path, Sealer(b"k" * 32))
+        store, _ = self.store(cache=cache)
+        self.etcd.write({key("a"): value({"token": "t0ken"})})
+        self.settle()
+        self.clock.advance(1)
+        self.assertEqual(stat.S_IMODE(os.stat(path).st_mode), 0o600)
+        with open(path, "rb") as f:
+            self.assertNotIn(b"t0ken", f.read())
+        again = StateFile(path, Sealer(b"k" * 32))
+        self.assertEqual(again.load(), {"a": {"token": "t0ken"}})
+        self.assertEqual(again.revision, self.etcd.revision)
