@@ -151,3 +151,16 @@ class QuietConchLogsTests(SynchronousTestCase):
         chatty._log.error("Got remote error")
         ours = [e for e in events if e.get("log_namespace") == "tests.chatty"]
         self.assertEqual([e["log_format"] for e in ours], ["window overrun", "Got remote error"])
+
+
+class QuietEtcdPoolTests(SynchronousTestCase):
+    def test_the_pool_builds_connections_from_its_factory_attribute(self) -> None:
+        """gateway.store.etcd.client silences the pool's per-connection log lines through C{_factory}."""
+        from twisted.internet.testing import MemoryReactorClock
+        from twisted.web.client import HTTPConnectionPool, _HTTP11ClientFactory
+
+        from gateway.store.etcd.client import EtcdClient
+
+        self.assertIs(HTTPConnectionPool._factory, _HTTP11ClientFactory)
+        client = EtcdClient(MemoryReactorClock(), ["http://127.0.0.1:2379"], timeout=1)
+        self.assertFalse(client._pool._factory.noisy)

@@ -29,7 +29,7 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.protocol import Protocol as TwistedProtocol
 from twisted.internet.ssl import Certificate, PrivateCertificate, optionsForClientTLS
 from twisted.python.failure import Failure
-from twisted.web.client import Agent, HTTPConnectionPool, ResponseFailed
+from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone, ResponseFailed, _HTTP11ClientFactory
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IResponse
 
@@ -128,7 +128,9 @@ class _Stream(TwistedProtocol):
 
     def connectionLost(self, reason: Failure = Failure(ConnectionClosed())) -> None:  # noqa: B008
         if not self.ended.called:
-            self.ended.callback(self._reason or f"the stream ended ({reason.getErrorMessage() or 'closed'})")
+            if self._reason is None:
+                self._reason = "etcd ended the stream" if reason.check(ResponseDone) else "the connection was lost"
+            self.ended.callback(self._reason)
 
 
 def _read(path: str, key: str) -> bytes:
@@ -202,6 +204,9 @@ class EtcdClient:
         self._timeout = timeout
         pool = HTTPConnectionPool(reactor, persistent=True)
         pool.maxPersistentPerHost = 4
+        # The pool builds its connections from this (private) attribute: without it each new
+        # connection to etcd logs "Starting factory". Pinned by tests/test_conch_pins.py.
+        pool._factory = _QuietFactory
         self._pool = pool
         agent = Agent(reactor, tls, pool=pool) if tls is not None else Agent(reactor, pool=pool)
         self._http = treq.client.HTTPClient(agent)
@@ -335,6 +340,10 @@ class EtcdClient:
                     self._token = None
             self._current = (self._current + 1) % len(self._endpoints)
         raise EtcdUnavailable(last)
+
+
+class _QuietFactory(_HTTP11ClientFactory):
+    noisy = False
 
 
 class _Unreachable(Exception):

@@ -1,0 +1,126 @@
+"""
+Two gateways sharing one registry, in memory: L{GatewayControl} over
+L{EtcdStore} over one L{MemoryEtcd}, a fake clock for both.  Changes made
+through either API, at once, converge; conflicts are retried against the
+winner's change; a refused body is refused by both.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from typing import Any
+
+from twisted.internet.defer import Deferred
+from twisted.internet.testing import MemoryReactorClock
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase
+
+from gateway.app.service import GatewayService
+from gateway.config import GatewayConfig, GatewaySettings, ListenConfig
+from gateway.control.contract import ControlError
+from gateway.control.registry import GatewayControl
+from gateway.store.etcd.store import EtcdStore
+from gateway.testing.etcd import MemoryEtcd
+from gateway.testing.keys import generate_key, private_pem, public_line
+
+KEY = private_pem(generate_key())
+HOST_KEY = public_line(generate_key())
+
+
+def body(network: int = 1, **more: Any) -> dict[str, Any]:
+    return {
+        "proxies": ["127.0.0.1:1"],
+        "user": "u",
+        "key": KEY,
+        "host_keys": [HOST_KEY],
+        "networks": [f"10.{network}.0.0/24"],
+        **more,
+    }
+
+
+class Fleet(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.reactor = MemoryReactorClock()
+        self.etcd = MemoryEtcd(self.reactor)
+        self.gateways = [self.gateway(name) for name in ("gw-a", "gw-b")]
+
+    def gateway(self, name: str) -> tuple[GatewayService, EtcdStore, GatewayControl]:
+        config = GatewayConfig(ListenConfig(socks=(), http=(), control=()), {}, "gw.toml", GatewaySettings(name=name))
+        service = GatewayService(config, self.reactor)  # type: ignore[arg-type]
+        store = EtcdStore(self.etcd, self.reactor, prefix="/gw/", gateway=name, sealer=None, cache=None)
+        control = GatewayControl(service, store, set())
+        store.startService()
+        self.addCleanup(store.stopService)
+        self.settle()
+        return service, store, control
+
+    def settle(self, rounds: int = 50) -> None:
+        for _ in range(rounds):
+            self.reactor.advance(0.1)
+
+    def registry(self) -> dict[str, Any]:
+        prefix = b"/gw/clusters/"
+        return {
+            k[len(prefix) :].decode(): json.loads(kv.value) for k, kv in self.etcd.data.items() if k.startswith(prefix)
+        }
+
+    def test_a_put_through_one_is_served_by_the_other(self) -> None:
+        (_, _, a), (b_service, _, b) = self.gateways
+        self.assertTrue(self.successResultOf(a.put_cluster("c1", body())))
+        self.settle(1)
+        self.assertIn("c1", b_service.clusters)
+        self.successResultOf(b.delete_cluster("c1"))
+        self.settle(1)
+        self.assertEqual(self.gateways[0][0].clusters, {})
+
+    def test_concurrent_changes_converge(self) -> None:
+        rng = random.Random(13)
+        names = [f"c{i}" for i in range(6)]
+        results: list[Deferred[Any]] = []
+        for i in range(50):
+            _, _, control = rng.choice(self.gateways)
+            name = rng.choice(names)
+            if rng.random() < 0.3:
+                results.append(control.delete_cluster(name))
+            else:
+                results.append(control.put_cluster(name, body(network=i + 1)))
+            if rng.random() < 0.3:
+                self.reactor.advance(0)
+        self.settle()
+        outcomes = []
+        for d in results:
+            result: list[Any] = []
+            d.addBoth(result.append)
+            self.assertEqual(len(result), 1, "a change never ended")
+            if isinstance(result[0], Failure):
+                result[0].trap(ControlError)
+                outcomes.append(result[0].value.status)
+            else:
+                outcomes.append(200)
+        self.assertEqual(set(outcomes) - {200, 404}, set(), outcomes)
+        registry = self.registry()
+        for service, store, _ in self.gateways:
+            self.assertEqual(dict(store.bodies), registry)
+            self.assertEqual(sorted(service.clusters), sorted(registry))
+            for name, cluster in service.clusters.items():
+                self.assertEqual([str(n) for n in cluster.config.networks], registry[name]["networks"])
+        self.assertGreater(len(self.etcd.txns), 50, "no conflict was retried")
+
+    def test_an_alias_taken_meanwhile_is_refused_after_the_retry(self) -> None:
+        (_, _, a), (_, b_store, b) = self.gateways
+        self.etcd.cut_watches()  # b does not see a's change before it writes
+        self.successResultOf(a.put_cluster("c1", body(aliases=["x"])))
+        pending = b.put_cluster("c2", body(aliases=["x"]))
+        self.settle()
+        failure = self.failureResultOf(pending, ControlError)
+        self.assertEqual(failure.value.status, 409)
+        self.assertIn("alias 'x' is already used by cluster 'c1'", failure.value.reason)
+        self.assertEqual(sorted(self.registry()), ["c1"])
+
+    def test_a_body_refused_here_is_reported(self) -> None:
+        (_, _, _), (b_service, b_store, _) = self.gateways
+        self.etcd.write({b"/gw/clusters/c1": json.dumps(body(proxy_command="nc %h %p")).encode()})
+        self.settle(1)
+        self.assertNotIn("c1", b_service.clusters)
+        self.assertIn("proxy_command", b_store.status()["rejected"]["c1"])
