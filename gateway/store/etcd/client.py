@@ -101,8 +101,9 @@ class Etcd(Protocol):
 class _Stream(TwistedProtocol):
     """A watch's response body: messages to C{receive}, the end to C{ended}."""
 
-    def __init__(self, receive: Callable[[WatchResponse], None]) -> None:
+    def __init__(self, receive: Callable[[WatchResponse], None], bad_token: Callable[[], None]) -> None:
         self._receive = receive
+        self._bad_token = bad_token
         self._decoder = WatchDecoder()
         self.ended: Deferred[str] = Deferred()
         self._reason: str | None = None
@@ -114,6 +115,10 @@ class _Stream(TwistedProtocol):
             self._end(f"bad watch message: {e}")
             return
         for message in messages:
+            if message.canceled and "unauthenticated" in message.reason.lower():
+                # etcd answers a watch's bad token with 200 and a cancelled
+                # watch, not with a 401: ask for a new token next time.
+                self._bad_token()
             if self._reason is None:
                 self._receive(message)
 
@@ -246,6 +251,9 @@ class EtcdClient:
 
     # --- the transport ------------------------------------------------------------------
 
+    def _forget_token(self) -> None:
+        self._token = None
+
     def _call(self, path: str, body: Mapping[str, Any]) -> Deferred[Mapping[str, Any]]:
         return Deferred.fromCoroutine(self._try_members(path, body))
 
@@ -331,7 +339,7 @@ class EtcdClient:
                 last = f"{endpoint}: {e}"
             else:
                 if response.code == 200:
-                    stream = _Stream(receive)
+                    stream = _Stream(receive, self._forget_token)
                     response.deliverBody(stream)
                     return stream
                 data = await treq.content(response)
