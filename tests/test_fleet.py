@@ -124,3 +124,17 @@ class Fleet(SynchronousTestCase):
         self.settle(1)
         self.assertNotIn("c1", b_service.clusters)
         self.assertIn("proxy_command", b_store.status()["rejected"]["c1"])
+
+    def test_store_metrics_and_health(self) -> None:
+        (_, a_store, a), _ = self.gateways
+        self.successResultOf(a.put_cluster("c1", body()))
+        text = a.metrics().decode()
+        self.assertIn('gateway_store_synced{backend="etcd"} 1.0', text)
+        self.assertIn(f"gateway_store_revision {float(a_store.revision)}", text)
+        self.assertIn("gateway_store_rejected_clusters 0.0", text)
+        self.etcd.go_down()
+        self.settle(15)
+        health = a.health()
+        self.assertEqual(health["store"]["state"], "degraded")
+        self.assertTrue(health["ready"])  # etcd is off the data path
+        self.assertIn('gateway_store_synced{backend="etcd"} 0.0', a.metrics().decode())

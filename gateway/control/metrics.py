@@ -26,12 +26,15 @@ Metrics (per-cluster ones labelled C{cluster}):
    cache, a run already under way for the name, a run of its own)
  - C{gateway_resolver_failures_total{cluster,reason}}: resolver runs that
    gave no address (C{host-unreachable}: the name was not found)
+ - C{gateway_store_synced{backend}}: 1 while the store answers (etcd: reachable, watch running), else 0
+ - C{gateway_store_revision}: the etcd revision up to which every change is applied here
+ - C{gateway_store_rejected_clusters}: clusters of the shared registry this gateway does not serve
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -50,9 +53,15 @@ FRONTENDS = ("socks", "http")
 class GatewayCollector(Collector):
     """Reads the gateway's live counters on every C{collect()}."""
 
-    def __init__(self, gateway: StreamOpener, clusters: Callable[[], Iterable[ClusterConnection]]) -> None:
+    def __init__(
+        self,
+        gateway: StreamOpener,
+        clusters: Callable[[], Iterable[ClusterConnection]],
+        store: Callable[[], Mapping[str, Any]] | None = None,
+    ) -> None:
         self._gateway = gateway
         self._clusters = clusters
+        self._store = store
 
     def collect(self) -> Iterator[Metric]:
         opened = CounterMetricFamily(
@@ -130,6 +139,8 @@ class GatewayCollector(Collector):
         for frontend in sorted(set(FRONTENDS) | set(errors)):
             handshake.add_metric([frontend], errors.get(frontend, 0))
 
+        if self._store is not None:
+            yield from _store_metrics(self._store())
         yield from (
             info,
             opened,
@@ -146,7 +157,29 @@ class GatewayCollector(Collector):
         )
 
 
-def metrics_text(gateway: StreamOpener, clusters: Callable[[], Iterable[ClusterConnection]]) -> bytes:
+def _store_metrics(status: Mapping[str, Any]) -> Iterator[Metric]:
+    """The store's series, from its C{status()} (the C{store} section of C{GET /v1/health})."""
+    synced = GaugeMetricFamily("gateway_store_synced", "1 while the store answers, else 0.", labels=["backend"])
+    synced.add_metric([str(status.get("backend"))], 1 if status.get("synced") else 0)
+    yield synced
+    if "revision" in status:
+        yield GaugeMetricFamily(
+            "gateway_store_revision",
+            "The etcd revision up to which every change is applied here.",
+            value=status["revision"],
+        )
+        yield GaugeMetricFamily(
+            "gateway_store_rejected_clusters",
+            "Clusters of the shared registry this gateway does not serve.",
+            value=len(status.get("rejected") or ()),
+        )
+
+
+def metrics_text(
+    gateway: StreamOpener,
+    clusters: Callable[[], Iterable[ClusterConnection]],
+    store: Callable[[], Mapping[str, Any]] | None = None,
+) -> bytes:
     """
     One scrape of the gateway's metrics, as Prometheus text format 0.0.4 (the control API serves it as
     L{gateway.control.http.METRICS_TYPE}).
@@ -155,5 +188,5 @@ def metrics_text(gateway: StreamOpener, clusters: Callable[[], Iterable[ClusterC
     run time (through the control API) appear and disappear.
     """
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(GatewayCollector(gateway, clusters))
+    registry.register(GatewayCollector(gateway, clusters, store))
     return generate_latest(registry)

@@ -267,7 +267,10 @@ class GatewayControl:
         }
 
     def metrics(self) -> bytes:
-        return metrics_text(self._service.gateway, lambda: list(self._service.clusters.values()))
+        store = self._store
+        return metrics_text(
+            self._service.gateway, lambda: list(self._service.clusters.values()), store.status if store else None
+        )
 
     def proxy_pac(self, host: str | None, cluster: str | None) -> bytes | None:
         pac = self._service.gateway.pac
