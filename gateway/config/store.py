@@ -42,14 +42,24 @@ def _endpoints(values: Values, name: str) -> tuple[str, ...]:
         raise values.error(name, "must name at least one etcd member")
     for i, url in enumerate(urls):
         parts = urlsplit(url)
+        key = f"{values.key(name)}[{i}]"
+        if "@" in parts.netloc:  # not shown: what is before the @ may be a password
+            raise ConfigError(values.source, key, "must not hold a user or password: set user and password_file")
         try:
             port = parts.port
         except ValueError:
             port = None
-        if parts.scheme not in ("http", "https") or not parts.hostname or port is None or parts.path not in ("", "/"):
-            raise ConfigError(
-                values.source, f"{values.key(name)}[{i}]", f"{show(url)} is not an etcd client URL (http://HOST:PORT)"
-            )
+        # The scheme as written: fleet picks the TLS settings by "https:", and
+        # the client appends /v3/... to the URL (no room for a query).
+        if (
+            not url.startswith(("http://", "https://"))
+            or not parts.hostname
+            or not port
+            or parts.path not in ("", "/")
+            or "?" in url
+            or "#" in url
+        ):
+            raise ConfigError(values.source, key, f"{show(url)} is not an etcd client URL (http://HOST:PORT)")
     return tuple(urls)
 
 

@@ -274,6 +274,8 @@ def read_seconds(values: Values, name: str, *, zero: str | None = None, minimum:
         return 0.0
     if not math.isfinite(number) or number <= 0 or number < minimum:
         if zero is None:
+            if minimum:
+                raise values.error(name, f"must be at least {minimum:g} seconds, got {value}")
             raise values.error(name, f"must be a positive number of seconds, got {value}")
         if minimum:
             raise values.error(name, f"must be 0 ({zero}) or at least {minimum:g} seconds, got {value}")

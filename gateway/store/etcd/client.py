@@ -23,11 +23,13 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import treq
+from cryptography.hazmat.primitives.serialization import load_pem_private_key
+from OpenSSL import crypto
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectError, ConnectionClosed, TimeoutError
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.protocol import Protocol as TwistedProtocol
-from twisted.internet.ssl import Certificate, PrivateCertificate, optionsForClientTLS
+from twisted.internet.ssl import Certificate, KeyPair, PrivateCertificate, optionsForClientTLS
 from twisted.python.failure import Failure
 from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone, ResponseFailed, _HTTP11ClientFactory
 from twisted.web.http_headers import Headers
@@ -168,7 +170,14 @@ def tls_policy(files: TlsFiles) -> Any:
         except SecretFileError as e:
             raise ValueError("store.key_file", str(e)) from None
         try:
-            client = PrivateCertificate.loadPEM(_read(files.cert_file, "store.cert_file") + b"\n" + key)
+            private = load_pem_private_key(key, password=None)
+        except TypeError:  # encrypted: OpenSSL's own loading would ask for the passphrase on the terminal
+            raise ValueError("store.key_file", "is encrypted: the gateway reads it unencrypted (0600)") from None
+        except Exception:
+            raise ValueError("store.key_file", "holds no PEM private key") from None
+        try:
+            pair = KeyPair(crypto.PKey.from_cryptography_key(private))  # type: ignore[arg-type]  # others: TypeError
+            client = PrivateCertificate.load(_read(files.cert_file, "store.cert_file"), pair, crypto.FILETYPE_PEM)
         except ValueError:
             raise
         except Exception:

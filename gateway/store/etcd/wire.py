@@ -17,6 +17,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -38,6 +39,7 @@ __all__ = [
 #: A watch stream's one message is at most this long: a registry body is a
 #: few KiB (a key, known_hosts lines), a response carries a batch of them.
 MAX_WATCH_MESSAGE = 16 * 1024 * 1024
+_INT64 = re.compile(r"-?[0-9]{1,19}")
 
 
 class EtcdProtocolError(Exception):
@@ -58,15 +60,27 @@ def _unb64(value: object, what: str) -> bytes:
 
 
 def _int(value: object, what: str) -> int:
-    """A protobuf int64 in JSON: a decimal string (or a number), absent meaning 0."""
+    """
+    A protobuf int64 in JSON: a decimal string (or a number), absent meaning
+    0.  Only decimal digits: C{int()} alone would also take C{" 7"},
+    C{"1_000"} and other scripts' digits.
+    """
     if value is None:
         return 0
-    if isinstance(value, bool) or not isinstance(value, (str, int)):
+    if isinstance(value, str) and _INT64.fullmatch(value):
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or not -(2**63) <= value < 2**63:
         raise EtcdProtocolError(f"{what}: expected an integer")
-    try:
-        return int(value)
-    except ValueError:
-        raise EtcdProtocolError(f"{what}: expected an integer") from None
+    return value
+
+
+def _bool(value: object, what: str) -> bool:
+    """A protobuf bool in JSON, absent meaning false."""
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise EtcdProtocolError(f"{what}: expected a boolean")
+    return value
 
 
 def _object(value: object, what: str) -> Mapping[str, Any]:
@@ -170,7 +184,7 @@ def txn_outcome(answer: Mapping[str, Any]) -> tuple[bool, int]:
     revision when it succeeded, else the revision of the newest key under
     the prefix (0 when there is none).
     """
-    if answer.get("succeeded") is True:
+    if _bool(answer.get("succeeded"), "succeeded"):
         return True, revision_of(answer)
     responses = _list(answer.get("responses"), "responses")
     if not responses:
@@ -228,8 +242,8 @@ class WatchResponse:
         return cls(
             revision=revision_of(result),
             events=tuple(events),
-            created=result.get("created") is True,
-            canceled=result.get("canceled") is True,
+            created=_bool(result.get("created"), "created"),
+            canceled=_bool(result.get("canceled"), "canceled"),
             compact_revision=_int(result.get("compact_revision"), "compact_revision"),
             reason=reason if isinstance(reason, str) else "",
         )
@@ -256,6 +270,8 @@ class WatchDecoder:
                 break
             line = bytes(self._buffer[:end])
             del self._buffer[: end + 1]
+            if len(line) > self._limit:  # arrived whole in one chunk
+                raise EtcdProtocolError(f"a watch message over {self._limit} bytes")
             if line.strip():
                 messages.append(WatchResponse.from_json(_decode(line)))
         if len(self._buffer) > self._limit:
@@ -266,13 +282,16 @@ class WatchDecoder:
 def _decode(data: bytes) -> object:
     try:
         return json.loads(data)
-    except (UnicodeDecodeError, ValueError):
+    except (UnicodeDecodeError, ValueError, RecursionError):  # RecursionError: nested too deeply
         raise EtcdProtocolError("not JSON") from None
 
 
 def decode_answer(data: bytes) -> Mapping[str, Any]:
-    """A unary call's answer (range, txn, authenticate) as a JSON object."""
-    return _object(_decode(data), "answer")
+    """A unary call's answer (range, txn, authenticate) as a JSON object (C{null} is none: not an empty one)."""
+    answer = _decode(data)
+    if answer is None:
+        raise EtcdProtocolError("answer: expected an object")
+    return _object(answer, "answer")
 
 
 def error_message(data: bytes) -> str:
