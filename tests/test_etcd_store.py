@@ -326,3 +326,10 @@ class CacheTests(StoreTestCase):
         again = StateFile(path, Sealer(b"k" * 32))
         self.assertEqual(again.load(), {"a": {"token": "t0ken"}})
         self.assertEqual(again.revision, self.etcd.revision)
+
+    def test_deeply_nested_values_are_refused_not_raised(self) -> None:
+        store, gateway = self.store()
+        self.etcd.write({key("deep"): b"[" * 100000 + b"]" * 100000, key("ok"): value({"n": 1})})
+        self.settle()
+        self.assertEqual(gateway.clusters, {"ok": {"n": 1}})
+        self.assertEqual(store.rejected, {"deep": "its value in etcd is not JSON"})

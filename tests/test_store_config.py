@@ -248,6 +248,7 @@ class ValueTests(StoreTestCase):
     def test_prefix(self) -> None:
         self.assertError(self.etcd + 'prefix = ""\n', "store.prefix", "must not be empty")
         self.assertError(self.etcd + 'prefix = "/g\\u0000/"\n', "store.prefix", "must not hold a NUL character")
+        self.assertError(self.etcd + 'prefix = "/gw"\n', "store.prefix", "must end with '/' (as in '/gw/')")
 
     def test_paths(self) -> None:
         for key in ("secret_key_file", "ca_file", "cache_file"):

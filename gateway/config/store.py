@@ -67,6 +67,9 @@ def _prefix(values: Values, name: str) -> str:
     prefix = values.string(name)
     if "\0" in prefix:
         raise values.error(name, "must not hold a NUL character")
+    if not prefix.endswith("/"):
+        # "/gw" would also cover "/gw2/...": another fleet's registry.
+        raise values.error(name, f"must end with '/' (as in {show(prefix + '/')}), or it also covers other prefixes")
     return prefix
 
 

@@ -47,6 +47,7 @@ class Store(Protocol):
     backend: str
     #: Held for each change of the registry, local or remote (see the module).
     lock: DeferredLock
+
     @property
     def bodies(self) -> Mapping[str, Body]:
         """The registry's bodies as this gateway last saw it."""

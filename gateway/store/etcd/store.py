@@ -183,7 +183,7 @@ class EtcdStore(Service):
         """The body of a value; ValueError saying why it cannot be served (never its content)."""
         try:
             body = json.loads(value)
-        except (UnicodeDecodeError, ValueError):
+        except (UnicodeDecodeError, ValueError, RecursionError):
             raise ValueError("its value in etcd is not JSON") from None
         if not isinstance(body, dict):
             raise ValueError("its value in etcd is not a JSON object")
