@@ -1,8 +1,10 @@
 """
 Shared pieces of the system tier: the real `twistd gateway` process in a
-namespace lab (L{tests.system.netlab}), the short timers and the [defaults]
-table the fault and hostile-client labs share, and curl run in the lab's ctl
-namespace.  Test modules import these from here, never from each other.
+namespace lab (L{tests.system.netlab}), the labs and etcd clusters
+(L{tests.system.etcdlab}) started once per run, the short timers and the
+[defaults] table the fault and hostile-client labs share, and curl run in the
+lab's ctl namespace.  Test modules import these from here, never from each
+other.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from typing import TypeVar
 
 from twisted.trial.unittest import SkipTest
 
+from tests.system.etcdlab import EtcdCluster, etcd_skip_reason
 from tests.system.netlab import Lab, lab_skip_reason, wait_for_port
 
 T = TypeVar("T")
@@ -60,7 +63,7 @@ def shared(key: str, make: Callable[[], T]) -> T:
 def shared_lab(key: str, needs: str, build: Callable[[Lab, str], T]) -> tuple[Lab, T, str]:
     """
     The lab of C{key} (see L{shared}) with what C{build(lab, workdir)} puts
-    on it (a gateway, an extra sshd).  Stopped at exit (the
+    on it (a gateway, an extra sshd, an etcd cluster).  Stopped at exit (the
     lab registers its own atexit too), which runs after failures too.
 
     @param needs: who needs it, for the skip reason (C{"fault tests"}).
@@ -81,6 +84,26 @@ def shared_lab(key: str, needs: str, build: Callable[[Lab, str], T]) -> tuple[La
         except BaseException:
             lab.stop()
             raise
+
+    return shared(key, make)
+
+
+def shared_etcd(key: str, needs: str, members: int = 3) -> EtcdCluster:
+    """
+    The etcd cluster of C{key} (see L{shared}) in the root namespace, on
+    127.0.0.1 only: for tests that need etcd but no sshd lab.  Its start
+    registers its stop at exit.
+
+    @raise SkipTest: without etcd installed.
+    """
+    reason = etcd_skip_reason()
+    if reason:
+        raise SkipTest(f"{needs} need etcd: {reason}")
+
+    def make() -> EtcdCluster:
+        cluster = EtcdCluster(os.path.abspath(f"_{key}_{os.getpid()}"), members)
+        cluster.start()
+        return cluster
 
     return shared(key, make)
 
