@@ -7,8 +7,8 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cat setup.py | cksum | cut -d' ' -f1)
 # Debian packages the tests drive (real sshd, curl, nc, ip netns; node runs the PAC file,
-# headless chromium browses through it).
-DEBS   := openssh-server openssh-client curl netcat-openbsd socat iproute2 nodejs chromium
+# headless chromium browses through it; etcd and etcdctl are the gateways' shared store).
+DEBS   := openssh-server openssh-client curl netcat-openbsd socat iproute2 nodejs chromium etcd-server etcd-client
 
 .PHONY: run test lint bench system-deps clean
 

@@ -1,8 +1,10 @@
 """
 Shared pieces of the system tier: the real `twistd gateway` process in a
-namespace lab (L{tests.system.netlab}), the short timers and the [defaults]
-table the fault and hostile-client labs share, and curl run in the lab's ctl
-namespace.  Test modules import these from here, never from each other.
+namespace lab (L{tests.system.netlab}), the labs and etcd clusters
+(L{tests.system.etcdlab}) started once per run, the short timers and the
+[defaults] table the fault and hostile-client labs share, and curl run in the
+lab's ctl namespace.  Test modules import these from here, never from each
+other.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from typing import TypeVar
 
 from twisted.trial.unittest import SkipTest
 
+from tests.system.etcdlab import EtcdCluster, etcd_skip_reason
 from tests.system.netlab import Lab, lab_skip_reason, wait_for_port
 
 T = TypeVar("T")
@@ -34,43 +37,75 @@ CONNECT_TIMEOUT = 3.0
 HANDSHAKE_TIMEOUT = 2.0
 
 
-#: Labs started by L{shared_lab}, by key: (lab, what was built on it, workdir), or why they failed.
-_SHARED_LABS: dict[str, tuple[Lab, object, str] | BaseException] = {}
+#: What L{shared} made, by key: the thing, or why making it failed.
+_SHARED: dict[str, object] = {}
+
+
+def shared(key: str, make: Callable[[], T]) -> T:
+    """
+    C{make()}, once per test run under C{key}: labs and etcd clusters take
+    seconds to start, and trial has no class fixtures.  A failure is
+    remembered: the first test sees the error itself, every later one an
+    AssertionError naming it (not a second start that fails the same way).
+    """
+    if key not in _SHARED:
+        try:
+            _SHARED[key] = make()
+        except BaseException as e:
+            _SHARED[key] = e
+            raise
+    made = _SHARED[key]
+    if isinstance(made, BaseException):
+        raise AssertionError(f"{key} did not start: {made}")
+    return made  # type: ignore[return-value]  # made by this key's make
 
 
 def shared_lab(key: str, needs: str, build: Callable[[Lab, str], T]) -> tuple[Lab, T, str]:
     """
-    The lab of C{key}, started once per test run with what C{build(lab,
-    workdir)} puts on it (a gateway, an extra sshd): labs take seconds to
-    build, and trial has no class fixtures.  Stopped at exit (the lab
-    registers its own atexit too), which runs after failures too.
+    The lab of C{key} (see L{shared}) with what C{build(lab, workdir)} puts
+    on it (a gateway, an extra sshd, an etcd cluster).  Stopped at exit (the
+    lab registers its own atexit too), which runs after failures too.
 
     @param needs: who needs it, for the skip reason (C{"fault tests"}).
     @raise SkipTest: without the means to build a lab (not root, no sshd).
-    @raise AssertionError: for every test after a start that failed (the
-        first one saw the error itself).
     """
     reason = lab_skip_reason()
     if reason:
         raise SkipTest(f"{needs} need the namespace lab: {reason}")
-    shared = _SHARED_LABS.get(key)
-    if isinstance(shared, BaseException):
-        raise AssertionError(f"lab did not start: {shared}")
-    if shared is None:
+
+    def make() -> tuple[Lab, T, str]:
         workdir = os.path.abspath(f"_{key}_{os.getpid()}")
         os.makedirs(workdir, exist_ok=True)
         lab = Lab(os.path.join(workdir, "lab"))
         atexit.register(lab.stop)
         try:
             lab.start()
-            built = build(lab, workdir)
-        except BaseException as e:
-            _SHARED_LABS[key] = e
+            return lab, build(lab, workdir), workdir
+        except BaseException:
             lab.stop()
             raise
-        shared = _SHARED_LABS[key] = (lab, built, workdir)
-    lab, built, workdir = shared
-    return lab, built, workdir  # type: ignore[return-value]  # built by this key's build
+
+    return shared(key, make)
+
+
+def shared_etcd(key: str, needs: str, members: int = 3) -> EtcdCluster:
+    """
+    The etcd cluster of C{key} (see L{shared}) in the root namespace, on
+    127.0.0.1 only: for tests that need etcd but no sshd lab.  Its start
+    registers its stop at exit.
+
+    @raise SkipTest: without etcd installed.
+    """
+    reason = etcd_skip_reason()
+    if reason:
+        raise SkipTest(f"{needs} need etcd: {reason}")
+
+    def make() -> EtcdCluster:
+        cluster = EtcdCluster(os.path.abspath(f"_{key}_{os.getpid()}"), members)
+        cluster.start()
+        return cluster
+
+    return shared(key, make)
 
 
 def twistd_argv(config: str, logfile: str, *extra_args: str) -> list[str]:
