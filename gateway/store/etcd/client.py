@@ -24,16 +24,25 @@ from typing import Any, Protocol
 
 import treq
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
-from OpenSSL import crypto
+from OpenSSL import SSL, crypto
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectError, ConnectionClosed, TimeoutError
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.protocol import Protocol as TwistedProtocol
 from twisted.internet.ssl import Certificate, KeyPair, PrivateCertificate, optionsForClientTLS
 from twisted.python.failure import Failure
-from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone, ResponseFailed, _HTTP11ClientFactory
+from twisted.web.client import (
+    Agent,
+    HTTPConnectionPool,
+    RequestTransmissionFailed,
+    ResponseDone,
+    ResponseFailed,
+    ResponseNeverReceived,
+    _HTTP11ClientFactory,
+)
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import IResponse
+from twisted.web.iweb import IPolicyForHTTPS, IResponse
+from zope.interface import implementer
 
 from gateway.config.secrets import SecretFileError, read_secret_file
 from gateway.store.etcd import wire
@@ -183,6 +192,7 @@ def tls_policy(files: TlsFiles) -> Any:
         except Exception:
             raise ValueError("store.cert_file", "not a PEM certificate matching store.key_file's key") from None
 
+    @implementer(IPolicyForHTTPS)
     class Policy:
         def creatorForNetloc(self, hostname: bytes, port: int) -> Any:
             return optionsForClientTLS(hostname.decode("ascii"), trustRoot=trust, clientCertificate=client)
@@ -304,7 +314,7 @@ class EtcdClient:
             response: IResponse = await self._http.post(
                 endpoint + path, data=json.dumps(body).encode(), headers=headers
             )
-        except (ConnectError, ResponseFailed, TimeoutError) as e:
+        except _UNREACHABLE as e:
             raise _Unreachable(_why(e)) from None
         return response
 
@@ -313,7 +323,7 @@ class EtcdClient:
         try:
             response = await self._http.post(endpoint + "/v3/auth/authenticate", data=body)
             data = await treq.content(response)
-        except (ConnectError, ResponseFailed, TimeoutError) as e:
+        except _UNREACHABLE as e:
             raise _Unreachable(_why(e)) from None
         if response.code != 200:
             # The reason etcd gives ("authentication failed, invalid user ID
@@ -359,6 +369,10 @@ class EtcdClient:
         raise EtcdUnavailable(last)
 
 
+#: What a member that cannot be reached (or talked to: TLS) raises.
+_UNREACHABLE = (ConnectError, ResponseFailed, ResponseNeverReceived, RequestTransmissionFailed, TimeoutError)
+
+
 class _QuietFactory(_HTTP11ClientFactory):
     noisy = False
 
@@ -368,9 +382,22 @@ class _Unreachable(Exception):
 
 
 def _why(error: Exception) -> str:
-    if isinstance(error, ResponseFailed):
+    if isinstance(error, (ResponseFailed, ResponseNeverReceived, RequestTransmissionFailed)):
+        for reason in error.reasons:
+            if reason.check(SSL.Error):
+                return f"TLS failed ({_tls_reason(reason.value)})"
+        if isinstance(error, ResponseNeverReceived):
+            return "the connection closed before an answer"
         return "the connection failed mid-answer"
     return str(error.__class__.__doc__ or type(error).__name__).strip().rstrip(".")
+
+
+def _tls_reason(error: BaseException) -> str:
+    """OpenSSL's reason ("certificate verify failed"), without the library's tuple noise."""
+    for args in getattr(error, "args", [[]])[0] or []:
+        if isinstance(args, tuple) and args and isinstance(args[-1], str):
+            return args[-1]
+    return "handshake error"
 
 
 def _says(data: bytes, phrases: Sequence[str]) -> bool:

@@ -39,7 +39,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, DeferredLock, succeed
+from twisted.internet.defer import CancelledError, Deferred, DeferredLock, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import Logger
@@ -266,6 +266,12 @@ class EtcdStore(Service):
                 await self._watch_once()
             except (EtcdUnavailable, EtcdError, EtcdProtocolError) as e:
                 self._degraded(_failure_text(e))
+            except CancelledError:
+                raise  # stopService
+            except Exception:
+                # A bug must not end the following of the registry for good.
+                log.failure("etcd store: unexpected error (trying again)")
+                self._degraded("unexpected error (see the log)")
             else:
                 # A compacted start revision is no failure: read everything at once.
                 if self._resync or self._clock.seconds() - started >= MIN_WATCH:
@@ -432,7 +438,9 @@ class EtcdStore(Service):
     async def _probe_once(self) -> None:
         try:
             newest = await self._etcd.newest(self._prefix)
-        except (EtcdUnavailable, EtcdError, EtcdProtocolError) as e:
+        except CancelledError:
+            raise
+        except Exception as e:  # a LoopingCall whose call fails stops for good
             self._degraded(_failure_text(e))
             if self._watch is not None:
                 self._watch.cancel()  # another member may still answer
@@ -461,7 +469,7 @@ class EtcdStore(Service):
         self.last_error = error
         if self.state != "degraded":
             log.warn(
-                "etcd store: etcd unreachable ({error}): serving the registry as of revision {revision},"
+                "etcd store: etcd failed ({error}): serving the registry as of revision {revision},"
                 " refusing changes until it answers",
                 error=error,
                 revision=self.revision,
