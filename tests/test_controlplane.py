@@ -164,6 +164,18 @@ class ControlPlaneTests(ControlPlaneTestCase):
         self.assertFalse(os.path.exists(self.state_file))
 
     @inline
+    async def test_an_unwritable_state_file_is_a_503(self):
+        """The state file's directory is a file now: nothing can be kept, nothing changes."""
+        self.store.path = os.path.join(self.harness.dir, "blocker", "clusters.json")
+        with open(os.path.dirname(self.store.path), "w"):
+            pass
+        code, content = await self.call("PUT", "/v1/clusters/api-1", self.body())
+        self.assertEqual(code, 503, content)
+        self.assertIn("cannot create directory", json.loads(content)["error"])
+        code, _ = await self.call("GET", "/v1/clusters/api-1")
+        self.assertEqual(code, 404)
+
+    @inline
     async def test_registry_survives_a_restart(self):
         code, _ = await self.call("PUT", "/v1/clusters/api-2", self.body())
         self.assertEqual(code, 201)
