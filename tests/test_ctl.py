@@ -303,6 +303,22 @@ class HealthTests(CtlTestCase):
             "gateway gw-a not-ready: 1 clusters up, 0 down\n  not ready: http listener 'tcp:3128' is not listening\n",
         )
 
+    async def test_etcd_store(self) -> None:
+        store = {
+            "backend": "etcd",
+            "state": "degraded",
+            "revision": 42,
+            "last_error": "m1: refused",
+            "rejected": {"c2": "socks: port in use"},
+        }
+        self.answer("GET", "/v1/health", 200, {"status": "ok", "clusters": {"up": 1, "down": 0}, "store": store})
+        code, out, err = await self.ctl("health")
+        self.assertEqual(
+            out,
+            "ok: 1 clusters up, 0 down\n  store: etcd degraded at revision 42 (m1: refused)\n"
+            "  not served here: c2: socks: port in use\n",
+        )
+
     async def test_not_ok(self) -> None:
         self.answer("GET", "/v1/health", 200, {"status": "degraded", "clusters": {"up": 0, "down": 3}})
         code, out, err = await self.ctl("health")

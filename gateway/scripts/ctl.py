@@ -331,7 +331,21 @@ def cmd_health(client: Client, args: argparse.Namespace, out: IO[str]) -> int:
         reasons = data.get("not_ready")
         for reason in reasons if isinstance(reasons, list) else []:
             out.write(f"  not ready: {_text(reason)}\n")
+        _write_store(data.get("store"), out)
     return EXIT_OK if healthy else EXIT_REFUSED
+
+
+def _write_store(store: object, out: IO[str]) -> None:
+    """A shared store's state, and the clusters this gateway refuses to serve (the file store: nothing to say)."""
+    if not isinstance(store, dict) or store.get("backend") != "etcd":
+        return
+    line = f"  store: etcd {_text(store.get('state'))} at revision {_text(store.get('revision'))}"
+    if store.get("last_error"):
+        line += f" ({_text(store.get('last_error'))})"
+    out.write(line + "\n")
+    rejected = store.get("rejected")
+    for name, reason in sorted(rejected.items()) if isinstance(rejected, dict) else []:
+        out.write(f"  not served here: {_text(name)}: {_text(reason)}\n")
 
 
 COMMANDS: dict[str, Callable[[Client, argparse.Namespace, IO[str]], int]] = {
