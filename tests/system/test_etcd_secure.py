@@ -60,11 +60,11 @@ class SecureStoreTests(TestCase):
         cluster.start()
         return cluster
 
-    def gateway(self, store: str) -> str:
+    def gateway(self, store: str, name: str = "gw") -> str:
         """A gateway (its control API on loopback) with C{store} as its [store] table; its API's URL."""
         control = _free_port()
         config = _write(
-            os.path.join(self.workdir, "gw.toml"),
+            os.path.join(self.workdir, f"{name}.toml"),
             f"""
 [listen]
 socks = "tcp:{_free_port()}:interface=127.0.0.1"
@@ -73,7 +73,7 @@ control = "tcp:{control}:interface=127.0.0.1"
 
 [gateway]
 name = "gw-secure"
-state_file = "{os.path.join(self.workdir, "state", "clusters.json")}"
+state_file = "{os.path.join(self.workdir, name, "clusters.json")}"
 
 [store]
 backend = "etcd"
@@ -82,8 +82,10 @@ timeout = 2.0
 {store}
 """,
         )
-        self.log = os.path.join(self.workdir, "gw.log")
-        proc = subprocess.Popen(twistd_argv(config, self.log), stdin=subprocess.DEVNULL, start_new_session=True)
+        self.log = os.path.join(self.workdir, f"{name}.log")
+        self.proc = proc = subprocess.Popen(
+            twistd_argv(config, self.log), stdin=subprocess.DEVNULL, start_new_session=True
+        )
 
         def stop() -> None:
             if pid_alive(proc.pid):
@@ -185,3 +187,35 @@ timeout = 2.0
         error = self.call(url, "GET", "/v1/health")[1]["store"]["last_error"]
         self.assertIn("cannot authenticate as 'gateway'", error)
         self.assertNotIn("not-the-password", error + self.read_log())
+
+    def test_another_secret_key_refuses_to_start(self) -> None:
+        etcd = self.etcd()
+        keys = [_write(os.path.join(self.workdir, f"k{i}"), os.urandom(32).hex() + "\n") for i in (1, 2)]
+        endpoints = f"endpoints = {json.dumps(etcd.endpoints)}\n"
+        url = self.gateway(endpoints + f'secret_key_file = "{keys[0]}"\n', name="gw1")
+        self.until(lambda: self.call(url, "GET", "/v1/health")[1]["store"]["state"] == "synced", 10)
+        self.assertEqual(self.call(url, "PUT", "/v1/clusters/s1", {**self.body(), "token": "tok-9"})[0], 201)
+        config = _write(
+            os.path.join(self.workdir, "gw2.toml"),
+            f"""
+[listen]
+socks = "tcp:{_free_port()}:interface=127.0.0.1"
+http = ""
+[gateway]
+state_file = "{os.path.join(self.workdir, "gw2", "clusters.json")}"
+[store]
+backend = "etcd"
+prefix = "{PREFIX}"
+{endpoints}secret_key_file = "{keys[1]}"
+""",
+        )
+        log = os.path.join(self.workdir, "gw2.log")
+        done = subprocess.run(twistd_argv(config, log), stdin=subprocess.DEVNULL, timeout=30)
+        self.assertEqual(done.returncode, 1)
+        with open(log) as f:
+            text = f.read()
+        critical = [line for line in text.splitlines() if "#critical]" in line]
+        self.assertEqual(len(critical), 1, text)
+        self.assertIn("etcd holds secrets this gateway cannot open (s1: ", critical[0])
+        self.assertIn("refusing to start", critical[0])
+        self.assertNotIn("tok-9", text)
