@@ -26,7 +26,7 @@ import treq
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
 from OpenSSL import SSL, crypto
 from twisted.internet.defer import Deferred
-from twisted.internet.error import ConnectError, ConnectionClosed, TimeoutError
+from twisted.internet.error import ConnectError, ConnectionClosed, DNSLookupError, TimeoutError
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.protocol import Protocol as TwistedProtocol
 from twisted.internet.ssl import Certificate, KeyPair, PrivateCertificate, optionsForClientTLS
@@ -34,6 +34,7 @@ from twisted.python.failure import Failure
 from twisted.web.client import (
     Agent,
     HTTPConnectionPool,
+    RequestGenerationFailed,
     RequestTransmissionFailed,
     ResponseDone,
     ResponseFailed,
@@ -298,7 +299,7 @@ class EtcdClient:
 
     async def _post(self, endpoint: str, path: str, body: Mapping[str, Any]) -> tuple[int, bytes]:
         response = await self._request(endpoint, path, body)
-        return response.code, await treq.content(response)
+        return response.code, await _content(response)
 
     async def _request(self, endpoint: str, path: str, body: Mapping[str, Any], watch: bool = False) -> IResponse:
         headers = Headers({b"content-type": [b"application/json"]})
@@ -354,14 +355,14 @@ class EtcdClient:
             endpoint = self.endpoint
             try:
                 response = await self._timed(self._request(endpoint, "/v3/watch", request, watch=True))
-            except _Unreachable as e:
-                last = f"{endpoint}: {e}"
-            else:
                 if response.code == 200:
                     stream = _Stream(receive, self._forget_token)
                     response.deliverBody(stream)
                     return stream
-                data = await treq.content(response)
+                data = await _content(response)
+            except _Unreachable as e:
+                last = f"{endpoint}: {e}"
+            else:
                 last = f"{endpoint}: {wire.error_message(data)}"
                 if response.code == 401:
                     self._token = None
@@ -369,8 +370,19 @@ class EtcdClient:
         raise EtcdUnavailable(last)
 
 
-#: What a member that cannot be reached (or talked to: TLS) raises.
-_UNREACHABLE = (ConnectError, ResponseFailed, ResponseNeverReceived, RequestTransmissionFailed, TimeoutError)
+#: What a member that cannot be reached (or talked to: TLS) raises.  A POST on a pooled
+#: connection the member has closed fails with RequestGenerationFailed or
+#: RequestTransmissionFailed (the pool retries only idempotent methods); a host name in
+#: endpoints that does not resolve, with DNSLookupError.
+_UNREACHABLE = (
+    ConnectError,
+    DNSLookupError,
+    ResponseFailed,
+    ResponseNeverReceived,
+    RequestGenerationFailed,
+    RequestTransmissionFailed,
+    TimeoutError,
+)
 
 
 class _QuietFactory(_HTTP11ClientFactory):
@@ -381,13 +393,23 @@ class _Unreachable(Exception):
     """This member did not answer (refused, reset, timed out): try the next one."""
 
 
+async def _content(response: IResponse) -> bytes:
+    """The body of C{response}; L{_Unreachable} when the connection breaks off mid-answer."""
+    try:
+        return await treq.content(response)
+    except _UNREACHABLE as e:
+        raise _Unreachable(_why(e)) from None
+
+
 def _why(error: Exception) -> str:
-    if isinstance(error, (ResponseFailed, ResponseNeverReceived, RequestTransmissionFailed)):
+    if isinstance(error, (ResponseFailed, RequestGenerationFailed, RequestTransmissionFailed)):
         for reason in error.reasons:
             if reason.check(SSL.Error):
                 return f"TLS failed ({_tls_reason(reason.value)})"
         if isinstance(error, ResponseNeverReceived):
             return "the connection closed before an answer"
+        if isinstance(error, (RequestGenerationFailed, RequestTransmissionFailed)):
+            return "the connection failed while the request was sent"
         return "the connection failed mid-answer"
     return str(error.__class__.__doc__ or type(error).__name__).strip().rstrip(".")
 
