@@ -310,13 +310,14 @@ class HealthTests(CtlTestCase):
             "revision": 42,
             "last_error": "m1: refused",
             "rejected": {"c2": "socks: port in use"},
+            "members": ["gw-a", "gw-b"],
         }
         self.answer("GET", "/v1/health", 200, {"status": "ok", "clusters": {"up": 1, "down": 0}, "store": store})
         code, out, err = await self.ctl("health")
         self.assertEqual(
             out,
             "ok: 1 clusters up, 0 down\n  store: etcd degraded at revision 42 (m1: refused)\n"
-            "  not served here: c2: socks: port in use\n",
+            "  fleet: gw-a, gw-b\n  not served here: c2: socks: port in use\n",
         )
 
     async def test_not_ok(self) -> None:

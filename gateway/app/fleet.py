@@ -6,6 +6,7 @@ store service built from them.  See L{gateway.store.etcd.store}.
 
 from __future__ import annotations
 
+import importlib.metadata
 import os
 import sys
 from collections.abc import Mapping
@@ -20,6 +21,7 @@ from gateway.config import ConfigError, GatewayConfig
 from gateway.config.secrets import SecretFileError, read_secret_file
 from gateway.store.base import Body
 from gateway.store.etcd.client import EtcdClient, TlsFiles, tls_policy
+from gateway.store.etcd.members import FleetMember
 from gateway.store.etcd.store import EtcdStore
 from gateway.store.statefile import StateFile
 
@@ -105,4 +107,12 @@ def etcd_store(
     )
     etcd.rejected.update(rejected)
     etcd.setServiceParent(parent)
+    FleetMember(client, reactor, store.prefix, config.settings.name, _version()).setServiceParent(parent)
     return etcd
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("cluster-tunnel-gateway")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"

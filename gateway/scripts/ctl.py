@@ -343,6 +343,9 @@ def _write_store(store: object, out: IO[str]) -> None:
     if store.get("last_error"):
         line += f" ({_text(store.get('last_error'))})"
     out.write(line + "\n")
+    members = store.get("members")
+    if isinstance(members, list) and members:
+        out.write(f"  fleet: {', '.join(_text(m) for m in members)}\n")
     rejected = store.get("rejected")
     for name, reason in sorted(rejected.items()) if isinstance(rejected, dict) else []:
         out.write(f"  not served here: {_text(name)}: {_text(reason)}\n")

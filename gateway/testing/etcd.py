@@ -1,7 +1,8 @@
 """
 An etcd in memory (L{gateway.store.etcd.client.Etcd}), for tests of the
 store and of several gateways sharing it, with the failures a real cluster
-has: unreachable, watches cut or silent, revisions compacted away.
+has: unreachable, watches cut or silent, revisions compacted away, leases
+that expire (on C{clock}) when nobody keeps them alive.
 
 Like etcd, every transaction gets the next revision, and a watch replays
 the history from its start revision, then streams; unlike etcd, messages
@@ -11,13 +12,14 @@ when with C{clock.advance}.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from twisted.internet.defer import Deferred, fail, succeed
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 
-from gateway.store.etcd.client import EtcdUnavailable, Watch
+from gateway.store.etcd.client import EtcdError, EtcdUnavailable, Watch
 from gateway.store.etcd.wire import Event, KeyValue, WatchResponse
 
 __all__ = ["MemoryEtcd"]
@@ -65,6 +67,9 @@ class MemoryEtcd:
         self.watches: list[_MemoryWatch] = []
         #: Every transaction tried (prefix, seen), for tests that count them.
         self.txns: list[tuple[bytes, int]] = []
+        #: Lease id -> (its TTL, the call that ends it).
+        self.leases: dict[int, tuple[int, IDelayedCall]] = {}
+        self._lease_ids = itertools.count(0x1000)
 
     def _refuse(self) -> EtcdUnavailable:
         return EtcdUnavailable(f"{self.endpoint}: connection refused")
@@ -109,14 +114,56 @@ class MemoryEtcd:
                 self._send(watch, revision, events)
         return succeed(watch)
 
+    def get(self, key: bytes) -> Deferred[KeyValue | None]:
+        if self.unreachable:
+            return fail(self._refuse())
+        return succeed(self.data.get(key))
+
+    def put(self, key: bytes, value: bytes, lease: int = 0) -> Deferred[int]:
+        if self.unreachable:
+            return fail(self._refuse())
+        if lease and lease not in self.leases:
+            return fail(EtcdError(f"{self.endpoint}: etcdserver: requested lease not found"))
+        return succeed(self.write({key: value}, lease=lease))
+
+    def grant(self, ttl: int) -> Deferred[int]:
+        if self.unreachable:
+            return fail(self._refuse())
+        lease = next(self._lease_ids)
+        self.leases[lease] = (ttl, self.clock.callLater(ttl, self._expire, lease))
+        return succeed(lease)
+
+    def keepalive(self, lease: int) -> Deferred[int]:
+        if self.unreachable:
+            return fail(self._refuse())
+        if lease not in self.leases:
+            return succeed(0)
+        ttl, call = self.leases[lease]
+        call.reset(ttl)
+        return succeed(ttl)
+
+    def revoke(self, lease: int) -> Deferred[None]:
+        if self.unreachable:
+            return fail(self._refuse())
+        if lease in self.leases:
+            self.leases[lease][1].cancel()
+            self._expire(lease)
+        return succeed(None)
+
+    def _expire(self, lease: int) -> None:
+        del self.leases[lease]
+        keys = [key for key, kv in self.data.items() if kv.lease == lease]
+        if keys:
+            self.write({}, keys)
+
     # --- what etcdctl and failures do ---------------------------------------------------
 
-    def write(self, puts: Mapping[bytes, bytes], deletes: Sequence[bytes] = ()) -> int:
-        """One revision's puts and deletions, as C{etcdctl txn} would: its revision."""
+    def write(self, puts: Mapping[bytes, bytes], deletes: Sequence[bytes] = (), lease: int = 0) -> int:
+        """One revision's puts (bound to C{lease}) and deletions, as C{etcdctl txn} would: its revision."""
         self.revision += 1
         events = []
         for key, value in puts.items():
-            kv = KeyValue(key, value, self.revision)
+            kv = KeyValue(key, value, self.revision, lease)
             self.data[key] = kv
             events.append(Event(False, kv))
         for key in deletes:

@@ -229,6 +229,10 @@ class FleetTests(TestCase):
         self.report("DELETE through gw-b, gw-a refusing", took)
         self.assertLess(took, CONVERGE)
 
+    def test_the_fleet_is_listed(self) -> None:
+        fleet = self.fleet
+        _until(lambda: fleet.api("gw-b", "GET", "/v1/health")[1]["store"]["members"] == ["gw-a", "gw-b"], 15)
+
     def test_sealed_in_etcd(self) -> None:
         fleet = self.fleet
         code, _ = fleet.api("gw-b", "PUT", "/v1/clusters/f2", fleet.body())

@@ -109,6 +109,21 @@ class Etcd(Protocol):
     def watch(self, prefix: bytes, start_revision: int, receive: Callable[[WatchResponse], None]) -> Deferred[Watch]:
         """Start watching; fires once the stream is open."""
 
+    def get(self, key: bytes) -> Deferred[KeyValue | None]:
+        """The key's value, or None."""
+
+    def put(self, key: bytes, value: bytes, lease: int = 0) -> Deferred[int]:
+        """Write C{key} (bound to C{lease}, 0: none), unconditionally: the revision of the write."""
+
+    def grant(self, ttl: int) -> Deferred[int]:
+        """A new lease of C{ttl} seconds: its id."""
+
+    def keepalive(self, lease: int) -> Deferred[int]:
+        """Renew C{lease}: the seconds it has left, 0 when it expired."""
+
+    def revoke(self, lease: int) -> Deferred[None]:
+        """End C{lease} now (its keys go); one etcd no longer knows is no error."""
+
 
 class _Stream(TwistedProtocol):
     """A watch's response body: messages to C{receive}, the end to C{ended}."""
@@ -268,6 +283,29 @@ class EtcdClient:
 
     def watch(self, prefix: bytes, start_revision: int, receive: Callable[[WatchResponse], None]) -> Deferred[Watch]:
         return Deferred.fromCoroutine(self._watch(wire.watch_request(prefix, start_revision), receive))
+
+    def get(self, key: bytes) -> Deferred[KeyValue | None]:
+        def read(answer: Mapping[str, Any]) -> KeyValue | None:
+            return next(iter(wire.range_kvs(answer)), None)
+
+        return self._call("/v3/kv/range", {"key": wire.b64(key)}).addCallback(read)
+
+    def put(self, key: bytes, value: bytes, lease: int = 0) -> Deferred[int]:
+        return self._call("/v3/kv/put", wire.put_request(key, value, lease)).addCallback(wire.revision_of)
+
+    def grant(self, ttl: int) -> Deferred[int]:
+        return self._call("/v3/lease/grant", {"TTL": str(ttl)}).addCallback(wire.lease_granted)
+
+    def keepalive(self, lease: int) -> Deferred[int]:
+        return self._call("/v3/lease/keepalive", {"ID": str(lease)}).addCallback(wire.lease_kept)
+
+    def revoke(self, lease: int) -> Deferred[None]:
+        def gone(failure: Failure) -> None:
+            failure.trap(EtcdError)
+            if "lease not found" not in str(failure.value):
+                failure.raiseException()
+
+        return self._call("/v3/lease/revoke", {"ID": str(lease)}).addCallbacks(lambda _: None, gone)
 
     # --- the transport ------------------------------------------------------------------
 

@@ -5,6 +5,7 @@ Layout under C{prefix} (default C{/gateway/})::
 
     PREFIX clusters/NAME   the cluster's body, JSON, its secrets sealed with [store] secret_key_file
     PREFIX meta/last-write which gateway wrote last (every write touches it: see below)
+    PREFIX members/NAME    a live gateway of the fleet, bound to its lease (L{gateway.store.etcd.members})
 
 Reading: at start and after a compaction, the whole prefix is read (one
 range) and the difference to what this gateway serves is applied; then a
@@ -46,6 +47,7 @@ from twisted.logger import Logger
 
 from gateway.store.base import Body, Sink, StoreConflict, StoreUnavailable
 from gateway.store.etcd.client import Etcd, EtcdError, EtcdUnavailable, Watch
+from gateway.store.etcd.members import MEMBERS
 from gateway.store.etcd.wire import EtcdProtocolError, Event, KeyValue, WatchResponse
 from gateway.store.sealing import Sealer, SealError, is_sealed
 from gateway.store.statefile import StateFile, StoreError
@@ -111,6 +113,8 @@ class EtcdStore(Service):
         self.last_error: str | None = None
         #: Clusters in the registry this gateway does not serve, with why.
         self.rejected: dict[str, str] = {}
+        #: The fleet's live gateways (L{gateway.store.etcd.members}), by name: what each says of itself.
+        self.members: dict[str, Mapping[str, Any]] = {}
         self._sink: Sink | None = None
         self._loaded = bodies is not None
         self._waiters: list[tuple[int, Deferred[None]]] = []
@@ -152,6 +156,7 @@ class EtcdStore(Service):
             "last_error": self.last_error,
             "cache": self._cache.path if self._cache else None,
             "rejected": dict(self.rejected),
+            "members": sorted(self.members),
         }
 
     def not_ready(self) -> list[str]:
@@ -173,6 +178,21 @@ class EtcdStore(Service):
             return key[len(head) :].decode("utf-8")
         except UnicodeDecodeError:
             return None
+
+    def _note_member(self, kv: KeyValue, deleted: bool) -> None:
+        """Follow the fleet's member keys (any other key that is not a cluster's is ignored)."""
+        head = self._prefix + MEMBERS.encode()
+        if not kv.key.startswith(head):
+            return
+        name = kv.key[len(head) :].decode("utf-8", "replace")
+        if deleted:
+            self.members.pop(name, None)
+            return
+        try:
+            info = json.loads(kv.value)
+        except (UnicodeDecodeError, ValueError, RecursionError):
+            info = {}
+        self.members[name] = info if isinstance(info, dict) else {}
 
     def _encode(self, name: str, body: Body) -> bytes:
         if self._sealer is not None:
@@ -294,10 +314,13 @@ class EtcdStore(Service):
     async def _apply_snapshot(self, revision: int, kvs: Sequence[KeyValue]) -> None:
         first = self.revision == 0
         found: dict[str, bytes] = {}
+        self.members = {}
         for kv in kvs:
             name = self._name(kv.key)
             if name is not None:
                 found[name] = kv.value
+            else:
+                self._note_member(kv, deleted=False)
         sealed_elsewhere = []
         for name in sorted(set(found) | set(self.bodies)):
             if name not in found:
@@ -376,7 +399,9 @@ class EtcdStore(Service):
             if revision <= self.revision:
                 continue  # applied already: written by this gateway, or read by a resync
             name = self._name(event.kv.key)
-            if name is not None:
+            if name is None:
+                self._note_member(event.kv, event.deleted)
+            else:
                 if event.deleted:
                     await self._apply(name, None)
                 else:

@@ -124,6 +124,8 @@ class KeyValue:
     key: bytes
     value: bytes
     mod_revision: int
+    #: The lease the key is bound to (0: none): it goes when the lease expires.
+    lease: int = 0
 
     @classmethod
     def from_json(cls, data: object) -> KeyValue:
@@ -133,7 +135,32 @@ class KeyValue:
             key=_unb64(kv.get("key"), "kv.key"),
             value=b"" if value is None else _unb64(value, "kv.value"),
             mod_revision=_int(kv.get("mod_revision"), "kv.mod_revision"),
+            lease=_int(kv.get("lease"), "kv.lease"),
         )
+
+
+def put_request(key: bytes, value: bytes, lease: int = 0) -> dict[str, Any]:
+    request: dict[str, Any] = {"key": b64(key), "value": b64(value)}
+    if lease:
+        request["lease"] = str(lease)
+    return request
+
+
+def lease_granted(answer: Mapping[str, Any]) -> int:
+    """The lease id of a C{/v3/lease/grant} answer."""
+    lease = _int(answer.get("ID"), "ID")
+    if lease <= 0:
+        raise EtcdProtocolError("lease grant: no lease id")
+    return lease
+
+
+def lease_kept(answer: Mapping[str, Any]) -> int:
+    """
+    The seconds left of a lease a C{/v3/lease/keepalive} renewed; 0 when
+    etcd no longer knows it (it expired: its keys are gone).  The answer is
+    one message of a stream, as a watch's: C{{"result": {"ID", "TTL"}}}.
+    """
+    return _int(_object(answer.get("result"), "result").get("TTL"), "TTL")
 
 
 def range_request(prefix: bytes, *, newest_only: bool = False) -> dict[str, Any]:
