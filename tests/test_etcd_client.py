@@ -58,7 +58,7 @@ class NoAnswerTests(SynchronousTestCase):
         members = _Members(answers)
         client._http = members  # type: ignore[assignment]
         error = self.failureResultOf(client.range(b"/gateway/"), EtcdUnavailable).value
-        self.assertEqual(members.asked, ENDPOINTS)
+        self.assertEqual(list(dict.fromkeys(members.asked)), ENDPOINTS)
         return error
 
     def test_request_not_sent(self) -> None:
@@ -79,6 +79,16 @@ class NoAnswerTests(SynchronousTestCase):
         stale = RequestGenerationFailed([Failure(AttributeError("'FileBodyProducer' object has no attribute '_task'"))])
         error = self.every_member_fails([stale, stale, stale])
         self.assertEqual(str(error), "http://127.0.0.1:32379: the connection failed while the request was sent")
+
+    def test_stale_connection_tried_once_more(self) -> None:
+        """A request that went out on a connection closed under it is sent again, once, to the same member."""
+        stale = RequestGenerationFailed([Failure(ConnectionLost())])
+        self.every_member_fails([stale, ConnectionRefusedError(), stale])
+        client = EtcdClient(MemoryReactorClock(), ENDPOINTS, timeout=2)
+        members = _Members([stale, stale, stale])
+        client._http = members  # type: ignore[assignment]
+        self.failureResultOf(client.range(b"/gateway/"), EtcdUnavailable)
+        self.assertEqual(members.asked, [e for e in ENDPOINTS for _ in (1, 2)])
 
     def test_answer_cut_off(self) -> None:
         """A body that breaks off is a member that did not answer, not an exception nobody expects."""

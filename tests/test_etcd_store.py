@@ -333,3 +333,21 @@ class CacheTests(StoreTestCase):
         self.settle()
         self.assertEqual(gateway.clusters, {"ok": {"n": 1}})
         self.assertEqual(store.rejected, {"deep": "its value in etcd is not JSON"})
+
+    def test_sealed_values_without_a_key_stop_the_first_sync(self) -> None:
+        writer, _ = self.store(sealer=Sealer(b"k" * 32))
+        self.write(writer, "a", {"token": "t0ken"})
+        reasons: list[str] = []
+        self.store(on_fatal=reasons.append)
+        self.assertEqual(len(reasons), 1)
+        self.assertIn("set [store] secret_key_file", reasons[0])
+
+    def test_what_is_served_while_etcd_is_away(self) -> None:
+        self.etcd.go_down()
+        cached, _ = self.store(bodies={"a": {}})
+        cached.lock.acquire()
+        failure = self.failureResultOf(cached.put("b", {}), StoreUnavailable)
+        cached.lock.release()
+        self.assertIn("keeps serving the registry of its local cache", str(failure.value))
+        empty, _ = self.store()
+        self.assertEqual(empty._served(), "no API cluster (it has not read the registry yet)")

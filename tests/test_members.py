@@ -101,3 +101,12 @@ class MemberTests(SynchronousTestCase):
         self.successResultOf(b.stopService())
         self.clock.advance(0)
         self.assertEqual(store.status()["members"], ["gw-a"])
+
+    def test_a_key_taken_and_revoked_by_a_namesake_is_taken_back(self) -> None:
+        member = self.member()
+        namesake = self.successResultOf(self.etcd.grant(MEMBER_TTL))
+        self.etcd.write({KEY: b"{}"}, lease=namesake)
+        self.successResultOf(self.etcd.revoke(namesake))  # the namesake stops: its revoke takes the key
+        self.assertNotIn(KEY, self.etcd.data)
+        self.clock.advance(MEMBER_TTL / 3)
+        self.assertEqual(self.etcd.data[KEY].lease, member.lease)

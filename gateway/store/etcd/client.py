@@ -320,7 +320,7 @@ class EtcdClient:
         for _ in range(len(self._endpoints)):
             endpoint = self.endpoint
             try:
-                status, data = await self._timed(self._post(endpoint, path, body))
+                status, data = await self._exchange(endpoint, path, body)
                 if status == 401 or (status != 200 and _says(data, _BAD_TOKEN)):
                     self._token = None
                     status, data = await self._timed(self._post(endpoint, path, body))
@@ -334,6 +334,21 @@ class EtcdClient:
                 last = f"{endpoint}: {wire.error_message(data)}"
             self._current = (self._current + 1) % len(self._endpoints)
         raise EtcdUnavailable(last)
+
+    async def _exchange(self, endpoint: str, path: str, body: Mapping[str, Any]) -> tuple[int, bytes]:
+        """
+        One call to C{endpoint}, twice when the first went out on a kept
+        connection that was closed under it.  Safe for every call the store
+        makes: reads and lease renewals are idempotent, and a transaction
+        that did commit the first time fails its compare the second time.
+        """
+        try:
+            return await self._timed(self._post(endpoint, path, body))
+        except _Unreachable as e:
+            if not e.stale:
+                raise
+        result: tuple[int, bytes] = await self._timed(self._post(endpoint, path, body))
+        return result
 
     async def _post(self, endpoint: str, path: str, body: Mapping[str, Any]) -> tuple[int, bytes]:
         response = await self._request(endpoint, path, body)
@@ -354,7 +369,7 @@ class EtcdClient:
                 endpoint + path, data=json.dumps(body).encode(), headers=headers
             )
         except _UNREACHABLE as e:
-            raise _Unreachable(_why(e)) from None
+            raise _Unreachable(_why(e), stale=isinstance(e, _STALE)) from None
         return response
 
     async def _authenticate(self, endpoint: str) -> str:
@@ -429,6 +444,16 @@ class _QuietFactory(_HTTP11ClientFactory):
 
 class _Unreachable(Exception):
     """This member did not answer (refused, reset, timed out): try the next one."""
+
+    def __init__(self, reason: str, stale: bool = False) -> None:
+        super().__init__(reason)
+        #: The request may have gone out on a kept connection the member had
+        #: closed meanwhile (a restart): worth once more on a new one.
+        self.stale = stale
+
+
+#: Failures of a request on a connection that was closed under it.
+_STALE = (ResponseNeverReceived, RequestGenerationFailed, RequestTransmissionFailed)
 
 
 async def _content(response: IResponse) -> bytes:

@@ -106,6 +106,11 @@ class FleetMember(Service):
 
     async def _renew(self) -> None:
         if self.lease and await self._etcd.keepalive(self.lease) > 0:
+            held = await self._etcd.get(self._key)
+            if held is not None and held.lease == self.lease:
+                return
+            # A namesake took the key, then stopped and revoked it: take it back.
+            await self._etcd.put(self._key, self._value, self.lease)
             return
         if self.lease:
             log.warn(

@@ -209,7 +209,7 @@ class EtcdStore(Service):
             raise ValueError("its value in etcd is not a JSON object")
         if self._sealer is None:
             if any(is_sealed(v) for v in body.values()):
-                raise ValueError("its secrets are sealed: set [store] secret_key_file to the key that sealed them")
+                raise _Sealed("its secrets are sealed: set [store] secret_key_file to the key that sealed them")
             return body
         try:
             return self._sealer.open_body(name, body)
@@ -242,10 +242,15 @@ class EtcdStore(Service):
         self._advance(revision)
 
     def _unavailable(self, why: str) -> str:
-        return (
-            f"the registry cannot be changed now: {why}; this gateway keeps serving the registry"
-            f" as of revision {self.revision}"
-        )
+        return f"the registry cannot be changed now: {why}; this gateway keeps serving {self._served()}"
+
+    def _served(self) -> str:
+        """What this gateway serves while etcd does not answer, for logs and 503s."""
+        if self.revision:
+            return f"the registry as of revision {self.revision}"
+        if self._loaded:
+            return "the registry of its local cache"
+        return "no API cluster (it has not read the registry yet)"
 
     # --- reading ------------------------------------------------------------------------
 
@@ -494,10 +499,9 @@ class EtcdStore(Service):
         self.last_error = error
         if self.state != "degraded":
             log.warn(
-                "etcd store: etcd failed ({error}): serving the registry as of revision {revision},"
-                " refusing changes until it answers",
+                "etcd store: etcd failed ({error}): serving {served}, refusing changes until it answers",
                 error=error,
-                revision=self.revision,
+                served=self._served(),
             )
         self.state = "degraded"
 
