@@ -15,7 +15,7 @@ import inspect
 from collections.abc import Callable
 
 from twisted.conch.client.knownhosts import PlainEntry
-from twisted.conch.ssh import _kex, channel, connection, service, transport, userauth
+from twisted.conch.ssh import channel, connection, service, transport, userauth
 from twisted.logger import Logger, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -72,10 +72,21 @@ class PrivateNamesTests(SynchronousTestCase):
             self.assertParameters(cls.__dict__["_keySetup"], ["self", "sharedSecret", "exchangeHash"])
         self.assertParameters(transport.SSHTransportBase._unsupportedVersionReceived, ["self", "remoteVersion"])
 
-    def test_kex_module(self) -> None:
-        self.assertParameters(_kex.isEllipticCurve, ["kexAlgorithm"])
-        for name in transport_module.KEX_ALGORITHMS:
-            self.assertTrue(_conch.is_elliptic_curve(name), name)
+    def test_key_derivation(self) -> None:
+        # _getKey is overridden with our exchange's hash; _keySetup calls it per letter.
+        self.assertParameters(transport.SSHTransportBase._getKey, ["self", "c", "sharedSecret", "exchangeHash"])
+        self.assertIn("self._getKey(", inspect.getsource(transport.SSHTransportBase._keySetup))
+
+    def test_the_base_kexinit_answers_and_the_client_one_starts_conchs_exchange(self) -> None:
+        # What ConchClientTransport.ssh_KEXINIT relies on: the base class
+        # negotiates and sends our KEXINIT; only the client class's starts
+        # Conch's own exchange (which ours replaces).
+        base = inspect.getsource(transport.SSHTransportBase.ssh_KEXINIT)
+        self.assertIn("self.sendKexInit()", base)
+        self.assertIn("return kexAlgs, keyAlgs, rest", base)
+        client = inspect.getsource(transport.SSHClientTransport.ssh_KEXINIT)
+        self.assertIn("SSHTransportBase.ssh_KEXINIT(self, packet)", client)
+        self.assertIn("sendKexInit()", inspect.getsource(transport.SSHTransportBase.connectionMade))
 
     def test_cipher_internals(self) -> None:
         self.assertParameters(transport.SSHCiphers._getCipher, ["self", "cip", "iv", "key"])

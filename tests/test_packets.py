@@ -33,7 +33,7 @@ import zlib
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from twisted.conch.ssh import connection, transport
-from twisted.conch.ssh.common import NS, getNS
+from twisted.conch.ssh.common import NS
 from twisted.conch.ssh.keys import Key
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
@@ -52,7 +52,6 @@ from gateway.ssh.packets import (
     AES128_GCM,
     AES256_GCM,
     CHACHA20_POLY1305,
-    SUPPORTED_AEAD_CIPHERS,
     FastSSHCiphers,
     PacketReader,
     _RandomPadding,
@@ -622,160 +621,6 @@ class TransportPacketTests(TestCase):
 
 
 #: Algorithms the client must never offer unless a cluster opts in.
-WEAK = {
-    b"3des-cbc",
-    b"3des-ctr",
-    b"aes128-cbc",
-    b"aes192-cbc",
-    b"aes256-cbc",
-    b"hmac-md5",
-    b"hmac-sha1",
-    b"hmac-sha2-384",
-    b"diffie-hellman-group1-sha1",
-    b"diffie-hellman-group14-sha1",
-    b"diffie-hellman-group-exchange-sha1",
-    b"diffie-hellman-group-exchange-sha256",
-    b"ssh-rsa",
-    b"ssh-dss",
-    b"zlib",
-    b"zlib@openssh.com",
-}
-
-
-def kexinit(ciphers: bytes, macs: bytes) -> bytes:
-    return (
-        os.urandom(16)
-        + NS(b"curve25519-sha256,ecdh-sha2-nistp256")
-        + NS(b"ssh-ed25519")
-        + NS(ciphers)
-        + NS(ciphers)
-        + NS(macs)
-        + NS(macs)
-        + NS(b"none")
-        + NS(b"none")
-        + NS(b"")
-        + NS(b"")
-        + b"\x00\x00\x00\x00\x00"
-    )
-
-
-class NegotiationTests(TestCase):
-    def transport(self) -> GatewayClientTransport:
-        client = GatewayClientTransport(
-            "127.0.0.1", 22, "root", generate_key(), HostKeyPolicy(accept_any=True), Clock()
-        )
-        client.makeConnection(StringTransport())
-        return client
-
-    def test_aead_ciphers_are_offered_first(self):
-        if len(SUPPORTED_AEAD_CIPHERS) < 2:
-            raise SkipTest(f"backend supports only {SUPPORTED_AEAD_CIPHERS}")
-        client = self.transport()
-        self.assertEqual(
-            client.supportedCiphers[:5],
-            [AES128_GCM, AES256_GCM, b"aes128-ctr", b"aes256-ctr", b"aes192-ctr"],
-        )
-        # Not offered until strict key exchange exists (Terrapin).
-        self.assertNotIn(CHACHA20_POLY1305, client.supportedCiphers)
-        self.assertIn(NS(b",".join(client.supportedCiphers)), client.ourKexInitPayload)
-
-    def test_aead_needs_no_common_mac(self):
-        client = self.transport()
-        packet = kexinit(AES128_GCM + b",aes128-ctr", b"hmac-unheard-of")
-        client.ssh_KEXINIT(packet)
-        self.assertFalse(client.transport.disconnecting)
-        self.assertEqual(client.nextEncryptions.outCipType, AES128_GCM)
-        self.assertEqual(client.nextEncryptions.inCipType, AES128_GCM)
-        self.assertIsInstance(client.nextEncryptions, FastSSHCiphers)
-        # The exchange hash must cover what the server sent, not our copy.
-        self.assertEqual(client.otherKexInitPayload, bytes((transport.MSG_KEXINIT,)) + packet)
-
-    def test_classic_cipher_still_needs_a_common_mac(self):
-        client = self.transport()
-        client.ssh_KEXINIT(kexinit(b"aes128-ctr", b"hmac-unheard-of"))
-        self.assertTrue(client.transport.disconnecting)
-
-    def offered_lists(self, client: GatewayClientTransport) -> list[list[bytes]]:
-        """The ten name lists of the KEXINIT C{client} sent."""
-        *lists, _ = getNS(client.ourKexInitPayload[17:], 10)
-        return [names.split(b",") if names else [] for names in lists]
-
-    def test_nothing_weak_is_offered(self):
-        kex, host_keys, ciphers, _, macs, _, compression, _, _, _ = self.offered_lists(self.transport())
-        offered = set(kex + host_keys + ciphers + macs + compression)
-        self.assertEqual(offered & WEAK, set())
-        self.assertFalse([name for name in offered if name.endswith(b"-cbc")])
-        self.assertEqual(kex[:2], [b"curve25519-sha256", b"curve25519-sha256@libssh.org"])
-        self.assertEqual(kex[-1], b"ext-info-c")  # RFC 8308: the signal, not an exchange
-        self.assertEqual(
-            host_keys,
-            [
-                b"ssh-ed25519",
-                b"ecdsa-sha2-nistp256",
-                b"ecdsa-sha2-nistp384",
-                b"ecdsa-sha2-nistp521",
-                b"rsa-sha2-512",
-                b"rsa-sha2-256",
-            ],
-        )
-        self.assertEqual(macs, [b"hmac-sha2-256", b"hmac-sha2-512"])
-        self.assertEqual(compression, [b"none"])
-
-    def test_ssh_rsa_host_keys_only_for_a_cluster_that_opts_in(self):
-        client = GatewayClientTransport(
-            "127.0.0.1",
-            22,
-            "root",
-            generate_key(),
-            HostKeyPolicy(accept_any=True),
-            Clock(),
-            allow_sha1_signatures=True,
-        )
-        client.makeConnection(StringTransport())
-        kex, host_keys, ciphers, _, macs, _, compression, _, _, _ = self.offered_lists(client)
-        self.assertEqual(host_keys[-1], b"ssh-rsa")
-        self.assertEqual(set(kex + host_keys[:-1] + ciphers + macs + compression) & WEAK, set())
-        self.assertNotIn(b"ssh-rsa", GatewayClientTransport.supportedPublicKeys)
-
-    def ecdh_reply(self, client: GatewayClientTransport, signature_algorithm: bytes) -> None:
-        """Negotiate curve25519 with an RSA host key, then answer with a signature named C{signature_algorithm}."""
-        client.ssh_KEXINIT(
-            kexinit(b"aes128-ctr", b"hmac-sha2-256")
-            .replace(NS(b"curve25519-sha256,ecdh-sha2-nistp256"), NS(b"curve25519-sha256"))
-            .replace(NS(b"ssh-ed25519"), NS(b"rsa-sha2-512,ssh-rsa"))
-        )
-        self.assertEqual(client.keyAlg, b"rsa-sha2-512")
-        signature = NS(signature_algorithm) + NS(b"\0" * 256)
-        client.ssh_KEX_DH_GEX_GROUP(NS(b"host key") + NS(b"\x09" * 32) + NS(signature))
-
-    def test_host_key_signed_with_another_algorithm_is_refused(self):
-        client = self.transport()
-        verified = []
-        client.verifyHostKey = lambda *args: verified.append(args)
-        self.ecdh_reply(client, b"ssh-rsa")
-        self.assertTrue(client.transport.disconnecting)
-        self.assertEqual(verified, [], "refused before the host key is even looked at")
-        client.connectionLost(Failure(ConnectionDone()))
-        error = self.failureResultOf(client.ready, SSHConnectError).value
-        self.assertIn("signed the key exchange with another algorithm than rsa-sha2-512", str(error))
-
-    def test_host_key_signed_as_negotiated_goes_on_to_verification(self):
-        client = self.transport()
-        verified = []
-
-        def verify(blob: bytes, fingerprint: bytes) -> Deferred:
-            verified.append(blob)
-            return Deferred()  # never fires: the test stops here
-
-        client.verifyHostKey = verify
-        self.ecdh_reply(client, b"rsa-sha2-512")
-        self.assertEqual(verified, [b"host key"])
-        self.assertFalse(client.transport.disconnecting)
-
-
-# -- against OpenSSH ------------------------------------------------------------
-
-
 def sshd_skip_reason() -> str | None:
     if os.geteuid() != 0:
         return "needs root to run sshd"

@@ -19,7 +19,8 @@ Private names used:
  - C{SSHTransportBase._keySetup}: L{ConchClientTransport.keys_set_up}.
  - C{SSHTransportBase._unsupportedVersionReceived}:
    L{ConchClientTransport.version_not_supported}.
- - C{twisted.conch.ssh._kex.isEllipticCurve}: L{is_elliptic_curve}.
+ - C{SSHTransportBase._getKey} (the key derivation): overridden, with the
+   hash of our own key exchange (L{gateway.ssh.handshake}).
  - C{SSHCiphers._getCipher}, C{SSHCiphers._getMAC} and the key of the
    private C{_MACParams}: L{conch_cipher}, L{conch_mac}, L{mac_key}.
  - C{KnownHostsEntry._hostnames}: L{entry_host_patterns}.
@@ -30,10 +31,14 @@ Public methods overridden for a behaviour of Conch's that its API does not
 state (that C{dataReceived} takes packets through C{getPacket} once the
 version line is in; that C{sendPacket} queues during a key exchange and
 C{_newKeys} sends the queue through C{sendPacket} again; that
-C{ssh_KEXINIT} sets C{nextEncryptions} and C{otherKexInitPayload}; that
-C{ssh_KEX_DH_GEX_GROUP} also handles C{KEX_ECDH_REPLY}): the overrides of
-those live in L{ConchClientTransport}, and L{OVERRIDDEN} lists every Conch
-method a C{gateway.ssh} class overrides, for the pin test.
+C{SSHTransportBase.ssh_KEXINIT} negotiates, sets C{nextEncryptions} and
+C{otherKexInitPayload} and answers a server-begun exchange with our KEXINIT,
+so that calling it instead of C{SSHClientTransport}'s skips only Conch's own
+key exchange; that C{ssh_KEX_DH_GEX_GROUP} is where message 31, every
+exchange's reply, arrives; that C{sendKexInit} is how Conch starts every
+exchange): the overrides of those live in L{ConchClientTransport}, and
+L{OVERRIDDEN} lists every Conch method a C{gateway.ssh} class overrides,
+for the pin test.
 """
 
 from __future__ import annotations
@@ -43,7 +48,7 @@ from typing import Any, TypeVar
 
 from cryptography.hazmat.primitives.ciphers import Cipher
 from twisted.conch.client.knownhosts import PlainEntry
-from twisted.conch.ssh import _kex, channel, connection, transport, userauth
+from twisted.conch.ssh import channel, connection, transport, userauth
 from twisted.internet.interfaces import ITransport
 from twisted.logger import Logger, LogLevel
 
@@ -90,15 +95,6 @@ def quiet_conch_logs(namespace: str) -> Callable[[_T], _T]:
     return quiet
 
 
-def is_elliptic_curve(kex_algorithm: bytes) -> bool:
-    """
-    Whether C{kex_algorithm} is an ECDH exchange (curve25519, NIST curves):
-    their reply shares message number 31 with C{KEX_DH_GEX_GROUP}, and only
-    Conch's private C{_kex} module says which names those are.
-    """
-    return _kex.isEllipticCurve(kex_algorithm)
-
-
 def conch_cipher(ciphers: transport.SSHCiphers, name: bytes, iv: bytes, key: bytes) -> Cipher[Any]:
     """
     Conch's C{cryptography} C{Cipher} for the classic cipher C{name}
@@ -142,10 +138,12 @@ class ConchClientTransport(transport.SSHClientTransport):
     Subclasses provide the packet layer: L{seal_packet} (a whole outgoing
     packet, or None for Conch's own C{sendPacket}), L{packets_arrived} (bytes
     after the version line) and L{next_payload} (one packet for Conch's
-    C{getPacket} loop); and may override L{keys_set_up},
-    L{version_not_supported}, L{kexinit_for_conch}, L{ecdh_reply_acceptable}
-    and L{packet_sent}.  C{ciphers_class} replaces Conch's C{SSHCiphers} at
-    every key exchange.
+    C{getPacket} loop); the key exchange: L{start_key_exchange},
+    L{key_exchange_reply}, L{kex_hash}; and may override L{keys_set_up},
+    L{version_not_supported}, L{kexinit_for_conch}, L{kexinit_may_go_now},
+    L{kexinit_received}, L{message_arrived}, L{newkeys_sent} and
+    L{packet_sent}.  C{ciphers_class} replaces Conch's C{SSHCiphers} at every
+    key exchange.
     """
 
     ciphers_class: type[transport.SSHCiphers] = transport.SSHCiphers
@@ -184,9 +182,33 @@ class ConchClientTransport(transport.SSHClientTransport):
         """The server's KEXINIT as Conch should negotiate from it."""
         return packet
 
-    def ecdh_reply_acceptable(self, reply: bytes) -> bool:
-        """Whether an ECDH reply may go on to Conch's checks; False: we disconnected."""
+    def kexinit_may_go_now(self) -> bool:
+        """Whether our KEXINIT goes out now (Conch calls C{sendKexInit} at connect and for rekeys)."""
         return True
+
+    def kexinit_received(self, packet: bytes) -> bool:
+        """The server's KEXINIT arrived, before negotiation; False: refused (we disconnected)."""
+        return True
+
+    def start_key_exchange(self) -> None:
+        """The algorithms are agreed on (C{kexAlg}, C{keyAlg}, C{nextEncryptions}): send the first message."""
+        raise NotImplementedError
+
+    def key_exchange_reply(self, packet: bytes) -> None:
+        """Message 31, the server's reply: check it and call C{_keySetup(K, H)}, or disconnect."""
+        raise NotImplementedError
+
+    @property
+    def kex_hash(self) -> Callable[..., Any]:
+        """The hash of the exchange under way (for the key derivation)."""
+        raise NotImplementedError
+
+    def message_arrived(self, message: int) -> bool:
+        """A message is about to be handled; False: refused (we disconnected)."""
+        return True
+
+    def newkeys_sent(self) -> None:
+        """Our NEWKEYS went out (its sequence number counted)."""
 
     # -- Conch's internals ------------------------------------------------
 
@@ -212,6 +234,8 @@ class ConchClientTransport(transport.SSHClientTransport):
         else:
             self.transport.write(packet)
             self.outgoingPacketSequence = (self.outgoingPacketSequence + 1) & SEQUENCE_MASK
+        if messageType == transport.MSG_NEWKEYS:
+            self.newkeys_sent()
         self.packet_sent(len(payload))
 
     def dataReceived(self, data: bytes) -> None:
@@ -238,9 +262,19 @@ class ConchClientTransport(transport.SSHClientTransport):
     def _unsupportedVersionReceived(self, remoteVersion: bytes) -> None:
         self.version_not_supported()
 
+    def sendKexInit(self) -> None:
+        if self.kexinit_may_go_now():
+            super().sendKexInit()
+
     def ssh_KEXINIT(self, packet: bytes) -> None:
+        if not self.kexinit_received(packet):
+            return
         for_conch = self.kexinit_for_conch(packet)
-        super().ssh_KEXINIT(for_conch)
+        # The base class negotiates (and answers with our KEXINIT when the
+        # server began); Conch's client class would then start an exchange
+        # of its own: ours starts below, after the same checks.
+        if transport.SSHTransportBase.ssh_KEXINIT(self, for_conch) is None:
+            return  # no common algorithms: the base class disconnected
         if for_conch is not packet:
             # The exchange hash covers what the server really sent.
             self.otherKexInitPayload = bytes((transport.MSG_KEXINIT,)) + packet
@@ -252,12 +286,26 @@ class ConchClientTransport(transport.SSHClientTransport):
                 negotiated.outMACType,
                 negotiated.inMACType,
             )
+        self.start_key_exchange()
 
     def ssh_KEX_DH_GEX_GROUP(self, packet: bytes) -> None:
-        # Also the number of KEX_ECDH_REPLY, the reply of every exchange we offer.
-        if is_elliptic_curve(self.kexAlg) and not self.ecdh_reply_acceptable(packet):
-            return
-        super().ssh_KEX_DH_GEX_GROUP(packet)
+        # Message 31: the reply of every exchange we offer (KEX_ECDH_REPLY, KEX_HYBRID_REPLY).
+        self.key_exchange_reply(packet)
+
+    def _getKey(self, c: bytes, sharedSecret: bytes, exchangeHash: bytes) -> bytes:
+        # Conch's, with the hash of our exchange: Conch's table of hashes
+        # (the private _kex) knows no post-quantum hybrid.
+        digest = self.kex_hash
+        assert self.sessionID is not None, "session ID must already have been assigned"
+        k1: bytes = digest(sharedSecret + exchangeHash + c + self.sessionID).digest()
+        k2: bytes = digest(sharedSecret + exchangeHash + k1).digest()
+        k3: bytes = digest(sharedSecret + exchangeHash + k1 + k2).digest()
+        k4: bytes = digest(sharedSecret + exchangeHash + k1 + k2 + k3).digest()
+        return k1 + k2 + k3 + k4
+
+    def dispatchMessage(self, messageNum: int, payload: bytes) -> None:
+        if self.message_arrived(messageNum):
+            super().dispatchMessage(messageNum, payload)
 
 
 #: Every Conch method a class in gateway.ssh overrides, by the Conch class
@@ -269,10 +317,12 @@ OVERRIDDEN: dict[type, tuple[str, ...]] = {
         "dataReceived",
         "getPacket",
         "_keySetup",
+        "_getKey",
         "_unsupportedVersionReceived",
+        "sendKexInit",
         "ssh_KEXINIT",
         "ssh_KEX_DH_GEX_GROUP",
-        "verifyHostKey",
+        "dispatchMessage",
         "connectionSecure",
         "connectionMade",
         "connectionLost",

@@ -12,35 +12,28 @@ a reconnecting service needs to log and what a waiting client is told.
 
 from __future__ import annotations
 
-import struct
 from collections.abc import Callable
 from functools import partial
 
 from twisted.conch.ssh import connection, transport
-from twisted.conch.ssh.common import NS, ffs, getNS
 from twisted.conch.ssh.keys import Key
-from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime, ITransport
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from gateway.addresses import host_port
 from gateway.errors import peer_text
 from gateway.proxy.splice import set_no_delay
-from gateway.ssh._conch import SEQUENCE_MASK, ConchClientTransport, quiet_conch_logs
+from gateway.ssh._conch import SEQUENCE_MASK, quiet_conch_logs
 from gateway.ssh.auth import KeyAuthClient
 from gateway.ssh.connection import TunnelConnection
-from gateway.ssh.hostkeys import HostKeyError, HostKeyPolicy
+from gateway.ssh.handshake import HandshakeTransport
+from gateway.ssh.hostkeys import HostKeyPolicy
 from gateway.ssh.packets import (
-    AEAD_CIPHERS,
-    PREFERRED_CIPHERS,
-    PREFERRED_MACS,
-    SUPPORTED_AEAD_CIPHERS,
     FastSSHCiphers,
     PacketError,
     PacketReader,
-    offered,
 )
 from gateway.ssh.quickack import quick_ack
 
@@ -52,33 +45,6 @@ DEFAULT_REKEY_BYTES = 1 << 30
 DEFAULT_REKEY_INTERVAL = 3600.0
 
 _MSG_CHANNEL_DATA = connection.MSG_CHANNEL_DATA
-
-#: Key exchanges offered, best first: X25519, then the NIST curves (for nodes
-#: restricted to FIPS algorithms).  No SHA-1 exchange, and no finite-field
-#: Diffie-Hellman: Conch has group14 only with SHA-1, and its group exchange
-#: would accept a 1024-bit group from the node.  (Conch's client has no
-#: post-quantum hybrid yet.)  See docs/architecture.md, "SSH algorithms".
-KEX_ALGORITHMS = (
-    b"curve25519-sha256",
-    b"curve25519-sha256@libssh.org",
-    b"ecdh-sha2-nistp256",
-    b"ecdh-sha2-nistp384",
-    b"ecdh-sha2-nistp521",
-)
-#: Host-key algorithms offered, best first (reordered per node so that the
-#: types of the keys we hold for it lead, L{HostKeyPolicy}).  RSA host keys
-#: with SHA-2 signatures only; C{ssh-rsa} (SHA-1) is appended only for a
-#: cluster with C{allow_sha1_signatures}.  No DSA.
-HOST_KEY_ALGORITHMS = (
-    b"ssh-ed25519",
-    b"ecdsa-sha2-nistp256",
-    b"ecdsa-sha2-nistp384",
-    b"ecdsa-sha2-nistp521",
-    b"rsa-sha2-512",
-    b"rsa-sha2-256",
-)
-SHA1_RSA = b"ssh-rsa"
-
 
 class ICarrierTransport(ITransport):
     """
@@ -100,16 +66,12 @@ class SSHConnectError(Exception):
     """The SSH connection to a proxy node could not be established."""
 
 
-#: Conch's client, whose algorithm lists say what it implements.
-_CONCH = transport.SSHClientTransport
-
-
 #: Conch logs each key exchange step, cipher choice and ordinary disconnect
 #: at info/debug level: ten lines per connection, which at hundreds of
 #: clusters buries the gateway's own events.  Its warnings and errors (a
 #: peer's disconnect reason, bad packets) still get through.
 @quiet_conch_logs("gateway.ssh.transport")
-class GatewayClientTransport(ConchClientTransport):
+class GatewayClientTransport(HandshakeTransport):
     """
     An SSH client transport for one proxy node.
 
@@ -121,16 +83,6 @@ class GatewayClientTransport(ConchClientTransport):
 
     ciphers_class = FastSSHCiphers
     transport: ICarrierTransport
-
-    # Every list explicit, in our order, and only what Conch (or the
-    # backend, for AEAD) implements: Conch's own lists end in CBC, 3DES,
-    # hmac-md5/sha1, SHA-1 key exchanges, ssh-dss and zlib.
-    supportedCiphers = offered(PREFERRED_CIPHERS, SUPPORTED_AEAD_CIPHERS + _CONCH.supportedCiphers)
-    supportedMACs = offered(PREFERRED_MACS, _CONCH.supportedMACs)
-    supportedKeyExchanges = offered(KEX_ALGORITHMS, _CONCH.supportedKeyExchanges)
-    supportedPublicKeys = offered(HOST_KEY_ALGORITHMS, _CONCH.supportedPublicKeys)
-    #: Compression costs CPU for little on a LAN, and zlib has had its CVEs.
-    supportedCompressions = [b"none"]
 
     def __init__(
         self,
@@ -144,13 +96,9 @@ class GatewayClientTransport(ConchClientTransport):
         rekey_interval: float = DEFAULT_REKEY_INTERVAL,
         allow_sha1_signatures: bool = False,
     ) -> None:
-        self.host = host
-        self.port = port
+        super().__init__(host, port, host_keys, clock, allow_sha1_signatures)
         self._user = user
         self._private_key = private_key
-        self._host_keys = host_keys
-        self._clock = clock
-        self._failure: str | None = None
         self.ready: Deferred[TunnelConnection] = Deferred()
         #: Fires when the connection is gone, with why in words if known:
         #: an error the gateway or the proxy node disconnected with.
@@ -167,15 +115,9 @@ class GatewayClientTransport(ConchClientTransport):
         #: Set once we disconnect (a malformed or forged packet, or any
         #: other reason): what arrives after that is not read.
         self._stop_reading = False
-        self._allow_sha1_signatures = allow_sha1_signatures
         self._auth: KeyAuthClient | None = None
         #: Sets TCP_QUICKACK on the socket (see L{quick_ack}); None where not TCP.
         self._quick_ack: Callable[[], None] | None = None
-
-    def note_failure(self, why: str) -> None:
-        """Record why the connection is about to fail, unless a reason is known."""
-        if self._failure is None:
-            self._failure = why
 
     # -- rekeying, like OpenSSH's RekeyLimit: by volume and by time ----------
 
@@ -297,15 +239,8 @@ class GatewayClientTransport(ConchClientTransport):
         self._bytes_since_kex = 0
         self._schedule_time_rekey()
 
-    @property
-    def address(self) -> str:
-        return host_port(self.host, self.port)
-
     def connectionMade(self) -> None:
-        algorithms = list(self.supportedPublicKeys)
-        if self._allow_sha1_signatures and SHA1_RSA in _CONCH.supportedPublicKeys:
-            algorithms.append(SHA1_RSA)
-        self.supportedPublicKeys = self._host_keys.preferred_algorithms(self.host, self.port, algorithms)
+        self.choose_offer()
         set_no_delay(self.transport)
         self._quick_ack = quick_ack(self.transport)
         super().connectionMade()
@@ -314,62 +249,6 @@ class GatewayClientTransport(ConchClientTransport):
         # Conch would put the peer's version bytes into the error text.
         self.note_failure("not an SSH server: its version line is not SSH-2.0")
         super().version_not_supported()
-
-    def ecdh_reply_acceptable(self, reply: bytes) -> bool:
-        """
-        Whether the node signed the exchange hash with the negotiated host-key
-        algorithm.  Conch checks only that the signature is valid for the
-        key, so an RSA node could answer with C{ssh-rsa} (SHA-1) although
-        only C{rsa-sha2-*} was agreed on (OpenSSH's client refuses that too).
-        """
-        try:
-            _, _, signature, _ = getNS(reply, 3)
-            algorithm = getNS(signature)[0]
-        except struct.error:
-            return True  # malformed: Conch's parser says so
-        if algorithm == self.keyAlg:
-            return True
-        self.note_failure(f"the proxy node signed the key exchange with another algorithm than {self.keyAlg.decode()}")
-        self.sendDisconnect(transport.DISCONNECT_KEY_EXCHANGE_FAILED, b"host key signature algorithm mismatch")
-        return False
-
-    def kexinit_for_conch(self, packet: bytes) -> bytes:
-        """
-        C{packet} (the server's KEXINIT), or a copy in which a direction that
-        will use an AEAD cipher but has no MAC in common lists our first MAC:
-        an AEAD cipher implies its MAC and the name lists do not matter
-        (OpenSSH PROTOCOL 1.6), but Conch would give up on the mismatch.
-        """
-        try:
-            *lists, rest = getNS(packet[16:], 10)
-        except Exception:
-            return packet  # malformed: Conch will say so
-        lists = list(lists)
-        changed = False
-        # Client to server: lists 2 (cipher) and 4 (MAC); server to client: 3 and 5.
-        for cipher_list, mac_list in ((2, 4), (3, 5)):
-            cipher = ffs(self.supportedCiphers, lists[cipher_list].split(b","))
-            if cipher in AEAD_CIPHERS and ffs(self.supportedMACs, lists[mac_list].split(b",")) is None:
-                lists[mac_list] = b",".join([self.supportedMACs[0], lists[mac_list]])
-                changed = True
-        if not changed:
-            return packet
-        return packet[:16] + b"".join(NS(name_list) for name_list in lists) + rest
-
-    def verifyHostKey(self, hostKey: bytes, fingerprint: bytes) -> Deferred[bool]:
-        offered = Key.fromString(hostKey)
-        try:
-            self._host_keys.verify(self.host, self.port, offered)
-        except HostKeyError as e:
-            self.note_failure(str(e))
-            log.error("refusing proxy node {address}: {why}", address=self.address, why=e)
-            return fail(e)
-        if self._host_keys.accept_any:
-            log.warn(
-                "accepting unverified host key of {address} (insecure_accept_any_host_key)",
-                address=self.address,
-            )
-        return succeed(True)
 
     def connectionSecure(self) -> None:
         # Conch's client calls this after *every* key exchange; after a rekey
@@ -420,6 +299,7 @@ class GatewayClientTransport(ConchClientTransport):
     def connectionLost(self, reason: Failure | None = None) -> None:
         if self._rekey_timer is not None and self._rekey_timer.active():
             self._rekey_timer.cancel()
+        self.cancel_kexinit_wait()
         super().connectionLost(reason)
         if not self.ready.called:
             if self._failure is None and not self.gotVersion and self.buf:

@@ -1,0 +1,337 @@
+"""
+Tests for L{gateway.ssh.handshake} and L{gateway.ssh.kex}: what the client
+offers, when its first KEXINIT goes out, strict key exchange, the key
+exchange reply's checks, and the exchanges' shared secrets -- in memory
+(C{StringTransport}, a fake clock).  Against real servers: the interop
+tests in tests/test_interop.py.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+
+from cryptography.hazmat.primitives.asymmetric import x25519
+from twisted.conch.ssh import transport
+from twisted.conch.ssh.common import NS, getNS
+from twisted.internet.error import ConnectionDone
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SkipTest, TestCase
+
+from gateway.ssh import kex
+from gateway.ssh.handshake import KEXINIT_WAIT
+from gateway.ssh.hostkeys import HostKeyPolicy
+from gateway.ssh.packets import AES128_GCM, AES256_GCM, CHACHA20_POLY1305, SUPPORTED_AEAD_CIPHERS, FastSSHCiphers
+from gateway.ssh.transport import GatewayClientTransport, SSHConnectError
+from gateway.testing import generate_key
+
+WEAK = {
+    b"3des-cbc",
+    b"3des-ctr",
+    b"aes128-cbc",
+    b"aes192-cbc",
+    b"aes256-cbc",
+    b"hmac-md5",
+    b"hmac-sha1",
+    b"hmac-sha2-384",
+    b"diffie-hellman-group1-sha1",
+    b"diffie-hellman-group14-sha1",
+    b"diffie-hellman-group-exchange-sha1",
+    b"diffie-hellman-group-exchange-sha256",
+    b"ssh-rsa",
+    b"ssh-dss",
+    b"zlib",
+    b"zlib@openssh.com",
+}
+
+
+def kexinit(
+    ciphers: bytes = b"aes128-ctr",
+    macs: bytes = b"hmac-sha2-256",
+    kexes: bytes = b"curve25519-sha256,ecdh-sha2-nistp256",
+) -> bytes:
+    """A server's KEXINIT payload (without its message number)."""
+    return (
+        os.urandom(16)
+        + NS(kexes)
+        + NS(b"ssh-ed25519")
+        + NS(ciphers)
+        + NS(ciphers)
+        + NS(macs)
+        + NS(macs)
+        + NS(b"none")
+        + NS(b"none")
+        + NS(b"")
+        + NS(b"")
+        + b"\x00\x00\x00\x00\x00"
+    )
+
+
+def strict(payload: bytes) -> bytes:
+    """C{payload} with the server's strict-KEX marker at the end of its exchange list."""
+    (kexes,) = getNS(payload[16:], 1)[:1]
+    return payload.replace(NS(kexes), NS(kexes + b"," + kex.STRICT_SERVER), 1)
+
+
+class HandshakeTestCase(TestCase):
+    def client(self, **kw) -> GatewayClientTransport:
+        self.clock = Clock()
+        client = GatewayClientTransport(
+            "127.0.0.1", 22, "root", generate_key(), HostKeyPolicy(accept_any=True), self.clock, **kw
+        )
+        client.makeConnection(StringTransport())
+        return client
+
+    def receive(self, client: GatewayClientTransport, payload: bytes, number: int = transport.MSG_KEXINIT) -> None:
+        """A message from the server, counted as the packet layer counts it."""
+        client.incomingPacketSequence += 1
+        client.dispatchMessage(number, payload)
+
+    def offered_lists(self, client: GatewayClientTransport) -> list[list[bytes]]:
+        """The ten name lists of the KEXINIT C{client} sent."""
+        *lists, _ = getNS(client.ourKexInitPayload[17:], 10)
+        return [names.split(b",") if names else [] for names in lists]
+
+
+class OfferTests(HandshakeTestCase):
+    def test_the_first_kexinit_waits_for_the_servers(self) -> None:
+        client = self.client()
+        self.assertFalse(hasattr(client, "ourKexInitPayload"))
+        self.receive(client, strict(kexinit(AES128_GCM)))
+        self.assertTrue(client.ourKexInitPayload)
+        self.assertFalse(client.transport.disconnecting)
+
+    def test_chacha20_only_with_strict_kex(self) -> None:
+        if CHACHA20_POLY1305 not in SUPPORTED_AEAD_CIPHERS:
+            raise SkipTest("the backend has no chacha20-poly1305")
+        client = self.client()
+        self.receive(client, strict(kexinit(CHACHA20_POLY1305)))
+        self.assertTrue(client.strict_kex)
+        self.assertIn(CHACHA20_POLY1305, self.offered_lists(client)[2])
+        self.assertEqual(client.nextEncryptions.outCipType, CHACHA20_POLY1305)
+        client = self.client()
+        self.receive(client, kexinit(CHACHA20_POLY1305 + b",aes128-ctr"))
+        self.assertFalse(client.strict_kex)
+        self.assertNotIn(CHACHA20_POLY1305, self.offered_lists(client)[2])
+        self.assertEqual(client.nextEncryptions.outCipType, b"aes128-ctr")
+
+    def test_a_server_that_waits_gets_ours_without_chacha20(self) -> None:
+        client = self.client()
+        self.clock.advance(KEXINIT_WAIT)
+        ciphers = self.offered_lists(client)[2]
+        self.assertNotIn(CHACHA20_POLY1305, ciphers)
+        self.receive(client, strict(kexinit(AES128_GCM)))  # no second KEXINIT
+        self.assertEqual(client.transport.value().count(b"kex-strict-c-v00@openssh.com"), 1)
+
+    def test_aead_ciphers_are_offered_first(self) -> None:
+        if len(SUPPORTED_AEAD_CIPHERS) < 3:
+            raise SkipTest(f"backend supports only {SUPPORTED_AEAD_CIPHERS}")
+        client = self.client()
+        self.receive(client, strict(kexinit(AES128_GCM)))
+        self.assertEqual(
+            self.offered_lists(client)[2],
+            [AES128_GCM, AES256_GCM, CHACHA20_POLY1305, b"aes128-ctr", b"aes256-ctr", b"aes192-ctr"],
+        )
+
+    def test_nothing_weak_is_offered(self) -> None:
+        client = self.client()
+        self.receive(client, strict(kexinit()))
+        kexes, host_keys, ciphers, _, macs, _, compression, _, _, _ = self.offered_lists(client)
+        offered = set(kexes + host_keys + ciphers + macs + compression)
+        self.assertEqual(offered & WEAK, set())
+        self.assertFalse([name for name in offered if name.endswith(b"-cbc")])
+        first = [kex.MLKEM768X25519] if kex.MLKEM_AVAILABLE else []
+        self.assertEqual(kexes[: len(first) + 2], [*first, b"curve25519-sha256", b"curve25519-sha256@libssh.org"])
+        self.assertEqual(kexes[-2:], [kex.STRICT_CLIENT, b"ext-info-c"])  # markers, not exchanges
+        self.assertEqual(
+            host_keys,
+            [
+                b"ssh-ed25519",
+                b"ecdsa-sha2-nistp256",
+                b"ecdsa-sha2-nistp384",
+                b"ecdsa-sha2-nistp521",
+                b"rsa-sha2-512",
+                b"rsa-sha2-256",
+            ],
+        )
+        self.assertEqual(macs, [b"hmac-sha2-256", b"hmac-sha2-512"])
+        self.assertEqual(compression, [b"none"])
+
+    def test_ssh_rsa_host_keys_only_for_a_cluster_that_opts_in(self) -> None:
+        client = self.client(allow_sha1_signatures=True)
+        self.clock.advance(KEXINIT_WAIT)
+        kexes, host_keys, ciphers, _, macs, _, compression, _, _, _ = self.offered_lists(client)
+        self.assertEqual(host_keys[-1], b"ssh-rsa")
+        self.assertEqual(set(kexes + host_keys[:-1] + ciphers + macs + compression) & WEAK, set())
+        self.assertNotIn(b"ssh-rsa", GatewayClientTransport.supportedPublicKeys)
+
+    def test_aead_needs_no_common_mac(self) -> None:
+        client = self.client()
+        packet = kexinit(AES128_GCM + b",aes128-ctr", b"hmac-unheard-of")
+        self.receive(client, packet)
+        self.assertFalse(client.transport.disconnecting)
+        self.assertEqual(client.nextEncryptions.outCipType, AES128_GCM)
+        self.assertEqual(client.nextEncryptions.inCipType, AES128_GCM)
+        self.assertIsInstance(client.nextEncryptions, FastSSHCiphers)
+        # The exchange hash must cover what the server sent, not our copy.
+        self.assertEqual(client.otherKexInitPayload, bytes((transport.MSG_KEXINIT,)) + packet)
+
+    def test_classic_cipher_still_needs_a_common_mac(self) -> None:
+        client = self.client()
+        self.receive(client, kexinit(b"aes128-ctr", b"hmac-unheard-of"))
+        self.assertTrue(client.transport.disconnecting)
+
+    def test_a_marker_is_no_exchange(self) -> None:
+        client = self.client()
+        self.receive(client, kexinit(kexes=kex.STRICT_CLIENT))
+        self.assertTrue(client.transport.disconnecting)
+        client.connectionLost(Failure(ConnectionDone()))
+        error = self.failureResultOf(client.ready, SSHConnectError).value
+        self.assertIn("chose a marker as its key exchange method", str(error))
+
+    def test_the_markers_only_in_the_first_kexinit(self) -> None:
+        client = self.client()
+        self.receive(client, strict(kexinit()))
+        client.sessionID = b"s"  # as after the first exchange
+        client.newkeys_sent()
+        self.assertNotIn(kex.STRICT_CLIENT, client.supportedKeyExchanges)
+
+
+class StrictTests(HandshakeTestCase):
+    def test_kexinit_must_be_the_first_packet(self) -> None:
+        client = self.client()
+        self.receive(client, b"", transport.MSG_IGNORE)
+        self.receive(client, strict(kexinit()))
+        self.assertTrue(client.transport.disconnecting)
+        client.connectionLost(Failure(ConnectionDone()))
+        error = self.failureResultOf(client.ready, SSHConnectError).value
+        self.assertIn("KEXINIT was not its first packet", str(error))
+
+    def test_without_strict_kex_an_early_ignore_is_fine(self) -> None:
+        client = self.client()
+        self.receive(client, b"", transport.MSG_IGNORE)
+        self.receive(client, kexinit())
+        self.assertFalse(client.transport.disconnecting)
+
+    def test_no_other_message_during_the_first_exchange(self) -> None:
+        for number in (transport.MSG_IGNORE, transport.MSG_DEBUG, transport.MSG_UNIMPLEMENTED, 7):
+            client = self.client()
+            self.receive(client, strict(kexinit()))
+            self.receive(client, NS(b"x") if number != transport.MSG_UNIMPLEMENTED else b"\0\0\0\0", number)
+            self.assertTrue(client.transport.disconnecting, number)
+
+    def test_sequence_numbers_restart_at_newkeys(self) -> None:
+        client = self.client()
+        self.receive(client, strict(kexinit()))
+        self.assertGreater(client.outgoingPacketSequence, 0)
+        client.sendPacket(transport.MSG_NEWKEYS, b"")
+        self.assertEqual(client.outgoingPacketSequence, 0)
+        client.incomingPacketSequence = 5
+        client.message_arrived(transport.MSG_NEWKEYS)
+        self.assertEqual(client.incomingPacketSequence, 0)
+        self.assertFalse(client.initial_kex)
+
+    def test_not_without_strict_kex(self) -> None:
+        client = self.client()
+        self.receive(client, kexinit())
+        sent = client.outgoingPacketSequence
+        client.sendPacket(transport.MSG_NEWKEYS, b"")
+        self.assertEqual(client.outgoingPacketSequence, sent + 1)
+        client.incomingPacketSequence = 5
+        client.message_arrived(transport.MSG_NEWKEYS)
+        self.assertEqual(client.incomingPacketSequence, 5)
+
+
+class ReplyTests(HandshakeTestCase):
+    def reply(self, client: GatewayClientTransport, signature_algorithm: bytes) -> None:
+        """Negotiate curve25519 with an RSA host key, then answer with a signature named C{signature_algorithm}."""
+        self.receive(
+            client,
+            kexinit(kexes=b"curve25519-sha256").replace(NS(b"ssh-ed25519"), NS(b"rsa-sha2-512,ssh-rsa")),
+        )
+        self.assertEqual(client.keyAlg, b"rsa-sha2-512")
+        signature = NS(signature_algorithm) + NS(b"\0" * 256)
+        self.receive(client, NS(b"host key") + NS(b"\x09" * 32) + NS(signature), 31)
+
+    def test_host_key_signed_with_another_algorithm_is_refused(self) -> None:
+        client = self.client()
+        verified: list[bytes] = []
+        client.verify_host_key = verified.append  # type: ignore[method-assign, assignment]
+        self.reply(client, b"ssh-rsa")
+        self.assertTrue(client.transport.disconnecting)
+        self.assertEqual(verified, [], "refused before the host key is even looked at")
+        client.connectionLost(Failure(ConnectionDone()))
+        error = self.failureResultOf(client.ready, SSHConnectError).value
+        self.assertIn("signed the key exchange with another algorithm than rsa-sha2-512", str(error))
+
+    def test_host_key_signed_as_negotiated_goes_on_to_verification(self) -> None:
+        client = self.client()
+        self.reply(client, b"rsa-sha2-512")
+        self.assertTrue(client.transport.disconnecting)  # "host key" is no key
+        client.connectionLost(Failure(ConnectionDone()))
+        error = self.failureResultOf(client.ready, SSHConnectError).value
+        self.assertIn("host key cannot be read", str(error))
+
+    def test_a_reply_out_of_turn(self) -> None:
+        client = self.client()
+        self.receive(client, NS(b"k") + NS(b"q") + NS(NS(b"ssh-ed25519") + NS(b"s")), 31)
+        self.assertTrue(client.transport.disconnecting)
+
+
+class KexTests(TestCase):
+    def test_x25519_secret_is_an_mpint(self) -> None:
+        client = kex.start(b"curve25519-sha256")
+        server = x25519.X25519PrivateKey.generate()
+        shared = client.shared_secret(server.public_key().public_bytes_raw())
+        raw = server.exchange(x25519.X25519PublicKey.from_public_bytes(client.client_public))
+        from twisted.conch.ssh.common import MP
+
+        self.assertEqual(shared, MP(int.from_bytes(raw, "big")))
+
+    def test_bad_public_values(self) -> None:
+        for name, bad in (
+            (b"curve25519-sha256", b"\0" * 31),
+            (b"curve25519-sha256", b"\0" * 32),
+            (b"ecdh-sha2-nistp256", b"\x04" + b"\1" * 64),
+        ):
+            self.assertRaises(kex.KexError, kex.start(name).shared_secret, bad)
+
+    def test_mlkem_hybrid_against_an_independent_server_side(self) -> None:
+        """The server's half written from the draft, here: both sides derive the same K, a string."""
+        if not kex.MLKEM_AVAILABLE:
+            raise SkipTest("cryptography has no ML-KEM here")
+        from cryptography.hazmat.primitives.asymmetric.mlkem import MLKEM768PublicKey
+
+        client = kex.start(kex.MLKEM768X25519)
+        c_init = client.client_public
+        self.assertEqual(len(c_init), 1184 + 32)
+        kem_public = MLKEM768PublicKey.from_public_bytes(c_init[:1184])
+        k_pq, ciphertext = kem_public.encapsulate()
+        server = x25519.X25519PrivateKey.generate()
+        k_cl = server.exchange(x25519.X25519PublicKey.from_public_bytes(c_init[1184:]))
+        s_reply = ciphertext + server.public_key().public_bytes_raw()
+        self.assertEqual(len(s_reply), 1088 + 32)
+        self.assertEqual(client.shared_secret(s_reply), NS(hashlib.sha256(k_pq + k_cl).digest()))
+        self.assertIs(client.hash, hashlib.sha256)
+
+    def test_mlkem_refuses_a_short_reply(self) -> None:
+        if not kex.MLKEM_AVAILABLE:
+            raise SkipTest("cryptography has no ML-KEM here")
+        self.assertRaises(kex.KexError, kex.start(kex.MLKEM768X25519).shared_secret, b"\0" * 1119)
+
+    def test_exchange_hash_layout(self) -> None:
+        exchange = kex.start(b"curve25519-sha256")
+        digest = kex.exchange_hash(exchange, b"V_C", b"V_S", b"I_C", b"I_S", b"K_S", b"Q_S", b"K")
+        expected = hashlib.sha256(
+            NS(b"V_C")
+            + NS(b"V_S")
+            + NS(b"I_C")
+            + NS(b"I_S")
+            + NS(b"K_S")
+            + NS(exchange.client_public)
+            + NS(b"Q_S")
+            + b"K"
+        ).digest()
+        self.assertEqual(digest, expected)
