@@ -46,6 +46,7 @@ DEFAULT_REKEY_INTERVAL = 3600.0
 
 _MSG_CHANNEL_DATA = connection.MSG_CHANNEL_DATA
 
+
 class ICarrierTransport(ITransport):
     """
     The byte stream an SSH connection to a proxy node runs over: TCP, a
