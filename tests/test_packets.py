@@ -621,6 +621,26 @@ class TransportPacketTests(TestCase):
 
 
 #: Algorithms the client must never offer unless a cluster opts in.
+# -- against OpenSSH ------------------------------------------------------------
+
+#: Names no list the gateway sends may hold.
+WEAK = {
+    "3des-cbc",
+    "aes128-cbc",
+    "aes192-cbc",
+    "aes256-cbc",
+    "hmac-md5",
+    "hmac-sha1",
+    "diffie-hellman-group1-sha1",
+    "diffie-hellman-group14-sha1",
+    "diffie-hellman-group-exchange-sha1",
+    "ssh-rsa",
+    "ssh-dss",
+    "zlib",
+    "zlib@openssh.com",
+}
+
+
 def sshd_skip_reason() -> str | None:
     if os.geteuid() != 0:
         return "needs root to run sshd"
@@ -660,12 +680,13 @@ class OpenSSHServer:
             self.port = free_port()
             config = os.path.join(self.workdir, "sshd_config")
             with open(config, "w") as f:
+                # sshd takes the first value of a keyword: the extra lines win.
                 f.write(
-                    f"ListenAddress 127.0.0.1\nPort {self.port}\nHostKey {host_key}\n"
+                    f"{self.extra}ListenAddress 127.0.0.1\nPort {self.port}\nHostKey {host_key}\n"
                     f"AuthorizedKeysFile {authorized}\nStrictModes no\nUsePAM no\n"
                     f"PermitRootLogin yes\nPasswordAuthentication no\nKbdInteractiveAuthentication no\n"
                     f"PidFile {os.path.join(self.workdir, 'sshd.pid')}\nCiphers {self.ciphers}\n"
-                    f"AllowTcpForwarding yes\nLogLevel VERBOSE\n{self.extra}"
+                    f"AllowTcpForwarding yes\nLogLevel VERBOSE\n"
                 )
             self.log = os.path.join(self.workdir, "sshd.log")
             with open(self.log, "wb") as log:
@@ -831,6 +852,7 @@ class OpenSSHInteropTests(TestCase):
         server = OpenSSHServer(self.workdir, ciphers, self.client_key, extra)
         server.start()
         self.addCleanup(server.stop)
+        self.sshd = server
         return server
 
     def listen(self, factory: Factory) -> int:
@@ -850,9 +872,6 @@ class OpenSSHInteropTests(TestCase):
         return protocol, connection
 
     async def transfer_both_ways(self, cipher: bytes, sshd_extra: str = "", **options) -> GatewayClientTransport:
-        if cipher not in GatewayClientTransport.supportedCiphers:
-            # chacha20-poly1305 is implemented but not offered (Terrapin): offer it here.
-            self.patch(GatewayClientTransport, "supportedCiphers", [cipher, *GatewayClientTransport.supportedCiphers])
         server = self.start_sshd(cipher.decode(), sshd_extra)
         protocol, connection = await self.connected(server, **options)
         protocol.key_exchanges = 0
@@ -896,7 +915,27 @@ class OpenSSHInteropTests(TestCase):
 
     @inline
     async def test_chacha20_poly1305(self):
-        await self.transfer_both_ways(CHACHA20_POLY1305)
+        """Offered because sshd agrees to strict key exchange, which its debug log confirms."""
+        protocol = await self.transfer_both_ways(CHACHA20_POLY1305, "LogLevel DEBUG3\n")
+        self.assertTrue(protocol.strict_kex)
+        log = self.sshd.read_log()
+        self.assertIn("will use strict KEX ordering", log)
+        self.assertNotIn("strict KEX violation", log)
+
+    @inline
+    async def test_the_kexinit_sshd_sees_lists_nothing_weak(self):
+        server = self.start_sshd(f"{AES128_GCM.decode()},aes128-ctr", "LogLevel DEBUG3\n")
+        await self.connected(server)
+        log = server.read_log()
+        proposal = log[log.index("peer client KEXINIT proposal") :]
+        lists = {}
+        for line in proposal.splitlines()[1:10]:
+            name, _, names = line.partition(": ")[2].partition(": ")
+            lists[name] = names.split(",")
+        offered = {n for names in lists.values() for n in names}
+        self.assertEqual(offered & WEAK, set(), lists)
+        self.assertFalse([n for n in offered if n.endswith("-cbc") or "sha1" in n], lists)
+        self.assertIn("kex-strict-c-v00@openssh.com", lists["KEX algorithms"])
 
     @inline
     async def test_aes128_ctr_control(self):
