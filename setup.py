@@ -34,7 +34,8 @@ setup(
         "prometheus_client",
     ],
     extras_require={
-        "test": ["hypothesis", "requests[socks]", "paramiko", "ruff", "mypy", "mypy-zope"],
+        # asyncssh: the one server here that speaks mlkem768x25519-sha256 (tests/test_kex_interop.py).
+        "test": ["hypothesis", "requests[socks]", "paramiko", "asyncssh", "ruff", "mypy", "mypy-zope"],
         # A third proxy for bench/ to compare with (bench/asyncssh_socks.py).
         "bench": ["asyncssh"],
     },
