@@ -156,7 +156,9 @@ class OfferTests(HandshakeTestCase):
                 b"rsa-sha2-256",
             ],
         )
-        self.assertEqual(macs, [b"hmac-sha2-256", b"hmac-sha2-512"])
+        self.assertEqual(
+            macs, [b"hmac-sha2-256-etm@openssh.com", b"hmac-sha2-512-etm@openssh.com", b"hmac-sha2-256", b"hmac-sha2-512"]
+        )
         self.assertEqual(compression, [b"none"])
 
     def test_ssh_rsa_host_keys_only_for_a_cluster_that_opts_in(self) -> None:

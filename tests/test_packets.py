@@ -20,6 +20,7 @@ cipher and profiles the aes128-gcm download (not a test).
 from __future__ import annotations
 
 import hashlib
+import hmac
 import os
 import shutil
 import struct
@@ -40,16 +41,18 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SkipTest, TestCase
 
 from gateway.errors import peer_text
+from gateway.ssh._conch import mac_key
 from gateway.ssh.connection import TunnelConnection
 from gateway.ssh.hostkeys import HostKeyPolicy
 from gateway.ssh.packets import (
     AES128_GCM,
     AES256_GCM,
     CHACHA20_POLY1305,
+    ETM_MACS,
     FastSSHCiphers,
-    PacketReader,
     _RandomPadding,
 )
+from gateway.ssh.reader import PacketReader
 from gateway.ssh.transport import GatewayClientTransport, SSHConnectError
 from gateway.testing import generate_key
 from tests.interop import (
@@ -190,6 +193,7 @@ def client_transport(ciphers: FastSSHCiphers, seqnr: int = 0) -> tuple[GatewayCl
 
 
 MSG_TEST = 94  # CHANNEL_DATA's number; only the recorder sees it
+ETM_256 = b"hmac-sha2-256-etm@openssh.com"
 
 
 class RandomPaddingTests(TestCase):
@@ -280,11 +284,11 @@ class KnownAnswerTests(TestCase):
 class TransportPacketTests(TestCase):
     """Packets between L{GatewayClientTransport} and an in-memory peer."""
 
-    def check_split_everywhere(self, name: bytes) -> None:
+    def check_split_everywhere(self, name: bytes, mac: bytes = b"hmac-sha2-256") -> None:
         start = 0xFFFFFFFF - 40  # the sequence numbers wrap during the test
         payload = b"hello through " + name
-        length = len(cipher_pair(name)[1].seal(0, MSG_TEST, payload))  # padding depends on length only
-        client_ciphers, server_ciphers = cipher_pair(name)
+        length = len(cipher_pair(name, mac)[1].seal(0, MSG_TEST, payload))  # padding depends on length only
+        client_ciphers, server_ciphers = cipher_pair(name, mac)
         client, received = client_transport(client_ciphers, start)
         peer = Peer(server_ciphers, start)
         for split in range(length + 1):
@@ -320,9 +324,26 @@ class TransportPacketTests(TestCase):
     def test_aes128_ctr_split_at_every_byte(self):
         self.check_split_everywhere(CLASSIC)
 
+    def test_aes128_ctr_etm_split_at_every_byte(self):
+        for mac in ETM_MACS:
+            self.check_split_everywhere(CLASSIC, mac)
+
+    def test_etm_wire_format(self):
+        """The length in clear, the rest padded on its own and encrypted, the MAC over seq, length and ciphertext."""
+        client, server = cipher_pair(CLASSIC, ETM_256)
+        wire = server.seal(7, MSG_TEST, b"payload")
+        length = struct.unpack(">L", wire[:4])[0]
+        self.assertEqual(length % 16, 0)
+        self.assertEqual(len(wire), 4 + length + 32)
+        expected = hmac.new(mac_key(server.outMAC), struct.pack(">L", 7) + wire[: 4 + length], "sha256")
+        self.assertEqual(wire[4 + length :], expected.digest())
+        reader = PacketReader(wire)
+        plain, start, end = reader.read(client, 7)
+        self.assertEqual((plain[start], plain[start + 1 : end]), (MSG_TEST, b"payload"))
+
     def test_client_packets_are_read_by_the_peer(self):
-        for name in AEAD + (CLASSIC,):
-            client_ciphers, server_ciphers = cipher_pair(name)
+        for name, mac in [*((n, b"hmac-sha2-256") for n in AEAD + (CLASSIC,)), *((CLASSIC, m) for m in ETM_MACS)]:
+            client_ciphers, server_ciphers = cipher_pair(name, mac)
             client, _ = client_transport(client_ciphers, 0xFFFFFFFE)
             peer = Peer(server_ciphers, 0xFFFFFFFE)
             payloads = [b"", b"a", os.urandom(31), os.urandom(32768)]
@@ -541,8 +562,8 @@ class TransportPacketTests(TestCase):
         reason = struct.unpack(">L", payload[:4])[0]
         return reason, payload[8 : 8 + struct.unpack(">L", payload[4:8])[0]]
 
-    def tampered(self, name: bytes, tamper) -> tuple[int, bytes, list]:
-        client_ciphers, server_ciphers = cipher_pair(name)
+    def tampered(self, name: bytes, tamper, mac: bytes = b"hmac-sha2-256") -> tuple[int, bytes, list]:
+        client_ciphers, server_ciphers = cipher_pair(name, mac)
         client, received = client_transport(client_ciphers)
         peer = Peer(server_ciphers)
         good = peer.seal(MSG_TEST, b"first")
@@ -562,6 +583,21 @@ class TransportPacketTests(TestCase):
             reason, text, received = self.tampered(name, flip_last)
             self.assertEqual((reason, text), (transport.DISCONNECT_MAC_ERROR, b"bad MAC"), name)
             self.assertEqual(received, [(MSG_TEST, b"first")], name)
+
+    def test_tampered_etm_packets_are_mac_errors(self):
+        def flip_last(packet: bytearray) -> None:
+            packet[-1] ^= 1
+
+        def flip_middle(packet: bytearray) -> None:
+            packet[len(packet) // 2] ^= 0x80
+
+        def shorten(packet: bytearray) -> None:
+            packet[:4] = (int.from_bytes(packet[:4], "big") - 16).to_bytes(4, "big")
+
+        for tamper in (flip_last, flip_middle, shorten):
+            reason, text, received = self.tampered(CLASSIC, tamper, ETM_256)
+            self.assertEqual((reason, text), (transport.DISCONNECT_MAC_ERROR, b"bad MAC"), tamper.__name__)
+            self.assertEqual(received, [(MSG_TEST, b"first")])
 
     def test_tampered_ciphertext_is_a_mac_error(self):
         for name in AEAD + (CLASSIC,):
@@ -676,6 +712,26 @@ class OpenSSHInteropTests(InteropTestCase):
     async def test_aes128_ctr_control(self):
         protocol = await self.transfer_both_ways(CLASSIC)
         self.assertIsNone(protocol.currentEncryptions.in_aead)
+
+    @inline
+    async def test_etm_macs_with_rekeys_both_ways(self):
+        """Encrypt-then-MAC, forced by sshd, preferred when a classic cipher is chosen; rekeys every MiB."""
+        for mac in ETM_MACS:
+            protocol = await self.transfer_both_ways(CLASSIC, f"MACs {mac.decode()}\nRekeyLimit 1M\n", rekey_bytes=MiB)
+            self.assertEqual(
+                (protocol.currentEncryptions.outMACType, protocol.currentEncryptions.inMACType), (mac, mac)
+            )
+            self.assertTrue(protocol.currentEncryptions.in_etm and protocol.currentEncryptions.out_etm)
+            # Begun by either side (each resets the other's count).
+            self.assertGreaterEqual(protocol.key_exchanges, 12)
+            self.assertGreater(protocol.rekeys, 0)
+
+    @inline
+    async def test_etm_preferred_where_sshd_offers_both(self):
+        protocol, _ = await self.connected(
+            self.start_sshd(CLASSIC.decode(), "MACs hmac-sha2-256,hmac-sha2-256-etm@openssh.com\n")
+        )
+        self.assertEqual(protocol.currentEncryptions.outMACType, b"hmac-sha2-256-etm@openssh.com")
 
     @inline
     async def test_aes128_gcm_rekey_every_mib(self):

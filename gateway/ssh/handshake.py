@@ -41,6 +41,7 @@ from gateway.ssh.hostkeys import HostKeyError, HostKeyPolicy
 from gateway.ssh.packets import (
     AEAD_CIPHERS,
     CHACHA20_POLY1305,
+    ETM_MACS,
     PREFERRED_CIPHERS,
     PREFERRED_MACS,
     SUPPORTED_AEAD_CIPHERS,
@@ -88,7 +89,7 @@ class HandshakeTransport(ConchClientTransport):
     """
 
     supportedCiphers = offered(PREFERRED_CIPHERS, SUPPORTED_AEAD_CIPHERS + _CONCH.supportedCiphers)
-    supportedMACs = offered(PREFERRED_MACS, _CONCH.supportedMACs)
+    supportedMACs = offered(PREFERRED_MACS, [*ETM_MACS, *_CONCH.supportedMACs])
     supportedKeyExchanges = list(kex.KEX_ALGORITHMS)
     supportedPublicKeys = offered(HOST_KEY_ALGORITHMS, _CONCH.supportedPublicKeys)
     #: Compression costs CPU for little on a LAN, and zlib has had its CVEs.

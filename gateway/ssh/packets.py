@@ -34,7 +34,7 @@ C{hmac.HMAC} (and a concatenated copy of the packet) for every packet;
 L{FastSSHCiphers} keys one HMAC per direction once, at key exchange, and per
 packet only copies that prepared state.
 
-L{PacketReader} takes packets out of the incoming byte stream: a C{bytearray}
+L{gateway.ssh.reader.PacketReader} takes packets out of the incoming byte stream: a C{bytearray}
 read by offset and compacted once per read of the socket (Conch's
 C{getPacket} re-slices its C{bytes} buffer, a copy of everything buffered,
 for every packet), with AEAD ciphertext handed to C{cryptography} as
@@ -79,9 +79,15 @@ PREFERRED_CIPHERS = (
     b"aes256-ctr",
     b"aes192-ctr",
 )
-#: Offered MACs, best first (not used with an AEAD cipher): SHA-2 only, and
-#: no -etm@openssh.com variants, which this code does not implement.
-PREFERRED_MACS = (b"hmac-sha2-256", b"hmac-sha2-512")
+#: Encrypt-then-MAC (OpenSSH PROTOCOL 1.7): the MAC covers the encrypted
+#: packet, and the length goes in clear, so nothing is decrypted before it
+#: is authenticated.  Each is its base HMAC, keyed the same way.
+ETM_MACS = {
+    b"hmac-sha2-256-etm@openssh.com": b"hmac-sha2-256",
+    b"hmac-sha2-512-etm@openssh.com": b"hmac-sha2-512",
+}
+#: Offered MACs, best first (not used with an AEAD cipher): SHA-2 only, EtM first.
+PREFERRED_MACS = (*ETM_MACS, b"hmac-sha2-256", b"hmac-sha2-512")
 
 #: Conch's limit on an incoming packet's length field.
 MAX_PACKET_LENGTH = 1 << 20
@@ -304,7 +310,25 @@ class FastSSHCiphers(transport.SSHCiphers):
     out_aead: AESGCMPacketCipher | ChaCha20Poly1305PacketCipher | None = None
     in_aead: AESGCMPacketCipher | ChaCha20Poly1305PacketCipher | None = None
 
+    #: Whether a direction's MAC is encrypt-then-MAC (L{ETM_MACS}).
+    out_etm = False
+    in_etm = False
+
     def setKeys(self, outIV: bytes, outKey: bytes, inIV: bytes, inKey: bytes, outInteg: bytes, inInteg: bytes) -> None:
+        # Conch knows the EtM MACs by their base names only: key them as those.
+        names = self.outMACType, self.inMACType
+        self.out_etm, self.in_etm = names[0] in ETM_MACS, names[1] in ETM_MACS
+        self.outMACType, self.inMACType = (ETM_MACS.get(name, name) for name in names)
+        try:
+            self._set_keys(outIV, outKey, inIV, inKey, outInteg, inInteg)
+        finally:
+            self.outMACType, self.inMACType = names
+        if self.out_aead is None and self.out_etm:
+            self.seal = self._seal_etm
+
+    def _set_keys(
+        self, outIV: bytes, outKey: bytes, inIV: bytes, inKey: bytes, outInteg: bytes, inInteg: bytes
+    ) -> None:
         out_aead = AEAD_CIPHERS.get(self.outCipType)
         in_aead = AEAD_CIPHERS.get(self.inCipType)
         if out_aead is None and in_aead is None:
@@ -347,6 +371,18 @@ class FastSSHCiphers(transport.SSHCiphers):
         )
         return self.encryptor.update(packet) + self.makeMAC(seqnr, packet)
 
+    def _seal_etm(self, seqnr: int, message_type: int, payload: bytes) -> bytes:
+        # The length in clear; what follows it padded to the block size on its
+        # own, encrypted, then the MAC over sequence number, length and ciphertext.
+        bs = self.encBlockSize
+        padding = bs - (2 + len(payload)) % bs
+        if padding < 4:
+            padding += bs
+        body = b"".join((_PADDING_TYPE.pack(padding, message_type), payload, random_padding(padding)))
+        head = _LENGTH.pack(len(body))
+        encrypted = self.encryptor.update(body)
+        return head + encrypted + self.makeMAC(seqnr, head + encrypted)
+
     def makeMAC(self, seqid: int, data: bytes) -> bytes:
         if self._out_hmac is None:
             return super().makeMAC(seqid, data)
@@ -362,116 +398,3 @@ class FastSSHCiphers(transport.SSHCiphers):
         expected.update(_SEQUENCE.pack(seqid))
         expected.update(data)
         return hmac.compare_digest(mac, expected.digest())
-
-
-class PacketReader:
-    """
-    Incoming SSH packets from a byte stream.
-
-    C{feed} appends to a C{bytearray}; C{read} takes the next whole packet
-    from a read offset, under whichever C{SSHCiphers} are current for that
-    packet; C{compact} drops what was read (once per batch, not per packet).
-    No memoryview of the buffer outlives a C{read} call, so C{feed} may be
-    called at any time between them.
-    """
-
-    __slots__ = ("buffer", "_pos", "_length", "_first")
-
-    def __init__(self, data: bytes = b"") -> None:
-        self.buffer = bytearray(data)
-        self._pos = 0
-        #: Length field of the packet being received, once known (else -1).
-        self._length = -1
-        #: Its decrypted first block (classic ciphers).
-        self._first: bytes | None = None
-
-    def __len__(self) -> int:
-        return len(self.buffer) - self._pos
-
-    def feed(self, data: bytes) -> None:
-        self.buffer += data
-
-    def compact(self) -> None:
-        if self._pos:
-            del self.buffer[: self._pos]
-            self._pos = 0
-
-    def read(self, ciphers: transport.SSHCiphers, seqnr: int) -> tuple[bytes, int, int] | None:
-        """
-        The next packet, as C{(plaintext, start, end)}: its message type is
-        C{plaintext[start]} and the payload C{plaintext[start + 1:end]}.  None
-        until all of it has arrived.  Raises L{PacketError} if it is malformed
-        or does not authenticate.
-        """
-        aead = getattr(ciphers, "in_aead", None)
-        if aead is not None:
-            return self._read_aead(aead, seqnr)
-        return self._read_classic(ciphers, seqnr)
-
-    def _read_aead(
-        self, aead: AESGCMPacketCipher | ChaCha20Poly1305PacketCipher, seqnr: int
-    ) -> tuple[bytes, int, int] | None:
-        buffer = self.buffer
-        pos = self._pos
-        length = self._length
-        if length < 0:
-            if len(buffer) - pos < 4:
-                return None
-            length = aead.packet_length(seqnr, buffer, pos)
-            block = aead.block_size
-            if length > MAX_PACKET_LENGTH or length < block or length % block:
-                raise PacketError(transport.DISCONNECT_PROTOCOL_ERROR, b"bad packet length")
-            self._length = length
-        end = pos + 4 + length + _TAG_SIZE
-        if len(buffer) < end:
-            return None
-        view = memoryview(buffer)
-        try:
-            plain = aead.open(seqnr, view[pos:end], length)
-        finally:
-            view.release()
-        if plain is None:
-            raise PacketError(transport.DISCONNECT_MAC_ERROR, b"bad MAC")
-        self._pos = end
-        self._length = -1
-        padding = plain[0]
-        if padding < 4 or padding + 2 > length:
-            raise PacketError(transport.DISCONNECT_PROTOCOL_ERROR, b"bad padding length")
-        return plain, 1, length - padding
-
-    def _read_classic(self, ciphers: transport.SSHCiphers, seqnr: int) -> tuple[bytes, int, int] | None:
-        buffer = self.buffer
-        pos = self._pos
-        bs = ciphers.decBlockSize
-        first = self._first
-        if first is None:
-            if len(buffer) - pos < bs:
-                return None
-            first = bytes(ciphers.decrypt(bytes(buffer[pos : pos + bs])))
-            length = _LENGTH_PADDING.unpack_from(first)[0]
-            if length > MAX_PACKET_LENGTH:
-                raise PacketError(transport.DISCONNECT_PROTOCOL_ERROR, b"bad packet length")
-            if (length + 4) % bs != 0:
-                raise PacketError(transport.DISCONNECT_PROTOCOL_ERROR, b"bad packet length")
-            self._first = first
-            self._length = length
-        length = self._length
-        ms = ciphers.verifyDigestSize
-        end = pos + 4 + length
-        if len(buffer) < end + ms:
-            return None
-        view = memoryview(buffer)
-        try:
-            packet = first + ciphers.decrypt(view[pos + bs : end])
-            mac = bytes(view[end : end + ms])
-        finally:
-            view.release()
-        if ms and not ciphers.verify(seqnr, packet, mac):
-            raise PacketError(transport.DISCONNECT_MAC_ERROR, b"bad MAC")
-        self._pos = end + ms
-        self._first = None
-        self._length = -1
-        padding = first[4]
-        if padding + 2 > length:
-            raise PacketError(transport.DISCONNECT_PROTOCOL_ERROR, b"bad padding length")
-        return packet, 5, 4 + length - padding

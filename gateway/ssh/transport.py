@@ -33,9 +33,9 @@ from gateway.ssh.hostkeys import HostKeyPolicy
 from gateway.ssh.packets import (
     FastSSHCiphers,
     PacketError,
-    PacketReader,
 )
 from gateway.ssh.quickack import quick_ack
+from gateway.ssh.reader import PacketReader
 
 log = Logger()
 
