@@ -157,7 +157,8 @@ class OfferTests(HandshakeTestCase):
             ],
         )
         self.assertEqual(
-            macs, [b"hmac-sha2-256-etm@openssh.com", b"hmac-sha2-512-etm@openssh.com", b"hmac-sha2-256", b"hmac-sha2-512"]
+            macs,
+            [b"hmac-sha2-256-etm@openssh.com", b"hmac-sha2-512-etm@openssh.com", b"hmac-sha2-256", b"hmac-sha2-512"],
         )
         self.assertEqual(compression, [b"none"])
 

@@ -657,7 +657,7 @@ class OpenSSHInteropTests(InteropTestCase):
         super().setUp()
 
     def start_sshd(self, ciphers: str, extra: str = "") -> OpenSSHServer:
-        server = OpenSSHServer(self.workdir, ciphers, self.client_key, extra)
+        server = OpenSSHServer(tempfile.mkdtemp(dir=self.workdir), ciphers, self.client_key, extra)
         server.start()
         self.addCleanup(server.stop)
         self.sshd = server
