@@ -338,3 +338,22 @@ class KexTests(TestCase):
             + b"K"
         ).digest()
         self.assertEqual(digest, expected)
+
+
+class WithoutMLKEMTests(HandshakeTestCase):
+    def test_not_offered_and_said_once(self) -> None:
+        from gateway.ssh import handshake
+        from tests.support import capture_events
+
+        events = capture_events(self)
+        self.patch(kex, "MLKEM_AVAILABLE", False)
+        self.patch(handshake, "_said", set())
+        self.patch(
+            handshake.HandshakeTransport, "supportedKeyExchanges", [k for k in kex._ALL if k != kex.MLKEM768X25519]
+        )
+        for _ in range(3):
+            client = self.client()
+            self.receive(client, strict(kexinit()))
+            self.assertNotIn(kex.MLKEM768X25519, self.offered_lists(client)[0])
+        said = [e for e in events if "ML-KEM" in (e.get("log_format") or "")]
+        self.assertEqual(len(said), 1)

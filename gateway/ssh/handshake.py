@@ -79,6 +79,20 @@ _CONCH = transport.SSHClientTransport
 _STRICT_ALLOWED = frozenset({transport.MSG_DISCONNECT, transport.MSG_KEXINIT, transport.MSG_NEWKEYS, *range(30, 50)})
 
 
+_said: set[str] = set()
+
+
+def _say_once_without_mlkem() -> None:
+    """Where C{cryptography} has no ML-KEM, the hybrid is not offered: say so once per process."""
+    if not kex.MLKEM_AVAILABLE and "mlkem" not in _said:
+        _said.add("mlkem")
+        log.warn(
+            "not offering {kex}: this cryptography/OpenSSL has no ML-KEM (the post-quantum hybrid);"
+            " key exchanges stay classic (curve25519)",
+            kex=kex.MLKEM768X25519.decode(),
+        )
+
+
 class HandshakeTransport(ConchClientTransport):
     """
     Key exchange and host key check for one proxy node (see the module).
@@ -130,6 +144,7 @@ class HandshakeTransport(ConchClientTransport):
 
     def choose_offer(self) -> None:
         """Set this connection's lists (called before the first KEXINIT is built)."""
+        _say_once_without_mlkem()
         algorithms = list(self.supportedPublicKeys)
         if self._allow_sha1_signatures and SHA1_RSA in _CONCH.supportedPublicKeys:
             algorithms.append(SHA1_RSA)
