@@ -520,7 +520,7 @@ class ErrorTests(ConfigTestCase):
         self.assertError(
             self.cluster_toml(colour='"x"'),
             "clusters.a.colour",
-            "unknown key (expected one of: aliases, allow_sha1_signatures, connect_timeout, connections, ",
+            "unknown key (expected one of: aliases, allow_sha1_signatures, ciphers, connect_timeout, connections, ",
         )
         self.assertError("[listen]\nsock = 'tcp:1'\n", "listen.sock", "unknown key (did you mean socks?)")
         self.assertError(self.cluster_toml() + "[clusters.a.sub]\nx = 1\n", "clusters.a.sub", "unknown key")

@@ -74,15 +74,19 @@ class ClusterTableTests(SynchronousTestCase):
             DEFAULTABLE_KEYS,
             (
                 "allow_sha1_signatures",
+                "ciphers",
                 "connect_timeout",
                 "connections",
                 "exec_command",
+                "host_key_algorithms",
                 "insecure_accept_any_host_key",
                 "keepalive_count_max",
                 "keepalive_interval",
+                "kex_algorithms",
                 "key",
                 "key_file",
                 "known_hosts",
+                "macs",
                 "max_streams",
                 "mode",
                 "open_timeout",
@@ -148,6 +152,10 @@ class ClusterTableTests(SynchronousTestCase):
                 "rekey_bytes",
                 "rekey_interval",
                 "allow_sha1_signatures",
+                "ciphers",
+                "host_key_algorithms",
+                "kex_algorithms",
+                "macs",
                 "socks",
                 "http",
                 "remote_listeners",
@@ -227,3 +235,31 @@ class SecretFileTests(SynchronousTestCase):
         with self.assertRaises(SecretFileError) as caught:
             read_secret_file(self.dir, "key file")
         self.assertEqual(str(caught.exception), f"cannot read key file {self.dir!r}: Is a directory")
+
+
+class AlgorithmKeyTests(SynchronousTestCase):
+    def parse(self, **keys):
+        return parse_cluster("a", {**_base_body(), **keys}, "gw.toml", "clusters.a")
+
+    def test_read_in_order(self) -> None:
+        config = self.parse(ciphers=["aes256-ctr", "aes128-gcm@openssh.com"], macs=["hmac-sha2-512-etm@openssh.com"])
+        self.assertEqual(config.ciphers, ("aes256-ctr", "aes128-gcm@openssh.com"))
+        self.assertEqual(config.macs, ("hmac-sha2-512-etm@openssh.com",))
+        self.assertEqual(config.kex_algorithms, ())
+        self.assertEqual(safe_settings(config)["ciphers"], ["aes256-ctr", "aes128-gcm@openssh.com"])
+
+    def test_refused_naming_the_item(self) -> None:
+        from gateway.config import ConfigError
+
+        for keys, where, reason in (
+            ({"ciphers": ["aes128-ctr", "aes128-cbc"]}, "clusters.a.ciphers[1]", "'aes128-cbc' is not one the gateway"),
+            ({"macs": ["hmac-sha1"]}, "clusters.a.macs[0]", "'hmac-sha1' is not one the gateway offers"),
+            ({"kex_algorithms": ["diffie-hellman-group14-sha1"]}, "clusters.a.kex_algorithms[0]", "is not one"),
+            ({"host_key_algorithms": ["ssh-dss"]}, "clusters.a.host_key_algorithms[0]", "is not one"),
+            ({"ciphers": ["aes128-ctr", "aes128-ctr"]}, "clusters.a.ciphers[1]", "is listed twice"),
+            ({"ciphers": []}, "clusters.a.ciphers", "must name at least one algorithm"),
+            ({"ciphers": "aes128-ctr"}, "clusters.a.ciphers", "expected an array of strings"),
+        ):
+            e = self.assertRaises(ConfigError, self.parse, **keys)
+            self.assertEqual(e.key, where, keys)
+            self.assertIn(reason, e.reason, keys)

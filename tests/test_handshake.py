@@ -357,3 +357,27 @@ class WithoutMLKEMTests(HandshakeTestCase):
             self.assertNotIn(kex.MLKEM768X25519, self.offered_lists(client)[0])
         said = [e for e in events if "ML-KEM" in (e.get("log_format") or "")]
         self.assertEqual(len(said), 1)
+
+
+class ClusterAlgorithmTests(HandshakeTestCase):
+    def test_a_cluster_list_is_offered_in_its_order(self) -> None:
+        client = self.client(
+            algorithms={
+                "kex_algorithms": ["ecdh-sha2-nistp256", "curve25519-sha256"],
+                "ciphers": ["aes256-ctr", "aes128-gcm@openssh.com"],
+                "macs": ["hmac-sha2-512"],
+                "host_key_algorithms": ["rsa-sha2-512", "ssh-ed25519"],
+            }
+        )
+        self.receive(client, strict(kexinit(b"aes256-ctr", b"hmac-sha2-512")))
+        kexes, host_keys, ciphers, _, macs, *_ = self.offered_lists(client)
+        self.assertEqual(kexes, [b"ecdh-sha2-nistp256", b"curve25519-sha256", kex.STRICT_CLIENT, b"ext-info-c"])
+        self.assertEqual(ciphers, [b"aes256-ctr", AES128_GCM])
+        self.assertEqual(macs, [b"hmac-sha2-512"])
+        self.assertEqual(host_keys, [b"rsa-sha2-512", b"ssh-ed25519"])
+        self.assertEqual(client.nextEncryptions.outCipType, b"aes256-ctr")
+
+    def test_a_restriction_cannot_bring_chacha20_without_strict_kex(self) -> None:
+        client = self.client(algorithms={"ciphers": [CHACHA20_POLY1305.decode(), "aes128-ctr"]})
+        self.receive(client, kexinit(CHACHA20_POLY1305 + b",aes128-ctr"))
+        self.assertEqual(self.offered_lists(client)[2], [b"aes128-ctr"])

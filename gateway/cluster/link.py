@@ -79,6 +79,12 @@ class Link:
             rekey_bytes=config.rekey_bytes,
             rekey_interval=config.rekey_interval,
             allow_sha1_signatures=config.allow_sha1_signatures,
+            algorithms={
+                "kex_algorithms": config.kex_algorithms,
+                "ciphers": config.ciphers,
+                "macs": config.macs,
+                "host_key_algorithms": config.host_key_algorithms,
+            },
         )
         return self._connector(self.proxy, factory).addCallback(self._handshake).addCallback(self._up)
 

@@ -165,6 +165,12 @@ class ClusterConfig:
     #: Accept and make SHA-1 RSA signatures (C{ssh-rsa}), for proxy nodes too
     #: old for rsa-sha2 (OpenSSH < 7.2).
     allow_sha1_signatures: bool = False
+    #: The SSH algorithms offered to this cluster's proxy nodes, in order;
+    #: empty: the gateway's defaults (docs/ssh-algorithms.md).
+    kex_algorithms: tuple[str, ...] = ()
+    ciphers: tuple[str, ...] = ()
+    macs: tuple[str, ...] = ()
+    host_key_algorithms: tuple[str, ...] = ()
     #: Endpoint strings of this cluster's own SOCKS and HTTP proxy listeners,
     #: which serve it alone and ask no credentials.
     socks: tuple[str, ...] = ()

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
+from gateway.config.algorithms import ALGORITHM_KEYS, read_algorithms
 from gateway.config.model import (
     MAX_CONNECTIONS,
     MAX_KEEPALIVE_COUNT_MAX,
@@ -311,6 +312,7 @@ CLUSTER_SCHEMA: tuple[ClusterKey, ...] = (
     ClusterKey("rekey_bytes", read_rekey_bytes),
     ClusterKey("rekey_interval", partial(read_seconds, zero="rekey by bytes only", minimum=MIN_REKEY_INTERVAL)),
     ClusterKey("allow_sha1_signatures", read_boolean),
+    *(ClusterKey(key, read_algorithms, render=_as_strings(key)) for key in ALGORITHM_KEYS),
     # a listener is one cluster's own port: never shared through [defaults]
     ClusterKey("socks", read_endpoints, defaultable=False, api=ApiListener(), render=lambda c: list(c.socks)),
     ClusterKey("http", read_endpoints, defaultable=False, api=ApiListener(), render=lambda c: list(c.http)),

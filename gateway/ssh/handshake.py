@@ -25,7 +25,7 @@ left out (OpenSSH PROTOCOL, CVE-2023-48795).
 from __future__ import annotations
 
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from twisted.conch.ssh import transport
@@ -48,7 +48,7 @@ from gateway.ssh.packets import (
     offered,
 )
 
-__all__ = ["HOST_KEY_ALGORITHMS", "KEXINIT_WAIT", "SHA1_RSA", "HandshakeTransport"]
+__all__ = ["HOST_KEY_ALGORITHMS", "KEXINIT_WAIT", "OFFERED", "SHA1_RSA", "HandshakeTransport"]
 
 log = Logger()
 
@@ -110,9 +110,17 @@ class HandshakeTransport(ConchClientTransport):
     supportedCompressions = [b"none"]
 
     def __init__(
-        self, host: str, port: int, host_keys: HostKeyPolicy, clock: IReactorTime, allow_sha1_signatures: bool
+        self,
+        host: str,
+        port: int,
+        host_keys: HostKeyPolicy,
+        clock: IReactorTime,
+        allow_sha1_signatures: bool,
+        algorithms: Mapping[str, Sequence[str]] | None = None,
     ) -> None:
         self.host = host
+        #: A cluster's own lists (its kex_algorithms, ciphers, macs, host_key_algorithms), by key.
+        self._algorithms = algorithms or {}
         self.port = port
         self._host_keys = host_keys
         self._clock = clock
@@ -145,10 +153,21 @@ class HandshakeTransport(ConchClientTransport):
     def choose_offer(self) -> None:
         """Set this connection's lists (called before the first KEXINIT is built)."""
         _say_once_without_mlkem()
+        chosen = {key: [name.encode() for name in names] for key, names in self._algorithms.items() if names}
+        if "kex_algorithms" in chosen:
+            self.supportedKeyExchanges = chosen["kex_algorithms"]
+        if "ciphers" in chosen:
+            self.supportedCiphers = chosen["ciphers"]
+        if "macs" in chosen:
+            self.supportedMACs = chosen["macs"]
         algorithms = list(self.supportedPublicKeys)
         if self._allow_sha1_signatures and SHA1_RSA in _CONCH.supportedPublicKeys:
             algorithms.append(SHA1_RSA)
-        self.supportedPublicKeys = self._host_keys.preferred_algorithms(self.host, self.port, algorithms)
+        if "host_key_algorithms" in chosen:
+            # The cluster's order, as it is: no reordering by the keys held.
+            self.supportedPublicKeys = chosen["host_key_algorithms"] + [a for a in algorithms if a == SHA1_RSA]
+        else:
+            self.supportedPublicKeys = self._host_keys.preferred_algorithms(self.host, self.port, algorithms)
         # The markers only in the first KEXINIT (Conch adds ext-info-c itself).
         self.supportedKeyExchanges = [*self.supportedKeyExchanges, kex.STRICT_CLIENT]
 
@@ -341,3 +360,13 @@ class HandshakeTransport(ConchClientTransport):
         if self.sessionID is not None:
             # The markers belong to the first KEXINIT only.
             self.supportedKeyExchanges = [k for k in self.supportedKeyExchanges if k not in kex.MARKERS]
+
+
+#: What the gateway offers by default, by the cluster key that may restrict it
+#: (L{gateway.config.algorithms}).
+OFFERED: dict[str, tuple[bytes, ...]] = {
+    "kex_algorithms": tuple(HandshakeTransport.supportedKeyExchanges),
+    "ciphers": tuple(HandshakeTransport.supportedCiphers),
+    "macs": tuple(HandshakeTransport.supportedMACs),
+    "host_key_algorithms": tuple(HandshakeTransport.supportedPublicKeys),
+}

@@ -12,7 +12,7 @@ a reconnecting service needs to log and what a waiting client is told.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from functools import partial
 
 from twisted.conch.ssh import connection, transport
@@ -96,8 +96,9 @@ class GatewayClientTransport(HandshakeTransport):
         rekey_bytes: int = DEFAULT_REKEY_BYTES,
         rekey_interval: float = DEFAULT_REKEY_INTERVAL,
         allow_sha1_signatures: bool = False,
+        algorithms: Mapping[str, Sequence[str]] | None = None,
     ) -> None:
-        super().__init__(host, port, host_keys, clock, allow_sha1_signatures)
+        super().__init__(host, port, host_keys, clock, allow_sha1_signatures, algorithms)
         self._user = user
         self._private_key = private_key
         self.ready: Deferred[TunnelConnection] = Deferred()
@@ -323,6 +324,7 @@ def client_factory(
     rekey_bytes: int = DEFAULT_REKEY_BYTES,
     rekey_interval: float = DEFAULT_REKEY_INTERVAL,
     allow_sha1_signatures: bool = False,
+    algorithms: Mapping[str, Sequence[str]] | None = None,
 ) -> Factory:
     """A factory of L{GatewayClientTransport}s for one proxy node address."""
     factory: Factory = Factory.forProtocol(
@@ -337,6 +339,7 @@ def client_factory(
             rekey_bytes=rekey_bytes,
             rekey_interval=rekey_interval,
             allow_sha1_signatures=allow_sha1_signatures,
+            algorithms=algorithms,
         )
     )
     factory.noisy = False
