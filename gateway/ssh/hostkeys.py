@@ -274,9 +274,8 @@ class HostKeyPolicy:
         """
         Check the host certificate C{blob} that C{host:port} presented under
         the agreed host-key algorithm C{algorithm}, at POSIX time C{now}, as
-        OpenSSH's client does: a good CA signature (even with
-        C{accept_any}), a trusted CA, neither
-        the CA nor the certified key C{@revoked}, then
+        OpenSSH's client does: a good CA signature (even with C{accept_any}),
+        a trusted CA, neither the CA nor the certified key C{@revoked}, then
         L{check_host_certificate} (type, validity, principals, critical
         options, SHA-1).  A certificate refused for any reason but a bad
         signature or a revoked key falls back, as in OpenSSH, to its key as a
