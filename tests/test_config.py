@@ -4,6 +4,7 @@ Tests for L{gateway.config}.
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import functools
 import ipaddress
@@ -14,6 +15,7 @@ from collections.abc import Iterator
 
 from cryptography.hazmat.primitives import serialization as ser
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from twisted.conch.ssh.common import NS
 from twisted.trial.unittest import SynchronousTestCase
 
 from gateway.config import (
@@ -308,6 +310,15 @@ class KeyTests(ConfigTestCase):
         self.assertEqual([k.sshType() for k in c.host_keys], [b"ssh-ed25519", b"ecdsa-sha2-nistp256"])
         self.assertTrue(all(k.isPublic() for k in c.host_keys))
 
+    def test_host_ca_keys(self) -> None:
+        cas = f'["{self.m.ed25519_public}", "{self.m.ecdsa_public}"]'
+        alone = self.cluster(known_hosts=None, host_ca_keys=cas)
+        self.assertEqual([k.sshType() for k in alone.host_ca_keys], [b"ssh-ed25519", b"ecdsa-sha2-nistp256"])
+        self.assertIsNone(alone.known_hosts)
+        beside = self.cluster(host_ca_keys=cas)  # a CA adds to known_hosts
+        self.assertEqual((beside.known_hosts, len(beside.host_ca_keys)), (self.path("known_hosts"), 2))
+        self.assertEqual(self.cluster().host_ca_keys, ())
+
     def test_insecure(self) -> None:
         c = self.cluster(known_hosts=None, insecure_accept_any_host_key="true")
         self.assertTrue(c.insecure_accept_any_host_key)
@@ -425,6 +436,13 @@ class DefaultsTests(ConfigTestCase):
         self.assertEqual((len(a.host_keys), len(b.host_keys)), (0, 1))
         self.assertEqual((a.connect_timeout, b.connect_timeout), (3.5, 1.0))
         self.assertEqual(a.window_size, b.window_size)
+
+    def test_shared_ca(self) -> None:
+        text = f'[defaults]\nhost_ca_keys = ["{self.m.ed25519_public}"]\n' + self.cluster_toml("a")
+        text += self.cluster_toml("b", known_hosts=None, insecure_accept_any_host_key="true")
+        a, b = self.load(text).clusters.values()
+        self.assertEqual((len(a.host_ca_keys), a.known_hosts), (1, self.path("known_hosts")))
+        self.assertEqual((b.host_ca_keys, b.insecure_accept_any_host_key), ((), True))
 
     def test_insecure_overrides_known_hosts(self) -> None:
         text = "[defaults]\nknown_hosts = 'known_hosts'\n" + self.cluster_toml(
@@ -696,7 +714,8 @@ class ErrorTests(ConfigTestCase):
         self.assertError(
             self.cluster_toml(known_hosts=None),
             "clusters.a.known_hosts",
-            "missing host key source: set known_hosts or host_keys (or insecure_accept_any_host_key = true)",
+            "missing host key source: set known_hosts, host_keys or host_ca_keys"
+            " (or insecure_accept_any_host_key = true)",
         )
         self.assertError(
             self.cluster_toml(known_hosts=None, insecure_accept_any_host_key="false"),
@@ -736,6 +755,29 @@ class ErrorTests(ConfigTestCase):
             )
         self.assertError(
             self.cluster_toml(known_hosts=None, host_keys="[]"), "clusters.a.host_keys", "must list at least one key"
+        )
+
+    def test_host_ca_key_errors(self) -> None:
+        ca = self.m.ed25519_public
+        self.assertError(self.cluster_toml(host_ca_keys="[]"), "clusters.a.host_ca_keys", "must list at least one key")
+        self.assertError(
+            self.cluster_toml(host_ca_keys=f'["{ca}", "ssh-ed25519 AAAA"]'),
+            "clusters.a.host_ca_keys[1]",
+            "not a valid ssh-ed25519 public key (bad base64 or key data)",
+        )
+        self.assertError(
+            self.cluster_toml(host_ca_keys=f'"{ca}"'), "clusters.a.host_ca_keys", "expected an array of strings"
+        )
+        security_key = base64.b64encode(NS(b"sk-ssh-ed25519@openssh.com") + NS(b"k" * 32) + NS(b"ssh:")).decode()
+        self.assertError(
+            self.cluster_toml(host_ca_keys=f'["sk-ssh-ed25519@openssh.com {security_key}"]'),
+            "clusters.a.host_ca_keys[0]",
+            "a sk-ssh-ed25519@openssh.com key cannot be a host CA here",
+        )
+        self.assertError(
+            self.cluster_toml(known_hosts=None, host_ca_keys=f'["{ca}"]', insecure_accept_any_host_key="true"),
+            "clusters.a.insecure_accept_any_host_key",
+            "insecure_accept_any_host_key = true cannot be combined with host_ca_keys",
         )
 
     def test_names(self) -> None:

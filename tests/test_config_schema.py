@@ -78,6 +78,7 @@ class ClusterTableTests(SynchronousTestCase):
                 "connect_timeout",
                 "connections",
                 "exec_command",
+                "host_ca_keys",
                 "host_key_algorithms",
                 "insecure_accept_any_host_key",
                 "keepalive_count_max",
@@ -109,8 +110,11 @@ class ClusterTableTests(SynchronousTestCase):
         self.assertEqual(displaced({"insecure_accept_any_host_key": False}), {"insecure_accept_any_host_key"})
         self.assertEqual(
             displaced({"insecure_accept_any_host_key": True}),
-            {"insecure_accept_any_host_key", "known_hosts", "host_keys"},
+            {"insecure_accept_any_host_key", "known_hosts", "host_keys", "host_ca_keys"},
         )
+        # a CA adds to known_hosts / host_keys: it displaces only the insecure opt-out
+        self.assertEqual(displaced({"host_ca_keys": []}), {"host_ca_keys", "insecure_accept_any_host_key"})
+        self.assertNotIn("host_ca_keys", displaced({"known_hosts": "kh"}))
 
     def test_status_shows_no_secret(self) -> None:
         config = _cluster(token="tok-secret-1")
@@ -132,6 +136,7 @@ class ClusterTableTests(SynchronousTestCase):
                 "key",
                 "known_hosts",
                 "host_keys",
+                "host_ca_keys",
                 "insecure_accept_any_host_key",
                 "networks",
                 "hostnames",
@@ -180,6 +185,13 @@ class ApiRuleTests(SynchronousTestCase):
         config = _cluster(jump="b")
         self.assertEqual(api_config_refusal(config, GatewaySettings())[0], "jump")  # type: ignore[index]
         self.assertIsNone(api_config_refusal(config, GatewaySettings(api_jump=True)))
+
+    def test_ca_keys_inline(self) -> None:
+        """host_ca_keys, like host_keys, is content, not a file: any API body may carry it, and status shows it."""
+        ca = _cluster().private_key.public().toString("OPENSSH").decode()
+        self.assertIsNone(api_body_refusal({"host_ca_keys": [ca]}, GatewaySettings()))
+        shown = safe_settings(_cluster(host_ca_keys=[ca], insecure_accept_any_host_key=False))
+        self.assertEqual(shown["host_ca_keys"], [ca])
 
     def test_relative_path_refused_when_allowed(self) -> None:
         refused = api_body_refusal({"known_hosts": "kh"}, GatewaySettings(api_file_paths=True))

@@ -41,6 +41,8 @@ def host_key_policy(config: ClusterConfig) -> HostKeyPolicy:
         known_hosts=config.known_hosts,
         pinned=config.host_keys,
         accept_any=config.insecure_accept_any_host_key,
+        ca_keys=config.host_ca_keys,
+        allow_sha1_signatures=config.allow_sha1_signatures,
     )
 
 

@@ -117,18 +117,20 @@ def _credentials(values: Values, key_prefix: str, cache: KeyCache | None) -> dic
         raise values.error(
             join(key_prefix, "key_file"), "missing private key: set key_file or key here or in [defaults]"
         )
-    known_hosts, host_keys, insecure, given = host_key_source(values)
-    if not given:
+    source = host_key_source(values)
+    if not source.given:
         raise values.error(
             join(key_prefix, "known_hosts"),
-            "missing host key source: set known_hosts or host_keys (or insecure_accept_any_host_key = true)",
+            "missing host key source: set known_hosts, host_keys or host_ca_keys"
+            " (or insecure_accept_any_host_key = true)",
         )
     return {
         "user": user,
         "private_key": key,
-        "known_hosts": known_hosts,
-        "host_keys": host_keys,
-        "insecure_accept_any_host_key": insecure,
+        "known_hosts": source.known_hosts,
+        "host_keys": source.host_keys,
+        "host_ca_keys": source.host_ca_keys,
+        "insecure_accept_any_host_key": source.insecure,
     }
 
 

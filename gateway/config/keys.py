@@ -1,7 +1,8 @@
 """
 The cluster's keys: its private key (C{key_file} or C{key}, with
 C{passphrase} or C{passphrase_file}) and the proxy node's host key source
-(C{known_hosts}, C{host_keys} or C{insecure_accept_any_host_key}).
+(C{known_hosts} or C{host_keys}, C{host_ca_keys}, or
+C{insecure_accept_any_host_key}).
 
 Malformed key data makes the parsers raise nearly anything (struct.error,
 IndexError, ValueError, ...), and some of those messages quote the data, so
@@ -12,12 +13,14 @@ every failure is caught and replaced by a reason of our own, "from None"
 from __future__ import annotations
 
 import re
+from typing import NamedTuple
 
 from twisted.conch.ssh import keys
 
 from gateway.config.model import ConfigError
 from gateway.config.secrets import SecretFileError, read_secret_file
 from gateway.config.values import Values
+from gateway.ssh.certs import CA_KEY_TYPES
 
 #: Loaded keys by (key data, passphrase): clusters sharing [defaults]' key
 #: decrypt it once.
@@ -165,34 +168,63 @@ def _check_readable(values: Values, name: str, what: str) -> None:
         raise values.error(name, f"cannot read {what} {path!r}: {reason}") from None
 
 
-def _host_keys(values: Values) -> tuple[keys.Key, ...]:
-    lines = values.strings("host_keys")
+def _key_lines(values: Values, name: str) -> tuple[keys.Key, ...]:
+    """The public keys listed by key C{name} (C{host_keys}, C{host_ca_keys}), one per entry."""
+    lines = values.strings(name)
     if not lines:
-        raise values.error("host_keys", "must list at least one key")
+        raise values.error(name, "must list at least one key")
     result: list[keys.Key] = []
     for i, line in enumerate(lines):
         try:
             result.append(_host_key_line(line))
         except ValueError as e:
-            raise ConfigError(values.source, f"{values.key('host_keys')}[{i}]", str(e)) from None
+            raise ConfigError(values.source, f"{values.key(name)}[{i}]", str(e)) from None
     return tuple(result)
 
 
-def host_key_source(values: Values) -> tuple[str | None, tuple[keys.Key, ...], bool, bool]:
-    """(known_hosts, host_keys, insecure, any source given)"""
+def _ca_keys(values: Values) -> tuple[keys.Key, ...]:
+    """C{host_ca_keys}: keys of a type that can sign certificates (L{gateway.ssh.certs.CA_KEY_TYPES})."""
+    ca_keys = _key_lines(values, "host_ca_keys")
+    for i, key in enumerate(ca_keys):
+        if key.sshType() not in CA_KEY_TYPES:
+            raise ConfigError(
+                values.source,
+                f"{values.key('host_ca_keys')}[{i}]",
+                f"a {key.sshType().decode()} key cannot be a host CA here (use ssh-ed25519, ecdsa-sha2-* or ssh-rsa)",
+            )
+    return ca_keys
+
+
+class HostKeySource(NamedTuple):
+    """What a cluster checks its proxy nodes' host keys against."""
+
+    known_hosts: str | None
+    host_keys: tuple[keys.Key, ...]
+    host_ca_keys: tuple[keys.Key, ...]
+    insecure: bool
+
+    @property
+    def given(self) -> bool:
+        """Whether any source is set."""
+        return self.known_hosts is not None or bool(self.host_keys) or bool(self.host_ca_keys) or self.insecure
+
+
+def host_key_source(values: Values) -> HostKeySource:
+    """The host key source keys: C{known_hosts} or C{host_keys}, C{host_ca_keys}, or the insecure opt-out."""
     insecure = values.boolean("insecure_accept_any_host_key") if "insecure_accept_any_host_key" in values else False
     if "known_hosts" in values and "host_keys" in values:
         raise values.error("host_keys", "known_hosts and host_keys are mutually exclusive: set only one")
-    if insecure and ("known_hosts" in values or "host_keys" in values):
-        other = "known_hosts" if "known_hosts" in values else "host_keys"
-        raise values.error(
-            "insecure_accept_any_host_key", f"insecure_accept_any_host_key = true cannot be combined with {other}"
-        )
+    if insecure:
+        other = next((k for k in ("known_hosts", "host_keys", "host_ca_keys") if k in values), None)
+        if other is not None:
+            raise values.error(
+                "insecure_accept_any_host_key", f"insecure_accept_any_host_key = true cannot be combined with {other}"
+            )
     known_hosts: str | None = None
     if "known_hosts" in values:
         known_hosts = values.path("known_hosts")
         # Only check that it can be read: it is read again at each connect.
         _check_readable(values, "known_hosts", "known_hosts file")
-    host_keys = _host_keys(values) if "host_keys" in values else ()
-    given = known_hosts is not None or bool(host_keys) or insecure
-    return known_hosts, host_keys, insecure, given
+    host_keys = _key_lines(values, "host_keys") if "host_keys" in values else ()
+    host_ca_keys = _ca_keys(values) if "host_ca_keys" in values else ()
+    return HostKeySource(known_hosts, host_keys, host_ca_keys, insecure)

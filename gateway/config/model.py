@@ -126,6 +126,8 @@ class ClusterConfig:
     insecure_accept_any_host_key: bool
     networks: tuple[Network, ...]
     hostnames: tuple[str, ...] = ()
+    #: CAs trusted to sign the proxy nodes' host certificates.
+    host_ca_keys: tuple[keys.Key, ...] = ()
     token: str | None = field(default=None, repr=False)
     connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
     window_size: int = DEFAULT_WINDOW_SIZE

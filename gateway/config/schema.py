@@ -232,8 +232,8 @@ def _key_summary(config: ClusterConfig) -> dict[str, str]:
     return {"type": key.sshType().decode(), "fingerprint": fingerprint(key.public())}
 
 
-def _host_key_lines(config: ClusterConfig) -> list[str]:
-    return [k.toString("OPENSSH").decode() for k in config.host_keys]
+def _key_lines(name: str) -> Render:
+    return lambda config: [k.toString("OPENSSH").decode() for k in getattr(config, name)]
 
 
 def _token_set(config: ClusterConfig) -> bool:
@@ -286,8 +286,13 @@ CLUSTER_SCHEMA: tuple[ClusterKey, ...] = (
     ClusterKey("key", displaces=_KEY_GROUP, render=_key_summary),
     ClusterKey("key_file", displaces=_KEY_GROUP, api=HostFile("key"), shown=False),
     ClusterKey("known_hosts", displaces=_HOST_KEY_GROUP, api=HostFile("host_keys")),
-    ClusterKey("host_keys", defaultable=False, displaces=_HOST_KEY_GROUP, render=_host_key_lines),
-    ClusterKey("insecure_accept_any_host_key", displaces_if_true=_HOST_KEY_GROUP),
+    ClusterKey("host_keys", defaultable=False, displaces=_HOST_KEY_GROUP, render=_key_lines("host_keys")),
+    # a site's CA is shared through [defaults] and adds to known_hosts or
+    # host_keys; only the insecure opt-out and it exclude each other
+    ClusterKey(
+        "host_ca_keys", displaces=frozenset({"insecure_accept_any_host_key"}), render=_key_lines("host_ca_keys")
+    ),
+    ClusterKey("insecure_accept_any_host_key", displaces_if_true=_HOST_KEY_GROUP | {"host_ca_keys"}),
     ClusterKey("passphrase", displaces=_PASSPHRASE_GROUP, shown=False),
     ClusterKey("passphrase_file", displaces=_PASSPHRASE_GROUP, api=HostFile("passphrase"), shown=False),
     ClusterKey("networks", defaultable=False, render=_as_strings("networks")),
