@@ -21,6 +21,7 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SkipTest, TestCase
 
 from gateway.ssh import kex
+from gateway.ssh.certs import CERT_ALGORITHMS
 from gateway.ssh.handshake import KEXINIT_WAIT
 from gateway.ssh.hostkeys import HostKeyPolicy
 from gateway.ssh.packets import AES128_GCM, AES256_GCM, CHACHA20_POLY1305, SUPPORTED_AEAD_CIPHERS, FastSSHCiphers
@@ -154,6 +155,7 @@ class OfferTests(HandshakeTestCase):
                 b"ecdsa-sha2-nistp521",
                 b"rsa-sha2-512",
                 b"rsa-sha2-256",
+                *CERT_ALGORITHMS,  # after the plain keys where no CA is trusted
             ],
         )
         self.assertEqual(
@@ -166,8 +168,8 @@ class OfferTests(HandshakeTestCase):
         client = self.client(allow_sha1_signatures=True)
         self.clock.advance(KEXINIT_WAIT)
         kexes, host_keys, ciphers, _, macs, _, compression, _, _, _ = self.offered_lists(client)
-        self.assertEqual(host_keys[-1], b"ssh-rsa")
-        self.assertEqual(set(kexes + host_keys[:-1] + ciphers + macs + compression) & WEAK, set())
+        self.assertEqual(host_keys[-2:], [b"ssh-rsa", b"ssh-rsa-cert-v01@openssh.com"])
+        self.assertEqual(set(kexes + host_keys[:-2] + ciphers + macs + compression) & WEAK, set())
         self.assertNotIn(b"ssh-rsa", GatewayClientTransport.supportedPublicKeys)
 
     def test_aead_needs_no_common_mac(self) -> None:

@@ -37,6 +37,7 @@ from twisted.logger import Logger
 from gateway.addresses import host_port
 from gateway.ssh import kex
 from gateway.ssh._conch import ConchClientTransport
+from gateway.ssh.certs import CERT_ALGORITHMS, SHA1_CERT_ALGORITHM, is_certificate_algorithm, signature_algorithm
 from gateway.ssh.hostkeys import HostKeyError, HostKeyPolicy
 from gateway.ssh.packets import (
     AEAD_CIPHERS,
@@ -105,7 +106,8 @@ class HandshakeTransport(ConchClientTransport):
     supportedCiphers = offered(PREFERRED_CIPHERS, SUPPORTED_AEAD_CIPHERS + _CONCH.supportedCiphers)
     supportedMACs = offered(PREFERRED_MACS, [*ETM_MACS, *_CONCH.supportedMACs])
     supportedKeyExchanges = list(kex.KEX_ALGORITHMS)
-    supportedPublicKeys = offered(HOST_KEY_ALGORITHMS, _CONCH.supportedPublicKeys)
+    # Certificates after the plain keys: the policy moves them first where a CA is trusted.
+    supportedPublicKeys = [*offered(HOST_KEY_ALGORITHMS, _CONCH.supportedPublicKeys), *CERT_ALGORITHMS]
     #: Compression costs CPU for little on a LAN, and zlib has had its CVEs.
     supportedCompressions = [b"none"]
 
@@ -162,10 +164,11 @@ class HandshakeTransport(ConchClientTransport):
             self.supportedMACs = chosen["macs"]
         algorithms = list(self.supportedPublicKeys)
         if self._allow_sha1_signatures and SHA1_RSA in _CONCH.supportedPublicKeys:
-            algorithms.append(SHA1_RSA)
+            algorithms += [SHA1_RSA, SHA1_CERT_ALGORITHM]
         if "host_key_algorithms" in chosen:
             # The cluster's order, as it is: no reordering by the keys held.
-            self.supportedPublicKeys = chosen["host_key_algorithms"] + [a for a in algorithms if a == SHA1_RSA]
+            sha1 = [a for a in algorithms if a in (SHA1_RSA, SHA1_CERT_ALGORITHM)]
+            self.supportedPublicKeys = chosen["host_key_algorithms"] + sha1
         else:
             self.supportedPublicKeys = self._host_keys.preferred_algorithms(self.host, self.port, algorithms)
         # The markers only in the first KEXINIT (Conch adds ext-info-c itself).
@@ -286,10 +289,11 @@ class HandshakeTransport(ConchClientTransport):
         except (struct.error, ValueError):
             self._refuse(transport.DISCONNECT_PROTOCOL_ERROR, "a malformed key exchange reply", b"malformed reply")
             return
-        if algorithm != self.keyAlg:
+        expected = signature_algorithm(self.keyAlg)
+        if algorithm != expected:
             self._refuse(
                 transport.DISCONNECT_KEY_EXCHANGE_FAILED,
-                f"the proxy node signed the key exchange with another algorithm than {self.keyAlg.decode()}",
+                f"the proxy node signed the key exchange with another algorithm than {expected.decode()}",
                 b"host key signature algorithm mismatch",
             )
             return
@@ -324,7 +328,28 @@ class HandshakeTransport(ConchClientTransport):
         self._keySetup(shared, digest)
 
     def verify_host_key(self, blob: bytes) -> Key:
-        """The host key of blob C{blob}, once the policy accepts it; L{HostKeyError} otherwise."""
+        """
+        The key that signs the exchange: the host key of blob C{blob}, or the
+        key a host certificate certifies, once the policy accepts it;
+        L{HostKeyError} otherwise.
+        """
+        if is_certificate_algorithm(self.keyAlg):
+            certified = self._host_keys.verify_certificate(
+                self.host, self.port, self.keyAlg, blob, self._clock.seconds()
+            )
+            if certified.refused is not None:
+                log.warn(
+                    "proxy node {address}: its host certificate is refused ({why}), its key is known: accepted",
+                    address=self.address,
+                    why=certified.refused,
+                )
+            else:
+                log.info(
+                    "proxy node {address}: host certificate {certificate}",
+                    address=self.address,
+                    certificate=str(certified),
+                )
+            return certified.key
         try:
             offered_key = Key.fromString(blob)
         except (BadKeyError, ValueError, struct.error):

@@ -62,7 +62,6 @@ def _keygen(*args: str) -> None:
 
 
 class HostCertificateTests(TestCase):
-    skip = "needs the transport's certificate hook (lead)"
 
     lab: Lab
     gateway: GatewayProcess
