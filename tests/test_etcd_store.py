@@ -169,6 +169,25 @@ class WatchTests(StoreTestCase):
         self.settle()
         self.assertEqual(gateway.clusters, {"a": {"n": 1}, "b": {"n": 2}})
 
+    def test_a_deletion_outside_the_gateways_is_applied_after_a_write(self) -> None:
+        """
+        C{etcdctl del} touches no key a transaction compares: a write through
+        this gateway succeeds before the deletion has arrived here, and the
+        deletion must still be applied when it does.
+        """
+        store, gateway = self.store()
+        self.etcd.write({key("a"): value({"n": 1})})
+        self.settle()
+        self.etcd.write({}, [key("a")])  # etcdctl del, still on its way
+        self.write(store, "b", {"n": 2})
+        self.settle()
+        self.assertEqual(gateway.clusters, {})  # a gone; b is the writer's own (applied by the registry)
+        self.assertEqual(store.bodies, {"b": {"n": 2}})
+        self.assertEqual(gateway.changes, [("a", {"n": 1}), ("a", None)])
+        self.assertEqual(store.revision, self.etcd.revision)
+        self.write(store, "c", {"n": 3})  # the next write is on what this one wrote: no conflict
+        self.assertEqual(set(store.bodies), {"b", "c"})
+
     def test_compaction_reads_everything_again(self) -> None:
         store, gateway = self.store()
         self.etcd.write({key("a"): value({"n": 1}), key("b"): value({"n": 2})})

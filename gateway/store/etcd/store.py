@@ -25,7 +25,10 @@ was checked against the registry it lands in.  Deletions change no key that
 stays, hence C{meta/last-write}, written by every transaction: a deletion
 through one gateway makes a concurrent write through another conflict.  The
 loser waits until its watch has applied the winner's change, checks again,
-and tries again (L{gateway.control.registry}).
+and tries again (L{gateway.control.registry}).  A deletion made with
+C{etcdctl} touches no C{meta/last-write}, so a write may succeed before it
+has arrived here: a write's revision counts as applied only when it is the
+next one; else the watch brings the revisions between (and skips the write).
 
 etcd is not on the data path: while it is unreachable the gateway serves
 the last registry it applied, answers writes with 503, and keeps trying.
@@ -108,6 +111,9 @@ class EtcdStore(Service):
         #: Every change up to this revision is applied (0: never synced; the
         #: cache's revision is not trusted for writes: etcd may have moved on).
         self.revision = 0
+        #: This gateway's own writes the watch has not brought back yet (see
+        #: L{_write}): skipped when it does, unlike the revisions between.
+        self._written: set[int] = set()
         #: "starting" (nothing read yet), "synced", or "degraded" (etcd unreachable).
         self.state = "starting"
         self.last_error: str | None = None
@@ -228,7 +234,7 @@ class EtcdStore(Service):
         if body is not None:
             puts[key] = self._encode(name, body)
         try:
-            succeeded, revision = await self._etcd.txn(self._prefix, self.revision, puts, [key] if body is None else [])
+            succeeded, revision = await self._etcd.txn(self._prefix, self._seen(), puts, [key] if body is None else [])
         except (EtcdUnavailable, EtcdError, EtcdProtocolError) as e:
             self._degraded(_failure_text(e))
             raise StoreUnavailable(self._unavailable(_failure_text(e))) from None
@@ -239,7 +245,18 @@ class EtcdStore(Service):
         else:
             self.bodies[name] = dict(body)
         self.rejected.pop(name, None)
-        self._advance(revision)
+        # A deletion made with etcdctl changes no key the transaction compares:
+        # it may lie between the last revision applied and this write, still on
+        # its way.  Only when nothing can be between does the write count as
+        # applied; else the watch brings it back after what was between.
+        if revision == self.revision + 1:
+            self._advance(revision)
+        else:
+            self._written.add(revision)
+
+    def _seen(self) -> int:
+        """The newest revision the registry here holds: applied, or this gateway's own write."""
+        return max(self._written, default=self.revision)
 
     def _unavailable(self, why: str) -> str:
         return f"the registry cannot be changed now: {why}; this gateway keeps serving {self._served()}"
@@ -402,11 +419,11 @@ class EtcdStore(Service):
         for index, event in enumerate(events):
             revision = event.kv.mod_revision
             if revision <= self.revision:
-                continue  # applied already: written by this gateway, or read by a resync
+                continue  # applied already: read by a resync, or repeated by a member
             name = self._name(event.kv.key)
             if name is None:
                 self._note_member(event.kv, event.deleted)
-            else:
+            elif revision not in self._written:  # this gateway's own: applied as written
                 if event.deleted:
                     await self._apply(name, None)
                 else:
@@ -444,6 +461,7 @@ class EtcdStore(Service):
         if revision <= self.revision:
             return
         self.revision = revision
+        self._written = {r for r in self._written if r > revision}
         ready = [(r, d) for r, d in self._waiters if r <= revision]
         self._waiters = [(r, d) for r, d in self._waiters if r > revision]
         for _, d in ready:
