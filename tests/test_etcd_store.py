@@ -188,6 +188,40 @@ class WatchTests(StoreTestCase):
         self.write(store, "c", {"n": 3})  # the next write is on what this one wrote: no conflict
         self.assertEqual(set(store.bodies), {"b", "c"})
 
+    def test_a_resync_read_before_a_write_of_this_gateway_is_read_again(self) -> None:
+        """
+        A resync's range that etcd answered before this gateway's own write
+        was made must not be applied after it: it would undo the write here.
+        """
+        store, gateway = self.store()
+        self.etcd.write({key("a"): value({"n": 1})})
+        self.settle()
+        read = self.etcd.range
+        answers: list[tuple[Deferred[Any], Any]] = []
+
+        def held(prefix: bytes) -> Deferred[Any]:
+            answers.append((Deferred(), self.successResultOf(read(prefix))))
+            return answers[-1][0]
+
+        self.patch(self.etcd, "range", held)
+        self.etcd.cut_watches()
+        self.etcd.write({b"/other/x": b"1"})  # another prefix: nothing for this registry to catch up on
+        self.etcd.compact(self.etcd.revision)
+        self.clock.advance(RETRY_DELAYS[0])
+        self.settle()  # the watch is refused as compacted: a resync reads the prefix
+        self.clock.advance(RETRY_DELAYS[0])
+        self.settle()
+        [(pending, answer)] = answers
+        self.write(store, "b", {"n": 2})  # meanwhile, through this gateway's API
+        pending.callback(answer)
+        self.settle()
+        self.assertEqual(len(answers), 2)
+        answers[1][0].callback(answers[1][1])
+        self.settle()
+        self.assertEqual(store.bodies, {"a": {"n": 1}, "b": {"n": 2}})
+        self.assertNotIn(("b", None), gateway.changes)
+        self.assertEqual(store.revision, self.etcd.revision)
+
     def test_compaction_reads_everything_again(self) -> None:
         store, gateway = self.store()
         self.etcd.write({key("a"): value({"n": 1}), key("b"): value({"n": 2})})

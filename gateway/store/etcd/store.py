@@ -325,12 +325,17 @@ class EtcdStore(Service):
 
     async def _sync(self) -> None:
         """Read the whole prefix and apply what differs from what is served here."""
-        revision, kvs = await self._etcd.range(self._prefix)
-        await self.lock.acquire()
-        try:
-            await self._apply_snapshot(revision, kvs)
-        finally:
-            self.lock.release()
+        while True:
+            revision, kvs = await self._etcd.range(self._prefix)
+            await self.lock.acquire()
+            try:
+                # A write of this gateway's that etcd made after the read is
+                # not in it: applying it would undo that write here.
+                if revision >= self._seen():
+                    await self._apply_snapshot(revision, kvs)
+                    break
+            finally:
+                self.lock.release()
         self._resync = False
 
     async def _apply_snapshot(self, revision: int, kvs: Sequence[KeyValue]) -> None:
