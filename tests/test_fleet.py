@@ -118,6 +118,28 @@ class Fleet(SynchronousTestCase):
         self.assertIn("alias 'x' is already used by cluster 'c1'", failure.value.reason)
         self.assertEqual(sorted(self.registry()), ["c1"])
 
+    def test_a_resync_applies_what_a_snapshot_frees_first(self) -> None:
+        """
+        A snapshot (a start from the cache, a resync after a compaction)
+        holds the registry after several changes at once: c2 deleted, its
+        alias taken by c1.  Applied by name, c1 would meet c2's alias and
+        stay refused here for good.
+        """
+        (_, _, a), (b_service, b_store, _) = self.gateways
+        self.successResultOf(a.put_cluster("c2", body(aliases=["x"])))
+        self.successResultOf(a.put_cluster("c3", body(network=3, aliases=["y"])))
+        self.settle()
+        self.etcd.silence_watches()  # gw-b misses the changes: its probe restarts the watch, too late
+        self.successResultOf(a.delete_cluster("c2"))
+        self.successResultOf(a.put_cluster("c1", body(aliases=["x"])))
+        self.successResultOf(a.put_cluster("c3", body(network=3)))
+        self.successResultOf(a.put_cluster("c0", body(network=4, aliases=["y"])))
+        self.etcd.compact(self.etcd.revision)
+        self.settle()
+        self.assertEqual(b_store.rejected, {})
+        self.assertEqual(sorted(b_service.clusters), ["c0", "c1", "c3"])
+        self.assertEqual(b_service.clusters["c1"].config.aliases, ("x",))
+
     def test_a_body_refused_here_is_reported(self) -> None:
         (_, _, _), (b_service, b_store, _) = self.gateways
         self.etcd.write({b"/gw/clusters/c1": json.dumps(body(proxy_command="nc %h %p")).encode()})

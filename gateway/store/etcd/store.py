@@ -349,10 +349,12 @@ class EtcdStore(Service):
             else:
                 self._note_member(kv, deleted=False)
         sealed_elsewhere = []
-        for name in sorted(set(found) | set(self.bodies)):
-            if name not in found:
-                await self._apply(name, None)
-                continue
+        # Removals first: what they free (a name, an alias, a port) may be
+        # what a body of the snapshot takes.
+        for name in sorted(set(self.bodies) - set(found)):
+            await self._apply(name, None)
+        changed = []
+        for name in sorted(found):
             try:
                 body = self._decode(name, found[name])
             except _Sealed as e:
@@ -363,7 +365,17 @@ class EtcdStore(Service):
                 await self._reject(name, str(e))
                 continue
             if body != self.bodies.get(name) or name in self.rejected:
+                changed.append((name, body))
+        # Then the bodies, in rounds: one refused because of another body the
+        # snapshot also changes (an alias or a port moved between clusters)
+        # is tried again once that one is in, until a round changes nothing.
+        while changed:
+            for name, body in changed:
                 await self._apply(name, body)
+            refused = [(name, body) for name, body in changed if name in self.rejected]
+            if len(refused) == len(changed):
+                break
+            changed = refused
         self._loaded = True
         self._advance(revision)
         self._set_state("synced")
