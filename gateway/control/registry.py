@@ -180,7 +180,8 @@ class GatewayControl:
         try:
             await self._keep(name, body)
         except BaseException:
-            listeners.rollback()
+            # Closed before going on: a retry after a conflict binds the same ports again.
+            await listeners.rollback()
             raise
         try:
             self._install(config, created, listeners)
