@@ -27,6 +27,7 @@ from gateway.store.etcd.wire import (
     b64,
     decode_answer,
     error_message,
+    is_error_answer,
     prefix_end,
     range_kvs,
     range_request,
@@ -283,6 +284,9 @@ class TxnOutcomeTests(SynchronousTestCase):
             {"responses": [{"response_range": {"kvs": [{"key": 1}]}}]},
             {"succeeded": True, "header": {"revision": "four"}},
             {"succeeded": True, "header": []},
+            # A write has a revision (etcd's start at 1): one without is no answer of etcd's.
+            {"succeeded": True},
+            {"succeeded": True, "header": {"revision": "0"}},
             # A "succeeded" that is no boolean is not read as a lost race.
             {"succeeded": "true", "header": {"revision": "4"}},
             {"succeeded": 1, "header": {"revision": "4"}},
@@ -439,3 +443,15 @@ class AnswerTests(SynchronousTestCase):
         self.assertEqual(error_message(b'{"message":""}'), "an error without a message")
         for data in (b"<html>502 Bad Gateway</html>", b"", b"[1]", b"[" * 100_000):
             self.assertEqual(error_message(data), "an answer that is not JSON")
+
+    def test_is_error_answer(self) -> None:
+        """etcd's own errors carry a gRPC code; another server's page (a proxy's, a 404) does not."""
+        self.assertTrue(is_error_answer(BAD_BASE64.encode()))
+        self.assertTrue(is_error_answer(b'{"error":"etcdserver: permission denied","code":7}'))
+        for data in (b"<html>502 Bad Gateway</html>", b"404 page not found\n", b"{}", b'{"code":"7"}', b'{"code":0}'):
+            self.assertFalse(is_error_answer(data), data)
+
+    def test_a_revision_is_required_of_ranges_and_writes(self) -> None:
+        self.assertEqual(revision_of({}), 0)  # a compacted watch's cancel message has none
+        for answer in ({}, {"header": {}}, {"header": {"revision": "0"}}):
+            self.assertRaises(EtcdProtocolError, revision_of, answer, required=True)

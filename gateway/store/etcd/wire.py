@@ -114,9 +114,16 @@ def prefix_end(prefix: bytes) -> bytes:
     return b"\0"  # every key
 
 
-def revision_of(answer: Mapping[str, Any]) -> int:
-    """The store revision in an answer's C{header}."""
-    return _int(_object(answer.get("header"), "header").get("revision"), "header.revision")
+def revision_of(answer: Mapping[str, Any], *, required: bool = False) -> int:
+    """
+    The store revision in an answer's C{header}.  C{required}: etcd's
+    revisions start at 1, so an answer of a range or of a write without one
+    is no answer of etcd's (and must not read as an empty registry).
+    """
+    revision = _int(_object(answer.get("header"), "header").get("revision"), "header.revision")
+    if required and revision < 1:
+        raise EtcdProtocolError("header.revision: expected a revision")
+    return revision
 
 
 @dataclass(frozen=True)
@@ -212,7 +219,7 @@ def txn_outcome(answer: Mapping[str, Any]) -> tuple[bool, int]:
     the prefix (0 when there is none).
     """
     if _bool(answer.get("succeeded"), "succeeded"):
-        return True, revision_of(answer)
+        return True, revision_of(answer, required=True)
     responses = _list(answer.get("responses"), "responses")
     if not responses:
         return False, 0
@@ -319,6 +326,16 @@ def decode_answer(data: bytes) -> Mapping[str, Any]:
     if answer is None:
         raise EtcdProtocolError("answer: expected an object")
     return _object(answer, "answer")
+
+
+def is_error_answer(data: bytes) -> bool:
+    """Whether C{data} is an error answer of etcd's own (C{"code"}: a gRPC code), not some other server's page."""
+    try:
+        answer = decode_answer(data)
+    except EtcdProtocolError:
+        return False
+    code = answer.get("code")
+    return type(code) is int and code > 0
 
 
 def error_message(data: bytes) -> str:
