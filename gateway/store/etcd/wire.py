@@ -293,15 +293,20 @@ class WatchDecoder:
     def __init__(self, limit: int = MAX_WATCH_MESSAGE) -> None:
         self._buffer = bytearray()
         self._limit = limit
+        #: How much of the buffer holds no newline: a long message arriving in
+        #: small chunks is searched once, not again at every chunk.
+        self._searched = 0
 
     def feed(self, data: bytes) -> list[WatchResponse]:
         """The messages C{data} completes; L{EtcdProtocolError} for a bad or huge one."""
         self._buffer += data
         messages = []
         while True:
-            end = self._buffer.find(b"\n")
+            end = self._buffer.find(b"\n", self._searched)
             if end < 0:
+                self._searched = len(self._buffer)
                 break
+            self._searched = 0
             line = bytes(self._buffer[:end])
             del self._buffer[: end + 1]
             if len(line) > self._limit:  # arrived whole in one chunk
