@@ -26,15 +26,16 @@ from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.error import ConnectionLost, ConnectionRefusedError, DNSLookupError
 from twisted.internet.protocol import Protocol
 from twisted.internet.task import Clock
-from twisted.internet.testing import MemoryReactorClock
+from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
-from twisted.web.client import RequestGenerationFailed, RequestTransmissionFailed, ResponseFailed
+from twisted.web.client import RequestGenerationFailed, RequestTransmissionFailed, ResponseDone, ResponseFailed
 from twisted.web.iweb import UNKNOWN_LENGTH
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
-from gateway.store.etcd.client import EtcdClient, EtcdError, EtcdUnavailable
+from gateway.store.etcd.client import EtcdClient, EtcdError, EtcdUnavailable, _Stream
+from gateway.store.etcd.wire import WatchResponse
 
 ENDPOINTS = ["http://127.0.0.1:2379", "http://127.0.0.1:22379", "http://127.0.0.1:32379"]
 
@@ -215,3 +216,20 @@ class FailOverTests(ClientTestCase):
         failure = self.failureResultOf(d, EtcdError)
         self.assertIn("cannot authenticate as 'gw'", str(failure.value))
         self.assertNotIn("s3cret", str(failure.value))
+
+
+class StreamTests(SynchronousTestCase):
+    def test_a_message_it_cannot_read_ends_the_watch_saying_so(self) -> None:
+        """The store must hear why: watched again from the same revision, the same bytes would come again."""
+        received: list[WatchResponse] = []
+        stream = _Stream(received.append, lambda: None)
+        transport = StringTransport()
+        stream.makeConnection(transport)
+        stream.dataReceived(b'{"result":{"header":{"revision":"3"},"created":true}}\n')
+        stream.dataReceived(b'<html>\n{"result":{}}\n')
+        self.assertEqual(len(received), 2)
+        self.assertTrue(received[0].created)
+        self.assertEqual((received[1].canceled, received[1].unreadable, received[1].reason), (True, True, "not JSON"))
+        self.assertEqual(transport.producerState, "stopped")
+        stream.connectionLost(Failure(ResponseDone()))
+        self.assertEqual(self.successResultOf(stream.ended), "bad watch message: not JSON")

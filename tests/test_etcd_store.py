@@ -17,6 +17,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from gateway.store.base import StoreConflict, StoreUnavailable
 from gateway.store.etcd.store import RETRY_DELAYS, EtcdStore
+from gateway.store.etcd.wire import WatchResponse
 from gateway.store.sealing import Sealer
 from gateway.store.statefile import StateFile
 from gateway.testing.etcd import MemoryEtcd
@@ -237,6 +238,35 @@ class WatchTests(StoreTestCase):
         self.assertEqual(gateway.clusters, {"b": {"n": 2}, "c": {"n": 3}})
         self.assertEqual(store.revision, self.etcd.revision)
         self.assertEqual(gateway.changes.count(("b", {"n": 2})), 1)
+
+    def test_a_catch_up_too_big_to_read_reads_everything_again(self) -> None:
+        """
+        A watch resumed from an old revision gets every change since in one
+        message; over the decoder's limit (big bodies), replaying from the
+        same revision would meet it again, for ever: read the prefix instead.
+        """
+        store, gateway = self.store()
+        self.etcd.cut_watches()
+        for n in range(12):
+            self.etcd.write({key(f"c{n}"): value({"n": n})})
+        watch = self.etcd.watch
+        behind = self.etcd.revision
+
+        def too_big(prefix: bytes, start: int, receive: Any) -> Deferred[Any]:
+            if start >= behind:
+                return watch(prefix, start, receive)
+            opened = self.successResultOf(watch(prefix, self.etcd.revision + 1, receive))
+            reason = "a watch message over 16777216 bytes"
+            opened.deliver(WatchResponse(0, canceled=True, reason=reason, unreadable=True))
+            return succeed(opened)
+
+        self.patch(self.etcd, "watch", too_big)
+        for delay in RETRY_DELAYS[:3]:
+            self.clock.advance(delay)
+            self.settle()
+        self.assertEqual(len(gateway.clusters), 12)
+        self.assertEqual(store.revision, self.etcd.revision)
+        self.assertEqual(store.state, "synced")
 
     def test_a_silent_watch_is_restarted_by_the_probe(self) -> None:
         store, gateway = self.store(probe_interval=1.0)

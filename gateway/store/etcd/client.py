@@ -141,6 +141,8 @@ class _Stream(TwistedProtocol):
         try:
             messages = self._decoder.feed(data)
         except EtcdProtocolError as e:
+            if self._reason is None:
+                self._receive(WatchResponse(revision=0, canceled=True, reason=str(e), unreadable=True))
             self._end(f"bad watch message: {e}")
             return
         for message in messages:

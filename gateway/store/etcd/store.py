@@ -12,7 +12,8 @@ range) and the difference to what this gateway serves is applied; then a
 watch from the next revision streams every change.  A watch that ends (a
 member gone, a leader lost) is started again from the revision after the
 last one applied, on the next member; one whose revision was compacted
-away reads the whole prefix again.  Every change carries its revision, and
+away, or whose catch-up cannot be read (one message over the decoder's
+limit: every change since, big bodies), reads the whole prefix again.  Every change carries its revision, and
 one at or below the last applied is skipped: nothing is applied twice, and
 nothing between is missed.  A probe (the newest revision under the prefix,
 a linearizable read) runs every C{probe_interval} seconds: it says whether
@@ -127,7 +128,8 @@ class EtcdStore(Service):
         self._queue: list[WatchResponse] = []
         self._draining: Deferred[None] | None = None
         self._watch: Watch | None = None
-        self._resync = True
+        #: Why the whole prefix is to be read (None: the watch resumes): "start", "compacted" or "unreadable".
+        self._resync: str | None = "start"
         self._stale_probes = 0
         self._probe = LoopingCall(self._check)
         self._probe.clock = clock
@@ -316,7 +318,7 @@ class EtcdStore(Service):
                 self._degraded("unexpected error (see the log)")
             else:
                 # A compacted start revision is no failure: read everything at once.
-                if self._resync or self._clock.seconds() - started >= MIN_WATCH:
+                if self._resync == "compacted" or self._clock.seconds() - started >= MIN_WATCH:
                     failures = 0
                     continue
             # Unreachable, or a watch that ended at once: wait, longer each time.
@@ -336,7 +338,7 @@ class EtcdStore(Service):
                     break
             finally:
                 self.lock.release()
-        self._resync = False
+        self._resync = None
 
     async def _apply_snapshot(self, revision: int, kvs: Sequence[KeyValue]) -> None:
         first = self.revision == 0
@@ -413,7 +415,16 @@ class EtcdStore(Service):
                     "etcd store: revision {revision} is compacted: reading the whole registry again",
                     revision=self.revision + 1,
                 )
-                self._resync = True
+                self._resync = "compacted"
+            elif response.unreadable:
+                # A catch-up too big for one message, say: replayed, it would be again.
+                log.warn(
+                    "etcd store: the watch from revision {revision} sent what cannot be read ({reason}):"
+                    " reading the whole registry again",
+                    revision=self.revision + 1,
+                    reason=response.reason,
+                )
+                self._resync = "unreadable"
             if self._watch is not None:
                 self._watch.cancel()
             return

@@ -256,6 +256,10 @@ class WatchResponse:
     canceled: bool = False
     compact_revision: int = 0
     reason: str = ""
+    #: Set (with C{canceled}) by the client for a stream it cannot read on (a
+    #: message not etcd's, or over L{MAX_WATCH_MESSAGE}): watched again from
+    #: the same revision, the same message would come again.
+    unreadable: bool = False
 
     @classmethod
     def from_json(cls, message: object) -> WatchResponse:
