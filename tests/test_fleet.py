@@ -150,6 +150,23 @@ class Fleet(SynchronousTestCase):
         self.assertEqual(a_service.listeners.bound("c1")["socks"], ["127.0.0.1:2100"])
         self.assertEqual(len(self.etcd.txns), 3)
 
+    def test_a_cluster_refused_here_can_be_deleted_here(self) -> None:
+        """
+        gw-b does not serve c1 (its port is taken on gw-b's host: here, by
+        gw-a, on the same reactor), but c1 is in the registry: a DELETE
+        through gw-b removes it from every gateway, not 404.
+        """
+        (a_service, _, a), (b_service, b_store, b) = self.gateways
+        self.successResultOf(a.put_cluster("c1", body(socks=["tcp:2100:interface=127.0.0.1"])))
+        self.settle()
+        self.assertIn("Address already in use", b_store.rejected["c1"])
+        self.assertNotIn("c1", b_service.clusters)
+        self.successResultOf(b.delete_cluster("c1"))
+        self.settle()
+        self.assertEqual(self.registry(), {})
+        self.assertEqual(a_service.clusters, {})
+        self.assertEqual(b_store.rejected, {})
+
     def test_a_body_refused_here_is_reported(self) -> None:
         (_, _, _), (b_service, b_store, _) = self.gateways
         self.etcd.write({b"/gw/clusters/c1": json.dumps(body(proxy_command="nc %h %p")).encode()})
