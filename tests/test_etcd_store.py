@@ -12,7 +12,9 @@ import stat
 from typing import Any
 
 from twisted.internet.defer import Deferred, succeed
+from twisted.internet.error import ConnectingCancelledError
 from twisted.internet.task import Clock
+from twisted.logger import LogLevel
 from twisted.trial.unittest import SynchronousTestCase
 
 from gateway.store.base import StoreConflict, StoreUnavailable
@@ -21,6 +23,7 @@ from gateway.store.etcd.wire import WatchResponse
 from gateway.store.sealing import Sealer
 from gateway.store.statefile import StateFile
 from gateway.testing.etcd import MemoryEtcd
+from tests.support import capture_events
 
 PREFIX = b"/gw/"
 
@@ -294,6 +297,22 @@ class WatchTests(StoreTestCase):
         self.settle()
         self.assertEqual(store.state, "synced")
         self.assertEqual(gateway.clusters, {"x": {"n": 9}})
+
+    def test_a_stop_while_a_watch_connects_is_quiet(self) -> None:
+        """
+        Cancelling a connection attempt fails with ConnectingCancelledError,
+        no CancelledError: a stop while the watch connects is no
+        "unexpected error" (a critical line and a traceback at every stop).
+        """
+        store, _ = self.store()
+        self.etcd.cut_watches()
+        connecting: Deferred[Any] = Deferred(lambda d: d.errback(ConnectingCancelledError(None)))
+        self.patch(self.etcd, "watch", lambda prefix, start, receive: connecting)
+        self.clock.advance(RETRY_DELAYS[0])
+        events = capture_events(self)
+        store.stopService()
+        self.assertEqual([e for e in events if e["log_level"] in (LogLevel.critical, LogLevel.error)], [])
+        self.assertEqual(store.state, "synced")
 
     def test_retries_back_off_and_stop_with_the_service(self) -> None:
         self.etcd.go_down()

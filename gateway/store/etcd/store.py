@@ -313,6 +313,8 @@ class EtcdStore(Service):
             except CancelledError:
                 raise  # stopService
             except Exception:
+                if not self.running:
+                    return  # stopService cancelled a call (a connection attempt fails with its own error)
                 # A bug must not end the following of the registry for good.
                 log.failure("etcd store: unexpected error (trying again)")
                 self._degraded("unexpected error (see the log)")
