@@ -192,6 +192,18 @@ class WatchTests(StoreTestCase):
         self.write(store, "c", {"n": 3})  # the next write is on what this one wrote: no conflict
         self.assertEqual(set(store.bodies), {"b", "c"})
 
+    def test_a_lease_ended_before_a_write_is_applied_too(self) -> None:
+        """The same for another gateway's member key: its lease's end (revoked, expired) touches nothing else either."""
+        store, _ = self.store()
+        lease = self.successResultOf(self.etcd.grant(10))
+        self.successResultOf(self.etcd.put(PREFIX + b"members/gw-x", b"{}", lease))
+        self.settle()
+        self.assertEqual(sorted(store.members), ["gw-x"])
+        self.successResultOf(self.etcd.revoke(lease))  # gw-x stopped: its key goes, on its way here
+        self.write(store, "b", {"n": 2})
+        self.settle()
+        self.assertEqual(store.members, {})
+
     def test_a_resync_read_before_a_write_of_this_gateway_is_read_again(self) -> None:
         """
         A resync's range that etcd answered before this gateway's own write
