@@ -441,6 +441,21 @@ class CacheTests(StoreTestCase):
         self.assertEqual(again.load(), {"a": {"token": "t0ken"}})
         self.assertEqual(again.revision, self.etcd.revision)
 
+    def test_a_cluster_refused_here_is_not_cached(self) -> None:
+        """
+        A start from the cache binds each cached cluster's ports, and one
+        that cannot stops the start: a cluster refused for its port taken on
+        this host, cached, would stop every later start of this gateway.
+        """
+        path = os.path.join(self.mktemp(), "cache.json")
+        store, gateway = self.store(cache=StateFile(path))
+        gateway.refuse["a"] = "socks: cannot listen on 'tcp:2100': Address already in use"
+        self.etcd.write({key("a"): value({"n": 1}), key("b"): value({"n": 2})})
+        self.settle()
+        self.clock.advance(1)
+        self.assertEqual(StateFile(path).load(), {"b": {"n": 2}})
+        self.assertIn("a", store.rejected)
+
     def test_deeply_nested_values_are_refused_not_raised(self) -> None:
         store, gateway = self.store()
         self.etcd.write({key("deep"): b"[" * 100000 + b"]" * 100000, key("ok"): value({"n": 1})})

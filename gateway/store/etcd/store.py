@@ -502,8 +502,12 @@ class EtcdStore(Service):
     def _save_cache(self) -> None:
         if self._cache is None:
             return
+        # What this gateway serves, not what it refuses: a start from the
+        # cache binds every cached cluster's ports, and one taken on this
+        # host stops the start (the way it refused the cluster, for ever).
+        served = {name: body for name, body in self.bodies.items() if name not in self.rejected}
         try:
-            self._cache.save(self.bodies, revision=self.revision)
+            self._cache.save(served, revision=self.revision)
         except StoreError as e:
             log.warn("etcd store: cannot write the local cache: {error}", error=str(e))
 
