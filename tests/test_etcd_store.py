@@ -14,7 +14,7 @@ from typing import Any
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.error import ConnectingCancelledError
 from twisted.internet.task import Clock
-from twisted.logger import LogLevel
+from twisted.logger import LogLevel, formatEvent
 from twisted.trial.unittest import SynchronousTestCase
 
 from gateway.store.base import StoreConflict, StoreUnavailable
@@ -455,6 +455,20 @@ class CacheTests(StoreTestCase):
         self.clock.advance(1)
         self.assertEqual(StateFile(path).load(), {"b": {"n": 2}})
         self.assertIn("a", store.rejected)
+
+    def test_a_name_the_api_refuses_is_refused_and_logged_quoted(self) -> None:
+        """A key written with etcdctl may hold any name: one with a newline must not forge a log line."""
+        store, gateway = self.store()
+        events = capture_events(self)
+        forged = "x\n2026-12-01T00:00:00+0000 [gateway.app#critical] forged"
+        self.etcd.write({key(forged): value({"n": 1}), key("a/b"): value({"n": 2})})
+        self.settle()
+        self.assertEqual(gateway.clusters, {})  # the sink is only told not to serve them
+        self.assertEqual(sorted(store.rejected), ["a/b", forged])
+        self.assertIn("its name is invalid", store.rejected["a/b"])
+        lines = [formatEvent(e) for e in events if e["log_level"] == LogLevel.error]
+        self.assertEqual(len(lines), 2)
+        self.assertNotIn("\n", "".join(lines))
 
     def test_deeply_nested_values_are_refused_not_raised(self) -> None:
         store, gateway = self.store()

@@ -49,6 +49,8 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import Logger
 
+from gateway.config import NAME_RULE, is_valid_name
+from gateway.config.values import show
 from gateway.store.base import Body, Sink, StoreConflict, StoreUnavailable
 from gateway.store.etcd.client import Etcd, EtcdError, EtcdUnavailable, Watch
 from gateway.store.etcd.members import MEMBERS
@@ -209,6 +211,8 @@ class EtcdStore(Service):
 
     def _decode(self, name: str, value: bytes) -> Body:
         """The body of a value; ValueError saying why it cannot be served (never its content)."""
+        if not is_valid_name(name):  # written with etcdctl: the API takes no such name
+            raise ValueError(f"its name is invalid: {NAME_RULE}")
         try:
             body = json.loads(value)
         except (UnicodeDecodeError, ValueError, RecursionError):
@@ -481,7 +485,10 @@ class EtcdStore(Service):
             self.rejected[name] = refused
 
     async def _reject(self, name: str, reason: str) -> None:
-        log.error("etcd store: cluster {cluster} is not served by this gateway: {reason}", cluster=name, reason=reason)
+        # Shown quoted: a key written with etcdctl may hold anything, a newline and a forged log line too.
+        log.error(
+            "etcd store: cluster {cluster} is not served by this gateway: {reason}", cluster=show(name), reason=reason
+        )
         self.bodies.pop(name, None)
         if self._sink is not None:
             await self._sink(name, None)
