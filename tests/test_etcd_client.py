@@ -137,7 +137,7 @@ class _Sites(Resource):
         return answer[1]
 
 
-class ClientTestCase(SynchronousTestCase):
+class SiteTestCase(SynchronousTestCase):
     def client(self, user: str | None = None, password: str | None = None, **answers: Answer) -> EtcdClient:
         self.clock = Clock()
         endpoints = [f"http://{host}:2379" for host in answers]
@@ -152,7 +152,7 @@ def etcd(path: bytes) -> tuple[int, bytes]:
     return 200, RANGE
 
 
-class FailOverTests(ClientTestCase):
+class FailOverTests(SiteTestCase):
     def test_an_answer_that_is_not_etcds_tries_the_next_member(self) -> None:
         """A member answering 200 with something else (another service on its port) is passed over."""
         client = self.client(m1=lambda path: (200, b"<html>welcome</html>"), m2=etcd)
@@ -216,6 +216,34 @@ class FailOverTests(ClientTestCase):
         failure = self.failureResultOf(d, EtcdError)
         self.assertIn("cannot authenticate as 'gw'", str(failure.value))
         self.assertNotIn("s3cret", str(failure.value))
+
+
+class SilentMemberTests(SiteTestCase):
+    def test_a_member_that_never_answers_is_given_up_after_timeout(self) -> None:
+        """
+        Once: the request given up fails like one on a kept connection
+        that was closed, which is sent once more; a member that does not
+        answer must cost one timeout, not two (measured by hand against a
+        socket that accepts and never answers: 1.00 s for timeout 0.5).
+        """
+        client = self.client(m1=lambda path: None, m2=etcd)
+        d = client.range(b"/gw/")
+        self.stub.flush()
+        self.assertNoResult(d)
+        self.clock.advance(2.0)
+        self.stub.flush()
+        self.assertEqual(self.successResultOf(d), (7, []))
+        self.assertEqual(self.members.asked, ["m1", "m2"])
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_no_member_answers(self) -> None:
+        client = self.client(m1=lambda path: None, m2=lambda path: None)
+        d = client.range(b"/gw/")
+        for _ in range(2):
+            self.stub.flush()
+            self.clock.advance(2.0)
+        failure = self.failureResultOf(d, EtcdUnavailable)
+        self.assertEqual(str(failure.value), "http://m2:2379: no answer within 2 s")
 
 
 class StreamTests(SynchronousTestCase):

@@ -409,9 +409,11 @@ class EtcdClient:
         timer: IDelayedCall = self._clock.callLater(self._timeout, d.cancel)
         try:
             return await d
-        except Exception as e:
-            if isinstance(e, _Unreachable) or not d.called or timer.active():
-                raise
+        except Exception:
+            if timer.active():
+                raise  # the call failed by itself
+            # Whatever the cancelled call raised (a request given up looks like a
+            # closed kept connection, which is worth once more: this one is not).
             raise _Unreachable(f"no answer within {self._timeout:g} s") from None
         finally:
             if timer.active():
