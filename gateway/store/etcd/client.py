@@ -126,6 +126,9 @@ class Etcd(Protocol):
     def revoke(self, lease: int) -> Deferred[None]:
         """End C{lease} now (its keys go); one etcd no longer knows is no error."""
 
+    def close(self) -> Deferred[None]:
+        """Close the connections kept for the next call: the gateway stops, after its last call."""
+
 
 class _Stream(TwistedProtocol):
     """A watch's response body: messages to C{receive}, the end to C{ended}."""
