@@ -238,6 +238,41 @@ class WatchTests(StoreTestCase):
         self.assertNotIn(("b", None), gateway.changes)
         self.assertEqual(store.revision, self.etcd.revision)
 
+    def test_a_registry_older_than_the_one_served_is_taken_as_it_is(self) -> None:
+        """
+        etcd restored from a snapshot (or another cluster at the same
+        endpoints) answers a revision below the one applied here: the read
+        is not refused for ever (a loop of ranges), the registry it holds is
+        what is served, and the watch goes on from it.
+        """
+        store, gateway = self.store()
+        for n in range(5):
+            self.etcd.write({key(f"c{n}"): value({"n": n})})
+        self.settle()
+        # Restored from the snapshot taken at revision 3:
+        self.etcd.data = {k: kv for k, kv in self.etcd.data.items() if kv.mod_revision <= 3}
+        self.etcd.history = [(r, events) for r, events in self.etcd.history if r <= 3]
+        self.etcd.revision = 3
+        read = self.etcd.range
+        reads: list[int] = []
+
+        def counted(prefix: bytes) -> Deferred[Any]:
+            reads.append(1)
+            if len(reads) > 20:
+                raise AssertionError("read again and again")
+            return read(prefix)
+
+        self.patch(self.etcd, "range", counted)
+        for watch in list(self.etcd.watches):  # a resync (say, the watch's revision compacted meanwhile)
+            watch.deliver(WatchResponse(3, canceled=True, compact_revision=3))
+        self.settle()
+        self.assertEqual(len(reads), 3)
+        self.assertEqual(sorted(gateway.clusters), ["c0", "c1"])
+        self.assertEqual(store.revision, 3)
+        self.etcd.write({key("c9"): value({"n": 9})})
+        self.settle()
+        self.assertEqual(sorted(gateway.clusters), ["c0", "c1", "c9"])
+
     def test_compaction_reads_everything_again(self) -> None:
         store, gateway = self.store()
         self.etcd.write({key("a"): value({"n": 1}), key("b"): value({"n": 2})})

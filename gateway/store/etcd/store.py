@@ -70,6 +70,8 @@ RETRY_DELAYS = (0.2, 0.5, 1.0, 2.0, 5.0)
 MIN_WATCH = 1.0
 #: Seconds the local cache may lag behind the registry (a burst of changes is written once).
 CACHE_DELAY = 0.2
+#: Reads of the whole prefix before one behind this gateway's own writes is taken as etcd's truth.
+SYNC_READS = 3
 
 
 def _failure_text(error: Exception) -> str:
@@ -333,15 +335,27 @@ class EtcdStore(Service):
 
     async def _sync(self) -> None:
         """Read the whole prefix and apply what differs from what is served here."""
-        while True:
+        for attempt in range(1, SYNC_READS + 1):
             revision, kvs = await self._etcd.range(self._prefix)
             await self.lock.acquire()
             try:
                 # A write of this gateway's that etcd made after the read is
-                # not in it: applying it would undo that write here.
-                if revision >= self._seen():
-                    await self._apply_snapshot(revision, kvs)
-                    break
+                # not in it: applying it would undo that write here.  An etcd
+                # that stays behind went back itself (restored from a snapshot,
+                # another cluster at the endpoints): its registry is the truth.
+                behind = revision < self._seen()
+                if behind and attempt < SYNC_READS:
+                    continue
+                if behind:
+                    log.warn(
+                        "etcd store: etcd is at revision {revision}, behind the {seen} this gateway applied"
+                        " (restored from a snapshot, or another cluster?): serving its registry as it is",
+                        revision=revision,
+                        seen=self._seen(),
+                    )
+                    self.revision, self._written = 0, set()
+                await self._apply_snapshot(revision, kvs)
+                break
             finally:
                 self.lock.release()
         self._resync = None
