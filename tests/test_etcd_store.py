@@ -18,6 +18,7 @@ from twisted.logger import LogLevel, formatEvent
 from twisted.trial.unittest import SynchronousTestCase
 
 from gateway.store.base import StoreConflict, StoreUnavailable
+from gateway.store.etcd.client import EtcdUnavailable
 from gateway.store.etcd.store import RETRY_DELAYS, EtcdStore
 from gateway.store.etcd.wire import WatchResponse
 from gateway.store.sealing import Sealer
@@ -360,6 +361,31 @@ class WatchTests(StoreTestCase):
         store.stopService()
         self.assertEqual([e for e in events if e["log_level"] in (LogLevel.critical, LogLevel.error)], [])
         self.assertEqual(store.state, "synced")
+
+    def test_a_probe_that_fails_after_a_resync_is_older_news(self) -> None:
+        """
+        A probe asked while etcd was away (a member that accepts and does
+        not answer yet) fails after the store has synced again: the store
+        stays synced and its new watch is not cut (seen under load in
+        test_etcd_fleet's etcd gone-and-back: "degraded" right after both
+        gateways had served the change made meanwhile).
+        """
+        store, gateway = self.store(probe_interval=1.0)
+        self.etcd.go_down()
+        self.clock.advance(1.0)  # a probe sees it: degraded
+        self.assertEqual(store.state, "degraded")
+        asked: Deferred[int] = Deferred()
+        self.patch(self.etcd, "newest", lambda prefix: asked)
+        self.clock.advance(1.0)  # the next probe waits for a member
+        self.etcd.come_back()
+        self.etcd.write({key("a"): value({"n": 1})})
+        self.clock.advance(max(RETRY_DELAYS))
+        self.settle()
+        self.assertEqual((store.state, gateway.clusters), ("synced", {"a": {"n": 1}}))
+        watches = list(self.etcd.watches)
+        asked.errback(EtcdUnavailable("memory://etcd: no answer within 2 s"))
+        self.assertEqual(store.state, "synced")
+        self.assertEqual(self.etcd.watches, watches)
 
     def test_retries_back_off_and_stop_with_the_service(self) -> None:
         self.etcd.go_down()

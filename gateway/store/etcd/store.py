@@ -539,11 +539,16 @@ class EtcdStore(Service):
         return Deferred.fromCoroutine(self._probe_once())
 
     async def _probe_once(self) -> None:
+        watching = self._watch
         try:
             newest = await self._etcd.newest(self._prefix)
         except CancelledError:
             raise
         except Exception as e:  # a LoopingCall whose call fails stops for good
+            if self._watch is not None and self._watch is not watching:
+                # Asked while etcd was away, failed after it came back: a watch
+                # opened meanwhile says etcd answers, the probe is older news.
+                return
             self._degraded(_failure_text(e))
             if self._watch is not None:
                 self._watch.cancel()  # another member may still answer
