@@ -12,14 +12,19 @@ import stat
 from typing import Any
 
 from twisted.internet.defer import Deferred, succeed
+from twisted.internet.error import ConnectingCancelledError
 from twisted.internet.task import Clock
+from twisted.logger import LogLevel, formatEvent
 from twisted.trial.unittest import SynchronousTestCase
 
 from gateway.store.base import StoreConflict, StoreUnavailable
+from gateway.store.etcd.client import EtcdUnavailable
 from gateway.store.etcd.store import RETRY_DELAYS, EtcdStore
+from gateway.store.etcd.wire import WatchResponse
 from gateway.store.sealing import Sealer
 from gateway.store.statefile import StateFile
 from gateway.testing.etcd import MemoryEtcd
+from tests.support import capture_events
 
 PREFIX = b"/gw/"
 
@@ -169,6 +174,106 @@ class WatchTests(StoreTestCase):
         self.settle()
         self.assertEqual(gateway.clusters, {"a": {"n": 1}, "b": {"n": 2}})
 
+    def test_a_deletion_outside_the_gateways_is_applied_after_a_write(self) -> None:
+        """
+        C{etcdctl del} touches no key a transaction compares: a write through
+        this gateway succeeds before the deletion has arrived here, and the
+        deletion must still be applied when it does.
+        """
+        store, gateway = self.store()
+        self.etcd.write({key("a"): value({"n": 1})})
+        self.settle()
+        self.etcd.write({}, [key("a")])  # etcdctl del, still on its way
+        self.write(store, "b", {"n": 2})
+        self.settle()
+        self.assertEqual(gateway.clusters, {})  # a gone; b is the writer's own (applied by the registry)
+        self.assertEqual(store.bodies, {"b": {"n": 2}})
+        self.assertEqual(gateway.changes, [("a", {"n": 1}), ("a", None)])
+        self.assertEqual(store.revision, self.etcd.revision)
+        self.write(store, "c", {"n": 3})  # the next write is on what this one wrote: no conflict
+        self.assertEqual(set(store.bodies), {"b", "c"})
+
+    def test_a_lease_ended_before_a_write_is_applied_too(self) -> None:
+        """The same for another gateway's member key: its lease's end (revoked, expired) touches nothing else either."""
+        store, _ = self.store()
+        lease = self.successResultOf(self.etcd.grant(10))
+        self.successResultOf(self.etcd.put(PREFIX + b"members/gw-x", b"{}", lease))
+        self.settle()
+        self.assertEqual(sorted(store.members), ["gw-x"])
+        self.successResultOf(self.etcd.revoke(lease))  # gw-x stopped: its key goes, on its way here
+        self.write(store, "b", {"n": 2})
+        self.settle()
+        self.assertEqual(store.members, {})
+
+    def test_a_resync_read_before_a_write_of_this_gateway_is_read_again(self) -> None:
+        """
+        A resync's range that etcd answered before this gateway's own write
+        was made must not be applied after it: it would undo the write here.
+        """
+        store, gateway = self.store()
+        self.etcd.write({key("a"): value({"n": 1})})
+        self.settle()
+        read = self.etcd.range
+        answers: list[tuple[Deferred[Any], Any]] = []
+
+        def held(prefix: bytes) -> Deferred[Any]:
+            answers.append((Deferred(), self.successResultOf(read(prefix))))
+            return answers[-1][0]
+
+        self.patch(self.etcd, "range", held)
+        self.etcd.cut_watches()
+        self.etcd.write({b"/other/x": b"1"})  # another prefix: nothing for this registry to catch up on
+        self.etcd.compact(self.etcd.revision)
+        self.clock.advance(RETRY_DELAYS[0])
+        self.settle()  # the watch is refused as compacted: a resync reads the prefix
+        self.clock.advance(RETRY_DELAYS[0])
+        self.settle()
+        [(pending, answer)] = answers
+        self.write(store, "b", {"n": 2})  # meanwhile, through this gateway's API
+        pending.callback(answer)
+        self.settle()
+        self.assertEqual(len(answers), 2)
+        answers[1][0].callback(answers[1][1])
+        self.settle()
+        self.assertEqual(store.bodies, {"a": {"n": 1}, "b": {"n": 2}})
+        self.assertNotIn(("b", None), gateway.changes)
+        self.assertEqual(store.revision, self.etcd.revision)
+
+    def test_a_registry_older_than_the_one_served_is_taken_as_it_is(self) -> None:
+        """
+        etcd restored from a snapshot (or another cluster at the same
+        endpoints) answers a revision below the one applied here: the read
+        is not refused for ever (a loop of ranges), the registry it holds is
+        what is served, and the watch goes on from it.
+        """
+        store, gateway = self.store()
+        for n in range(5):
+            self.etcd.write({key(f"c{n}"): value({"n": n})})
+        self.settle()
+        # Restored from the snapshot taken at revision 3:
+        self.etcd.data = {k: kv for k, kv in self.etcd.data.items() if kv.mod_revision <= 3}
+        self.etcd.history = [(r, events) for r, events in self.etcd.history if r <= 3]
+        self.etcd.revision = 3
+        read = self.etcd.range
+        reads: list[int] = []
+
+        def counted(prefix: bytes) -> Deferred[Any]:
+            reads.append(1)
+            if len(reads) > 20:
+                raise AssertionError("read again and again")
+            return read(prefix)
+
+        self.patch(self.etcd, "range", counted)
+        for watch in list(self.etcd.watches):  # a resync (say, the watch's revision compacted meanwhile)
+            watch.deliver(WatchResponse(3, canceled=True, compact_revision=3))
+        self.settle()
+        self.assertEqual(len(reads), 3)
+        self.assertEqual(sorted(gateway.clusters), ["c0", "c1"])
+        self.assertEqual(store.revision, 3)
+        self.etcd.write({key("c9"): value({"n": 9})})
+        self.settle()
+        self.assertEqual(sorted(gateway.clusters), ["c0", "c1", "c9"])
+
     def test_compaction_reads_everything_again(self) -> None:
         store, gateway = self.store()
         self.etcd.write({key("a"): value({"n": 1}), key("b"): value({"n": 2})})
@@ -184,6 +289,35 @@ class WatchTests(StoreTestCase):
         self.assertEqual(gateway.clusters, {"b": {"n": 2}, "c": {"n": 3}})
         self.assertEqual(store.revision, self.etcd.revision)
         self.assertEqual(gateway.changes.count(("b", {"n": 2})), 1)
+
+    def test_a_catch_up_too_big_to_read_reads_everything_again(self) -> None:
+        """
+        A watch resumed from an old revision gets every change since in one
+        message; over the decoder's limit (big bodies), replaying from the
+        same revision would meet it again, for ever: read the prefix instead.
+        """
+        store, gateway = self.store()
+        self.etcd.cut_watches()
+        for n in range(12):
+            self.etcd.write({key(f"c{n}"): value({"n": n})})
+        watch = self.etcd.watch
+        behind = self.etcd.revision
+
+        def too_big(prefix: bytes, start: int, receive: Any) -> Deferred[Any]:
+            if start >= behind:
+                return watch(prefix, start, receive)
+            opened = self.successResultOf(watch(prefix, self.etcd.revision + 1, receive))
+            reason = "a watch message over 16777216 bytes"
+            opened.deliver(WatchResponse(0, canceled=True, reason=reason, unreadable=True))
+            return succeed(opened)
+
+        self.patch(self.etcd, "watch", too_big)
+        for delay in RETRY_DELAYS[:3]:
+            self.clock.advance(delay)
+            self.settle()
+        self.assertEqual(len(gateway.clusters), 12)
+        self.assertEqual(store.revision, self.etcd.revision)
+        self.assertEqual(store.state, "synced")
 
     def test_a_silent_watch_is_restarted_by_the_probe(self) -> None:
         store, gateway = self.store(probe_interval=1.0)
@@ -211,6 +345,47 @@ class WatchTests(StoreTestCase):
         self.settle()
         self.assertEqual(store.state, "synced")
         self.assertEqual(gateway.clusters, {"x": {"n": 9}})
+
+    def test_a_stop_while_a_watch_connects_is_quiet(self) -> None:
+        """
+        Cancelling a connection attempt fails with ConnectingCancelledError,
+        no CancelledError: a stop while the watch connects is no
+        "unexpected error" (a critical line and a traceback at every stop).
+        """
+        store, _ = self.store()
+        self.etcd.cut_watches()
+        connecting: Deferred[Any] = Deferred(lambda d: d.errback(ConnectingCancelledError(None)))
+        self.patch(self.etcd, "watch", lambda prefix, start, receive: connecting)
+        self.clock.advance(RETRY_DELAYS[0])
+        events = capture_events(self)
+        store.stopService()
+        self.assertEqual([e for e in events if e["log_level"] in (LogLevel.critical, LogLevel.error)], [])
+        self.assertEqual(store.state, "synced")
+
+    def test_a_probe_that_fails_after_a_resync_is_older_news(self) -> None:
+        """
+        A probe asked while etcd was away (a member that accepts and does
+        not answer yet) fails after the store has synced again: the store
+        stays synced and its new watch is not cut (seen under load in
+        test_etcd_fleet's etcd gone-and-back: "degraded" right after both
+        gateways had served the change made meanwhile).
+        """
+        store, gateway = self.store(probe_interval=1.0)
+        self.etcd.go_down()
+        self.clock.advance(1.0)  # a probe sees it: degraded
+        self.assertEqual(store.state, "degraded")
+        asked: Deferred[int] = Deferred()
+        self.patch(self.etcd, "newest", lambda prefix: asked)
+        self.clock.advance(1.0)  # the next probe waits for a member
+        self.etcd.come_back()
+        self.etcd.write({key("a"): value({"n": 1})})
+        self.clock.advance(max(RETRY_DELAYS))
+        self.settle()
+        self.assertEqual((store.state, gateway.clusters), ("synced", {"a": {"n": 1}}))
+        watches = list(self.etcd.watches)
+        asked.errback(EtcdUnavailable("memory://etcd: no answer within 2 s"))
+        self.assertEqual(store.state, "synced")
+        self.assertEqual(self.etcd.watches, watches)
 
     def test_retries_back_off_and_stop_with_the_service(self) -> None:
         self.etcd.go_down()
@@ -326,6 +501,35 @@ class CacheTests(StoreTestCase):
         again = StateFile(path, Sealer(b"k" * 32))
         self.assertEqual(again.load(), {"a": {"token": "t0ken"}})
         self.assertEqual(again.revision, self.etcd.revision)
+
+    def test_a_cluster_refused_here_is_not_cached(self) -> None:
+        """
+        A start from the cache binds each cached cluster's ports, and one
+        that cannot stops the start: a cluster refused for its port taken on
+        this host, cached, would stop every later start of this gateway.
+        """
+        path = os.path.join(self.mktemp(), "cache.json")
+        store, gateway = self.store(cache=StateFile(path))
+        gateway.refuse["a"] = "socks: cannot listen on 'tcp:2100': Address already in use"
+        self.etcd.write({key("a"): value({"n": 1}), key("b"): value({"n": 2})})
+        self.settle()
+        self.clock.advance(1)
+        self.assertEqual(StateFile(path).load(), {"b": {"n": 2}})
+        self.assertIn("a", store.rejected)
+
+    def test_a_name_the_api_refuses_is_refused_and_logged_quoted(self) -> None:
+        """A key written with etcdctl may hold any name: one with a newline must not forge a log line."""
+        store, gateway = self.store()
+        events = capture_events(self)
+        forged = "x\n2026-12-01T00:00:00+0000 [gateway.app#critical] forged"
+        self.etcd.write({key(forged): value({"n": 1}), key("a/b"): value({"n": 2})})
+        self.settle()
+        self.assertEqual(gateway.clusters, {})  # the sink is only told not to serve them
+        self.assertEqual(sorted(store.rejected), ["a/b", forged])
+        self.assertIn("its name is invalid", store.rejected["a/b"])
+        lines = [formatEvent(e) for e in events if e["log_level"] == LogLevel.error]
+        self.assertEqual(len(lines), 2)
+        self.assertNotIn("\n", "".join(lines))
 
     def test_deeply_nested_values_are_refused_not_raised(self) -> None:
         store, gateway = self.store()

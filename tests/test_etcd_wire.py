@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import json
+import time
 from typing import Any
 
 from hypothesis import given, settings
@@ -27,6 +28,7 @@ from gateway.store.etcd.wire import (
     b64,
     decode_answer,
     error_message,
+    is_error_answer,
     prefix_end,
     range_kvs,
     range_request,
@@ -283,6 +285,9 @@ class TxnOutcomeTests(SynchronousTestCase):
             {"responses": [{"response_range": {"kvs": [{"key": 1}]}}]},
             {"succeeded": True, "header": {"revision": "four"}},
             {"succeeded": True, "header": []},
+            # A write has a revision (etcd's start at 1): one without is no answer of etcd's.
+            {"succeeded": True},
+            {"succeeded": True, "header": {"revision": "0"}},
             # A "succeeded" that is no boolean is not read as a lost race.
             {"succeeded": "true", "header": {"revision": "4"}},
             {"succeeded": 1, "header": {"revision": "4"}},
@@ -409,6 +414,20 @@ class WatchDecoderTests(SynchronousTestCase):
             e = self.assertRaises(EtcdProtocolError, feed, WatchDecoder(limit=limit), chunks)
             self.assertEqual(str(e), f"a watch message over {limit} bytes")
 
+    def test_a_long_message_in_small_chunks_is_searched_once(self) -> None:
+        """
+        4 MiB in 64-byte chunks (a member that streams without newlines, or
+        a big catch-up cut small): searched again from its start at every
+        chunk, it took seconds of the reactor's time; now well under one.
+        """
+        decoder = WatchDecoder(limit=4 * 1024 * 1024)
+        chunk = b" " * 64
+        started = time.process_time()
+        for _ in range(4 * 1024 * 1024 // 64 - 1):
+            decoder.feed(chunk)
+        self.assertEqual(decoder.feed(b"\n"), [])
+        self.assertLess(time.process_time() - started, 0.5)
+
     def test_at_limit(self) -> None:
         line = WATCH_EVENTS.encode()
         decoder = WatchDecoder(limit=len(line))
@@ -439,3 +458,15 @@ class AnswerTests(SynchronousTestCase):
         self.assertEqual(error_message(b'{"message":""}'), "an error without a message")
         for data in (b"<html>502 Bad Gateway</html>", b"", b"[1]", b"[" * 100_000):
             self.assertEqual(error_message(data), "an answer that is not JSON")
+
+    def test_is_error_answer(self) -> None:
+        """etcd's own errors carry a gRPC code; another server's page (a proxy's, a 404) does not."""
+        self.assertTrue(is_error_answer(BAD_BASE64.encode()))
+        self.assertTrue(is_error_answer(b'{"error":"etcdserver: permission denied","code":7}'))
+        for data in (b"<html>502 Bad Gateway</html>", b"404 page not found\n", b"{}", b'{"code":"7"}', b'{"code":0}'):
+            self.assertFalse(is_error_answer(data), data)
+
+    def test_a_revision_is_required_of_ranges_and_writes(self) -> None:
+        self.assertEqual(revision_of({}), 0)  # a compacted watch's cancel message has none
+        for answer in ({}, {"header": {}}, {"header": {"revision": "0"}}):
+            self.assertRaises(EtcdProtocolError, revision_of, answer, required=True)

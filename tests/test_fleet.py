@@ -12,7 +12,6 @@ import random
 from typing import Any
 
 from twisted.internet.defer import Deferred
-from twisted.internet.testing import MemoryReactorClock
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -23,6 +22,7 @@ from gateway.control.registry import GatewayControl
 from gateway.store.etcd.store import EtcdStore
 from gateway.testing.etcd import MemoryEtcd
 from gateway.testing.keys import generate_key, private_pem, public_line
+from tests.test_listeners import _ListenReactor
 
 KEY = private_pem(generate_key())
 HOST_KEY = public_line(generate_key())
@@ -41,7 +41,7 @@ def body(network: int = 1, **more: Any) -> dict[str, Any]:
 
 class Fleet(SynchronousTestCase):
     def setUp(self) -> None:
-        self.reactor = MemoryReactorClock()
+        self.reactor = _ListenReactor()  # ports bind and close as the kernel's do (closing takes a turn)
         self.etcd = MemoryEtcd(self.reactor)
         self.gateways = [self.gateway(name) for name in ("gw-a", "gw-b")]
 
@@ -117,6 +117,55 @@ class Fleet(SynchronousTestCase):
         self.assertEqual(failure.value.status, 409)
         self.assertIn("alias 'x' is already used by cluster 'c1'", failure.value.reason)
         self.assertEqual(sorted(self.registry()), ["c1"])
+
+    def test_a_resync_applies_what_a_snapshot_frees_first(self) -> None:
+        """
+        A snapshot (a start from the cache, a resync after a compaction)
+        holds the registry after several changes at once: c2 deleted, its
+        alias taken by c1.  Applied by name, c1 would meet c2's alias and
+        stay refused here for good.
+        """
+        (_, _, a), (b_service, b_store, _) = self.gateways
+        self.successResultOf(a.put_cluster("c2", body(aliases=["x"])))
+        self.successResultOf(a.put_cluster("c3", body(network=3, aliases=["y"])))
+        self.settle()
+        self.etcd.silence_watches()  # gw-b misses the changes: its probe restarts the watch, too late
+        self.successResultOf(a.delete_cluster("c2"))
+        self.successResultOf(a.put_cluster("c1", body(aliases=["x"])))
+        self.successResultOf(a.put_cluster("c3", body(network=3)))
+        self.successResultOf(a.put_cluster("c0", body(network=4, aliases=["y"])))
+        self.etcd.compact(self.etcd.revision)
+        self.settle()
+        self.assertEqual(b_store.rejected, {})
+        self.assertEqual(sorted(b_service.clusters), ["c0", "c1", "c3"])
+        self.assertEqual(b_service.clusters["c1"].config.aliases, ("x",))
+
+    def test_a_put_retried_after_a_conflict_binds_its_ports_again(self) -> None:
+        """The first try's ports are closed before the retry binds them: no 400 "address already in use"."""
+        (a_service, _, a), (_, _, b) = self.gateways
+        self.successResultOf(b.put_cluster("c2", body(network=2)))  # not seen by gw-a yet: a conflict
+        pending = a.put_cluster("c1", body(socks=["tcp:2100:interface=127.0.0.1"]))
+        self.settle()
+        self.assertTrue(self.successResultOf(pending))
+        self.assertEqual(a_service.listeners.bound("c1")["socks"], ["127.0.0.1:2100"])
+        self.assertEqual(len(self.etcd.txns), 3)
+
+    def test_a_cluster_refused_here_can_be_deleted_here(self) -> None:
+        """
+        gw-b does not serve c1 (its port is taken on gw-b's host: here, by
+        gw-a, on the same reactor), but c1 is in the registry: a DELETE
+        through gw-b removes it from every gateway, not 404.
+        """
+        (a_service, _, a), (b_service, b_store, b) = self.gateways
+        self.successResultOf(a.put_cluster("c1", body(socks=["tcp:2100:interface=127.0.0.1"])))
+        self.settle()
+        self.assertIn("Address already in use", b_store.rejected["c1"])
+        self.assertNotIn("c1", b_service.clusters)
+        self.successResultOf(b.delete_cluster("c1"))
+        self.settle()
+        self.assertEqual(self.registry(), {})
+        self.assertEqual(a_service.clusters, {})
+        self.assertEqual(b_store.rejected, {})
 
     def test_a_body_refused_here_is_reported(self) -> None:
         (_, _, _), (b_service, b_store, _) = self.gateways

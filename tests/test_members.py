@@ -63,12 +63,14 @@ class MemberTests(SynchronousTestCase):
         self.assertNotIn(KEY, self.etcd.data)
         self.assertEqual(self.etcd.leases, {})
         self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.assertTrue(self.etcd.closed)  # after the revoke: see test_etcd_secure's TLS test
 
     def test_a_stop_while_etcd_is_away_does_not_hang(self) -> None:
         member = self.member()
         self.etcd.unreachable = True
         d = member.stopService()
         self.successResultOf(d)
+        self.assertTrue(self.etcd.closed)
 
     def test_a_crashed_namesake_is_waited_for_quietly(self) -> None:
         crashed = self.etcd.write({KEY: b"{}"}, lease=self.successResultOf(self.etcd.grant(MEMBER_TTL)))

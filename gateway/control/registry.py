@@ -167,11 +167,15 @@ class GatewayControl:
 
     async def _change_locked(self, name: str, body: dict[str, Any] | None) -> bool:
         if body is None:
-            if name not in self._service.clusters:
+            # A cluster of the registry this gateway does not serve (its port
+            # taken on this host, say) is deleted here as through any other.
+            stored = self._store is not None and name in self._store.bodies
+            if name not in self._service.clusters and not stored:
                 raise ControlError(404, f"no cluster named {name!r}")
             await self._keep(name, None)
             log.info("cluster {cluster} removed through the control API", cluster=name)
-            await self._service.remove_cluster(name)
+            if name in self._service.clusters:
+                await self._service.remove_cluster(name)
             return False
         config = self._check(name, body)
         created = name not in self._service.clusters
@@ -180,7 +184,8 @@ class GatewayControl:
         try:
             await self._keep(name, body)
         except BaseException:
-            listeners.rollback()
+            # Closed before going on: a retry after a conflict binds the same ports again.
+            await listeners.rollback()
             raise
         try:
             self._install(config, created, listeners)

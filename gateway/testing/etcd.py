@@ -69,6 +69,8 @@ class MemoryEtcd:
         self.txns: list[tuple[bytes, int]] = []
         #: Lease id -> (its TTL, the call that ends it).
         self.leases: dict[int, tuple[int, IDelayedCall]] = {}
+        #: Whether close() was called (the gateway's stop).
+        self.closed = False
         self._lease_ids = itertools.count(0x1000)
 
     def _refuse(self) -> EtcdUnavailable:
@@ -148,6 +150,10 @@ class MemoryEtcd:
         if lease in self.leases:
             self.leases[lease][1].cancel()
             self._expire(lease)
+        return succeed(None)
+
+    def close(self) -> Deferred[None]:
+        self.closed = True
         return succeed(None)
 
     def _expire(self, lease: int) -> None:

@@ -10,8 +10,9 @@ in L{gateway.store.etcd.wire}, without I/O.
 
 Endpoints are tried in turn: a call goes to the member that answered last,
 and moves on to the next member when that one refuses the connection, does
-not answer within C{timeout} seconds, or answers that it has no leader or is
-unavailable.  Only when every member failed does the call fail, with
+not answer within C{timeout} seconds, answers that it has no leader or is
+unavailable, or answers what etcd does not (another server on its port, a
+proxy's error page).  Only when every member failed does the call fail, with
 L{EtcdUnavailable} naming the last reason.
 """
 
@@ -20,7 +21,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import treq
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
@@ -62,6 +63,7 @@ _RETRY_ELSEWHERE = (
 )
 #: The answer to a token that expired or was revoked: authenticate again, once.
 _BAD_TOKEN = ("invalid auth token", "user name is empty", "revision of auth store is old")
+_T = TypeVar("_T")
 
 
 class EtcdUnavailable(Exception):
@@ -124,6 +126,9 @@ class Etcd(Protocol):
     def revoke(self, lease: int) -> Deferred[None]:
         """End C{lease} now (its keys go); one etcd no longer knows is no error."""
 
+    def close(self) -> Deferred[None]:
+        """Close the connections kept for the next call: the gateway stops, after its last call."""
+
 
 class _Stream(TwistedProtocol):
     """A watch's response body: messages to C{receive}, the end to C{ended}."""
@@ -139,6 +144,8 @@ class _Stream(TwistedProtocol):
         try:
             messages = self._decoder.feed(data)
         except EtcdProtocolError as e:
+            if self._reason is None:
+                self._receive(WatchResponse(revision=0, canceled=True, reason=str(e), unreadable=True))
             self._end(f"bad watch message: {e}")
             return
         for message in messages:
@@ -265,21 +272,21 @@ class EtcdClient:
 
     def range(self, prefix: bytes) -> Deferred[tuple[int, list[KeyValue]]]:
         def read(answer: Mapping[str, Any]) -> tuple[int, list[KeyValue]]:
-            return wire.revision_of(answer), wire.range_kvs(answer)
+            return wire.revision_of(answer, required=True), wire.range_kvs(answer)
 
-        return self._call("/v3/kv/range", wire.range_request(prefix)).addCallback(read)
+        return self._call("/v3/kv/range", wire.range_request(prefix), read)
 
     def newest(self, prefix: bytes) -> Deferred[int]:
         def read(answer: Mapping[str, Any]) -> int:
             return max((kv.mod_revision for kv in wire.range_kvs(answer)), default=0)
 
-        return self._call("/v3/kv/range", wire.range_request(prefix, newest_only=True)).addCallback(read)
+        return self._call("/v3/kv/range", wire.range_request(prefix, newest_only=True), read)
 
     def txn(
         self, prefix: bytes, seen: int, puts: Mapping[bytes, bytes], deletes: Sequence[bytes]
     ) -> Deferred[tuple[bool, int]]:
         request = wire.txn_request(prefix, seen, puts, deletes)
-        return self._call("/v3/kv/txn", request).addCallback(wire.txn_outcome)
+        return self._call("/v3/kv/txn", request, wire.txn_outcome)
 
     def watch(self, prefix: bytes, start_revision: int, receive: Callable[[WatchResponse], None]) -> Deferred[Watch]:
         return Deferred.fromCoroutine(self._watch(wire.watch_request(prefix, start_revision), receive))
@@ -288,16 +295,19 @@ class EtcdClient:
         def read(answer: Mapping[str, Any]) -> KeyValue | None:
             return next(iter(wire.range_kvs(answer)), None)
 
-        return self._call("/v3/kv/range", {"key": wire.b64(key)}).addCallback(read)
+        return self._call("/v3/kv/range", {"key": wire.b64(key)}, read)
 
     def put(self, key: bytes, value: bytes, lease: int = 0) -> Deferred[int]:
-        return self._call("/v3/kv/put", wire.put_request(key, value, lease)).addCallback(wire.revision_of)
+        def read(answer: Mapping[str, Any]) -> int:
+            return wire.revision_of(answer, required=True)
+
+        return self._call("/v3/kv/put", wire.put_request(key, value, lease), read)
 
     def grant(self, ttl: int) -> Deferred[int]:
-        return self._call("/v3/lease/grant", {"TTL": str(ttl)}).addCallback(wire.lease_granted)
+        return self._call("/v3/lease/grant", {"TTL": str(ttl)}, wire.lease_granted)
 
     def keepalive(self, lease: int) -> Deferred[int]:
-        return self._call("/v3/lease/keepalive", {"ID": str(lease)}).addCallback(wire.lease_kept)
+        return self._call("/v3/lease/keepalive", {"ID": str(lease)}, wire.lease_kept)
 
     def revoke(self, lease: int) -> Deferred[None]:
         def gone(failure: Failure) -> None:
@@ -305,17 +315,18 @@ class EtcdClient:
             if "lease not found" not in str(failure.value):
                 failure.raiseException()
 
-        return self._call("/v3/lease/revoke", {"ID": str(lease)}).addCallbacks(lambda _: None, gone)
+        return self._call("/v3/lease/revoke", {"ID": str(lease)}, lambda _: None).addErrback(gone)
 
     # --- the transport ------------------------------------------------------------------
 
     def _forget_token(self) -> None:
         self._token = None
 
-    def _call(self, path: str, body: Mapping[str, Any]) -> Deferred[Mapping[str, Any]]:
-        return Deferred.fromCoroutine(self._try_members(path, body))
+    def _call(self, path: str, body: Mapping[str, Any], read: Callable[[Mapping[str, Any]], _T]) -> Deferred[_T]:
+        """C{path}'s answer, as C{read} reads it: one it cannot read is asked of the next member."""
+        return Deferred.fromCoroutine(self._try_members(path, body, read))
 
-    async def _try_members(self, path: str, body: Mapping[str, Any]) -> Mapping[str, Any]:
+    async def _try_members(self, path: str, body: Mapping[str, Any], read: Callable[[Mapping[str, Any]], _T]) -> _T:
         last = "no member tried"
         for _ in range(len(self._endpoints)):
             endpoint = self.endpoint
@@ -328,10 +339,14 @@ class EtcdClient:
                 last = f"{endpoint}: {e}"
             else:
                 if status == 200:
-                    return wire.decode_answer(data)
-                if not _says(data, _RETRY_ELSEWHERE):
+                    try:
+                        return read(wire.decode_answer(data))
+                    except EtcdProtocolError as e:
+                        last = f"{endpoint}: {e}"
+                elif wire.is_error_answer(data) and not _says(data, _RETRY_ELSEWHERE):
                     raise EtcdError(f"{endpoint}: {wire.error_message(data)}")
-                last = f"{endpoint}: {wire.error_message(data)}"
+                else:
+                    last = f"{endpoint}: {wire.error_message(data)}"
             self._current = (self._current + 1) % len(self._endpoints)
         raise EtcdUnavailable(last)
 
@@ -379,13 +394,16 @@ class EtcdClient:
             data = await treq.content(response)
         except _UNREACHABLE as e:
             raise _Unreachable(_why(e)) from None
-        if response.code != 200:
+        if response.code != 200 and wire.is_error_answer(data):
             # The reason etcd gives ("authentication failed, invalid user ID
             # or password") names neither; the password is never in it.
             raise EtcdError(f"{endpoint}: cannot authenticate as {self._user!r}: {wire.error_message(data)}")
-        token = wire.decode_answer(data).get("token")
+        try:
+            token = wire.decode_answer(data).get("token") if response.code == 200 else None
+        except EtcdProtocolError:
+            token = None
         if not isinstance(token, str) or not token.isascii():
-            raise EtcdProtocolError("authenticate: no token in the answer")
+            raise _Unreachable("authenticate: an answer that is not etcd's")  # the next member may be
         return token
 
     async def _timed(self, call: Any) -> Any:
@@ -394,9 +412,11 @@ class EtcdClient:
         timer: IDelayedCall = self._clock.callLater(self._timeout, d.cancel)
         try:
             return await d
-        except Exception as e:
-            if isinstance(e, _Unreachable) or not d.called or timer.active():
-                raise
+        except Exception:
+            if timer.active():
+                raise  # the call failed by itself
+            # Whatever the cancelled call raised (a request given up looks like a
+            # closed kept connection, which is worth once more: this one is not).
             raise _Unreachable(f"no answer within {self._timeout:g} s") from None
         finally:
             if timer.active():

@@ -12,7 +12,8 @@ range) and the difference to what this gateway serves is applied; then a
 watch from the next revision streams every change.  A watch that ends (a
 member gone, a leader lost) is started again from the revision after the
 last one applied, on the next member; one whose revision was compacted
-away reads the whole prefix again.  Every change carries its revision, and
+away, or whose catch-up cannot be read (one message over the decoder's
+limit: every change since, big bodies), reads the whole prefix again.  Every change carries its revision, and
 one at or below the last applied is skipped: nothing is applied twice, and
 nothing between is missed.  A probe (the newest revision under the prefix,
 a linearizable read) runs every C{probe_interval} seconds: it says whether
@@ -25,7 +26,10 @@ was checked against the registry it lands in.  Deletions change no key that
 stays, hence C{meta/last-write}, written by every transaction: a deletion
 through one gateway makes a concurrent write through another conflict.  The
 loser waits until its watch has applied the winner's change, checks again,
-and tries again (L{gateway.control.registry}).
+and tries again (L{gateway.control.registry}).  A deletion made with
+C{etcdctl} touches no C{meta/last-write}, so a write may succeed before it
+has arrived here: a write's revision counts as applied only when it is the
+next one; else the watch brings the revisions between (and skips the write).
 
 etcd is not on the data path: while it is unreachable the gateway serves
 the last registry it applied, answers writes with 503, and keeps trying.
@@ -45,6 +49,8 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import Logger
 
+from gateway.config import NAME_RULE, is_valid_name
+from gateway.config.values import show
 from gateway.store.base import Body, Sink, StoreConflict, StoreUnavailable
 from gateway.store.etcd.client import Etcd, EtcdError, EtcdUnavailable, Watch
 from gateway.store.etcd.members import MEMBERS
@@ -64,6 +70,8 @@ RETRY_DELAYS = (0.2, 0.5, 1.0, 2.0, 5.0)
 MIN_WATCH = 1.0
 #: Seconds the local cache may lag behind the registry (a burst of changes is written once).
 CACHE_DELAY = 0.2
+#: Reads of the whole prefix before one behind this gateway's own writes is taken as etcd's truth.
+SYNC_READS = 3
 
 
 def _failure_text(error: Exception) -> str:
@@ -108,6 +116,9 @@ class EtcdStore(Service):
         #: Every change up to this revision is applied (0: never synced; the
         #: cache's revision is not trusted for writes: etcd may have moved on).
         self.revision = 0
+        #: This gateway's own writes the watch has not brought back yet (see
+        #: L{_write}): skipped when it does, unlike the revisions between.
+        self._written: set[int] = set()
         #: "starting" (nothing read yet), "synced", or "degraded" (etcd unreachable).
         self.state = "starting"
         self.last_error: str | None = None
@@ -121,7 +132,8 @@ class EtcdStore(Service):
         self._queue: list[WatchResponse] = []
         self._draining: Deferred[None] | None = None
         self._watch: Watch | None = None
-        self._resync = True
+        #: Why the whole prefix is to be read (None: the watch resumes): "start", "compacted" or "unreadable".
+        self._resync: str | None = "start"
         self._stale_probes = 0
         self._probe = LoopingCall(self._check)
         self._probe.clock = clock
@@ -201,6 +213,8 @@ class EtcdStore(Service):
 
     def _decode(self, name: str, value: bytes) -> Body:
         """The body of a value; ValueError saying why it cannot be served (never its content)."""
+        if not is_valid_name(name):  # written with etcdctl: the API takes no such name
+            raise ValueError(f"its name is invalid: {NAME_RULE}")
         try:
             body = json.loads(value)
         except (UnicodeDecodeError, ValueError, RecursionError):
@@ -228,7 +242,7 @@ class EtcdStore(Service):
         if body is not None:
             puts[key] = self._encode(name, body)
         try:
-            succeeded, revision = await self._etcd.txn(self._prefix, self.revision, puts, [key] if body is None else [])
+            succeeded, revision = await self._etcd.txn(self._prefix, self._seen(), puts, [key] if body is None else [])
         except (EtcdUnavailable, EtcdError, EtcdProtocolError) as e:
             self._degraded(_failure_text(e))
             raise StoreUnavailable(self._unavailable(_failure_text(e))) from None
@@ -239,7 +253,18 @@ class EtcdStore(Service):
         else:
             self.bodies[name] = dict(body)
         self.rejected.pop(name, None)
-        self._advance(revision)
+        # A deletion made with etcdctl changes no key the transaction compares:
+        # it may lie between the last revision applied and this write, still on
+        # its way.  Only when nothing can be between does the write count as
+        # applied; else the watch brings it back after what was between.
+        if revision == self.revision + 1:
+            self._advance(revision)
+        else:
+            self._written.add(revision)
+
+    def _seen(self) -> int:
+        """The newest revision the registry here holds: applied, or this gateway's own write."""
+        return max(self._written, default=self.revision)
 
     def _unavailable(self, why: str) -> str:
         return f"the registry cannot be changed now: {why}; this gateway keeps serving {self._served()}"
@@ -294,12 +319,14 @@ class EtcdStore(Service):
             except CancelledError:
                 raise  # stopService
             except Exception:
+                if not self.running:
+                    return  # stopService cancelled a call (a connection attempt fails with its own error)
                 # A bug must not end the following of the registry for good.
                 log.failure("etcd store: unexpected error (trying again)")
                 self._degraded("unexpected error (see the log)")
             else:
                 # A compacted start revision is no failure: read everything at once.
-                if self._resync or self._clock.seconds() - started >= MIN_WATCH:
+                if self._resync == "compacted" or self._clock.seconds() - started >= MIN_WATCH:
                     failures = 0
                     continue
             # Unreachable, or a watch that ended at once: wait, longer each time.
@@ -308,13 +335,30 @@ class EtcdStore(Service):
 
     async def _sync(self) -> None:
         """Read the whole prefix and apply what differs from what is served here."""
-        revision, kvs = await self._etcd.range(self._prefix)
-        await self.lock.acquire()
-        try:
-            await self._apply_snapshot(revision, kvs)
-        finally:
-            self.lock.release()
-        self._resync = False
+        for attempt in range(1, SYNC_READS + 1):
+            revision, kvs = await self._etcd.range(self._prefix)
+            await self.lock.acquire()
+            try:
+                # A write of this gateway's that etcd made after the read is
+                # not in it: applying it would undo that write here.  An etcd
+                # that stays behind went back itself (restored from a snapshot,
+                # another cluster at the endpoints): its registry is the truth.
+                behind = revision < self._seen()
+                if behind and attempt < SYNC_READS:
+                    continue
+                if behind:
+                    log.warn(
+                        "etcd store: etcd is at revision {revision}, behind the {seen} this gateway applied"
+                        " (restored from a snapshot, or another cluster?): serving its registry as it is",
+                        revision=revision,
+                        seen=self._seen(),
+                    )
+                    self.revision, self._written = 0, set()
+                await self._apply_snapshot(revision, kvs)
+                break
+            finally:
+                self.lock.release()
+        self._resync = None
 
     async def _apply_snapshot(self, revision: int, kvs: Sequence[KeyValue]) -> None:
         first = self.revision == 0
@@ -327,10 +371,12 @@ class EtcdStore(Service):
             else:
                 self._note_member(kv, deleted=False)
         sealed_elsewhere = []
-        for name in sorted(set(found) | set(self.bodies)):
-            if name not in found:
-                await self._apply(name, None)
-                continue
+        # Removals first: what they free (a name, an alias, a port) may be
+        # what a body of the snapshot takes.
+        for name in sorted(set(self.bodies) - set(found)):
+            await self._apply(name, None)
+        changed = []
+        for name in sorted(found):
             try:
                 body = self._decode(name, found[name])
             except _Sealed as e:
@@ -341,7 +387,17 @@ class EtcdStore(Service):
                 await self._reject(name, str(e))
                 continue
             if body != self.bodies.get(name) or name in self.rejected:
+                changed.append((name, body))
+        # Then the bodies, in rounds: one refused because of another body the
+        # snapshot also changes (an alias or a port moved between clusters)
+        # is tried again once that one is in, until a round changes nothing.
+        while changed:
+            for name, body in changed:
                 await self._apply(name, body)
+            refused = [(name, body) for name, body in changed if name in self.rejected]
+            if len(refused) == len(changed):
+                break
+            changed = refused
         self._loaded = True
         self._advance(revision)
         self._set_state("synced")
@@ -379,7 +435,16 @@ class EtcdStore(Service):
                     "etcd store: revision {revision} is compacted: reading the whole registry again",
                     revision=self.revision + 1,
                 )
-                self._resync = True
+                self._resync = "compacted"
+            elif response.unreadable:
+                # A catch-up too big for one message, say: replayed, it would be again.
+                log.warn(
+                    "etcd store: the watch from revision {revision} sent what cannot be read ({reason}):"
+                    " reading the whole registry again",
+                    revision=self.revision + 1,
+                    reason=response.reason,
+                )
+                self._resync = "unreadable"
             if self._watch is not None:
                 self._watch.cancel()
             return
@@ -402,11 +467,11 @@ class EtcdStore(Service):
         for index, event in enumerate(events):
             revision = event.kv.mod_revision
             if revision <= self.revision:
-                continue  # applied already: written by this gateway, or read by a resync
+                continue  # applied already: read by a resync, or repeated by a member
             name = self._name(event.kv.key)
             if name is None:
                 self._note_member(event.kv, event.deleted)
-            else:
+            elif revision not in self._written:  # this gateway's own: applied as written
                 if event.deleted:
                     await self._apply(name, None)
                 else:
@@ -434,7 +499,10 @@ class EtcdStore(Service):
             self.rejected[name] = refused
 
     async def _reject(self, name: str, reason: str) -> None:
-        log.error("etcd store: cluster {cluster} is not served by this gateway: {reason}", cluster=name, reason=reason)
+        # Shown quoted: a key written with etcdctl may hold anything, a newline and a forged log line too.
+        log.error(
+            "etcd store: cluster {cluster} is not served by this gateway: {reason}", cluster=show(name), reason=reason
+        )
         self.bodies.pop(name, None)
         if self._sink is not None:
             await self._sink(name, None)
@@ -444,6 +512,7 @@ class EtcdStore(Service):
         if revision <= self.revision:
             return
         self.revision = revision
+        self._written = {r for r in self._written if r > revision}
         ready = [(r, d) for r, d in self._waiters if r <= revision]
         self._waiters = [(r, d) for r, d in self._waiters if r > revision]
         for _, d in ready:
@@ -454,8 +523,12 @@ class EtcdStore(Service):
     def _save_cache(self) -> None:
         if self._cache is None:
             return
+        # What this gateway serves, not what it refuses: a start from the
+        # cache binds every cached cluster's ports, and one taken on this
+        # host stops the start (the way it refused the cluster, for ever).
+        served = {name: body for name, body in self.bodies.items() if name not in self.rejected}
         try:
-            self._cache.save(self.bodies, revision=self.revision)
+            self._cache.save(served, revision=self.revision)
         except StoreError as e:
             log.warn("etcd store: cannot write the local cache: {error}", error=str(e))
 
@@ -466,11 +539,16 @@ class EtcdStore(Service):
         return Deferred.fromCoroutine(self._probe_once())
 
     async def _probe_once(self) -> None:
+        watching = self._watch
         try:
             newest = await self._etcd.newest(self._prefix)
         except CancelledError:
             raise
         except Exception as e:  # a LoopingCall whose call fails stops for good
+            if self._watch is not None and self._watch is not watching:
+                # Asked while etcd was away, failed after it came back: a watch
+                # opened meanwhile says etcd answers, the probe is older news.
+                return
             self._degraded(_failure_text(e))
             if self._watch is not None:
                 self._watch.cancel()  # another member may still answer

@@ -114,9 +114,16 @@ def prefix_end(prefix: bytes) -> bytes:
     return b"\0"  # every key
 
 
-def revision_of(answer: Mapping[str, Any]) -> int:
-    """The store revision in an answer's C{header}."""
-    return _int(_object(answer.get("header"), "header").get("revision"), "header.revision")
+def revision_of(answer: Mapping[str, Any], *, required: bool = False) -> int:
+    """
+    The store revision in an answer's C{header}.  C{required}: etcd's
+    revisions start at 1, so an answer of a range or of a write without one
+    is no answer of etcd's (and must not read as an empty registry).
+    """
+    revision = _int(_object(answer.get("header"), "header").get("revision"), "header.revision")
+    if required and revision < 1:
+        raise EtcdProtocolError("header.revision: expected a revision")
+    return revision
 
 
 @dataclass(frozen=True)
@@ -212,7 +219,7 @@ def txn_outcome(answer: Mapping[str, Any]) -> tuple[bool, int]:
     the prefix (0 when there is none).
     """
     if _bool(answer.get("succeeded"), "succeeded"):
-        return True, revision_of(answer)
+        return True, revision_of(answer, required=True)
     responses = _list(answer.get("responses"), "responses")
     if not responses:
         return False, 0
@@ -249,6 +256,10 @@ class WatchResponse:
     canceled: bool = False
     compact_revision: int = 0
     reason: str = ""
+    #: Set (with C{canceled}) by the client for a stream it cannot read on (a
+    #: message not etcd's, or over L{MAX_WATCH_MESSAGE}): watched again from
+    #: the same revision, the same message would come again.
+    unreadable: bool = False
 
     @classmethod
     def from_json(cls, message: object) -> WatchResponse:
@@ -286,15 +297,20 @@ class WatchDecoder:
     def __init__(self, limit: int = MAX_WATCH_MESSAGE) -> None:
         self._buffer = bytearray()
         self._limit = limit
+        #: How much of the buffer holds no newline: a long message arriving in
+        #: small chunks is searched once, not again at every chunk.
+        self._searched = 0
 
     def feed(self, data: bytes) -> list[WatchResponse]:
         """The messages C{data} completes; L{EtcdProtocolError} for a bad or huge one."""
         self._buffer += data
         messages = []
         while True:
-            end = self._buffer.find(b"\n")
+            end = self._buffer.find(b"\n", self._searched)
             if end < 0:
+                self._searched = len(self._buffer)
                 break
+            self._searched = 0
             line = bytes(self._buffer[:end])
             del self._buffer[: end + 1]
             if len(line) > self._limit:  # arrived whole in one chunk
@@ -319,6 +335,16 @@ def decode_answer(data: bytes) -> Mapping[str, Any]:
     if answer is None:
         raise EtcdProtocolError("answer: expected an object")
     return _object(answer, "answer")
+
+
+def is_error_answer(data: bytes) -> bool:
+    """Whether C{data} is an error answer of etcd's own (C{"code"}: a gRPC code), not some other server's page."""
+    try:
+        answer = decode_answer(data)
+    except EtcdProtocolError:
+        return False
+    code = answer.get("code")
+    return type(code) is int and code > 0
 
 
 def error_message(data: bytes) -> str:
