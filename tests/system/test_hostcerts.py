@@ -62,7 +62,6 @@ def _keygen(*args: str) -> None:
 
 
 class HostCertificateTests(TestCase):
-
     lab: Lab
     gateway: GatewayProcess
     workdir: str
