@@ -7,11 +7,13 @@ authenticates with the cluster's key (L{KeyAuthClient}) and starts a
 L{TunnelConnection}.  C{GatewayClientTransport.ready} fires with that
 connection once it can open channels, or fails with L{SSHConnectError} saying
 why it never got there (host key, authentication, network) -- which is what
-a reconnecting service needs to log and what a waiting client is told.
+a reconnecting service needs to log and what a waiting client is told -- and
+of which L{ConnectFailure} kind, which is what its back-off goes by.
 """
 
 from __future__ import annotations
 
+import enum
 import struct
 from collections.abc import Callable
 from functools import partial
@@ -96,8 +98,37 @@ class ICarrierTransport(ITransport):
         """Close now, dropping what is still buffered."""
 
 
+class ConnectFailure(enum.Enum):
+    """
+    Why an attempt to reach a proxy node failed, as far as its back-off cares:
+    sshd's PerSourcePenalties counts every kind but C{PROTOCOL} and
+    C{NETWORK} against the gateway's address (see gateway.cluster.penalty).
+    """
+
+    #: The node refused the key (or the user), or ended authentication.
+    AUTH = "auth"
+    #: The key exchange failed: no common algorithm, a bad signature, the node ended it.
+    KEX = "kex"
+    #: The node's host key is not the one expected.
+    HOSTKEY = "hostkey"
+    #: sshd closed the connection at once ("Not allowed at this time": PerSourcePenalties, MaxStartups).
+    DROPPED = "dropped"
+    #: Not an SSH server at that address.
+    PROTOCOL = "protocol"
+    #: Refused, unreachable, timed out, reset, or closed with no SSH reason.
+    NETWORK = "network"
+
+
+#: What sshd writes before closing a connection it drops unread (sshd.c, drop_connection).
+_SSHD_DROPPED = b"Not allowed at this time"
+
+
 class SSHConnectError(Exception):
-    """The SSH connection to a proxy node could not be established."""
+    """The SSH connection to a proxy node could not be established, for a reason of C{kind}."""
+
+    def __init__(self, why: str, kind: ConnectFailure = ConnectFailure.NETWORK) -> None:
+        super().__init__(why)
+        self.kind = kind
 
 
 #: Conch's client, whose algorithm lists say what it implements.
@@ -151,6 +182,7 @@ class GatewayClientTransport(ConchClientTransport):
         self._host_keys = host_keys
         self._clock = clock
         self._failure: str | None = None
+        self._failure_kind = ConnectFailure.NETWORK
         self.ready: Deferred[TunnelConnection] = Deferred()
         #: Fires when the connection is gone, with why in words if known:
         #: an error the gateway or the proxy node disconnected with.
@@ -172,10 +204,15 @@ class GatewayClientTransport(ConchClientTransport):
         #: Sets TCP_QUICKACK on the socket (see L{quick_ack}); None where not TCP.
         self._quick_ack: Callable[[], None] | None = None
 
-    def note_failure(self, why: str) -> None:
-        """Record why the connection is about to fail, unless a reason is known."""
+    def note_failure(self, why: str, kind: ConnectFailure = ConnectFailure.NETWORK) -> None:
+        """Record why (and of which kind) the connection is about to fail, unless a reason is known."""
         if self._failure is None:
             self._failure = why
+            self._failure_kind = kind
+
+    def _phase_failure(self) -> ConnectFailure:
+        """The kind of an SSH-level failure now: the key exchange until the first one is done, then authentication."""
+        return ConnectFailure.AUTH if self._secured else ConnectFailure.KEX
 
     # -- rekeying, like OpenSSH's RekeyLimit: by volume and by time ----------
 
@@ -265,7 +302,7 @@ class GatewayClientTransport(ConchClientTransport):
             self._stop_reading = True
             if self.currentEncryptions.inCipType == b"none":
                 # Not even the first, unencrypted packets make sense.
-                self.note_failure("not an SSH server: " + e.description.decode())
+                self.note_failure("not an SSH server: " + e.description.decode(), ConnectFailure.PROTOCOL)
             self.sendDisconnect(e.reason, e.description)
             return None
         if packet is None:
@@ -312,7 +349,7 @@ class GatewayClientTransport(ConchClientTransport):
 
     def version_not_supported(self) -> None:
         # Conch would put the peer's version bytes into the error text.
-        self.note_failure("not an SSH server: its version line is not SSH-2.0")
+        self.note_failure("not an SSH server: its version line is not SSH-2.0", ConnectFailure.PROTOCOL)
         super().version_not_supported()
 
     def ecdh_reply_acceptable(self, reply: bytes) -> bool:
@@ -329,7 +366,10 @@ class GatewayClientTransport(ConchClientTransport):
             return True  # malformed: Conch's parser says so
         if algorithm == self.keyAlg:
             return True
-        self.note_failure(f"the proxy node signed the key exchange with another algorithm than {self.keyAlg.decode()}")
+        self.note_failure(
+            f"the proxy node signed the key exchange with another algorithm than {self.keyAlg.decode()}",
+            ConnectFailure.KEX,
+        )
         self.sendDisconnect(transport.DISCONNECT_KEY_EXCHANGE_FAILED, b"host key signature algorithm mismatch")
         return False
 
@@ -361,7 +401,7 @@ class GatewayClientTransport(ConchClientTransport):
         try:
             self._host_keys.verify(self.host, self.port, offered)
         except HostKeyError as e:
-            self.note_failure(str(e))
+            self.note_failure(str(e), ConnectFailure.HOSTKEY)
             log.error("refusing proxy node {address}: {why}", address=self.address, why=e)
             return fail(e)
         if self._host_keys.accept_any:
@@ -399,6 +439,7 @@ class GatewayClientTransport(ConchClientTransport):
                 self._failure = "connection closed by the gateway"
             elif reason == transport.DISCONNECT_NO_MORE_AUTH_METHODS_AVAILABLE:
                 self._failure = f"authentication as {self._user!r} failed: the proxy node refused the key"
+                self._failure_kind = ConnectFailure.AUTH
                 unlisted = self._auth.unlisted_algorithm if self._auth is not None else None
                 if unlisted is not None:
                     self._failure += (
@@ -407,27 +448,33 @@ class GatewayClientTransport(ConchClientTransport):
                     )
             elif not self.gotVersion:
                 # Conch gives up on a peer that sends 4 KiB without a version line.
-                self._failure = "not an SSH server: no SSH version line"
+                self.note_failure("not an SSH server: no SSH version line", ConnectFailure.PROTOCOL)
             else:
-                self._failure = desc.decode("utf-8", "replace")
+                self.note_failure(desc.decode("utf-8", "replace"), self._phase_failure())
         super().sendDisconnect(reason, desc)
 
     def receiveError(self, reasonCode: int, description: bytes) -> None:
         # Not Conch's: it logs the peer's description raw and whole.  The
         # cluster logs this text when the connection is gone.
-        self.note_failure(f"proxy node disconnected: {peer_text(description)}")
+        self.note_failure(f"proxy node disconnected: {peer_text(description)}", self._phase_failure())
 
     def connectionLost(self, reason: Failure | None = None) -> None:
         if self._rekey_timer is not None and self._rekey_timer.active():
             self._rekey_timer.cancel()
         super().connectionLost(reason)
         if not self.ready.called:
-            if self._failure is None and not self.gotVersion and self.buf:
-                self._failure = "not an SSH server: no SSH version line"
+            if not self.gotVersion and self.buf.startswith(_SSHD_DROPPED):
+                self.note_failure(
+                    'the proxy node\'s sshd dropped the connection unread ("Not allowed at this time":'
+                    " PerSourcePenalties or MaxStartups)",
+                    ConnectFailure.DROPPED,
+                )
+            elif not self.gotVersion and self.buf:
+                self.note_failure("not an SSH server: no SSH version line", ConnectFailure.PROTOCOL)
             # Conch's signature allows None; a transport always passes a Failure.
             lost = f": {reason.getErrorMessage()}" if reason is not None else ""
             why = self._failure or f"connection closed before authentication{lost}"
-            self.ready.errback(SSHConnectError(why))
+            self.ready.errback(SSHConnectError(why, self._failure_kind))
         self.lost.callback(self._failure)
 
 
