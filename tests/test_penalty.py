@@ -84,6 +84,12 @@ class _Dropper(Protocol):
         self.transport.loseConnection()
 
 
+class _OldDropper(_Dropper):
+    """sshd before 9.8, past MaxStartups."""
+
+    line = b"Exceeded MaxStartups\r\n"
+
+
 class _Http(_Dropper):
     line = b"HTTP/1.1 400 Bad Request\r\n\r\n"
 
@@ -207,19 +213,28 @@ class SpacingTests(SynchronousTestCase):
             node.factory.protocol = type("OldKex", (node.factory.protocol,), group14)
 
         cases = [
-            ("auth", lambda: self.node(A, refuse=True), None, 10.0),
-            ("hostkey", lambda: self.node(A), stranger, 10.0),
-            ("kex", old_kex, None, 10.0),
-            ("dropped", lambda: self.net.nodes.__setitem__(A, _Stand(_Dropper)), stranger, 10.0),
-            ("protocol", lambda: self.net.nodes.__setitem__(A, _Stand(_Http)), stranger, 0.5),
+            ("auth", lambda: self.node(A, refuse=True), None, 10.0, "the proxy node refused the key"),
+            ("hostkey", lambda: self.node(A), stranger, 10.0, "host key"),
+            ("kex", old_kex, None, 10.0, "couldn't match all kex parts"),
+            (
+                "dropped",
+                lambda: self.net.nodes.__setitem__(A, _Stand(_Dropper)),
+                stranger,
+                10.0,
+                "unread ('Not allowed at this time': MaxStartups, or PerSourcePenalties from OpenSSH 9.8)",
+            ),
+            ("dropped", lambda: self.net.nodes.__setitem__(A, _Stand(_OldDropper)), stranger, 10.0, "'Exceeded MaxS"),
+            ("protocol", lambda: self.net.nodes.__setitem__(A, _Stand(_Http)), stranger, 0.5, "not an SSH server"),
         ]
-        for kind, make, host_keys, wait in cases:
+        for kind, make, host_keys, wait, says in cases:
             self.net.attempts.clear()
             make()
             start = self.clock.seconds()
             cluster = self.cluster(A, host_keys=host_keys)
             self.net.advance(12)
-            self.assertEqual(self.last_failure(cluster).kind.value, kind)
+            failure = self.last_failure(cluster)
+            self.assertEqual(failure.kind.value, kind)
+            self.assertIn(says, failure.error)
             self.assertEqual(self.times()[:2], [start, start + wait], kind)
             self._stop(cluster)
             del self.net.nodes[A]

@@ -119,8 +119,10 @@ class ConnectFailure(enum.Enum):
     NETWORK = "network"
 
 
-#: What sshd writes before closing a connection it drops unread (sshd.c, drop_connection).
-_SSHD_DROPPED = b"Not allowed at this time"
+#: What sshd writes before closing a connection it drops unread (sshd.c,
+#: drop_connection): from OpenSSH 9.8 past MaxStartups or for a penalised
+#: source, and before that past MaxStartups.
+_SSHD_DROPPED = (b"Not allowed at this time", b"Exceeded MaxStartups")
 
 
 class SSHConnectError(Exception):
@@ -463,10 +465,11 @@ class GatewayClientTransport(ConchClientTransport):
             self._rekey_timer.cancel()
         super().connectionLost(reason)
         if not self.ready.called:
-            if not self.gotVersion and self.buf.startswith(_SSHD_DROPPED):
+            dropped = next((line for line in _SSHD_DROPPED if self.buf.startswith(line)), None)
+            if not self.gotVersion and dropped is not None:
                 self.note_failure(
-                    'the proxy node\'s sshd dropped the connection unread ("Not allowed at this time":'
-                    " PerSourcePenalties or MaxStartups)",
+                    f"the proxy node's sshd dropped the connection unread ({dropped.decode()!r}:"
+                    " MaxStartups, or PerSourcePenalties from OpenSSH 9.8)",
                     ConnectFailure.DROPPED,
                 )
             elif not self.gotVersion and self.buf:
