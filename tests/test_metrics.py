@@ -159,7 +159,7 @@ class MetricsTextTests(SynchronousTestCase):
         self.assertEqual(m["gateway_resolver_failures_total"], {lbl(cluster="cluster-a", reason="host-unreachable"): 1})
 
     def test_proxies(self) -> None:
-        """Per proxy candidate: failures by kind; the last one's time and kind, and the next attempt, until a success."""
+        """Per proxy candidate: failures by kind; the last one's time and kind and the next attempt, until a success."""
         good, bad = ProxyAddress("10.0.0.1"), ProxyAddress("10.0.0.2", 2222)
         pacer = self.a.pacer
         pacer.gates = {good: ProxyGate(good), bad: ProxyGate(bad)}
@@ -181,7 +181,9 @@ class MetricsTextTests(SynchronousTestCase):
             m["gateway_proxy_last_failure_timestamp_seconds"],
             {lbl(cluster="cluster-a", proxy="10.0.0.2:2222", kind="auth"): 200.0},
         )
-        self.assertEqual(m["gateway_proxy_next_attempt_seconds"], {lbl(cluster="cluster-a", proxy="10.0.0.2:2222"): 12.5})
+        self.assertEqual(
+            m["gateway_proxy_next_attempt_seconds"], {lbl(cluster="cluster-a", proxy="10.0.0.2:2222"): 12.5}
+        )
 
     def test_state(self) -> None:
         """One 1 per cluster for its state, 0 for the other three."""
