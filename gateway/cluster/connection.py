@@ -34,7 +34,7 @@ from twisted.python.failure import Failure
 
 from gateway.cluster.connectors import Connector, IConnectingReactor, host_key_policy, tcp_connector
 from gateway.cluster.link import Link
-from gateway.cluster.penalty import Pacer, ProxyFailure
+from gateway.cluster.penalty import Pacer
 from gateway.cluster.resolver import Resolver, ResolverStats
 from gateway.cluster.slots import SlotPolicy, Step
 from gateway.config import ClusterConfig, ProxyAddress
@@ -220,7 +220,7 @@ class ClusterConnection(Service):
             why, kind = str(error), error.kind
         else:
             why, kind = f"cannot connect to {proxy}: {failure.getErrorMessage()}", ConnectFailure.NETWORK
-        closed_for = self.pacer.failed(proxy, ticket, ProxyFailure(kind, why, self.reactor.seconds()))
+        closed_for = self.pacer.failed(proxy, ticket, kind, why)
         fields = {"cluster": self.name, "error": why, "proxy": str(proxy), "kind": kind.value}
         if closed_for is not None:  # once per failure, and those are PENALTY_BACKOFF apart
             log.warn(
@@ -248,13 +248,12 @@ class ClusterConnection(Service):
         if not self.running:
             return
         self.last_error = why
-        self.pacer.gates[link.proxy].lost(why, self.reactor.seconds())
+        self.pacer.lost(link.proxy, why)
         log.warn("cluster {cluster}: {error}", cluster=self.name, error=why, proxy=str(link.proxy))
         self._retry(slot, slot.policy.link_lost())
 
     def _retry(self, slot: _Slot, step: Step) -> None:
-        """Back off, then try the candidate the policy names."""
-        self.pacer.cancel(slot.index)
+        """Back off, then try the candidate the policy names (replacing any step still due)."""
         self._set_state(slot, "backoff")
         self._follow(slot, step)
 

@@ -217,11 +217,15 @@ class Pacer:
         self.gates[proxy].succeeded()
         self._settled(proxy)
 
-    def failed(self, proxy: ProxyAddress, attempt: int, failure: ProxyFailure) -> float | None:
-        """L{ProxyGate.failed} at C{proxy}'s gate; the slots waiting for it look again."""
-        closed_for = self.gates[proxy].failed(attempt, failure)
+    def failed(self, proxy: ProxyAddress, attempt: int, kind: ConnectFailure, error: str) -> float | None:
+        """L{ProxyGate.failed} at C{proxy}'s gate, now; the slots waiting for it look again."""
+        closed_for = self.gates[proxy].failed(attempt, ProxyFailure(kind, error, self._clock.seconds()))
         self._settled(proxy)
         return closed_for
+
+    def lost(self, proxy: ProxyAddress, error: str) -> None:
+        """L{ProxyGate.lost}, now."""
+        self.gates[proxy].lost(error, self._clock.seconds())
 
     def next_attempts(self) -> dict[ProxyAddress, float]:
         """Seconds until the next attempt due to each proxy node (one with none due is left out)."""
