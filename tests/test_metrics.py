@@ -11,14 +11,27 @@ from prometheus_client.parser import text_string_to_metric_families
 from twisted.trial.unittest import SynchronousTestCase
 
 from gateway.cluster.connection import ClusterStats
-from gateway.config import GatewaySettings
+from gateway.cluster.penalty import ProxyFailure, ProxyGate
+from gateway.config import GatewaySettings, ProxyAddress
 from gateway.control.metrics import metrics_text
 from gateway.proxy.opener import StreamOpener
+from gateway.ssh.transport import ConnectFailure
 
 
 class FakeLink:
     def __init__(self, connection: object | None) -> None:
         self.connection = connection
+
+
+class FakePacer:
+    """What metrics read of a L{gateway.cluster.penalty.Pacer}: its gates, and when attempts are due."""
+
+    def __init__(self) -> None:
+        self.gates: dict[ProxyAddress, ProxyGate] = {}
+        self.due: dict[ProxyAddress, float] = {}
+
+    def next_attempts(self) -> dict[ProxyAddress, float]:
+        return self.due
 
 
 class FakeCluster:
@@ -30,6 +43,7 @@ class FakeCluster:
         self.open_streams = 0
         self.links = {FakeLink(object()) for _ in range(links)} | {FakeLink(None) for _ in range(down_links)}
         self.stats = ClusterStats()
+        self.pacer = FakePacer()
 
 
 class FakeGateway:
@@ -81,6 +95,9 @@ class MetricsTextTests(SynchronousTestCase):
                 "gateway_cluster_state": "gauge",
                 "gateway_cluster_links_up": "gauge",
                 "gateway_reconnects": "counter",
+                "gateway_proxy_failures": "counter",
+                "gateway_proxy_last_failure_timestamp_seconds": "gauge",
+                "gateway_proxy_next_attempt_seconds": "gauge",
                 "gateway_resolver_lookups": "counter",
                 "gateway_resolver_failures": "counter",
                 "gateway_handshake_errors": "counter",
@@ -140,6 +157,33 @@ class MetricsTextTests(SynchronousTestCase):
             },
         )
         self.assertEqual(m["gateway_resolver_failures_total"], {lbl(cluster="cluster-a", reason="host-unreachable"): 1})
+
+    def test_proxies(self) -> None:
+        """Per proxy candidate: failures by kind; the last one's time and kind and the next attempt, until a success."""
+        good, bad = ProxyAddress("10.0.0.1"), ProxyAddress("10.0.0.2", 2222)
+        pacer = self.a.pacer
+        pacer.gates = {good: ProxyGate(good), bad: ProxyGate(bad)}
+        for gate in pacer.gates.values():
+            gate.failed(gate.start(), ProxyFailure(ConnectFailure.NETWORK, "refused", 100.0))
+            gate.failed(gate.start(), ProxyFailure(ConnectFailure.AUTH, "key refused", 200.0))
+        pacer.gates[good].succeeded()
+        pacer.due = {bad: 12.5}
+        m = scrape(self.gateway, self.clusters)
+        self.assertEqual(
+            m["gateway_proxy_failures_total"],
+            {
+                lbl(cluster="cluster-a", proxy=proxy, kind=kind): 1
+                for proxy in ("10.0.0.1:22", "10.0.0.2:2222")
+                for kind in ("auth", "network")
+            },
+        )
+        self.assertEqual(
+            m["gateway_proxy_last_failure_timestamp_seconds"],
+            {lbl(cluster="cluster-a", proxy="10.0.0.2:2222", kind="auth"): 200.0},
+        )
+        self.assertEqual(
+            m["gateway_proxy_next_attempt_seconds"], {lbl(cluster="cluster-a", proxy="10.0.0.2:2222"): 12.5}
+        )
 
     def test_state(self) -> None:
         """One 1 per cluster for its state, 0 for the other three."""

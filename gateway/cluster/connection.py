@@ -5,9 +5,10 @@ L{ClusterConnection} is a service holding C{connections} slots (one by
 default).  Each slot keeps one L{Link} (gateway.cluster.link: an SSH
 connection with its keepalive) up; which candidate it tries next and when --
 rotation, back-off, failback to the preferred candidate -- is its
-L{SlotPolicy}'s answer (gateway.cluster.slots), carried out here on the
-clock.  A fallback link is retired once the preferred one is back and its
-streams have finished.
+L{SlotPolicy}'s answer (gateway.cluster.slots), carried out on the clock by
+a L{Pacer}, which also holds attempts back from a proxy node after a failure
+sshd penalises (gateway.cluster.penalty).  A fallback link is retired once
+the preferred one is back and its streams have finished.
 
 States (C{connecting}, C{up}, C{backoff}, C{stopped}) are logged per slot and
 summarised per cluster for status and metrics.
@@ -28,12 +29,12 @@ from dataclasses import dataclass, field
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, TimeoutError, fail, gatherResults, maybeDeferred, succeed
-from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from gateway.cluster.connectors import Connector, IConnectingReactor, host_key_policy, tcp_connector
 from gateway.cluster.link import Link
+from gateway.cluster.penalty import Pacer
 from gateway.cluster.resolver import Resolver, ResolverStats
 from gateway.cluster.slots import SlotPolicy, Step
 from gateway.config import ClusterConfig, ProxyAddress
@@ -43,7 +44,7 @@ from gateway.ssh.channel import TunnelChannel
 from gateway.ssh.command import CommandResult
 from gateway.ssh.connection import TunnelConnection
 from gateway.ssh.exec_channel import exec_command_line
-from gateway.ssh.transport import SSHConnectError
+from gateway.ssh.transport import ConnectFailure, SSHConnectError
 
 log = Logger()
 
@@ -80,12 +81,6 @@ class _Slot:
         self.state = "stopped"
         self.link: Link | None = None
         self.attempt: Deferred | None = None
-        self.timer: IDelayedCall | None = None
-
-    def cancel_timer(self) -> None:
-        if self.timer is not None and self.timer.active():
-            self.timer.cancel()
-        self.timer = None
 
 
 class ClusterConnection(Service):
@@ -107,6 +102,7 @@ class ClusterConnection(Service):
         self.connector = connector or tcp_connector(reactor, config.connect_timeout)
         self.host_keys = host_key_policy(config)
         self._slots = [_Slot(i, SlotPolicy(i, len(config.proxies), jitter)) for i in range(config.connections)]
+        self.pacer = Pacer(config, reactor, self._take_step, jitter)
         self._waiters: list[Deferred[Link]] = []
         #: Every link with a live transport (up, connecting, or retiring).
         self.links: set[Link] = set()
@@ -157,8 +153,11 @@ class ClusterConnection(Service):
     def _follow(self, slot: _Slot, step: Step | None) -> None:
         """Carry out the slot policy's next step when it is due."""
         if step is not None:
-            action = self._connect if step.action == "connect" else self._try_failback
-            slot.timer = self.reactor.callLater(step.delay, action, slot)
+            self.pacer.follow(slot.index, step)
+
+    def _take_step(self, index: int, step: Step) -> None:
+        slot = self._slots[index]
+        (self._connect if step.action == "connect" else self._try_failback)(slot)
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -171,7 +170,7 @@ class ClusterConnection(Service):
         super().stopService()
         self._fail_waiters(StreamError(Reason.UNAVAILABLE, "gateway is shutting down"))
         for slot in self._slots:
-            slot.cancel_timer()
+            self.pacer.cancel(slot.index)
             slot.link = None
             if slot.attempt is not None:
                 slot.attempt.cancel()
@@ -182,13 +181,13 @@ class ClusterConnection(Service):
         return gatherResults(closing).addBoth(lambda _: None)
 
     def _connect(self, slot: _Slot) -> None:
-        slot.timer = None
         proxy = self.config.proxies[slot.policy.candidate]
         self._set_state(slot, "connecting", proxy)
         link = self._new_link(slot.policy.candidate)
+        ticket = self.pacer.start(proxy)
         attempt = link.start()
         slot.attempt = attempt
-        attempt.addCallbacks(lambda _: self._up(slot, link), lambda f: self._failed(slot, link, f))
+        attempt.addCallbacks(lambda _: self._up(slot, link), lambda f: self._failed(slot, link, f, ticket))
 
     def _count_up(self) -> None:
         stats = self.stats
@@ -204,6 +203,7 @@ class ClusterConnection(Service):
             link.close()
             return
         self._count_up()
+        self.pacer.succeeded(link.proxy)
         slot.link = link
         self.last_error = None
         link.lost.addCallback(lambda why: self._lost(slot, link, why))
@@ -213,18 +213,32 @@ class ClusterConnection(Service):
             waiter.callback(link)
         self._follow(slot, slot.policy.link_up())
 
-    def _describe(self, proxy: ProxyAddress, failure: Failure) -> str:
-        if failure.check(SSHConnectError):
-            return str(failure.value)
-        return f"cannot connect to {proxy}: {failure.getErrorMessage()}"
+    def _refused(self, proxy: ProxyAddress, failure: Failure, ticket: int, quiet: bool = False) -> str:
+        """Why an attempt to C{proxy} failed; told to the pacer and logged (if C{quiet}, only when penalised)."""
+        error = failure.value
+        if isinstance(error, SSHConnectError):
+            why, kind = str(error), error.kind
+        else:
+            why, kind = f"cannot connect to {proxy}: {failure.getErrorMessage()}", ConnectFailure.NETWORK
+        closed_for = self.pacer.failed(proxy, ticket, kind, why)
+        fields = {"cluster": self.name, "error": why, "proxy": str(proxy), "kind": kind.value}
+        if closed_for is not None:  # once per failure, and those are PENALTY_BACKOFF apart
+            log.warn(
+                "cluster {cluster}: {error}; sshd may be penalising this source (PerSourcePenalties):"
+                " next attempt to {proxy} in {next_attempt_in:.0f} s",
+                next_attempt_in=closed_for,
+                **fields,
+            )
+        elif not quiet:
+            log.warn("cluster {cluster}: {error}", **fields)
+        return why
 
-    def _failed(self, slot: _Slot, link: Link, failure: Failure) -> None:
+    def _failed(self, slot: _Slot, link: Link, failure: Failure, ticket: int) -> None:
         slot.attempt = None
         link.failed()
         if not self.running:
             return
-        self.last_error = self._describe(link.proxy, failure)
-        log.warn("cluster {cluster}: {error}", cluster=self.name, error=self.last_error, proxy=str(link.proxy))
+        self.last_error = self._refused(link.proxy, failure, ticket)
         self._retry(slot, slot.policy.attempt_failed())
 
     def _lost(self, slot: _Slot, link: Link, why: str) -> None:
@@ -234,22 +248,22 @@ class ClusterConnection(Service):
         if not self.running:
             return
         self.last_error = why
+        self.pacer.lost(link.proxy, why)
         log.warn("cluster {cluster}: {error}", cluster=self.name, error=why, proxy=str(link.proxy))
         self._retry(slot, slot.policy.link_lost())
 
     def _retry(self, slot: _Slot, step: Step) -> None:
-        """Back off, then try the candidate the policy names."""
-        slot.cancel_timer()
+        """Back off, then try the candidate the policy names (replacing any step still due)."""
         self._set_state(slot, "backoff")
         self._follow(slot, step)
 
     def _try_failback(self, slot: _Slot) -> None:
         """While on a fallback, see whether the preferred candidate is back."""
-        slot.timer = None
         probe = self._new_link(slot.policy.preferred)
         preferred = probe.proxy
 
         def back(_: object) -> None:
+            self.pacer.succeeded(preferred)
             old = slot.link
             if not self.running or old is None:
                 # Stopped, or the fallback died meanwhile (its own reconnect
@@ -270,9 +284,12 @@ class ClusterConnection(Service):
 
         def still_down(failure: Failure) -> None:
             probe.failed()
-            if self.running and slot.link is not None:
-                self._follow(slot, slot.policy.probe_failed())
+            if self.running:
+                self._refused(preferred, failure, ticket, quiet=True)  # a node still down: no line per probe
+                if slot.link is not None:
+                    self._follow(slot, slot.policy.probe_failed())
 
+        ticket = self.pacer.start(preferred)
         attempt = probe.start()
         slot.attempt = attempt
 

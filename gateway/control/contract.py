@@ -26,7 +26,8 @@ class ClusterView:
     is used instead.  C{status} holds: C{state}, C{proxy} (or None),
     C{connected_since} (ISO 8601 or None), C{open_streams},
     C{streams_opened}, C{streams_failed} (reason -> count), C{bytes_up},
-    C{bytes_down}, C{last_error}.
+    C{bytes_down}, C{last_error}, C{proxies} (per candidate: C{proxy},
+    C{last_failure}: None or C{kind}, C{error}, C{at}, C{next_attempt_in}).
     """
 
     name: str

@@ -20,6 +20,15 @@ Metrics (per-cluster ones labelled C{cluster}):
    the others of C{up}, C{connecting}, C{backoff}, C{stopped})
  - C{gateway_cluster_links_up{cluster}} (SSH connections established)
  - C{gateway_reconnects_total{cluster}}
+ - C{gateway_proxy_failures_total{cluster,proxy,kind}}: failed attempts
+   and lost connections per proxy candidate, by L{ConnectFailure} kind
+   (C{auth}, C{kex}, C{hostkey}, C{dropped}, C{protocol}, C{network}): at
+   most six series per candidate, only kinds that happened
+ - C{gateway_proxy_last_failure_timestamp_seconds{cluster,proxy,kind}}: when
+   the candidate last failed, labelled with that failure's kind; one series
+   per candidate that has failed since it last let the gateway in
+ - C{gateway_proxy_next_attempt_seconds{cluster,proxy}}: for those, seconds
+   until the next attempt is due (none while none is scheduled)
  - C{gateway_handshake_errors_total{frontend}}
  - C{gateway_resolver_lookups_total{cluster,answer="cache"|"joined"|"run"}}:
    names resolved on the proxy node, by where the answer came from (the
@@ -90,6 +99,21 @@ class GatewayCollector(Collector):
         reconnects = CounterMetricFamily(
             "gateway_reconnects", "SSH connections established after the first one.", labels=["cluster"]
         )
+        proxy_failures = CounterMetricFamily(
+            "gateway_proxy_failures",
+            "Failed attempts and lost connections per proxy candidate, by kind.",
+            labels=["cluster", "proxy", "kind"],
+        )
+        last_failure = GaugeMetricFamily(
+            "gateway_proxy_last_failure_timestamp_seconds",
+            "When the proxy candidate last failed (kind: of that failure); only since it last let the gateway in.",
+            labels=["cluster", "proxy", "kind"],
+        )
+        next_attempt = GaugeMetricFamily(
+            "gateway_proxy_next_attempt_seconds",
+            "Seconds until the next attempt to a proxy candidate that failed.",
+            labels=["cluster", "proxy"],
+        )
         lookups = CounterMetricFamily(
             "gateway_resolver_lookups",
             "Names resolved on the proxy node, by where the answer came from.",
@@ -127,6 +151,16 @@ class GatewayCollector(Collector):
                 state.add_metric([name, each], 1 if each == current else 0)
             links.add_metric([name], sum(1 for link in list(cluster.links) if link.connection is not None))
             reconnects.add_metric([name], stats.reconnects)
+            due = cluster.pacer.next_attempts()
+            for proxy, gate in cluster.pacer.gates.items():
+                labels = [name, str(proxy)]
+                for kind, count in sorted(gate.failures.items()):
+                    proxy_failures.add_metric([*labels, kind], count)
+                failure = gate.last_failure
+                if failure is not None:
+                    last_failure.add_metric([*labels, failure.kind.value], failure.at)
+                    if proxy in due:
+                        next_attempt.add_metric(labels, due[proxy])
             resolver = stats.resolver
             for answer, count in (("cache", resolver.cache_hits), ("joined", resolver.joined), ("run", resolver.runs)):
                 lookups.add_metric([name, answer], count)
@@ -151,6 +185,9 @@ class GatewayCollector(Collector):
             state,
             links,
             reconnects,
+            proxy_failures,
+            last_failure,
+            next_attempt,
             lookups,
             resolver_failed,
             handshake,

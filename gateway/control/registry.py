@@ -47,6 +47,28 @@ def _iso(seconds: float | None) -> str | None:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(seconds))
 
 
+def proxies_status(cluster: ClusterConnection) -> list[dict[str, Any]]:
+    """Each proxy candidate's last failure since it last let the gateway in, and when it is tried next."""
+    due = cluster.pacer.next_attempts()
+    rows: list[dict[str, Any]] = []
+    for proxy, gate in cluster.pacer.gates.items():
+        failure = gate.last_failure
+        rows.append(
+            {
+                "proxy": str(proxy),
+                "last_failure": None
+                if failure is None
+                else {
+                    "kind": failure.kind.value,
+                    "error": failure.error,
+                    "at": _iso(failure.at),
+                    "next_attempt_in": round(due[proxy], 1) if proxy in due else None,
+                },
+            }
+        )
+    return rows
+
+
 def cluster_status(cluster: ClusterConnection) -> dict[str, Any]:
     stats = cluster.stats
     up = cluster.state == "up"
@@ -63,6 +85,7 @@ def cluster_status(cluster: ClusterConnection) -> dict[str, Any]:
         "reconnects": stats.reconnects,
         "mode": "exec" if cluster.exec_mode else "direct-tcpip",
         "last_error": cluster.last_error,
+        "proxies": proxies_status(cluster),
     }
 
 

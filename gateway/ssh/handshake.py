@@ -24,6 +24,7 @@ left out (OpenSSH PROTOCOL, CVE-2023-48795).
 
 from __future__ import annotations
 
+import enum
 import struct
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -49,7 +50,7 @@ from gateway.ssh.packets import (
     offered,
 )
 
-__all__ = ["HOST_KEY_ALGORITHMS", "KEXINIT_WAIT", "OFFERED", "SHA1_RSA", "HandshakeTransport"]
+__all__ = ["HOST_KEY_ALGORITHMS", "KEXINIT_WAIT", "OFFERED", "SHA1_RSA", "ConnectFailure", "HandshakeTransport"]
 
 log = Logger()
 
@@ -78,6 +79,27 @@ _CONCH = transport.SSHClientTransport
 #: (besides its KEXINIT, which must be its first packet): the exchange's own
 #: (30-49), NEWKEYS, and DISCONNECT.  IGNORE and DEBUG too are violations.
 _STRICT_ALLOWED = frozenset({transport.MSG_DISCONNECT, transport.MSG_KEXINIT, transport.MSG_NEWKEYS, *range(30, 50)})
+
+
+class ConnectFailure(enum.Enum):
+    """
+    Why an attempt to reach a proxy node failed, as far as its back-off cares:
+    sshd's PerSourcePenalties counts every kind but C{PROTOCOL} and
+    C{NETWORK} against the gateway's address (see gateway.cluster.penalty).
+    """
+
+    #: The node refused the key (or the user), or ended authentication.
+    AUTH = "auth"
+    #: The key exchange failed: no common algorithm, a bad signature, the node ended it.
+    KEX = "kex"
+    #: The node's host key (or host certificate) is not one the gateway accepts.
+    HOSTKEY = "hostkey"
+    #: sshd closed the connection at once ("Not allowed at this time": PerSourcePenalties, MaxStartups).
+    DROPPED = "dropped"
+    #: Not an SSH server at that address.
+    PROTOCOL = "protocol"
+    #: Refused, unreachable, timed out, reset, or closed with no SSH reason.
+    NETWORK = "network"
 
 
 _said: set[str] = set()
@@ -128,6 +150,7 @@ class HandshakeTransport(ConchClientTransport):
         self._clock = clock
         self._allow_sha1_signatures = allow_sha1_signatures
         self._failure: str | None = None
+        self._failure_kind = ConnectFailure.NETWORK
         self._kex: kex.KeyExchange | None = None
         #: Whether the server agreed to strict key exchange (in its first KEXINIT).
         self.strict_kex = False
@@ -141,13 +164,15 @@ class HandshakeTransport(ConchClientTransport):
     def address(self) -> str:
         return host_port(self.host, self.port)
 
-    def note_failure(self, why: str) -> None:
-        """Record why the connection is about to fail, unless a reason is known."""
+    def note_failure(self, why: str, kind: ConnectFailure = ConnectFailure.NETWORK) -> None:
+        """Record why (and of which kind) the connection is about to fail, unless a reason is known."""
         if self._failure is None:
             self._failure = why
+            self._failure_kind = kind
 
-    def _refuse(self, reason: int, why: str, description: bytes) -> None:
-        self.note_failure(why)
+    def _refuse(self, reason: int, why: str, description: bytes, kind: ConnectFailure = ConnectFailure.KEX) -> None:
+        """Disconnect for a handshake failure: of the key exchange, unless C{kind} says otherwise."""
+        self.note_failure(why, kind)
         self.sendDisconnect(reason, description)
 
     # -- what is offered -------------------------------------------------------
@@ -301,7 +326,9 @@ class HandshakeTransport(ConchClientTransport):
             host_key = self.verify_host_key(host_blob)
         except HostKeyError as e:
             log.error("refusing proxy node {address}: {why}", address=self.address, why=e)
-            self._refuse(transport.DISCONNECT_HOST_KEY_NOT_VERIFIABLE, str(e), b"host key not verified")
+            self._refuse(
+                transport.DISCONNECT_HOST_KEY_NOT_VERIFIABLE, str(e), b"host key not verified", ConnectFailure.HOSTKEY
+            )
             return
         try:
             shared = exchange.shared_secret(server_public)

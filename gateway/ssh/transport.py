@@ -7,7 +7,8 @@ authenticates with the cluster's key (L{KeyAuthClient}) and starts a
 L{TunnelConnection}.  C{GatewayClientTransport.ready} fires with that
 connection once it can open channels, or fails with L{SSHConnectError} saying
 why it never got there (host key, authentication, network) -- which is what
-a reconnecting service needs to log and what a waiting client is told.
+a reconnecting service needs to log and what a waiting client is told -- and
+of which L{ConnectFailure} kind, which is what its back-off goes by.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from gateway.proxy.splice import set_no_delay
 from gateway.ssh._conch import SEQUENCE_MASK, quiet_conch_logs
 from gateway.ssh.auth import KeyAuthClient
 from gateway.ssh.connection import TunnelConnection
-from gateway.ssh.handshake import HandshakeTransport
+from gateway.ssh.handshake import ConnectFailure, HandshakeTransport
 from gateway.ssh.hostkeys import HostKeyPolicy
 from gateway.ssh.packets import (
     FastSSHCiphers,
@@ -63,8 +64,18 @@ class ICarrierTransport(ITransport):
         """Close now, dropping what is still buffered."""
 
 
+#: What sshd writes before closing a connection it drops unread (sshd.c,
+#: drop_connection): from OpenSSH 9.8 past MaxStartups or for a penalised
+#: source, and before that past MaxStartups.
+_SSHD_DROPPED = (b"Not allowed at this time", b"Exceeded MaxStartups")
+
+
 class SSHConnectError(Exception):
-    """The SSH connection to a proxy node could not be established."""
+    """The SSH connection to a proxy node could not be established, for a reason of C{kind}."""
+
+    def __init__(self, why: str, kind: ConnectFailure = ConnectFailure.NETWORK) -> None:
+        super().__init__(why)
+        self.kind = kind
 
 
 #: Conch logs each key exchange step, cipher choice and ordinary disconnect
@@ -209,7 +220,7 @@ class GatewayClientTransport(HandshakeTransport):
             self._stop_reading = True
             if self.currentEncryptions.inCipType == b"none":
                 # Not even the first, unencrypted packets make sense.
-                self.note_failure("not an SSH server: " + e.description.decode())
+                self.note_failure("not an SSH server: " + e.description.decode(), ConnectFailure.PROTOCOL)
             self.sendDisconnect(e.reason, e.description)
             return None
         if packet is None:
@@ -237,6 +248,10 @@ class GatewayClientTransport(HandshakeTransport):
         message, start, end = packet
         return message[start:end]
 
+    def _phase_failure(self) -> ConnectFailure:
+        """The kind of an SSH-level failure now: the key exchange until the first one is done, then authentication."""
+        return ConnectFailure.AUTH if self._secured else ConnectFailure.KEX
+
     def keys_set_up(self) -> None:
         self._bytes_since_kex = 0
         self._schedule_time_rekey()
@@ -249,7 +264,7 @@ class GatewayClientTransport(HandshakeTransport):
 
     def version_not_supported(self) -> None:
         # Conch would put the peer's version bytes into the error text.
-        self.note_failure("not an SSH server: its version line is not SSH-2.0")
+        self.note_failure("not an SSH server: its version line is not SSH-2.0", ConnectFailure.PROTOCOL)
         super().version_not_supported()
 
     def connectionSecure(self) -> None:
@@ -280,6 +295,7 @@ class GatewayClientTransport(HandshakeTransport):
                 self._failure = "connection closed by the gateway"
             elif reason == transport.DISCONNECT_NO_MORE_AUTH_METHODS_AVAILABLE:
                 self._failure = f"authentication as {self._user!r} failed: the proxy node refused the key"
+                self._failure_kind = ConnectFailure.AUTH
                 unlisted = self._auth.unlisted_algorithm if self._auth is not None else None
                 if unlisted is not None:
                     self._failure += (
@@ -288,15 +304,15 @@ class GatewayClientTransport(HandshakeTransport):
                     )
             elif not self.gotVersion:
                 # Conch gives up on a peer that sends 4 KiB without a version line.
-                self._failure = "not an SSH server: no SSH version line"
+                self.note_failure("not an SSH server: no SSH version line", ConnectFailure.PROTOCOL)
             else:
-                self._failure = desc.decode("utf-8", "replace")
+                self.note_failure(desc.decode("utf-8", "replace"), self._phase_failure())
         super().sendDisconnect(reason, desc)
 
     def receiveError(self, reasonCode: int, description: bytes) -> None:
         # Not Conch's: it logs the peer's description raw and whole.  The
         # cluster logs this text when the connection is gone.
-        self.note_failure(f"proxy node disconnected: {peer_text(description)}")
+        self.note_failure(f"proxy node disconnected: {peer_text(description)}", self._phase_failure())
 
     def connectionLost(self, reason: Failure | None = None) -> None:
         if self._rekey_timer is not None and self._rekey_timer.active():
@@ -304,12 +320,19 @@ class GatewayClientTransport(HandshakeTransport):
         self.cancel_kexinit_wait()
         super().connectionLost(reason)
         if not self.ready.called:
-            if self._failure is None and not self.gotVersion and self.buf:
-                self._failure = "not an SSH server: no SSH version line"
+            dropped = next((line for line in _SSHD_DROPPED if self.buf.startswith(line)), None)
+            if not self.gotVersion and dropped is not None:
+                self.note_failure(
+                    f"the proxy node's sshd dropped the connection unread ({dropped.decode()!r}:"
+                    " MaxStartups, or PerSourcePenalties from OpenSSH 9.8)",
+                    ConnectFailure.DROPPED,
+                )
+            elif not self.gotVersion and self.buf:
+                self.note_failure("not an SSH server: no SSH version line", ConnectFailure.PROTOCOL)
             # Conch's signature allows None; a transport always passes a Failure.
             lost = f": {reason.getErrorMessage()}" if reason is not None else ""
             why = self._failure or f"connection closed before authentication{lost}"
-            self.ready.errback(SSHConnectError(why))
+            self.ready.errback(SSHConnectError(why, self._failure_kind))
         self.lost.callback(self._failure)
 
 
