@@ -50,6 +50,7 @@ GATEWAY_HTTP_PORT = 3128
 SSH_DEFAULT_PORT = 1081
 SSH_GCM_PORT = 1082
 ASYNCSSH_PORT = 1083
+SSH_CIPHER_PORT = 1084
 SCENARIOS = ("transfer", "short", "latency", "keepalive", "idle", "clusters")
 
 
@@ -193,6 +194,10 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="fewer and smaller runs (a smoke test)")
     parser.add_argument("--window", type=int, help="the gateway's window_size in bytes (default: its own)")
     parser.add_argument(
+        "--cipher",
+        help="force this cipher on the gateway (its cluster's ciphers key) and add an `ssh -D -c` with it",
+    )
+    parser.add_argument(
         "--only",
         default=",".join(SCENARIOS),
         help=f"comma-separated scenarios to run (default: all of {','.join(SCENARIOS)})",
@@ -206,10 +211,16 @@ def main() -> int:
     idle_streams, clusters = (1000, 20) if args.quick else (10_000, 200)
 
     def scenarios(lab: Lab, workdir: str) -> list[Row]:
-        start_gateway(lab, workdir, cluster_settings=f"window_size = {args.window}" if args.window else "")
+        settings = [f"window_size = {args.window}"] if args.window else []
+        if args.cipher:
+            settings.append(f'ciphers = ["{args.cipher}"]')
+        start_gateway(lab, workdir, cluster_settings="\n".join(settings))
         start_ssh_d(lab, SSH_DEFAULT_PORT)
         start_ssh_d(lab, SSH_GCM_PORT, ["-c", "aes128-gcm@openssh.com"])
         others = [("ssh -D", SSH_DEFAULT_PORT), ("ssh -D -c aes128-gcm", SSH_GCM_PORT)]
+        if args.cipher:
+            start_ssh_d(lab, SSH_CIPHER_PORT, ["-c", args.cipher])
+            others.append((f"ssh -D -c {args.cipher.split('@')[0]}", SSH_CIPHER_PORT))
         if start_asyncssh(lab):
             others.append(("asyncssh", ASYNCSSH_PORT))
         else:

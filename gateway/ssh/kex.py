@@ -105,8 +105,8 @@ class KeyExchange(Protocol):
 class _X25519:
     hash = hashlib.sha256
 
-    def __init__(self) -> None:
-        self._private = x25519.X25519PrivateKey.generate()
+    def __init__(self, private: x25519.X25519PrivateKey | None = None) -> None:
+        self._private = private or x25519.X25519PrivateKey.generate()
 
     @property
     def client_public(self) -> bytes:
@@ -148,9 +148,10 @@ class _Nist:
 class _MLKEMHybrid:
     hash = hashlib.sha256
 
-    def __init__(self) -> None:
-        self._kem = MLKEM768PrivateKey.generate()
-        self._x25519 = _X25519()
+    def __init__(self, kem_seed: bytes | None = None, x25519_private: x25519.X25519PrivateKey | None = None) -> None:
+        """Fresh keys; or given ones, for known-answer tests only (a key exchange's keys are never reused)."""
+        self._kem = MLKEM768PrivateKey.from_seed_bytes(kem_seed) if kem_seed else MLKEM768PrivateKey.generate()
+        self._x25519 = _X25519(x25519_private)
 
     @property
     def client_public(self) -> bytes:
