@@ -555,3 +555,25 @@ class CacheTests(StoreTestCase):
         self.assertIn("keeps serving the registry of its local cache", str(failure.value))
         empty, _ = self.store()
         self.assertEqual(empty._served(), "no API cluster (it has not read the registry yet)")
+
+
+class EmptiedCacheTests(StoreTestCase):
+    def test_an_empty_etcd_keeps_the_cache_aside(self) -> None:
+        path = os.path.join(self.mktemp(), "cache.json")
+        cache = StateFile(path, Sealer(b"k" * 32))
+        cache.save({"a": {"token": "t0ken"}}, revision=7)
+        events = capture_events(self)
+        store, gateway = self.store(cache=cache, bodies={"a": {"token": "t0ken"}})
+        self.assertEqual(gateway.changes, [("a", None)])
+        kept = StateFile(path + ".before-empty", Sealer(b"k" * 32))
+        self.assertEqual(kept.load(), {"a": {"token": "t0ken"}})
+        self.assertEqual(stat.S_IMODE(os.stat(kept.path).st_mode), 0o600)
+        warnings = [e["log_format"] for e in events if "holds no cluster" in e.get("log_format", "")]
+        self.assertEqual(len(warnings), 1)
+
+    def test_not_when_etcd_has_clusters(self) -> None:
+        path = os.path.join(self.mktemp(), "cache.json")
+        cache = StateFile(path)
+        self.etcd.write({key("b"): value({"n": 1})})
+        self.store(cache=cache, bodies={"a": {}})
+        self.assertFalse(os.path.exists(path + ".before-empty"))

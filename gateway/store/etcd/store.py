@@ -371,6 +371,8 @@ class EtcdStore(Service):
             else:
                 self._note_member(kv, deleted=False)
         sealed_elsewhere = []
+        if first and self.bodies and not found:
+            self._keep_emptied_cache()
         # Removals first: what they free (a name, an alias, a port) may be
         # what a body of the snapshot takes.
         for name in sorted(set(self.bodies) - set(found)):
@@ -519,6 +521,28 @@ class EtcdStore(Service):
             d.callback(None)
         if self._cache is not None and (self._cache_call is None or not self._cache_call.active()):
             self._cache_call = self._clock.callLater(CACHE_DELAY, self._save_cache)
+
+    def _keep_emptied_cache(self) -> None:
+        """
+        etcd holds no cluster where the local cache held some: the registry
+        is the truth and they go, but this is also what wrong C{endpoints} or
+        a wrong C{prefix} look like, and the cache is then the only copy: it
+        is kept aside (0600, as written) before it is overwritten.
+        """
+        kept = None
+        if self._cache is not None:
+            kept = self._cache.path + ".before-empty"
+            try:
+                StateFile(kept, self._cache.sealer).save(self.bodies, revision=self._cache.revision)
+            except StoreError as e:
+                kept = f"not kept: {e}"
+        log.warn(
+            "etcd store: etcd holds no cluster under {prefix!r}, the local cache held {count}: removing them"
+            " (wrong endpoints or prefix? the cache is kept as {kept})",
+            prefix=self._prefix.decode("utf-8", "replace"),
+            count=len(self.bodies),
+            kept=kept,
+        )
 
     def _save_cache(self) -> None:
         if self._cache is None:
