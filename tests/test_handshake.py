@@ -27,6 +27,7 @@ from gateway.ssh.hostkeys import HostKeyPolicy
 from gateway.ssh.packets import AES128_GCM, AES256_GCM, CHACHA20_POLY1305, SUPPORTED_AEAD_CIPHERS, FastSSHCiphers
 from gateway.ssh.transport import GatewayClientTransport, SSHConnectError
 from gateway.testing import generate_key
+from tests.support import inline
 
 WEAK = {
     b"3des-cbc",
@@ -430,3 +431,32 @@ class ClusterAlgorithmTests(HandshakeTestCase):
         client = self.client(algorithms={"ciphers": [CHACHA20_POLY1305.decode(), "aes128-ctr"]})
         self.receive(client, kexinit(CHACHA20_POLY1305 + b",aes128-ctr"))
         self.assertEqual(self.offered_lists(client)[2], [b"aes128-ctr"])
+
+
+class ConchServerTests(TestCase):
+    """A real server without strict key exchange (Conch's, over loopback TCP): no chacha20 is offered to it."""
+
+    @inline
+    async def test_no_chacha20_for_a_server_without_strict_kex(self) -> None:
+        from twisted.internet import reactor
+        from twisted.internet.endpoints import TCP4ClientEndpoint
+
+        from gateway.ssh.transport import client_factory
+        from gateway.testing.node import FakeProxyNode
+        from tests.support import within
+
+        key = generate_key()
+        node = FakeProxyNode(reactor, [key])
+        port = await node.listen()
+        self.addCleanup(port.stopListening)
+        address = port.getHost()
+        factory = client_factory(
+            "127.0.0.1", address.port, "demo", key, HostKeyPolicy(pinned=[node.host_key.public()]), reactor
+        )
+        protocol = await TCP4ClientEndpoint(reactor, "127.0.0.1", address.port).connect(factory)
+        self.addCleanup(protocol.loseConnection)
+        await within(protocol.ready, 20)
+        self.assertFalse(protocol.strict_kex)
+        *lists, _ = getNS(protocol.ourKexInitPayload[17:], 10)
+        self.assertNotIn(CHACHA20_POLY1305, lists[2].split(b","))
+        self.assertIn(kex.STRICT_CLIENT, lists[0].split(b","))
