@@ -76,11 +76,7 @@ class PacketReader:
         if length < 0:
             if len(buffer) - pos < 4:
                 return None
-            length = _LENGTH.unpack_from(buffer, pos)[0]
-            bs = ciphers.decBlockSize
-            if length > MAX_PACKET_LENGTH or length < bs or length % bs:
-                raise PacketError(transport.DISCONNECT_PROTOCOL_ERROR, b"bad packet length")
-            self._length = length
+            self._length = length = _checked_length(_LENGTH.unpack_from(buffer, pos)[0], ciphers.decBlockSize)
         ms = ciphers.verifyDigestSize
         end = pos + 4 + length
         if len(buffer) < end + ms:
@@ -95,10 +91,7 @@ class PacketReader:
             view.release()
         self._pos = end + ms
         self._length = -1
-        padding = body[0]
-        if padding < 4 or padding + 2 > length:
-            raise PacketError(transport.DISCONNECT_PROTOCOL_ERROR, b"bad padding length")
-        return body, 1, length - padding
+        return _unpadded(body, length)
 
     def _read_aead(
         self, aead: AESGCMPacketCipher | ChaCha20Poly1305PacketCipher, seqnr: int
@@ -109,11 +102,7 @@ class PacketReader:
         if length < 0:
             if len(buffer) - pos < 4:
                 return None
-            length = aead.packet_length(seqnr, buffer, pos)
-            block = aead.block_size
-            if length > MAX_PACKET_LENGTH or length < block or length % block:
-                raise PacketError(transport.DISCONNECT_PROTOCOL_ERROR, b"bad packet length")
-            self._length = length
+            self._length = length = _checked_length(aead.packet_length(seqnr, buffer, pos), aead.block_size)
         end = pos + 4 + length + _TAG_SIZE
         if len(buffer) < end:
             return None
@@ -126,10 +115,7 @@ class PacketReader:
             raise PacketError(transport.DISCONNECT_MAC_ERROR, b"bad MAC")
         self._pos = end
         self._length = -1
-        padding = plain[0]
-        if padding < 4 or padding + 2 > length:
-            raise PacketError(transport.DISCONNECT_PROTOCOL_ERROR, b"bad padding length")
-        return plain, 1, length - padding
+        return _unpadded(plain, length)
 
     def _read_classic(self, ciphers: transport.SSHCiphers, seqnr: int) -> tuple[bytes, int, int] | None:
         buffer = self.buffer
@@ -167,3 +153,18 @@ class PacketReader:
         if padding + 2 > length:
             raise PacketError(transport.DISCONNECT_PROTOCOL_ERROR, b"bad padding length")
         return packet, 5, 4 + length - padding
+
+
+def _checked_length(length: int, block: int) -> int:
+    """A packet length read in clear (AEAD, EtM): whole blocks, at least one, at most L{MAX_PACKET_LENGTH}."""
+    if length > MAX_PACKET_LENGTH or length < block or length % block:
+        raise PacketError(transport.DISCONNECT_PROTOCOL_ERROR, b"bad packet length")
+    return length
+
+
+def _unpadded(body: bytes, length: int) -> tuple[bytes, int, int]:
+    """C{(body, start, end)} of a packet body that begins with its padding length (RFC 4253 6: at least 4)."""
+    padding = body[0]
+    if padding < 4 or padding + 2 > length:
+        raise PacketError(transport.DISCONNECT_PROTOCOL_ERROR, b"bad padding length")
+    return body, 1, length - padding
