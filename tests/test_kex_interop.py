@@ -79,7 +79,8 @@ class OpenSSHMLKEMTests(InteropTestCase):
             raise SkipTest(reason)
         version = _openssh_version()
         if version is None or version < (9, 9):
-            raise SkipTest(f"sshd here is OpenSSH {version}: mlkem768x25519-sha256 needs 9.9 or later")
+            shown = ".".join(map(str, version)) if version else "of an unknown version"
+            raise SkipTest(f"sshd here is OpenSSH {shown}: mlkem768x25519-sha256 needs 9.9 or later")
         if not kex.MLKEM_AVAILABLE:
             raise SkipTest("this cryptography has no ML-KEM")
         super().setUp()
