@@ -33,18 +33,22 @@ import argparse
 import importlib.util
 import os
 import statistics
+import subprocess
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from functools import partial
+from typing import TypeVar
 
 from bench.clusters import clusters_rows
-from bench.common import HERE, INTERNAL, Row, run_in_lab, run_load_client, start_gateway, start_ssh_d, table
+from bench.common import HERE, Row, cpu_seconds, run_in_lab, run_load_client, start_gateway, start_ssh_d, table
 from bench.idle import idle_rows
 from bench.latency import latency_rows
+from bench.origin import Origin, start_origin
 from tests.system.netlab import Lab, wait_for_port
 
 BIG = 256 * 1024 * 1024
-SMALL = 1024
 GATEWAY_PORT = 1080
 GATEWAY_HTTP_PORT = 3128
 SSH_DEFAULT_PORT = 1081
@@ -53,8 +57,19 @@ ASYNCSSH_PORT = 1083
 SSH_CIPHER_PORT = 1084
 SCENARIOS = ("transfer", "short", "latency", "keepalive", "idle", "clusters")
 
+T = TypeVar("T")
 
-def download(lab: Lab, port: int, runs: int, size: int) -> float:
+
+@dataclass(frozen=True)
+class Proxy:
+    """One SOCKS proxy under test: its label in the table, its port, its process (for its CPU time)."""
+
+    label: str
+    port: int
+    pid: int
+
+
+def download(lab: Lab, origin: Origin, port: int, runs: int, size: int) -> float:
     """Median MB/s of `runs` downloads of `size` bytes through SOCKS port `port`."""
     speeds = []
     for _ in range(runs):
@@ -71,7 +86,7 @@ def download(lab: Lab, port: int, runs: int, size: int) -> float:
                 "%{size_download} %{speed_download}",
                 "--socks5-hostname",
                 f"127.0.0.1:{port}",
-                f"http://{INTERNAL}:8080/bytes/{size}",
+                origin.url(origin.big),
             ],
             timeout=150,
             capture_output=True,
@@ -83,8 +98,8 @@ def download(lab: Lab, port: int, runs: int, size: int) -> float:
     return statistics.median(speeds)
 
 
-def upload(lab: Lab, port: int, runs: int, size: int, workdir: str) -> float:
-    """Median MB/s of `runs` uploads of `size` bytes (POST to /sink) through SOCKS port `port`."""
+def upload(lab: Lab, origin: Origin, port: int, runs: int, size: int, workdir: str) -> float:
+    """Median MB/s of `runs` uploads of `size` bytes (POST to the origin's sink) through SOCKS port `port`."""
     source = os.path.join(workdir, "upload.bin")
     if not os.path.exists(source) or os.path.getsize(source) != size:
         with open(source, "wb") as f:
@@ -108,7 +123,7 @@ def upload(lab: Lab, port: int, runs: int, size: int, workdir: str) -> float:
                 f"@{source}",
                 "--socks5-hostname",
                 f"127.0.0.1:{port}",
-                f"http://{INTERNAL}:8080/sink",
+                origin.url(origin.sink),
             ],
             timeout=150,
             capture_output=True,
@@ -120,36 +135,60 @@ def upload(lab: Lab, port: int, runs: int, size: int, workdir: str) -> float:
     return statistics.median(speeds)
 
 
-def run_load(lab: Lab, script: str, port: int, count: int) -> dict:
+def measured(proxy: Proxy, run: Callable[[], T]) -> tuple[T, float]:
+    """C{run()}'s result, and the CPU seconds C{proxy}'s process spent meanwhile."""
+    before = cpu_seconds(proxy.pid)
+    result = run()
+    return result, cpu_seconds(proxy.pid) - before
+
+
+def run_load(lab: Lab, origin: Origin, script: str, port: int, count: int) -> dict:
     """Run a load client of bench/ (32 at a time, `count` 1 KiB GETs) against the proxy on `port`."""
-    return run_load_client(lab, script, port, f"{INTERNAL}:8080", f"/bytes/{SMALL}", 32, count)
+    return run_load_client(lab, script, port, origin.target, origin.small, 32, count)
 
 
-def transfer_rows(lab: Lab, workdir: str, runs: int, size: int, others: list[tuple[str, int]]) -> list[Row]:
-    """C{size} bytes down and up through the gateway and through each of C{others}."""
+def transfer_rows(lab: Lab, workdir: str, origin: Origin, runs: int, size: int, proxies: list[Proxy]) -> list[Row]:
+    """
+    C{size} bytes down and up through the gateway (C{proxies[0]}) and each
+    other proxy: MB/s, and CPU seconds per GiB moved.
+    """
     mib = size // (1024 * 1024)
+    gib = runs * size / (1 << 30)
     rows: list[Row] = []
-    for direction, measure in (("download", download), ("upload", partial(upload, workdir=workdir))):
-        gw = measure(lab, GATEWAY_PORT, runs, size)
-        for label, port in others:
-            other = measure(lab, port, runs, size)
+    directions = (
+        ("download", partial(download, lab, origin)),
+        ("upload", partial(upload, lab, origin, workdir=workdir)),
+    )
+    for direction, measure in directions:
+        results = [measured(p, partial(measure, p.port, runs, size)) for p in proxies]
+        (gw, gw_cpu), others = results[0], results[1:]
+        for proxy, (other, other_cpu) in zip(proxies[1:], others, strict=True):
             rows.append(
                 (
-                    f"{mib} MiB {direction}, MB/s (vs {label})",
+                    f"{mib} MiB {direction}, MB/s (vs {proxy.label})",
                     f"{gw:.0f}",
                     f"{other:.0f}",
                     f"{gw / other:.2f}",
                     f"median of {runs}",
                 )
             )
+            rows.append(
+                (
+                    f"{mib} MiB {direction}, proxy CPU s/GiB (vs {proxy.label})",
+                    f"{gw_cpu / gib:.2f}",
+                    f"{other_cpu / gib:.2f}",
+                    f"{gw_cpu / other_cpu:.2f}" if other_cpu else "-",
+                    "lower is better",
+                )
+            )
     return rows
 
 
-def start_asyncssh(lab: Lab) -> bool:
+def start_asyncssh(lab: Lab) -> subprocess.Popen | None:
     """asyncssh's SOCKS forwarder on ASYNCSSH_PORT, when asyncssh is installed."""
     if importlib.util.find_spec("asyncssh") is None:
-        return False
-    lab.spawn(
+        return None
+    proc = lab.spawn(
         lab.ctl_ns,
         [
             sys.executable,
@@ -162,11 +201,11 @@ def start_asyncssh(lab: Lab) -> bool:
         ],
     )
     wait_for_port(lab, lab.ctl_ns, "127.0.0.1", ASYNCSSH_PORT, timeout=30)
-    return True
+    return proc
 
 
 def short_rows(gw: dict, others: list[tuple[str, dict]], count: int) -> list[Row]:
-    """Rate and p99 latency of a new tunnel per request, with any errors in the note."""
+    """Rate, p99 latency and CPU per 1,000 streams of a new tunnel per request, with any errors in the note."""
     rows: list[Row] = []
     for label, other in others:
         errors = {name: r["errors"] for name, r in (("gateway", gw), (label, other)) if r["errors"]}
@@ -185,8 +224,21 @@ def short_rows(gw: dict, others: list[tuple[str, dict]], count: int) -> list[Row
                 f"{gw['p99_ms'] / other['p99_ms']:.2f}",
                 "lower is better",
             ),
+            (
+                f"short connections, proxy CPU s per 1,000 (vs {label})",
+                f"{gw['cpu'] / count * 1000:.2f}",
+                f"{other['cpu'] / count * 1000:.2f}",
+                f"{gw['cpu'] / other['cpu']:.2f}" if other["cpu"] else "-",
+                "lower is better",
+            ),
         ]
     return rows
+
+
+def short_load(lab: Lab, origin: Origin, proxy: Proxy, count: int) -> dict:
+    """The short-connection load through C{proxy}, with the CPU seconds its process spent (C{"cpu"})."""
+    result, cpu = measured(proxy, partial(run_load, lab, origin, "shortconn.py", proxy.port, count))
+    return {**result, "cpu": cpu}
 
 
 def main() -> int:
@@ -214,43 +266,56 @@ def main() -> int:
         settings = [f"window_size = {args.window}"] if args.window else []
         if args.cipher:
             settings.append(f'ciphers = ["{args.cipher}"]')
-        start_gateway(lab, workdir, cluster_settings="\n".join(settings))
-        start_ssh_d(lab, SSH_DEFAULT_PORT)
-        start_ssh_d(lab, SSH_GCM_PORT, ["-c", "aes128-gcm@openssh.com"])
-        others = [("ssh -D", SSH_DEFAULT_PORT), ("ssh -D -c aes128-gcm", SSH_GCM_PORT)]
+        gateway = start_gateway(lab, workdir, cluster_settings="\n".join(settings))
+        proxies = [
+            Proxy("gateway", GATEWAY_PORT, gateway.pid),
+            Proxy("ssh -D", SSH_DEFAULT_PORT, start_ssh_d(lab, SSH_DEFAULT_PORT).pid),
+            Proxy(
+                "ssh -D -c aes128-gcm",
+                SSH_GCM_PORT,
+                start_ssh_d(lab, SSH_GCM_PORT, ["-c", "aes128-gcm@openssh.com"]).pid,
+            ),
+        ]
         if args.cipher:
-            start_ssh_d(lab, SSH_CIPHER_PORT, ["-c", args.cipher])
-            others.append((f"ssh -D -c {args.cipher.split('@')[0]}", SSH_CIPHER_PORT))
-        if start_asyncssh(lab):
-            others.append(("asyncssh", ASYNCSSH_PORT))
+            forced = start_ssh_d(lab, SSH_CIPHER_PORT, ["-c", args.cipher])
+            proxies.append(Proxy(f"ssh -D -c {args.cipher.split('@')[0]}", SSH_CIPHER_PORT, forced.pid))
+        asyncssh = start_asyncssh(lab)
+        if asyncssh is not None:
+            proxies.append(Proxy("asyncssh", ASYNCSSH_PORT, asyncssh.pid))
         else:
             print("asyncssh is not installed: no asyncssh rows (pip install -e '.[bench]')", file=sys.stderr)
+        origin = start_origin(lab, workdir, size)
+        print(f"origin: {origin.label} at {origin.target}", file=sys.stderr)
         time.sleep(1)
         rows: list[Row] = []
-        if "transfer" in only:
-            rows += transfer_rows(lab, workdir, runs, size, others)
-        if "short" in only or "keepalive" in only:
-            gw_short = run_load(lab, "shortconn.py", GATEWAY_PORT, count)
-        if "short" in only:
-            short_others = [(label, run_load(lab, "shortconn.py", port, count)) for label, port in others]
-            rows += short_rows(gw_short, short_others, count)
-        if "latency" in only:
-            rows += latency_rows(lab, workdir, GATEWAY_PORT, SSH_DEFAULT_PORT)
-        if "keepalive" in only:
-            keepalive = run_load(lab, "keepalive.py", GATEWAY_HTTP_PORT, 3 * count)
-            rows.append(
-                (
-                    "HTTP keep-alive req/s vs a new tunnel per request",
-                    f"{keepalive['rps']:.0f}",
-                    f"{gw_short['rps']:.0f}",
-                    f"{keepalive['rps'] / gw_short['rps']:.2f}",
-                    "both through the gateway; target >= 3",
+        try:
+            if "transfer" in only:
+                rows += transfer_rows(lab, workdir, origin, runs, size, proxies)
+            if "short" in only or "keepalive" in only:
+                gw_short = short_load(lab, origin, proxies[0], count)
+            if "short" in only:
+                short_others = [(p.label, short_load(lab, origin, p, count)) for p in proxies[1:]]
+                rows += short_rows(gw_short, short_others, count)
+            if "latency" in only:
+                rows += latency_rows(lab, origin, GATEWAY_PORT, SSH_DEFAULT_PORT)
+            if "keepalive" in only:
+                keepalive = run_load(lab, origin, "keepalive.py", GATEWAY_HTTP_PORT, 3 * count)
+                rows.append(
+                    (
+                        "HTTP keep-alive req/s vs a new tunnel per request",
+                        f"{keepalive['rps']:.0f}",
+                        f"{gw_short['rps']:.0f}",
+                        f"{keepalive['rps'] / gw_short['rps']:.2f}",
+                        "both through the gateway; target >= 3",
+                    )
                 )
-            )
+        finally:
+            origin.stop()
         if "idle" in only:
             rows += idle_rows(lab, workdir, idle_streams)
         if "clusters" in only:
             rows += clusters_rows(lab, workdir, clusters)
+        rows.append(("origin", origin.label, "", "", origin.target))
         return rows
 
     rows = run_in_lab("bench", scenarios)

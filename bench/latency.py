@@ -9,11 +9,9 @@ TCP_NODELAY on forwarding-only connections, so its small packets (the open
 confirmation, the close, a reply's last segment) wait for the client's
 delayed ACK, about 40 ms -- the row counts the requests over 30 ms.
 
-The origin is nginx serving a static 1 KiB file when ``/usr/sbin/nginx`` is
-installed (a C, event-driven server: what is measured is the tunnel), else
-the lab's Python HTTP server (threaded, ~1 ms of its own per request); the
-note column says which.  nginx runs in the internal namespace as one
-foreground process (no master, no daemon), started and stopped here by pid.
+The origin is the run's (L{bench.origin}): nginx serving a static 1 KiB file
+when it is installed, else the lab's Python HTTP server (threaded, ~1 ms of
+its own per request); the note column says which.
 
     sudo .venv/bin/python -m bench --only latency
 
@@ -22,70 +20,20 @@ Takes a few seconds per proxy (longer when the stall is there: 200 x 44 ms).
 
 from __future__ import annotations
 
-import os
-import subprocess
-import textwrap
+from bench.common import Row, run_load_client
+from bench.origin import Origin
+from tests.system.netlab import Lab
 
-from bench.common import INTERNAL, Row, run_load_client, stop_processes, tail
-from tests.system.netlab import Lab, wait_for_port
-
-NGINX = "/usr/sbin/nginx"
-NGINX_PORT = 8081
 REQUESTS = 200
-SIZE = 1024
 STALL_MS = 30
 
 
-def start_nginx(lab: Lab, workdir: str) -> subprocess.Popen:
-    """nginx in internal-a on INTERNAL:NGINX_PORT, serving C{/1k}: SIZE bytes."""
-    base = os.path.join(workdir, "nginx")
-    os.makedirs(os.path.join(base, "www"), exist_ok=True)
-    with open(os.path.join(base, "www", "1k"), "wb") as f:
-        f.write(b"x" * SIZE)
-    config = os.path.join(base, "nginx.conf")
-    with open(config, "w") as f:
-        f.write(
-            textwrap.dedent(
-                f"""
-                daemon off;
-                master_process off;
-                worker_processes 1;
-                pid {base}/nginx.pid;
-                error_log {base}/error.log;
-                events {{ worker_connections 1024; }}
-                http {{
-                    access_log off;
-                    server {{
-                        listen {INTERNAL}:{NGINX_PORT};
-                        root {base}/www;
-                    }}
-                }}
-                """
-            )
-        )
-    proc = lab.spawn(lab.internal_ns["a"], [NGINX, "-p", base, "-e", f"{base}/error.log", "-c", config])
-    try:
-        wait_for_port(lab, lab.internal_ns["a"], INTERNAL, NGINX_PORT, timeout=10)
-    except Exception as e:
-        stop_processes([proc])
-        raise RuntimeError(f"nginx did not start: {e}\n{tail(os.path.join(base, 'error.log'))}") from e
-    return proc
-
-
-def latency_rows(lab: Lab, workdir: str, gateway_port: int, ssh_d_port: int) -> list[Row]:
+def latency_rows(lab: Lab, origin: Origin, gateway_port: int, ssh_d_port: int) -> list[Row]:
     """Median latency and stalls of REQUESTS sequential short requests through each SOCKS port."""
-    nginx = start_nginx(lab, workdir) if os.path.exists(NGINX) else None
-    try:
-        if nginx is not None:
-            origin, target, path = "nginx, static 1 KiB file", f"{INTERNAL}:{NGINX_PORT}", "/1k"
-        else:
-            origin, target, path = "Python origin (no nginx)", f"{INTERNAL}:8080", f"/bytes/{SIZE}"
-        gw = run_load_client(lab, "shortconn.py", gateway_port, target, path, 1, REQUESTS)
-        other = run_load_client(lab, "shortconn.py", ssh_d_port, target, path, 1, REQUESTS)
-    finally:
-        stop_processes([nginx])
+    gw = run_load_client(lab, "shortconn.py", gateway_port, origin.target, origin.small, 1, REQUESTS)
+    other = run_load_client(lab, "shortconn.py", ssh_d_port, origin.target, origin.small, 1, REQUESTS)
     errors = {name: r["errors"] for name, r in (("gateway", gw), ("ssh -D", other)) if r["errors"]}
-    note = f"{REQUESTS} one at a time; origin: {origin}" + (f"; errors: {errors}" if errors else "")
+    note = f"{REQUESTS} one at a time; origin: {origin.label}" + (f"; errors: {errors}" if errors else "")
     stalls_ratio = f"{gw['over_30ms'] / other['over_30ms']:.2f}" if other["over_30ms"] else "-"
     return [
         (
