@@ -45,7 +45,11 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check gateway tests bench twisted
 	$(BIN)/mypy gateway
 
+# The benchmarks' origin (bench/origin.py): nginx serving static files.
+BENCH_DEBS := nginx-light
+
 bench: $(STAMP) system-deps
+	@$(MAKE) --no-print-directory system-deps DEBS="$(BENCH_DEBS)"
 	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[test,bench]'
 	$(BIN)/python -m bench
 
