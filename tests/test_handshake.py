@@ -317,6 +317,98 @@ class ReplyTests(HandshakeTestCase):
         self.assertTrue(client.transport.disconnecting)
 
 
+class HostileServerTests(HandshakeTestCase):
+    """A server that breaks the order of the key exchange gets a clean disconnect, never a traceback."""
+
+    def signed_reply(self, client: GatewayClientTransport) -> bytes:
+        """A valid KEX_ECDH_REPLY to C{client}'s curve25519 exchange, signed by a fresh Ed25519 host key."""
+        host = generate_key()
+        server = x25519.X25519PrivateKey.generate()
+        server_public = server.public_key().public_bytes_raw()
+        exchange = client._kex
+        assert exchange is not None
+        client.otherVersionString = b"SSH-2.0-hostile"
+        digest = kex.exchange_hash(
+            exchange,
+            client.ourVersionString,
+            client.otherVersionString,
+            client.ourKexInitPayload,
+            client.otherKexInitPayload,
+            host.public().blob(),
+            server_public,
+            exchange.shared_secret(server_public),
+        )
+        return NS(host.public().blob()) + NS(server_public) + NS(host.sign(digest))
+
+    def failure(self, client: GatewayClientTransport) -> str:
+        self.assertTrue(client.transport.disconnecting)
+        client.connectionLost(Failure(ConnectionDone()))
+        return str(self.failureResultOf(client.ready, SSHConnectError).value)
+
+    def exchanged(self, payload: bytes) -> GatewayClientTransport:
+        """A client through its first exchange (in clear: the packet layer is not under test)."""
+        client = self.client()
+        self.receive(client, payload)
+        self.receive(client, self.signed_reply(client), 31)
+        self.receive(client, b"", transport.MSG_NEWKEYS)
+        self.assertFalse(client.transport.disconnecting)
+        self.assertIsNotNone(client.sessionID)
+        return client
+
+    def test_newkeys_before_the_servers_kexinit(self) -> None:
+        client = self.client()
+        self.receive(client, b"", transport.MSG_NEWKEYS)
+        self.assertIn("NEWKEYS out of turn", self.failure(client))
+
+    def test_newkeys_before_the_reply(self) -> None:
+        for payload in (strict(kexinit(kexes=b"curve25519-sha256")), kexinit(kexes=b"curve25519-sha256")):
+            client = self.client()
+            self.receive(client, payload)
+            self.receive(client, b"", transport.MSG_NEWKEYS)
+            self.assertTrue(client.initial_kex, "strict KEX's checks still apply")
+            self.assertIn("NEWKEYS out of turn", self.failure(client))
+
+    def test_a_second_newkeys(self) -> None:
+        client = self.exchanged(kexinit(kexes=b"curve25519-sha256"))
+        self.receive(client, b"", transport.MSG_NEWKEYS)
+        self.assertIn("NEWKEYS out of turn", self.failure(client))
+
+    def test_a_reply_after_the_exchange_is_not_taken_again(self) -> None:
+        client = self.client()
+        self.receive(client, kexinit(kexes=b"curve25519-sha256"))
+        reply = self.signed_reply(client)
+        self.receive(client, reply, 31)
+        self.receive(client, b"", transport.MSG_NEWKEYS)
+        keyed: list[None] = []
+        client.keys_set_up = lambda: keyed.append(None)  # type: ignore[method-assign]
+        # Taken again, it would key the ciphers in use afresh (their counters back at the start).
+        self.receive(client, reply, 31)
+        self.assertEqual(keyed, [])
+        self.assertIn("key exchange reply out of turn", self.failure(client))
+
+    def test_a_second_kexinit_during_one_exchange(self) -> None:
+        for first, second in (
+            (strict(kexinit(AES128_GCM)), kexinit(AES128_GCM)),  # undoing strict KEX
+            (kexinit(AES128_GCM), kexinit(AES128_GCM)),
+        ):
+            client = self.client()
+            self.receive(client, first)
+            self.receive(client, second)
+            self.assertIn("a second KEXINIT", self.failure(client))
+
+    def test_a_wrong_guess_is_ignored(self) -> None:
+        # RFC 4253 7: first_kex_packet_follows with a guess other than our first choices.
+        payload = kexinit(kexes=b"ecdh-sha2-nistp256,curve25519-sha256")[:-5] + b"\x01\0\0\0\0"
+        client = self.client()
+        self.receive(client, payload)
+        self.receive(client, NS(b"guessed") + NS(b"x") + NS(b"y"), 31)
+        self.assertFalse(client.transport.disconnecting)
+        self.receive(client, self.signed_reply(client), 31)
+        self.receive(client, b"", transport.MSG_NEWKEYS)
+        self.assertFalse(client.transport.disconnecting)
+        self.assertIsNotNone(client.sessionID)
+
+
 class KexTests(TestCase):
     def test_x25519_secret_is_an_mpint(self) -> None:
         client = kex.start(b"curve25519-sha256")

@@ -159,6 +159,12 @@ class HandshakeTransport(ConchClientTransport):
         #: Whether our first KEXINIT may go out: the server's is in, or we stopped waiting.
         self._kexinit_free = False
         self._kexinit_timer: IDelayedCall | None = None
+        #: Whether the server's KEXINIT of the exchange under way is in (one per exchange).
+        self._server_kexinit_in = False
+        #: Whether our NEWKEYS is out and the server's is the next it may send (one per exchange).
+        self._newkeys_due = False
+        #: Whether the next packet is the server's wrong guess of the exchange (RFC 4253 7: ignored).
+        self._skip_guess = False
 
     @property
     def address(self) -> str:
@@ -227,11 +233,27 @@ class HandshakeTransport(ConchClientTransport):
 
     def kexinit_received(self, packet: bytes) -> bool:
         """The server's KEXINIT, before it is negotiated from: False when it is refused (we disconnected)."""
+        if self._server_kexinit_in:
+            # Conch would negotiate again from it, and start a second exchange (or undo strict KEX).
+            self._refuse(
+                transport.DISCONNECT_PROTOCOL_ERROR,
+                "the proxy node sent a second KEXINIT during one key exchange",
+                b"unexpected KEXINIT",
+            )
+            return False
+        try:
+            *lists, rest = getNS(packet[16:], 10)
+        except struct.error:
+            return True  # malformed: Conch says so
+        self._server_kexinit_in = True
+        server_kex, server_host_keys = lists[0].split(b","), lists[1].split(b",")
+        if rest[:1] not in (b"", b"\0"):
+            # first_kex_packet_follows: a guess other than our first choices is ignored.
+            self._skip_guess = (server_kex[0], server_host_keys[0]) != (
+                self.supportedKeyExchanges[0],
+                self.supportedPublicKeys[0],
+            )
         if self.sessionID is None:
-            try:
-                server_kex = getNS(packet[16:])[0].split(b",")
-            except struct.error:
-                return True  # malformed: Conch says so
             self.strict_kex = kex.STRICT_SERVER in server_kex
             if self.strict_kex and self.incomingPacketSequence != 1:
                 self._refuse(
@@ -353,6 +375,7 @@ class HandshakeTransport(ConchClientTransport):
             )
             return
         self._keySetup(shared, digest)
+        self._kex = None  # one reply per exchange: a replayed one would key the ciphers in use afresh
 
     def verify_host_key(self, blob: bytes) -> Key:
         """
@@ -392,7 +415,10 @@ class HandshakeTransport(ConchClientTransport):
     # -- strict key exchange ---------------------------------------------------
 
     def message_arrived(self, message: int) -> bool:
-        """Before a message is handled: False when strict KEX refuses it (we disconnected)."""
+        """Before a message is handled: False when it is ignored, or refused (we disconnected)."""
+        if self._skip_guess:
+            self._skip_guess = False
+            return False
         if self.initial_kex and self.strict_kex and message not in _STRICT_ALLOWED:
             self._refuse(
                 transport.DISCONNECT_PROTOCOL_ERROR,
@@ -401,12 +427,22 @@ class HandshakeTransport(ConchClientTransport):
             )
             return False
         if message == transport.MSG_NEWKEYS:
+            if not self._newkeys_due:
+                # Before its reply (or a second one): Conch would take keys it has not made, or fail.
+                self._refuse(
+                    transport.DISCONNECT_PROTOCOL_ERROR,
+                    "the proxy node sent NEWKEYS out of turn",
+                    b"unexpected NEWKEYS",
+                )
+                return False
+            self._newkeys_due = self._server_kexinit_in = False
             if self.strict_kex:
                 self.incomingPacketSequence = 0
             self.initial_kex = False
         return True
 
     def newkeys_sent(self) -> None:
+        self._newkeys_due = True
         if self.strict_kex:
             self.outgoingPacketSequence = 0
         if self.sessionID is not None:
