@@ -21,6 +21,7 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SkipTest, TestCase
 
 from gateway.ssh import kex
+from gateway.ssh._conch import SEQUENCE_MASK
 from gateway.ssh.certs import CERT_ALGORITHMS
 from gateway.ssh.handshake import KEXINIT_WAIT
 from gateway.ssh.hostkeys import HostKeyPolicy
@@ -119,7 +120,7 @@ class HandshakeTestCase(TestCase):
 
     def receive(self, client: GatewayClientTransport, payload: bytes, number: int = transport.MSG_KEXINIT) -> None:
         """A message from the server, counted as the packet layer counts it."""
-        client.incomingPacketSequence += 1
+        client.incomingPacketSequence = (client.incomingPacketSequence + 1) & SEQUENCE_MASK
         client.dispatchMessage(number, payload)
 
     def offered_lists(self, client: GatewayClientTransport) -> list[list[bytes]]:
@@ -395,6 +396,13 @@ class HostileServerTests(HandshakeTestCase):
             self.receive(client, first)
             self.receive(client, second)
             self.assertIn("a second KEXINIT", self.failure(client))
+
+    def test_a_sequence_number_that_wraps_during_the_first_exchange(self) -> None:
+        # Without strict KEX, IGNOREs may come before the KEXINIT: 2**32 of them would wrap the count.
+        client = self.client()
+        client.incomingPacketSequence = SEQUENCE_MASK
+        self.receive(client, b"", transport.MSG_IGNORE)
+        self.assertIn("sequence number wrapped during the first key exchange", self.failure(client))
 
     def test_a_wrong_guess_is_ignored(self) -> None:
         # RFC 4253 7: first_kex_packet_follows with a guess other than our first choices.

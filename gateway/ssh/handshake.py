@@ -419,6 +419,14 @@ class HandshakeTransport(ConchClientTransport):
         if self._skip_guess:
             self._skip_guess = False
             return False
+        if self.initial_kex and self.incomingPacketSequence == 0:
+            # Counted past 2**32 before the first NEWKEYS: as OpenSSH (since 9.6), a prefix attack, not traffic.
+            self._refuse(
+                transport.DISCONNECT_PROTOCOL_ERROR,
+                "the proxy node's sequence number wrapped during the first key exchange",
+                b"sequence number wrapped during the initial key exchange",
+            )
+            return False
         if self.initial_kex and self.strict_kex and message not in _STRICT_ALLOWED:
             self._refuse(
                 transport.DISCONNECT_PROTOCOL_ERROR,
