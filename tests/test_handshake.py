@@ -533,6 +533,25 @@ class ClusterAlgorithmTests(HandshakeTestCase):
         self.assertEqual(self.offered_lists(client)[2], [b"aes128-ctr"])
 
 
+    def test_nothing_in_common_names_the_list_and_both_offers(self) -> None:
+        client = self.client(algorithms={"ciphers": ["aes256-ctr"]})
+        client.gotVersion = True
+        self.receive(client, kexinit(b"aes128-ctr,\x1b[31mred"))
+        self.assertTrue(client.transport.disconnecting)
+        client.connectionLost(Failure(ConnectionDone()))
+        error = str(self.failureResultOf(client.ready, SSHConnectError).value)
+        self.assertIn("no cipher in common with the proxy node (the cluster's ciphers: aes256-ctr;", error)
+        self.assertIn("the node's: aes128-ctr,\\x1b[31mred)", error)  # escaped
+
+    def test_nothing_in_common_by_default(self) -> None:
+        client = self.client()
+        client.gotVersion = True
+        self.receive(client, kexinit(macs=b"hmac-md5"))
+        client.connectionLost(Failure(ConnectionDone()))
+        error = str(self.failureResultOf(client.ready, SSHConnectError).value)
+        self.assertIn("no MAC in common with the proxy node (the gateway offers: hmac-sha2-256-etm@openssh.com,", error)
+
+
 class ConchServerTests(TestCase):
     """A real server without strict key exchange (Conch's, over loopback TCP): no chacha20 is offered to it."""
 

@@ -36,6 +36,7 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
 from gateway.addresses import host_port
+from gateway.errors import peer_text
 from gateway.ssh import kex
 from gateway.ssh._conch import ConchClientTransport
 from gateway.ssh.certs import CERT_ALGORITHMS, SHA1_CERT_ALGORITHM, is_certificate_algorithm, signature_algorithm
@@ -266,7 +267,34 @@ class HandshakeTransport(ConchClientTransport):
                 self._without(CHACHA20_POLY1305)
             self._kexinit_free = True
             self.cancel_kexinit_wait()
+        self._note_no_common(lists)
         return True
+
+    def _note_no_common(self, lists: list[bytes]) -> None:
+        """
+        Name the first list the server's KEXINIT has nothing in common with,
+        and both offers: Conch then disconnects saying only "couldn't match
+        all kex parts", which tells an operator neither which nor why.
+        """
+        ciphers = [transport.ffs(self.supportedCiphers, lists[i].split(b",")) for i in (2, 3)]
+        checks = [
+            ("key exchange", "kex_algorithms", self.supportedKeyExchanges, [0]),
+            ("host key algorithm", "host_key_algorithms", self.supportedPublicKeys, [1]),
+            ("cipher", "ciphers", self.supportedCiphers, [2, 3]),
+            # An AEAD cipher needs no MAC (kexinit_for_conch).
+            ("MAC", "macs", self.supportedMACs, [i + 4 for i in (0, 1) if ciphers[i] not in AEAD_CIPHERS]),
+        ]
+        for what, key, ours, indices in checks:
+            for i in indices:
+                if transport.ffs(ours, lists[i].split(b",")) is None:
+                    whose = f"the cluster's {key}" if self._algorithms.get(key) else "the gateway offers"
+                    ours_text = ",".join(name.decode() for name in ours if name not in kex.MARKERS)
+                    self.note_failure(
+                        f"no {what} in common with the proxy node ({whose}: {ours_text};"
+                        f" the node's: {peer_text(lists[i])})",
+                        ConnectFailure.KEX,
+                    )
+                    return
 
     def kexinit_for_conch(self, packet: bytes) -> bytes:
         """
