@@ -532,7 +532,6 @@ class ClusterAlgorithmTests(HandshakeTestCase):
         self.receive(client, kexinit(CHACHA20_POLY1305 + b",aes128-ctr"))
         self.assertEqual(self.offered_lists(client)[2], [b"aes128-ctr"])
 
-
     def test_nothing_in_common_names_the_list_and_both_offers(self) -> None:
         client = self.client(algorithms={"ciphers": ["aes256-ctr"]})
         client.gotVersion = True
