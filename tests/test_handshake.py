@@ -397,6 +397,15 @@ class HostileServerTests(HandshakeTestCase):
             self.receive(client, second)
             self.assertIn("a second KEXINIT", self.failure(client))
 
+    def test_no_kexinit_after_our_disconnect(self) -> None:
+        client = self.client()
+        self.receive(client, NS(b"k") + NS(b"q") + NS(NS(b"ssh-ed25519") + NS(b"s")), 31)  # before any KEXINIT
+        self.assertTrue(client.transport.disconnecting)
+        sent = client.transport.value()
+        self.clock.advance(KEXINIT_WAIT)
+        self.assertEqual(client.transport.value(), sent)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
     def test_a_sequence_number_that_wraps_during_the_first_exchange(self) -> None:
         # Without strict KEX, IGNOREs may come before the KEXINIT: 2**32 of them would wrap the count.
         client = self.client()

@@ -290,6 +290,7 @@ class GatewayClientTransport(HandshakeTransport):
         # Whatever the peer sent after what made us give up may already be
         # under keys we never set up (e.g. after a refused host key).
         self._stop_reading = True
+        self.cancel_kexinit_wait()  # no KEXINIT after our DISCONNECT
         if self._failure is None:
             if reason == transport.DISCONNECT_BY_APPLICATION:
                 self._failure = "connection closed by the gateway"
