@@ -321,8 +321,11 @@ class ReplyTests(HandshakeTestCase):
 class HostileServerTests(HandshakeTestCase):
     """A server that breaks the order of the key exchange gets a clean disconnect, never a traceback."""
 
-    def signed_reply(self, client: GatewayClientTransport) -> bytes:
-        """A valid KEX_ECDH_REPLY to C{client}'s curve25519 exchange, signed by a fresh Ed25519 host key."""
+    def signed_reply(self, client: GatewayClientTransport, signature_name: bytes | None = None) -> bytes:
+        """
+        A valid KEX_ECDH_REPLY to C{client}'s curve25519 exchange, signed by a
+        fresh Ed25519 host key (its signature named C{signature_name}, if given).
+        """
         host = generate_key()
         server = x25519.X25519PrivateKey.generate()
         server_public = server.public_key().public_bytes_raw()
@@ -339,7 +342,10 @@ class HostileServerTests(HandshakeTestCase):
             server_public,
             exchange.shared_secret(server_public),
         )
-        return NS(host.public().blob()) + NS(server_public) + NS(host.sign(digest))
+        signature = host.sign(digest)
+        if signature_name is not None:
+            signature = NS(signature_name) + getNS(signature)[1]
+        return NS(host.public().blob()) + NS(server_public) + NS(signature)
 
     def failure(self, client: GatewayClientTransport) -> str:
         self.assertTrue(client.transport.disconnecting)
@@ -412,6 +418,14 @@ class HostileServerTests(HandshakeTestCase):
         client.incomingPacketSequence = SEQUENCE_MASK
         self.receive(client, b"", transport.MSG_IGNORE)
         self.assertIn("sequence number wrapped during the first key exchange", self.failure(client))
+
+    def test_a_host_key_of_another_type_than_agreed(self) -> None:
+        # Conch's Ed25519 keys verify whatever the signature's name: RSA agreed, an Ed25519 key sent.
+        client = self.client()
+        self.receive(client, kexinit(kexes=b"curve25519-sha256").replace(NS(b"ssh-ed25519"), NS(b"rsa-sha2-512")))
+        self.receive(client, self.signed_reply(client, b"rsa-sha2-512"), 31)
+        self.assertIsNone(client.sessionID)
+        self.assertIn("host key is an ssh-ed25519 key, not one for rsa-sha2-512", self.failure(client))
 
     def test_a_wrong_guess_is_ignored(self) -> None:
         # RFC 4253 7: first_kex_packet_follows with a guess other than our first choices.

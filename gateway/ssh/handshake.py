@@ -432,6 +432,12 @@ class HandshakeTransport(ConchClientTransport):
             offered_key = Key.fromString(blob)
         except (BadKeyError, ValueError, struct.error):
             raise HostKeyError("the proxy node's host key cannot be read") from None
+        if self.keyAlg not in offered_key.supportedSignatureAlgorithms():
+            # As OpenSSH's "type mismatch": Conch's Ed25519 keys would verify under any name.
+            raise HostKeyError(
+                f"the proxy node's host key is an {offered_key.sshType().decode()} key,"
+                f" not one for {self.keyAlg.decode()}"
+            )
         self._host_keys.verify(self.host, self.port, offered_key)
         if self._host_keys.accept_any:
             log.warn(
