@@ -215,7 +215,7 @@ class SpacingTests(SynchronousTestCase):
         cases = [
             ("auth", lambda: self.node(A, refuse=True), None, 10.0, "the proxy node refused the key"),
             ("hostkey", lambda: self.node(A), stranger, 10.0, "host key"),
-            ("kex", old_kex, None, 10.0, "couldn't match all kex parts"),
+            ("kex", old_kex, None, 10.0, "no key exchange in common with the proxy node"),
             (
                 "dropped",
                 lambda: self.net.nodes.__setitem__(A, _Stand(_Dropper)),
