@@ -44,7 +44,8 @@ from gateway.ssh.channel import TunnelChannel
 from gateway.ssh.command import CommandResult
 from gateway.ssh.connection import TunnelConnection
 from gateway.ssh.exec_channel import exec_command_line
-from gateway.ssh.transport import ConnectFailure, SSHConnectError
+from gateway.ssh.failure import ConnectFailure
+from gateway.ssh.transport import SSHConnectError
 
 log = Logger()
 

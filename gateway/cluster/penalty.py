@@ -32,7 +32,7 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 
 from gateway.cluster.slots import MAX_BACKOFF, Step
 from gateway.config import ClusterConfig, ProxyAddress
-from gateway.ssh.transport import ConnectFailure
+from gateway.ssh.failure import ConnectFailure
 
 #: Seconds the next attempt to a proxy node waits after a penalised failure:
 #: twice sshd's default authentication-failure penalty, so that each one has

@@ -24,7 +24,6 @@ left out (OpenSSH PROTOCOL, CVE-2023-48795).
 
 from __future__ import annotations
 
-import enum
 import struct
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -36,13 +35,13 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
 from gateway.addresses import host_port
-from gateway.errors import peer_text
 from gateway.ssh import kex
 from gateway.ssh._conch import ConchClientTransport
 from gateway.ssh.certs import CERT_ALGORITHMS, SHA1_CERT_ALGORITHM, is_certificate_algorithm, signature_algorithm
+from gateway.ssh.failure import ConnectFailure
 from gateway.ssh.hostkeys import HostKeyError, HostKeyPolicy
+from gateway.ssh.negotiation import no_common_reason, with_aead_macs
 from gateway.ssh.packets import (
-    AEAD_CIPHERS,
     CHACHA20_POLY1305,
     ETM_MACS,
     PREFERRED_CIPHERS,
@@ -51,7 +50,7 @@ from gateway.ssh.packets import (
     offered,
 )
 
-__all__ = ["HOST_KEY_ALGORITHMS", "KEXINIT_WAIT", "OFFERED", "SHA1_RSA", "ConnectFailure", "HandshakeTransport"]
+__all__ = ["HOST_KEY_ALGORITHMS", "KEXINIT_WAIT", "OFFERED", "SHA1_RSA", "HandshakeTransport"]
 
 log = Logger()
 
@@ -80,27 +79,6 @@ _CONCH = transport.SSHClientTransport
 #: (besides its KEXINIT, which must be its first packet): the exchange's own
 #: (30-49), NEWKEYS, and DISCONNECT.  IGNORE and DEBUG too are violations.
 _STRICT_ALLOWED = frozenset({transport.MSG_DISCONNECT, transport.MSG_KEXINIT, transport.MSG_NEWKEYS, *range(30, 50)})
-
-
-class ConnectFailure(enum.Enum):
-    """
-    Why an attempt to reach a proxy node failed, as far as its back-off cares:
-    sshd's PerSourcePenalties counts every kind but C{PROTOCOL} and
-    C{NETWORK} against the gateway's address (see gateway.cluster.penalty).
-    """
-
-    #: The node refused the key (or the user), or ended authentication.
-    AUTH = "auth"
-    #: The key exchange failed: no common algorithm, a bad signature, the node ended it.
-    KEX = "kex"
-    #: The node's host key (or host certificate) is not one the gateway accepts.
-    HOSTKEY = "hostkey"
-    #: sshd closed the connection at once ("Not allowed at this time": PerSourcePenalties, MaxStartups).
-    DROPPED = "dropped"
-    #: Not an SSH server at that address.
-    PROTOCOL = "protocol"
-    #: Refused, unreachable, timed out, reset, or closed with no SSH reason.
-    NETWORK = "network"
 
 
 _said: set[str] = set()
@@ -271,53 +249,18 @@ class HandshakeTransport(ConchClientTransport):
         return True
 
     def _note_no_common(self, lists: list[bytes]) -> None:
-        """
-        Name the first list the server's KEXINIT has nothing in common with,
-        and both offers: Conch then disconnects saying only "couldn't match
-        all kex parts", which tells an operator neither which nor why.
-        """
-        ciphers = [transport.ffs(self.supportedCiphers, lists[i].split(b",")) for i in (2, 3)]
-        checks = [
-            ("key exchange", "kex_algorithms", self.supportedKeyExchanges, [0]),
-            ("host key algorithm", "host_key_algorithms", self.supportedPublicKeys, [1]),
-            ("cipher", "ciphers", self.supportedCiphers, [2, 3]),
-            # An AEAD cipher needs no MAC (kexinit_for_conch).
-            ("MAC", "macs", self.supportedMACs, [i + 4 for i in (0, 1) if ciphers[i] not in AEAD_CIPHERS]),
-        ]
-        for what, key, ours, indices in checks:
-            for i in indices:
-                if transport.ffs(ours, lists[i].split(b",")) is None:
-                    whose = f"the cluster's {key}" if self._algorithms.get(key) else "the gateway offers"
-                    ours_text = ",".join(name.decode() for name in ours if name not in kex.MARKERS)
-                    self.note_failure(
-                        f"no {what} in common with the proxy node ({whose}: {ours_text};"
-                        f" the node's: {peer_text(lists[i])})",
-                        ConnectFailure.KEX,
-                    )
-                    return
+        offers = {
+            "kex_algorithms": self.supportedKeyExchanges,
+            "host_key_algorithms": self.supportedPublicKeys,
+            "ciphers": self.supportedCiphers,
+            "macs": self.supportedMACs,
+        }
+        why = no_common_reason(offers, lists, self._algorithms)
+        if why is not None:
+            self.note_failure(why, ConnectFailure.KEX)
 
     def kexinit_for_conch(self, packet: bytes) -> bytes:
-        """
-        C{packet} (the server's KEXINIT), or a copy in which a direction that
-        will use an AEAD cipher but has no MAC in common lists our first MAC:
-        an AEAD cipher implies its MAC and the name lists do not matter
-        (OpenSSH PROTOCOL 1.6), but Conch would give up on the mismatch.
-        """
-        try:
-            *lists, rest = getNS(packet[16:], 10)
-        except Exception:
-            return packet  # malformed: Conch will say so
-        lists = list(lists)
-        changed = False
-        # Client to server: lists 2 (cipher) and 4 (MAC); server to client: 3 and 5.
-        for cipher_list, mac_list in ((2, 4), (3, 5)):
-            cipher = transport.ffs(self.supportedCiphers, lists[cipher_list].split(b","))
-            if cipher in AEAD_CIPHERS and transport.ffs(self.supportedMACs, lists[mac_list].split(b",")) is None:
-                lists[mac_list] = b",".join([self.supportedMACs[0], lists[mac_list]])
-                changed = True
-        if not changed:
-            return packet
-        return packet[:16] + b"".join(NS(name_list) for name_list in lists) + rest
+        return with_aead_macs(packet, self.supportedCiphers, self.supportedMACs)
 
     # -- the exchange ----------------------------------------------------------
 

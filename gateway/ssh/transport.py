@@ -29,7 +29,8 @@ from gateway.proxy.splice import set_no_delay
 from gateway.ssh._conch import SEQUENCE_MASK, quiet_conch_logs
 from gateway.ssh.auth import KeyAuthClient
 from gateway.ssh.connection import TunnelConnection
-from gateway.ssh.handshake import ConnectFailure, HandshakeTransport
+from gateway.ssh.failure import ConnectFailure
+from gateway.ssh.handshake import HandshakeTransport
 from gateway.ssh.hostkeys import HostKeyPolicy
 from gateway.ssh.packets import (
     FastSSHCiphers,
