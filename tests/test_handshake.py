@@ -601,3 +601,20 @@ class ConchServerTests(TestCase):
         *lists, _ = getNS(protocol.ourKexInitPayload[17:], 10)
         self.assertNotIn(CHACHA20_POLY1305, lists[2].split(b","))
         self.assertIn(kex.STRICT_CLIENT, lists[0].split(b","))
+
+
+class UnverifiedCertificateTests(HandshakeTestCase):
+    def test_accept_any_warns_for_a_certificate_too(self) -> None:
+        from gateway.ssh.hostkeys import CertifiedHostKey
+        from tests.support import capture_events
+
+        events = capture_events(self)
+        client = self.client()
+        key = generate_key().public()
+        policy = client._host_keys
+        self.patch(policy, "verify_certificate", lambda *args: CertifiedHostKey(key, "id", 1, "ssh-ed25519 SHA256:x"))
+        client.keyAlg = CERT_ALGORITHMS[0]
+        self.assertIs(client.verify_host_key(b"blob"), key)
+        formats = [e.get("log_format", "") for e in events]
+        self.assertTrue(any("insecure_accept_any_host_key" in f for f in formats), formats)
+        self.assertFalse(any("host certificate {certificate}" in f for f in formats), formats)

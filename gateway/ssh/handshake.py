@@ -354,23 +354,29 @@ class HandshakeTransport(ConchClientTransport):
         key a host certificate certifies, once the policy accepts it;
         L{HostKeyError} otherwise.
         """
-        if is_certificate_algorithm(self.keyAlg):
-            certified = self._host_keys.verify_certificate(
-                self.host, self.port, self.keyAlg, blob, self._clock.seconds()
+        key = self._certified_key(blob) if is_certificate_algorithm(self.keyAlg) else self._plain_key(blob)
+        if self._host_keys.accept_any:
+            log.warn(
+                "accepting unverified host key of {address} (insecure_accept_any_host_key)",
+                address=self.address,
             )
-            if certified.refused is not None:
-                log.warn(
-                    "proxy node {address}: its host certificate is refused ({why}), its key is known: accepted",
-                    address=self.address,
-                    why=certified.refused,
-                )
-            else:
-                log.info(
-                    "proxy node {address}: host certificate {certificate}",
-                    address=self.address,
-                    certificate=str(certified),
-                )
-            return certified.key
+        return key
+
+    def _certified_key(self, blob: bytes) -> Key:
+        certified = self._host_keys.verify_certificate(self.host, self.port, self.keyAlg, blob, self._clock.seconds())
+        if certified.refused is not None:
+            log.warn(
+                "proxy node {address}: its host certificate is refused ({why}), its key is known: accepted",
+                address=self.address,
+                why=certified.refused,
+            )
+        elif not self._host_keys.accept_any:
+            log.info(
+                "proxy node {address}: host certificate {certificate}", address=self.address, certificate=str(certified)
+            )
+        return certified.key
+
+    def _plain_key(self, blob: bytes) -> Key:
         try:
             offered_key = Key.fromString(blob)
         except (BadKeyError, ValueError, struct.error):
@@ -382,11 +388,6 @@ class HandshakeTransport(ConchClientTransport):
                 f" not one for {self.keyAlg.decode()}"
             )
         self._host_keys.verify(self.host, self.port, offered_key)
-        if self._host_keys.accept_any:
-            log.warn(
-                "accepting unverified host key of {address} (insecure_accept_any_host_key)",
-                address=self.address,
-            )
         return offered_key
 
     # -- strict key exchange ---------------------------------------------------
