@@ -30,8 +30,8 @@ import subprocess
 import sys
 import time
 
-from bench.common import VENV_BIN, Row, cpu_seconds, rss_bytes, run_in_lab, ssh_d_argv, stop_processes, table, tail
-from tests.system.netlab import Lab
+from bench.common import VENV_BIN, Row, cpu_seconds, rss_bytes, run_in_lab, ssh_d_argv, table, tail
+from tests.system.netlab import Lab, stop_processes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SOCKS_PORT = 1095

@@ -13,7 +13,6 @@ import subprocess
 import sys
 import tempfile
 import textwrap
-import time
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -194,20 +193,6 @@ def cpu_seconds(pid: int) -> float:
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def stop_processes(procs: list[subprocess.Popen | None], timeout: float = 15) -> None:
-    """SIGTERM each (by pid), wait up to C{timeout} for all, SIGKILL what is left."""
-    live = [p for p in procs if p is not None and p.poll() is None]
-    for proc in live:
-        proc.terminate()
-    end = time.monotonic() + timeout
-    for proc in live:
-        try:
-            proc.wait(timeout=max(0.01, end - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=5)
 
 
 def tail(path: str, lines: int = 20) -> str:

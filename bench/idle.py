@@ -54,11 +54,10 @@ from bench.common import (
     run_in_lab,
     start_gateway,
     start_ssh_d,
-    stop_processes,
     table,
     tail,
 )
-from tests.system.netlab import Lab, wait_for_port
+from tests.system.netlab import Lab, stop_processes, wait_for_port
 
 HOLD_PORT = 9000
 GATEWAY_PORT = 1090

@@ -21,8 +21,8 @@ import subprocess
 import textwrap
 from dataclasses import dataclass
 
-from bench.common import INTERNAL, stop_processes, tail
-from tests.system.netlab import Lab, wait_for_port
+from bench.common import INTERNAL, tail
+from tests.system.netlab import Lab, stop_processes, wait_for_port
 
 NGINX = "/usr/sbin/nginx"
 NGINX_PORT = 8081

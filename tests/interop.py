@@ -27,6 +27,7 @@ from gateway.ssh.hostkeys import HostKeyPolicy
 from gateway.ssh.transport import client_factory
 from gateway.testing import generate_key, public_line
 from tests.support import within
+from tests.system.netlab import stop_processes
 
 ORIGIN = ("127.0.0.1", 0)
 SSHD = "/usr/sbin/sshd"
@@ -134,13 +135,7 @@ class OpenSSHServer:
             return ""
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()  # by pid: only the sshd we started
-            try:
-                self.process.wait(5)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(5)
+        stop_processes([self.process], timeout=5)  # by pid: only the sshd we started
         self.process = None
 
 
@@ -296,13 +291,7 @@ class AsyncSSHServer:
         self.port = int(line)
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()  # by pid: only the server we started
-            try:
-                self.process.wait(5)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(5)
+        stop_processes([self.process], timeout=5)  # by pid: only the server we started
         if self.process is not None and self.process.stdout is not None:
             self.process.stdout.close()
         self.process = None

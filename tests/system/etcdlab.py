@@ -67,7 +67,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from tests.system.netlab import Lab
+from tests.system.netlab import Lab, stop_processes
 from tests.system.pki import TLSFiles, write_tls_files
 
 ETCD = "/usr/bin/etcd"
@@ -463,16 +463,7 @@ class EtcdCluster:
 
     def _end(self, indices: Iterable[int], sig: int, timeout: float = 5) -> None:
         """Signal the running members of C{indices} at once, wait for them (bounded), SIGKILL the stragglers."""
-        procs = [p for i in indices if (p := self._members[i].proc) is not None and p.poll() is None]
-        for proc in procs:
-            proc.send_signal(sig)
-        deadline = time.monotonic() + timeout
-        for proc in procs:
-            try:
-                proc.wait(timeout=max(0.01, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=5)
+        stop_processes([self._members[i].proc for i in indices], timeout, sig)
 
     def _statuses(self, indices: Sequence[int]) -> dict[int, Any]:
         """etcdctl endpoint status of members C{indices}, by index (members that did not answer left out)."""

@@ -53,7 +53,7 @@ import tempfile
 import textwrap
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Self
 
 log = logging.getLogger(__name__)
@@ -389,6 +389,24 @@ def _kill_in_ns(pid: int, keys: set[tuple[int, int]], sig: int) -> None:
     finally:
         if fd is not None:
             os.close(fd)
+
+
+def stop_processes(procs: Iterable[subprocess.Popen | None], timeout: float = 15, sig: int = signal.SIGTERM) -> None:
+    """
+    Send C{sig} to each process still running (by its pid: only ones we
+    started), wait up to C{timeout} seconds for all of them, SIGKILL the
+    stragglers.  For the benchmarks' daemons and the tests' own servers.
+    """
+    live = [p for p in procs if p is not None and p.poll() is None]
+    for proc in live:
+        proc.send_signal(sig)
+    end = time.monotonic() + timeout
+    for proc in live:
+        try:
+            proc.wait(timeout=max(0.01, end - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=5)
 
 
 def pid_alive(pid: int) -> bool:

@@ -14,19 +14,19 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import socket
 import subprocess
 import time
 import urllib.error
 import urllib.request
+from functools import partial
 from typing import Any
 
 from twisted.trial.unittest import SkipTest, TestCase
 
 from gateway.testing.keys import generate_key, private_pem, public_line
 from tests.system.etcdlab import EtcdCluster, etcd_skip_reason
-from tests.system.netlab import pid_alive
+from tests.system.netlab import stop_processes
 from tests.system.pki import write_tls_files
 from tests.system.support import twistd_argv
 
@@ -87,17 +87,8 @@ timeout = 2.0
             twistd_argv(config, self.log), stdin=subprocess.DEVNULL, start_new_session=True
         )
 
-        def stop() -> None:
-            if pid_alive(proc.pid):
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(10)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait(5)
-
-        self.addCleanup(stop)
-        self.stop_gateway = stop
+        self.addCleanup(stop_processes, [proc], 10)
+        self.stop_gateway = partial(stop_processes, [proc], 10)
         url = f"http://127.0.0.1:{control}"
         self.until(lambda: self.call(url, "GET", "/v1/health/live")[0] == 200, 20)
         return url
