@@ -45,11 +45,13 @@ class Fleet(SynchronousTestCase):
         self.etcd = MemoryEtcd(self.reactor)
         self.gateways = [self.gateway(name) for name in ("gw-a", "gw-b")]
 
-    def gateway(self, name: str) -> tuple[GatewayService, EtcdStore, GatewayControl]:
+    def gateway(
+        self, name: str, config_names: frozenset[str] = frozenset()
+    ) -> tuple[GatewayService, EtcdStore, GatewayControl]:
         config = GatewayConfig(ListenConfig(socks=(), http=(), control=()), {}, "gw.toml", GatewaySettings(name=name))
         service = GatewayService(config, self.reactor)  # type: ignore[arg-type]
         store = EtcdStore(self.etcd, self.reactor, prefix="/gw/", gateway=name, sealer=None, cache=None)
-        control = GatewayControl(service, store, set())
+        control = GatewayControl(service, store, set(config_names))
         store.startService()
         self.addCleanup(store.stopService)
         self.settle()
@@ -188,3 +190,12 @@ class Fleet(SynchronousTestCase):
         # etcd is off the data path: the store adds no reason (the service itself is not started here).
         self.assertEqual(health["not_ready"], ["not running"])
         self.assertIn('gateway_store_synced{backend="etcd"} 0.0', a.metrics().decode())
+
+    def test_a_toml_namesake_is_refused_until_the_registry_deletes_it(self) -> None:
+        _, store, _ = self.gateway("gw-c", frozenset({"c9"}))
+        self.etcd.write({b"/gw/clusters/c9": json.dumps(body()).encode()})
+        self.settle(1)
+        self.assertIn("defined in this gateway's configuration file", store.status()["rejected"]["c9"])
+        self.etcd.write({}, [b"/gw/clusters/c9"])
+        self.settle(1)
+        self.assertEqual(store.status()["rejected"], {})

@@ -247,33 +247,39 @@ class GatewayControl:
         return Deferred.fromCoroutine(self._apply_remote_locked(name, body))
 
     async def _apply_remote_locked(self, name: str, body: Mapping[str, Any] | None) -> str | None:
-        if name in self._config_names:
-            refused = "a cluster of that name is defined in this gateway's configuration file"
-        elif body is None:
-            if name in self._service.clusters:
+        if body is None:
+            if name in self._service.clusters and name not in self._config_names:
                 await self._service.remove_cluster(name)
                 log.info("cluster {cluster} removed through the shared store", cluster=name)
             return None
+        if name in self._config_names:
+            refused: str | None = "a cluster of that name is defined in this gateway's configuration file"
         else:
-            try:
-                config = self._check(name, body)
-                current = self._service.clusters.get(name)
-                if current is not None and current.config == config:
-                    return None
-                self._install(config, current is None, await self._prepare(config))
-            except ControlError as e:
-                refused = f"{e.field}: {e.reason}" if e.field else e.reason
-                if name in self._service.clusters:
-                    await self._service.remove_cluster(name)
-            else:
-                log.info(
-                    "cluster {cluster} {action} through the shared store",
-                    cluster=name,
-                    action="registered" if current is None else "replaced",
-                )
-                return None
-        log.error("cluster {cluster} in the shared store is not served here: {reason}", cluster=name, reason=refused)
+            refused = await self._install_remote(name, body)
+        if refused is not None:
+            log.error(
+                "cluster {cluster} in the shared store is not served here: {reason}", cluster=name, reason=refused
+            )
         return refused
+
+    async def _install_remote(self, name: str, body: Mapping[str, Any]) -> str | None:
+        """Serve C{body} as cluster C{name}, checked as a PUT here would be; why not, when it is refused."""
+        current = self._service.clusters.get(name)
+        try:
+            config = self._check(name, body)
+            if current is not None and current.config == config:
+                return None
+            self._install(config, current is None, await self._prepare(config))
+        except ControlError as e:
+            if name in self._service.clusters:
+                await self._service.remove_cluster(name)
+            return f"{e.field}: {e.reason}" if e.field else e.reason
+        log.info(
+            "cluster {cluster} {action} through the shared store",
+            cluster=name,
+            action="registered" if current is None else "replaced",
+        )
+        return None
 
     def health(self) -> Mapping[str, Any]:
         service = self._service
