@@ -81,6 +81,14 @@ _CONCH = transport.SSHClientTransport
 _STRICT_ALLOWED = frozenset({transport.MSG_DISCONNECT, transport.MSG_KEXINIT, transport.MSG_NEWKEYS, *range(30, 50)})
 
 
+#: Each algorithm list, by the cluster key that may restrict it: the transport attribute that holds it.
+_LISTS = {
+    "kex_algorithms": "supportedKeyExchanges",
+    "host_key_algorithms": "supportedPublicKeys",
+    "ciphers": "supportedCiphers",
+    "macs": "supportedMACs",
+}
+
 _said: set[str] = set()
 
 
@@ -166,12 +174,9 @@ class HandshakeTransport(ConchClientTransport):
         """Set this connection's lists (called before the first KEXINIT is built)."""
         _say_once_without_mlkem()
         chosen = {key: [name.encode() for name in names] for key, names in self._algorithms.items() if names}
-        if "kex_algorithms" in chosen:
-            self.supportedKeyExchanges = chosen["kex_algorithms"]
-        if "ciphers" in chosen:
-            self.supportedCiphers = chosen["ciphers"]
-        if "macs" in chosen:
-            self.supportedMACs = chosen["macs"]
+        for key in ("kex_algorithms", "ciphers", "macs"):
+            if key in chosen:
+                setattr(self, _LISTS[key], chosen[key])
         algorithms = list(self.supportedPublicKeys)
         if self._allow_sha1_signatures and SHA1_RSA in _CONCH.supportedPublicKeys:
             algorithms += [SHA1_RSA, SHA1_CERT_ALGORITHM]
@@ -249,12 +254,7 @@ class HandshakeTransport(ConchClientTransport):
         return True
 
     def _note_no_common(self, lists: list[bytes]) -> None:
-        offers = {
-            "kex_algorithms": self.supportedKeyExchanges,
-            "host_key_algorithms": self.supportedPublicKeys,
-            "ciphers": self.supportedCiphers,
-            "macs": self.supportedMACs,
-        }
+        offers = {key: getattr(self, attribute) for key, attribute in _LISTS.items()}
         why = no_common_reason(offers, lists, self._algorithms)
         if why is not None:
             self.note_failure(why, ConnectFailure.KEX)
@@ -439,8 +439,5 @@ class HandshakeTransport(ConchClientTransport):
 #: What the gateway offers by default, by the cluster key that may restrict it
 #: (L{gateway.config.algorithms}).
 OFFERED: dict[str, tuple[bytes, ...]] = {
-    "kex_algorithms": tuple(HandshakeTransport.supportedKeyExchanges),
-    "ciphers": tuple(HandshakeTransport.supportedCiphers),
-    "macs": tuple(HandshakeTransport.supportedMACs),
-    "host_key_algorithms": tuple(HandshakeTransport.supportedPublicKeys),
+    key: tuple(getattr(HandshakeTransport, attribute)) for key, attribute in _LISTS.items()
 }

@@ -168,19 +168,22 @@ class _MLKEMHybrid:
         return NS(hashlib.sha256(k_pq + self._x25519.raw_secret(theirs)).digest())
 
 
+#: The NIST exchanges: each one's curve and hash (RFC 5656 6.2.1).
+_CURVES: dict[bytes, tuple[ec.EllipticCurve, Callable[..., Any]]] = {
+    b"ecdh-sha2-nistp256": (ec.SECP256R1(), hashlib.sha256),
+    b"ecdh-sha2-nistp384": (ec.SECP384R1(), hashlib.sha384),
+    b"ecdh-sha2-nistp521": (ec.SECP521R1(), hashlib.sha512),
+}
+
+
 def start(name: bytes) -> KeyExchange:
     """A new run of exchange C{name} (one of L{KEX_ALGORITHMS}): fresh keys each time."""
     if name == MLKEM768X25519 and MLKEM_AVAILABLE:
         return _MLKEMHybrid()
     if name in (b"curve25519-sha256", b"curve25519-sha256@libssh.org"):
         return _X25519()
-    curves: dict[bytes, tuple[ec.EllipticCurve, Callable[..., Any]]] = {
-        b"ecdh-sha2-nistp256": (ec.SECP256R1(), hashlib.sha256),
-        b"ecdh-sha2-nistp384": (ec.SECP384R1(), hashlib.sha384),
-        b"ecdh-sha2-nistp521": (ec.SECP521R1(), hashlib.sha512),
-    }
-    if name in curves:
-        return _Nist(*curves[name])
+    if name in _CURVES:
+        return _Nist(*_CURVES[name])
     raise KexError(f"no key exchange {name!r}")
 
 
