@@ -19,7 +19,7 @@ L{EtcdUnavailable} naming the last reason.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
@@ -319,6 +319,15 @@ class EtcdClient:
 
     # --- the transport ------------------------------------------------------------------
 
+    def _members(self) -> Iterator[str]:
+        """
+        Each member once, from the one that answered last: the caller's loop
+        body runs for one, and leaving the loop (it answered) keeps it current.
+        """
+        for _ in range(len(self._endpoints)):
+            yield self.endpoint
+            self._current = (self._current + 1) % len(self._endpoints)
+
     def _forget_token(self) -> None:
         self._token = None
 
@@ -328,8 +337,7 @@ class EtcdClient:
 
     async def _try_members(self, path: str, body: Mapping[str, Any], read: Callable[[Mapping[str, Any]], _T]) -> _T:
         last = "no member tried"
-        for _ in range(len(self._endpoints)):
-            endpoint = self.endpoint
+        for endpoint in self._members():
             try:
                 status, data = await self._exchange(endpoint, path, body)
                 if status == 401 or (status != 200 and _says(data, _BAD_TOKEN)):
@@ -347,7 +355,6 @@ class EtcdClient:
                     raise EtcdError(f"{endpoint}: {wire.error_message(data)}")
                 else:
                     last = f"{endpoint}: {wire.error_message(data)}"
-            self._current = (self._current + 1) % len(self._endpoints)
         raise EtcdUnavailable(last)
 
     async def _exchange(self, endpoint: str, path: str, body: Mapping[str, Any]) -> tuple[int, bytes]:
@@ -424,8 +431,7 @@ class EtcdClient:
 
     async def _watch(self, request: Mapping[str, Any], receive: Callable[[WatchResponse], None]) -> Watch:
         last = "no member tried"
-        for _ in range(len(self._endpoints)):
-            endpoint = self.endpoint
+        for endpoint in self._members():
             try:
                 response = await self._timed(self._request(endpoint, "/v3/watch", request, watch=True))
                 if response.code == 200:
@@ -439,7 +445,6 @@ class EtcdClient:
                 last = f"{endpoint}: {wire.error_message(data)}"
                 if response.code == 401:
                     self._token = None
-            self._current = (self._current + 1) % len(self._endpoints)
         raise EtcdUnavailable(last)
 
 
