@@ -15,7 +15,7 @@ import shutil
 import sys
 import tempfile
 from dataclasses import replace
-from typing import cast
+from typing import TYPE_CHECKING, cast
 
 from twisted.application.service import IService
 from twisted.internet.endpoints import serverFromString
@@ -23,7 +23,6 @@ from twisted.logger import Logger
 from twisted.python import usage
 
 from gateway.app.clusters import IGatewayReactor
-from gateway.app.fleet import EtcdSettings, etcd_settings, etcd_store
 from gateway.app.service import GatewayService
 from gateway.config import (
     DEFAULT_CONTROL_LISTEN,
@@ -41,6 +40,9 @@ from gateway.store.base import Store
 from gateway.store.file import FileStore
 from gateway.store.sealing import Sealer, read_sealing_key
 from gateway.store.statefile import StateFile, StoreError
+
+if TYPE_CHECKING:
+    from gateway.app.fleet import EtcdSettings
 
 log = Logger()
 
@@ -104,6 +106,9 @@ class Options(usage.Options):
         self.store_rejected: dict[str, str] = {}
         self.etcd: EtcdSettings | None = None
         if config.store.backend == "etcd":
+            # Imported only for a fleet: treq and the HTTP client are no part of a lone gateway.
+            from gateway.app.fleet import etcd_settings
+
             self.etcd = etcd_settings(config)
             state = StateFile(self.etcd.cache_file, self._sealer())
         elif config.listen.control:
@@ -233,4 +238,6 @@ def _store(options: Options, reactor: IGatewayReactor, service: GatewayService) 
     bodies = options.store_bodies
     if options.etcd is None:
         return FileStore(state, bodies)
+    from gateway.app.fleet import etcd_store
+
     return etcd_store(options.etcd, reactor, options.gateway_config, state, bodies, options.store_rejected, service)
