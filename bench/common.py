@@ -75,12 +75,14 @@ def start_gateway(
     gateway_settings: str = "",
     cluster_settings: str = "",
     listen_options: str = "",
+    twistd_options: tuple[str, ...] = (),
 ) -> subprocess.Popen:
     """
     Start C{twistd gateway} in the controller namespace with one cluster,
     C{bench}, whose proxy node is the lab's proxy-a sshd.  Extra TOML lines
     go into C{[gateway]} and C{[clusters.bench]}; C{listen_options} is
-    appended to the listeners' endpoint strings (e.g. C{":backlog=1024"}).
+    appended to the listeners' endpoint strings (e.g. C{":backlog=1024"});
+    C{twistd_options} go before the plugin name (e.g. C{--profile=FILE}).
     """
     config = os.path.join(workdir, f"{name}.toml")
     http = f'"tcp:{http_port}:interface=127.0.0.1{listen_options}"' if http_port else '""'  # "": no HTTP proxy
@@ -117,7 +119,15 @@ def start_gateway(
     log = os.path.join(workdir, f"{name}.log")
     proc = lab.spawn(
         lab.ctl_ns,
-        [os.path.join(VENV_BIN, "twistd"), "-n", "--pidfile=", f"--logfile={log}", "gateway", f"--config={config}"],
+        [
+            os.path.join(VENV_BIN, "twistd"),
+            "-n",
+            "--pidfile=",
+            f"--logfile={log}",
+            *twistd_options,
+            "gateway",
+            f"--config={config}",
+        ],
     )
     wait_for_port(lab, lab.ctl_ns, "127.0.0.1", socks_port, timeout=20)
     return proc
