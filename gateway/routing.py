@@ -65,6 +65,8 @@ __all__ = ["Route", "Router", "show_username"]
 _LIST_LIMIT = 8
 #: What a client that has not proved a token hears when credentials fail.
 _CREDENTIALS_REFUSED = "proxy credentials not accepted"
+#: Routes a router remembers (see L{Router.route}); all are forgotten when it is full.
+_ROUTE_CACHE_SIZE = 4096
 
 
 @dataclass(frozen=True)
@@ -147,6 +149,11 @@ class Router:
                 label = name.lower()
                 known = self._by_label.get(label, cluster)
                 self._by_label[label] = cluster if known is cluster else None
+        #: Routes already chosen, by the whole request: a router is rebuilt
+        #: whenever the clusters change, and a route depends on nothing else,
+        #: so a client asking again (every short stream) skips the rules.
+        #: Refusals raise and are not kept, so no wrong password is.
+        self._routes: dict[tuple[str, int, str | None, str | None, str | None], Route] = {}
 
     @property
     def clusters(self) -> tuple[ClusterConfig, ...]:
@@ -193,6 +200,19 @@ class Router:
         """
         if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
             raise StreamError(Reason.BAD_REQUEST, f"port {port!r} is not between 1 and 65535")
+        key = (host, port, username, password, cluster)
+        route = self._routes.get(key)
+        if route is None:
+            route = self._route(host, port, username, password, cluster)
+            if len(self._routes) >= _ROUTE_CACHE_SIZE:
+                self._routes.clear()
+            self._routes[key] = route
+        return route
+
+    def _route(
+        self, host: str, port: int, username: str | None, password: str | None, cluster: str | None
+    ) -> Route:
+        """L{route} without its cache."""
         dest = normalise_host(host)
         readings = split_qualified(dest, self.domain) if isinstance(dest, str) else []
         listener = self._listener_cluster(cluster, username) if cluster is not None else None

@@ -46,7 +46,9 @@ Choices the RFCs leave open:
 from __future__ import annotations
 
 import enum
+import functools
 import ipaddress
+import socket
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -119,7 +121,9 @@ class Rejected:
 Event = ConnectRequest | Send | Rejected
 
 
-class _State(enum.Enum):
+class _State(enum.IntEnum):
+    # IntEnum, not Enum: the states key a dict looked up for every message,
+    # and an Enum member's hash is a Python call (int's is not).
     VERSION = enum.auto()  # nothing parsed; the first byte picks the protocol
     SOCKS4_REQUEST = enum.auto()
     SOCKS5_GREETING = enum.auto()
@@ -137,12 +141,14 @@ class _Incomplete(Exception):
     """A parsing step needs more bytes; it has changed nothing yet."""
 
 
+@functools.lru_cache(maxsize=64)  # a few codes, almost always the unspecified address
 def _socks5_reply(code: int, host: str = "0.0.0.0", port: int = 0) -> bytes:
     address = ipaddress.ip_address(host)
     atyp = _ATYP_IPV4 if address.version == 4 else _ATYP_IPV6
     return bytes([0x05, code, 0x00, atyp]) + address.packed + struct.pack("!H", port)
 
 
+@functools.lru_cache(maxsize=64)
 def _socks4_reply(code: int, host: str = "0.0.0.0", port: int = 0) -> bytes:
     # SOCKS4 cannot carry an IPv6 address; clients ignore it for CONNECT.
     address = ipaddress.ip_address(host)
@@ -323,7 +329,7 @@ class SocksMachine:
             raw_host, end = self._nul_terminated(end, "SOCKS4a domain name")
             host = _domain_host(raw_host)
         else:
-            host = str(ipaddress.IPv4Address(buf[4:8]))
+            host = socket.inet_ntoa(buf[4:8])  # ipaddress's text, without its Python cost
         # "cluster:token" carries both halves of SOCKS5's username/password.
         user, _, token = _text(raw_userid, "SOCKS4 user id").partition(":")
         if user and not token and self._is_cluster is not None and not self._is_cluster(user):
@@ -387,6 +393,8 @@ class SocksMachine:
         buf = self._need(end + 2)
         if atyp == _ATYP_DOMAIN:
             host = _domain_host(buf[start:end])
+        elif atyp == _ATYP_IPV4:
+            host = socket.inet_ntoa(buf[start:end])  # ipaddress's text, without its Python cost
         else:
-            host = str(ipaddress.ip_address(buf[start:end]))
+            host = str(ipaddress.IPv6Address(buf[start:end]))
         return self._connect(host, int.from_bytes(buf[end : end + 2], "big"), end + 2)
