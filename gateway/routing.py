@@ -209,9 +209,7 @@ class Router:
             self._routes[key] = route
         return route
 
-    def _route(
-        self, host: str, port: int, username: str | None, password: str | None, cluster: str | None
-    ) -> Route:
+    def _route(self, host: str, port: int, username: str | None, password: str | None, cluster: str | None) -> Route:
         """L{route} without its cache."""
         dest = normalise_host(host)
         readings = split_qualified(dest, self.domain) if isinstance(dest, str) else []

@@ -657,6 +657,43 @@ class NormaliseCacheTests(SynchronousTestCase):
         self.assertEqual((info.hits, info.currsize), (1, 1))
 
 
+class RouteCacheTests(RouterTestCase):
+    def count_rule_runs(self) -> list[tuple]:
+        runs: list[tuple] = []
+        rules = self.router._route
+
+        def counted(*args):
+            runs.append(args)
+            return rules(*args)
+
+        self.router._route = counted  # type: ignore[method-assign]
+        return runs
+
+    def test_a_request_asked_again_gets_the_same_route_without_the_rules(self) -> None:
+        runs = self.count_rule_runs()
+        first = self.router.route("10.252.0.1", 22, "b", "tok-b")
+        self.assertIs(self.router.route("10.252.0.1", 22, "b", "tok-b"), first)
+        self.assertEqual(len(runs), 1)
+        self.router.route("10.252.0.1", 23, "b", "tok-b")  # any other field is another request
+        self.assertEqual(len(runs), 2)
+
+    def test_refusals_are_not_kept_so_a_wrong_password_is_checked_every_time(self) -> None:
+        runs = self.count_rule_runs()
+        for _ in range(2):
+            self.assertStreamError(Reason.AUTH_FAILED, None, "10.252.0.1", 22, "b", "wrong")
+        self.assertEqual(len(runs), 2)
+        self.assertEqual(self.router._routes, {})
+
+    def test_a_bad_port_is_refused_before_the_cache(self) -> None:
+        self.router.route("10.251.0.9", 1)
+        self.assertStreamError(Reason.BAD_REQUEST, None, "10.251.0.9", True)  # True == 1 as a key
+
+    def test_the_cache_is_bounded(self) -> None:
+        for port in range(1, 4100):
+            self.router.route("10.251.0.9", port)
+        self.assertLessEqual(len(self.router._routes), 4096)
+
+
 class PropertyTests(SynchronousTestCase):
     @settings(max_examples=1500, deadline=None)
     @given(host=hosts, port=ports, username=usernames, password=passwords)

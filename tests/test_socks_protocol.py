@@ -6,7 +6,7 @@ from twisted.conch.ssh import connection
 from twisted.internet.task import Clock
 from twisted.trial.unittest import TestCase
 
-from gateway.proxy.socks.protocol import SocksFactory
+from gateway.proxy.socks.protocol import EARLY_DATA_LIMIT, SocksFactory
 from tests.support import MemoryClient, MemoryProxyNode
 
 GREETING = b"\x05\x01\x00"
@@ -32,6 +32,29 @@ class SocksAdapterTests(TestCase):
         self.node.eof(channel)
         self.assertEqual(self.client.output(), b"HTTP/1.0 200 OK\r\n\r\n")
         self.assertTrue(self.client.transport.disconnecting)
+
+    def test_a_client_waiting_for_its_reply_is_not_paused(self) -> None:
+        # Most clients send nothing until the reply: pausing and resuming
+        # them would cost two epoll_ctl calls a stream for nothing.
+        self.client.send(GREETING + CONNECT)
+        self.assertEqual(self.client.transport.producerState, "producing")
+        (channel,) = self.node.channels
+        self.node.confirm(channel)
+        self.assertEqual(self.client.transport.producerState, "producing")
+
+    def test_early_data_past_the_limit_pauses_the_client_until_the_stream_is_open(self) -> None:
+        self.client.send(GREETING + CONNECT + b"a" * EARLY_DATA_LIMIT)
+        self.assertEqual(self.client.transport.producerState, "producing")  # at the limit: not yet
+        self.client.send(b"b")
+        self.assertEqual(self.client.transport.producerState, "paused")
+        (channel,) = self.node.channels
+        self.node.confirm(channel, window=1 << 20)
+        self.assertEqual(self.client.transport.producerState, "producing")
+        self.assertEqual(self.node.received(channel), b"a" * EARLY_DATA_LIMIT + b"b")
+
+    def test_a_request_arriving_with_too_much_early_data_pauses_at_once(self) -> None:
+        self.client.send(GREETING + CONNECT + b"a" * (EARLY_DATA_LIMIT + 1))
+        self.assertEqual(self.client.transport.producerState, "paused")
 
     def test_a_client_gone_while_its_stream_opens_closes_the_stream(self) -> None:
         self.client.send(GREETING + CONNECT)

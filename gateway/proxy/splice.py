@@ -11,8 +11,9 @@ channel does: closed after an EOF, reset when the channel was cut.
 
 from __future__ import annotations
 
-from twisted.internet.interfaces import IConsumer, IPushProducer, ISSLTransport, ITCPTransport
+from twisted.internet.interfaces import IConsumer, IPushProducer, ITCPTransport
 
+from gateway.proxy import sendnow
 from gateway.ssh.channel import TunnelChannel
 
 
@@ -39,21 +40,6 @@ def set_no_delay(transport: object) -> None:
     set_tcp_no_delay = getattr(transport, "setTcpNoDelay", None)
     if set_tcp_no_delay is not None:
         set_tcp_no_delay(True)
-
-
-def half_close(transport: ITCPTransport) -> None:
-    """
-    Shut the write side of C{transport} if it can; otherwise leave it open.
-
-    Not on TLS: there the attribute reaches the raw TCP socket underneath,
-    which would end the stream without TLS close_notify; such a client sees
-    the end when both directions are done and the connection closes.
-    """
-    if ISSLTransport.providedBy(transport):
-        return
-    lose_write = getattr(transport, "loseWriteConnection", None)
-    if lose_write is not None:
-        lose_write()
 
 
 class Splice:
@@ -101,7 +87,7 @@ class Splice:
     # destination -> client (TunnelPeer)
 
     def tunnel_data(self, data: bytes) -> None:
-        self._transport.write(data)
+        sendnow.write(self._transport, data)
 
     def tunnel_eof(self) -> None:
         self._tunnel_done = True
@@ -110,7 +96,7 @@ class Splice:
         # paused when its buffer drains resumes the producer instead of
         # performing a pending half-close, and the client would never see EOF.
         self._transport.unregisterProducer()
-        half_close(self._transport)
+        sendnow.half_close(self._transport)
         self._maybe_finish()
 
     def tunnel_closed(self) -> None:

@@ -41,6 +41,7 @@ from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from gateway.proxy import sendnow
 from gateway.proxy.frontend import ClientLimit, FrontendFactory, FrontendProtocol
 from gateway.proxy.http.events import RequestBody, RequestEnd, RequestError, RequestHead
 from gateway.proxy.http.local import answer_local
@@ -207,7 +208,7 @@ class HttpProxyProtocol(FrontendProtocol):
     def _connect(self, head: RequestHead) -> None:
         self._forwarder.drop()  # after keep-alive requests, the connection becomes a tunnel
         self._opening = True
-        self.transport.pauseProducing()
+        self.pause_client()
         opening = self._gateway.open_stream(self._stream_request(head, "http-connect"))
         opening.addCallbacks(self._connected, self._refused)
 
@@ -215,7 +216,7 @@ class HttpProxyProtocol(FrontendProtocol):
         if self._gone:
             channel.close()
             return
-        self.transport.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
+        sendnow.write(self.transport, b"HTTP/1.1 200 Connection established\r\n\r\n")
         self._start_splice(channel, self._parser.take_leftover())
 
     def _refused(self, failure: Failure) -> None:

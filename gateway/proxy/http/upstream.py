@@ -21,6 +21,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from gateway.errors import Reason, StreamError
+from gateway.proxy import sendnow
 from gateway.proxy.frontend import stream_error
 from gateway.proxy.http.events import RequestHead, ResponseBody, ResponseEnd, ResponseError, ResponseHead
 from gateway.proxy.http.exchange import Exchange, Upstream, UpstreamKey
@@ -285,9 +286,9 @@ class Forwarder:
                         exchange.keep_alive = False
                     if exchange.request_done:
                         self._stop_timer()
-                self._transport.write(event.client_head(keep_alive=exchange.keep_alive))
+                sendnow.write(self._transport, event.client_head(keep_alive=exchange.keep_alive))
             elif isinstance(event, ResponseBody):
-                self._transport.write(event.data)
+                sendnow.write(self._transport, event.data)
             elif isinstance(event, ResponseEnd):
                 if not event.reusable:
                     self.drop()

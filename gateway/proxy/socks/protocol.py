@@ -2,9 +2,11 @@
 The SOCKS listener: a thin Twisted adapter around L{gateway.proxy.socks.machine.SocksMachine}.
 
 Until the request is complete the protocol only feeds bytes to the machine
-and writes what it says to.  Then it pauses the client, asks the gateway for
-a tunnel, answers success only once the channel is open (so a client never
-sends into a stream that will fail), and becomes a L{Splice}.
+and writes what it says to.  Then it asks the gateway for a tunnel, answers
+success only once the channel is open (so a client never sends into a stream
+that will fail), and becomes a L{Splice}.  A client that sends ahead of the
+reply (optimistic data) is paused once that exceeds L{EARLY_DATA_LIMIT};
+most send nothing, and not pausing them saves two C{epoll_ctl} a stream.
 """
 
 from __future__ import annotations
@@ -13,12 +15,17 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from gateway.proxy import sendnow
 from gateway.proxy.frontend import ClientLimit, FrontendFactory, FrontendProtocol, stream_error
 from gateway.proxy.opener import StreamOpener, StreamRequest
 from gateway.proxy.socks.machine import ConnectRequest, Rejected, Send, SocksMachine
 from gateway.ssh.channel import TunnelChannel
 
 log = Logger()
+
+#: Bytes a client may send after its request and before the reply, held
+#: until the stream is open; past that it is paused (a TLS ClientHello fits).
+EARLY_DATA_LIMIT = 16384
 
 
 class SocksProtocol(FrontendProtocol):
@@ -37,9 +44,12 @@ class SocksProtocol(FrontendProtocol):
         if self._splice is not None:
             self._splice.client_data(data)
             return
-        for event in self._machine.receive_data(data):
+        events = self._machine.receive_data(data)
+        if self._opening and len(self._machine.leftover) > EARLY_DATA_LIMIT:
+            self.pause_client()
+        for event in events:
             if isinstance(event, Send):
-                self.transport.write(event.data)
+                sendnow.write(self.transport, event.data)
             elif isinstance(event, Rejected):
                 self._stop_timer()
                 self.handshake_failed()
@@ -57,7 +67,8 @@ class SocksProtocol(FrontendProtocol):
 
     def _connect(self, request: ConnectRequest) -> None:
         self._opening = True
-        self.transport.pauseProducing()
+        if len(self._machine.leftover) > EARLY_DATA_LIMIT:
+            self.pause_client()
         opening = self._gateway.open_stream(
             StreamRequest(
                 host=request.host,
@@ -76,13 +87,13 @@ class SocksProtocol(FrontendProtocol):
         if self._gone:
             channel.close()
             return
-        self.transport.write(self._machine.accept())
+        sendnow.write(self.transport, self._machine.accept())
         self._start_splice(channel, self._machine.leftover)
 
     def _refused(self, failure: Failure) -> None:
         self._opening = False
         if not self._gone:
-            self.transport.write(self._machine.reject(stream_error(failure).reason))
+            sendnow.write(self.transport, self._machine.reject(stream_error(failure).reason))
             self.transport.loseConnection()
 
 
