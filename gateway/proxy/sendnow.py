@@ -34,7 +34,7 @@ def _idle(transport: Any) -> bool:
     return (
         isinstance(transport, tcp.Connection)
         and not transport.TLS
-        and transport.connected
+        and bool(transport.connected)
         and not transport._writeDisconnected
         and not transport._tempDataBuffer
         and transport.offset == len(transport.dataBuffer)
