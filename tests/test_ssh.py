@@ -194,6 +194,50 @@ class HostKeyPolicyTests(TestCase):
         )
 
 
+class ChannelOpenDeadlineTests(TestCase):
+    """A channel keeps its own open deadline (C{open_timeout}): one Deferred per stream."""
+
+    def setUp(self):
+        self.clock = Clock()
+        self.transport = FakeSSHTransport()
+        self.conn = TunnelConnection(Deferred(), self.clock)
+        self.conn.transport = self.transport
+        self.conn.serviceStarted()
+        self.opened = self.conn.open_tunnel("fd00::5", 80, ("127.0.0.1", 5000), open_timeout=4)
+
+    def confirm(self):
+        self.conn.ssh_CHANNEL_OPEN_CONFIRMATION(struct.pack(">4L", 0, 7, 100, 32768))
+
+    def test_a_confirmation_in_time_opens_and_stops_the_deadline(self):
+        self.clock.advance(3.9)
+        self.confirm()
+        self.assertIsInstance(self.successResultOf(self.opened), TunnelChannel)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_no_answer_in_time_fails_with_timeout(self):
+        self.clock.advance(4)
+        error = self.failureResultOf(self.opened, StreamError).value
+        self.assertEqual(error.reason, Reason.TIMEOUT)
+        self.assertEqual(error.detail, "proxy node did not open [fd00::5]:80 within 4 s")
+
+    def test_a_channel_confirmed_after_its_deadline_is_closed(self):
+        self.clock.advance(4)
+        self.failureResultOf(self.opened, StreamError)
+        self.confirm()
+        self.assertEqual(len(self.transport.of_kind(connection.MSG_CHANNEL_CLOSE)), 1)
+
+    def test_a_refusal_after_the_deadline_changes_nothing(self):
+        self.clock.advance(4)
+        self.failureResultOf(self.opened, StreamError)
+        self.conn.ssh_CHANNEL_OPEN_FAILURE(struct.pack(">2L", 0, 2) + NS(b"Connection refused") + NS(b""))
+        self.assertEqual(self.conn.channels, {})
+
+    def test_a_refusal_in_time_stops_the_deadline(self):
+        self.conn.ssh_CHANNEL_OPEN_FAILURE(struct.pack(">2L", 0, 2) + NS(b"Connection refused") + NS(b""))
+        self.assertEqual(self.failureResultOf(self.opened, StreamError).value.reason, Reason.REFUSED)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+
 class ChannelFlowControlTests(TestCase):
     """The window is granted only as the local consumer keeps up."""
 

@@ -366,7 +366,13 @@ class ClusterConnection(Service):
                 )
             )
         self.open_streams += 1
-        opening = self._link().addCallback(self._open_on, host, port, origin)
+        link = self._least_loaded()
+        if link is not None:
+            # The usual case: a link is up, and the stream opens on it now,
+            # without a Deferred for the link to chain the open's onto.
+            opening = maybeDeferred(self._open_on, link, host, port, origin)
+        else:
+            opening = self._link().addCallback(self._open_on, host, port, origin)
         opening.addErrback(self._not_opened)
         return opening
 
@@ -398,12 +404,12 @@ class ClusterConnection(Service):
 
         def prohibited(failure: Failure) -> Deferred[TunnelChannel] | Failure:
             error = failure.value
-            if isinstance(error, StreamError) and error.reason is Reason.PROHIBITED and self.config.mode == "auto":
+            if isinstance(error, StreamError) and error.reason is Reason.PROHIBITED:
                 # Every direct-tcpip attempt refused this way is retried over
                 # exec, also those that were in flight when the first answer
                 # switched the cluster; the switch itself is logged once.
                 if self.exec_mode:
-                    return self._with_timeout(self._open_channel(link, host, port, origin), host, port)
+                    return self._open_channel(link, host, port, origin)
                 self.exec_mode = True
                 log.warn(
                     "cluster {cluster}: proxy node {proxy} refuses TCP forwarding ({detail}); "
@@ -413,11 +419,11 @@ class ClusterConnection(Service):
                     detail=error.detail,
                     command=self.config.exec_command,
                 )
-                return self._with_timeout(self._open_channel(link, host, port, origin), host, port)
+                return self._open_channel(link, host, port, origin)
             return failure
 
-        opening = self._with_timeout(self._open_channel(link, host, port, origin), host, port)
-        if not self.exec_mode:
+        opening = self._open_channel(link, host, port, origin)
+        if not self.exec_mode and self.config.mode == "auto":
             opening.addErrback(prohibited)
         return opening.addCallback(opened)
 
@@ -425,35 +431,11 @@ class ClusterConnection(Service):
         connection = link.connection
         if connection is None:
             return fail(StreamError(Reason.UNAVAILABLE, f"connection to {link.proxy} lost"))
-        window = self.config.window_size
+        window, timeout = self.config.window_size, self.config.open_timeout
         if self.exec_mode:
             command = exec_command_line(self.config.exec_command, host, port)
-            return connection.open_exec(command, host, port, origin, window)
-        return connection.open_tunnel(host, port, origin, window)
-
-    def _with_timeout(self, opening: Deferred[TunnelChannel], host: str, port: int) -> Deferred[TunnelChannel]:
-        """Give up after C{open_timeout}; a channel that opens later is closed."""
-        timeout = self.config.open_timeout
-        result: Deferred[TunnelChannel] = Deferred()
-        timer = self.reactor.callLater(
-            timeout,
-            lambda: result.errback(
-                StreamError(Reason.TIMEOUT, f"proxy node did not open {host}:{port} within {timeout:g} s")
-            ),
-        )
-
-        def settle(outcome: TunnelChannel | Failure) -> None:
-            if timer.active():
-                timer.cancel()
-                if isinstance(outcome, Failure):
-                    result.errback(outcome)
-                else:
-                    result.callback(outcome)
-            elif not isinstance(outcome, Failure):
-                outcome.close()  # opened after the client gave up
-
-        opening.addBoth(settle)
-        return result
+            return connection.open_exec(command, host, port, origin, window, timeout)
+        return connection.open_tunnel(host, port, origin, window, timeout)
 
     def resolve(self, name: str) -> Deferred[tuple[IPAddress, ...]]:
         """The addresses of C{name} from the proxy node's resolver, cached (see L{Resolver.resolve})."""

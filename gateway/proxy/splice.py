@@ -45,6 +45,8 @@ def set_no_delay(transport: object) -> None:
 class Splice:
     """Joins a client transport and a L{TunnelChannel} in both directions."""
 
+    __slots__ = ("_transport", "channel", "_client_done", "_tunnel_done")  # one per open stream
+
     def __init__(self, transport: IClientTransport, channel: TunnelChannel) -> None:
         self._transport = transport
         self.channel = channel

@@ -30,7 +30,7 @@ from typing import Protocol
 from twisted.conch.error import ConchError
 from twisted.conch.ssh import channel, connection, forwarding
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IPushProducer, IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -218,13 +218,24 @@ class TunnelChannel(ConsumerPacedWindow, OrderedEOFChannel):
         origin: tuple[str, int] = ("127.0.0.1", 0),
         window_size: int = DEFAULT_WINDOW,
         clock: IReactorTime | None = None,
+        open_timeout: float = 0,
     ) -> None:
+        """
+        @param open_timeout: seconds the proxy node has to open the channel
+            (0: no limit): then C{opened} fails with L{Reason.TIMEOUT}, and a
+            channel that opens later is closed.  The channel keeps this
+            deadline itself so that opening a stream needs one Deferred,
+            C{opened}, and no other.
+        """
         super().__init__(localWindow=window_size, localMaxPacket=MAX_PACKET)
         self._clock = clock_or_reactor(clock)
         self.host = host
         self.port = port
         self.origin = origin
         self.opened: Deferred[TunnelChannel] = Deferred()
+        self._open_timer: IDelayedCall | None = None
+        if open_timeout > 0:
+            self._open_timer = self._clock.callLater(open_timeout, self._open_timed_out, open_timeout)
         self.bytes_up = 0
         self.bytes_down = 0
         self.started = time.monotonic()
@@ -250,11 +261,36 @@ class TunnelChannel(ConsumerPacedWindow, OrderedEOFChannel):
         return forwarding.packOpen_direct_tcpip((self.host, self.port), (self.origin[0], self.origin[1]))
 
     def channelOpen(self, specificData: bytes) -> None:
-        self.opened.callback(self)
+        self.open_succeeded()
 
     def openFailed(self, reason: Failure | BaseException) -> None:
         self._closed = True
-        self.opened.errback(open_failure(reason, self.destination))
+        self.open_failed(open_failure(reason, self.destination))
+
+    def _open_timed_out(self, timeout: float) -> None:
+        self._open_timer = None
+        self.opened.errback(
+            StreamError(Reason.TIMEOUT, f"proxy node did not open {self.destination} within {timeout:g} s")
+        )
+
+    def _open_settles(self) -> bool:
+        """Stop the open's deadline; False if it passed already (the stream was given up)."""
+        timer, self._open_timer = self._open_timer, None
+        if timer is not None and timer.active():
+            timer.cancel()
+        return not self.opened.called
+
+    def open_succeeded(self) -> None:
+        """The stream is open: fire C{opened}, or close a channel whose stream was given up."""
+        if self._open_settles():
+            self.opened.callback(self)
+        elif not self.localClosed:
+            self.close()
+
+    def open_failed(self, error: StreamError) -> None:
+        """The stream could not be opened: fail C{opened}, unless that happened already."""
+        if self._open_settles():
+            self.opened.errback(error)
 
     @property
     def destination(self) -> str:

@@ -160,9 +160,10 @@ class TunnelConnection(connection.SSHConnection):
         port: int,
         origin: tuple[str, int],
         window_size: int = DEFAULT_WINDOW,
+        open_timeout: float = 0,
     ) -> Deferred[TunnelChannel]:
-        """Open a C{direct-tcpip} channel to C{host:port}."""
-        channel = TunnelChannel(host, port, origin, window_size, clock=self._clock)
+        """Open a C{direct-tcpip} channel to C{host:port}, within C{open_timeout} seconds (0: no limit)."""
+        channel = TunnelChannel(host, port, origin, window_size, self._clock, open_timeout)
         self.openChannel(channel, channel.open_request_data())
         return channel.opened
 
@@ -173,15 +174,17 @@ class TunnelConnection(connection.SSHConnection):
         port: int,
         origin: tuple[str, int],
         window_size: int = DEFAULT_WINDOW,
+        open_timeout: float = 0,
     ) -> Deferred[TunnelChannel]:
         """
         Carry a stream to C{host:port} over C{command}'s stdin/stdout (a
         C{session} channel running e.g. C{nc host port}); see
         L{gateway.ssh.channel.exec_command_line}.  Fires once the proxy node
         runs the command; fails with L{StreamError} C{PROHIBITED} if it will
-        not.  C{host} and C{port} are for logs and C{destination} only.
+        not, or with C{TIMEOUT} after C{open_timeout} seconds (0: no limit).
+        C{host} and C{port} are for logs and C{destination} only.
         """
-        channel = ExecTunnelChannel(command, host, port, origin, window_size, clock=self._clock)
+        channel = ExecTunnelChannel(command, host, port, origin, window_size, self._clock, open_timeout)
         self.openChannel(channel, channel.open_request_data())
         return channel.opened
 

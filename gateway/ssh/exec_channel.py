@@ -48,8 +48,9 @@ class ExecTunnelChannel(CommandExit, TunnelChannel):
         origin: tuple[str, int] = ("127.0.0.1", 0),
         window_size: int = DEFAULT_WINDOW,
         clock: IReactorTime | None = None,
+        open_timeout: float = 0,
     ) -> None:
-        super().__init__(host, port, origin, window_size, clock)
+        super().__init__(host, port, origin, window_size, clock, open_timeout)
         self.command = command
         self.program = program_name(command)
 
@@ -66,8 +67,7 @@ class ExecTunnelChannel(CommandExit, TunnelChannel):
         requested.addCallbacks(self._exec_started, self._exec_refused)
 
     def _exec_started(self, _: object) -> None:
-        if not self.opened.called:
-            self.opened.callback(self)
+        self.open_succeeded()
 
     def _exec_refused(self, failure: Failure) -> None:
         if self.localClosed and self.remoteClosed:
@@ -75,19 +75,15 @@ class ExecTunnelChannel(CommandExit, TunnelChannel):
             # connection was lost) before the answer came.
             self._open_lost()
             return
-        if not self.opened.called:
-            self.opened.errback(
-                StreamError(
-                    Reason.PROHIBITED,
-                    f"proxy node refused to run {self.program} for {self.destination}",
-                )
-            )
+        self.open_failed(
+            StreamError(Reason.PROHIBITED, f"proxy node refused to run {self.program} for {self.destination}")
+        )
         if not self.localClosed:
             self.loseConnection()
 
     def _open_lost(self) -> None:
         if not self.opened.called:
-            self.opened.errback(
+            self.open_failed(
                 StreamError(
                     Reason.UNAVAILABLE,
                     f"channel closed before the proxy node ran {self.program} for {self.destination}",

@@ -185,6 +185,8 @@ def _text(raw: bytes, what: str) -> str:
 class SocksMachine:
     """One client connection's SOCKS handshake."""
 
+    __slots__ = ("_authenticate", "_is_cluster", "_state", "_version", "_buffer", "_leftover", "_username", "_password")
+
     def __init__(
         self,
         authenticate: Callable[[str, str], bool] | None = None,
@@ -207,13 +209,6 @@ class SocksMachine:
         self._leftover = b""
         self._username: str | None = None
         self._password: str | None = None
-        self._steps: dict[_State, Callable[[], list[Event]]] = {
-            _State.VERSION: self._read_version,
-            _State.SOCKS4_REQUEST: self._read_socks4_request,
-            _State.SOCKS5_GREETING: self._read_socks5_greeting,
-            _State.SOCKS5_AUTH: self._read_socks5_auth,
-            _State.SOCKS5_REQUEST: self._read_socks5_request,
-        }
 
     @property
     def done(self) -> bool:
@@ -237,7 +232,7 @@ class SocksMachine:
         events: list[Event] = []
         try:
             while not self.done:
-                events += self._steps[self._state]()
+                events += _STEPS[self._state](self)
         except _Incomplete:
             pass
         except StreamError as failure:
@@ -398,3 +393,14 @@ class SocksMachine:
         else:
             host = str(ipaddress.IPv6Address(buf[start:end]))
         return self._connect(host, int.from_bytes(buf[end : end + 2], "big"), end + 2)
+
+
+#: The parsing step of each state that reads a message (a table shared by
+#: every machine, not bound methods built per connection).
+_STEPS: dict[_State, Callable[[SocksMachine], list[Event]]] = {
+    _State.VERSION: SocksMachine._read_version,
+    _State.SOCKS4_REQUEST: SocksMachine._read_socks4_request,
+    _State.SOCKS5_GREETING: SocksMachine._read_socks5_greeting,
+    _State.SOCKS5_AUTH: SocksMachine._read_socks5_auth,
+    _State.SOCKS5_REQUEST: SocksMachine._read_socks5_request,
+}

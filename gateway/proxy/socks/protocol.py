@@ -35,7 +35,9 @@ class SocksProtocol(FrontendProtocol):
 
     def __init__(self, gateway: StreamOpener, clock: IReactorTime, cluster: str | None = None) -> None:
         super().__init__(gateway, clock, cluster)
-        self._machine = SocksMachine(
+        #: The handshake; dropped once the stream is open (an idle stream
+        #: need not keep it: ~1 KB each with its callbacks).
+        self._machine: SocksMachine | None = SocksMachine(
             authenticate=lambda username, password: gateway.authenticate(username, password, cluster),
             is_cluster=gateway.is_cluster,
         )
@@ -44,8 +46,11 @@ class SocksProtocol(FrontendProtocol):
         if self._splice is not None:
             self._splice.client_data(data)
             return
-        events = self._machine.receive_data(data)
-        if self._opening and len(self._machine.leftover) > EARLY_DATA_LIMIT:
+        machine = self._machine
+        if machine is None:
+            return  # nothing: after a refusal the connection is closing
+        events = machine.receive_data(data)
+        if self._opening and len(machine.leftover) > EARLY_DATA_LIMIT:
             self.pause_client()
         for event in events:
             if isinstance(event, Send):
@@ -67,7 +72,7 @@ class SocksProtocol(FrontendProtocol):
 
     def _connect(self, request: ConnectRequest) -> None:
         self._opening = True
-        if len(self._machine.leftover) > EARLY_DATA_LIMIT:
+        if self._machine is not None and len(self._machine.leftover) > EARLY_DATA_LIMIT:
             self.pause_client()
         opening = self._gateway.open_stream(
             StreamRequest(
@@ -87,13 +92,16 @@ class SocksProtocol(FrontendProtocol):
         if self._gone:
             channel.close()
             return
-        sendnow.write(self.transport, self._machine.accept())
-        self._start_splice(channel, self._machine.leftover)
+        machine, self._machine = self._machine, None
+        assert machine is not None, "a stream opens only for the machine's request"
+        sendnow.write(self.transport, machine.accept())
+        self._start_splice(channel, machine.leftover)
 
     def _refused(self, failure: Failure) -> None:
         self._opening = False
-        if not self._gone:
-            sendnow.write(self.transport, self._machine.reject(stream_error(failure).reason))
+        machine, self._machine = self._machine, None
+        if not self._gone and machine is not None:
+            sendnow.write(self.transport, machine.reject(stream_error(failure).reason))
             self.transport.loseConnection()
 
 
