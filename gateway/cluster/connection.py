@@ -310,8 +310,16 @@ class ClusterConnection(Service):
             waiter.errback(error)
 
     def _least_loaded(self) -> Link | None:
-        links = [slot.link for slot in self._slots if slot.link is not None and slot.link.connection is not None]
-        return min(links, key=lambda link: link.open_channels, default=None)
+        # A plain loop: this runs for every stream, and min() over a list
+        # with a key function cost several times as much.
+        best, fewest = None, 0
+        for slot in self._slots:
+            link = slot.link
+            if link is not None and link.connection is not None:
+                channels = len(link.connection.channels)
+                if best is None or channels < fewest:
+                    best, fewest = link, channels
+        return best
 
     def _link(self) -> Deferred[Link]:
         """A link that is up, waiting up to C{connect_timeout} for one."""

@@ -25,11 +25,11 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import Protocol
+from typing import Any, Protocol
 
 from twisted.conch.error import ConchError
 from twisted.conch.ssh import channel, connection, forwarding
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -40,6 +40,10 @@ from gateway.ssh._conch import quiet_conch_logs
 
 DEFAULT_WINDOW = 2 * 1024 * 1024
 MAX_PACKET = 32768
+
+#: What a channel's C{opened} is once the open was settled (opened,
+#: refused or timed out): the channel's own Deferred has fired and is let go.
+SETTLED: Deferred[Any] = succeed(None)
 
 
 class TunnelPeer(Protocol):
@@ -269,7 +273,7 @@ class TunnelChannel(ConsumerPacedWindow, OrderedEOFChannel):
 
     def _open_timed_out(self, timeout: float) -> None:
         self._open_timer = None
-        self.opened.errback(
+        self._settle_opened(
             StreamError(Reason.TIMEOUT, f"proxy node did not open {self.destination} within {timeout:g} s")
         )
 
@@ -283,14 +287,23 @@ class TunnelChannel(ConsumerPacedWindow, OrderedEOFChannel):
     def open_succeeded(self) -> None:
         """The stream is open: fire C{opened}, or close a channel whose stream was given up."""
         if self._open_settles():
-            self.opened.callback(self)
+            self._settle_opened(self)
         elif not self.localClosed:
             self.close()
 
     def open_failed(self, error: StreamError) -> None:
         """The stream could not be opened: fail C{opened}, unless that happened already."""
         if self._open_settles():
-            self.opened.errback(error)
+            self._settle_opened(error)
+
+    def _settle_opened(self, outcome: TunnelChannel | StreamError) -> None:
+        # The channel lets go of its Deferred as it fires it: an open stream
+        # need not keep one (~300 bytes) for as long as it lasts.
+        opened, self.opened = self.opened, SETTLED
+        if isinstance(outcome, StreamError):
+            opened.errback(outcome)
+        else:
+            opened.callback(outcome)
 
     @property
     def destination(self) -> str:
