@@ -36,7 +36,7 @@ def profile(lab: Lab, workdir: str, scenario: str, count: int) -> pstats.Stats:
         script, port = SCRIPTS[scenario]
         run_load_client(lab, script, port, origin.target, origin.small, 32, 100)  # warm up: SSH up, caches
         result = run_load_client(lab, script, port, origin.target, origin.small, 32, count)
-        print(f"{result['ok']} requests, errors: {result['errors'] or 'none'}", file=sys.stderr)
+        print(f"{result['ok']} requests, errors: {result.get('errors') or 'none'}", file=sys.stderr)
     finally:
         origin.stop()
         stop_processes([gateway])

@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from twisted.trial.unittest import TestCase
 
 from gateway.errors import Reason, StreamError
-from gateway.proxy.http.framing import MAX_EMPTY_LINES
+from gateway.proxy.http.framing import MAX_EMPTY_LINES, _Malformed, _parse_field
 from gateway.proxy.http.machine import (
     HTTP_STATUS,
     RequestBody,
@@ -1356,3 +1356,30 @@ class PropertyTests(TestCase):
             self.assertEqual(events.pop(0).status, 100)
         self.assertEqual(events[0].status, status)
         self.assertEqual(events[1:], ([ResponseBody(body)] if body else []) + [ResponseEnd(reusable)])
+
+
+def _field_by_the_rules(line: bytes) -> tuple[str, str] | None:
+    """RFC 9110 5.5's field line, spelled out: what the one-regex fast path must agree with."""
+    name, colon, value = line.partition(b":")
+    value = value.strip(b" \t")
+    if line[:1] in (b" ", b"\t") or not colon or not re.fullmatch(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+", name):
+        return None
+    if re.search(rb"[\x00-\x08\x0a-\x1f\x7f]", value):
+        return None
+    return name.decode("ascii"), value.decode("latin-1")
+
+
+class FieldLineTests(TestCase):
+    @settings(max_examples=500)
+    @given(
+        st.lists(
+            st.sampled_from([b"X-A", b"a", b":", b" ", b"\t", b"v", b"\x00", b"\x7f", b"\xe9", b"\x1f", b"\r", b"x y"]),
+            max_size=8,
+        ).map(b"".join)
+    )
+    def test_the_fast_path_agrees_with_the_rules(self, line: bytes) -> None:
+        expected = _field_by_the_rules(line)
+        if expected is None:
+            self.assertRaises(_Malformed, _parse_field, line)
+        else:
+            self.assertEqual(_parse_field(line), expected)

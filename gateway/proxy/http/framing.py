@@ -38,6 +38,7 @@ Choices the RFCs leave open:
 from __future__ import annotations
 
 import enum
+import functools
 import re
 
 from gateway.errors import shown
@@ -105,7 +106,16 @@ def _take_line(buffer: bytearray, limit: int, too_long: tuple[int, str], *, stri
     return line
 
 
+#: A well-formed field line in one match (name, value without its surrounding
+#: blanks): the common case costs one regex; anything else is checked
+#: piece by piece below, for its error.
+_FIELD_LINE = re.compile(rb"(" + _TOKEN + rb"):[ \t]*((?:[^\x00-\x08\x0a-\x1f\x7f]*[^\x00-\x20\x7f])?)[ \t]*")
+
+
 def _parse_field(line: bytes) -> tuple[str, str]:
+    match = _FIELD_LINE.fullmatch(line)
+    if match is not None:
+        return match[1].decode("ascii"), match[2].decode("latin-1")
     if line[:1] in (b" ", b"\t"):
         raise _Malformed(400, "obsolete line folding in header section")
     name, colon, value = line.partition(b":")
@@ -181,8 +191,14 @@ class _HeadReader:
         return self._start_line, tuple(self._fields.fields)
 
 
+@functools.lru_cache(maxsize=64)
+def _lowered(headers: Headers) -> tuple[str, ...]:
+    """The field names of C{headers} in lower case, once per head (a head is asked for several fields)."""
+    return tuple(field.lower() for field, _ in headers)
+
+
 def _values(headers: Headers, name: str) -> list[str]:
-    return [value for field, value in headers if field.lower() == name]
+    return [value for field, (_, value) in zip(_lowered(headers), headers, strict=True) if field == name]
 
 
 def _single(headers: Headers, name: str) -> str | None:
