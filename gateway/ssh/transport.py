@@ -160,15 +160,15 @@ class GatewayClientTransport(HandshakeTransport):
 
     # -- packets -------------------------------------------------------------
 
-    def seal_packet(self, messageType: int, payload: bytes) -> bytes | None:
+    def seal_packet(self, messageType: int, payload: bytes, data: bytes = b"") -> bytes | None:
         ciphers = self.currentEncryptions
         if not isinstance(ciphers, FastSSHCiphers):
             return None
         if self.outgoingCompression:
-            data = bytes((messageType,)) + payload
-            data = self.outgoingCompression.compress(data) + self.outgoingCompression.flush(2)
-            return ciphers.seal(self.outgoingPacketSequence, data[0], data[1:])
-        return ciphers.seal(self.outgoingPacketSequence, messageType, payload)
+            message = bytes((messageType,)) + payload + data
+            message = self.outgoingCompression.compress(message) + self.outgoingCompression.flush(2)
+            return ciphers.seal(self.outgoingPacketSequence, message[0], message[1:])
+        return ciphers.seal(self.outgoingPacketSequence, messageType, payload, data)
 
     def packet_sent(self, size: int) -> None:
         self._count(size)
