@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from twisted.internet.interfaces import IConsumer, IPushProducer, ISSLTransport, ITCPTransport
 
+from gateway.ssh._tcp import write_through
 from gateway.ssh.channel import TunnelChannel
 
 
@@ -64,6 +65,8 @@ class Splice:
         self.channel = channel
         self._client_done = False
         self._tunnel_done = False
+        #: The destination's bytes go straight to the client socket when nothing is queued there.
+        self._write = write_through(transport)
         channel.attach(self)
         transport.registerProducer(channel, True)
 
@@ -101,7 +104,7 @@ class Splice:
     # destination -> client (TunnelPeer)
 
     def tunnel_data(self, data: bytes) -> None:
-        self._transport.write(data)
+        self._write(data)
 
     def tunnel_eof(self) -> None:
         self._tunnel_done = True

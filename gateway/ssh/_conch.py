@@ -149,6 +149,9 @@ class ConchClientTransport(transport.SSHClientTransport):
     ciphers_class: type[transport.SSHCiphers] = transport.SSHCiphers
     #: Set by C{makeConnection}, before any packet is sent or read.
     transport: ITransport
+    #: Where sealed packets go: the transport's C{write}, or a faster one;
+    #: a subclass sets it in C{connectionMade}, before any packet is sent.
+    write_packet: Callable[[bytes], None]
 
     # -- hooks ------------------------------------------------------------
 
@@ -240,7 +243,7 @@ class ConchClientTransport(transport.SSHClientTransport):
             # Before the first key exchange, or held back during one.
             super().sendPacket(messageType, payload + data)
         else:
-            self.transport.write(packet)
+            self.write_packet(packet)
             self.outgoingPacketSequence = (self.outgoingPacketSequence + 1) & SEQUENCE_MASK
         if messageType == transport.MSG_NEWKEYS:
             self.newkeys_sent()

@@ -27,6 +27,7 @@ from twisted.python.failure import Failure
 from gateway.errors import peer_text
 from gateway.proxy.splice import set_no_delay
 from gateway.ssh._conch import SEQUENCE_MASK, quiet_conch_logs
+from gateway.ssh._tcp import write_through
 from gateway.ssh.auth import KeyAuthClient
 from gateway.ssh.connection import TunnelConnection
 from gateway.ssh.failure import ConnectFailure
@@ -261,6 +262,7 @@ class GatewayClientTransport(HandshakeTransport):
         self.choose_offer()
         set_no_delay(self.transport)
         self._quick_ack = quick_ack(self.transport)
+        self.write_packet = write_through(self.transport)
         super().connectionMade()
 
     def version_not_supported(self) -> None:
