@@ -84,6 +84,9 @@ class FakeSSHTransport:
     def sendPacket(self, kind: int, payload: bytes) -> None:
         self.packets.append((kind, payload))
 
+    def send_message(self, kind: int, payload: bytes, data: bytes = b"") -> None:
+        self.packets.append((kind, payload + data))
+
     def sendDisconnect(self, reason: int, description: bytes) -> None:
         self.disconnects.append(description)
 

@@ -16,7 +16,8 @@ from zope.interface import implementer
 
 from gateway.errors import Reason, StreamError
 from gateway.proxy.opener import StreamOpener, peer_origin
-from gateway.proxy.splice import IClientTransport, Splice, set_no_delay
+from gateway.proxy.splice import IClientTransport, Splice
+from gateway.sockets import set_no_delay
 from gateway.ssh.channel import TunnelChannel
 
 log = Logger()

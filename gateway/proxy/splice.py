@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from twisted.internet.interfaces import IConsumer, IPushProducer, ITCPTransport
 
-from gateway.proxy import sendnow
+from gateway import sockets
 from gateway.ssh.channel import TunnelChannel
 
 
@@ -27,19 +27,6 @@ class IClientTransport(ITCPTransport, IConsumer, IPushProducer):
     declare none that unites them, so this one names the combination for the
     type checker; nothing checks it at run time.
     """
-
-
-def set_no_delay(transport: object) -> None:
-    """
-    Turn off Nagle's algorithm where the transport has it (TCP).
-
-    Twisted already gathers what one reactor turn writes into one send, so
-    Nagle only adds delay: a small reply after a small reply waits for an
-    ACK the peer delays by up to 40 ms (request/response traffic, keep-alive).
-    """
-    set_tcp_no_delay = getattr(transport, "setTcpNoDelay", None)
-    if set_tcp_no_delay is not None:
-        set_tcp_no_delay(True)
 
 
 class Splice:
@@ -89,7 +76,7 @@ class Splice:
     # destination -> client (TunnelPeer)
 
     def tunnel_data(self, data: bytes) -> None:
-        sendnow.write(self._transport, data)
+        sockets.write(self._transport, data)
 
     def tunnel_eof(self) -> None:
         self._tunnel_done = True
@@ -98,7 +85,7 @@ class Splice:
         # paused when its buffer drains resumes the producer instead of
         # performing a pending half-close, and the client would never see EOF.
         self._transport.unregisterProducer()
-        sendnow.half_close(self._transport)
+        sockets.half_close(self._transport)
         self._maybe_finish()
 
     def tunnel_closed(self) -> None:

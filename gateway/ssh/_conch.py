@@ -149,11 +149,14 @@ class ConchClientTransport(transport.SSHClientTransport):
     ciphers_class: type[transport.SSHCiphers] = transport.SSHCiphers
     #: Set by C{makeConnection}, before any packet is sent or read.
     transport: ITransport
+    #: Where sealed packets go: the transport's C{write}, or a faster one;
+    #: a subclass sets it in C{connectionMade}, before any packet is sent.
+    write_packet: Callable[[bytes], None]
 
     # -- hooks ------------------------------------------------------------
 
-    def seal_packet(self, messageType: int, payload: bytes) -> bytes | None:
-        """The wire form of this packet under the current keys; None: let Conch send it."""
+    def seal_packet(self, messageType: int, payload: bytes, data: bytes = b"") -> bytes | None:
+        """The wire form of this packet (payload C{payload + data}) under the current keys; None: let Conch send it."""
         return None
 
     def packets_arrived(self, data: bytes) -> None:
@@ -227,16 +230,24 @@ class ConchClientTransport(transport.SSHClientTransport):
         return self._keyExchangeState != self._KEY_EXCHANGE_NONE
 
     def sendPacket(self, messageType: int, payload: bytes) -> None:
-        packet = self.seal_packet(messageType, payload) if self.may_send_now(messageType) else None
+        self.send_message(messageType, payload)
+
+    def send_message(self, messageType: int, payload: bytes, data: bytes = b"") -> None:
+        """
+        Send the message C{payload + data}, without joining the two first: a
+        CHANNEL_DATA message's header and data are joined once, into the
+        packet (L{seal_packet}), instead of twice more on the way there.
+        """
+        packet = self.seal_packet(messageType, payload, data) if self.may_send_now(messageType) else None
         if packet is None:
             # Before the first key exchange, or held back during one.
-            super().sendPacket(messageType, payload)
+            super().sendPacket(messageType, payload + data)
         else:
-            self.transport.write(packet)
+            self.write_packet(packet)
             self.outgoingPacketSequence = (self.outgoingPacketSequence + 1) & SEQUENCE_MASK
         if messageType == transport.MSG_NEWKEYS:
             self.newkeys_sent()
-        self.packet_sent(len(payload))
+        self.packet_sent(len(payload) + len(data))
 
     def dataReceived(self, data: bytes) -> None:
         if self.gotVersion:
@@ -335,6 +346,7 @@ OVERRIDDEN: dict[type, tuple[str, ...]] = {
         "serviceStarted",
         "serviceStopped",
         "packetReceived",
+        "sendData",
         "ssh_CHANNEL_DATA",
         "ssh_CHANNEL_EXTENDED_DATA",
         "channelClosed",

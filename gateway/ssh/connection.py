@@ -19,7 +19,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from gateway.ssh._conch import quiet_conch_logs
+from gateway.ssh._conch import ConchClientTransport, quiet_conch_logs
 from gateway.ssh.channel import DEFAULT_WINDOW, TunnelChannel
 from gateway.ssh.command import OUTPUT_LIMIT, CommandChannel, CommandResult
 from gateway.ssh.exec_channel import ExecTunnelChannel
@@ -44,7 +44,7 @@ class TunnelConnection(connection.SSHConnection):
     """
 
     #: Set by the transport's C{setService}, before the service starts.
-    transport: transport.SSHTransportBase
+    transport: ConchClientTransport
 
     def __init__(self, ready: Deferred[TunnelConnection], clock: IReactorTime) -> None:
         super().__init__()
@@ -54,6 +54,14 @@ class TunnelConnection(connection.SSHConnection):
     def serviceStarted(self) -> None:
         super().serviceStarted()
         self._ready.callback(self)
+
+    def sendData(self, channel: SSHChannel, data: bytes) -> None:
+        # Conch's packs the header, then NS(data), then header + NS(data):
+        # two copies of the data before the packet's own join.
+        if channel.localClosed:
+            return
+        header = _CHANNEL_DATA_HEADER.pack(self.channelsToRemoteChannel[channel], len(data))
+        self.transport.send_message(connection.MSG_CHANNEL_DATA, header, data)
 
     def _take_window(self, local_id: int, length: int) -> TunnelChannel | None:
         """The channel C{length} bytes arrived for, its window debited; None if it must not get them."""

@@ -160,13 +160,14 @@ class AESGCMPacketCipher:
         self._counter = (counter + 1) & _MASK64
         return _GCM_NONCE.pack(self._fixed, counter)
 
-    def seal(self, seqnr: int, message_type: int, payload: bytes) -> bytes:
-        """The wire form of one packet: clear length, ciphertext, tag."""
-        padding = 16 - (2 + len(payload)) % 16
+    def seal(self, seqnr: int, message_type: int, payload: bytes, data: bytes = b"") -> bytes:
+        """The wire form of one packet (payload C{payload + data}): clear length, ciphertext, tag."""
+        size = 2 + len(payload) + len(data)
+        padding = 16 - size % 16
         if padding < 4:
             padding += 16
-        length = _LENGTH.pack(2 + len(payload) + padding)
-        body = b"".join((_PADDING_TYPE.pack(padding, message_type), payload, random_padding(padding)))
+        length = _LENGTH.pack(size + padding)
+        body = b"".join((_PADDING_TYPE.pack(padding, message_type), payload, data, random_padding(padding)))
         return length + self._aead.encrypt(self._next_nonce(), body, length)
 
     def packet_length(self, seqnr: int, buffer: bytearray, pos: int) -> int:
@@ -195,20 +196,21 @@ class ChaCha20Poly1305PacketCipher:
         self._main_key = key[:32]  # K_2
         self._length_key = key[32:64]  # K_1
 
-    def seal(self, seqnr: int, message_type: int, payload: bytes) -> bytes:
-        """The wire form of one packet: encrypted length, ciphertext, tag."""
-        padding = 8 - (2 + len(payload)) % 8
+    def seal(self, seqnr: int, message_type: int, payload: bytes, data: bytes = b"") -> bytes:
+        """The wire form of one packet (payload C{payload + data}): encrypted length, ciphertext, tag."""
+        size = 2 + len(payload) + len(data)
+        padding = 8 - size % 8
         if padding < 4:
             padding += 8
         nonce = _CHACHA_COUNTER_0 + _CHACHA_SEQUENCE.pack(seqnr)
         length = (
-            Cipher(algorithms.ChaCha20(self._length_key, nonce), None)
-            .encryptor()
-            .update(_LENGTH.pack(2 + len(payload) + padding))
+            Cipher(algorithms.ChaCha20(self._length_key, nonce), None).encryptor().update(_LENGTH.pack(size + padding))
         )
         main = Cipher(algorithms.ChaCha20(self._main_key, nonce), None).encryptor()
         mac = Poly1305(main.update(_ZERO_BLOCK)[:32])  # the rest of block 0 is discarded
-        body = main.update(b"".join((_PADDING_TYPE.pack(padding, message_type), payload, random_padding(padding))))
+        body = main.update(
+            b"".join((_PADDING_TYPE.pack(padding, message_type), payload, data, random_padding(padding)))
+        )
         mac.update(length)
         mac.update(body)
         return b"".join((length, body, mac.finalize()))
@@ -289,7 +291,7 @@ def _block_bytes(cipher: Cipher[Any]) -> int:
     return cast(BlockCipherAlgorithm, cipher.algorithm).block_size // 8
 
 
-def _unkeyed(seqnr: int, message_type: int, payload: bytes) -> bytes:
+def _unkeyed(seqnr: int, message_type: int, payload: bytes, data: bytes = b"") -> bytes:
     raise RuntimeError("keys not set")
 
 
@@ -299,10 +301,13 @@ class FastSSHCiphers(transport.SSHCiphers):
     state prepared once per key exchange, and whole-packet sealing.
     """
 
-    #: C{seal(seqnr, message_type, payload)}: the wire form of an outgoing
-    #: packet, framed, padded and protected.  An attribute, not a method:
-    #: C{setKeys} sets the direction's sealer itself, one call less per packet.
-    seal: Callable[[int, int, bytes], bytes] = staticmethod(_unkeyed)
+    #: C{seal(seqnr, message_type, payload[, data])}: the wire form of an
+    #: outgoing packet whose payload is C{payload + data}, framed, padded and
+    #: protected; C{data} (a CHANNEL_DATA message's data, after its header in
+    #: C{payload}) is joined into the packet once, with the rest.  An
+    #: attribute, not a method: C{setKeys} sets the direction's sealer
+    #: itself, one call less per packet.
+    seal: Callable[..., bytes] = staticmethod(_unkeyed)
 
     _out_hmac = None
     _in_hmac = None
@@ -360,25 +365,24 @@ class FastSSHCiphers(transport.SSHCiphers):
             self._in_hmac = hmac.new(mac_key(self.inMAC), digestmod=self.inMAC[0])
         self.seal = self.out_aead.seal if self.out_aead is not None else self._seal_classic
 
-    def _seal_classic(self, seqnr: int, message_type: int, payload: bytes) -> bytes:
+    def _seal_classic(self, seqnr: int, message_type: int, payload: bytes, data: bytes = b"") -> bytes:
         # RFC 4253 section 6, as Conch's sendPacket frames it, in one join.
         bs = self.encBlockSize
-        padding = bs - (6 + len(payload)) % bs
+        size = 2 + len(payload) + len(data)
+        padding = bs - (4 + size) % bs
         if padding < 4:
             padding += bs
-        packet = b"".join(
-            (_HEADER.pack(2 + len(payload) + padding, padding, message_type), payload, random_padding(padding))
-        )
+        packet = b"".join((_HEADER.pack(size + padding, padding, message_type), payload, data, random_padding(padding)))
         return self.encryptor.update(packet) + self.makeMAC(seqnr, packet)
 
-    def _seal_etm(self, seqnr: int, message_type: int, payload: bytes) -> bytes:
+    def _seal_etm(self, seqnr: int, message_type: int, payload: bytes, data: bytes = b"") -> bytes:
         # The length in clear; what follows it padded to the block size on its
         # own, encrypted, then the MAC over sequence number, length and ciphertext.
         bs = self.encBlockSize
-        padding = bs - (2 + len(payload)) % bs
+        padding = bs - (2 + len(payload) + len(data)) % bs
         if padding < 4:
             padding += bs
-        body = b"".join((_PADDING_TYPE.pack(padding, message_type), payload, random_padding(padding)))
+        body = b"".join((_PADDING_TYPE.pack(padding, message_type), payload, data, random_padding(padding)))
         head = _LENGTH.pack(len(body))
         encrypted = self.encryptor.update(body)
         return head + encrypted + self.makeMAC(seqnr, head + encrypted)

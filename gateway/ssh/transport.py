@@ -25,7 +25,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from gateway.errors import peer_text
-from gateway.proxy.splice import set_no_delay
+from gateway.sockets import set_no_delay, write_through
 from gateway.ssh._conch import SEQUENCE_MASK, quiet_conch_logs
 from gateway.ssh.auth import KeyAuthClient
 from gateway.ssh.connection import TunnelConnection
@@ -160,15 +160,15 @@ class GatewayClientTransport(HandshakeTransport):
 
     # -- packets -------------------------------------------------------------
 
-    def seal_packet(self, messageType: int, payload: bytes) -> bytes | None:
+    def seal_packet(self, messageType: int, payload: bytes, data: bytes = b"") -> bytes | None:
         ciphers = self.currentEncryptions
         if not isinstance(ciphers, FastSSHCiphers):
             return None
         if self.outgoingCompression:
-            data = bytes((messageType,)) + payload
-            data = self.outgoingCompression.compress(data) + self.outgoingCompression.flush(2)
-            return ciphers.seal(self.outgoingPacketSequence, data[0], data[1:])
-        return ciphers.seal(self.outgoingPacketSequence, messageType, payload)
+            message = bytes((messageType,)) + payload + data
+            message = self.outgoingCompression.compress(message) + self.outgoingCompression.flush(2)
+            return ciphers.seal(self.outgoingPacketSequence, message[0], message[1:])
+        return ciphers.seal(self.outgoingPacketSequence, messageType, payload, data)
 
     def packet_sent(self, size: int) -> None:
         self._count(size)
@@ -261,6 +261,7 @@ class GatewayClientTransport(HandshakeTransport):
         self.choose_offer()
         set_no_delay(self.transport)
         self._quick_ack = quick_ack(self.transport)
+        self.write_packet = write_through(self.transport)
         super().connectionMade()
 
     def version_not_supported(self) -> None:

@@ -41,7 +41,7 @@ from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from gateway.proxy import sendnow
+from gateway import sockets
 from gateway.proxy.frontend import ClientLimit, FrontendFactory, FrontendProtocol
 from gateway.proxy.http.events import RequestBody, RequestEnd, RequestError, RequestHead
 from gateway.proxy.http.local import answer_local
@@ -216,7 +216,7 @@ class HttpProxyProtocol(FrontendProtocol):
         if self._gone:
             channel.close()
             return
-        sendnow.write(self.transport, b"HTTP/1.1 200 Connection established\r\n\r\n")
+        sockets.write(self.transport, b"HTTP/1.1 200 Connection established\r\n\r\n")
         self._start_splice(channel, self._parser.take_leftover())
 
     def _refused(self, failure: Failure) -> None:

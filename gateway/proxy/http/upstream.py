@@ -20,8 +20,8 @@ from http import HTTPStatus
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from gateway import sockets
 from gateway.errors import Reason, StreamError
-from gateway.proxy import sendnow
 from gateway.proxy.frontend import stream_error
 from gateway.proxy.http.events import RequestHead, ResponseBody, ResponseEnd, ResponseError, ResponseHead
 from gateway.proxy.http.exchange import Exchange, Upstream, UpstreamKey
@@ -286,9 +286,9 @@ class Forwarder:
                         exchange.keep_alive = False
                     if exchange.request_done:
                         self._stop_timer()
-                sendnow.write(self._transport, event.client_head(keep_alive=exchange.keep_alive))
+                sockets.write(self._transport, event.client_head(keep_alive=exchange.keep_alive))
             elif isinstance(event, ResponseBody):
-                sendnow.write(self._transport, event.data)
+                sockets.write(self._transport, event.data)
             elif isinstance(event, ResponseEnd):
                 if not event.reusable:
                     self.drop()

@@ -15,7 +15,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from gateway.proxy import sendnow
+from gateway import sockets
 from gateway.proxy.frontend import ClientLimit, FrontendFactory, FrontendProtocol, stream_error
 from gateway.proxy.opener import StreamOpener, StreamRequest
 from gateway.proxy.socks.machine import ConnectRequest, Rejected, Send, SocksMachine
@@ -54,7 +54,7 @@ class SocksProtocol(FrontendProtocol):
             self.pause_client()
         for event in events:
             if isinstance(event, Send):
-                sendnow.write(self.transport, event.data)
+                sockets.write(self.transport, event.data)
             elif isinstance(event, Rejected):
                 self._stop_timer()
                 self.handshake_failed()
@@ -94,14 +94,14 @@ class SocksProtocol(FrontendProtocol):
             return
         machine, self._machine = self._machine, None
         assert machine is not None, "a stream opens only for the machine's request"
-        sendnow.write(self.transport, machine.accept())
+        sockets.write(self.transport, machine.accept())
         self._start_splice(channel, machine.leftover)
 
     def _refused(self, failure: Failure) -> None:
         self._opening = False
         machine, self._machine = self._machine, None
         if not self._gone and machine is not None:
-            sendnow.write(self.transport, machine.reject(stream_error(failure).reason))
+            sockets.write(self.transport, machine.reject(stream_error(failure).reason))
             self.transport.loseConnection()
 
 
