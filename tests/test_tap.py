@@ -153,6 +153,29 @@ class TapTests(TestCase):
         self.assertEqual(sorted(service.clusters), ["a"])
         self.assertFalse(any(isinstance(c, DemoService) for c in service))
 
+    def test_name_overrides_the_file(self):
+        """
+        C{--name}: the workers of one host share one file (and one socket) but
+        are fleet members each, told apart by name (docs/operating.md, "More cores").
+        """
+        config = self.write("gw.toml", '[gateway]\nname = "gw-a"\n')
+        options = Options()
+        options.parseOptions([f"--config={config}", "--name=gw-a-2"])
+        self.assertEqual(options.gateway_config.settings.name, "gw-a-2")
+        options = Options()
+        options.parseOptions([f"--config={config}"])
+        self.assertEqual(options.gateway_config.settings.name, "gw-a")
+
+    def test_bad_name_stops_start_up_with_one_line(self):
+        config = self.write("gw.toml", "")
+        done = self.twistd(f"--config={config}", "--name=a b")
+        self.assertEqual(done.returncode, 1)
+        self.assertEqual(
+            done.stderr.decode().strip(),
+            f"gateway: {config}: --name: gateway name 'a b' is invalid: use 1 to 64 characters of A-Z a-z 0-9 . _ - "
+            "(not . or ..)",
+        )
+
     def test_demo_tree(self):
         options = Options()
         options.parseOptions(["--demo", "--socks=tcp:0:interface=127.0.0.1", "--http=", "--control="])
