@@ -1,7 +1,7 @@
 """
 Several `twistd gateway` processes on one listening socket, handed over the
 way systemd's socket activation hands it (docs/operating.md, "More cores"):
-each process listens with `[listen] socks = "systemd:domain=INET:index=0"`.
+each process listens with `[listen] socks = "systemd:domain=INET:name=socks"`.
 
 The processes run the in-process demo cluster (`--demo`: a fake proxy node
 and web server on loopback, no root and no namespace), and the socket is on
@@ -49,7 +49,7 @@ class SharedSocketTests(SynchronousTestCase):
         os.makedirs(self.workdir)
         self.config = os.path.join(self.workdir, "gateway.toml")
         with open(self.config, "w") as f:
-            f.write('[listen]\nsocks = "systemd:domain=INET:index=0"\nhttp = ""\n')
+            f.write('[listen]\nsocks = "systemd:domain=INET:name=socks"\nhttp = ""\n')
         self.sock = socket.create_server(("127.0.0.1", 0))
         self.addCleanup(self.sock.close)
         self.port = self.sock.getsockname()[1]
@@ -113,7 +113,7 @@ class SharedSocketTests(SynchronousTestCase):
         self.assertEqual(self.served(first_log), 5)
         _, second_log = self.start_worker("w2")
         for log in (first_log, second_log):
-            self.assertIn("socks listener on systemd:domain=INET:index=0", self.read(log))
+            self.assertIn("socks listener on systemd:domain=INET:name=socks", self.read(log))
         self.assertServed(20)
         self.assertEqual(self.served(first_log) + self.served(second_log), 25)
         # A stopping worker closes its copy of the socket, not the socket: the other one accepts everything.
@@ -122,3 +122,17 @@ class SharedSocketTests(SynchronousTestCase):
         self.assertEqual(first.returncode, -signal.SIGTERM)  # twistd ends by the signal it stopped for
         self.assertServed(10)
         self.assertEqual(self.served(second_log), before + 10)
+
+    def test_a_restart_refuses_no_connection(self) -> None:
+        """
+        The socket outlives every worker (systemd keeps it open): a client
+        that connects while none runs waits in the backlog and is answered by
+        the next worker to start, as during a restart.
+        """
+        first, _ = self.start_worker("w1")
+        self.stop(first)
+        with socket.create_connection(("127.0.0.1", self.port), timeout=BOUND) as waiting:
+            waiting.sendall(b"\x05\x01\x00")  # SOCKS5, one method: no authentication
+            self.start_worker("w2")
+            self.assertEqual(waiting.recv(2), b"\x05\x00")
+        self.assertServed(1)
