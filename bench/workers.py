@@ -1,6 +1,9 @@
 """
 More cores (issue 15): one gateway process against two sharing one
-listening socket, and ``ssh -D``, in the same run, alternating.
+listening socket, and ``ssh -D``, in the same run, alternating; beside
+them two processes with a socket each (C{SO_REUSEPORT}) and one process
+with two SSH connections (C{connections = 2}), which tells the gateway's
+second core from sshd's second process.
 
     sudo .venv/bin/python -m bench --only workers [--quick]
 
@@ -8,7 +11,8 @@ The gateways are started the way systemd socket activation starts them
 (bench/socketlaunch.py: one socket, each child handed it as descriptor 3
 with C{LISTEN_FDS}/C{LISTEN_PID}), listening with the endpoint string
 C{systemd:domain=INET:index=0}: the one-worker gateway runs through the same
-launcher, so the two differ only in the number of processes.  Each worker
+launcher, so the setups differ only in the number of processes (and sockets,
+and SSH connections).  Each worker
 has its own SSH connection to the proxy node (sshd runs one process per
 connection).  Per load it reports the rate, p99, the proxy's summed CPU per
 1,000 streams (or per GiB), and how busy each process was (CPU seconds /
@@ -35,8 +39,14 @@ from tests.system.netlab import Lab, LabTimeout, stop_processes
 
 #: The endpoint string of a socket handed over by socket activation (systemd's first descriptor).
 SYSTEMD_SOCKS = "systemd:domain=INET:index=0"
-#: Each setup's label: its number of workers, whether each has its own SO_REUSEPORT socket, its port.
-SETUPS = {"1 worker": (1, False, 1090), "2 workers": (2, False, 1091), "2 workers, SO_REUSEPORT": (2, True, 1092)}
+#: Each setup's label: its number of workers, whether each has its own SO_REUSEPORT socket, its port, and
+#: extra [clusters.bench] lines (two SSH connections in one worker: two sshd processes, as two workers have).
+SETUPS = {
+    "1 worker": (1, False, 1090, ""),
+    "1 worker, connections = 2": (1, False, 1093, "connections = 2"),
+    "2 workers": (2, False, 1091, ""),
+    "2 workers, SO_REUSEPORT": (2, True, 1092, ""),
+}
 
 
 @dataclass
@@ -68,9 +78,9 @@ def children(pid: int) -> list[int]:
 
 def start_workers(lab: Lab, workdir: str, label: str) -> tuple[subprocess.Popen, Target]:
     """The gateway processes of C{SETUPS[label]}, each listening and serving."""
-    count, reuseport, port = SETUPS[label]
-    name = f"workers{count}" + ("-reuseport" if reuseport else "")
-    config = write_config(lab, workdir, name=name, socks=SYSTEMD_SOCKS, http="")
+    count, reuseport, port, cluster_settings = SETUPS[label]
+    name = f"workers-{port}"
+    config = write_config(lab, workdir, name=name, socks=SYSTEMD_SOCKS, http="", cluster_settings=cluster_settings)
     launcher = lab.spawn(
         lab.ctl_ns,
         [
