@@ -19,7 +19,8 @@ through each SOCKS5 listener:
  - keepalive: the same GETs in absolute-form through the HTTP proxy on
    kept-alive connections, against a new tunnel per request;
  - workers: the short load and two parallel downloads through one gateway
-   process and through two sharing one socket, and ssh -D (bench/workers.py);
+   process and through two sharing one socket (and the variants of
+   bench/workers.py), and ssh -D, with each process's share of a core;
  - idle: 10,000 concurrent idle streams, memory per stream (bench/idle.py);
  - clusters: 200 clusters, time until all are connected, memory per cluster
    (bench/clusters.py, in-process Conch proxy nodes).
