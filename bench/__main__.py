@@ -18,6 +18,9 @@ through each SOCKS5 listener:
    origin when installed);
  - keepalive: the same GETs in absolute-form through the HTTP proxy on
    kept-alive connections, against a new tunnel per request;
+ - workers: the short load and two parallel downloads through one gateway
+   process and through two sharing one socket (and the variants of
+   bench/workers.py), and ssh -D, with each process's share of a core;
  - idle: 10,000 concurrent idle streams, memory per stream (bench/idle.py);
  - clusters: 200 clusters, time until all are connected, memory per cluster
    (bench/clusters.py, in-process Conch proxy nodes).
@@ -46,6 +49,7 @@ from bench.common import HERE, Row, cpu_seconds, run_in_lab, run_load_client, st
 from bench.idle import idle_rows
 from bench.latency import latency_rows
 from bench.origin import Origin, start_origin
+from bench.workers import Target, workers_rows
 from tests.system.netlab import Lab, wait_for_port
 
 BIG = 256 * 1024 * 1024
@@ -55,7 +59,7 @@ SSH_DEFAULT_PORT = 1081
 SSH_GCM_PORT = 1082
 ASYNCSSH_PORT = 1083
 SSH_CIPHER_PORT = 1084
-SCENARIOS = ("transfer", "short", "latency", "keepalive", "idle", "clusters")
+SCENARIOS = ("transfer", "short", "latency", "keepalive", "workers", "idle", "clusters")
 
 T = TypeVar("T")
 
@@ -309,6 +313,9 @@ def main() -> int:
                         "both through the gateway; target >= 3",
                     )
                 )
+            if "workers" in only:
+                ssh_d = Target(proxies[1].label, proxies[1].port, [proxies[1].pid])
+                rows += workers_rows(lab, workdir, origin, ssh_d, args.quick)
         finally:
             origin.stop()
         if "idle" in only:

@@ -84,8 +84,30 @@ def start_gateway(
     appended to the listeners' endpoint strings (e.g. C{":backlog=1024"});
     C{twistd_options} go before the plugin name (e.g. C{--profile=FILE}).
     """
+    http = f"tcp:{http_port}:interface=127.0.0.1{listen_options}" if http_port else ""  # "": no HTTP proxy
+    config = write_config(
+        lab,
+        workdir,
+        name=name,
+        socks=f"tcp:{socks_port}:interface=127.0.0.1{listen_options}",
+        http=http,
+        gateway_settings=gateway_settings,
+        cluster_settings=cluster_settings,
+    )
+    proc = lab.spawn(lab.ctl_ns, twistd_argv(workdir, name, config, twistd_options))
+    wait_for_port(lab, lab.ctl_ns, "127.0.0.1", socks_port, timeout=20)
+    return proc
+
+
+def write_config(
+    lab: Lab, workdir: str, *, name: str, socks: str, http: str, gateway_settings: str = "", cluster_settings: str = ""
+) -> str:
+    """
+    Write C{workdir/NAME.toml}: listeners on endpoint strings C{socks} and
+    C{http} (C{""}: none) and the one cluster C{bench} (see L{start_gateway});
+    its path.
+    """
     config = os.path.join(workdir, f"{name}.toml")
-    http = f'"tcp:{http_port}:interface=127.0.0.1{listen_options}"' if http_port else '""'  # "": no HTTP proxy
     with open(config, "w") as f:
         f.write(
             textwrap.dedent(
@@ -94,8 +116,8 @@ def start_gateway(
                 {gateway_settings}
 
                 [listen]
-                socks = "tcp:{socks_port}:interface=127.0.0.1{listen_options}"
-                http = {http}
+                socks = "{socks}"
+                http = "{http}"
 
                 [clusters.bench]
                 proxies = ["{proxy}:22"]
@@ -107,8 +129,7 @@ def start_gateway(
                 """
             ).format(
                 gateway_settings=gateway_settings,
-                socks_port=socks_port,
-                listen_options=listen_options,
+                socks=socks,
                 http=http,
                 proxy=lab.proxy_addr["a"],
                 key=lab.client_key_ed25519,
@@ -116,21 +137,20 @@ def start_gateway(
                 cluster_settings=cluster_settings,
             )
         )
-    log = os.path.join(workdir, f"{name}.log")
-    proc = lab.spawn(
-        lab.ctl_ns,
-        [
-            os.path.join(VENV_BIN, "twistd"),
-            "-n",
-            "--pidfile=",
-            f"--logfile={log}",
-            *twistd_options,
-            "gateway",
-            f"--config={config}",
-        ],
-    )
-    wait_for_port(lab, lab.ctl_ns, "127.0.0.1", socks_port, timeout=20)
-    return proc
+    return config
+
+
+def twistd_argv(workdir: str, name: str, config: str, twistd_options: tuple[str, ...] = ()) -> list[str]:
+    """C{twistd gateway} in the foreground on C{config}, logging to C{workdir/NAME.log}."""
+    return [
+        os.path.join(VENV_BIN, "twistd"),
+        "-n",
+        "--pidfile=",
+        f"--logfile={os.path.join(workdir, name + '.log')}",
+        *twistd_options,
+        "gateway",
+        f"--config={config}",
+    ]
 
 
 def ssh_d_argv(lab: Lab, port: int, known_hosts: str, destination: str, *extra: str) -> list[str]:

@@ -878,6 +878,14 @@ class ErrorTests(ConfigTestCase):
             "[listen]\nsocks = ['tcp:1', 'tcp:abc']\n", "listen.socks[1]", "'tcp:abc' is not a valid server endpoint"
         )
         self.assertError("[listen]\nhttp = ['']\n", "listen.http[0]", "empty endpoint")
+        # Not started by socket activation: the reason says so, not Twisted's IndexError.
+        self.assertError(
+            "[listen]\nsocks = 'systemd:domain=INET:index=0'\n",
+            "listen.socks",
+            "'systemd:domain=INET:index=0' names no socket this process inherited (LISTEN_FDS, LISTEN_FDNAMES and "
+            "LISTEN_PID from systemd's socket activation: see docs/operating.md)",
+        )
+        self.assertError("[listen]\nsocks = 'systemd:domain=INET:name=socks'\n", "listen.socks", "names no socket")
         self.assertError(
             "[listen]\nsocks = 'tcp:1080'\nhttp = ['tcp:1080']\n",
             "listen.http[0]",

@@ -5,6 +5,7 @@ and the service tree built from parsed options.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import subprocess
@@ -13,9 +14,12 @@ import sys
 from twisted.internet import reactor
 from twisted.internet.address import IPv4Address, UNIXAddress
 from twisted.internet.defer import Deferred, succeed
+from twisted.internet.endpoints import _SystemdParser
 from twisted.internet.interfaces import IAddress, IListeningPort
+from twisted.internet.protocol import Factory
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.logger import LogLevel, globalLogPublisher
+from twisted.python.systemd import ListenFDs
 from twisted.trial.unittest import TestCase
 from zope.interface import implementer
 
@@ -27,6 +31,7 @@ from gateway.config import load_config, parse_cluster
 from gateway.control.http import TOKEN_ENV
 from gateway.routing import Router
 from gateway.testing import DEMO_API_WEB, DEMO_WEB, DemoCluster, FakeProxyNode, generate_key, private_pem, public_line
+from tests.support import capture_events
 
 TWISTD = os.path.join(os.path.dirname(sys.executable), "twistd")
 
@@ -153,6 +158,29 @@ class TapTests(TestCase):
         self.assertEqual(sorted(service.clusters), ["a"])
         self.assertFalse(any(isinstance(c, DemoService) for c in service))
 
+    def test_name_overrides_the_file(self):
+        """
+        C{--name}: the workers of one host share one file (and one socket) but
+        are fleet members each, told apart by name (docs/operating.md, "More cores").
+        """
+        config = self.write("gw.toml", '[gateway]\nname = "gw-a"\n')
+        options = Options()
+        options.parseOptions([f"--config={config}", "--name=gw-a-2"])
+        self.assertEqual(options.gateway_config.settings.name, "gw-a-2")
+        options = Options()
+        options.parseOptions([f"--config={config}"])
+        self.assertEqual(options.gateway_config.settings.name, "gw-a")
+
+    def test_bad_name_stops_start_up_with_one_line(self):
+        config = self.write("gw.toml", "")
+        done = self.twistd(f"--config={config}", "--name=a b")
+        self.assertEqual(done.returncode, 1)
+        self.assertEqual(
+            done.stderr.decode().strip(),
+            f"gateway: {config}: --name: gateway name 'a b' is invalid: use 1 to 64 characters of A-Z a-z 0-9 . _ - "
+            "(not . or ..)",
+        )
+
     def test_demo_tree(self):
         options = Options()
         options.parseOptions(["--demo", "--socks=tcp:0:interface=127.0.0.1", "--http=", "--control="])
@@ -247,6 +275,28 @@ class ServiceTreeTests(TestCase):
         self.assertTrue(control.refused)
         self.assertIsNone(control.port)
         self.assertFalse(self.reactor.bound[-1].listening)  # closed at once, never served
+
+    def test_an_inherited_descriptor_that_is_no_socket_stops_start_up_with_one_line(self) -> None:
+        """
+        Socket activation gone wrong (a supervisor's descriptor 3 is a file):
+        Twisted's adoption raises the socket error itself, not a
+        CannotListenError, and it is refused as one all the same.
+        """
+        # Twisted reads LISTEN_FDS once, at import, into this class attribute: what it would have read.
+        self.patch(_SystemdParser, "_sddaemon", ListenFDs([3], ("socks",)))
+
+        def not_a_socket(fd: int, family: int, factory: Factory) -> None:
+            raise OSError(errno.ENOTSOCK, os.strerror(errno.ENOTSOCK))
+
+        self.patch(self.reactor, "adoptStreamPort", not_a_socket)
+        service = ListenerService(self.reactor, "socks", "systemd:domain=INET:name=socks", Factory())
+        events = capture_events(self)
+        self.assertRaises(SystemExit, service.privilegedStartService)
+        [critical] = [e for e in events if e["log_level"] == LogLevel.critical]
+        self.assertEqual(
+            critical["log_format"].format(**critical),
+            "cannot listen for socks on systemd:domain=INET:name=socks: Socket operation on non-socket",
+        )
 
     def test_control_listener_off_loopback_with_token(self) -> None:
         self.set_token("secret")

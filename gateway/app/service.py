@@ -59,8 +59,10 @@ class ListenerService(StreamServerEndpointService):
     def privilegedStartService(self) -> None:
         try:
             super().privilegedStartService()
-        except CannotListenError as e:
-            why = e.socketError.strerror if e.socketError else str(e)
+        except (CannotListenError, OSError) as e:
+            # OSError: adopting a descriptor handed over by socket activation that is no listening socket.
+            error = e.socketError if isinstance(e, CannotListenError) else e
+            why = (error.strerror if error else None) or str(e)
             log.critical(
                 "cannot listen for {kind} on {description}: {why}",
                 kind=self.kind,

@@ -31,6 +31,7 @@ from gateway.config import (
     GatewayConfig,
     ListenConfig,
     check_jump_cycles,
+    check_name,
     load_config,
 )
 from gateway.control.bodies import validate_body
@@ -63,7 +64,7 @@ def _seal_now(store: StateFile, bodies: dict[str, dict]) -> None:
 
 
 class Options(usage.Options):
-    synopsis = "[--config FILE] [--socks ENDPOINT] [--http ENDPOINT] [--control ENDPOINT] [--demo]"
+    synopsis = "[--config FILE] [--socks ENDPOINT] [--http ENDPOINT] [--control ENDPOINT] [--name NAME] [--demo]"
     longdesc = (
         "Keep one SSH connection per cluster to its proxy node and expose "
         "SOCKS5 and HTTP proxy listeners that reach the clusters' internal "
@@ -75,6 +76,7 @@ class Options(usage.Options):
         ["http", None, None, 'HTTP proxy listener endpoint, overriding [listen] http ("" disables).'],
         ["control", None, None, 'Control API endpoint, overriding [listen] control ("" disables).'],
         ["state-file", None, None, "Where API-registered clusters are kept, overriding [gateway] state_file."],
+        ["name", None, None, "This gateway's name, overriding [gateway] name (one per worker sharing a file)."],
     ]
     optFlags = [
         ["demo", None, "Also run an in-process demo cluster named 'demo' (no root, no network)."],
@@ -193,6 +195,9 @@ class Options(usage.Options):
             state_file = os.path.join(state_dir, "clusters.json")
         if state_file:
             config = replace(config, settings=replace(config.settings, state_file=state_file))
+        if self["name"] is not None:
+            name = check_name(self["name"], config.source, "--name", "gateway name")
+            config = replace(config, settings=replace(config.settings, name=name))
         from twisted.internet import reactor
 
         for kind in ("socks", "http", "control"):

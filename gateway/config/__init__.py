@@ -39,7 +39,7 @@ from gateway.config.model import (
     ProxyAddress,
     StoreConfig,
 )
-from gateway.config.names import NAME_RULE, is_valid_name, parse_proxy_address
+from gateway.config.names import NAME_RULE, check_name, is_valid_name, parse_proxy_address
 from gateway.config.values import parse_size
 
 __all__ = [
@@ -59,6 +59,7 @@ __all__ = [
     "StoreConfig",
     "ProxyAddress",
     "check_jump_cycles",
+    "check_name",
     "is_valid_name",
     "jump_cycle",
     "load_config",

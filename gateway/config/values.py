@@ -193,14 +193,23 @@ class _NoReactor:
     """Stands in for the reactor while endpoint strings are only parsed."""
 
 
+#: Twisted's C{systemd:} endpoint looks its C{index} or C{name} up among the descriptors handed over at start-up.
+_NOT_INHERITED = (
+    "names no socket this process inherited (LISTEN_FDS, LISTEN_FDNAMES and LISTEN_PID from systemd's "
+    "socket activation: see docs/operating.md)"
+)
+
+
 def _check_endpoint(description: str) -> str | None:
-    """A reason why C{description} is not a server endpoint, or None."""
+    """Why C{description} is not a server endpoint (a reason naming it), or None."""
     from twisted.internet.endpoints import serverFromString
 
     try:
         serverFromString(_NoReactor(), description)
     except Exception as e:  # noqa: BLE001 - plugins raise anything
-        return f"{e.__class__.__name__}: {e}"
+        if isinstance(e, (IndexError, KeyError)) and description.startswith("systemd:"):
+            return f"{show(description)} {_NOT_INHERITED}"
+        return f"{show(description)} is not a valid server endpoint ({e.__class__.__name__}: {e})"
     return None
 
 
@@ -224,7 +233,7 @@ def endpoint_items(value: object, key: str, source: str) -> list[tuple[str, str]
             raise ConfigError(source, item_key, 'empty endpoint (use [] or "" to disable the listener)')
         problem = _check_endpoint(item)
         if problem is not None:
-            raise ConfigError(source, item_key, f"{show(item)} is not a valid server endpoint ({problem})")
+            raise ConfigError(source, item_key, problem)
         if item in seen:
             raise ConfigError(source, item_key, f"{show(item)} is given twice")
         seen.add(item)
