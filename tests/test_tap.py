@@ -282,8 +282,13 @@ class ServiceTreeTests(TestCase):
         Twisted's adoption raises the socket error itself, not a
         CannotListenError, and it is refused as one all the same.
         """
+        # A descriptor of the test's own (a file): Twisted sets the adopted
+        # descriptor non-blocking before adopting it, and descriptor 3 itself
+        # may be anything here (trial's -j workers talk to their parent on it).
+        fd = os.open(os.devnull, os.O_RDONLY)
+        self.addCleanup(os.close, fd)
         # Twisted reads LISTEN_FDS once, at import, into this class attribute: what it would have read.
-        self.patch(_SystemdParser, "_sddaemon", ListenFDs([3], ("socks",)))
+        self.patch(_SystemdParser, "_sddaemon", ListenFDs([fd], ("socks",)))
 
         def not_a_socket(fd: int, family: int, factory: Factory) -> None:
             raise OSError(errno.ENOTSOCK, os.strerror(errno.ENOTSOCK))
