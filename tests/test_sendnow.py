@@ -1,7 +1,7 @@
 """
 L{gateway.proxy.sendnow}: writes that reach the kernel at once, on a real
 Twisted TCP transport over a local socket pair (no network), driven by a
-L{MemoryReactor} so nothing runs but what the test calls.
+L{MemoryReactorClock} so nothing runs but what the test calls.
 """
 
 from __future__ import annotations
@@ -10,9 +10,11 @@ import socket
 from types import SimpleNamespace
 
 from twisted.internet import tcp
+from twisted.internet.error import ConnectionAborted
 from twisted.internet.interfaces import IHalfCloseableProtocol, ISSLTransport
-from twisted.internet.protocol import Protocol
-from twisted.internet.testing import MemoryReactor, StringTransport
+from twisted.internet.protocol import Protocol, connectionDone
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 from zope.interface import directlyProvides, implementer
 
@@ -22,6 +24,12 @@ from gateway.proxy import sendnow
 @implementer(IHalfCloseableProtocol)
 class _Recorder(Protocol):
     write_lost = 0
+
+    def __init__(self) -> None:
+        self.lost: list[Failure] = []
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self.lost.append(reason)
 
     def readConnectionLost(self) -> None:
         pass
@@ -36,7 +44,7 @@ class SendNowTests(TestCase):
         ours.setblocking(False)
         self.peer.setblocking(False)
         self.addCleanup(self.peer.close)
-        self.reactor = MemoryReactor()
+        self.reactor = MemoryReactorClock()
         self.protocol = _Recorder()
         port = SimpleNamespace(_realPortNumber=1080)
         self.transport = tcp.Server(ours, self.protocol, ("127.0.0.1", 5), port, 1, self.reactor)
@@ -63,6 +71,7 @@ class SendNowTests(TestCase):
         t = self.transport
         self.assertEqual((t.dataBuffer, t.offset, t._tempDataBuffer), (b"", 0, []))
         self.assertIs(t.TLS, False)
+        self.assertFalse(t._aborting)
         self.assertFalse(t._writeDisconnected)
         self.assertFalse(t._writeDisconnecting)
         self.assertTrue(callable(t._closeWriteConnection))
@@ -116,6 +125,18 @@ class SendNowTests(TestCase):
         sendnow.half_close(self.transport)
         self.assertEqual(self.protocol.write_lost, 0)
         self.assertTrue(self.transport._writeDisconnecting)
+
+    def test_nothing_reaches_the_client_after_an_abort(self) -> None:
+        # Twisted drops what is written after abortConnection and resets the
+        # connection: no late byte, and no FIN that would make a cut stream
+        # read as a complete one.
+        self.transport.abortConnection()
+        sendnow.write(self.transport, b"late")
+        sendnow.half_close(self.transport)
+        self.assertEqual(self.protocol.write_lost, 0)
+        self.reactor.advance(0)
+        self.assertEqual([reason.type for reason in self.protocol.lost], [ConnectionAborted])
+        self.assertEqual(self.received(), b"")  # closed, and nothing sent before
 
     def test_other_transports_use_their_own_write(self) -> None:
         transport = StringTransport()

@@ -17,8 +17,9 @@ with nothing queued shuts the socket's write side at once.  TLS transports,
 test transports and anything else are left to their own C{write}.
 
 This is the one module that reads Twisted's private transport state
-(C{dataBuffer}, C{offset}, C{_tempDataBuffer}, C{_writeDisconnected},
-C{_closeWriteConnection}); C{tests/test_sendnow.py} pins what it relies on.
+(C{dataBuffer}, C{offset}, C{_tempDataBuffer}, C{_aborting},
+C{_writeDisconnected}, C{_closeWriteConnection}); C{tests/test_sendnow.py}
+pins what it relies on.
 """
 
 from __future__ import annotations
@@ -30,11 +31,17 @@ from twisted.internet.interfaces import ISSLTransport, ITCPTransport
 
 
 def _idle(transport: Any) -> bool:
-    """A plain TCP/UNIX connection, open for writing, with nothing queued."""
+    """
+    A plain TCP/UNIX connection, open for writing, with nothing queued.  Not
+    one being aborted: Twisted drops what is written to it then (and it is
+    reset), so a byte or a FIN sent at once would reach a client that must
+    see its stream cut.
+    """
     return (
         isinstance(transport, tcp.Connection)
         and not transport.TLS
         and bool(transport.connected)
+        and not transport._aborting
         and not transport._writeDisconnected
         and not transport._tempDataBuffer
         and transport.offset == len(transport.dataBuffer)
