@@ -28,8 +28,8 @@ C{abstract.FileDescriptor} / C{tcp.Connection}):
  - C{socket}: the connected, non-blocking socket;
  - C{dataBuffer}, C{_tempDataLen}: what is queued (C{dataBuffer} is emptied
    once fully sent; C{_tempDataLen} counts what C{write} appended since);
- - C{connected}, C{disconnecting}, C{_writeDisconnected}: the states in
-   which Twisted's own C{write} queues or drops;
+ - C{connected}, C{disconnecting}, C{_aborting}, C{_writeDisconnected}: the
+   states in which Twisted's own C{write} queues or drops;
  - C{TLS}: set once TLS starts on the connection;
  - C{producer}, C{_writeDisconnecting}, C{_closeWriteConnection}: what
    Twisted's own half-close waits for and does.
@@ -60,8 +60,21 @@ def set_no_delay(transport: object) -> None:
 
 
 def _idle(t: Any) -> bool:
-    """A Twisted TCP connection that is open for writing with nothing queued (C{t} is one)."""
-    return not (t.dataBuffer or t._tempDataLen or t.TLS or t.disconnecting or t._writeDisconnected or not t.connected)
+    """
+    A Twisted TCP connection (C{t} is one) open for writing with nothing
+    queued.  Not one being aborted: Twisted drops what is written to it then
+    (and resets it), so a byte or a FIN sent at once would reach a client
+    that must see its stream cut.
+    """
+    return not (
+        t.dataBuffer
+        or t._tempDataLen
+        or t.TLS
+        or t.disconnecting
+        or t._aborting
+        or t._writeDisconnected
+        or not t.connected
+    )
 
 
 def _send_now(t: Any, data: bytes) -> None:

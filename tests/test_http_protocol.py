@@ -14,7 +14,7 @@ from twisted.trial.unittest import TestCase
 
 from gateway.config import GatewaySettings
 from gateway.errors import Reason, StreamError
-from gateway.proxy.http.protocol import HttpProxyFactory
+from gateway.proxy.http.protocol import MAX_BUFFERED, HttpProxyFactory
 from gateway.ssh.channel import TunnelChannel
 from tests.support import MemoryClient, MemoryProxyNode, capture_events
 
@@ -193,6 +193,18 @@ class UpgradeTests(HttpAdapterTestCase):
         self.clock.advance(3600)
         self.node.reply(channel, b"later")
         self.assertEqual(self.client.output(), b"later")
+
+    def test_a_client_paused_for_what_it_sent_ahead_is_read_again_once_switched(self) -> None:
+        # Bytes sent behind the upgrade request, before the 101, wait in the
+        # parser; past its limit the client is paused.  The splice must
+        # resume it, or the client's direction of the new protocol is dead.
+        self.client.send(self.UPGRADE)
+        self.client.send(b"\x81" * (MAX_BUFFERED + 1))
+        self.assertEqual(self.client.transport.producerState, "paused")
+        (channel,) = self.node.channels
+        self.node.reply(channel, self.SWITCH)
+        self.assertEqual(self.client.transport.producerState, "producing")
+        self.assertTrue(self.node.received(channel).endswith(b"\x81" * (MAX_BUFFERED + 1)))
 
     def test_an_unsolicited_101_is_a_502(self) -> None:
         self.client.send(GET)

@@ -14,9 +14,11 @@ import socket
 from types import SimpleNamespace
 
 from twisted.internet import abstract, tcp
+from twisted.internet.error import ConnectionAborted
 from twisted.internet.interfaces import IHalfCloseableProtocol, ISSLTransport
-from twisted.internet.protocol import Protocol
-from twisted.internet.testing import MemoryReactor, StringTransport
+from twisted.internet.protocol import Protocol, connectionDone
+from twisted.internet.testing import MemoryReactor, MemoryReactorClock, StringTransport
+from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 from zope.interface import directlyProvides, implementer
 
@@ -27,6 +29,12 @@ from gateway.sockets import write_through
 @implementer(IHalfCloseableProtocol)
 class _Recorder(Protocol):
     write_lost = 0
+
+    def __init__(self) -> None:
+        self.lost: list[Failure] = []
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self.lost.append(reason)
 
     def readConnectionLost(self) -> None:
         pass
@@ -41,7 +49,7 @@ class SendNowTests(TestCase):
         ours.setblocking(False)
         self.peer.setblocking(False)
         self.addCleanup(self.peer.close)
-        self.reactor = MemoryReactor()
+        self.reactor = MemoryReactorClock()
         self.protocol = _Recorder()
         port = SimpleNamespace(_realPortNumber=1080)
         self.transport = tcp.Server(ours, self.protocol, ("127.0.0.1", 5), port, 1, self.reactor)
@@ -111,6 +119,18 @@ class SendNowTests(TestCase):
         sockets.half_close(self.transport)
         self.assertEqual(self.protocol.write_lost, 0)
         self.assertTrue(self.transport._writeDisconnecting)
+
+    def test_nothing_reaches_the_client_after_an_abort(self) -> None:
+        # Twisted drops what is written after abortConnection and resets the
+        # connection: no late byte, and no FIN that would make a cut stream
+        # read as a complete one.
+        self.transport.abortConnection()
+        sockets.write(self.transport, b"late")
+        sockets.half_close(self.transport)
+        self.assertEqual(self.protocol.write_lost, 0)
+        self.reactor.advance(0)
+        self.assertEqual([reason.type for reason in self.protocol.lost], [ConnectionAborted])
+        self.assertEqual(self.received(), b"")  # closed, and nothing sent before
 
     def test_other_transports_use_their_own_write(self) -> None:
         transport = StringTransport()
@@ -221,6 +241,7 @@ class TwistedInternalsTests(TestCase):
         self.assertEqual(abstract.FileDescriptor.dataBuffer, b"")
         self.assertEqual(abstract.FileDescriptor._writeDisconnected, False)
         self.assertEqual(abstract.FileDescriptor._writeDisconnecting, False)
+        self.assertIs(tcp.Connection._aborting, False)
         self.assertIsNone(abstract.FileDescriptor.producer)
         self.assertFalse(tcp.Connection.TLS)
         self.assertTrue(callable(tcp.Connection._closeWriteConnection))

@@ -108,8 +108,10 @@ def _take_line(buffer: bytearray, limit: int, too_long: tuple[int, str], *, stri
 
 #: A well-formed field line in one match (name, value without its surrounding
 #: blanks): the common case costs one regex; anything else is checked
-#: piece by piece below, for its error.
-_FIELD_LINE = re.compile(rb"(" + _TOKEN + rb"):[ \t]*((?:[^\x00-\x08\x0a-\x1f\x7f]*[^\x00-\x20\x7f])?)[ \t]*")
+#: piece by piece below, for its error.  The leading blanks are possessive
+#: (C{*+}): else a line of blanks that fails at its end is retried at every
+#: split of them between those blanks and the value, quadratic in its length.
+_FIELD_LINE = re.compile(rb"(" + _TOKEN + rb"):[ \t]*+((?:[^\x00-\x08\x0a-\x1f\x7f]*[^\x00-\x20\x7f])?)[ \t]*")
 
 
 def _parse_field(line: bytes) -> tuple[str, str]:

@@ -90,7 +90,7 @@ class HttpProxyProtocol(FrontendProtocol):
             self._stop_timer,
             self._fail,
             self._next_request,
-            lambda channel: self._start_splice(channel, self._parser.take_upgrade_leftover()),
+            self._switched,
         )
 
     def dataReceived(self, data: bytes) -> None:
@@ -101,6 +101,16 @@ class HttpProxyProtocol(FrontendProtocol):
         self._handle(self._parser.receive_data(data))
         if self._parser.buffered > MAX_BUFFERED and not self._gone:
             self.transport.pauseProducing()
+
+    def _switched(self, channel: TunnelChannel) -> None:
+        """
+        A C{101}: the connection becomes a splice with the upstream tunnel.
+        What the client sent ahead of the answer waits in the parser, and past
+        L{MAX_BUFFERED} the client was paused for it: the splice resumes it,
+        as it resumes a CONNECT's client (resuming one not paused does nothing).
+        """
+        self._paused = True
+        self._start_splice(channel, self._parser.take_upgrade_leftover())
 
     def readConnectionLost(self) -> None:
         if self._splice is None and self._forwarder.busy:
