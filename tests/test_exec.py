@@ -108,6 +108,20 @@ class ExecChannelTests(TestCase):
     def _remote_close(self) -> None:
         self.conn.ssh_CHANNEL_CLOSE(struct.pack(">L", 0))
 
+    def test_a_session_confirmed_after_the_open_deadline_runs_no_command(self):
+        # The stream was given up: netcat must not be started on the proxy
+        # node only to be closed again.
+        clock = Clock()
+        conn = TunnelConnection(Deferred(), clock)
+        conn.transport = transport = FakeSSHTransport()
+        conn.serviceStarted()
+        opened = conn.open_exec(self.command, "10.0.0.5", 81, ("127.0.0.1", 5000), open_timeout=4)
+        clock.advance(4)
+        self.assertEqual(self.failureResultOf(opened, StreamError).value.reason, Reason.TIMEOUT)
+        conn.ssh_CHANNEL_OPEN_CONFIRMATION(struct.pack(">4L", 0, 7, 100, 32768))
+        self.assertEqual(transport.of_kind(connection.MSG_CHANNEL_REQUEST), [])
+        self.assertEqual(len(transport.of_kind(connection.MSG_CHANNEL_CLOSE)), 1)
+
     def test_session_open_then_exec_with_want_reply(self):
         (payload,) = self.transport.of_kind(connection.MSG_CHANNEL_OPEN)
         kind, rest = getNS(payload)

@@ -60,6 +60,11 @@ class ExecTunnelChannel(CommandExit, TunnelChannel):
         return b""
 
     def channelOpen(self, specificData: bytes) -> None:
+        if self.opened.called:
+            # Opened after its deadline: the stream was given up, so the
+            # command is not started on the proxy node only to be cut.
+            self.close()
+            return
         requested = self.request_exec()
         if requested is None:  # closed already
             self._open_lost()
