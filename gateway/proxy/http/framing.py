@@ -194,13 +194,16 @@ class _HeadReader:
 
 
 @functools.lru_cache(maxsize=64)
-def _lowered(headers: Headers) -> tuple[str, ...]:
-    """The field names of C{headers} in lower case, once per head (a head is asked for several fields)."""
-    return tuple(field.lower() for field, _ in headers)
+def _by_name(headers: Headers) -> dict[str, tuple[str, ...]]:
+    """The values of C{headers} by lower-case field name, in order: built once per head (asked ~11 times)."""
+    index: dict[str, list[str]] = {}
+    for field, value in headers:
+        index.setdefault(field.lower(), []).append(value)
+    return {name: tuple(values) for name, values in index.items()}
 
 
-def _values(headers: Headers, name: str) -> list[str]:
-    return [value for field, (_, value) in zip(_lowered(headers), headers, strict=True) if field == name]
+def _values(headers: Headers, name: str) -> tuple[str, ...]:
+    return _by_name(headers).get(name, ())
 
 
 def _single(headers: Headers, name: str) -> str | None:
