@@ -260,3 +260,30 @@ class TwistedInternalsTests(TestCase):
         conn.doWrite()
         self.assertEqual((conn.dataBuffer, conn._tempDataLen), (b"", 0))
         self.assertIs(conn.socket, ours)
+
+
+class GrowReadsTests(TestCase):
+    """L{sockets.grow_reads}: a client connection that fills its reads reads more at a time."""
+
+    def setUp(self) -> None:
+        ours, peer = socket.socketpair()
+        self.addCleanup(ours.close)
+        self.addCleanup(peer.close)
+        self.conn = tcp.Connection(ours, Protocol(), MemoryReactor())
+
+    def test_a_full_read_doubles_the_read_size_up_to_the_maximum(self) -> None:
+        self.assertEqual(self.conn.bufferSize, 65536)  # Twisted's, which this relies on
+        sizes = []
+        for _ in range(4):
+            sockets.grow_reads(self.conn, self.conn.bufferSize)
+            sizes.append(self.conn.bufferSize)
+        self.assertEqual(sizes, [131072, sockets.MAX_READ, sockets.MAX_READ, sockets.MAX_READ])
+
+    def test_a_read_that_did_not_fill_it_changes_nothing(self) -> None:
+        sockets.grow_reads(self.conn, 65535)
+        self.assertEqual(self.conn.bufferSize, 65536)
+
+    def test_a_transport_without_a_read_size_is_left_alone(self) -> None:
+        transport = StringTransport()
+        sockets.grow_reads(transport, 1 << 20)
+        self.assertFalse(hasattr(transport, "bufferSize"))

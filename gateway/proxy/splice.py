@@ -45,6 +45,7 @@ class Splice:
     # client -> destination
 
     def client_data(self, data: bytes) -> None:
+        sockets.grow_reads(self._transport, len(data))
         self.channel.send(data)
 
     def client_eof(self) -> None:
