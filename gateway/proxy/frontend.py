@@ -63,8 +63,6 @@ class FrontendProtocol(Protocol):
         self._eof_pending = False
         self._client = "?"
         self._origin = ("127.0.0.1", 0)
-        #: Reading from the client is paused until its stream is open.
-        self._paused = False
 
     def connectionMade(self) -> None:
         set_no_delay(self.transport)
@@ -101,12 +99,6 @@ class FrontendProtocol(Protocol):
         )
         self.transport.abortConnection()
 
-    def pause_client(self) -> None:
-        """Stop reading from the client until its stream is open (L{_start_splice} resumes it)."""
-        if not self._paused:
-            self._paused = True
-            self.transport.pauseProducing()
-
     def _start_splice(self, channel: TunnelChannel, early_data: bytes) -> None:
         """Become a byte pump between the client and C{channel}."""
         self._opening = False
@@ -115,8 +107,10 @@ class FrontendProtocol(Protocol):
             self._splice.client_data(early_data)
         if self._eof_pending:
             self._splice.client_eof()
-        elif self._paused:
-            self._paused = False
+        else:
+            # Whoever paused the client before (a CONNECT's open, early data
+            # past the limit, a parser's buffer): reading resumes now.  A
+            # client that was not paused costs no system call here.
             self.transport.resumeProducing()
 
     def readConnectionLost(self) -> None:

@@ -90,7 +90,7 @@ class HttpProxyProtocol(FrontendProtocol):
             self._stop_timer,
             self._fail,
             self._next_request,
-            self._switched,
+            lambda channel: self._start_splice(channel, self._parser.take_upgrade_leftover()),
         )
 
     def dataReceived(self, data: bytes) -> None:
@@ -101,16 +101,6 @@ class HttpProxyProtocol(FrontendProtocol):
         self._handle(self._parser.receive_data(data))
         if self._parser.buffered > MAX_BUFFERED and not self._gone:
             self.transport.pauseProducing()
-
-    def _switched(self, channel: TunnelChannel) -> None:
-        """
-        A C{101}: the connection becomes a splice with the upstream tunnel.
-        What the client sent ahead of the answer waits in the parser, and past
-        L{MAX_BUFFERED} the client was paused for it: the splice resumes it,
-        as it resumes a CONNECT's client (resuming one not paused does nothing).
-        """
-        self._paused = True
-        self._start_splice(channel, self._parser.take_upgrade_leftover())
 
     def readConnectionLost(self) -> None:
         if self._splice is None and self._forwarder.busy:
@@ -218,7 +208,7 @@ class HttpProxyProtocol(FrontendProtocol):
     def _connect(self, head: RequestHead) -> None:
         self._forwarder.drop()  # after keep-alive requests, the connection becomes a tunnel
         self._opening = True
-        self.pause_client()
+        self.transport.pauseProducing()
         opening = self._gateway.open_stream(self._stream_request(head, "http-connect"))
         opening.addCallbacks(self._connected, self._refused)
 

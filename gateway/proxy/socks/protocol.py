@@ -51,7 +51,7 @@ class SocksProtocol(FrontendProtocol):
             return  # nothing: after a refusal the connection is closing
         events = machine.receive_data(data)
         if self._opening and len(machine.leftover) > EARLY_DATA_LIMIT:
-            self.pause_client()
+            self.transport.pauseProducing()
         for event in events:
             if isinstance(event, Send):
                 sockets.write(self.transport, event.data)
@@ -73,7 +73,7 @@ class SocksProtocol(FrontendProtocol):
     def _connect(self, request: ConnectRequest) -> None:
         self._opening = True
         if self._machine is not None and len(self._machine.leftover) > EARLY_DATA_LIMIT:
-            self.pause_client()
+            self.transport.pauseProducing()
         opening = self._gateway.open_stream(
             StreamRequest(
                 host=request.host,
